@@ -1,0 +1,34 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck bench clean gpu-check
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints-dev.txt -e ".[dev,train,plot]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/digits/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check eecompile tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy eecompile
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,218 @@
+"""The ``eecompile`` command line. Each command parses its options and calls the library, nothing more.
+
+Exit codes: 0 success, 1 user error (bad spec, model, data or bundle: one line on stderr), 2 usage error
+(unknown option, missing argument: click's message). ``--verbose`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from eecompile.errors import EECompileError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(fn: F) -> F:
+    """Turn our exceptions into one line on stderr and exit status 1 (a traceback only with --verbose)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        verbose = bool(ctx.find_root().obj and ctx.find_root().obj.get("verbose"))
+        try:
+            return fn(*args, **kwargs)
+        except EECompileError as e:
+            if verbose:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", "-v", is_flag=True, help="Show debug logging and tracebacks.")
+@click.version_option(package_name="eecompile")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """eecompile: compile ONNX models into early-exit bundles and run them."""
+    ctx.obj = {"verbose": verbose}
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the cut points as JSON.")
+@click.option("--all", "show_all", is_flag=True, help="List every cut point, not only the suggested ones.")
+@_user_errors
+def analyze(model: Path, as_json: bool, show_all: bool) -> None:
+    """List the tensors MODEL can be cut at, with the compute before each."""
+    from eecompile.passes.cut_points import analyze_model
+
+    report = analyze_model(model)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        report.print(show_all=show_all)
+
+
+@cli.command(name="compile")
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True, help="Bundle directory.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at OUTPUT.")
+@click.option("--no-verify", is_flag=True, help="Skip the no-exit equivalence check (not recommended).")
+@_user_errors
+def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool) -> None:
+    """Compile the model named in SPEC into an early-exit bundle."""
+    from eecompile.compiler import compile_model
+
+    bundle = compile_model(spec, output, force=force, verify=not no_verify)
+    m = bundle.manifest
+    click.echo(f"wrote {output}: {len(m.segments)} segments, {m.n_early_exits} early exits, batch {m.batch_mode}")
+
+
+@cli.command(name="train-heads")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True, help=".npz with the model inputs.")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--labels/--no-labels", default=True, help="Use `labels` from the data when present.")
+@click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_user_errors
+def train_heads(bundle: Path, data: Path, epochs: int, labels: bool, temperature: float, lr: float,
+                batch: int, seed: int) -> None:
+    """Train the bundle's exit heads on frozen features and splice them in."""
+    from eecompile.train import train_heads as run_training
+
+    report = run_training(bundle, data, epochs=epochs, use_labels=labels, temperature=temperature, lr=lr,
+                          batch_size=batch, seed=seed)
+    report.print()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Calibration .npz.")
+@click.option("--max-drop", type=float, required=True, help="Accuracy drop allowed, in (0, 1).")
+@click.option("--method", type=click.Choice(["search", "ltt"]), default="search", show_default=True)
+@click.option("--delta", type=float, default=0.05, show_default=True, help="ltt: allowed failure probability.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="Backend to measure latency on.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size for latency measurement.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the accuracy-speedup plot.")
+@_user_errors
+def calibrate(bundle: Path, data: Path, max_drop: float, method: str, delta: float, backend: str, batch: int,
+              plot: Path | None) -> None:
+    """Choose thresholds for an accuracy budget, from latencies measured on the backend."""
+    from eecompile.calibrate import calibrate_bundle
+
+    report = calibrate_bundle(bundle, data, max_drop=max_drop, method=method, delta=delta, backend=backend,
+                              batch_size=batch, plot=plot)
+    report.print()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--fp16", is_flag=True, help="Build half-precision engines (gates stay fp32).")
+@click.option("--max-batch", type=int, default=32, show_default=True)
+@click.option("--opt-batch", type=int, default=None, help="Batch size to tune for (default: max-batch).")
+@click.option("--workspace", type=int, default=1024, show_default=True, help="Builder workspace, MB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file.")
+@_user_errors
+def build(bundle: Path, backend: str, fp16: bool, max_batch: int, opt_batch: int | None, workspace: int,
+          timing_cache: Path | None) -> None:
+    """Build one engine per segment for a backend."""
+    from eecompile.build import build_engines
+
+    report = build_engines(bundle, backend=backend, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,
+                           workspace_mb=workspace, timing_cache=timing_cache)
+    report.print()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="tensorrt", show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Inputs to compare on (default: random).")
+@_user_errors
+def verify(bundle: Path, backend: str, data: Path | None) -> None:
+    """Compare each segment on BACKEND with ONNX Runtime on CPU (outputs and gate decisions)."""
+    from eecompile.build import verify_backend
+
+    report = verify_backend(bundle, backend=backend, data=data)
+    report.print()
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True, help=".npz named after the model inputs.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .npz.")
+@click.option("--policy", type=click.Choice(["compact", "wait-all", "never"]), default="compact", show_default=True)
+@click.option("--thresholds", default=None, help="Per early exit: a number, 'never' or 'always' (e.g. 0.9,never).")
+@click.option("--batch", type=int, default=32, show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@_user_errors
+def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | None, batch: int, backend: str,
+        threads: int | None) -> None:
+    """Run BUNDLE on the inputs in --data and write the outputs and each sample's exit."""
+    from eecompile.runtimes.chain import run_file
+
+    summary = run_file(bundle, data, output, policy=policy, thresholds=thresholds, batch_size=batch,
+                       backend=backend, threads=threads)
+    click.echo(summary)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def bench(bundle: Path, data: Path, batch: int, backend: str, repeats: int, as_json: bool) -> None:
+    """Latency percentiles, throughput, exit histogram and speedup against the unsplit model."""
+    from eecompile.benchmark import bench_bundle
+
+    report = bench_bundle(bundle, data, batch_size=batch, backend=backend, repeats=repeats)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        report.print()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show a bundle's segments, carried tensors, heads, gates, thresholds and engines."""
+    from eecompile.inspect import describe_bundle, print_bundle
+
+    if as_json:
+        click.echo(json.dumps(describe_bundle(bundle), indent=2))
+    else:
+        print_bundle(bundle)
+
+
+def main() -> None:
+    cli(prog_name="eecompile")
+
+
+if __name__ == "__main__":
+    main()

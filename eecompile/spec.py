@@ -1,0 +1,323 @@
+"""The YAML spec: which tensors to cut at, which head and gate each exit gets.
+
+Parsed into frozen dataclasses. Every error names the YAML path (``exits[1].gate.kind``) and, where the
+YAML has one, the line, and says what to do.
+
+Example::
+
+    model: resnet50.onnx
+    exits:
+      - at: layer2_out
+        head: heads/exit0.onnx
+        gate: {kind: max_prob, threshold: 0.9}
+      - at: layer3_out
+        head: {output: aux_logits}
+        gate: {kind: entropy, threshold: 0.4}
+    final: {output: logits, class_axis: -1}
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eecompile.errors import SpecError
+
+
+class GateKind(str, enum.Enum):
+    """How an exit decides, per sample, that it is confident enough."""
+
+    MAX_PROB = "max_prob"  # max softmax probability >= t
+    ENTROPY = "entropy"  # normalised entropy (in [0, 1]) <= t
+    MARGIN = "margin"  # top-1 minus top-2 probability >= t
+    PATIENCE = "patience"  # same argmax for t consecutive exits (PABEE)
+    SATURATION = "saturation"  # cosine(h_prev, h_this) >= t (CALM, MuE)
+    SCORE = "score"  # a head output that is itself the exit score >= t
+
+    @property
+    def fires_above(self) -> bool:
+        """True when a larger gate value means 'more confident' (the gate fires when value >= t)."""
+        return self is not GateKind.ENTROPY
+
+
+# Threshold ranges each gate kind accepts (inclusive); patience counts exits.
+_THRESHOLD_RANGE: dict[GateKind, tuple[float, float]] = {
+    GateKind.MAX_PROB: (0.0, 1.0),
+    GateKind.ENTROPY: (0.0, 1.0),
+    GateKind.MARGIN: (0.0, 1.0),
+    GateKind.PATIENCE: (1.0, 1e6),
+    GateKind.SATURATION: (-1.0, 1.0),
+    GateKind.SCORE: (-math.inf, math.inf),
+}
+
+HEAD_KINDS = ("linear", "mlp", "conv", "token")
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    kind: GateKind
+    threshold: float
+
+    def check_threshold(self, value: float, where: str) -> None:
+        lo, hi = _THRESHOLD_RANGE[self.kind]
+        if not (lo <= value <= hi) or math.isnan(value):
+            raise SpecError(
+                f"{where}: threshold {value} is outside [{lo}, {hi}] for gate kind '{self.kind.value}'; "
+                f"give a value in that range"
+            )
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One of: an ONNX file (``file``), a model output computed from the cut (``output``), or a head that
+    eecompile makes and trains (``kind`` in linear|mlp|conv|token, with ``options``)."""
+
+    file: Path | None = None
+    output: str | None = None
+    kind: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    score_output: str | None = None  # for the `score` gate: the head output that is the exit score
+
+    def describe(self) -> str:
+        if self.file is not None:
+            return f"file:{self.file.name}"
+        if self.output is not None:
+            return f"model-output:{self.output}"
+        return f"trained:{self.kind}"
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    at: tuple[str, ...]  # the cut tensors; the head reads at[0]
+    head: HeadSpec
+    gate: GateSpec
+    name: str | None = None
+
+    @property
+    def tensor(self) -> str:
+        return self.at[0]
+
+
+@dataclass(frozen=True)
+class FinalSpec:
+    output: str | None = None  # default: the model's only output
+    class_axis: int = -1
+
+
+@dataclass(frozen=True)
+class Spec:
+    model: Path
+    exits: tuple[ExitSpec, ...]
+    final: FinalSpec = FinalSpec()
+    source: Path | None = None  # the spec file, when loaded from one
+
+    @property
+    def thresholds(self) -> list[float]:
+        return [e.gate.threshold for e in self.exits]
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+class _Node:
+    """A YAML value with the line it came from (1-based), so errors can point at it."""
+
+    __slots__ = ("value", "line")
+
+    def __init__(self, value: Any, line: int | None) -> None:
+        self.value = value
+        self.line = line
+
+
+def _convert(node: yaml.Node) -> _Node:
+    line = node.start_mark.line + 1 if node.start_mark is not None else None
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, _Node] = {}
+        for k, v in node.value:
+            key = yaml.safe_load(yaml.serialize(k)) if not isinstance(k, yaml.ScalarNode) else k.value
+            out[str(key)] = _convert(v)
+        return _Node(out, line)
+    if isinstance(node, yaml.SequenceNode):
+        return _Node([_convert(v) for v in node.value], line)
+    # Scalars: let the safe loader resolve the type (int, float, bool, null, str).
+    return _Node(yaml.safe_load(yaml.serialize(node)), line)
+
+
+def _at(path: str, node: _Node | None) -> str:
+    if node is not None and node.line is not None:
+        return f"{path} (line {node.line})"
+    return path
+
+
+def _check_keys(node: _Node, allowed: tuple[str, ...], path: str) -> None:
+    for key, val in node.value.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(allowed)}"
+            raise SpecError(f"{_at(f'{path}.{key}' if path else key, val)}: unknown key '{key}'; {hint}")
+
+
+def _mapping(node: _Node, path: str) -> dict[str, _Node]:
+    if not isinstance(node.value, dict):
+        raise SpecError(f"{_at(path, node)}: expected a mapping, got {type(node.value).__name__}")
+    return node.value
+
+
+def _string(node: _Node, path: str) -> str:
+    if not isinstance(node.value, str) or not node.value:
+        raise SpecError(f"{_at(path, node)}: expected a non-empty string, got {node.value!r}")
+    return node.value
+
+
+def _number(node: _Node, path: str) -> float:
+    v = node.value
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(f"{_at(path, node)}: expected a number, got {v!r}")
+    return float(v)
+
+
+def _parse_gate(node: _Node, path: str) -> GateSpec:
+    m = _mapping(node, path)
+    _check_keys(node, ("kind", "threshold"), path)
+    if "kind" not in m:
+        raise SpecError(f"{_at(path, node)}: missing 'kind' (one of {', '.join(k.value for k in GateKind)})")
+    kind_s = _string(m["kind"], f"{path}.kind")
+    try:
+        kind = GateKind(kind_s)
+    except ValueError:
+        names = [k.value for k in GateKind]
+        close = difflib.get_close_matches(kind_s, names, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(names)}"
+        raise SpecError(f"{_at(path + '.kind', m['kind'])}: unknown gate kind '{kind_s}'; {hint}") from None
+    if "threshold" not in m:
+        raise SpecError(f"{_at(path, node)}: missing 'threshold'")
+    thr = _number(m["threshold"], f"{path}.threshold")
+    gate = GateSpec(kind, thr)
+    gate.check_threshold(thr, _at(f"{path}.threshold", m["threshold"]))
+    return gate
+
+
+def _parse_head(node: _Node, path: str, base: Path) -> HeadSpec:
+    if isinstance(node.value, str):
+        return HeadSpec(file=(base / node.value))
+    m = _mapping(node, path)
+    _check_keys(node, ("file", "output", "kind", "options", "score_output"), path)
+    given = [k for k in ("file", "output", "kind") if k in m]
+    if len(given) != 1:
+        raise SpecError(
+            f"{_at(path, node)}: a head needs exactly one of 'file' (an ONNX head), 'output' (a model output "
+            f"computed from the cut) or 'kind' ({'|'.join(HEAD_KINDS)}: a head eecompile trains); got {given or 'none'}"
+        )
+    score = _string(m["score_output"], f"{path}.score_output") if "score_output" in m else None
+    if "file" in m:
+        return HeadSpec(file=base / _string(m["file"], f"{path}.file"), score_output=score)
+    if "output" in m:
+        return HeadSpec(output=_string(m["output"], f"{path}.output"), score_output=score)
+    kind = _string(m["kind"], f"{path}.kind")
+    if kind not in HEAD_KINDS:
+        close = difflib.get_close_matches(kind, HEAD_KINDS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(HEAD_KINDS)}"
+        raise SpecError(f"{_at(path + '.kind', m['kind'])}: unknown head kind '{kind}'; {hint}")
+    opts: dict[str, Any] = {}
+    if "options" in m:
+        opts = {k: v.value for k, v in _mapping(m["options"], f"{path}.options").items()}
+    return HeadSpec(kind=kind, options=opts, score_output=score)
+
+
+def _parse_exit(node: _Node, path: str, base: Path) -> ExitSpec:
+    m = _mapping(node, path)
+    _check_keys(node, ("at", "head", "gate", "name"), path)
+    for key in ("at", "head", "gate"):
+        if key not in m:
+            raise SpecError(f"{_at(path, node)}: missing '{key}'")
+    at_node = m["at"]
+    if isinstance(at_node.value, list):
+        if not at_node.value:
+            raise SpecError(f"{_at(path + '.at', at_node)}: empty list; name the tensor to cut at")
+        at = tuple(_string(v, f"{path}.at[{i}]") for i, v in enumerate(at_node.value))
+    else:
+        at = (_string(at_node, f"{path}.at"),)
+    name = _string(m["name"], f"{path}.name") if "name" in m else None
+    return ExitSpec(at=at, head=_parse_head(m["head"], f"{path}.head", base),
+                    gate=_parse_gate(m["gate"], f"{path}.gate"), name=name)
+
+
+def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) -> Spec:
+    """Parse spec YAML text; relative paths resolve against ``base``."""
+    base = Path(base)
+    where = str(source) if source is not None else "spec"
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{where}:{line} YAML syntax error: {problem}; fix the YAML") from e
+    if root is None:
+        raise SpecError(f"{where}: the spec is empty; it needs 'model' and 'exits'")
+    top = _convert(root)
+    m = _mapping(top, "spec")
+    _check_keys(top, ("model", "exits", "final"), "")
+    if "model" not in m:
+        raise SpecError(f"{where}: missing 'model' (the path of the ONNX model, relative to the spec)")
+    model = base / _string(m["model"], "model")
+    if "exits" not in m or not isinstance(m["exits"].value, list) or not m["exits"].value:
+        raise SpecError(f"{_at('exits', m.get('exits'))}: 'exits' must be a non-empty list of exits")
+    exits = tuple(_parse_exit(e, f"exits[{i}]", base) for i, e in enumerate(m["exits"].value))
+    seen: dict[str, int] = {}
+    for i, e in enumerate(exits):
+        if e.tensor in seen:
+            raise SpecError(
+                f"exits[{i}].at: tensor '{e.tensor}' is already the cut of exits[{seen[e.tensor]}]; "
+                f"each exit needs its own cut tensor"
+            )
+        seen[e.tensor] = i
+    final = FinalSpec()
+    if "final" in m:
+        fm = _mapping(m["final"], "final")
+        _check_keys(m["final"], ("output", "class_axis"), "final")
+        out = _string(fm["output"], "final.output") if "output" in fm else None
+        axis = -1
+        if "class_axis" in fm:
+            v = fm["class_axis"].value
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SpecError(f"{_at('final.class_axis', fm['class_axis'])}: expected an integer axis, got {v!r}")
+            axis = v
+        final = FinalSpec(output=out, class_axis=axis)
+    return Spec(model=model, exits=exits, final=final, source=source)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and parse a spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read the spec ({e})") from e
+    return parse_spec(text, base=path.parent, source=path)
+
+
+def parse_thresholds(text: str, n_exits: int) -> list[float | str]:
+    """Parse a CLI threshold list like ``0.9,never,always`` (one entry per early exit)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) != n_exits:
+        raise SpecError(f"--thresholds: got {len(parts)} values for {n_exits} early exits; give one per exit")
+    out: list[float | str] = []
+    for p in parts:
+        if p in ("never", "always"):
+            out.append(p)
+            continue
+        try:
+            out.append(float(p))
+        except ValueError:
+            raise SpecError(f"--thresholds: '{p}' is neither a number nor 'never'/'always'") from None
+    return out
