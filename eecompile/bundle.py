@@ -51,6 +51,7 @@ class GateInfo:
     threshold: float
     output: str  # bool [B] output of the segment graph: True = this sample exits here
     threshold_input: str  # scalar float32 input of the segment graph
+    score_output: str | None = None  # float [B] gate value (the thing compared with the threshold)
     state_inputs: list[str] = field(default_factory=list)  # e.g. patience: previous argmax and count
     state_outputs: list[str] = field(default_factory=list)
 

@@ -1,0 +1,141 @@
+"""Attach an exit head to a segment graph.
+
+Cases:
+1. A head ONNX file (one input: the cut tensor; one output: logits, or two with ``score_output``): its nodes
+   and initializers are moved into the segment under the prefix ``ee{k}.head/`` (head files often have empty
+   or clashing node names, and ONNX Runtime refuses two nodes with one name). A head written for another
+   opset is converted to the model's opset first (``onnx.version_converter``).
+2. A head already in the model (``{output: name}``): the segment already computes it; it is only renamed.
+3. Exit outputs take the final output's per-sample shape: a head giving ``[B, C]`` for a final output
+   ``[B, C, 1, 1]`` is reshaped; a class count that does not fit is an error naming both shapes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from eecompile.errors import GraphError, SpecError
+from eecompile.passes.load import opset_of
+
+HEAD_PREFIX = "ee{k}.head/"
+
+
+def load_head(path: Path, opset: int, where: str) -> ir.Model:
+    """Read a head file, converted to ``opset`` when it was written for another one."""
+    if not path.is_file():
+        raise SpecError(f"{where}: head file '{path}' not found")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:
+        raise SpecError(f"{where}: '{path}' is not a valid ONNX model ({type(e).__name__})") from e
+    head_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if head_opset != opset:
+        try:
+            proto = onnx.version_converter.convert_version(proto, opset)
+        except Exception as e:
+            raise SpecError(
+                f"{where}: head '{path.name}' uses opset {head_opset} and the model opset {opset}; converting it "
+                f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); export the head with opset {opset}"
+            ) from e
+    return ir.from_proto(proto)
+
+
+def splice_head(seg: ir.Graph, k: int, at: ir.Value, head: ir.Model, where: str,
+                score_output: str | None = None) -> tuple[ir.Value, ir.Value | None]:
+    """Move ``head``'s nodes into ``seg``, reading ``at``. Returns (logits, score or None)."""
+    hg = head.graph
+    if len(hg.inputs) != 1:
+        raise SpecError(f"{where}: a head has exactly one input (the cut tensor); this one has "
+                        f"{[v.name for v in hg.inputs]}")
+    n_out = 2 if score_output else 1
+    if len(hg.outputs) != n_out:
+        raise SpecError(f"{where}: the head must have {n_out} output(s) (logits{', score' if score_output else ''}); "
+                        f"it has {[v.name for v in hg.outputs]}")
+    h_in = hg.inputs[0]
+    _check_head_input(h_in, at, where)
+    prefix = HEAD_PREFIX.format(k=k)
+    outs = list(hg.outputs)
+    score = next((v for v in outs if v.name == score_output), None) if score_output else None
+    if score_output and score is None:
+        raise SpecError(f"{where}.score_output: the head has no output '{score_output}' "
+                        f"(it has {[v.name for v in outs]})")
+    logits = next(v for v in outs if v is not score)
+    # Rename everything first so nothing can clash with the segment's names.
+    for node in hg:
+        node.name = prefix + (node.name or f"{node.op_type}_{id(node) % 100000}")
+        for v in node.outputs:
+            v.name = prefix + (v.name or "v")
+    for name in list(hg.initializers):
+        v = hg.initializers.pop(name)
+        v.name = prefix + name
+        seg.register_initializer(v)
+    hg.outputs.clear()
+    h_in.replace_all_uses_with(at)
+    nodes = list(hg)
+    hg.remove(nodes, safe=False)
+    seg.extend(nodes)
+    for v in (logits, score):
+        if v is not None and v.dtype is None:
+            v.dtype = ir.DataType.FLOAT
+    return logits, score
+
+
+def _check_head_input(h_in: ir.Value, at: ir.Value, where: str) -> None:
+    if at.dtype is not None and h_in.dtype is not None and at.dtype != h_in.dtype:
+        raise SpecError(f"{where}: the head's input '{h_in.name}' is {h_in.dtype}, the cut tensor '{at.name}' is "
+                        f"{at.dtype}; export the head with the cut tensor's dtype")
+    if at.shape is None or h_in.shape is None:
+        return
+    hs, ts = list(h_in.shape), list(at.shape)
+    if len(hs) != len(ts):
+        raise SpecError(f"{where}: the head's input '{h_in.name}' has rank {len(hs)} {hs}, the cut tensor "
+                        f"'{at.name}' has rank {len(ts)} {ts}; make the head take the cut tensor's shape")
+    for i, (a, b) in enumerate(zip(hs, ts, strict=True)):
+        if i == 0:
+            continue
+        if isinstance(a, int) and isinstance(b, int) and a != b:
+            raise SpecError(f"{where}: the head's input '{h_in.name}' expects shape {hs}, the cut tensor "
+                            f"'{at.name}' has {ts} (axis {i}: {a} vs {b}); make the head take the cut tensor's shape")
+
+
+def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: list[int | str | None],
+                    final_shape: list[int | str | None], out_name: str, where: str) -> ir.Value:
+    """Make the exit output ``out_name`` with the final output's per-sample shape."""
+    per_exit = logits_shape[1:]
+    per_final = final_shape[1:]
+    prefix = HEAD_PREFIX.format(k=k)
+    known = all(isinstance(d, int) for d in per_exit) and all(isinstance(d, int) for d in per_final)
+    if known and int(np.prod(per_exit)) != int(np.prod(per_final)):  # type: ignore[arg-type]
+        raise SpecError(f"{where}: the head gives per-sample shape {per_exit}, the final output has {per_final}; "
+                        f"the head must produce the same number of classes as the final output")
+    out = ir.Value(name=out_name)
+    if known and list(per_exit) != list(per_final):
+        target = ir.Value(name=f"{prefix}fit_shape")
+        shape_node = ir.node("Constant", [], {"value": ir.tensor(np.array([-1, *per_final], dtype=np.int64),
+                                                                   name=f"{prefix}fit_shape")},
+                             outputs=[target], name=f"{prefix}fit_shape")
+        node = ir.node("Reshape", [logits, target], outputs=[out], name=f"{prefix}fit")
+        seg.extend([shape_node, node])
+    else:
+        seg.append(ir.node("Identity", [logits], outputs=[out], name=f"{prefix}out"))
+    out.dtype = logits.dtype
+    out.shape = ir.Shape(["batch", *per_final])
+    return out
+
+
+def model_opset(model: ir.Model) -> int:
+    return opset_of(model)
+
+
+def check_in_model_head(value: ir.Value | None, name: str, where: str, outputs: list[str]) -> ir.Value:
+    if value is None:
+        raise SpecError(f"{where}.output: the model has no tensor '{name}' (model outputs: {outputs})")
+    return value
+
+
+def graph_error(msg: str) -> GraphError:
+    return GraphError(msg)

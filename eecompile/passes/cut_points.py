@@ -1,0 +1,247 @@
+"""``eecompile analyze``: the tensors a graph can be cut at, what each cut carries, the FLOPs before it.
+
+A tensor T is a cut point when:
+1. it is produced by a node of the main graph (never inside an If/Loop body) and is not recomputable
+   (a tensor computed from the inputs alone is no place for an exit: no features yet);
+2. it has a batch axis (an exit must produce one row per sample);
+3. everything carried across the cut can be compacted: each carried tensor has a batch axis, or has none
+   and a value that does not depend on the batch (see probe.py for the tensors that fail this).
+
+Suggestions: among the cut points with the smallest carried set, the last tensor at each FLOPs position
+(a Conv output and the Relu after it sit at the same position; cutting at the Conv would stop ORT fusing
+Conv+Relu), spread over the FLOPs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from eecompile.passes.batch_dynamic import infer_shapes, make_batch_dynamic
+from eecompile.passes.flops import node_flops
+from eecompile.passes.load import load_model
+from eecompile.passes.partition import GraphIndex, carried_across, index_graph
+from eecompile.passes.probe import PROBE_BATCHES, ProbeResult, probe_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedModel:
+    """A loaded model with the batch made dynamic (where safe), indexed and probed."""
+
+    path: Path
+    model: ir.Model
+    index: GraphIndex
+    probe: ProbeResult
+    batch_mode: str  # "dynamic" | "per_sample"
+    batch_note: str
+    node_flops: list[int]  # per node, per sample
+    cum_flops: list[int]  # FLOPs of each node's ancestors (per sample)
+    total_flops: int
+
+    def flops_of(self, bits: int) -> int:
+        total = 0
+        i = 0
+        while bits:
+            if bits & 1:
+                total += self.node_flops[i]
+            bits >>= 1
+            i += 1
+        return total
+
+
+def prepare(path: str | Path, dims: dict[str, int] | None = None) -> PreparedModel:
+    """Load, make the batch dynamic (or fall back to per-sample), infer shapes, index and probe."""
+    path = Path(path)
+    model = load_model(path)
+    model = infer_shapes(model)
+    res = make_batch_dynamic(model, dims)
+    model = res.model
+    note = ("batch-dynamic" if not res.rewritten else "batch made dynamic (the model was exported with batch 1)")
+    if res.mode == "per_sample":
+        note = f"batch fixed at 1, runs one sample at a time: {res.reason}"
+    idx = index_graph(model)
+    names = [v.name for n in idx.nodes for v in n.outputs if v.name]
+    batches = PROBE_BATCHES if res.mode == "dynamic" else (1,)
+    probe = probe_model(model, names, batches, dims)
+
+    def shape_at(b: int):  # noqa: ANN202 - small closure
+        def shape_of(v: ir.Value | None) -> tuple[int, ...] | None:
+            if v is None:
+                return None
+            s = probe.shape(v.name, b) if v.name in probe.facts else None
+            if s is not None:
+                return s
+            if v.const_value is not None:
+                return tuple(int(d) for d in v.const_value.shape)
+            if v.shape is not None and all(isinstance(d, int) for d in v.shape):
+                return tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
+            return None
+        return shape_of
+
+    if len(batches) == 2:
+        lo, hi = shape_at(batches[0]), shape_at(batches[1])
+        per_node = [max(node_flops(n, hi) - node_flops(n, lo), 0) // (batches[1] - batches[0]) for n in idx.nodes]
+    else:
+        one = shape_at(1)
+        per_node = [node_flops(n, one) for n in idx.nodes]
+    cum = []
+    for i in range(len(idx.nodes)):
+        bits, total, j = idx.anc[i], 0, 0
+        while bits:
+            if bits & 1:
+                total += per_node[j]
+            bits >>= 1
+            j += 1
+        cum.append(total)
+    return PreparedModel(path, model, idx, probe, res.mode, note, per_node, cum, sum(per_node))
+
+
+@dataclass
+class CutPoint:
+    tensor: str
+    shape: list[int | str]
+    dtype: str
+    batch_axis: int | None
+    carried: list[str]
+    inputs_after: list[str]
+    flops_before: int
+    fraction: float
+    order: int  # topological position of the producer
+    problem: str | None = None  # why it cannot be an exit (None: it can)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "shape": self.shape, "flops_before": self.flops_before,
+                "fraction": round(self.fraction, 6), "carried": self.carried, "inputs_after": self.inputs_after,
+                "batch_axis": self.batch_axis, "valid": self.problem is None, "problem": self.problem}
+
+
+@dataclass
+class AnalysisReport:
+    model: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    total_flops: int
+    batch_mode: str
+    batch_note: str
+    cut_points: list[CutPoint] = field(default_factory=list)
+    suggested: list[str] = field(default_factory=list)
+
+    @property
+    def valid(self) -> list[CutPoint]:
+        return [c for c in self.cut_points if c.problem is None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "inputs": self.inputs, "outputs": self.outputs,
+                "total_flops": self.total_flops, "batch_mode": self.batch_mode,
+                "cut_points": [c.to_json() for c in self.valid], "suggested": self.suggested}
+
+    def print(self, show_all: bool = False) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        console.print(f"[bold]{self.model}[/bold]: {self.total_flops / 1e6:,.1f} MFLOPs per sample; {self.batch_note}")
+        rows = self.valid if show_all else [c for c in self.valid if c.tensor in self.suggested]
+        title = "all cut points" if show_all else "suggested cut points (--all lists every one)"
+        table = Table(title=title)
+        for col in ("tensor", "shape", "FLOPs before", "fraction", "carried"):
+            table.add_column(col, overflow="fold")
+        for c in rows:
+            carried = ", ".join(c.carried) + (f" (+ inputs {', '.join(c.inputs_after)})" if c.inputs_after else "")
+            table.add_row(c.tensor, str(c.shape), f"{c.flops_before / 1e6:,.2f}M", f"{c.fraction:.1%}", carried)
+        console.print(table)
+        bad = [c for c in self.cut_points if c.problem is not None]
+        if bad and show_all:
+            console.print(f"{len(bad)} tensors cannot be cut at (e.g. '{bad[0].tensor}': {bad[0].problem})")
+
+
+def find_cut_points(pm: PreparedModel) -> list[CutPoint]:
+    idx, probe = pm.index, pm.probe
+    all_nodes = (1 << len(idx.nodes)) - 1
+    out: list[CutPoint] = []
+    for i, node in enumerate(idx.nodes):
+        if idx.recomputable[i]:
+            continue
+        for v in node.outputs:
+            facts = probe.facts.get(v.name)
+            if facts is None or v in idx.graph_outputs:
+                continue
+            before = idx.anc[i]
+            carried, inputs_after = carried_across(idx, before, all_nodes & ~before)
+            if not carried:
+                continue  # nothing after the cut reads anything from before it (a dead end)
+            problem = cut_problem(pm, v, carried)
+            shape = list(facts.shapes[probe.batches[0]])
+            if facts.batch_axis is not None and pm.batch_mode == "dynamic":
+                shape[facts.batch_axis] = "batch"  # type: ignore[call-overload]
+            frac = pm.cum_flops[i] / pm.total_flops if pm.total_flops else 0.0
+            out.append(CutPoint(v.name, shape, facts.dtype, facts.batch_axis, [c.name for c in carried],
+                                [x.name for x in inputs_after], pm.cum_flops[i], frac, i, problem))
+    return out
+
+
+def cut_problem(pm: PreparedModel, v: ir.Value, carried: list[ir.Value]) -> str | None:
+    facts = pm.probe.facts.get(v.name)
+    if facts is None:
+        return "ONNX Runtime could not expose it"
+    if pm.batch_mode == "dynamic" and facts.batch_axis is None:
+        return "it has no batch axis (an exit must give one row per sample)"
+    if facts.problem:
+        return facts.problem
+    if pm.batch_mode == "dynamic":
+        for c in carried:
+            cf = pm.probe.facts.get(c.name)
+            if cf is None:
+                return f"carried tensor '{c.name}' could not be probed"
+            if cf.problem:
+                return f"it would carry '{c.name}', and {cf.problem}"
+    return None
+
+
+def suggest(cuts: list[CutPoint], total: int, n: int = 4) -> list[str]:
+    """Up to ``n`` cut points with the smallest carried set, spread over the FLOPs."""
+    valid = [c for c in cuts if c.problem is None and 0.02 < c.fraction < 0.98]
+    if not valid:
+        return []
+    # The last tensor at each FLOPs position (keeps Conv+Relu fusible).
+    # Among those, the one carrying least.
+    by_pos: dict[int, CutPoint] = {}
+    for c in valid:
+        cur = by_pos.get(c.flops_before)
+        if cur is None or (len(c.carried), -c.order) < (len(cur.carried), -cur.order):
+            by_pos[c.flops_before] = c
+    pool = list(by_pos.values())
+    least = min(len(c.carried) for c in pool)
+    clean = [c for c in pool if len(c.carried) <= least] or pool
+    picked: list[CutPoint] = []
+    for k in range(1, n + 1):
+        target = k / (n + 1)
+        best = min(clean, key=lambda c: (abs(c.fraction - target), len(c.carried)))
+        if best not in picked:
+            picked.append(best)
+    picked.sort(key=lambda c: c.order)
+    return [c.tensor for c in picked]
+
+
+def _io(values: list[ir.Value], pm: PreparedModel) -> list[dict[str, Any]]:
+    res = []
+    for v in values:
+        shape = [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None
+        res.append({"name": v.name, "dtype": str(v.dtype.numpy()) if v.dtype else None, "shape": shape})
+    return res
+
+
+def analyze_model(path: str | Path, dims: dict[str, int] | None = None) -> AnalysisReport:
+    """Analyse an ONNX model file: its cut points, FLOPs before each, and suggestions."""
+    pm = prepare(path, dims)
+    cuts = find_cut_points(pm)
+    report = AnalysisReport(str(path), _io(pm.index.graph_inputs, pm), _io(pm.index.graph_outputs, pm),
+                            pm.total_flops, pm.batch_mode, pm.batch_note, cuts)
+    report.suggested = suggest(cuts, pm.total_flops)
+    return report

@@ -1,0 +1,87 @@
+"""Extract one ONNX graph per segment (via ``onnx_ir.convenience.extract``).
+
+Segment k takes the model inputs it reads and the tensors carried into it, and produces the tensors later
+segments read plus its exit's targets. Recomputable tensors (cheap, computed from the inputs alone: masks,
+position ids, shape arithmetic, old-IR ``ConstantOfShape`` weights) are not boundaries, so ``extract`` walks
+past them back to the model inputs and each segment that needs them gets its own copy.
+
+Cases:
+1. Model inputs a segment does not read are dropped from its inputs.
+2. Every boundary value gets a type and a shape (symbolic ``batch`` on its batch axis) from the probe,
+   because ``onnx.checker`` and TensorRT need typed graph inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from eecompile.errors import GraphError
+from eecompile.passes.cut_points import PreparedModel
+from eecompile.passes.partition import SegmentPlan
+
+
+@dataclass
+class ExtractedSegment:
+    index: int
+    graph: ir.Graph
+    carried_in: list[str]
+    carried_out: list[str]
+    model_inputs: list[str]
+    values: dict[str, ir.Value] = field(default_factory=dict)  # by name, inside this segment's graph
+
+
+def boundary_shape(pm: PreparedModel, name: str) -> tuple[ir.DataType, ir.Shape, int | None]:
+    """Type, shape (batch axis symbolic) and batch axis of a probed tensor."""
+    facts = pm.probe.facts.get(name)
+    if facts is None:
+        raise GraphError(f"tensor '{name}' could not be probed (ONNX Runtime did not expose it)")
+    shape: list[int | str] = list(facts.shapes[pm.probe.batches[0]])
+    axis = facts.batch_axis
+    if pm.batch_mode == "dynamic" and axis is not None:
+        shape[axis] = "batch"
+    dtype = ir.DataType.from_numpy(__import__("numpy").dtype(facts.dtype))
+    return dtype, ir.Shape(shape), axis
+
+
+def extract_segments(pm: PreparedModel, plans: list[SegmentPlan]) -> list[ExtractedSegment]:
+    graph = pm.model.graph
+    model_inputs = list(graph.inputs)
+    out: list[ExtractedSegment] = []
+    for plan in plans:
+        outputs: list[ir.Value] = []
+        for v in list(plan.carried_out) + list(plan.targets):
+            if v not in outputs:
+                outputs.append(v)
+        inputs = model_inputs + [v for v in plan.carried_in if v not in model_inputs]
+        try:
+            seg = ir.convenience.extract(graph, inputs, outputs)
+        except ValueError as e:
+            raise GraphError(f"segment {plan.index}: cannot extract the subgraph ({e})") from e
+        # Drop model inputs this segment does not read.
+        used = [v for v in seg.inputs if v.uses() or v in seg.outputs]
+        seg.inputs.clear()
+        seg.inputs.extend(used)
+        names = {v.name for v in used}
+        for v in list(seg.inputs) + list(seg.outputs):
+            if v.name in pm.probe.facts and (v.type is None or v.shape is None or not _has_batch_dim(v)):
+                dtype, shape, _ = boundary_shape(pm, v.name)
+                v.dtype = dtype
+                v.shape = shape
+        seg.name = f"segment{plan.index}"
+        values = {v.name: v for node in seg for v in node.outputs if v.name}
+        values.update({v.name: v for v in seg.inputs if v.name})
+        out.append(ExtractedSegment(
+            index=plan.index,
+            graph=seg,
+            carried_in=[v.name for v in plan.carried_in],
+            carried_out=[v.name for v in plan.carried_out],
+            model_inputs=[v.name for v in model_inputs if v.name in names],
+            values=values,
+        ))
+    return out
+
+
+def _has_batch_dim(v: ir.Value) -> bool:
+    return v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int)

@@ -1,0 +1,257 @@
+"""Gates computed inside the graph: one boolean per sample, the threshold a graph input.
+
+Every gate first brings the exit's logits to ``[B, P, C]`` (class axis last, all other non-batch axes
+flattened into P "positions": 1 for a classifier, T for token outputs), computes a per-position score and
+reduces over positions with the *least* confident one. Outputs: ``ee{k}.score`` (float32 [B]) and
+``ee{k}.gate`` (bool [B]); input: ``ee{k}.threshold`` (float32 scalar).
+
+Kinds (see GateKind):
+1. max_prob:   max softmax >= t                      (min over positions)
+2. entropy:    -sum p log p / log C <= t             (max over positions)
+3. margin:     top-1 - top-2 probability >= t        (min over positions)
+4. patience:   count of consecutive exits with the same argmax >= t (PABEE); the argmax and the count ride
+               along as state tensors ``ee{k}.state.argmax`` [B, P] and ``ee{k}.state.count`` [B]
+5. saturation: cosine(h_prev, h_this) >= t on the pooled cut tensors (CALM, MuE); ``ee{k}.state.hidden``
+6. score:      a head output that is itself the score >= t (learned halting/confidence heads)
+
+NaN or Inf anywhere in a sample's logits makes its score NaN, and a NaN score never fires (the comparisons
+are written so that NaN is False). Nodes use the model's opset: Reduce* take ``axes`` as an attribute before
+opset 18 (ReduceSum before 13), TopK takes ``k`` as an attribute before 10, GreaterOrEqual needs 12.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.tape import Tape
+
+from eecompile.errors import SpecError
+from eecompile.spec import GateKind
+
+
+def gate_names(k: int) -> dict[str, str]:
+    return {
+        "gate": f"ee{k}.gate",
+        "score": f"ee{k}.score",
+        "threshold": f"ee{k}.threshold",
+        "argmax": f"ee{k}.state.argmax",
+        "count": f"ee{k}.state.count",
+        "hidden": f"ee{k}.state.hidden",
+    }
+
+
+class Ops:
+    """Version-aware node builders on an onnx-ir tape."""
+
+    def __init__(self, tape: Tape, opset: int, prefix: str) -> None:
+        self.t = tape
+        self.opset = opset
+        self.prefix = prefix
+        self._n = 0
+
+    def _name(self, op: str) -> str:
+        self._n += 1
+        return f"{self.prefix}{op}_{self._n}"
+
+    def op(self, op: str, inputs: list[ir.Value | None], attrs: dict | None = None,
+           out_name: str | None = None) -> ir.Value:
+        name = self._name(op)
+        out = ir.Value(name=out_name or f"{name}:0")
+        return self.t.op(op, inputs, attrs, name=name, output=out)
+
+    def const(self, value: np.ndarray) -> ir.Value:
+        name = self._name("const")
+        v = ir.Value(name=f"{name}:0")
+        return self.t.op("Constant", [], {"value": ir.tensor(value, name=name)}, name=name, output=v)
+
+    def reduce(self, op: str, x: ir.Value, axes: list[int], keepdims: int = 0) -> ir.Value:
+        takes_input = self.opset >= (13 if op == "ReduceSum" else 18)
+        if takes_input:
+            return self.op(op, [x, self.const(np.array(axes, dtype=np.int64))], {"keepdims": keepdims})
+        return self.op(op, [x], {"axes": axes, "keepdims": keepdims})
+
+    def topk(self, x: ir.Value, k: int) -> ir.Value:
+        name = self._name("TopK")
+        vals, idx = ir.Value(name=f"{name}:values"), ir.Value(name=f"{name}:indices")
+        if self.opset >= 10:
+            inputs: list[ir.Value | None] = [x, self.const(np.array([k], dtype=np.int64))]
+            attrs: dict = {"axis": -1}
+        else:
+            inputs, attrs = [x], {"axis": -1, "k": k}
+        self.t.op_multi_out("TopK", inputs, attrs, name=name, outputs=[vals, idx])
+        return vals
+
+    def cast_float(self, x: ir.Value) -> ir.Value:
+        return self.op("Cast", [x], {"to": ir.DataType.FLOAT})
+
+    def ge(self, a: ir.Value, b: ir.Value, out_name: str) -> ir.Value:
+        """a >= b, False when either is NaN."""
+        if self.opset >= 12:
+            return self.op("GreaterOrEqual", [a, b], out_name=out_name)
+        # Before opset 11 Equal takes no floats: a >= b is not(a < b), and not NaN.
+        return self.op("And", [self.op("Not", [self.op("Less", [a, b])]),
+                               self.op("Not", [self.op("IsNaN", [a])])], out_name=out_name)
+
+    def le(self, a: ir.Value, b: ir.Value, out_name: str) -> ir.Value:
+        if self.opset >= 12:
+            return self.op("LessOrEqual", [a, b], out_name=out_name)
+        return self.op("And", [self.op("Not", [self.op("Greater", [a, b])]),
+                               self.op("Not", [self.op("IsNaN", [a])])], out_name=out_name)
+
+
+@dataclass
+class GateResult:
+    gate: ir.Value
+    score: ir.Value
+    threshold: ir.Value
+    state_inputs: list[ir.Value] = field(default_factory=list)
+    state_outputs: list[ir.Value] = field(default_factory=list)
+
+
+def _to_bpc(ops: Ops, logits: ir.Value, shape: list[int | str | None], class_axis: int) -> tuple[ir.Value, int]:
+    """Logits of any rank >= 2 as float32 [B, P, C]; returns (value, C)."""
+    rank = len(shape)
+    if rank < 2:
+        raise SpecError(f"exit logits '{logits.name}' have rank {rank}; a gate needs [batch, ..., classes]")
+    axis = class_axis % rank
+    if axis == 0:
+        raise SpecError("final.class_axis points at the batch axis (0); give the axis of the classes")
+    c = shape[axis]
+    if not isinstance(c, int):
+        raise SpecError(f"exit logits '{logits.name}': the class axis {class_axis} has no fixed size ({c})")
+    x = logits
+    if axis != rank - 1:
+        perm = [i for i in range(rank) if i != axis] + [axis]
+        x = ops.op("Transpose", [x], {"perm": perm})
+    x = ops.op("Reshape", [x, ops.const(np.array([0, -1, c], dtype=np.int64))])
+    x = ops.cast_float(x)
+    # Non-finite logits poison the score: sum(x * 0) is 0 for finite rows and NaN otherwise.
+    return x, c
+
+
+def _nonfinite_guard(ops: Ops, x_bpc: ir.Value) -> ir.Value:
+    zero = ops.const(np.array(0.0, dtype=np.float32))
+    return ops.reduce("ReduceSum", ops.op("Mul", [x_bpc, zero]), [1, 2], keepdims=0)
+
+
+def _pool_hidden(ops: Ops, h: ir.Value, shape: list[int | str | None]) -> tuple[ir.Value, int | str | None]:
+    """A cut tensor as [B, P, D] for the saturation gate: [B,C,H,W] is average-pooled to [B,1,C]."""
+    rank = len(shape)
+    if rank == 4:
+        pooled = ops.op("GlobalAveragePool", [h])
+        return ops.cast_float(ops.op("Reshape", [pooled, ops.const(np.array([0, 1, -1], dtype=np.int64))])), shape[1]
+    if rank == 3:
+        return ops.cast_float(h), shape[2]
+    if rank == 2:
+        return ops.cast_float(ops.op("Reshape", [h, ops.const(np.array([0, 1, -1], dtype=np.int64))])), shape[1]
+    raise SpecError(f"saturation gate: cut tensor '{h.name}' has rank {rank}; supported: 2, 3 or 4")
+
+
+def build_gate(
+    tape: Tape,
+    k: int,
+    kind: GateKind,
+    logits: ir.Value,
+    logits_shape: list[int | str | None],
+    class_axis: int,
+    opset: int,
+    *,
+    prev_k: int | None = None,
+    hidden: ir.Value | None = None,
+    hidden_shape: list[int | str | None] | None = None,
+    prev_hidden_dim: int | str | None = None,
+    score_value: ir.Value | None = None,
+    emit_patience_state: bool = False,
+    emit_hidden_state: bool = False,
+) -> GateResult:
+    """Record exit ``k``'s gate on ``tape``; ``prev_k`` is the previous exit (whose state this gate reads)."""
+    names = gate_names(k)
+    ops = Ops(tape, opset, prefix=f"ee{k}.gate/")
+    thr = ir.Value(name=names["threshold"], shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+    res_state_in: list[ir.Value] = []
+    res_state_out: list[ir.Value] = []
+    x, c = _to_bpc(ops, logits, logits_shape, class_axis)
+    guard = _nonfinite_guard(ops, x)
+    argmax: ir.Value | None = None
+    if kind in (GateKind.MAX_PROB, GateKind.MARGIN, GateKind.ENTROPY):
+        p = ops.op("Softmax", [x], {"axis": -1 if opset >= 13 else 2})
+        if kind == GateKind.MAX_PROB:
+            per_pos = ops.reduce("ReduceMax", p, [-1 if opset >= 13 else 2])
+            raw = ops.reduce("ReduceMin", per_pos, [1])
+        elif kind == GateKind.MARGIN:
+            if c < 2:
+                raise SpecError(f"exit {k}: margin gate needs at least 2 classes, the logits have {c}")
+            top = ops.topk(p, 2)
+            t1 = ops.op("Gather", [top, ops.const(np.array(0, dtype=np.int64))], {"axis": 2})
+            t2 = ops.op("Gather", [top, ops.const(np.array(1, dtype=np.int64))], {"axis": 2})
+            raw = ops.reduce("ReduceMin", ops.op("Sub", [t1, t2]), [1])
+        else:
+            logp = ops.op("LogSoftmax", [x], {"axis": -1 if opset >= 13 else 2})
+            ent = ops.op("Neg", [ops.reduce("ReduceSum", ops.op("Mul", [p, logp]), [2])])
+            norm = ops.const(np.array(1.0 / math.log(c) if c > 1 else 1.0, dtype=np.float32))
+            raw = ops.reduce("ReduceMax", ops.op("Mul", [ent, norm]), [1])
+    elif kind == GateKind.PATIENCE:
+        argmax = ops.op("ArgMax", [x], {"axis": 2, "keepdims": 0})
+        one = ops.const(np.array(1.0, dtype=np.float32))
+        if prev_k is None:
+            # No earlier exit: this is the first vote. count = 1 for every sample ([B] from the guard).
+            raw = ops.op("Add", [ops.op("Mul", [guard, ops.const(np.array(0.0, dtype=np.float32))]), one])
+        else:
+            pn = gate_names(prev_k)
+            prev_arg = ir.Value(name=pn["argmax"], type=ir.TensorType(ir.DataType.INT64),
+                                shape=ir.Shape(["batch", None]))
+            prev_cnt = ir.Value(name=pn["count"], type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch"]))
+            res_state_in += [prev_arg, prev_cnt]
+            same = ops.reduce("ReduceMin", ops.cast_float(ops.op("Equal", [argmax, prev_arg])), [1])
+            raw = ops.op("Add", [ops.op("Mul", [same, prev_cnt]), one])
+    elif kind == GateKind.SATURATION:
+        if hidden is None or hidden_shape is None:
+            raise SpecError(f"exit {k}: saturation gate needs the cut tensor")
+        h, dim = _pool_hidden(ops, hidden, hidden_shape)
+        if prev_k is None:
+            raw = ops.op("Sub", [ops.op("Mul", [guard, ops.const(np.array(0.0, dtype=np.float32))]),
+                                 ops.const(np.array(1.0, dtype=np.float32))])  # -1: nothing to compare with
+        else:
+            if prev_hidden_dim is not None and dim is not None and prev_hidden_dim != dim:
+                raise SpecError(
+                    f"exits[{k}].gate: saturation compares hidden states of consecutive exits, but exit {prev_k} "
+                    f"has width {prev_hidden_dim} and exit {k} has {dim}; use it where the widths match "
+                    f"(transformer layers) or choose another gate kind"
+                )
+            prev_h = ir.Value(name=gate_names(prev_k)["hidden"], type=ir.TensorType(ir.DataType.FLOAT),
+                              shape=ir.Shape(["batch", None, dim]))
+            res_state_in.append(prev_h)
+            dot = ops.reduce("ReduceSum", ops.op("Mul", [h, prev_h]), [2])
+            n1 = ops.op("Sqrt", [ops.reduce("ReduceSum", ops.op("Mul", [h, h]), [2])])
+            n2 = ops.op("Sqrt", [ops.reduce("ReduceSum", ops.op("Mul", [prev_h, prev_h]), [2])])
+            eps = ops.const(np.array(1e-12, dtype=np.float32))
+            cos = ops.op("Div", [dot, ops.op("Add", [ops.op("Mul", [n1, n2]), eps])])
+            raw = ops.reduce("ReduceMin", cos, [1])
+        if emit_hidden_state:
+            res_state_out.append(ops.op("Identity", [h], out_name=names["hidden"]))
+    elif kind == GateKind.SCORE:
+        if score_value is None:
+            raise SpecError(f"exits[{k}].head: the score gate needs `score_output` naming the head's score output")
+        raw = ops.cast_float(ops.op("Reshape", [score_value, ops.const(np.array([-1], dtype=np.int64))]))
+    else:  # pragma: no cover - GateKind is closed
+        raise SpecError(f"exit {k}: unknown gate kind {kind}")
+    score = ops.op("Add", [raw, guard], out_name=names["score"])
+    if kind.fires_above:
+        gate = ops.ge(score, thr, names["gate"])
+    else:
+        gate = ops.le(score, thr, names["gate"])
+    if emit_patience_state:
+        if argmax is None:
+            argmax = ops.op("ArgMax", [x], {"axis": 2, "keepdims": 0})
+        count = score if kind == GateKind.PATIENCE else ops.op(
+            "Add", [ops.op("Mul", [guard, ops.const(np.array(0.0, dtype=np.float32))]),
+                    ops.const(np.array(1.0, dtype=np.float32))])
+        res_state_out.append(ops.op("Identity", [argmax], out_name=names["argmax"]))
+        res_state_out.append(ops.op("Identity", [count], out_name=names["count"]))
+    if emit_hidden_state and kind != GateKind.SATURATION and hidden is not None and hidden_shape is not None:
+        h, _ = _pool_hidden(ops, hidden, hidden_shape)
+        res_state_out.append(ops.op("Identity", [h], out_name=names["hidden"]))
+    return GateResult(gate=gate, score=score, threshold=thr, state_inputs=res_state_in, state_outputs=res_state_out)

@@ -1,0 +1,184 @@
+"""Where a graph can be cut, and what each cut carries: the dependency analysis behind analyze and compile.
+
+Cutting at tensor T means: segment 1 holds T's ancestors, the rest follows. Every tensor produced before the
+cut and read after it is *carried* across. Like torch.fx's ``split_module`` a :class:`SegmentPlan` tracks the
+nodes of a segment, the tensors it takes in and the tensors it hands on.
+
+Worked example (a residual block, exit at ``r1``)::
+
+    x -> Conv(a) -> Relu(r1) -> Conv(b) -> Add(r1, b) -> out
+
+    cut at r1: segment 0 = {Conv a, Relu}; segment 1 = {Conv b, Add}; carried = {r1}
+    cut at b:  segment 0 = {Conv a, Relu, Conv b}; carried = {r1, b}  (the skip connection rides along)
+
+Cases this module handles (each has a test in tests/passes/test_partition.py):
+1. Cheap tensors computed from the model inputs alone (attention masks, position ids, shape arithmetic,
+   ConstantOfShape weights of old-IR models) are *recomputable*: never carried, recomputed inside each
+   segment that reads them. Without this a BERT has almost no clean cut (the mask is read by every layer).
+2. Nodes with subgraphs (If/Loop/Scan) read outer-scope tensors implicitly; those count as inputs, and
+   tensors inside a subgraph are never cut points.
+3. Graph inputs read after the cut are reported as carried (the runtime keeps them alive).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+# Ops whose cost is real compute: counted in FLOPs, and never recomputed in a later segment.
+HEAVY_OPS = frozenset({
+    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMul", "MatMulInteger", "QLinearMatMul",
+    "Gemm", "Einsum", "Attention", "MultiHeadAttention", "GroupQueryAttention", "LSTM", "GRU", "RNN",
+    "FusedConv", "FusedGemm", "FusedMatMul",
+})
+# Ops whose value must not be recomputed (random) or whose cost is unknown (control flow).
+_NEVER_RECOMPUTE = frozenset({"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                              "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def _subgraphs(node: ir.Node) -> Iterable[ir.Graph]:
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            yield attr.as_graph()
+        elif attr.type == ir.AttributeType.GRAPHS:
+            yield from attr.as_graphs()
+
+
+@dataclass
+class GraphIndex:
+    """The main graph's nodes in topological order with dependency facts."""
+
+    model: ir.Model
+    nodes: list[ir.Node]
+    pos: dict[ir.Node, int]
+    deps: list[list[ir.Value]]  # per node: inputs incl. outer-scope reads of its subgraphs
+    consumers: dict[ir.Value, set[int]]  # value -> indices of main-graph nodes that read it
+    anc: list[int]  # per node: bitset of ancestor nodes (itself included)
+    recomputable: list[bool]  # per node: cheap and computed from inputs/constants alone
+    graph_inputs: list[ir.Value]
+    graph_outputs: list[ir.Value]
+    values: dict[str, ir.Value]  # main-graph values by name (node outputs and inputs)
+    subgraph_values: dict[str, ir.Node] = field(default_factory=dict)  # name -> owning If/Loop node
+
+    def producer_index(self, v: ir.Value) -> int | None:
+        p = v.producer()
+        return self.pos.get(p) if p is not None else None
+
+    def is_recomputable_value(self, v: ir.Value) -> bool:
+        """Graph inputs, initializers and outputs of recomputable nodes."""
+        i = self.producer_index(v)
+        return i is None or self.recomputable[i]
+
+    def ancestors_of(self, values: Iterable[ir.Value]) -> int:
+        bits = 0
+        for v in values:
+            i = self.producer_index(v)
+            if i is not None:
+                bits |= self.anc[i]
+        return bits
+
+
+def index_graph(model: ir.Model) -> GraphIndex:
+    graph = model.graph
+    nodes = list(graph)
+    pos = {n: i for i, n in enumerate(nodes)}
+    deps: list[list[ir.Value]] = []
+    consumers: dict[ir.Value, set[int]] = {}
+    subgraph_values: dict[str, ir.Node] = {}
+    for i, n in enumerate(nodes):
+        d = [v for v in n.inputs if v is not None]
+        for sg in _subgraphs(n):
+            for inner in ir.traversal.RecursiveGraphIterator(sg):
+                for v in inner.inputs:
+                    if v is not None and v.graph is graph:
+                        d.append(v)
+                for out in inner.outputs:
+                    if out.name:
+                        subgraph_values[out.name] = n
+        deps.append(d)
+        for v in d:
+            consumers.setdefault(v, set()).add(i)
+    anc: list[int] = []
+    recomputable: list[bool] = []
+    for i, n in enumerate(nodes):
+        bits = 1 << i
+        light = n.op_type not in HEAVY_OPS and n.op_type not in _NEVER_RECOMPUTE and n.domain in ("", "ai.onnx")
+        light = light and not any(True for _ in _subgraphs(n))
+        for v in deps[i]:
+            p = v.producer()
+            if p is not None and p in pos:
+                j = pos[p]
+                bits |= anc[j]
+                light = light and recomputable[j]
+        anc.append(bits)
+        recomputable.append(light)
+    values: dict[str, ir.Value] = {}
+    for v in graph.inputs:
+        if v.name:
+            values[v.name] = v
+    for n in nodes:
+        for v in n.outputs:
+            if v.name:
+                values[v.name] = v
+    return GraphIndex(model, nodes, pos, deps, consumers, anc, recomputable, list(graph.inputs),
+                      list(graph.outputs), values, subgraph_values)
+
+
+def carried_across(idx: GraphIndex, before: int, after: int) -> tuple[list[ir.Value], list[ir.Value]]:
+    """Tensors produced in node set ``before`` and read by node set ``after`` (bitsets).
+
+    Returns (carried activations, graph inputs read after the cut). Recomputable tensors are left out:
+    the segment that reads them recomputes them."""
+    carried: list[ir.Value] = []
+    seen: set[ir.Value] = set()
+    for i, n in enumerate(idx.nodes):
+        if not (before >> i) & 1 or idx.recomputable[i]:
+            continue
+        for v in n.outputs:
+            if v in seen:
+                continue
+            users = idx.consumers.get(v, ())
+            if any((after >> j) & 1 for j in users):
+                carried.append(v)
+                seen.add(v)
+    inputs = [v for v in idx.graph_inputs if any((after >> j) & 1 for j in idx.consumers.get(v, ()))]
+    return carried, inputs
+
+
+@dataclass
+class SegmentPlan:
+    """One segment: its nodes (bitset over GraphIndex.nodes, recomputable nodes excluded) and boundaries."""
+
+    index: int
+    nodes: int
+    targets: list[ir.Value]  # what this segment must produce (cut tensors, in-model head outputs, final)
+    carried_in: list[ir.Value] = field(default_factory=list)
+    carried_out: list[ir.Value] = field(default_factory=list)
+
+    def node_count(self) -> int:
+        return bin(self.nodes).count("1")
+
+
+def plan_segments(idx: GraphIndex, targets: Sequence[Sequence[ir.Value]]) -> list[SegmentPlan]:
+    """Assign every needed node to the first segment whose targets need it; find what crosses each boundary.
+
+    ``targets[k]`` are the values segment k must produce; the last entry holds the final output(s)."""
+    heavy_mask = sum(1 << i for i, r in enumerate(idx.recomputable) if not r)
+    plans: list[SegmentPlan] = []
+    done = 0
+    for k, tgt in enumerate(targets):
+        need = idx.ancestors_of(tgt) & heavy_mask
+        plans.append(SegmentPlan(index=k, nodes=need & ~done, targets=list(tgt)))
+        done |= need
+    for k, plan in enumerate(plans):
+        later = 0
+        for p in plans[k + 1:]:
+            later |= p.nodes
+        plan.carried_out, _ = carried_across(idx, plan.nodes, later)
+        earlier = 0
+        for p in plans[:k]:
+            earlier |= p.nodes
+        plan.carried_in, _ = carried_across(idx, earlier, plan.nodes)
+    return plans

@@ -1,0 +1,167 @@
+"""Run a model in ONNX Runtime with every intermediate tensor exposed, at two batch sizes.
+
+Static shape inference loses symbolic dims (through Reshape, Shape arithmetic), so the facts the splitter
+needs are read off real runs instead:
+
+1. the batch axis of each tensor: the one axis whose size is the batch size at both batch sizes;
+2. tensors that *fold* the batch into another axis (``[B*T, C]`` after a flattening Gemm): some axis changes
+   with the batch but is not the batch — such tensors cannot be carried (no axis to drop samples along);
+3. tensors with no batch axis whose *value* still changes with the batch (a ``Shape`` output, a Reshape
+   target built with Concat): carried across a compaction they would hand the next Reshape a stale batch
+   size, so they are never carried;
+4. concrete shapes for counting FLOPs (per sample: the difference between the two runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from eecompile.errors import GraphError
+
+PROBE_BATCHES = (2, 3)
+DEFAULT_DIM = 8  # size given to symbolic non-batch dims (sequence length and the like) while probing
+
+
+@dataclass
+class TensorFacts:
+    name: str
+    dtype: str
+    shapes: dict[int, tuple[int, ...]]  # batch size -> concrete shape
+    digests: dict[int, str]  # batch size -> sha1 of the values
+    batch_axis: int | None = None
+    problem: str | None = None  # why this tensor cannot be carried across a compaction (None: it can)
+
+
+@dataclass
+class ProbeResult:
+    batches: tuple[int, ...]
+    facts: dict[str, TensorFacts] = field(default_factory=dict)
+
+    def shape(self, name: str, batch: int | None = None) -> tuple[int, ...] | None:
+        f = self.facts.get(name)
+        if f is None:
+            return None
+        return f.shapes[batch if batch is not None else self.batches[0]]
+
+
+def random_inputs(inputs: list[ir.Value], batch: int, dims: Mapping[str, int] | None = None,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for probing and verification: N(0,1) floats, ones for integers (ids and masks stay valid),
+    True for booleans. Axis 0 is the batch; other symbolic dims take ``dims[name]`` or DEFAULT_DIM."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for v in inputs:
+        if v.shape is None:
+            raise GraphError(f"model input '{v.name}' has no shape; export the model with input shapes")
+        shape: list[int] = []
+        for i, d in enumerate(v.shape):
+            if i == 0:
+                shape.append(batch)
+            elif isinstance(d, int):
+                shape.append(d)
+            else:
+                shape.append(int((dims or {}).get(str(d), DEFAULT_DIM)))
+        np_dtype = _np_dtype(v.dtype, v.name)
+        if np.issubdtype(np_dtype, np.floating):
+            feeds[v.name] = rng.standard_normal(shape).astype(np_dtype)
+        elif np_dtype == np.bool_:
+            feeds[v.name] = np.ones(shape, dtype=np.bool_)
+        else:
+            feeds[v.name] = np.ones(shape, dtype=np_dtype)
+    return feeds
+
+
+def _np_dtype(dtype: ir.DataType | None, name: str | None) -> np.dtype:
+    if dtype is None:
+        raise GraphError(f"tensor '{name}' has no element type")
+    try:
+        return np.dtype(dtype.numpy())
+    except Exception as e:
+        raise GraphError(f"tensor '{name}' has element type {dtype} that numpy cannot hold") from e
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(a).tobytes() + str(a.shape).encode()).hexdigest()
+
+
+def exposed_proto(model: ir.Model, names: list[str]) -> onnx.ModelProto:
+    """The model as a proto with ``names`` added as graph outputs (types from shape inference)."""
+    proto = ir.to_proto(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        inferred = proto
+    types = {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    have = {o.name for o in proto.graph.output}
+    for n in names:
+        if n in have or n not in types or not types[n].HasField("tensor_type"):
+            continue
+        vi = onnx.ValueInfoProto(name=n)
+        vi.type.tensor_type.elem_type = types[n].tensor_type.elem_type
+        proto.graph.output.append(vi)
+    return proto
+
+
+def probe_model(model: ir.Model, names: list[str], batches: tuple[int, ...] = PROBE_BATCHES,
+                dims: Mapping[str, int] | None = None) -> ProbeResult:
+    """Run ``model`` at each batch size with ``names`` exposed and classify every tensor."""
+    import onnxruntime as ort
+
+    proto = exposed_proto(model, names)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise GraphError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}") from e
+    out_names = [o.name for o in sess.get_outputs()]
+    inputs = list(model.graph.inputs)
+    result = ProbeResult(batches=batches)
+    for b in batches:
+        feeds = random_inputs(inputs, b, dims, seed=b)
+        try:
+            outs = sess.run(out_names, feeds)
+        except Exception as e:
+            raise GraphError(f"ONNX Runtime failed to run the model at batch {b}: {str(e).splitlines()[0]}") from e
+        for name, arr in zip(out_names, outs, strict=True):
+            arr = np.asarray(arr)
+            f = result.facts.get(name)
+            if f is None:
+                f = result.facts[name] = TensorFacts(name, str(arr.dtype), {}, {})
+            f.shapes[b] = tuple(int(d) for d in arr.shape)
+            f.digests[b] = _digest(arr)
+        del outs
+    for f in result.facts.values():
+        _classify(f, batches)
+    return result
+
+
+def _classify(f: TensorFacts, batches: tuple[int, ...]) -> None:
+    if len(batches) == 1:  # per-sample mode: nothing is ever compacted
+        shape = f.shapes[batches[0]]
+        f.batch_axis = 0 if shape and shape[0] == 1 else None
+        return
+    b0, b1 = batches[0], batches[1]
+    s0, s1 = f.shapes[b0], f.shapes[b1]
+    if len(s0) != len(s1):
+        f.problem = f"its rank changes with the batch size ({list(s0)} at batch {b0}, {list(s1)} at {b1})"
+        return
+    changed = [a for a in range(len(s0)) if s0[a] != s1[a]]
+    if not changed:
+        f.batch_axis = None
+        if f.digests[b0] != f.digests[b1]:
+            f.problem = ("it has no batch axis but its value changes with the batch size "
+                         "(shape arithmetic such as a Shape output or a Reshape target)")
+        return
+    if len(changed) == 1 and s0[changed[0]] == b0 and s1[changed[0]] == b1:
+        f.batch_axis = changed[0]
+        return
+    f.problem = (f"it folds the batch into another axis ({list(s0)} at batch {b0}, {list(s1)} at {b1}), "
+                 f"so samples cannot be dropped from it")
