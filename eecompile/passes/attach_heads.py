@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from eecompile.errors import GraphError, SpecError
+from eecompile.errors import SpecError
 from eecompile.passes.load import opset_of
 
 HEAD_PREFIX = "ee{k}.head/"
@@ -65,8 +65,8 @@ def splice_head(seg: ir.Graph, k: int, at: ir.Value, head: ir.Model, where: str,
                         f"(it has {[v.name for v in outs]})")
     logits = next(v for v in outs if v is not score)
     # Rename everything first so nothing can clash with the segment's names.
-    for node in hg:
-        node.name = prefix + (node.name or f"{node.op_type}_{id(node) % 100000}")
+    for i, node in enumerate(hg):
+        node.name = prefix + (node.name or f"{node.op_type}_{i}")
         for v in node.outputs:
             v.name = prefix + (v.name or "v")
     for name in list(hg.initializers):
@@ -90,7 +90,8 @@ def _check_head_input(h_in: ir.Value, at: ir.Value, where: str) -> None:
                         f"{at.dtype}; export the head with the cut tensor's dtype")
     if at.shape is None or h_in.shape is None:
         return
-    hs, ts = list(h_in.shape), list(at.shape)
+    hs = [d if isinstance(d, int) else str(d) for d in h_in.shape]
+    ts = [d if isinstance(d, int) else str(d) for d in at.shape]
     if len(hs) != len(ts):
         raise SpecError(f"{where}: the head's input '{h_in.name}' has rank {len(hs)} {hs}, the cut tensor "
                         f"'{at.name}' has rank {len(ts)} {ts}; make the head take the cut tensor's shape")
@@ -125,17 +126,3 @@ def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: list[
     out.dtype = logits.dtype
     out.shape = ir.Shape(["batch", *per_final])
     return out
-
-
-def model_opset(model: ir.Model) -> int:
-    return opset_of(model)
-
-
-def check_in_model_head(value: ir.Value | None, name: str, where: str, outputs: list[str]) -> ir.Value:
-    if value is None:
-        raise SpecError(f"{where}.output: the model has no tensor '{name}' (model outputs: {outputs})")
-    return value
-
-
-def graph_error(msg: str) -> GraphError:
-    return GraphError(msg)

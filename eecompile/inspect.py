@@ -1,0 +1,137 @@
+"""``eecompile inspect``: what a bundle holds, as a JSON-able dict or as rich tables.
+
+A damaged bundle is still described (that is when people inspect one): file hash mismatches are listed
+under ``problems`` instead of refusing to load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from eecompile.bundle import Bundle, TensorInfo
+from eecompile.errors import BundleError
+
+
+def _tensor(t: TensorInfo) -> dict[str, Any]:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "batch_axis": t.batch_axis}
+
+
+def describe_bundle(path: str | Path) -> dict[str, Any]:
+    """Everything a person or a script wants to know about a bundle, as plain JSON types."""
+    bundle = Bundle.load(path, verify=False)
+    m = bundle.manifest
+    problems: list[str] = []
+    for rel in m.files:
+        try:
+            bundle.verify_file(rel)
+        except BundleError as e:
+            problems.append(str(e))
+    input_names = {t.name for t in m.inputs}
+    segments = []
+    for seg in m.segments:
+        out_info = {t.name: t for t in seg.outputs}
+        gate = seg.exit.gate
+        segments.append({
+            "index": seg.index,
+            "file": seg.file,
+            "flops": seg.flops,
+            "flops_fraction": seg.flops_fraction,
+            "model_inputs": [t.name for t in seg.inputs if t.name in input_names],
+            "carried_in": [_tensor(t) for t in seg.inputs if t.name not in input_names],
+            "carried_out": [_tensor(out_info[n]) if n in out_info else {"name": n} for n in seg.carried_out],
+            "exit": {
+                "index": seg.exit.index,
+                "name": seg.exit.name,
+                "at": list(seg.exit.at),
+                "head": seg.exit.head,
+                "outputs": dict(seg.exit.outputs),
+                "final": gate is None,
+            },
+            "gate": None if gate is None else {
+                "kind": gate.kind, "threshold": gate.threshold, "output": gate.output,
+                "threshold_input": gate.threshold_input, "score_output": getattr(gate, "score_output", None),
+                "state": list(gate.state_outputs),
+            },
+        })
+    return {
+        "path": str(bundle.path),
+        "format_version": m.format_version,
+        "eecompile_version": m.eecompile_version,
+        "source_model": dict(m.source_model),
+        "batch_mode": m.batch_mode,
+        "batch": ("any batch size (dynamic)" if m.batch_mode == "dynamic"
+                  else "one sample at a time (per_sample: the graph only runs at batch 1)"),
+        "inputs": [_tensor(t) for t in m.inputs],
+        "outputs": [_tensor(t) for t in m.outputs],
+        "class_axis": m.class_axis,
+        "n_early_exits": m.n_early_exits,
+        "thresholds": m.thresholds,
+        "segments": segments,
+        "calibration": m.calibration,
+        "engines": list(m.engines),
+        "heads": dict(m.heads),
+        "notes": list(m.notes),
+        "problems": problems,
+    }
+
+
+def _shape(t: dict[str, Any]) -> str:
+    dims = ["B" if i == t.get("batch_axis") else str(d) for i, d in enumerate(t.get("shape", []))]
+    return f"{t['name']} [{', '.join(dims)}]" + (" (no batch axis)" if t.get("batch_axis") is None else "")
+
+
+def print_bundle(path: str | Path) -> None:
+    """Print :func:`describe_bundle` as tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    d = describe_bundle(path)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # piped or captured: don't squeeze the tables into 80 columns
+    console.print(f"[bold]{d['path']}[/bold]  format v{d['format_version']}, eecompile {d['eecompile_version'] or '?'}")
+    src = d["source_model"]
+    console.print(f"source model: {src.get('file', '?')} (sha256 {str(src.get('sha256', '?'))[:12]})")
+    console.print(f"batch: {d['batch']}")
+    console.print("inputs:  " + ", ".join(f"{_shape(t)} {t['dtype']}" for t in d["inputs"]))
+    console.print("outputs: " + ", ".join(f"{_shape(t)} {t['dtype']}" for t in d["outputs"]))
+
+    table = Table(title="segments")
+    for col in ("seg", "file", "FLOPs", "carried in", "carried out", "exit head", "gate", "threshold"):
+        table.add_column(col, justify="right" if col in ("seg", "FLOPs", "threshold") else "left")
+    for s in d["segments"]:
+        gate = s["gate"]
+        table.add_row(
+            str(s["index"]), s["file"], f"{100 * s['flops_fraction']:.1f}%",
+            "\n".join([_shape(t) for t in s["carried_in"]]
+                      + ([f"{', '.join(s['model_inputs'])} (model input)"] if s["index"] and s["model_inputs"] else []))
+            or "-",
+            "\n".join(_shape(t) if "shape" in t else t["name"] for t in s["carried_out"]) or "-",
+            s["exit"]["head"] + (" (final)" if s["exit"]["final"] else ""),
+            gate["kind"] if gate else "-",
+            f"{gate['threshold']:g}" if gate else "-",
+        )
+    console.print(table)
+
+    if d["calibration"]:
+        cal = Table(title="calibration")
+        cal.add_column("key")
+        cal.add_column("value")
+        for k, v in d["calibration"].items():
+            cal.add_row(str(k), str(v))
+        console.print(cal)
+    if d["engines"]:
+        eng = Table(title="engines")
+        keys = sorted({k for e in d["engines"] for k in e})
+        for k in keys:
+            eng.add_column(k)
+        for e in d["engines"]:
+            eng.add_row(*(str(e.get(k, "")) for k in keys))
+        console.print(eng)
+    else:
+        console.print("engines: none built (ONNX Runtime runs the portable segments)")
+    for note in d["notes"]:
+        console.print(f"note: {note}")
+    for problem in d["problems"]:
+        console.print(f"[red]problem:[/red] {problem}")

@@ -1,0 +1,270 @@
+"""ONNX Runtime backend: one ``InferenceSession`` per segment, created once.
+
+CPU (default): tensors are numpy arrays; ``sess.run`` is called directly (see ``_run_cpu`` for why not
+IO binding). ``device="cuda"``: CUDAExecutionProvider (optionally TensorRT EP in front of it), activations
+stay on the GPU as ``OrtValue``s through IO binding, only the gate mask is bound to the host.
+
+Imports numpy and onnxruntime only (no onnx, no torch): this runs on a Jetson.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eecompile.bundle import Bundle, SegmentInfo
+from eecompile.errors import BackendError, BundleError, DataError
+from eecompile.runtimes.base import SegmentBackend
+
+try:
+    import onnxruntime as ort
+except ImportError:  # pragma: no cover - onnxruntime is a core dependency, but a Jetson may lack it
+    ort = None
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda")
+# Thread pools, measured on a 2-core CPU (3-segment MLP chain, all segments run, best of 5 blocks of 50):
+#   width 1024, batch 32: per-session (no spinning) 3.26 ms, shared 3.01 ms, per-session spinning 24 ms
+#   width 1024, batch 1:  0.81 ms vs 0.56 ms;   width 256, batch 32: 0.36 vs 0.28;   batch 1: 0.13 vs 0.09
+# "shared" is 8-30% faster, but it is process-wide and only works when it is the process's first ORT use
+# (otherwise ORT silently runs single-threaded), and its pool spins. So "per-session" stays the default
+# (robust anywhere); "shared" is there for a dedicated inference process.
+THREAD_POOLS = ("per-session", "shared")
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool", "tensor(bfloat16)": "bfloat16",
+}
+_shared_pool_threads: int | None = None  # process-wide: ORT's global pools can be sized once
+_per_session_used = False
+
+
+def default_threads() -> int:
+    """The cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _use_shared_pool(threads: int) -> None:
+    """Size ORT's process-wide intra-op pool. This only takes effect before the first session of the process
+    exists (ORT creates its environment then); later, ORT silently runs such sessions on the caller's thread
+    alone. We refuse when *we* made a per-session session earlier; sessions made elsewhere we cannot see."""
+    global _shared_pool_threads
+    if _shared_pool_threads is None:
+        if _per_session_used:
+            raise BackendError(
+                "onnxruntime: thread_pool='shared' must be the first ONNX Runtime use in this process, but a "
+                "per-session runner was created before; use thread_pool='per-session' or create this one first"
+            )
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _shared_pool_threads = threads
+    elif _shared_pool_threads != threads:
+        log.warning("onnxruntime shared thread pool already has %d threads; ignoring threads=%d",
+                    _shared_pool_threads, threads)
+
+
+class OnnxRuntimeBackend(SegmentBackend):
+    """Runs a bundle's segments on ONNX Runtime.
+
+    Options:
+      ``threads``: intra-op threads (default: the cores this process may use);
+      ``thread_pool``: ``"per-session"`` (default) or ``"shared"`` (one process-wide pool for all sessions);
+      ``device``: ``"cpu"`` (default) or ``"cuda"``; ``device_id``: GPU ordinal;
+      ``tensorrt``: put ORT's TensorRT EP in front of CUDA (``device="cuda"`` only), with
+      ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``) and ``fp16``.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, thread_pool: str = "per-session",
+                 device: str = "cpu", device_id: int = 0, tensorrt: bool = False,
+                 trt_cache_dir: str | Path | None = None, fp16: bool = False, **options: Any) -> None:
+        super().__init__(bundle, **options)
+        if ort is None:
+            raise BackendError("onnxruntime is not installed; `pip install onnxruntime` (or onnxruntime-gpu)")
+        if options:
+            raise BackendError(f"onnxruntime backend: unknown option(s) {', '.join(sorted(options))}; known: "
+                               "threads, thread_pool, device, device_id, tensorrt, trt_cache_dir, fp16")
+        if device not in DEVICES:
+            raise BackendError(f"onnxruntime backend: device '{device}' is not one of {', '.join(DEVICES)}")
+        if thread_pool not in THREAD_POOLS:
+            raise BackendError(f"onnxruntime backend: thread_pool '{thread_pool}' is not one of "
+                               f"{', '.join(THREAD_POOLS)}")
+        if threads is not None and threads < 1:
+            raise BackendError(f"onnxruntime backend: threads must be >= 1, got {threads}")
+        if tensorrt and device != "cuda":
+            raise BackendError("onnxruntime backend: tensorrt=True needs device='cuda'")
+        self.device = device
+        self.device_id = device_id
+        self.threads = threads or default_threads()
+        self.providers = self._providers(tensorrt, trt_cache_dir, fp16)
+        if thread_pool == "shared":
+            _use_shared_pool(self.threads)
+        opts = self._session_options(shared=thread_pool == "shared")
+        self._sessions: list[Any] = []
+        self._out_names: list[list[str]] = []
+        self._thr_names: list[str | None] = []
+        self._gate_names: list[str | None] = []
+        for seg in self.manifest.segments:
+            self._sessions.append(self._load(seg, opts))
+            self._out_names.append([o.name for o in self._sessions[-1].get_outputs()])
+            self._thr_names.append(seg.exit.gate.threshold_input if seg.exit.gate else None)
+            self._gate_names.append(seg.exit.gate.output if seg.exit.gate else None)
+
+    # --- construction ---------------------------------------------------------------------------------
+    def _providers(self, tensorrt: bool, trt_cache_dir: str | Path | None, fp16: bool) -> list[Any]:
+        if self.device == "cpu":
+            return ["CPUExecutionProvider"]
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise BackendError(
+                f"onnxruntime: device='cuda' needs the CUDAExecutionProvider, but this onnxruntime "
+                f"({ort.__version__}) offers only {', '.join(available)}; install onnxruntime-gpu matching your "
+                f"CUDA version, or use device='cpu'"
+            )
+        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
+        if not tensorrt:
+            return [cuda, "CPUExecutionProvider"]
+        if "TensorrtExecutionProvider" not in available:
+            raise BackendError(
+                "onnxruntime: tensorrt=True needs the TensorrtExecutionProvider, which this onnxruntime lacks; "
+                "install onnxruntime-gpu built with TensorRT, or use tensorrt=False"
+            )
+        cache = Path(trt_cache_dir) if trt_cache_dir else self.bundle.path / "engines" / "ort-trt-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        trt = ("TensorrtExecutionProvider", {
+            "device_id": self.device_id,
+            "trt_engine_cache_enable": True,  # engines are built once per shape profile, then reloaded
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+            "trt_fp16_enable": fp16,
+        })
+        return [trt, cuda, "CPUExecutionProvider"]
+
+    def _session_options(self, shared: bool) -> Any:
+        global _per_session_used
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if shared:
+            # One pool serves every session of the chain (and of the process). It spins between runs (the
+            # Python API cannot turn that off for global pools), but with one pool nobody else fights it.
+            so.use_per_session_threads = False
+        else:
+            _per_session_used = True
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+            # Segments run one after another; a pool spinning after its run steals the cores the next
+            # segment's pool needs (measured: a chain 3x slower). Sleep instead of spinning.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        return so
+
+    def _load(self, seg: SegmentInfo, opts: Any) -> Any:
+        path = self.bundle.verify_file(seg.file)
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        except Exception as e:
+            raise BundleError(f"{path}: ONNX Runtime cannot load segment {seg.index} ({_first_line(e)}); "
+                              f"recompile the bundle or upgrade onnxruntime") from e
+        if self.device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+            raise BackendError(f"{path}: ONNX Runtime fell back to {sess.get_providers()} instead of CUDA; "
+                               f"check the CUDA/cuDNN libraries onnxruntime-gpu needs")
+        want = {t.name for t in seg.inputs}
+        if seg.exit.gate is not None:
+            want.add(seg.exit.gate.threshold_input)
+        have = {i.name for i in sess.get_inputs()}
+        if want != have:
+            raise BundleError(f"{path}: graph inputs {sorted(have)} do not match the manifest's {sorted(want)}; "
+                              f"recompile the bundle")
+        return sess
+
+    # --- SegmentBackend -------------------------------------------------------------------------------
+    def run_segment(self, index: int, feeds: dict[str, Any], threshold: float | None) -> dict[str, Any]:
+        thr = self._thr_names[index]
+        if thr is not None:
+            # A fresh dict: the caller's feeds may be shared with other threads.
+            feeds = {**feeds, thr: np.array(threshold, dtype=np.float32)}
+        if self.device == "cpu":
+            return self._run_cpu(index, feeds)
+        return self._run_cuda(index, feeds)
+
+    def _run_cpu(self, index: int, feeds: dict[str, Any]) -> dict[str, Any]:
+        # Plain sess.run: measured against a CPU IO binding (bind_cpu_input + bind_output("cpu") +
+        # copy_outputs_to_cpu) it was as fast or faster at every batch size we tried, because the binding
+        # object has to be made per call (a shared one is not thread-safe) and outputs are still copied out.
+        try:
+            outs = self._sessions[index].run(self._out_names[index], feeds)
+        except Exception as e:
+            raise self._diagnose(index, feeds, e) from e
+        return dict(zip(self._out_names[index], outs, strict=True))
+
+    def _run_cuda(self, index: int, feeds: dict[str, Any]) -> dict[str, Any]:
+        sess = self._sessions[index]
+        io = sess.io_binding()  # per call: an IOBinding is not safe to share between threads
+        try:
+            for name, value in feeds.items():
+                if isinstance(value, np.ndarray):
+                    io.bind_cpu_input(name, value)
+                else:
+                    io.bind_ortvalue_input(name, value)
+            gate = self._gate_names[index]
+            for name in self._out_names[index]:
+                # Only the gate mask is read on the host every step; everything else stays on the GPU.
+                io.bind_output(name, "cpu" if name == gate else "cuda", 0 if name == gate else self.device_id)
+            sess.run_with_iobinding(io)
+        except Exception as e:
+            raise self._diagnose(index, feeds, e) from e
+        return dict(zip(self._out_names[index], io.get_outputs(), strict=True))
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return x if isinstance(x, np.ndarray) else x.numpy()
+
+    def from_host(self, x: np.ndarray) -> Any:
+        if self.device == "cpu":
+            return x
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", self.device_id)
+
+    def gather(self, x: Any, rows: np.ndarray, axis: int) -> Any:
+        if isinstance(x, np.ndarray):
+            return np.take(x, rows, axis=axis)
+        # No gather primitive for OrtValues in ORT's Python API (and runtimes/ may not import onnx to build a
+        # one-node Gather graph), so on CUDA the rows still running take a round trip through the host.
+        return self.from_host(np.take(x.numpy(), rows, axis=axis))
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+    # --- errors ---------------------------------------------------------------------------------------
+    def _diagnose(self, index: int, feeds: dict[str, Any], error: Exception) -> Exception:
+        """Turn an ORT failure into our error, naming the tensor and the expected vs actual shape/dtype."""
+        sess = self._sessions[index]
+        seg = self.manifest.segments[index]
+        where = f"segment {index} ({seg.file})"
+        for arg in sess.get_inputs():
+            if arg.name not in feeds:
+                return DataError(f"{where}: input '{arg.name}' was not fed; fed {sorted(feeds)}")
+            value = feeds[arg.name]
+            shape = tuple(value.shape() if callable(getattr(value, "shape", None)) else value.shape)
+            dtype = str(value.dtype) if isinstance(value, np.ndarray) else _ORT_TYPES.get(value.data_type(), "?")
+            want_dtype = _ORT_TYPES.get(arg.type, arg.type)
+            want = [d if isinstance(d, int) else None for d in arg.shape]
+            if dtype != want_dtype:
+                return DataError(f"{where}: input '{arg.name}' has dtype {dtype}, expected {want_dtype}")
+            if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape, strict=False)):
+                shown = ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in arg.shape)
+                return DataError(f"{where}: input '{arg.name}' has shape {list(shape)}, expected [{shown}]")
+        return BackendError(f"{where}: ONNX Runtime failed: {_first_line(error)}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

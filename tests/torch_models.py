@@ -1,0 +1,137 @@
+"""PyTorch models exported to ONNX for the tests: a small ResNet, a ViT-style encoder, a BERT-style encoder
+that reads an attention mask. Exported once per session into a cache directory (torch is imported lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _torch():
+    import torch
+
+    torch.manual_seed(0)
+    return torch
+
+
+def small_resnet():
+    torch = _torch()
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.b1 = nn.BatchNorm2d(cout)
+            self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.b2 = nn.BatchNorm2d(cout)
+            self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            y = torch.relu(self.b1(self.c1(x)))
+            return torch.relu(self.b2(self.c2(y)) + self.skip(x))
+
+    class ResNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.layers = nn.ModuleList([Block(16, 16, 1), Block(16, 32, 2), Block(32, 32, 1), Block(32, 64, 2),
+                                         Block(64, 64, 1)])
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for layer in self.layers:
+                x = layer(x)
+            return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    m = ResNet().eval()
+    for p in m.modules():  # non-trivial BatchNorm statistics
+        if isinstance(p, nn.BatchNorm2d):
+            p.running_mean.uniform_(-0.1, 0.1)
+            p.running_var.uniform_(0.5, 1.5)
+    return m, (torch.randn(2, 3, 32, 32),), ["image"], ["logits"]
+
+
+class _Encoder:
+    """Builds BERT-style and ViT-style encoders with nn.TransformerEncoderLayer-like blocks written out so the
+    export has plain MatMul/Softmax attention (and the additive attention mask for BERT)."""
+
+    @staticmethod
+    def build(kind: str):
+        torch = _torch()
+        nn = torch.nn
+        d, heads, layers, vocab, t = 32, 4, 4, 50, 8
+
+        class Layer(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.qkv = nn.Linear(d, 3 * d)
+                self.proj = nn.Linear(d, d)
+                self.ln1 = nn.LayerNorm(d)
+                self.ln2 = nn.LayerNorm(d)
+                self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+            def forward(self, x, bias):
+                b, n, _ = x.shape
+                q, k, v = self.qkv(x).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+                att = (q @ k.transpose(-2, -1)) / (d // heads) ** 0.5 + bias
+                y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
+                x = self.ln1(x + self.proj(y))
+                return self.ln2(x + self.ff(x))
+
+        class Bert(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.emb = nn.Embedding(vocab, d)
+                self.pos = nn.Parameter(torch.randn(1, t, d) * 0.1)
+                self.layers = nn.ModuleList([Layer() for _ in range(layers)])
+                self.cls = nn.Linear(d, 3)
+
+            def forward(self, input_ids, attention_mask):
+                x = self.emb(input_ids) + self.pos[:, : input_ids.shape[1]]
+                bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
+                for layer in self.layers:
+                    x = layer(x, bias)
+                return self.cls(x[:, 0])
+
+        class ViT(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.patch = nn.Conv2d(3, d, 4, 4)
+                self.cls_tok = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+                self.pos = nn.Parameter(torch.randn(1, 17, d) * 0.1)
+                self.layers = nn.ModuleList([Layer() for _ in range(layers)])
+                self.head = nn.Linear(d, 10)
+
+            def forward(self, image):
+                x = self.patch(image).flatten(2).transpose(1, 2)
+                x = torch.cat([self.cls_tok.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+                for layer in self.layers:
+                    x = layer(x, 0.0)
+                return self.head(x[:, 0])
+
+        if kind == "bert":
+            m = Bert().eval()
+            ids = torch.randint(0, vocab, (2, t))
+            mask = torch.ones(2, t, dtype=torch.int64)
+            mask[1, 5:] = 0
+            return m, (ids, mask), ["input_ids", "attention_mask"], ["logits"]
+        m = ViT().eval()
+        return m, (torch.randn(2, 3, 16, 16),), ["image"], ["logits"]
+
+
+def export(name: str, directory: Path) -> Path:
+    """Export model ``name`` (resnet | vit | bert) to ``directory/name.onnx`` with a dynamic batch."""
+    path = directory / f"{name}.onnx"
+    if path.exists():
+        return path
+    torch = _torch()
+    if name == "resnet":
+        model, args, inputs, outputs = small_resnet()
+    else:
+        model, args, inputs, outputs = _Encoder.build(name)
+    axes = {n: {0: "batch"} for n in inputs + outputs}
+    torch.onnx.export(model, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                      opset_version=17, dynamo=False)
+    return path
