@@ -61,6 +61,7 @@ class GraphIndex:
     graph_outputs: list[ir.Value]
     values: dict[str, ir.Value]  # main-graph values by name (node outputs and inputs)
     subgraph_values: dict[str, ir.Node] = field(default_factory=dict)  # name -> owning If/Loop node
+    input_anc: list[frozenset[ir.Value]] = field(default_factory=list)  # per node: graph inputs it depends on
 
     def producer_index(self, v: ir.Value) -> int | None:
         p = v.producer()
@@ -114,6 +115,17 @@ def index_graph(model: ir.Model) -> GraphIndex:
                 light = light and recomputable[j]
         anc.append(bits)
         recomputable.append(light)
+    input_set = set(graph.inputs)
+    input_anc: list[frozenset[ir.Value]] = []
+    for i in range(len(nodes)):
+        acc: set[ir.Value] = set()
+        for v in deps[i]:
+            if v in input_set:
+                acc.add(v)
+            p = v.producer()
+            if p is not None and p in pos:
+                acc |= input_anc[pos[p]]
+        input_anc.append(frozenset(acc))
     values: dict[str, ir.Value] = {}
     for v in graph.inputs:
         if v.name:
@@ -123,7 +135,7 @@ def index_graph(model: ir.Model) -> GraphIndex:
             if v.name:
                 values[v.name] = v
     return GraphIndex(model, nodes, pos, deps, consumers, anc, recomputable, list(graph.inputs),
-                      list(graph.outputs), values, subgraph_values)
+                      list(graph.outputs), values, subgraph_values, input_anc)
 
 
 def carried_across(idx: GraphIndex, before: int, after: int) -> tuple[list[ir.Value], list[ir.Value]]:
@@ -143,7 +155,17 @@ def carried_across(idx: GraphIndex, before: int, after: int) -> tuple[list[ir.Va
             if any((after >> j) & 1 for j in users):
                 carried.append(v)
                 seen.add(v)
-    inputs = [v for v in idx.graph_inputs if any((after >> j) & 1 for j in idx.consumers.get(v, ()))]
+    # Graph inputs read after the cut, directly or through recomputed (input-only) tensors.
+    needed: set[ir.Value] = set()
+    for j, n in enumerate(idx.nodes):
+        if (after >> j) & 1 and not idx.recomputable[j]:
+            for v in idx.deps[j]:
+                p = idx.producer_index(v)
+                if p is None:
+                    needed.add(v)
+                else:
+                    needed |= idx.input_anc[p] if idx.recomputable[p] else set()
+    inputs = [v for v in idx.graph_inputs if v in needed]
     return carried, inputs
 
 

@@ -45,6 +45,7 @@ class RunResult:
     nonfinite_counts: np.ndarray  # int64 [K]: samples reaching the exit whose outputs had NaN/Inf
     all_exits: list[dict[str, np.ndarray]] | None = None  # policy "never": every exit's outputs, all samples
     gate_masks: np.ndarray | None = None  # policy "never": bool [K-1, B], each gate's own decision
+    gate_scores: np.ndarray | None = None  # policy "never": float32 [K-1, B], the value each gate compared
 
     @property
     def n_samples(self) -> int:
@@ -58,6 +59,7 @@ class _Step:
     index: int
     inputs: tuple[str, ...]
     gate: str | None  # gate output name; None for the final segment
+    score: str | None  # gate score output name (the value compared with the threshold), if any
     exits: tuple[tuple[str, str], ...]  # (final output name, this segment's tensor)
     keep: tuple[tuple[str, bool, int | None], ...]  # env after this step: (name, from outputs?, batch axis)
 
@@ -143,6 +145,7 @@ class EarlyExitRunner:
             available = {n for n, _, _ in keep} | set(produced)
             steps.append(_Step(index=k, inputs=tuple(t.name for t in seg.inputs),
                                gate=gate.output if gate else None,
+                               score=gate.score_output if gate else None,
                                exits=tuple((n, seg.exit.outputs[n]) for n in self.output_names),
                                keep=tuple(keep)))
         return tuple(steps)
@@ -263,6 +266,7 @@ class EarlyExitRunner:
         """Run every segment on every sample and record every exit (calibration needs them)."""
         be = self.backend
         masks = np.zeros((self.n_exits - 1, n), dtype=bool)
+        scores = np.full((self.n_exits - 1, n), np.nan, dtype=np.float32)
         decided = np.zeros(n, dtype=bool)
         all_host: list[dict[str, np.ndarray]] = []
         for step in self._steps:
@@ -272,6 +276,8 @@ class EarlyExitRunner:
                                   thr[k][0] if step.gate is not None else None)
             if step.gate is not None:
                 masks[k] = self._gate_mask(outs, step, n)
+                if step.score is not None:
+                    scores[k] = be.to_host(outs[step.score]).reshape(-1)
             fire = self._fire(outs, step, thr, n, raw=masks[k] if step.gate is not None else None)
             host = {name: _batch_first(be.to_host(outs[t]), self._out_axes[name]) for name, t in step.exits}
             all_host.append(host)
@@ -290,7 +296,8 @@ class EarlyExitRunner:
                 res[rows] = all_host[k][name][rows]
             outputs[name] = _batch_back(res, self._out_axes[name])
         all_exits = [{name: _batch_back(a, self._out_axes[name]) for name, a in h.items()} for h in all_host]
-        return RunResult(outputs, exit_index, counts, timings, nonfinite, all_exits=all_exits, gate_masks=masks)
+        return RunResult(outputs, exit_index, counts, timings, nonfinite, all_exits=all_exits, gate_masks=masks,
+                         gate_scores=scores)
 
     def _gate_mask(self, outs: dict[str, Any], step: _Step, m: int) -> np.ndarray:
         assert step.gate is not None
@@ -364,13 +371,16 @@ def _concat(parts: list[RunResult], out_axes: dict[str, int]) -> RunResult:
     gate_masks = None
     if first.gate_masks is not None:
         gate_masks = np.concatenate([p.gate_masks for p in parts if p.gate_masks is not None], axis=1)
+    gate_scores = None
+    if first.gate_scores is not None:
+        gate_scores = np.concatenate([p.gate_scores for p in parts if p.gate_scores is not None], axis=1)
     return RunResult(
         outputs=outputs,
         exit_index=np.concatenate([p.exit_index for p in parts]),
         exit_counts=np.sum([p.exit_counts for p in parts], axis=0),
         timings=np.sum([p.timings for p in parts], axis=0),
         nonfinite_counts=np.sum([p.nonfinite_counts for p in parts], axis=0),
-        all_exits=all_exits, gate_masks=gate_masks,
+        all_exits=all_exits, gate_masks=gate_masks, gate_scores=gate_scores,
     )
 
 

@@ -1,0 +1,55 @@
+"""`analyze` on third-party graphs: residual, dense, multi-branch, transformer with a mask."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import zoo_model
+
+from eecompile.cli import cli
+from eecompile.passes.cut_points import analyze_model
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "inception_v1", "squeezenet"])
+def test_zoo_graphs_have_clean_suggested_cuts(name: str) -> None:
+    report = analyze_model(zoo_model(name))
+    assert report.total_flops > 1e8
+    assert report.batch_mode == "dynamic"
+    assert len(report.suggested) >= 2
+    by_name = {c.tensor: c for c in report.valid}
+    fracs = [by_name[s].fraction for s in report.suggested]
+    assert fracs == sorted(fracs) and 0 < fracs[0] and fracs[-1] < 1
+    for s in report.suggested:
+        assert by_name[s].carried == [s]  # residual/dense/inception blocks: cut where one tensor crosses
+    # Inside a ResNet block the skip connection rides along: some cut points carry two tensors.
+    if name == "resnet50":
+        assert any(len(c.carried) == 2 for c in report.valid)
+
+
+def test_transformer_with_mask_cuts_carry_only_hidden_state(torch_model) -> None:
+    report = analyze_model(torch_model("bert"))
+    layer_outs = [c for c in report.valid if c.tensor.endswith("ln2/LayerNormalization_output_0")]
+    assert len(layer_outs) == 4  # after each of the 4 layers
+    for c in layer_outs:
+        assert c.carried == [c.tensor]
+        assert "attention_mask" in c.inputs_after  # recomputed after the cut from the input
+
+
+def test_analyze_json_contract(tmp_path) -> None:
+    result = CliRunner().invoke(cli, ["analyze", str(zoo_model("squeezenet")), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {"inputs", "outputs", "total_flops", "cut_points"} <= set(data)
+    cp = data["cut_points"][0]
+    assert {"tensor", "shape", "flops_before", "fraction"} <= set(cp)
+    assert data["inputs"][0]["name"] == "data_0"
+
+
+def test_analyze_bad_file_is_one_line(tmp_path) -> None:
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"this is not a protobuf at all")
+    result = CliRunner().invoke(cli, ["analyze", str(bad)])
+    assert result.exit_code == 1
+    assert "not a valid ONNX model" in result.output and str(bad) in result.output
