@@ -36,7 +36,14 @@ def compile_model(spec: Any, output: Any, *, force: bool = False, verify: bool =
 
 
 def load(bundle: Any, backend: str = "onnxruntime", **options: Any) -> EarlyExitRunner:
-    """Load a bundle for inference; sessions (or engines) are created once, here."""
+    """Load a bundle for inference; sessions (or engines) are created once, here.
+
+    ``backend="tensorrt"`` returns the device-resident :class:`~eecompile.runtimes.tensorrt.TensorRTChain`
+    (same ``run`` contract): activations stay on the GPU and only the gate masks and exited rows cross."""
+    if backend == "tensorrt":
+        from eecompile.runtimes.tensorrt import TensorRTChain
+
+        return TensorRTChain(bundle, **options)  # type: ignore[return-value]
     from eecompile.runtimes.chain import EarlyExitRunner
 
     return EarlyExitRunner(bundle, backend=backend, **options)

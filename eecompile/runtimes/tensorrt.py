@@ -1,0 +1,714 @@
+"""TensorRT runtime: one engine per segment, chained on the device.
+
+Design (what stays on the GPU and why):
+  * one non-default CUDA stream carries everything: uploads, every segment, gathers, result copies;
+  * device buffers are allocated once, for the engines' max batch, when the runtime is created (no
+    allocation per call). Every tensor that lives across segments (model inputs, carried tensors, gate
+    state) has two slots: a gather reads one and writes the other (``cudaMemcpy`` must not overlap);
+  * segment k's outputs are bound *as* segment k+1's inputs (``set_tensor_address`` on the same pointer):
+    no copy between segments;
+  * the gate mask (B bools) is the only thing copied to the host before the next segment can be set up:
+    one ``cudaStreamSynchronize`` per gated segment. Exited rows are scattered into pinned host result
+    buffers with async copies, and the rows still running are gathered on the device;
+  * all execution contexts share one scratch buffer (``USER_MANAGED`` allocation): they run one after
+    another on one stream, which TensorRT allows (TensorRT #2040, #3276).
+
+Gather without a custom kernel: samples are stacked along a batch axis, so the rows kept form runs of
+consecutive indices; each run is one ``cudaMemcpy2DAsync`` (width = run length x the bytes of one sample
+below the batch axis, height = the product of the dims above it; a batch axis 0 makes it a plain 1-D copy).
+Early exit keeps most rows in a few long runs, so this is a handful of copies per tensor, each a DMA at
+full bandwidth; the worst case (alternating rows) is B/2 copies, still microseconds at the batch sizes
+engines are built for. A gather engine per tensor would cost an engine build and a context per carried
+tensor for no measurable gain.
+
+Imports: numpy, tensorrt and cuda-python (``cuda.bindings.runtime``) only; never onnx or torch, so it runs
+on a Jetson with JetPack's TensorRT. Everything here that touches the GPU is written against the TensorRT 10/11
+and cuda-python documentation and has not been run on a GPU in the session that wrote it (see docs/tensorrt.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from eecompile.build import (
+    INSTALL_HINT,
+    EngineRecord,
+    check_engine_record,
+    engine_records,
+    engine_target,
+    parse_trt_version,
+    rebuild_command,
+)
+from eecompile.bundle import Bundle
+from eecompile.errors import BackendError, DataError
+from eecompile.runtimes.base import SegmentBackend
+from eecompile.runtimes.chain import RunResult
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("compact", "wait-all", "never")
+
+
+# ----------------------------------------------------------------------------------------- imports
+
+def import_tensorrt() -> Any:
+    """``import tensorrt`` with an error that says how to install it; refuses unsupported versions."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendError(f"TensorRT is not installed ({e}); {INSTALL_HINT}") from e
+    if not hasattr(trt, "__version__"):
+        # A directory named ``tensorrt`` on sys.path (e.g. tests/trt) imports as an empty namespace package.
+        where = list(getattr(trt, "__path__", []))
+        raise BackendError(f"TensorRT is not installed ('tensorrt' resolves to {where}, not the library); "
+                           f"{INSTALL_HINT}")
+    parse_trt_version(trt.__version__)
+    return trt
+
+
+def import_cudart() -> Any:
+    """cuda-python's runtime bindings (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError as e:
+            raise BackendError(f"cuda-python is not installed ({e}); pip install 'eecompile[gpu]' "
+                               f"(on a Jetson: pip install cuda-python matching JetPack's CUDA)") from e
+    return cudart
+
+
+def _cuda(result: Any, what: str) -> Any:
+    """Unpack a cuda-python ``(err, *values)`` tuple; raise BackendError naming the call on failure."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BackendError(f"CUDA {what} failed: {getattr(err, 'name', err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    name: str
+    compute_capability: str  # "9.0"
+    total_memory: int
+
+
+def query_gpu(device: int = 0) -> GPUInfo:
+    """Name and compute capability of CUDA device ``device``."""
+    cudart = import_cudart()
+    try:
+        prop = _cuda(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    except BackendError as e:
+        raise BackendError(f"no usable CUDA device {device} ({e}); TensorRT needs an NVIDIA GPU and driver") from e
+    name = prop.name
+    if isinstance(name, bytes | bytearray):
+        name = name.split(b"\x00", 1)[0].decode(errors="replace")
+    return GPUInfo(str(name).strip(), f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem))
+
+
+# ---------------------------------------------------------------------------------------- row runs
+
+def paired_runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split row pairs ``src[i] -> dst[i]`` into runs ``(src_start, dst_start, length)`` where both advance
+    by one, so each run is a single contiguous copy. ``src`` and ``dst`` are int arrays of equal length."""
+    src = np.asarray(src, np.int64)
+    dst = np.asarray(dst, np.int64)
+    if src.size == 0:
+        return []
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [src.size]])
+    return [(int(src[s]), int(dst[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
+def batch_layout(shape: Sequence[int], axis: int, itemsize: int) -> tuple[int, int]:
+    """``(outer, inner_bytes)`` of a tensor stacked along ``axis``: copies move ``inner_bytes`` per sample
+    ``outer`` times with a pitch of the batch size x ``inner_bytes``."""
+    outer = int(np.prod(shape[:axis], dtype=np.int64)) if axis else 1
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64)) * itemsize
+    return outer, inner
+
+
+# ---------------------------------------------------------------------------------- device memory
+
+class DeviceBuffer:
+    """``nbytes`` of device memory from ``cudaMalloc``; freed by :meth:`free` or when collected."""
+
+    def __init__(self, cudart: Any, nbytes: int) -> None:
+        self._cudart = cudart
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(_cuda(cudart.cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes})"))
+
+    def free(self) -> None:
+        if self.ptr:
+            self._cudart.cudaFree(self.ptr)
+            self.ptr = 0
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:  # interpreter shutdown: cudart may be gone
+            pass
+
+
+class PinnedBuffer:
+    """Page-locked host memory (``cudaMallocHost``) viewed as numpy: async device-to-host copies land here."""
+
+    def __init__(self, cudart: Any, nbytes: int) -> None:
+        self._cudart = cudart
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(_cuda(cudart.cudaMallocHost(self.nbytes), f"cudaMallocHost({self.nbytes})"))
+        raw = (ctypes.c_uint8 * self.nbytes).from_address(self.ptr)
+        self.array: np.ndarray = np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8)
+
+    def view(self, dtype: Any, shape: Sequence[int]) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return self.array[:n].view(dtype).reshape(tuple(shape))
+
+    def free(self) -> None:
+        if self.ptr:
+            self.array = np.empty(0, np.uint8)
+            self._cudart.cudaFreeHost(self.ptr)
+            self.ptr = 0
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+@dataclass
+class DeviceTensor:
+    """A tensor on the device: a view of (part of) a buffer with a shape and dtype."""
+
+    buffer: DeviceBuffer
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    name: str = ""
+    slot: int = -1  # which of the runtime's two slots for ``name`` holds it; -1: a buffer of its own
+
+    @property
+    def ptr(self) -> int:
+        return self.buffer.ptr
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+# --------------------------------------------------------------------------------------- backend
+
+@dataclass
+class _Segment:
+    index: int
+    engine: Any
+    context: Any
+    inputs: list[str]  # every engine input, the threshold included
+    outputs: list[str]
+    dtypes: dict[str, np.dtype]
+    max_shapes: dict[str, tuple[int, ...]]
+    record: EngineRecord
+
+
+class TensorRTBackend(SegmentBackend):
+    """Loads the bundle's TensorRT engines for this GPU and runs segments on device-resident tensors.
+
+    Options: ``device`` (CUDA ordinal, default 0), ``strict_gpu`` (refuse an engine built on another GPU
+    model of the same compute capability; default True).
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle | str, **options: Any) -> None:
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.load(bundle)
+        super().__init__(bundle, **options)
+        self.trt = import_tensorrt()
+        self.cudart = import_cudart()
+        device = int(options.get("device", 0))
+        _cuda(self.cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
+        self.gpu = query_gpu(device)
+        self.trt_version = parse_trt_version(self.trt.__version__)
+        self.target = engine_target(self.gpu.compute_capability, self.trt_version.full)
+        self.stream = _cuda(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._closed = False
+        self._logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self._runtime = self.trt.Runtime(self._logger)
+        records = self._records(bool(options.get("strict_gpu", True)))
+        self.max_batch = min(int(r.flags.get("max_batch", 1)) for r in records)
+        self.segments = [self._load(r) for r in records]
+        self._share_scratch()
+        self._allocate()
+
+    # --- loading -------------------------------------------------------------------------------------
+    def _records(self, strict_gpu: bool) -> list[EngineRecord]:
+        m, path = self.manifest, self.bundle.path
+        mine = engine_records(m, "tensorrt", self.target)
+        if not mine:
+            others = engine_records(m, "tensorrt")
+            if others:  # explain why the engines present do not fit (names versions and the rebuild command)
+                check_engine_record(others[0], self.trt_version.full, self.gpu.name, self.gpu.compute_capability,
+                                    path, strict_gpu)
+            raise BackendError(f"{path}: no TensorRT engines for {self.target} ({self.gpu.name}); build them "
+                               f"with `{rebuild_command(path)}`")
+        by_seg = {r.segment: r for r in mine}
+        missing = [s.index for s in m.segments if s.index not in by_seg]
+        if missing:
+            raise BackendError(f"{path}: no TensorRT engine for segment(s) {missing} on {self.target}; "
+                               f"rebuild with `{rebuild_command(path, mine[0].flags)}`")
+        for r in mine:
+            check_engine_record(r, self.trt_version.full, self.gpu.name, self.gpu.compute_capability, path, strict_gpu)
+        return [by_seg[s.index] for s in m.segments]
+
+    def _load(self, record: EngineRecord) -> _Segment:
+        trt = self.trt
+        assert record.file is not None
+        plan_path = self.bundle.verify_file(record.file)  # sha256 before deserializing: no tampered plans
+        engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if engine is None:
+            raise BackendError(f"{plan_path}: TensorRT could not deserialize this engine; rebuild it with "
+                               f"`{rebuild_command(self.bundle.path, record.flags)}`")
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        if strategy is not None:
+            context = engine.create_execution_context(strategy.USER_MANAGED)
+        else:  # pragma: no cover - TensorRT < 10
+            context = engine.create_execution_context_without_device_memory()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        max_shapes: dict[str, tuple[int, ...]] = {}
+        for n in inputs:
+            shape = tuple(engine.get_tensor_shape(n))
+            if any(d < 0 for d in shape):
+                shape = tuple(engine.get_tensor_profile_shape(n, 0)[2])
+            max_shapes[n] = shape
+            if not context.set_input_shape(n, shape):
+                raise BackendError(f"{plan_path}: input '{n}' refuses its own max shape {shape}; rebuild the engine")
+        for n in outputs:
+            shape = tuple(context.get_tensor_shape(n))
+            if any(d < 0 for d in shape):
+                raise BackendError(f"{plan_path}: output '{n}' has a data-dependent shape {shape}; "
+                                   f"eecompile segments must have outputs sized by their inputs")
+            max_shapes[n] = shape
+        return _Segment(record.segment, engine, context, inputs, outputs, dtypes, max_shapes, record)
+
+    def _share_scratch(self) -> None:
+        """One scratch buffer for every context: the segments run one after another on one stream."""
+        sizes = [int(getattr(s.engine, "device_memory_size_v2", None) or s.engine.device_memory_size)
+                 for s in self.segments]
+        self._scratch = DeviceBuffer(self.cudart, max(sizes, default=1))
+        for s in self.segments:
+            if hasattr(s.context, "set_device_memory"):
+                s.context.set_device_memory(self._scratch.ptr, self._scratch.nbytes)
+            else:  # pragma: no cover - TensorRT 10.0
+                s.context.device_memory = self._scratch.ptr
+
+    def _allocate(self) -> None:
+        """Two slots per tensor name at its max size (the largest over the segments that see it)."""
+        need: dict[str, int] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        for s in self.segments:
+            for n, shape in s.max_shapes.items():
+                nbytes = int(np.prod(shape, dtype=np.int64)) * s.dtypes[n].itemsize
+                need[n] = max(need.get(n, 0), nbytes)
+                self.dtypes[n] = s.dtypes[n]
+        self._slots: dict[str, list[DeviceBuffer]] = {n: [DeviceBuffer(self.cudart, b), DeviceBuffer(self.cudart, b)]
+                                                      for n, b in need.items()}
+        # Threshold scalars: a pinned host float per segment, copied in when it changes.
+        self._thr_host = PinnedBuffer(self.cudart, 4 * max(len(self.segments), 1))
+        self._thr_value: dict[int, float | None] = {}
+        self._mask_host = PinnedBuffer(self.cudart, self.max_batch)
+        self.threshold_inputs = {s.index: s.exit.gate.threshold_input for s in self.manifest.segments if s.exit.gate}
+
+    # --- SegmentBackend ------------------------------------------------------------------------------
+    def enqueue_segment(self, index: int, feeds: Mapping[str, DeviceTensor], threshold: float | None,
+                        out_slot: int = 0) -> dict[str, DeviceTensor]:
+        """Bind ``feeds`` and this segment's output slots, and enqueue it on the stream; no synchronisation."""
+        self._check_open()
+        seg = self.segments[index]
+        ctx = seg.context
+        thr_name = self.threshold_inputs.get(index)
+        for n in seg.inputs:
+            if n == thr_name:
+                self._set_threshold(index, 0.0 if threshold is None else float(threshold))
+                ctx.set_tensor_address(n, self._slots[n][0].ptr)
+                continue
+            if n not in feeds:
+                raise BackendError(f"segment {index}: input '{n}' was not given")
+            t = feeds[n]
+            if t.dtype != seg.dtypes[n]:
+                raise DataError(f"segment {index}: input '{n}' is {t.dtype}, the engine takes {seg.dtypes[n]}")
+            if not ctx.set_input_shape(n, t.shape):
+                raise DataError(f"segment {index}: input '{n}' shape {t.shape} is outside the engine's profile "
+                                f"(max {seg.max_shapes[n]}); rebuild with a larger --max-batch")
+            ctx.set_tensor_address(n, t.ptr)
+        outs: dict[str, DeviceTensor] = {}
+        for n in seg.outputs:
+            shape = tuple(ctx.get_tensor_shape(n))
+            # Never write the slot a feed of the same name is read from (a pass-through output).
+            slot = 1 - out_slot if n in feeds and feeds[n].slot == out_slot else out_slot
+            buf = self._slots[n][slot]
+            ctx.set_tensor_address(n, buf.ptr)
+            outs[n] = DeviceTensor(buf, shape, seg.dtypes[n], n, slot)
+        if not ctx.execute_async_v3(self.stream):
+            raise BackendError(f"segment {index}: TensorRT execution failed (see the TensorRT log)")
+        return outs
+
+    def run_segment(self, index: int, feeds: dict[str, Any], threshold: float | None) -> dict[str, Any]:
+        dev = {k: v if isinstance(v, DeviceTensor) else self.from_host(np.asarray(v)) for k, v in feeds.items()}
+        return self.enqueue_segment(index, dev, threshold)
+
+    def _set_threshold(self, index: int, value: float) -> None:
+        if self._thr_value.get(index) == value:
+            return  # already on the device; no copy
+        name = self.threshold_inputs[index]
+        host = self._thr_host.view(np.float32, (len(self.segments),))
+        host[index] = value
+        src = self._thr_host.ptr + 4 * index
+        _cuda(self.cudart.cudaMemcpyAsync(self._slots[name][0].ptr, src, 4,
+                                          self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
+              "cudaMemcpyAsync(threshold)")
+        self._thr_value[index] = value
+
+    def upload(self, name: str, x: np.ndarray, slot: int = 0) -> DeviceTensor:
+        """Copy a host array into ``name``'s preallocated slot (model inputs; no allocation)."""
+        self._check_open()
+        if name not in self._slots:
+            raise DataError(f"'{name}' is not an input of any segment; inputs: {sorted(self._slots)}")
+        x = np.ascontiguousarray(x, dtype=self.dtypes[name])
+        buf = self._slots[name][slot]
+        if x.nbytes > buf.nbytes:
+            raise DataError(f"input '{name}' {x.shape} is larger than the engines allow "
+                            f"(max batch {self.max_batch})")
+        _cuda(self.cudart.cudaMemcpyAsync(buf.ptr, x.ctypes.data, x.nbytes,
+                                          self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
+              f"cudaMemcpyAsync({name})")
+        # No sync: from pageable memory, cudaMemcpyAsync returns once the source has been staged (CUDA runtime
+        # "API synchronization behavior"), so ``x`` may be freed or reused as soon as we return.
+        return DeviceTensor(buf, tuple(x.shape), x.dtype, name, slot)
+
+    def from_host(self, x: np.ndarray) -> DeviceTensor:
+        """A new device tensor holding ``x`` (allocates: for the generic chain and verify, not the hot loop)."""
+        self._check_open()
+        x = np.ascontiguousarray(x)
+        buf = DeviceBuffer(self.cudart, x.nbytes)
+        _cuda(self.cudart.cudaMemcpyAsync(buf.ptr, x.ctypes.data, x.nbytes,
+                                          self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
+              "cudaMemcpyAsync(from_host)")
+        return DeviceTensor(buf, tuple(x.shape), x.dtype)
+
+    def to_host(self, x: DeviceTensor) -> np.ndarray:
+        out = np.empty(x.shape, x.dtype)
+        if x.nbytes:
+            _cuda(self.cudart.cudaMemcpyAsync(out.ctypes.data, x.ptr, x.nbytes,
+                                              self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
+                  "cudaMemcpyAsync(to_host)")
+            self.synchronize()
+        return out
+
+    def gather(self, x: DeviceTensor, rows: np.ndarray, axis: int) -> DeviceTensor:
+        """Rows ``rows`` of ``x`` along ``axis`` into the other slot of its name (async, on the stream)."""
+        rows = np.asarray(rows, np.int64)
+        shape = list(x.shape)
+        new_shape = tuple(shape[:axis] + [int(rows.size)] + shape[axis + 1:])
+        if x.slot >= 0:
+            dst_buf = self._slots[x.name][1 - x.slot]
+            slot = 1 - x.slot
+        else:
+            dst_buf, slot = DeviceBuffer(self.cudart, max(x.nbytes, 1)), -1
+        self.copy_rows(dst_buf.ptr, int(rows.size), x.ptr, shape[axis], paired_runs(rows, np.arange(rows.size)),
+                       shape, axis, x.dtype.itemsize, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice)
+        return DeviceTensor(dst_buf, new_shape, x.dtype, x.name, slot)
+
+    def copy_rows(self, dst: int, dst_batch: int, src: int, src_batch: int, runs: list[tuple[int, int, int]],
+                  shape: Sequence[int], axis: int, itemsize: int, kind: Any) -> None:
+        """Copy row runs between two tensors stacked along ``axis`` (one async copy per run)."""
+        outer, inner = batch_layout(shape, axis, itemsize)
+        if inner == 0 or outer == 0:
+            return
+        for s, d, n in runs:
+            if outer == 1:
+                _cuda(self.cudart.cudaMemcpyAsync(dst + d * inner, src + s * inner, n * inner, kind, self.stream),
+                      "cudaMemcpyAsync(rows)")
+            else:
+                _cuda(self.cudart.cudaMemcpy2DAsync(dst + d * inner, dst_batch * inner, src + s * inner,
+                                                    src_batch * inner, n * inner, outer, kind, self.stream),
+                      "cudaMemcpy2DAsync(rows)")
+
+    def read_mask(self, x: DeviceTensor) -> np.ndarray:
+        """Copy a bool [B] gate mask to pinned memory and wait: the one synchronisation per gated segment."""
+        n = int(np.prod(x.shape, dtype=np.int64))
+        _cuda(self.cudart.cudaMemcpyAsync(self._mask_host.ptr, x.ptr, n,
+                                          self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
+              "cudaMemcpyAsync(gate)")
+        self.synchronize()
+        return self._mask_host.view(np.bool_, (n,)).copy()
+
+    def synchronize(self) -> None:
+        _cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError("this TensorRT runtime was closed; load the bundle again")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.synchronize()
+        except BackendError:
+            pass
+        for s in self.segments:
+            s.context = None
+            s.engine = None
+        for pair in self._slots.values():
+            for b in pair:
+                b.free()
+        self._scratch.free()
+        self._thr_host.free()
+        self._mask_host.free()
+        self.cudart.cudaStreamDestroy(self.stream)
+
+
+# ------------------------------------------------------------------------------------------- chain
+
+@dataclass
+class _Accumulator:
+    """One run's results while its chunks are processed; becomes a :class:`RunResult`."""
+
+    outputs: dict[str, np.ndarray]
+    exit_index: np.ndarray
+    gpu_ms: np.ndarray  # [K] GPU time per segment (CUDA events), summed over chunks
+    batch_sizes: list[list[int]] = field(default_factory=list)  # rows each segment ran, per chunk
+    per_exit: list[dict[str, np.ndarray]] = field(default_factory=list)  # policy "never": every exit's outputs
+    gates: list[np.ndarray] = field(default_factory=list)  # policy "never": every gate's decisions
+    scores: list[np.ndarray | None] = field(default_factory=list)  # policy "never": gate scores, if the graph has them
+
+
+class TensorRTChain:
+    """The device-resident early-exit loop over a :class:`TensorRTBackend`.
+
+    The generic chain (``chain.py``) drives any backend through ``run_segment``/``to_host``/``gather``, which
+    works here too, but it hands every exit output to the host whole and allocates the model inputs per call.
+    This loop instead uploads into preallocated slots, binds outputs in place, reads back only the mask,
+    copies only the exited rows (async, into pinned memory) and synchronises once per gated segment.
+    """
+
+    def __init__(self, bundle: Bundle | str | TensorRTBackend, **options: Any) -> None:
+        self.backend = bundle if isinstance(bundle, TensorRTBackend) else TensorRTBackend(bundle, **options)
+        be = self.backend
+        m = be.manifest
+        self.manifest = m
+        self.n_segments = len(m.segments)
+        # Which later segments read each tensor: a tensor no later segment reads is dropped, not gathered.
+        self._last_use: dict[str, int] = {}
+        for s in m.segments:
+            for t in s.inputs:
+                self._last_use[t.name] = s.index
+        self._batch_axis: dict[str, int | None] = {}
+        for s in m.segments:
+            for t in [*s.inputs, *s.outputs]:
+                self._batch_axis[t.name] = t.batch_axis
+        for t in m.inputs:
+            self._batch_axis[t.name] = t.batch_axis
+        cudart = be.cudart
+        self._results: dict[str, PinnedBuffer] = {}
+        for t in m.outputs:
+            per_sample = [int(d) for i, d in enumerate(self._exit_max_shape(t.name)) if i != 0]
+            nbytes = be.max_batch * int(np.prod(per_sample, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+            self._results[t.name] = PinnedBuffer(cudart, nbytes)
+        self._events = [(_cuda(cudart.cudaEventCreate(), "cudaEventCreate"),
+                         _cuda(cudart.cudaEventCreate(), "cudaEventCreate")) for _ in m.segments]
+
+    def _exit_max_shape(self, final_name: str) -> tuple[int, ...]:
+        for s in self.manifest.segments:
+            tensor = s.exit.outputs.get(final_name)
+            seg = self.backend.segments[s.index]
+            if tensor in seg.max_shapes:
+                return seg.max_shapes[tensor]
+        raise BackendError(f"final output '{final_name}' is produced by no segment engine; recompile the bundle")
+
+    def run(self, inputs: Mapping[str, np.ndarray], thresholds: Sequence[float | str] | str | None = None,
+            policy: str = "compact") -> RunResult:
+        """Run the chain on ``inputs`` (batch axis 0; split into chunks of the engines' max batch)."""
+        if policy not in POLICIES:
+            raise DataError(f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
+        m = self.manifest
+        missing = [t.name for t in m.inputs if t.name not in inputs]
+        if missing:
+            raise DataError(f"missing model input(s) {missing}; the bundle takes {[t.name for t in m.inputs]}")
+        n = int(np.asarray(inputs[m.inputs[0].name]).shape[0])
+        for t in m.inputs:
+            if np.asarray(inputs[t.name]).shape[0] != n:
+                raise DataError(f"input '{t.name}' has {np.asarray(inputs[t.name]).shape[0]} rows, "
+                                f"'{m.inputs[0].name}' has {n}")
+        thr = resolve_thresholds(m.thresholds, thresholds)
+        outputs = {t.name: np.empty((n, *self._exit_max_shape(t.name)[1:]), np.dtype(t.dtype)) for t in m.outputs}
+        acc = _Accumulator(outputs, np.full(n, -1, np.int64), np.zeros(self.n_segments))
+        step = self.backend.max_batch
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            chunk = {t.name: np.asarray(inputs[t.name])[lo:hi] for t in m.inputs}
+            self._run_chunk(chunk, thr, policy, lo, acc)
+        self.last_batch_sizes = acc.batch_sizes
+        k_all = self.n_segments
+        nonfinite = np.zeros(k_all, np.int64)
+        for arr in acc.outputs.values():
+            bad = ~np.isfinite(arr.reshape(n, -1)).all(axis=1) if np.issubdtype(arr.dtype, np.floating) else None
+            if bad is not None:
+                nonfinite += np.bincount(acc.exit_index[bad], minlength=k_all)
+        result = RunResult(acc.outputs, acc.exit_index, np.bincount(acc.exit_index, minlength=k_all).astype(np.int64),
+                           acc.gpu_ms / 1000.0, nonfinite)
+        if policy == "never":
+            result.all_exits = acc.per_exit
+            result.gate_masks = np.stack(acc.gates[:-1]) if k_all > 1 else np.zeros((0, n), bool)
+            result.gate_scores = np.stack([s if s is not None else np.full(n, np.nan, np.float32)
+                                           for s in acc.scores[:-1]]) if k_all > 1 else np.zeros((0, n), np.float32)
+        return result
+
+    def _run_chunk(self, chunk: Mapping[str, np.ndarray], thr: list[float | str], policy: str, offset: int,
+                   result: _Accumulator) -> None:
+        be, m, cudart = self.backend, self.manifest, self.backend.cudart
+        b = int(next(iter(chunk.values())).shape[0])
+        env: dict[str, DeviceTensor] = {t.name: be.upload(t.name, chunk[t.name]) for t in m.inputs}
+        active = np.arange(b, dtype=np.int64)  # chunk row of each row still running
+        done = np.zeros(b, bool)
+        sizes: list[int] = []
+        for seg in m.segments:
+            k = seg.index
+            gate = seg.exit.gate
+            setting = thr[k] if gate is not None else "always"
+            start, end = self._events[k]
+            _cuda(cudart.cudaEventRecord(start, be.stream), "cudaEventRecord")
+            outs = be.enqueue_segment(k, env, setting if isinstance(setting, float) else None)
+            _cuda(cudart.cudaEventRecord(end, be.stream), "cudaEventRecord")
+            rows_now = int(active.size)
+            sizes.append(rows_now)
+            last = k == self.n_segments - 1
+            if setting == "always" or last:
+                fired = np.ones(rows_now, bool)
+            elif setting == "never":
+                fired = np.zeros(rows_now, bool)
+            else:
+                fired = be.read_mask(outs[gate.output])  # type: ignore[union-attr]
+            if policy == "never":
+                # Calibration: every exit's outputs and decisions for every sample; the first firing exit wins.
+                host = {name: be.to_host(outs[t]) for name, t in seg.exit.outputs.items()}
+                score_name = getattr(gate, "score_output", None) if gate is not None else None
+                score = be.to_host(outs[score_name]).reshape(-1) if score_name else None
+                raw = be.read_mask(outs[gate.output]) if gate is not None else fired
+                _append_exit(result, k, host, raw, score)
+                take = (fired | last) & ~done
+                rows = np.flatnonzero(take)
+                for name, arr in host.items():
+                    result.outputs[name][offset + rows] = arr[rows]
+            else:
+                take = (fired | last) & ~done if policy == "wait-all" else fired
+                rows = np.flatnonzero(take)
+                if rows.size:
+                    self._scatter(seg.exit.outputs, outs, rows, active[rows], b, result.outputs)
+            result.exit_index[offset + active[rows]] = k
+            done[active[rows]] = True
+            if last or (policy != "never" and done.all()):
+                break
+            for name in [*seg.carried_out, *(gate.state_outputs if gate else [])]:
+                env[name] = outs[name]
+            env = {n: t for n, t in env.items() if self._last_use.get(n, -1) > k}
+            if policy == "compact":
+                keep = np.flatnonzero(~take)
+                if keep.size < rows_now:
+                    env = {n: self._gather(t, keep) for n, t in env.items()}
+                    active = active[keep]
+        be.synchronize()  # the result copies were async
+        for name, pinned in self._results.items():
+            per_sample = result.outputs[name].shape[1:]
+            if policy != "never":
+                result.outputs[name][offset:offset + b] = pinned.view(result.outputs[name].dtype, (b, *per_sample))
+        for k, (start, end) in enumerate(self._events[:len(sizes)]):
+            ms = float(_cuda(cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
+            result.gpu_ms[k] += ms
+        result.batch_sizes.append(sizes)
+
+    def _gather(self, t: DeviceTensor, keep: np.ndarray) -> DeviceTensor:
+        axis = self._batch_axis.get(t.name, 0)
+        return t if axis is None else self.backend.gather(t, keep, axis)
+
+    def _scatter(self, exit_outputs: Mapping[str, str], outs: Mapping[str, DeviceTensor], rows: np.ndarray,
+                 dst_rows: np.ndarray, chunk_batch: int, results: Mapping[str, np.ndarray]) -> None:
+        """Exited rows of each exit output -> their samples' rows of the pinned result (async D2H)."""
+        be = self.backend
+        runs = paired_runs(rows, dst_rows)
+        for final_name, tensor in exit_outputs.items():
+            t = outs[tensor]
+            axis = self._batch_axis.get(tensor, 0) or 0
+            if axis != 0:
+                raise BackendError(f"exit output '{tensor}' is stacked along axis {axis}; exit outputs must be "
+                                   f"batch-first (recompile the bundle)")
+            if tuple(t.shape[1:]) != results[final_name].shape[1:]:
+                # The pinned result is laid out for the engine's per-sample shape at max size.
+                raise BackendError(f"exit output '{tensor}' has per-sample shape {tuple(t.shape[1:])}, not the "
+                                   f"engine's {results[final_name].shape[1:]}: dynamic per-sample output shapes "
+                                   f"need the generic chain (eecompile.load(..., backend='tensorrt'))")
+            be.copy_rows(self._results[final_name].ptr, chunk_batch, t.ptr, t.shape[0], runs, t.shape, 0,
+                         t.dtype.itemsize, be.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+
+    def close(self) -> None:
+        for start, end in self._events:
+            self.backend.cudart.cudaEventDestroy(start)
+            self.backend.cudart.cudaEventDestroy(end)
+        self._events = []
+        for p in self._results.values():
+            p.free()
+        self.backend.close()
+
+    def __enter__(self) -> TensorRTChain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _append_exit(result: _Accumulator, k: int, host: dict[str, np.ndarray], raw: np.ndarray,
+                 score: np.ndarray | None) -> None:
+    """Policy "never": add one chunk's outputs, gate decisions and scores of exit ``k`` (chunks come in order)."""
+    if len(result.per_exit) <= k:
+        result.per_exit.append(host)
+        result.gates.append(raw.copy())
+        result.scores.append(score)
+        return
+    result.per_exit[k] = {n: np.concatenate([result.per_exit[k][n], a]) for n, a in host.items()}
+    result.gates[k] = np.concatenate([result.gates[k], raw])
+    prev = result.scores[k]
+    result.scores[k] = None if prev is None or score is None else np.concatenate([prev, score])
+
+
+def resolve_thresholds(defaults: Sequence[float], given: Sequence[float | str] | str | None) -> list[float | str]:
+    """Per early exit: a float, "never" or "always". ``given`` None -> the bundle's; a string applies to all."""
+    if given is None:
+        return [float(t) for t in defaults]
+    if isinstance(given, str):
+        given = [given] * len(defaults)
+    if len(given) != len(defaults):
+        raise DataError(f"{len(given)} thresholds given, the bundle has {len(defaults)} early exits")
+    out: list[float | str] = []
+    for i, t in enumerate(given):
+        if isinstance(t, str) and t in ("never", "always"):
+            out.append(t)
+            continue
+        try:
+            out.append(float(t))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"threshold {i} is {t!r}; give a number, 'never' or 'always'") from e
+    return out
