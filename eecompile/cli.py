@@ -42,6 +42,25 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _parse_dims(values: tuple[str, ...]) -> dict[str, int] | None:
+    """``--dim seq=128`` options as {name: size}."""
+    if not values:
+        return None
+    dims: dict[str, int] = {}
+    for item in values:
+        name, sep, size = item.partition("=")
+        if not sep or not name or not size.strip().isdigit() or int(size) < 1:
+            raise click.BadParameter(f"'{item}': expected NAME=SIZE with a positive size, e.g. seq=128",
+                                     param_hint="--dim")
+        dims[name.strip()] = int(size)
+    return dims
+
+
+_dim_option = click.option(
+    "--dim", "dims", multiple=True, metavar="NAME=SIZE",
+    help="Size for a symbolic non-batch dimension (e.g. seq=128); repeatable. Default: 8 while probing.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--verbose", "-v", is_flag=True, help="Show debug logging and tracebacks.")
 @click.version_option(package_name="eecompile")
@@ -56,12 +75,13 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the cut points as JSON.")
 @click.option("--all", "show_all", is_flag=True, help="List every cut point, not only the suggested ones.")
+@_dim_option
 @_user_errors
-def analyze(model: Path, as_json: bool, show_all: bool) -> None:
+def analyze(model: Path, as_json: bool, show_all: bool, dims: tuple[str, ...]) -> None:
     """List the tensors MODEL can be cut at, with the compute before each."""
     from eecompile.passes.cut_points import analyze_model
 
-    report = analyze_model(model)
+    report = analyze_model(model, _parse_dims(dims))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -73,12 +93,13 @@ def analyze(model: Path, as_json: bool, show_all: bool) -> None:
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True, help="Bundle directory.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUTPUT.")
 @click.option("--no-verify", is_flag=True, help="Skip the no-exit equivalence check (not recommended).")
+@_dim_option
 @_user_errors
-def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool) -> None:
+def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tuple[str, ...]) -> None:
     """Compile the model named in SPEC into an early-exit bundle."""
     from eecompile.compiler import compile_model
 
-    bundle = compile_model(spec, output, force=force, verify=not no_verify)
+    bundle = compile_model(spec, output, force=force, verify=not no_verify, dims=_parse_dims(dims))
     m = bundle.manifest
     click.echo(f"wrote {output}: {len(m.segments)} segments, {m.n_early_exits} early exits, batch {m.batch_mode}")
 
@@ -131,14 +152,19 @@ def calibrate(bundle: Path, data: Path, max_drop: float, method: str, delta: flo
 @click.option("--opt-batch", type=int, default=None, help="Batch size to tune for (default: max-batch).")
 @click.option("--workspace", type=int, default=1024, show_default=True, help="Builder workspace, MB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help=".npz whose shapes size the symbolic non-batch dimensions of the optimisation profiles.")
+@_dim_option
+@click.option("--device", "device_id", type=int, default=0, show_default=True, help="CUDA device index.")
 @_user_errors
 def build(bundle: Path, backend: str, fp16: bool, max_batch: int, opt_batch: int | None, workspace: int,
-          timing_cache: Path | None) -> None:
+          timing_cache: Path | None, data: Path | None, dims: tuple[str, ...], device_id: int) -> None:
     """Build one engine per segment for a backend."""
     from eecompile.build import build_engines
 
     report = build_engines(bundle, backend=backend, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,
-                           workspace_mb=workspace, timing_cache=timing_cache)
+                           workspace_mb=workspace, timing_cache=timing_cache, data=data,
+                           dim_sizes=_parse_dims(dims), device=device_id)
     report.print()
 
 
@@ -146,12 +172,13 @@ def build(bundle: Path, backend: str, fp16: bool, max_batch: int, opt_batch: int
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="tensorrt", show_default=True)
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Inputs to compare on (default: random).")
+@click.option("--batch", type=int, default=None, help="Batch size to compare at.")
 @_user_errors
-def verify(bundle: Path, backend: str, data: Path | None) -> None:
+def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> None:
     """Compare each segment on BACKEND with ONNX Runtime on CPU (outputs and gate decisions)."""
     from eecompile.build import verify_backend
 
-    report = verify_backend(bundle, backend=backend, data=data)
+    report = verify_backend(bundle, backend=backend, data=data, batch=batch)
     report.print()
     if not report.ok:
         sys.exit(1)
@@ -166,14 +193,17 @@ def verify(bundle: Path, backend: str, data: Path | None) -> None:
 @click.option("--batch", type=int, default=32, show_default=True)
 @click.option("--backend", default="onnxruntime", show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime device (cuda: CUDA execution provider with IO binding).")
 @_user_errors
 def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | None, batch: int, backend: str,
-        threads: int | None) -> None:
+        threads: int | None, device: str) -> None:
     """Run BUNDLE on the inputs in --data and write the outputs and each sample's exit."""
     from eecompile.runtimes.chain import run_file
 
+    options = {"device": device} if device != "cpu" else {}
     summary = run_file(bundle, data, output, policy=policy, thresholds=thresholds, batch_size=batch,
-                       backend=backend, threads=threads)
+                       backend=backend, threads=threads, **options)
     click.echo(summary)
 
 

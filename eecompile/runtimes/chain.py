@@ -389,13 +389,13 @@ def _concat(parts: list[RunResult], out_axes: dict[str, int]) -> RunResult:
 
 def run_file(bundle: str | Path, data: str | Path, output: str | Path, policy: str = "compact",
              thresholds: str | None = None, batch_size: int = 32, backend: str = "onnxruntime",
-             threads: int | None = None) -> str:
+             threads: int | None = None, **backend_options: Any) -> str:
     """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index``; with policy
     ``never`` also ``exit{k}.{name}`` for every exit and ``gate_masks``). Returns a one-line summary."""
     from eecompile.data import load_npz
     from eecompile.spec import parse_thresholds
 
-    options: dict[str, Any] = {} if threads is None else {"threads": threads}
+    options: dict[str, Any] = dict(backend_options) if threads is None else {**backend_options, "threads": threads}
     runner = EarlyExitRunner(bundle, backend=backend, **options)
     thr = None if thresholds is None else parse_thresholds(thresholds, runner.manifest.n_early_exits)
     dataset = load_npz(data, runner.inputs)
