@@ -413,7 +413,6 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
 
     Each head replaces exit k's head: same input (the cut tensor), same output contract. The final outputs
     of the chain with no exit must be unchanged, and every new exit output must be finite on random inputs."""
-    from eecompile.bundle import update_bundle
     from eecompile.passes.probe import random_inputs
 
     bundle = Bundle.load(bundle_path)
@@ -463,8 +462,8 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
                for s, i in zip(m.segments, ios, strict=True)]
         from eecompile.passes.verify import run_chain_no_exit
 
-        inputs = [ir.Value(name=t.name, dtype=ir.DataType.from_numpy(np.dtype(t.dtype)), shape=ir.Shape(t.shape))
-                  for t in manifest.inputs]
+        inputs = [ir.Value(name=t.name, type=ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype))),
+                           shape=ir.Shape(t.shape)) for t in manifest.inputs]
         b = 1 if manifest.batch_mode != "dynamic" else 3
         feeds = random_inputs(inputs, b, seed=11)
         new_env, old_env = run_chain_no_exit(ios, feeds), run_chain_no_exit(old, feeds)

@@ -19,7 +19,6 @@ import onnx
 import onnx_ir as ir
 
 from eecompile.errors import SpecError
-from eecompile.passes.load import opset_of
 
 HEAD_PREFIX = "ee{k}.head/"
 

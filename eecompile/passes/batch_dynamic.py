@@ -13,6 +13,7 @@ Cases:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,10 @@ def infer_shapes(model: ir.Model) -> ir.Model:
         return model
 
 
-def make_batch_dynamic(model: ir.Model, dims: dict[str, int] | None = None) -> BatchResult:
+def make_batch_dynamic(model: ir.Model, dims: dict[str, int] | None = None,
+                       reload: Callable[[], ir.Model] | None = None) -> BatchResult:
+    """``reload`` gives the untouched model again when the rewrite has to be undone (default: a copy kept
+    in memory, which holds the weights twice; pass a reload for large models)."""
     inputs = list(model.graph.inputs)
     if not inputs:
         raise GraphError("the model has no inputs")
@@ -69,7 +73,7 @@ def make_batch_dynamic(model: ir.Model, dims: dict[str, int] | None = None) -> B
     if old_batches != {1}:
         return BatchResult(model, "per_sample", rewritten=False,
                            reason=f"inputs have no common batch axis 0 of size 1 ({fixed})")
-    original = ir.from_proto(ir.to_proto(model))
+    original = None if reload is not None else ir.from_proto(ir.to_proto(model))
     for v in list(model.graph.inputs) + list(model.graph.outputs):
         if v.shape is not None and len(v.shape) > 0:
             v.shape = ir.Shape([BATCH, *list(v.shape)[1:]])
@@ -81,10 +85,11 @@ def make_batch_dynamic(model: ir.Model, dims: dict[str, int] | None = None) -> B
         if node.op_type == "Reshape" and len(node.inputs) > 1 and node.inputs[1] is not None:
             _fix_reshape_target(node)
     model = infer_shapes(model)
-    ok, reason = _same_as_per_sample(original, model, dims)
+    ok, reason = _same_as_per_sample(original, model, dims, reload)
     if not ok:
         log.info("keeping batch 1: %s", reason)
-        return BatchResult(original, "per_sample", rewritten=False, reason=reason)
+        undone = original if original is not None else reload()  # type: ignore[misc]
+        return BatchResult(undone, "per_sample", rewritten=False, reason=reason)
     return BatchResult(model, "dynamic", rewritten=True)
 
 
@@ -105,21 +110,22 @@ def _fix_reshape_target(node: ir.Node) -> None:
     target.const_value = ir.tensor(new, name=target.name)
 
 
-def _same_as_per_sample(original: ir.Model, dynamic: ir.Model, dims: dict[str, int] | None) -> tuple[bool, str]:
-    import onnxruntime as ort
+def _same_as_per_sample(original: ir.Model | None, dynamic: ir.Model, dims: dict[str, int] | None,
+                        reload: Callable[[], ir.Model] | None) -> tuple[bool, str]:
+    from eecompile.passes.session import session_from_model
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    feeds = random_inputs(list(dynamic.graph.inputs), 3, dims, seed=7)
+    # One session at a time: the weights are in memory once per live session.
     try:
-        s_orig = ort.InferenceSession(ir.to_proto(original).SerializeToString(), so,
-                                      providers=["CPUExecutionProvider"])
-        s_dyn = ort.InferenceSession(ir.to_proto(dynamic).SerializeToString(), so,
-                                     providers=["CPUExecutionProvider"])
-        feeds = random_inputs(list(dynamic.graph.inputs), 3, dims, seed=7)
+        s_dyn = session_from_model(dynamic, what="the batch-dynamic model")
         batched = s_dyn.run(None, feeds)
-        singles = [s_orig.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(3)]
+        del s_dyn
     except Exception as e:
         return False, f"the graph does not run at batch 3 once made dynamic ({str(e).splitlines()[0]})"
+    src = original if original is not None else reload()  # type: ignore[misc]
+    s_orig = session_from_model(src, what="the model")
+    singles = [s_orig.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(3)]
+    del s_orig, src
     for j, out in enumerate(batched):
         ref = np.concatenate([s[j] for s in singles], axis=0)
         if out.shape != ref.shape:

@@ -60,7 +60,7 @@ def prepare(path: str | Path, dims: dict[str, int] | None = None) -> PreparedMod
     path = Path(path)
     model = load_model(path)
     model = infer_shapes(model)
-    res = make_batch_dynamic(model, dims)
+    res = make_batch_dynamic(model, dims, reload=lambda: infer_shapes(load_model(path)))
     model = res.model
     note = ("batch-dynamic" if not res.rewritten else "batch made dynamic (the model was exported with batch 1)")
     if res.mode == "per_sample":

@@ -60,7 +60,7 @@ def node_flops(node: ir.Node, shape_of: ShapeOf) -> int:
             proj = 2 * b * t * ins[0][-1] * 3 * d if op == "Attention" else 0
             return proj + 4 * b * t * t * d
         if op in ("LSTM", "GRU", "RNN") and ins[0] and len(ins) > 2 and ins[1] and ins[2]:
-            gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+            # R is [directions, gates*hidden, hidden]: gh already counts the gates (4 LSTM, 3 GRU, 1 RNN).
             seq, batch, inp = ins[0]
             dirs, gh, hidden = ins[2]
             return 2 * seq * batch * dirs * gh * (inp + hidden)

@@ -157,7 +157,7 @@ def carried_across(idx: GraphIndex, before: int, after: int) -> tuple[list[ir.Va
                 seen.add(v)
     # Graph inputs read after the cut, directly or through recomputed (input-only) tensors.
     needed: set[ir.Value] = set()
-    for j, n in enumerate(idx.nodes):
+    for j in range(len(idx.nodes)):
         if (after >> j) & 1 and not idx.recomputable[j]:
             for v in idx.deps[j]:
                 p = idx.producer_index(v)

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from eecompile.errors import GraphError
@@ -90,37 +89,22 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a).tobytes() + str(a.shape).encode()).hexdigest()
 
 
-def exposed_proto(model: ir.Model, names: list[str]) -> onnx.ModelProto:
-    """The model as a proto with ``names`` added as graph outputs (types from shape inference)."""
-    proto = ir.to_proto(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:
-        inferred = proto
-    types = {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    have = {o.name for o in proto.graph.output}
-    for n in names:
-        if n in have or n not in types or not types[n].HasField("tensor_type"):
-            continue
-        vi = onnx.ValueInfoProto(name=n)
-        vi.type.tensor_type.elem_type = types[n].tensor_type.elem_type
-        proto.graph.output.append(vi)
-    return proto
-
-
 def probe_model(model: ir.Model, names: list[str], batches: tuple[int, ...] = PROBE_BATCHES,
                 dims: Mapping[str, int] | None = None) -> ProbeResult:
     """Run ``model`` at each batch size with ``names`` exposed and classify every tensor."""
-    import onnxruntime as ort
+    from eecompile.passes.session import session_from_model
 
-    proto = exposed_proto(model, names)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise GraphError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}") from e
+    if any(v.dtype is None for node in model.graph for v in node.outputs):
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        try:
+            model = ShapeInferencePass()(model).model
+        except Exception:  # noqa: BLE001 - untyped tensors are simply not probed
+            pass
+    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
+    extra = [values[n] for n in names if n in values and values[n].dtype is not None
+             and isinstance(values[n].type, ir.TensorType)]
+    sess = session_from_model(model, extra, optimize=False)
     out_names = [o.name for o in sess.get_outputs()]
     inputs = list(model.graph.inputs)
     result = ProbeResult(batches=batches)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -27,18 +28,16 @@ class SegmentIO:
     outputs: list[str]
 
 
-def _session(model: ir.Model | Path):  # noqa: ANN202 - onnxruntime is imported lazily
+def _session(path: Path) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    src = str(model) if isinstance(model, Path) else ir.to_proto(model).SerializeToString()
     try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        what = model.name if isinstance(model, Path) else "the source model"
-        raise GraphError(f"ONNX Runtime cannot load {what}: {str(e).splitlines()[0]}; this is a bug in the "
+        raise GraphError(f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0]}; this is a bug in the "
                          f"split, please report it with the model; nothing was written") from e
 
 
@@ -63,35 +62,39 @@ def run_chain_no_exit(segments: list[SegmentIO], feeds: dict[str, np.ndarray],
 def verify_chain(source: ir.Model, segments: list[SegmentIO], final_outputs: list[str], batch_sizes: list[int],
                  per_sample: bool, dims: dict[str, int] | None = None, tolerance: float = TOLERANCE) -> float:
     """Raise GraphError if the chain differs from ``source``; return the worst relative error seen."""
-    ref_sess = _session(source)
-    sessions = [_session(s.file) for s in segments]
-    worst = 0.0
+    from eecompile.passes.session import session_from_model
+
     inputs = list(source.graph.inputs)
+    cases: list[tuple[int, dict[str, np.ndarray]]] = []
     for b in batch_sizes:
         feeds = random_inputs(inputs, b, dims, seed=100 + b)
-        if per_sample:
-            rows = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(b)]
-        else:
-            rows = [feeds]
-        for row in rows:
-            ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, row), strict=True))
-            got = run_chain_no_exit(segments, row, sessions)
-            for name in final_outputs:
-                r, g = np.asarray(ref[name]), np.asarray(got[name])
-                if r.shape != g.shape:
-                    raise GraphError(f"verify: final output '{name}' has shape {g.shape} from the chain, "
-                                     f"{r.shape} from the model (batch {b})")
-                if r.dtype.kind != "f":
-                    if not np.array_equal(r, g):
-                        raise GraphError(f"verify: final output '{name}' differs from the model (batch {b})")
-                    continue
-                scale = max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-12)
-                err = float(np.max(np.abs(r.astype(np.float64) - g))) / scale if r.size else 0.0
-                if not np.isfinite(err) or err > tolerance:
-                    raise GraphError(
-                        f"verify: with no exit taken, the chain's '{name}' differs from the unsplit model by "
-                        f"{err:.2e} of its scale at batch {b} (allowed {tolerance:.0e}); this is a bug in the "
-                        f"split, please report it with the model; nothing was written"
-                    )
-                worst = max(worst, err)
+        rows = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(b)] if per_sample else [feeds]
+        cases += [(b, row) for row in rows]
+    # The reference first, then the chain: never both sets of weights in memory at once.
+    ref_sess = session_from_model(source, what="the source model")
+    ref_names = [o.name for o in ref_sess.get_outputs()]
+    refs = [dict(zip(ref_names, ref_sess.run(None, row), strict=True)) for _, row in cases]
+    del ref_sess
+    sessions = [_session(s.file) for s in segments]
+    worst = 0.0
+    for (b, row), ref in zip(cases, refs, strict=True):
+        got = run_chain_no_exit(segments, row, sessions)
+        for name in final_outputs:
+            r, g = np.asarray(ref[name]), np.asarray(got[name])
+            if r.shape != g.shape:
+                raise GraphError(f"verify: final output '{name}' has shape {g.shape} from the chain, "
+                                 f"{r.shape} from the model (batch {b})")
+            if r.dtype.kind != "f":
+                if not np.array_equal(r, g):
+                    raise GraphError(f"verify: final output '{name}' differs from the model (batch {b})")
+                continue
+            scale = max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-12)
+            err = float(np.max(np.abs(r.astype(np.float64) - g))) / scale if r.size else 0.0
+            if not np.isfinite(err) or err > tolerance:
+                raise GraphError(
+                    f"verify: with no exit taken, the chain's '{name}' differs from the unsplit model by "
+                    f"{err:.2e} of its scale at batch {b} (allowed {tolerance:.0e}); this is a bug in the "
+                    f"split, please report it with the model; nothing was written"
+                )
+            worst = max(worst, err)
     return worst

@@ -106,7 +106,7 @@ def test_conv_segment_from_the_handmade_bundle() -> None:
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tensorrt"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "trt"))
     from handmade import make_final_segment, make_gated_segment, random_inputs
 
     for m, extra in ((make_gated_segment(), {"ee0.threshold": np.array(0.75, np.float32)}),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'eecompile[gpu]')")
-if not hasattr(trt, "__version__"):  # tests/ on sys.path makes tests/trt importable as 'tensorrt'
+if not hasattr(trt, "__version__"):  # tests/ on sys.path could make a tests folder named tensorrt importable as it
     pytest.skip("TensorRT is not installed (pip install 'eecompile[gpu]')", allow_module_level=True)
 try:
     from cuda.bindings import runtime as _cudart

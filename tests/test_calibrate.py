@@ -1,0 +1,289 @@
+"""Calibration core on synthetic exit scores of known difficulty: budgets met, LTT's guarantee holds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eecompile.bundle import Manifest, TensorInfo
+from eecompile.calibrate import (
+    ExitTable,
+    assign_exits,
+    binom_cdf,
+    candidate_thresholds,
+    correctness,
+    evaluate,
+    hoeffding_bentkus_pvalue,
+    load_data,
+    ltt_thresholds,
+    oracle_exits,
+    samples_needed,
+    search_thresholds,
+)
+from eecompile.errors import CalibrationError, DataError
+
+COSTS = [1.0, 2.0, 3.0, 4.0]  # cumulative cost of leaving at exit k (the final exit last)
+CAPS = [0.35, 0.55, 0.75, 1.2]  # how hard a sample each exit still gets right
+
+
+def synthetic(n: int, rng: np.random.Generator, labels: bool = True, entropy_exit: bool = False) -> ExitTable:
+    """Each sample has a difficulty; exit k is right (and confident) mostly when it is below CAPS[k]."""
+    d = rng.uniform(size=n)
+    logit = (np.asarray(CAPS)[:, None] - d[None]) * 15.0
+    p_right = 1 / (1 + np.exp(-logit))
+    correct = rng.uniform(size=p_right.shape) < p_right
+    if not labels:
+        correct[-1] = True  # the reference is the final exit itself
+    scores = 1 / (1 + np.exp(-(logit[:-1] + rng.normal(0, 0.5, size=(3, n)))))
+    fires = [True, True, True]
+    if entropy_exit:  # exit 1 reports an entropy-like score: small = confident
+        scores[1] = 1 - scores[1]
+        fires[1] = False
+    return ExitTable(scores, correct, fires, has_labels=labels)
+
+
+def test_assign_exits_first_firing_gate_and_nan_never_fires() -> None:
+    scores = np.array([[0.9, 0.1, np.nan, 0.2], [0.5, 0.95, 0.99, 0.3]])
+    idx = assign_exits(scores, [0.8, 0.9], [True, True])
+    assert idx.tolist() == [0, 1, 1, 2]
+    # entropy-style gate fires below; +inf / -inf are "never"
+    assert assign_exits(scores, [0.15, math.inf], [False, True]).tolist() == [2, 0, 2, 2]
+    assert assign_exits(scores, [math.inf, math.inf], [True, True]).tolist() == [2, 2, 2, 2]
+
+
+def test_correctness_with_and_without_labels() -> None:
+    preds = np.array([[0, 1, 2], [0, 2, 2], [1, 2, 2]])
+    assert correctness(preds, None).tolist() == [[False, False, True], [False, True, True], [True, True, True]]
+    assert correctness(preds, np.array([0, 2, 1]))[-1].tolist() == [False, True, False]
+    with pytest.raises(DataError, match="labels"):
+        correctness(preds, np.array([0, 1]))
+
+
+@pytest.mark.parametrize("labels", [True, False])
+@pytest.mark.parametrize("budget", [0.005, 0.01, 0.05])
+def test_search_meets_budget_on_calibration_data(labels: bool, budget: float) -> None:
+    table = synthetic(3000, np.random.default_rng(1), labels=labels, entropy_exit=True)
+    thr = search_thresholds(table, COSTS, budget)
+    ev = evaluate(table, thr, COSTS)
+    assert ev.drop <= budget + 1e-12
+    assert ev.expected_cost < COSTS[-1] * 0.9  # it does find exits worth taking
+    assert ev.shares[0] > 0.05
+
+
+def test_search_spends_a_bigger_budget_on_lower_cost() -> None:
+    table = synthetic(3000, np.random.default_rng(2))
+    costs = [evaluate(table, search_thresholds(table, COSTS, b), COSTS).expected_cost for b in (0.002, 0.01, 0.05, 0.2)]
+    assert all(a >= b - 1e-9 for a, b in zip(costs, costs[1:], strict=False))
+
+
+def test_oracle_is_at_least_as_cheap_as_any_threshold() -> None:
+    table = synthetic(2000, np.random.default_rng(3), labels=False)
+    oracle_cost = np.asarray(COSTS)[oracle_exits(table)].mean()
+    ev = evaluate(table, search_thresholds(table, COSTS, 1e-9), COSTS)
+    assert oracle_cost <= ev.expected_cost
+
+
+def test_candidates_run_strict_to_loose() -> None:
+    s = np.random.default_rng(0).uniform(size=500)
+    up = candidate_thresholds(s, True, 10)
+    down = candidate_thresholds(s, False, 10)
+    assert up[0] == math.inf and up[1:] == sorted(up[1:], reverse=True)
+    assert down[0] == -math.inf and down[1:] == sorted(down[1:])
+
+
+def test_binomial_tail_matches_known_values() -> None:
+    assert binom_cdf(0, 10, 0.1) == pytest.approx(0.9**10)
+    assert binom_cdf(2, 5, 0.5) == pytest.approx(0.5)
+    assert binom_cdf(5, 5, 0.3) == 1.0
+    # Hoeffding-Bentkus is valid but never tighter than the exact tail for 0/1 losses
+    assert hoeffding_bentkus_pvalue(3, 400, 0.02) >= binom_cdf(3, 400, 0.02)
+
+
+def test_samples_needed_is_the_zero_error_bound() -> None:
+    n = samples_needed(0.01, 0.05)
+    assert n == 299
+    assert 0.99**n <= 0.05 < 0.99 ** (n - 1)
+
+
+def test_ltt_guarantee_holds_in_simulation() -> None:
+    """Over many random calibration sets, the chosen thresholds' true risk exceeds the budget in <= delta of them.
+
+    The naive search on the same sets overshoots far more often: the test has power.
+    """
+    budget, delta, trials = 0.03, 0.1, 60
+    population = synthetic(200_000, np.random.default_rng(100), labels=True)
+    rng = np.random.default_rng(7)
+    ltt_violations = search_violations = certified = 0
+    for _ in range(trials):
+        cal = synthetic(1000, rng, labels=True)
+        res = ltt_thresholds(cal, COSTS, budget, delta, seed=int(rng.integers(1 << 30)), n_paths=8)
+        certified += res.certified
+        ltt_violations += evaluate(population, res.thresholds, COSTS).loss > budget
+        naive = search_thresholds(cal, COSTS, budget, risk="loss")
+        search_violations += evaluate(population, naive, COSTS).loss > budget
+    assert certified >= trials * 0.8  # it does certify something useful most of the time
+    assert ltt_violations / trials <= delta
+    assert search_violations > ltt_violations
+
+
+def test_ltt_with_too_few_samples_says_how_many() -> None:
+    table = synthetic(200, np.random.default_rng(0))
+    with pytest.raises(CalibrationError, match=r"at least 299 test samples.*at least 428 calibration samples"):
+        ltt_thresholds(table, COSTS, 0.01, 0.05)
+
+
+def test_ltt_reports_when_nothing_can_be_certified() -> None:
+    # The early exits are wrong wherever the final exit is right, and the test split (301 samples) is just
+    # big enough to certify zero errors: no threshold that lets anything exit can be certified.
+    rng = np.random.default_rng(0)
+    n = 430
+    correct = np.zeros((4, n), bool)
+    correct[-1] = True
+    table = ExitTable(rng.uniform(size=(3, n)), correct, [True] * 3)
+    res = ltt_thresholds(table, COSTS, 0.01, 0.05)
+    assert not res.certified
+    assert all(t == math.inf for t in res.thresholds)  # every gate set to never fire
+
+
+def test_ltt_certifies_on_an_easy_problem() -> None:
+    table = synthetic(3000, np.random.default_rng(4), labels=False)
+    res = ltt_thresholds(table, COSTS, 0.02, 0.05)
+    assert res.certified and res.p_value is not None and res.p_value <= 0.05
+    assert evaluate(table, res.thresholds, COSTS).expected_cost < COSTS[-1]
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.0, -0.1, 1.5])
+def test_budget_outside_unit_interval(budget: float) -> None:
+    table = synthetic(2000, np.random.default_rng(0))
+    with pytest.raises(CalibrationError, match=r"max-drop must be in \(0, 1\)"):
+        ltt_thresholds(table, COSTS, budget, 0.05)
+
+
+def test_delta_outside_unit_interval() -> None:
+    table = synthetic(2000, np.random.default_rng(0))
+    with pytest.raises(CalibrationError, match=r"delta must be in \(0, 1\)"):
+        ltt_thresholds(table, COSTS, 0.01, 1.0)
+
+
+def _manifest() -> Manifest:
+    x = TensorInfo("input", "float32", ["batch", 4])
+    return Manifest(source_model={}, inputs=[x], outputs=[TensorInfo("logits", "float32", ["batch", 3])],
+                    segments=[], files={})
+
+
+def test_data_without_the_model_inputs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "cal.npz"
+    np.savez(p, images=np.zeros((3, 4), np.float32))
+    with pytest.raises(DataError, match=r"no array named 'input'.*'images'"):
+        load_data(p, _manifest())
+
+
+def test_data_with_wrong_shape_or_label_count(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "cal.npz"
+    np.savez(p, input=np.zeros((3, 5), np.float32))
+    with pytest.raises(DataError, match="shape"):
+        load_data(p, _manifest())
+    np.savez(p, input=np.zeros((3, 4)), labels=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match="'labels' has shape"):
+        load_data(p, _manifest())
+    np.savez(p, input=np.zeros((3, 4)), labels=np.zeros(3, np.int64))  # float64 is cast to the model's float32
+    inputs, labels = load_data(p, _manifest())
+    assert inputs["input"].dtype == np.float32 and labels is not None
+
+
+# ------------------------------------------------------------------------- bundle level, end to end
+
+GATE_CASES = [("max_prob", 0.9), ("entropy", 0.1), ("margin", 0.5), ("patience", 2.0), ("saturation", 0.99)]
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The blob MLP with trained heads, compiled once per gate kind (copies are calibrated per test)."""
+    pytest.importorskip("torch")
+    from eecompile.train import train_heads
+    from tests.test_train import make_bundle, save_data
+
+    root = tmp_path_factory.mktemp("gates")
+    for kind, thr in GATE_CASES:
+        d = root / kind
+        d.mkdir()
+        bundle = make_bundle(d, gates=(kind, kind), thresholds=(thr, thr))
+        train_heads(bundle, save_data(d / "train.npz", 400, seed=2), epochs=8, quiet=True)
+        save_data(d / "cal.npz", 500, seed=5)
+        save_data(d / "cal_nolabels.npz", 500, seed=5, labels=False)
+    return root
+
+
+@pytest.mark.parametrize("kind", [k for k, _ in GATE_CASES])
+def test_each_gate_kind_is_calibrated_and_run(trained_dir: Path, tmp_path: Path, kind: str) -> None:
+    import shutil
+
+    import eecompile
+    from eecompile.bundle import Bundle
+    from eecompile.calibrate import calibrate_bundle
+
+    bundle = tmp_path / "b.eebundle"
+    shutil.copytree(trained_dir / kind / "model.eebundle", bundle)
+    report = calibrate_bundle(bundle, trained_dir / kind / "cal.npz", max_drop=0.02, costs=[1.0, 1.0, 4.0], quiet=True)
+    assert report.drop <= 0.02
+    b = Bundle.load(bundle)
+    assert b.manifest.calibration is not None and b.manifest.calibration["method"] == "search"
+    thresholds = b.manifest.thresholds
+    assert thresholds == [e["threshold"] for e in report.exits[:-1]]
+    # Running the chain with the written thresholds reproduces the calibration's exits and accuracy.
+    data = np.load(trained_dir / kind / "cal.npz")
+    res = eecompile.load(b).run({"x": data["x"]})
+    shares = res.exit_counts / res.exit_counts.sum()
+    np.testing.assert_allclose(shares, [e["share"] for e in report.exits], atol=1e-9)
+    acc = (res.outputs["logits"].argmax(1) == data["labels"]).mean()
+    assert acc == pytest.approx(report.accuracy)
+
+
+def test_calibrate_measures_latency_writes_plot_and_ltt(trained_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from eecompile.bundle import Bundle
+    from eecompile.calibrate import calibrate_bundle
+
+    bundle = tmp_path / "b.eebundle"
+    shutil.copytree(trained_dir / "max_prob" / "model.eebundle", bundle)
+    plot = tmp_path / "pareto.png"
+    report = calibrate_bundle(bundle, trained_dir / "max_prob" / "cal_nolabels.npz", max_drop=0.05, method="ltt",
+                              delta=0.1, repeats=10, plot=plot, reference_model=trained_dir / "max_prob" / "model.onnx",
+                              quiet=True)
+    assert report.reference == "final exit" and report.baseline == "unsplit model"
+    assert report.certified is not None and report.ltt is not None
+    cum = [e["cumulative_ms"] for e in report.exits]
+    assert all(c > 0 for c in cum) and cum == sorted(cum)
+    assert report.oracle_speedup > 0 and report.expected_speedup > 0
+    assert plot.stat().st_size > 1000
+    assert Bundle.load(bundle).manifest.calibration["method"] == "ltt"
+
+
+def test_calibration_data_without_the_model_inputs(trained_dir: Path, tmp_path: Path) -> None:
+    from eecompile.calibrate import calibrate_bundle
+
+    p = tmp_path / "bad.npz"
+    np.savez(p, images=np.zeros((10, 16), np.float32))
+    with pytest.raises(DataError, match="'x'"):
+        calibrate_bundle(trained_dir / "max_prob" / "model.eebundle", p, max_drop=0.01, quiet=True)
+
+
+def test_calibrate_bundle_too_few_samples_for_ltt(trained_dir: Path) -> None:
+    from eecompile.calibrate import calibrate_bundle
+
+    with pytest.raises(CalibrationError, match=r"needs at least \d+ calibration samples"):
+        calibrate_bundle(trained_dir / "max_prob" / "model.eebundle", trained_dir / "max_prob" / "cal.npz",
+                         max_drop=0.001, method="ltt", delta=0.05, quiet=True)
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.0])
+def test_calibrate_bundle_budget_outside(trained_dir: Path, budget: float) -> None:
+    from eecompile.calibrate import calibrate_bundle
+
+    with pytest.raises(CalibrationError, match="max-drop"):
+        calibrate_bundle(trained_dir / "max_prob" / "model.eebundle", trained_dir / "max_prob" / "cal.npz",
+                         max_drop=budget, quiet=True)

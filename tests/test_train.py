@@ -1,0 +1,121 @@
+"""Exit heads trained on frozen features: they learn the final exit, with or without labels, and the
+rewritten bundle still verifies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import eecompile  # noqa: E402
+from eecompile.bundle import Bundle  # noqa: E402
+from eecompile.errors import BundleError  # noqa: E402
+
+N_CLASSES = 4
+
+
+def blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Four well-separated Gaussian clusters in 16-d: easy already at the first layer."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(123).normal(0, 3.0, size=(N_CLASSES, 16))
+    y = rng.integers(0, N_CLASSES, size=n)
+    x = centers[y] + rng.normal(0, 1.0, size=(n, 16))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def make_model_onnx(path: Path) -> Path:
+    """A 3-layer MLP trained on the blobs, exported with taps h1 and h2."""
+    from eecompile.models.export import export_onnx
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = torch.nn.Linear(16, 32)
+            self.l2 = torch.nn.Linear(32, 32)
+            self.l3 = torch.nn.Linear(32, N_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            h1 = torch.relu(self.l1(x))
+            h2 = torch.relu(self.l2(h1))
+            return self.l3(h2), h1, h2
+
+    torch.manual_seed(0)
+    net = Net()
+    x, y = blobs(512, seed=1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x))[0], torch.from_numpy(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return export_onnx(net.eval(), (torch.from_numpy(x[:2]),), path, input_names=["x"], exit_taps=("h1", "h2"))
+
+
+def make_bundle(tmp: Path, heads: tuple[str, str] = ("{kind: linear}", "{kind: mlp, options: {hidden: 16}}"),
+                gates: tuple[str, str] = ("max_prob", "max_prob"), thresholds: tuple[float, float] = (0.9, 0.9)) -> Path:
+    """Compile the blob MLP with two exits (at h1, h2) into ``tmp/model.eebundle``."""
+    make_model_onnx(tmp / "model.onnx")
+    exits = "".join(f"  - at: h{i + 1}\n    head: {heads[i]}\n    gate: {{kind: {gates[i]}, threshold: {thresholds[i]}}}\n"
+                    for i in range(2))
+    (tmp / "spec.yaml").write_text(f"model: model.onnx\nexits:\n{exits}final: {{output: logits}}\n")
+    eecompile.compile_model(tmp / "spec.yaml", tmp / "model.eebundle")
+    return tmp / "model.eebundle"
+
+
+def save_data(path: Path, n: int, seed: int, labels: bool = True) -> Path:
+    x, y = blobs(n, seed)
+    if labels:
+        np.savez(path, x=x, labels=y)
+    else:
+        np.savez(path, x=x)
+    return path
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_trained_heads_reach_the_final_exits_agreement(tmp_path: Path, labels: bool) -> None:
+    from eecompile.train import train_heads
+
+    bundle = make_bundle(tmp_path)
+    before = Bundle.load(bundle)
+    assert all(s.exit.head_spec and not s.exit.head_spec.get("trained") for s in before.manifest.segments[:-1])
+    report = train_heads(bundle, save_data(tmp_path / "train.npz", 600, seed=2, labels=labels), epochs=15,
+                         quiet=True)
+    assert report.used_labels is labels
+    assert [h.index for h in report.heads] == [0, 1]
+    for h in report.heads:
+        assert h.agree_before < 0.5 and h.agree_after >= 0.95
+
+    # The rewritten bundle verifies (hashes), records the training, and its exits agree on held-out data.
+    b = Bundle.load(bundle, verify=True)
+    assert all(s.exit.head_spec and s.exit.head_spec["trained"] for s in b.manifest.segments[:-1])
+    x, _ = blobs(300, seed=3)
+    runner = eecompile.load(b)
+    final = runner.run({"x": x}, thresholds="never").outputs["logits"].argmax(1)
+    for k in range(2):
+        forced: list[float | str] = ["never", "never"]
+        forced[k] = "always"
+        exit_k = runner.run({"x": x}, thresholds=forced).outputs["logits"].argmax(1)
+        assert (exit_k == final).mean() >= 0.95
+
+
+def test_untrained_heads_never_fire(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, thresholds=(0.3, 0.3))
+    x, _ = blobs(64, seed=4)
+    res = eecompile.load(bundle).run({"x": x})
+    assert res.exit_counts.tolist() == [0, 0, 64]  # uniform softmax: max_prob = 1/4 < 0.3
+
+
+def test_no_trainable_head_is_a_clear_error(tmp_path: Path) -> None:
+    import onnx
+
+    from eecompile.heads import head_onnx
+
+    onnx.save(head_onnx("linear", [None, 32], N_CLASSES), tmp_path / "h.onnx")
+    bundle = make_bundle(tmp_path, heads=("h.onnx", "h.onnx"))
+    from eecompile.train import train_heads
+
+    with pytest.raises(BundleError, match="no exit has a head to train"):
+        train_heads(bundle, save_data(tmp_path / "d.npz", 50, seed=0), epochs=1, quiet=True)
