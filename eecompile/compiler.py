@@ -358,7 +358,7 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
 
     manifest = Manifest(
         source_model={"file": spec.model.name, "sha256": sha256_file(spec.model)},
-        inputs=[_tensor_info(v, 0) for v in pm.index.graph_inputs],
+        inputs=[_tensor_info(v, 0 if v.shape is None or len(v.shape) else None) for v in pm.index.graph_inputs],
         outputs=[_tensor_info(final, 0)],
         segments=seg_infos, batch_mode=pm.batch_mode, class_axis=class_axis,
         eecompile_version=__version__,
@@ -403,7 +403,7 @@ def _fix_io_shapes(manifest: Manifest, pm: PreparedModel) -> None:
     if pm.batch_mode != "dynamic":
         return
     for t in manifest.inputs + manifest.outputs:
-        if t.shape:
+        if t.shape and t.batch_axis == 0:
             t.shape[0] = "batch"
 
 

@@ -40,7 +40,9 @@ def _batch_symbol(inputs: list[ir.Value]) -> str | None:
     """The symbol already on axis 0 of the inputs, or None if any input has a fixed or missing axis 0."""
     syms = set()
     for v in inputs:
-        if v.shape is None or len(v.shape) == 0:
+        if v.shape is not None and len(v.shape) == 0:
+            continue  # a scalar input (a flag, a temperature) has no batch axis
+        if v.shape is None:
             return None
         d = v.shape[0]
         if isinstance(d, int):
@@ -68,7 +70,8 @@ def make_batch_dynamic(model: ir.Model, dims: dict[str, int] | None = None,
         raise GraphError("the model has no inputs")
     if _batch_symbol(inputs) is not None:
         return BatchResult(model, "dynamic", rewritten=False)
-    fixed = {v.name: v.shape[0] if v.shape is not None and len(v.shape) else None for v in inputs}
+    fixed = {v.name: v.shape[0] if v.shape is not None else None for v in inputs
+             if v.shape is None or len(v.shape) > 0}
     old_batches = {d for d in fixed.values() if isinstance(d, int)}
     if old_batches != {1}:
         return BatchResult(model, "per_sample", rewritten=False,
@@ -124,7 +127,7 @@ def _same_as_per_sample(original: ir.Model | None, dynamic: ir.Model, dims: dict
         return False, f"the graph does not run at batch 3 once made dynamic ({str(e).splitlines()[0]})"
     src = original if original is not None else reload()  # type: ignore[misc]
     s_orig = session_from_model(src, what="the model")
-    singles = [s_orig.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(3)]
+    singles = [s_orig.run(None, {k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()}) for i in range(3)]
     del s_orig, src
     for j, out in enumerate(batched):
         ref = np.concatenate([s[j] for s in singles], axis=0)

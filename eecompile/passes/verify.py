@@ -68,7 +68,7 @@ def verify_chain(source: ir.Model, segments: list[SegmentIO], final_outputs: lis
     cases: list[tuple[int, dict[str, np.ndarray]]] = []
     for b in batch_sizes:
         feeds = random_inputs(inputs, b, dims, seed=100 + b)
-        rows = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(b)] if per_sample else [feeds]
+        rows = [{k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()} for i in range(b)] if per_sample else [feeds]
         cases += [(b, row) for row in rows]
     # The reference first, then the chain: never both sets of weights in memory at once.
     ref_sess = session_from_model(source, what="the source model")
