@@ -77,6 +77,8 @@ def train_backbone(model, x: np.ndarray, y: np.ndarray, epochs: int, seed: int =
 
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    steps = epochs * max(1, len(x) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     rng = np.random.default_rng(seed)
     model.train()
@@ -86,6 +88,7 @@ def train_backbone(model, x: np.ndarray, y: np.ndarray, epochs: int, seed: int =
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     model.eval()
 
 
@@ -141,8 +144,9 @@ def main() -> int:
         np.savez(OUT / f"{name}.npz", input=x, labels=y)
     print(f"digits: {', '.join(f'{k} {len(v[1])}' for k, v in data.items())} samples")
 
-    # 1. backbone
+    # 1. backbone (seeded before it is built: the initial weights decide how well it trains)
     t0 = time.perf_counter()
+    torch.manual_seed(0)
     model = build_backbone()
     train_backbone(model, *data["train"], epochs=args.epochs)
     print(f"backbone trained in {time.perf_counter() - t0:.1f} s")
