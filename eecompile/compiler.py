@@ -161,6 +161,24 @@ def _final_shape(pm: PreparedModel, final: ir.Value) -> list[int | str | None]:
     return list(shape)
 
 
+def _class_axis(spec: Spec, final_shape: list[int | str | None]) -> int:
+    """The spec's class axis, or the last non-batch axis longer than 1 (so [N, C, 1, 1] classifiers work
+    without saying so; a softmax over a size-1 axis would make every gate fire)."""
+    rank = len(final_shape)
+    axis = spec.final.class_axis
+    if axis is None:
+        longer = [i for i in range(1, rank) if not isinstance(final_shape[i], int) or final_shape[i] != 1]
+        axis = longer[-1] if longer else rank - 1
+        return axis - rank  # negative: counts from the end, like the default -1
+    if not -rank <= axis < rank or axis % rank == 0:
+        raise SpecError(f"final.class_axis: {axis} is not a class axis of the final output shape {final_shape} "
+                        f"(axis 0 is the batch)")
+    if final_shape[axis] == 1:
+        raise SpecError(f"final.class_axis: axis {axis} of the final output {final_shape} has size 1; a gate over one "
+                        f"class always fires; give the axis that holds the classes")
+    return axis
+
+
 def _make_trained_head(pm: PreparedModel, e: ExitPlan, final_shape: list[int | str | None], class_axis: int,
                        opset: int) -> tuple[ir.Model, dict]:
     try:
@@ -297,10 +315,8 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
     if plans[-1].node_count() == 0:
         raise SpecError(f"exits[{len(exits) - 1}].at: nothing is left after the last exit; cut earlier")
     _check_carried(pm, plans, exits)
-    class_axis = spec.final.class_axis
     final_shape = _final_shape(pm, final)
-    if not -len(final_shape) <= class_axis < len(final_shape):
-        raise SpecError(f"final.class_axis: {class_axis} is out of range for the final output shape {final_shape}")
+    class_axis = _class_axis(spec, final_shape)
 
     # Heads first (they can fail on bad input), then the expensive extraction.
     head_models: list[ir.Model | None] = []

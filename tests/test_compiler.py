@@ -146,3 +146,22 @@ def test_existing_bundle_needs_force_and_survives_a_failed_compile(tmp_path: Pat
     with pytest.raises(SpecError):
         eecompile.compile_model(bad, out, force=True)
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_rank4_classifier_class_axis_is_found_without_the_spec(tmp_path: Path) -> None:
+    # SqueezeNet's output is [N, 1000, 1, 1]: a softmax over the last axis (size 1) would always fire.
+    from conftest import zoo_model
+
+    head = make_head(tmp_path / "h.onnx", [1, 16, 7, 7], 1000, opset=9)
+    spec = write_spec(tmp_path, zoo_model("squeezenet"),
+                      [{"at": "r11", "head": str(head), "gate": {"kind": "max_prob", "threshold": 0.5}}])
+    bundle = eecompile.compile_model(spec, tmp_path / "b.eebundle")
+    assert bundle.manifest.class_axis % 4 == 1
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    res = eecompile.load(bundle.path).run({"data_0": x}, policy="never")
+    assert (res.gate_scores[0] < 0.5).all()  # a barely trained head over 1000 classes is not confident
+    bad = write_spec(tmp_path, zoo_model("squeezenet"),
+                     [{"at": "r11", "head": str(head), "gate": {"kind": "max_prob", "threshold": 0.5}}],
+                     {"class_axis": -1}, name="bad.yaml")
+    with pytest.raises(SpecError, match="size 1"):
+        eecompile.compile_model(bad, tmp_path / "c.eebundle")
