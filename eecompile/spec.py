@@ -108,7 +108,7 @@ class ExitSpec:
 @dataclass(frozen=True)
 class FinalSpec:
     output: str | None = None  # default: the model's only output
-    class_axis: int = -1
+    class_axis: int | None = None  # default: the last axis longer than 1 ([N, C, 1, 1] -> 1, [N, T, C] -> -1)
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,12 @@ class _Node:
 
 def _convert(node: yaml.Node) -> _Node:
     line = node.start_mark.line + 1 if node.start_mark is not None else None
+    if node.tag and not node.tag.startswith("tag:yaml.org,2002:"):
+        raise SpecError(f"line {line}: unsupported YAML tag '{_show(node.tag)}'; use plain mappings, lists and "
+                        f"scalars, without tags")
+    if node.tag and node.tag.startswith("tag:yaml.org,2002:python/"):
+        raise SpecError(f"line {line}: unsupported YAML tag '{_show(node.tag)}'; use plain mappings, lists and "
+                        f"scalars, without tags")
     if isinstance(node, yaml.MappingNode):
         out: dict[str, _Node] = {}
         for k, v in node.value:
@@ -148,6 +154,11 @@ def _convert(node: yaml.Node) -> _Node:
         return _Node([_convert(v) for v in node.value], line)
     # Scalars: let the safe loader resolve the type (int, float, bool, null, str).
     return _Node(yaml.safe_load(yaml.serialize(node)), line)
+
+
+def _show(text: str) -> str:
+    """A user-supplied name, safe to put in a one-line message (newlines and control characters escaped)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _at(path: str, node: _Node | None) -> str:
@@ -161,7 +172,8 @@ def _check_keys(node: _Node, allowed: tuple[str, ...], path: str) -> None:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(allowed)}"
-            raise SpecError(f"{_at(f'{path}.{key}' if path else key, val)}: unknown key '{key}'; {hint}")
+            shown = _show(key)
+            raise SpecError(f"{_at(f'{path}.{shown}' if path else shown, val)}: unknown key '{shown}'; {hint}")
 
 
 def _mapping(node: _Node, path: str) -> dict[str, _Node]:
@@ -170,16 +182,27 @@ def _mapping(node: _Node, path: str) -> dict[str, _Node]:
     return node.value
 
 
+def _plain(value: Any) -> Any:
+    """A parsed value without the line bookkeeping, for messages."""
+    if isinstance(value, _Node):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _string(node: _Node, path: str) -> str:
     if not isinstance(node.value, str) or not node.value:
-        raise SpecError(f"{_at(path, node)}: expected a non-empty string, got {node.value!r}")
+        raise SpecError(f"{_at(path, node)}: expected a non-empty string, got {_plain(node.value)!r}")
     return node.value
 
 
 def _number(node: _Node, path: str) -> float:
     v = node.value
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise SpecError(f"{_at(path, node)}: expected a number, got {v!r}")
+        raise SpecError(f"{_at(path, node)}: expected a number, got {_plain(v)!r}")
     return float(v)
 
 
@@ -195,7 +218,7 @@ def _parse_gate(node: _Node, path: str) -> GateSpec:
         names = [k.value for k in GateKind]
         close = difflib.get_close_matches(kind_s, names, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(names)}"
-        raise SpecError(f"{_at(path + '.kind', m['kind'])}: unknown gate kind '{kind_s}'; {hint}") from None
+        raise SpecError(f"{_at(path + '.kind', m['kind'])}: unknown gate kind '{_show(kind_s)}'; {hint}") from None
     if "threshold" not in m:
         raise SpecError(f"{_at(path, node)}: missing 'threshold'")
     thr = _number(m["threshold"], f"{path}.threshold")
@@ -224,7 +247,7 @@ def _parse_head(node: _Node, path: str, base: Path) -> HeadSpec:
     if kind not in HEAD_KINDS:
         close = difflib.get_close_matches(kind, HEAD_KINDS, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(HEAD_KINDS)}"
-        raise SpecError(f"{_at(path + '.kind', m['kind'])}: unknown head kind '{kind}'; {hint}")
+        raise SpecError(f"{_at(path + '.kind', m['kind'])}: unknown head kind '{_show(kind)}'; {hint}")
     opts: dict[str, Any] = {}
     if "options" in m:
         opts = {k: v.value for k, v in _mapping(m["options"], f"{path}.options").items()}
@@ -258,11 +281,24 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
+        if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow, e.g. a control character
+            char = chr(e.character) if isinstance(e.character, int) else e.character
+            problem = f"character {char!r} at position {e.position} is not allowed ({e.reason})"
+        else:
+            problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
         raise SpecError(f"{where}:{line} YAML syntax error: {problem}; fix the YAML") from e
     if root is None:
         raise SpecError(f"{where}: the spec is empty; it needs 'model' and 'exits'")
-    top = _convert(root)
+    try:
+        top = _convert(root)
+    except SpecError as e:
+        raise SpecError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:  # e.g. a tag the safe loader refuses (!!python/object) or cannot serialise
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = f" line {mark.line + 1}:" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise SpecError(f"{where}:{line} unsupported YAML ({_show(problem)}); use plain mappings, lists and "
+                        f"scalars, without tags") from e
     m = _mapping(top, "spec")
     _check_keys(top, ("model", "exits", "final"), "")
     if "model" not in m:
@@ -275,7 +311,7 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
     for i, e in enumerate(exits):
         if e.tensor in seen:
             raise SpecError(
-                f"exits[{i}].at: tensor '{e.tensor}' is already the cut of exits[{seen[e.tensor]}]; "
+                f"exits[{i}].at: tensor '{_show(e.tensor)}' is already the cut of exits[{seen[e.tensor]}]; "
                 f"each exit needs its own cut tensor"
             )
         seen[e.tensor] = i
@@ -284,11 +320,11 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
         fm = _mapping(m["final"], "final")
         _check_keys(m["final"], ("output", "class_axis"), "final")
         out = _string(fm["output"], "final.output") if "output" in fm else None
-        axis = -1
+        axis: int | None = None
         if "class_axis" in fm:
             v = fm["class_axis"].value
             if isinstance(v, bool) or not isinstance(v, int):
-                raise SpecError(f"{_at('final.class_axis', fm['class_axis'])}: expected an integer axis, got {v!r}")
+                raise SpecError(f"{_at('final.class_axis', fm['class_axis'])}: expected an integer axis, got {_plain(v)!r}")
             axis = v
         final = FinalSpec(output=out, class_axis=axis)
     return Spec(model=model, exits=exits, final=final, source=source)
