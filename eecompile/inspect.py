@@ -110,17 +110,12 @@ def print_bundle(path: str | Path) -> None:
             "\n".join(_shape(t) if "shape" in t else t["name"] for t in s["carried_out"]) or "-",
             s["exit"]["head"] + (" (final)" if s["exit"]["final"] else ""),
             gate["kind"] if gate else "-",
-            f"{gate['threshold']:g}" if gate else "-",
+            _threshold(gate["threshold"], gate["kind"]) if gate else "-",
         )
     console.print(table)
 
     if d["calibration"]:
-        cal = Table(title="calibration")
-        cal.add_column("key")
-        cal.add_column("value")
-        for k, v in d["calibration"].items():
-            cal.add_row(str(k), str(v))
-        console.print(cal)
+        _print_calibration(console, d["calibration"])
     if d["engines"]:
         eng = Table(title="engines")
         keys = sorted({k for e in d["engines"] for k in e})
@@ -135,3 +130,40 @@ def print_bundle(path: str | Path) -> None:
         console.print(f"note: {note}")
     for problem in d["problems"]:
         console.print(f"[red]problem:[/red] {problem}")
+
+
+def _threshold(value: float, kind: str) -> str:
+    """Thresholds of +-inf are how calibration writes "this exit never fires"."""
+    if value in (float("inf"), float("-inf")):
+        fires_above = kind != "entropy"
+        return "never" if (value > 0) == fires_above else "always"
+    return f"{value:.4g}"
+
+
+def _print_calibration(console: Any, cal: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"calibration ({cal.get('method', '?')}, max drop {cal.get('max_drop')}, "
+                        f"{cal.get('n_samples', '?')} samples, {cal.get('backend', '?')} batch {cal.get('batch_size', '?')})")
+    for col in ("exit", "gate", "threshold", "share exiting", "accuracy of those exiting", "cumulative ms"):
+        table.add_column(col, justify="left" if col in ("exit", "gate") else "right")
+    for e in cal.get("exits") or []:
+        thr = e.get("threshold")
+        table.add_row(str(e.get("name") or e.get("index")), str(e.get("gate") or "final"),
+                      _threshold(thr, str(e.get("gate"))) if isinstance(thr, (int, float)) else "-",
+                      f"{e.get('share', 0):.1%}",
+                      f"{e['accuracy']:.4f}" if isinstance(e.get("accuracy"), (int, float)) else "-",
+                      f"{e['cumulative_ms']:.4f}" if isinstance(e.get("cumulative_ms"), (int, float)) else "-")
+    console.print(table)
+    parts = []
+    if isinstance(cal.get("full_accuracy"), (int, float)) and isinstance(cal.get("accuracy"), (int, float)):
+        parts.append(f"accuracy {cal['full_accuracy']:.4f} -> {cal['accuracy']:.4f} (drop {cal.get('drop', 0):+.4f}, "
+                     f"against {cal.get('reference', '?')})")
+    if isinstance(cal.get("expected_speedup"), (int, float)):
+        parts.append(f"expected speedup {cal['expected_speedup']:.2f}x vs {cal.get('baseline', '?')}")
+    if isinstance(cal.get("oracle_speedup"), (int, float)):
+        parts.append(f"oracle {cal['oracle_speedup']:.2f}x")
+    if cal.get("certified") is not None:
+        parts.append("certified" if cal["certified"] else "NOT certified")
+    if parts:
+        console.print("calibration: " + "; ".join(parts))
