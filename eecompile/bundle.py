@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -212,7 +215,10 @@ class Bundle:
         try:
             raw = yaml.safe_load(mpath.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise BundleError(f"{mpath}: manifest is not valid YAML ({e}); recompile the bundle") from e
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise BundleError(f"{mpath}: manifest is not valid YAML{at} ({problem}); recompile the bundle") from e
         bundle = cls(path, Manifest.from_dict(raw, str(mpath)))
         if verify:
             bundle.verify()
@@ -273,18 +279,71 @@ def staged_bundle(dest: str | Path, copy_from: str | Path | None = None) -> Iter
     """
     dest = Path(dest).absolute()
     _check_destination(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".eebundle-tmp-{dest.name}-", dir=dest.parent))
+    _remove_stale_staging(dest)
+    tmp = dest.parent / f"{_staging_prefix(dest)}{os.getpid()}-never-created"
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(dest)}{os.getpid()}-", dir=dest.parent))
+        # mkdtemp makes the directory private (0700); a bundle is read by whoever deploys it, like any file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if copy_from is not None:
             shutil.copytree(copy_from, tmp, dirs_exist_ok=True)
         yield tmp
         _commit(tmp, dest)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleError(f"{dest}: writing the bundle failed ({e.strerror or e}); nothing was changed") from e
+        code, text = _os_error(e)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            hint = f"free some space on the disk holding {dest.parent} and run it again"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = "choose a writable -o path"
+        else:
+            hint = "check the -o path and run it again"
+        raise BundleError(f"{dest}: writing the bundle failed ({text}); nothing was changed; {hint}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _os_error(e: OSError) -> tuple[int | None, str]:
+    """(errno, short text) of an OSError; shutil.copytree's Error holds a list of (src, dst, message)."""
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        first = str(e.args[0][0][-1])
+        m = re.match(r"\[Errno (\d+)\] ([^:]+)", first)
+        return (int(m.group(1)), m.group(2)) if m else (None, first)
+    return e.errno, e.strerror or str(e)
+
+
+def _staging_prefix(dest: Path) -> str:
+    return f".eebundle-tmp-{dest.name}-{socket.gethostname()}-"
+
+
+def _remove_stale_staging(dest: Path) -> None:
+    """Remove staging directories left beside ``dest`` by writers on this host that were killed (SIGKILL,
+    power loss): their process is gone. A live writer's directory is never touched."""
+    prefix = _staging_prefix(dest)
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if not p.name.startswith(prefix) or not p.is_dir():
+            continue
+        pid_text = p.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _commit(tmp: Path, dest: Path) -> None:

@@ -38,6 +38,24 @@ def _user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as e:
+            # A file error the library did not wrap (disk full, read-only, permissions): still one line.
+            if verbose:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}; check that the path exists, is writable and the disk "
+                       f"has space", err=True)
+            sys.exit(1)
+        except Exception as e:
+            # Not a user error: a bug. One line still, and how to get the traceback for the report.
+            if verbose:
+                raise
+            text = str(e).strip().splitlines()
+            click.echo(f"error: internal error ({type(e).__name__}: {text[0] if text else ''}); this is a bug in "
+                       f"eecompile: rerun with --verbose and report the traceback", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
@@ -235,9 +253,13 @@ def inspect(bundle: Path, as_json: bool) -> None:
     from eecompile.inspect import describe_bundle, print_bundle
 
     if as_json:
-        click.echo(json.dumps(describe_bundle(bundle), indent=2))
+        described = describe_bundle(bundle)
+        click.echo(json.dumps(described, indent=2))
     else:
-        print_bundle(bundle)
+        described = print_bundle(bundle)
+    if described.get("problems"):
+        # A damaged bundle is described (to help find what broke) but is not a success.
+        sys.exit(1)
 
 
 def main() -> None:

@@ -277,9 +277,12 @@ def _tidy(model: ir.Model) -> None:
 
 
 def _save(model: ir.Model, path: Path) -> None:
+    """Save a segment; weights go to ``seg{k}.onnx.data`` beside it when they are large or came from external
+    data (a segment must never point back at the source model's data file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if size > EXTERNAL_DATA_BYTES:
+    values = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    size = sum(t.nbytes for t in values)
+    if size > EXTERNAL_DATA_BYTES or any(isinstance(t, ir.ExternalTensor) for t in values):
         ir.save(model, path, external_data=path.name + ".data")
     else:
         ir.save(model, path)
@@ -291,9 +294,9 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     output = Path(output)
+    _check_destination(output.absolute())
     if output.exists() and not force:
         raise BundleError(f"{output}: already exists; pass --force to replace it")
-    _check_destination(output.absolute())
     if spec.model.suffix == ".eebundle" or (spec.model.is_dir()):
         raise SpecError(f"model: '{spec.model}' is a directory; give the path of an .onnx file")
     pm = prepare(spec.model, dims)

@@ -69,7 +69,8 @@ def batch_size_of(arrays: dict[str, np.ndarray], inputs: Sequence[TensorInfo], w
         raise DataError(f"{where}: arrays disagree on the number of samples ({listed}); give each the same count")
     n = next(iter(sizes.values()), 0)
     if n == 0:
-        raise DataError(f"{where}: no samples (the batch axis of {', '.join(sizes) or 'the inputs'} is empty)")
+        raise DataError(f"{where}: no samples (the batch axis of {', '.join(sizes) or 'the inputs'} is empty); "
+                        f"give at least one sample")
     return int(n)
 
 

@@ -81,8 +81,8 @@ def _shape(t: dict[str, Any]) -> str:
     return f"{t['name']} [{', '.join(dims)}]" + (" (no batch axis)" if t.get("batch_axis") is None else "")
 
 
-def print_bundle(path: str | Path) -> None:
-    """Print :func:`describe_bundle` as tables."""
+def print_bundle(path: str | Path) -> dict[str, Any]:
+    """Print :func:`describe_bundle` as tables; returns the description."""
     from rich.console import Console
     from rich.table import Table
 
@@ -130,6 +130,7 @@ def print_bundle(path: str | Path) -> None:
         console.print(f"note: {note}")
     for problem in d["problems"]:
         console.print(f"[red]problem:[/red] {problem}")
+    return d
 
 
 def _threshold(value: float, kind: str) -> str:

@@ -38,6 +38,14 @@ def test_damaged_bundle_is_described_with_problems(tmp_path: Path) -> None:
     (hm.path / "segments/seg0.onnx").write_bytes(b"broken")
     d = describe_bundle(hm.path)
     assert len(d["problems"]) == 1 and "seg0.onnx" in d["problems"][0]
+    # The CLI shows the damage but does not report success (scripts check the exit code).
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+
+    for args in (["inspect", str(hm.path)], ["inspect", "--json", str(hm.path)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "seg0.onnx" in result.output
 
 
 def test_missing_bundle(tmp_path: Path) -> None:

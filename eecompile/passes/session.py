@@ -41,7 +41,12 @@ def session_from_model(model: ir.Model, extra_outputs: Sequence[ir.Value] = (), 
     present = set(saved_outputs)
     graph.outputs.extend(v for v in extra_outputs if v not in present and v.dtype is not None)
     try:
-        if initializer_bytes(model) <= IN_MEMORY_LIMIT:
+        folders = {str(t.base_dir) for v in graph.initializers.values()
+                   if isinstance(t := v.const_value, ir.ExternalTensor)}
+        if len(folders) == 1:
+            # Weights already in an external file: the proto references them, ORT reads them from there.
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
+        if not folders and initializer_bytes(model) <= IN_MEMORY_LIMIT:
             src: Any = ir.to_proto(model).SerializeToString()
             return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory(prefix="eecompile-session-") as d:

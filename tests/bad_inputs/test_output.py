@@ -1,0 +1,77 @@
+"""Bad output paths: exit 1, one line naming the path and the fix, nothing written or replaced."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from eecompile.errors import BundleError, DataError
+from tests.bad_inputs.util import expect_error
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Path:
+    """A directory this process cannot write to (chmod for normal users, a read-only tmpfs for root)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    if not os.access(d, os.W_OK):
+        yield d
+        d.chmod(0o755)
+        return
+    d.chmod(0o755)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot make a read-only directory as root here ({r.stderr.decode().strip()})")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def test_output_is_a_file_with_force(ws: Path) -> None:
+    (ws / "out").write_text("keep me")
+    expect_error(["compile", ws / "spec.yaml", "-o", ws / "out", "--force"], BundleError, "out", "is a file",
+                 "choose another -o path", workspace=ws)
+
+
+def test_output_is_a_file_without_force(ws: Path) -> None:
+    (ws / "out").write_text("keep me")
+    expect_error(["compile", ws / "spec.yaml", "-o", ws / "out"], BundleError, "out", "is a file",
+                 "choose another -o path", workspace=ws)
+
+
+def test_output_exists_without_force(ws: Path) -> None:
+    expect_error(["compile", ws / "spec.yaml", "-o", ws / "b.eebundle"], BundleError, "b.eebundle",
+                 "already exists", "--force", workspace=ws)
+
+
+def test_output_is_a_directory_that_is_not_a_bundle(ws: Path) -> None:
+    (ws / "photos").mkdir()
+    (ws / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    expect_error(["compile", ws / "spec.yaml", "-o", ws / "photos", "--force"], BundleError, "photos",
+                 "not an eecompile bundle", "choose another -o path", workspace=ws)
+
+
+def test_output_parent_does_not_exist(ws: Path) -> None:
+    expect_error(["compile", ws / "spec.yaml", "-o", ws / "no" / "such" / "b.eebundle"], BundleError,
+                 "does not exist", "create it", workspace=ws)
+
+
+def test_output_directory_not_writable(ws: Path, read_only_dir: Path) -> None:
+    expect_error(["compile", ws / "spec.yaml", "-o", read_only_dir / "b.eebundle"], BundleError,
+                 str(read_only_dir), "not writable", "choose another -o path", workspace=ws)
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_run_output_directory_missing(ws: Path) -> None:
+    expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", ws / "none" / "out.npz"], DataError,
+                 "does not exist", "choose another -o path", workspace=ws)
+
+
+def test_run_output_directory_not_writable(ws: Path, read_only_dir: Path) -> None:
+    expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", read_only_dir / "out.npz"],
+                 OSError, "out.npz", "writable", workspace=ws)
