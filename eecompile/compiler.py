@@ -38,7 +38,7 @@ from eecompile.bundle import (
 from eecompile.errors import BundleError, GraphError, SpecError
 from eecompile.passes.attach_heads import HEAD_PREFIX, fit_exit_output, load_head, splice_head
 from eecompile.passes.cut_points import PreparedModel, cut_problem, prepare
-from eecompile.passes.extract_segments import ExtractedSegment, boundary_shape, extract_segments
+from eecompile.passes.extract_segments import Dims, ExtractedSegment, boundary_shape, dims, extract_segments
 from eecompile.passes.gates import build_gate, gate_names
 from eecompile.passes.load import opset_of
 from eecompile.passes.partition import SegmentPlan, carried_across, plan_segments
@@ -57,6 +57,11 @@ class ExitPlan:
     at: list[ir.Value]
     head_output: ir.Value | None = None  # {output: name} heads
     score_output: ir.Value | None = None
+
+
+def _n(v: ir.Value | None) -> str:
+    """A value's name (values of loaded models always have one)."""
+    return (v.name or "") if v is not None else ""
 
 
 def _suggest(name: str, pm: PreparedModel) -> str:
@@ -112,7 +117,7 @@ def _plan_exits(pm: PreparedModel, spec: Spec) -> list[ExitPlan]:
                 f"{where}: '{v.name}' comes before exits[{k - 1}].at '{spec.exits[k - 1].tensor}' in the graph; "
                 f"list the exits in graph order (earliest first)")
         prev_pos = p
-        facts = pm.probe.facts.get(v.name)
+        facts = pm.probe.facts.get(_n(v))
         all_nodes = (1 << len(idx.nodes)) - 1
         carried, _ = carried_across(idx, idx.anc[p], all_nodes & ~idx.anc[p])
         problem = cut_problem(pm, v, carried)
@@ -138,7 +143,7 @@ def _check_carried(pm: PreparedModel, plans: list[SegmentPlan], exits: list[Exit
         return
     for plan in plans[:-1]:
         for v in plan.carried_out:
-            facts = pm.probe.facts.get(v.name)
+            facts = pm.probe.facts.get(_n(v))
             problem = "ONNX Runtime could not expose it" if facts is None else facts.problem
             if problem:
                 at = exits[plan.index].at[0].name
@@ -148,7 +153,7 @@ def _check_carried(pm: PreparedModel, plans: list[SegmentPlan], exits: list[Exit
 
 
 def _tensor_info(v: ir.Value, batch_axis: int | None) -> TensorInfo:
-    shape: list[int | str | None] = []
+    shape: Dims = []
     if v.shape is not None:
         shape = [d if isinstance(d, int) else (str(d) if d is not None and str(d) != "None" else None)
                  for d in v.shape]
@@ -156,12 +161,12 @@ def _tensor_info(v: ir.Value, batch_axis: int | None) -> TensorInfo:
     return TensorInfo(name=v.name or "", dtype=dtype, shape=shape, batch_axis=batch_axis)
 
 
-def _final_shape(pm: PreparedModel, final: ir.Value) -> list[int | str | None]:
+def _final_shape(pm: PreparedModel, final: ir.Value) -> Dims:
     _, shape, _ = boundary_shape(pm, final.name)
-    return list(shape)
+    return dims(shape)
 
 
-def _class_axis(spec: Spec, final_shape: list[int | str | None]) -> int:
+def _class_axis(spec: Spec, final_shape: Dims) -> int:
     """The spec's class axis, or the last non-batch axis longer than 1 (so [N, C, 1, 1] classifiers work
     without saying so; a softmax over a size-1 axis would make every gate fire)."""
     rank = len(final_shape)
@@ -179,18 +184,18 @@ def _class_axis(spec: Spec, final_shape: list[int | str | None]) -> int:
     return axis
 
 
-def _make_trained_head(pm: PreparedModel, e: ExitPlan, final_shape: list[int | str | None], class_axis: int,
+def _make_trained_head(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
                        opset: int) -> tuple[ir.Model, dict]:
     try:
         from eecompile.heads import head_onnx
     except ImportError as err:
         raise SpecError(f"exits[{e.index}].head.kind: trained heads need eecompile.heads ({err})") from err
     _, fshape, _ = boundary_shape(pm, e.at[0].name)
-    feature_shape = list(fshape)
+    feature_shape = dims(fshape)
     n_classes = final_shape[class_axis % len(final_shape)]
     if not isinstance(n_classes, int):
         raise SpecError(f"exits[{e.index}].head.kind: the final output's class axis has no fixed size")
-    proto = head_onnx(e.spec.head.kind, feature_shape, n_classes, dict(e.spec.head.options), None, opset)
+    proto = head_onnx(e.spec.head.kind or "linear", feature_shape, n_classes, dict(e.spec.head.options), None, opset)
     head_spec = {"kind": e.spec.head.kind, "options": dict(e.spec.head.options),
                  "feature_shape": [d if isinstance(d, int) else str(d) for d in feature_shape],
                  "n_classes": n_classes, "trained": False}
@@ -203,7 +208,7 @@ def _build_segment_exit(pm: PreparedModel, seg: ExtractedSegment, e: ExitPlan, e
     k = e.index
     g = seg.graph
     where = f"exits[{k}].head"
-    at = seg.values[e.at[0].name]
+    at = seg.values[_n(e.at[0])]
     final_shape = _final_shape(pm, final)
     score_val: ir.Value | None = None
     if head_model is not None:
@@ -211,12 +216,12 @@ def _build_segment_exit(pm: PreparedModel, seg: ExtractedSegment, e: ExitPlan, e
         logits_shape = _infer_head_shape(g, logits, pm, e, final_shape)
     else:
         assert e.head_output is not None
-        logits = seg.values[e.head_output.name]
+        logits = seg.values[_n(e.head_output)]
         _, s, _ = boundary_shape(pm, e.head_output.name)
-        logits_shape = list(s)
+        logits_shape = dims(s)
         if e.score_output is not None:
-            score_val = seg.values[e.score_output.name]
-    final_name = final.name
+            score_val = seg.values[_n(e.score_output)]
+    final_name = _n(final)
     out = fit_exit_output(g, k, logits, logits_shape, final_shape, f"ee{k}.out.{final_name}", where)
     nxt = exits[k + 1] if k + 1 < len(exits) else None
     tape = Tape(g)
@@ -224,10 +229,10 @@ def _build_segment_exit(pm: PreparedModel, seg: ExtractedSegment, e: ExitPlan, e
     prev_dim = None
     if k > 0:
         _, prev_shape, _ = boundary_shape(pm, exits[k - 1].at[0].name)
-        prev_dim = _pooled_dim(list(prev_shape))
+        prev_dim = _pooled_dim(dims(prev_shape))
     gate = build_gate(
         tape, k, e.spec.gate.kind, out, ["batch", *final_shape[1:]], class_axis, opset,
-        prev_k=k - 1 if k > 0 else None, hidden=at, hidden_shape=list(at_shape), prev_hidden_dim=prev_dim,
+        prev_k=k - 1 if k > 0 else None, hidden=at, hidden_shape=dims(at_shape), prev_hidden_dim=prev_dim,
         score_value=score_val,
         emit_patience_state=nxt is not None and nxt.spec.gate.kind == GateKind.PATIENCE,
         emit_hidden_state=nxt is not None and nxt.spec.gate.kind == GateKind.SATURATION,
@@ -236,20 +241,20 @@ def _build_segment_exit(pm: PreparedModel, seg: ExtractedSegment, e: ExitPlan, e
     gate.gate.dtype, gate.gate.shape = ir.DataType.BOOL, ir.Shape(["batch"])
     gate.score.dtype, gate.score.shape = ir.DataType.FLOAT, ir.Shape(["batch"])
     for v in gate.state_outputs:
-        if v.name.endswith(".argmax"):
+        if _n(v).endswith(".argmax"):
             v.dtype, v.shape = ir.DataType.INT64, ir.Shape(["batch", None])
         else:
             v.dtype = ir.DataType.FLOAT
-            v.shape = ir.Shape(["batch"]) if v.name.endswith(".count") else ir.Shape(["batch", None, None])
+            v.shape = ir.Shape(["batch"]) if _n(v).endswith(".count") else ir.Shape(["batch", None, None])
     g.inputs.extend(gate.state_inputs)
     g.inputs.append(gate.threshold)
     names = gate_names(k)
     info = ExitInfo(
-        index=k, at=[v.name for v in e.at], head=e.spec.head.describe(), outputs={final_name: out.name},
+        index=k, at=[_n(v) for v in e.at], head=e.spec.head.describe(), outputs={final_name: _n(out)},
         gate=GateInfo(kind=e.spec.gate.kind.value, threshold=float(e.spec.gate.threshold), output=names["gate"],
                       threshold_input=names["threshold"], score_output=names["score"],
-                      state_inputs=[v.name for v in gate.state_inputs],
-                      state_outputs=[v.name for v in gate.state_outputs]),
+                      state_inputs=[_n(v) for v in gate.state_inputs],
+                      state_outputs=[_n(v) for v in gate.state_outputs]),
         name=e.spec.name,
     )
     return info, [out, gate.gate, gate.score, *gate.state_outputs]
@@ -264,7 +269,7 @@ def _pooled_dim(shape: list) -> int | str | None:
 
 
 def _infer_head_shape(g: ir.Graph, logits: ir.Value, pm: PreparedModel, e: ExitPlan,
-                      final_shape: list[int | str | None]) -> list[int | str | None]:
+                      final_shape: Dims) -> Dims:
     """The head output's shape, by running shape inference on the head alone when it has none."""
     if logits.shape is not None and len(logits.shape) >= 1:
         return [d if isinstance(d, int) else "batch" for d in logits.shape]
@@ -348,14 +353,16 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
     for k, seg in enumerate(segs):
         g = seg.graph
         outputs: list[ir.Value] = [seg.values[n] for n in seg.carried_out]
+        info: ExitInfo
         if k < len(exits):
-            info, extra = _build_segment_exit(pm, seg, exits[k], exits, opset, final, class_axis, head_models[k])
+            info, exit_outputs = _build_segment_exit(pm, seg, exits[k], exits, opset, final, class_axis,
+                                                     head_models[k])
             info.head_spec = head_specs[k]
-            outputs += extra
+            outputs += exit_outputs
         else:
-            fv = seg.values[final.name]
+            fv = seg.values[_n(final)]
             outputs.append(fv)
-            info = ExitInfo(index=k, at=[], head="final", outputs={final.name: final.name})
+            info = ExitInfo(index=k, at=[], head="final", outputs={_n(final): _n(final)})
         g.outputs.clear()
         g.outputs.extend(outputs)
         g.opset_imports.setdefault("", opset)
@@ -369,7 +376,7 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
         seg_models.append(model)
         seg_infos.append(SegmentInfo(
             index=k, file=f"segments/seg{k}.onnx",
-            inputs=[_tensor_info(v, _batch_axis(pm, v)) for v in g.inputs if not v.name.endswith(".threshold")],
+            inputs=[_tensor_info(v, _batch_axis(pm, v)) for v in g.inputs if not _n(v).endswith(".threshold")],
             outputs=[_tensor_info(v, _batch_axis(pm, v)) for v in g.outputs],
             exit=info, carried_out=list(seg.carried_out),
             flops=pm.flops_of(plans[k].nodes), flops_fraction=pm.flops_of(plans[k].nodes) / total,
@@ -400,7 +407,7 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
             ios = [SegmentIO(tmp / s.file, [t.name for t in s.inputs],
                              s.exit.gate.threshold_input if s.exit.gate else None, [t.name for t in s.outputs])
                    for s in seg_infos]
-            worst = verify_chain(pm.model, ios, [final.name], [1, 4], per_sample=pm.batch_mode != "dynamic",
+            worst = verify_chain(pm.model, ios, [_n(final)], [1, 4], per_sample=pm.batch_mode != "dynamic",
                                  dims=dims)
             manifest.notes.append(f"verified: no-exit chain equals the source model (max rel. error {worst:.1e})")
         write_manifest(tmp, manifest)
@@ -408,10 +415,10 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
 
 
 def _batch_axis(pm: PreparedModel, v: ir.Value) -> int | None:
-    if v.name.startswith("ee") and (".gate" in v.name or ".score" in v.name or ".state." in v.name
-                                    or ".out." in v.name):
+    name = _n(v)
+    if name.startswith("ee") and (".gate" in name or ".score" in name or ".state." in name or ".out." in name):
         return 0
-    facts = pm.probe.facts.get(v.name)
+    facts = pm.probe.facts.get(_n(v))
     if facts is not None:
         return facts.batch_axis
     return 0  # model inputs

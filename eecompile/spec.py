@@ -306,15 +306,15 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
     model = base / _string(m["model"], "model")
     if "exits" not in m or not isinstance(m["exits"].value, list) or not m["exits"].value:
         raise SpecError(f"{_at('exits', m.get('exits'))}: 'exits' must be a non-empty list of exits")
-    exits = tuple(_parse_exit(e, f"exits[{i}]", base) for i, e in enumerate(m["exits"].value))
+    exits = tuple(_parse_exit(node, f"exits[{i}]", base) for i, node in enumerate(m["exits"].value))
     seen: dict[str, int] = {}
-    for i, e in enumerate(exits):
-        if e.tensor in seen:
+    for i, ex in enumerate(exits):
+        if ex.tensor in seen:
             raise SpecError(
-                f"exits[{i}].at: tensor '{_show(e.tensor)}' is already the cut of exits[{seen[e.tensor]}]; "
+                f"exits[{i}].at: tensor '{_show(ex.tensor)}' is already the cut of exits[{seen[ex.tensor]}]; "
                 f"each exit needs its own cut tensor"
             )
-        seen[e.tensor] = i
+        seen[ex.tensor] = i
     final = FinalSpec()
     if "final" in m:
         fm = _mapping(m["final"], "final")

@@ -12,6 +12,7 @@ Cases:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,9 @@ def splice_head(seg: ir.Graph, k: int, at: ir.Value, head: ir.Model, where: str,
     nodes = list(hg)
     hg.remove(nodes, safe=False)
     seg.extend(nodes)
-    for v in (logits, score):
-        if v is not None and v.dtype is None:
-            v.dtype = ir.DataType.FLOAT
+    for out in (logits, score):
+        if out is not None and out.dtype is None:
+            out.dtype = ir.DataType.FLOAT
     return logits, score
 
 
@@ -102,8 +103,8 @@ def _check_head_input(h_in: ir.Value, at: ir.Value, where: str) -> None:
                             f"'{at.name}' has {ts} (axis {i}: {a} vs {b}); make the head take the cut tensor's shape")
 
 
-def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: list[int | str | None],
-                    final_shape: list[int | str | None], out_name: str, where: str) -> ir.Value:
+def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Sequence[int | str | None],
+                    final_shape: Sequence[int | str | None], out_name: str, where: str) -> ir.Value:
     """Make the exit output ``out_name`` with the final output's per-sample shape."""
     per_exit = logits_shape[1:]
     per_final = final_shape[1:]
@@ -122,6 +123,6 @@ def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: list[
         seg.extend([shape_node, node])
     else:
         seg.append(ir.node("Identity", [logits], outputs=[out], name=f"{prefix}out"))
-    out.dtype = logits.dtype
+    out.dtype = logits.dtype or ir.DataType.FLOAT
     out.shape = ir.Shape(["batch", *per_final])
     return out

@@ -78,7 +78,7 @@ def prepare(path: str | Path, dims: dict[str, int] | None = None) -> PreparedMod
             if s is not None:
                 return s
             if v.const_value is not None:
-                return tuple(int(d) for d in v.const_value.shape)
+                return tuple(int(d) for d in v.const_value.shape.numpy())
             if v.shape is not None and all(isinstance(d, int) for d in v.shape):
                 return tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
             return None
@@ -169,7 +169,7 @@ def find_cut_points(pm: PreparedModel) -> list[CutPoint]:
         if idx.recomputable[i]:
             continue
         for v in node.outputs:
-            facts = probe.facts.get(v.name)
+            facts = probe.facts.get(v.name or "")
             if facts is None or v in idx.graph_outputs:
                 continue
             before = idx.anc[i]
@@ -177,17 +177,17 @@ def find_cut_points(pm: PreparedModel) -> list[CutPoint]:
             if not carried:
                 continue  # nothing after the cut reads anything from before it (a dead end)
             problem = cut_problem(pm, v, carried)
-            shape = list(facts.shapes[probe.batches[0]])
+            shape: list[int | str] = list(facts.shapes[probe.batches[0]])
             if facts.batch_axis is not None and pm.batch_mode == "dynamic":
-                shape[facts.batch_axis] = "batch"  # type: ignore[call-overload]
+                shape[facts.batch_axis] = "batch"
             frac = pm.cum_flops[i] / pm.total_flops if pm.total_flops else 0.0
-            out.append(CutPoint(v.name, shape, facts.dtype, facts.batch_axis, [c.name for c in carried],
-                                [x.name for x in inputs_after], pm.cum_flops[i], frac, i, problem))
+            out.append(CutPoint(facts.name, shape, facts.dtype, facts.batch_axis, [c.name or "" for c in carried],
+                                [x.name or "" for x in inputs_after], pm.cum_flops[i], frac, i, problem))
     return out
 
 
 def cut_problem(pm: PreparedModel, v: ir.Value, carried: list[ir.Value]) -> str | None:
-    facts = pm.probe.facts.get(v.name)
+    facts = pm.probe.facts.get(v.name or "")
     if facts is None:
         return "ONNX Runtime could not expose it"
     if pm.batch_mode == "dynamic" and facts.batch_axis is None:
@@ -196,7 +196,7 @@ def cut_problem(pm: PreparedModel, v: ir.Value, carried: list[ir.Value]) -> str 
         return facts.problem
     if pm.batch_mode == "dynamic":
         for c in carried:
-            cf = pm.probe.facts.get(c.name)
+            cf = pm.probe.facts.get(c.name or "")
             if cf is None:
                 return f"carried tensor '{c.name}' could not be probed"
             if cf.problem:

@@ -32,9 +32,19 @@ class ExtractedSegment:
     values: dict[str, ir.Value] = field(default_factory=dict)  # by name, inside this segment's graph
 
 
-def boundary_shape(pm: PreparedModel, name: str) -> tuple[ir.DataType, ir.Shape, int | None]:
+Dims = list[int | str | None]
+
+
+def dims(shape: ir.Shape | None) -> Dims:
+    """An onnx-ir shape as plain ints and strings (symbolic dims by name)."""
+    if shape is None:
+        return []
+    return [d if isinstance(d, int) else (None if d.value is None else str(d.value)) for d in shape]
+
+
+def boundary_shape(pm: PreparedModel, name: str | None) -> tuple[ir.DataType, ir.Shape, int | None]:
     """Type, shape (batch axis symbolic) and batch axis of a probed tensor."""
-    facts = pm.probe.facts.get(name)
+    facts = pm.probe.facts.get(name or "")
     if facts is None:
         raise GraphError(f"tensor '{name}' could not be probed (ONNX Runtime did not expose it)")
     shape: list[int | str] = list(facts.shapes[pm.probe.batches[0]])
@@ -75,9 +85,9 @@ def extract_segments(pm: PreparedModel, plans: list[SegmentPlan]) -> list[Extrac
         out.append(ExtractedSegment(
             index=plan.index,
             graph=seg,
-            carried_in=[v.name for v in plan.carried_in],
-            carried_out=[v.name for v in plan.carried_out],
-            model_inputs=[v.name for v in model_inputs if v.name in names],
+            carried_in=[v.name or "" for v in plan.carried_in],
+            carried_out=[v.name or "" for v in plan.carried_out],
+            model_inputs=[v.name or "" for v in model_inputs if v.name in names],
             values=values,
         ))
     return out

@@ -66,13 +66,14 @@ def random_inputs(inputs: list[ir.Value], batch: int, dims: Mapping[str, int] | 
                 shape.append(d)
             else:
                 shape.append(int((dims or {}).get(str(d), DEFAULT_DIM)))
-        np_dtype = _np_dtype(v.dtype, v.name)
+        name = v.name or ""
+        np_dtype = _np_dtype(v.dtype, name)
         if np.issubdtype(np_dtype, np.floating):
-            feeds[v.name] = rng.standard_normal(shape).astype(np_dtype)
+            feeds[name] = rng.standard_normal(shape).astype(np_dtype)
         elif np_dtype == np.bool_:
-            feeds[v.name] = np.ones(shape, dtype=np.bool_)
+            feeds[name] = np.ones(shape, dtype=np.bool_)
         else:
-            feeds[v.name] = np.ones(shape, dtype=np_dtype)
+            feeds[name] = np.ones(shape, dtype=np_dtype)
     return feeds
 
 
