@@ -31,6 +31,7 @@ from eecompile.errors import BackendError, BundleError, DataError, SpecError
 from eecompile.runtimes.base import SegmentBackend
 
 POLICIES = ("compact", "wait-all", "never")
+_NO_ROWS = np.zeros(0, dtype=np.int64)  # read-only by convention: the rows that exit when none does
 Threshold = float | str  # a number, "never" or "always"
 
 
@@ -228,16 +229,14 @@ class EarlyExitRunner:
             fire = self._fire(outs, step, thr, m)
             if not compact:
                 fire &= ~done
-            host = {name: _batch_first(be.to_host(outs[t]), self._out_axes[name]) for name, t in step.exits}
-            reached = slice(None) if compact else ~done
-            nonfinite[k] = _count_nonfinite(host, reached)
-            rows = np.flatnonzero(fire)
+            rows = np.flatnonzero(fire) if fire.any() else _NO_ROWS
+            taken, nonfinite[k] = self._exit_rows(outs, step, rows, slice(None) if compact else ~done)
             if rows.size:
                 dest = active[rows] if compact else rows
-                for name, arr in host.items():
+                for name, arr in taken.items():
                     if name not in results:
                         results[name] = np.empty((n, *arr.shape[1:]), dtype=arr.dtype)
-                    results[name][dest] = arr[rows]
+                    results[name][dest] = arr
                 exit_index[dest] = k
                 counts[k] = rows.size
             if compact:
@@ -299,6 +298,31 @@ class EarlyExitRunner:
         return RunResult(outputs, exit_index, counts, timings, nonfinite, all_exits=all_exits, gate_masks=masks,
                          gate_scores=scores)
 
+    def _exit_rows(self, outs: dict[str, Any], step: _Step, rows: np.ndarray,
+                   reached: slice | np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        """The exit outputs of the exiting ``rows`` on the host (batch first), and the non-finite count.
+
+        Only exiting rows need to reach the host. Host-resident outputs (numpy: ORT CPU) cost nothing to read,
+        so every row that ``reached`` the exit is checked for NaN/Inf (one reduction when all is finite, which
+        is the common case); device outputs are gathered on the device first, so only the exiting rows cross
+        (and only they are checked)."""
+        be = self.backend
+        taken: dict[str, np.ndarray] = {}
+        on_host: dict[str, np.ndarray] = {}
+        for name, t in step.exits:
+            x = outs[t]
+            axis = self._out_axes[name]
+            if isinstance(x, np.ndarray):
+                a = _batch_first(x, axis)
+                on_host[name] = a
+                if rows.size:
+                    taken[name] = a[rows]
+            elif rows.size:
+                taken[name] = _batch_first(be.to_host(be.gather(x, rows, axis)), axis)
+        if len(on_host) == len(step.exits):
+            return taken, _count_nonfinite(on_host, reached)
+        return taken, _count_nonfinite(taken, slice(None))
+
     def _gate_mask(self, outs: dict[str, Any], step: _Step, m: int) -> np.ndarray:
         assert step.gate is not None
         mask = self.backend.to_host(outs[step.gate])
@@ -351,8 +375,8 @@ def _count_nonfinite(host: dict[str, np.ndarray], rows: slice | np.ndarray) -> i
     """Samples (among ``rows``) with a NaN/Inf in any float exit output (batch on axis 0)."""
     bad: np.ndarray | None = None
     for a in host.values():
-        if a.dtype.kind != "f":
-            continue
+        if a.dtype.kind != "f" or a.size == 0 or math.isfinite(a.sum()):
+            continue  # a finite sum means every value is finite (NaN/Inf propagate; overflow lands below)
         sel = a[rows]
         b = ~np.isfinite(sel).reshape(sel.shape[0], -1).all(axis=1)
         bad = b if bad is None else bad | b

@@ -35,6 +35,13 @@ DEVICES = ("cpu", "cuda")
 # (otherwise ORT silently runs single-threaded), and its pool spins. So "per-session" stays the default
 # (robust anywhere); "shared" is there for a dedicated inference process.
 THREAD_POOLS = ("per-session", "shared")
+# ORT graph rewrites turned off on CPU by default. SkipLayerNormFusion (Add + LayerNormalization ->
+# SkipLayerNormalization) only fires when shapes are known, which the compiler's shape inference makes true for
+# every segment, while a model as exported from torch usually lacks that value_info, so the unsplit model keeps
+# the unfused pair. ORT 1.32's CPU kernel for the fused op is the slower one: measured on BERT-base (2-core EPYC,
+# batch 1 and 8, paired blocks) the same graph ran 1.06-1.09x slower fused, which was the whole no-exit
+# overhead of a 4-exit BERT chain. Pass disabled_optimizers=() to keep every ORT rewrite.
+DEFAULT_CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
@@ -78,20 +85,23 @@ class OnnxRuntimeBackend(SegmentBackend):
       ``thread_pool``: ``"per-session"`` (default) or ``"shared"`` (one process-wide pool for all sessions);
       ``device``: ``"cpu"`` (default) or ``"cuda"``; ``device_id``: GPU ordinal;
       ``tensorrt``: put ORT's TensorRT EP in front of CUDA (``device="cuda"`` only), with
-      ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``) and ``fp16``.
+      ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``) and ``fp16``;
+      ``disabled_optimizers``: ORT graph rewrites to skip (default on CPU: ``DEFAULT_CPU_DISABLED_OPTIMIZERS``).
     """
 
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None, thread_pool: str = "per-session",
                  device: str = "cpu", device_id: int = 0, tensorrt: bool = False,
-                 trt_cache_dir: str | Path | None = None, fp16: bool = False, **options: Any) -> None:
+                 trt_cache_dir: str | Path | None = None, fp16: bool = False,
+                 disabled_optimizers: tuple[str, ...] | list[str] | None = None, **options: Any) -> None:
         super().__init__(bundle, **options)
         if ort is None:
             raise BackendError("onnxruntime is not installed; `pip install onnxruntime` (or onnxruntime-gpu)")
         if options:
             raise BackendError(f"onnxruntime backend: unknown option(s) {', '.join(sorted(options))}; known: "
-                               "threads, thread_pool, device, device_id, tensorrt, trt_cache_dir, fp16")
+                               "threads, thread_pool, device, device_id, tensorrt, trt_cache_dir, fp16, "
+                               "disabled_optimizers")
         if device not in DEVICES:
             raise BackendError(f"onnxruntime backend: device '{device}' is not one of {', '.join(DEVICES)}")
         if thread_pool not in THREAD_POOLS:
@@ -104,6 +114,9 @@ class OnnxRuntimeBackend(SegmentBackend):
         self.device = device
         self.device_id = device_id
         self.threads = threads or default_threads()
+        if disabled_optimizers is None:
+            disabled_optimizers = DEFAULT_CPU_DISABLED_OPTIMIZERS if device == "cpu" else ()
+        self.disabled_optimizers = tuple(disabled_optimizers)
         self.providers = self._providers(tensorrt, trt_cache_dir, fp16)
         if thread_pool == "shared":
             _use_shared_pool(self.threads)
@@ -166,6 +179,9 @@ class OnnxRuntimeBackend(SegmentBackend):
             # segment's pool needs (measured: a chain 3x slower). Sleep instead of spinning.
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if self.disabled_optimizers:
+            so.add_session_config_entry("optimization.disable_specified_optimizers",
+                                        ",".join(self.disabled_optimizers))
         return so
 
     def _load(self, seg: SegmentInfo, opts: Any) -> Any:
