@@ -428,6 +428,10 @@ def run_file(bundle: str | Path, data: str | Path, output: str | Path, policy: s
     output = Path(output)
     if not output.parent.is_dir():
         raise DataError(f"{output.parent}: directory does not exist; create it or choose another -o path")
+    if output.is_dir():
+        raise DataError(f"{output}: is a directory; give a file name for the output .npz")
+    if not os.access(output.parent, os.W_OK):  # say so before running every batch, not after
+        raise DataError(f"{output.parent}: not writable; choose another -o path")
 
     results = []
     n_batches = -(-len(dataset) // batch_size)
@@ -481,7 +485,10 @@ class _progress:
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write to a temporary file beside ``path``, then rename it into place (no half-written output)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write the output ({e.strerror or e}); choose another -o path") from e
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle

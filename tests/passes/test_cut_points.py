@@ -26,6 +26,9 @@ def test_zoo_graphs_have_clean_suggested_cuts(name: str) -> None:
     # Inside a ResNet block the skip connection rides along: some cut points carry two tensors.
     if name == "resnet50":
         assert any(len(c.carried) == 2 for c in report.valid)
+        # Stage boundaries (read only by Convs) are preferred over block outputs that feed a residual Sum.
+        assert "r77" in report.suggested and not by_name["r77"].feeds_elementwise
+        assert by_name["r67"].feeds_elementwise
 
 
 def test_transformer_with_mask_cuts_carry_only_hidden_state(torch_model) -> None:
