@@ -431,7 +431,7 @@ def run_file(bundle: str | Path, data: str | Path, output: str | Path, policy: s
     if output.is_dir():
         raise DataError(f"{output}: is a directory; give a file name for the output .npz")
     if not os.access(output.parent, os.W_OK):  # say so before running every batch, not after
-        raise DataError(f"{output.parent}: not writable; choose another -o path")
+        raise DataError(f"{output}: cannot write there ({output.parent} is not writable); choose another -o path")
 
     results = []
     n_batches = -(-len(dataset) // batch_size)
