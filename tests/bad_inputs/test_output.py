@@ -74,4 +74,4 @@ def test_run_output_directory_missing(ws: Path) -> None:
 
 def test_run_output_directory_not_writable(ws: Path, read_only_dir: Path) -> None:
     expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", read_only_dir / "out.npz"],
-                 OSError, "out.npz", "writable", workspace=ws)
+                 DataError, "out.npz", "writable", workspace=ws)
