@@ -48,6 +48,7 @@ from eecompile.spec import ExitSpec, GateKind, Spec, load_spec
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_BYTES = 1 << 30  # segments with more weights than this are saved with external data
+INLINE_EXTERNAL_BYTES = 64 << 20  # segments of external-data models with less than this get their weights inline
 
 
 @dataclass
@@ -285,9 +286,15 @@ def _save(model: ir.Model, path: Path) -> None:
     """Save a segment; weights go to ``seg{k}.onnx.data`` beside it when they are large or came from external
     data (a segment must never point back at the source model's data file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    values = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
-    size = sum(t.nbytes for t in values)
-    if size > EXTERNAL_DATA_BYTES or any(isinstance(t, ir.ExternalTensor) for t in values):
+    inits = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    size = sum(v.const_value.nbytes for v in inits)  # type: ignore[union-attr]
+    external = [v for v in inits if isinstance(v.const_value, ir.ExternalTensor)]
+    if external and size <= INLINE_EXTERNAL_BYTES:
+        # torch's dynamo exporter writes even tiny weights to a .data file; a small segment is simpler inline.
+        for v in external:
+            v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)  # type: ignore[union-attr]
+        external = []
+    if size > EXTERNAL_DATA_BYTES or external:
         ir.save(model, path, external_data=path.name + ".data")
     else:
         ir.save(model, path)

@@ -122,15 +122,24 @@ class _Encoder:
 
 
 def export(name: str, directory: Path) -> Path:
-    """Export model ``name`` (resnet | vit | bert) to ``directory/name.onnx`` with a dynamic batch."""
+    """Export model ``name`` to ``directory/name.onnx`` with a dynamic batch: resnet | vit | bert with the
+    TorchScript exporter (opset 17), or dynamo-resnet | dynamo-bert with torch.export (the default exporter
+    since torch 2.9: opset 18, weights in an external .data file, its own tensor names)."""
     path = directory / f"{name}.onnx"
     if path.exists():
         return path
     torch = _torch()
-    if name == "resnet":
+    dynamo = name.startswith("dynamo-")
+    base = name.removeprefix("dynamo-")
+    if base == "resnet":
         model, args, inputs, outputs = small_resnet()
     else:
-        model, args, inputs, outputs = _Encoder.build(name)
+        model, args, inputs, outputs = _Encoder.build(base)
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(model, args, str(path), input_names=inputs, output_names=outputs, dynamo=True,
+                          dynamic_shapes=tuple({0: batch} for _ in inputs), opset_version=18)
+        return path
     axes = {n: {0: "batch"} for n in inputs + outputs}
     torch.onnx.export(model, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
                       opset_version=17, dynamo=False)
