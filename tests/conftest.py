@@ -10,9 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto
-from onnx import helper as oh
-from onnx import numpy_helper as nh
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -42,28 +39,19 @@ def torch_model(torch_model_dir: Path) -> Callable[[str], Path]:
 
 def make_head(path: Path, feature_shape: list, n_classes: int, opset: int = 17, seed: int = 0,
               scale: float = 0.05) -> Path:
-    """A linear head ONNX file for a cut tensor: [B,C,H,W] -> pool; [B,T,D] -> first token; [B,D] -> as is."""
+    """A linear head ONNX file for a cut tensor ([B,C,H,W] -> pool; [B,T,D] -> first token; [B,D] -> as is),
+    built with eecompile's own head template and random weights (an untrained head would never fire)."""
+    from eecompile.heads import head_onnx, weight_shapes
+
+    shape = list(feature_shape)
+    if len(shape) == 4:
+        shape[2:] = ["H", "W"]  # any spatial size
+    options = {"pool": "first"} if len(shape) == 3 else None
     rng = np.random.default_rng(seed)
-    rank = len(feature_shape)
-    width = feature_shape[1] if rank in (2, 4) else feature_shape[2]
-    w = nh.from_array((rng.standard_normal((n_classes, width)) * scale).astype(np.float32), "W")
-    b = nh.from_array(np.zeros(n_classes, np.float32), "B")
-    inits = [w, b]
-    nodes = []
-    if rank == 4:
-        nodes += [oh.make_node("GlobalAveragePool", ["x"], ["p"]), oh.make_node("Flatten", ["p"], ["f"])]
-    elif rank == 3:
-        inits.append(nh.from_array(np.array(0, dtype=np.int64), "zero"))
-        nodes.append(oh.make_node("Gather", ["x", "zero"], ["f"], axis=1))
-    else:
-        nodes.append(oh.make_node("Identity", ["x"], ["f"]))
-    nodes.append(oh.make_node("Gemm", ["f", "W", "B"], ["y"], transB=1))
-    in_shape = ["N", *feature_shape[1:]] if rank != 4 else ["N", feature_shape[1], "H", "W"]
-    g = oh.make_graph(nodes, "head", [oh.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-                      [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_classes])], inits)
-    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.save(m, path)
+    weights = {name: (np.zeros(s, np.float32) if name.endswith(".bias")
+                      else (rng.standard_normal(s) * scale).astype(np.float32))
+               for name, s in weight_shapes("linear", shape, n_classes, options).items()}
+    onnx.save(head_onnx("linear", shape, n_classes, options, weights, opset), path)
     return path
 
 
