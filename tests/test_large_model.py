@@ -24,7 +24,6 @@ from eecompile.passes.load import load_model
 from tests.bad_inputs.util import D, linear_head, spec_doc, tiny_mlp, write_yaml
 
 
-
 def _workspace(root: Path, *, d: int = D, layers: int = 3) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tiny_mlp(root / "model.onnx", d=d, layers=layers, external=True)
