@@ -115,7 +115,8 @@ def probe_model(model: ir.Model, names: list[str], batches: tuple[int, ...] = PR
             outs = sess.run(out_names, feeds)
         except Exception as e:
             raise GraphError(f"ONNX Runtime failed to run the model at batch {b}: {str(e).splitlines()[0]}") from e
-        for name, arr in zip(out_names, outs, strict=True):
+        # The inputs too: FLOPs of a MatMul that reads an input need its shape.
+        for name, arr in [*zip(out_names, outs, strict=True), *feeds.items()]:
             arr = np.asarray(arr)
             f = result.facts.get(name)
             if f is None:
