@@ -35,6 +35,19 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {r['model']} | {r['batch']} | {r['exits']} | {_r(r['unsplit_ms'], '', 2)} | "
                          f"{_r(r['chain_ms'], '', 2)} | {_r(r['ratio'])} | {_r(r['cpu_ratio'])} | {_ok(r['holds'])} |")
         lines.append("")
+        eng_rows = [r for r in f["overhead"]["rows"] if r.get("engines")]
+        if eng_rows:
+            info = f["overhead"].get("ort_engines", {})
+            lines += [f"ORT CPU engines ({info.get('target', '?')}; `eecompile build --backend onnxruntime`) against "
+                      "the portable chain, paired in the same rounds:", "",
+                      "| model | batch | engines / portable chain, wall | CPU time | tensors carried blocked |",
+                      "|---|---|---|---|---|"]
+            for r in eng_rows:
+                base = r["model"].replace(" + ORT engines", "")
+                carried = ", ".join(c["tensor"] for c in info.get("carried", {}).get(base, [])) or "-"
+                lines.append(f"| {base} | {r['batch']} | {_r(r['vs_portable'])} | {_r(r['cpu_vs_portable'])} | "
+                             f"{carried} |")
+            lines.append("")
     if "speedup" in f:
         s = f["speedup"]
         lines += ["### Speedup: digits demo at calibrated thresholds, batch 1", ""]

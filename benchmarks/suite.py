@@ -42,10 +42,32 @@ class Context:
         return 0.02 if self.quick else full
 
 
-def _runner(bundle: Path, threads: int) -> Any:
+def _runner(bundle: Path, threads: int, engines: bool = False) -> Any:
+    """The chain on ORT CPU: the portable segments, or (``engines=True``) the bundle's ORT CPU engines."""
     from eecompile.runtimes.chain import EarlyExitRunner
 
-    return EarlyExitRunner(bundle, threads=threads)
+    runner = EarlyExitRunner(bundle, threads=threads, engines=engines)
+    if engines and getattr(runner.backend, "engine_target", None) is None:
+        raise RuntimeError(f"{bundle}: no ONNX Runtime engines for this machine were loaded")
+    return runner
+
+
+def _ort_engines(bundle: Path, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Build the bundle's ORT CPU engines for this machine unless it has them; return their rewrite summaries."""
+    from eecompile.build import build_engines, engine_records
+    from eecompile.bundle import Bundle
+    from eecompile.runtimes.onnxruntime import cpu_target
+
+    target = cpu_target()
+    recs = engine_records(Bundle.load(bundle).manifest, "onnxruntime", target)
+    if not recs:
+        say(f"overhead: building ORT engines ({target}) for {bundle.name}")
+        recs = build_engines(bundle, "onnxruntime").records
+    seen: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        for c in r.flags.get("rewritten", []):
+            seen[c["tensor"]] = c
+    return list(seen.values())
 
 
 def _times(b: Any) -> dict[str, float]:
@@ -67,8 +89,15 @@ def overhead(ctx: Context) -> dict[str, Any]:
                  models.resnet50(ctx.cache, cuts=models.conv_only_cuts(zoo), tag="-stage-cuts"),
                  models.bert(ctx.cache)]
     rows = []
+    engines_info: dict[str, Any] = {}
     for w in loads:
+        # ResNets also run on ORT CPU engines (eecompile build --backend onnxruntime: ORT's optimised graphs with
+        # NCHWc tensors carried across the cuts), paired in the same rounds as the portable chain.
+        with_engines = "resnet" in w.name
+        if with_engines:
+            engines_info[w.name] = _ort_engines(w.bundle, ctx.say)
         runner = _runner(w.bundle, ctx.threads)
+        eng = _runner(w.bundle, ctx.threads, engines=True) if with_engines else None
         sess = reference_session(w.reference, ctx.threads)
         n_early = runner.manifest.n_early_exits
         for batch in (1, 32):
@@ -79,17 +108,36 @@ def overhead(ctx: Context) -> dict[str, Any]:
                 "unsplit": functools.partial(sess.run, None, x),
                 "chain": functools.partial(runner.run, x, thresholds=thr),
             }
+            if eng is not None:
+                fns["engines"] = functools.partial(eng.run, x, thresholds=thr)
             calls = block_calls(fns["unsplit"], ctx.block_s(0.4 if batch == 1 else 0.0))
             big = batch > 1 and not ctx.quick
             rounds = ctx.rounds((3 if "bert" in w.name else 5) if big else 10)
             t = paired_blocks(fns, calls=calls, rounds=rounds, warmup=1 if big else 3)
-            ratio = ratio_stats(t["chain"].wall, t["unsplit"].wall)
-            rows.append({"model": w.name, "batch": batch, "exits": n_early, "calls_per_block": calls,
-                         "unsplit_ms": _times(t["unsplit"]), "chain_ms": _times(t["chain"]), "ratio": ratio,
-                         "cpu_ratio": ratio_stats(t["chain"].cpu, t["unsplit"].cpu),
-                         "target": 1.02, "holds": ratio["median"] <= 1.02})
+            for key, label in (("chain", w.name), ("engines", f"{w.name} + ORT engines")):
+                if key not in t:
+                    continue
+                ratio = ratio_stats(t[key].wall, t["unsplit"].wall)
+                row = {"model": label, "batch": batch, "exits": n_early, "calls_per_block": calls,
+                       "unsplit_ms": _times(t["unsplit"]), "chain_ms": _times(t[key]), "ratio": ratio,
+                       "cpu_ratio": ratio_stats(t[key].cpu, t["unsplit"].cpu),
+                       "target": 1.02, "holds": ratio["median"] <= 1.02}
+                if key == "engines":
+                    row["engines"] = True
+                    row["vs_portable"] = ratio_stats(t["engines"].wall, t["chain"].wall)
+                    row["cpu_vs_portable"] = ratio_stats(t["engines"].cpu, t["chain"].cpu)
+                rows.append(row)
         runner.close()
-    return {"rows": rows, "thresholds": f"max_prob {NEVER_FIRES} (gates run and are read, none fires)"}
+        if eng is not None:
+            eng.close()
+    return {"rows": rows, "thresholds": f"max_prob {NEVER_FIRES} (gates run and are read, none fires)",
+            "ort_engines": {"target": _cpu_target(), "carried": engines_info}}
+
+
+def _cpu_target() -> str:
+    from eecompile.runtimes.onnxruntime import cpu_target
+
+    return cpu_target()
 
 
 # ------------------------------------------------------------------------------------------- speedup

@@ -12,10 +12,14 @@ Two TensorRT API generations are supported and detected from ``tensorrt.__versio
   * 11.x: precision flags are gone and networks are strongly typed, so ``--fp16`` first converts each
     segment ONNX to fp16 (:mod:`eecompile.passes.to_fp16`, gate kept fp32, I/O dtypes unchanged).
 
-ONNX Runtime (``backend="onnxruntime"``): ORT optimises a graph in milliseconds when a session is created
-and its optimised graphs are tied to the execution provider and machine, so nothing is stored. ``build``
-creates one session per segment (catching unsupported operators or a broken install before deployment) and
-records that check (ORT version, providers) in ``manifest.engines`` with ``file: null``.
+ONNX Runtime (``backend="onnxruntime"``): CPU "engines", ``engines/seg{k}.onnxruntime.{target}.onnx``: each
+segment's graph as ORT optimises it on this machine (ORT_ENABLE_ALL, saved with ``optimized_model_filepath``),
+with the cuts edited (:mod:`eecompile.passes.ort_layout`) so that a tensor ORT holds in its blocked NCHWc layout
+crosses the cut blocked instead of through a ReorderOutput / ReorderInput pair. ``target`` is ORT major.minor
+and the NCHWc block size (``ort1.32-nchwc16``): such a graph is only valid on that ORT and that kind of CPU. The
+record names the blocked tensors each engine takes and gives (``flags.inputs`` / ``flags.outputs``: engine
+name, shape, dtype, batch axis, block, channels) so the runtime binds them; on another target the runtime
+runs the portable segments and logs a warning.
 
 Everything that needs no GPU (profiles, version dispatch, records, file names) is pure and tested on CPU.
 This module imports only numpy, pyyaml and the bundle at import time: the embedded TensorRT runtime uses
@@ -303,7 +307,10 @@ class BuildReport:
         for col in ("segment", "file", "size", "build s", "flags"):
             table.add_column(col)
         for r, s, n in zip(self.records, self.seconds, self.sizes, strict=True):
-            flags = ", ".join(f"{k}={v}" for k, v in r.flags.items())
+            flags = ", ".join(f"{k}={v}" for k, v in r.flags.items() if not isinstance(v, (dict, list)))
+            if r.flags.get("rewritten"):
+                flags += ", blocked: " + ", ".join(f"{c['tensor']} ({'out' if c['from'] == r.segment else 'in'})"
+                                                   for c in r.flags["rewritten"])
             table.add_row(str(r.segment), r.file or "(none stored)", f"{n / 1e6:.1f} MB" if n else "-",
                           f"{s:.1f}", flags)
         console = Console()
@@ -323,7 +330,7 @@ def build_engines(bundle: str | Path, backend: str = "tensorrt", fp16: bool = Fa
         raise BackendError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     path = Path(bundle)
     if backend == "onnxruntime":
-        return _check_onnxruntime(path, max_batch)
+        return _build_onnxruntime(path, max_batch)
     return _build_tensorrt(path, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch, workspace_mb=workspace_mb,
                            timing_cache=timing_cache, data=data, dim_sizes=dim_sizes, device=device)
 
@@ -338,34 +345,111 @@ def _data_shapes(data: str | Path | None) -> dict[str, tuple[int, ...]]:
         raise DataError(f"{data}: cannot read the .npz ({e})") from e
 
 
-def _check_onnxruntime(path: Path, max_batch: int) -> BuildReport:
+def ort_engine_file(segment: int, target: str) -> str:
+    """Bundle-relative path of segment ``segment``'s ORT CPU engine: ``engines/seg{k}.onnxruntime.{target}.onnx``."""
+    return f"engines/seg{segment}.onnxruntime.{target}.onnx"
+
+
+# An optimised graph is one protobuf; past this size it would need external data, which engines do not use yet.
+ORT_ENGINE_MAX_BYTES = 1_900_000_000
+
+
+def _build_onnxruntime(path: Path, max_batch: int) -> BuildReport:
+    """ORT CPU engines: each segment's ORT-optimised graph (this machine), boundaries edited to carry NCHWc."""
+    import tempfile
+
+    import onnx
     import onnxruntime as ort
 
-    b = Bundle.load(path)
-    providers = ["CPUExecutionProvider"]
-    records: list[EngineRecord] = []
-    seconds: list[float] = []
-    for seg in b.manifest.segments:
-        t0 = time.perf_counter()
-        f = b.verify_file(seg.file)
-        try:
-            ort.InferenceSession(str(f), providers=providers)
-        except Exception as e:  # ORT raises its own exception types; name the file instead
-            raise BackendError(f"{f}: ONNX Runtime cannot load this segment ({e}); recompile the bundle") from e
-        seconds.append(time.perf_counter() - t0)
-        records.append(EngineRecord(segment=seg.index, backend="onnxruntime", target="any", file=None, sha256=None,
-                                    backend_version=ort.__version__, flags={"max_batch": max_batch,
-                                                                            "providers": providers},
-                                    built_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    from eecompile.passes.ort_layout import carry_blocked, count_reorders, optimise_with_ort
+    from eecompile.runtimes.onnxruntime import (
+        DEFAULT_CPU_DISABLED_OPTIMIZERS,
+        ENGINE_LOAD_LEVEL,
+        cpu_target,
+        nchwc_block_size,
+    )
 
-    def change(_tmp: Path, manifest: Manifest) -> None:
-        manifest.engines = [d for d in manifest.engines if d.get("backend") != "onnxruntime"]
-        manifest.engines += [r.to_dict() for r in records]
+    b = Bundle.load(path)
+    m = b.manifest
+    target = cpu_target()
+    block = nchwc_block_size()
+    disabled = list(DEFAULT_CPU_DISABLED_OPTIMIZERS)
+    seconds: list[float] = []
+    graphs: dict[int, onnx.ModelProto] = {}
+    before: dict[int, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="eecompile-ort-") as scratch:
+        for seg in m.segments:
+            t0 = time.perf_counter()
+            src = b.verify_file(seg.file)
+            dst = Path(scratch) / f"seg{seg.index}.opt.onnx"
+            try:
+                optimise_with_ort(src, dst, disabled)
+            except Exception as e:  # ORT raises its own exception types; name the file instead
+                raise BackendError(f"{src}: ONNX Runtime cannot load this segment ({e}); recompile the bundle") from e
+            if dst.stat().st_size > ORT_ENGINE_MAX_BYTES:
+                raise BackendError(f"{src}: ONNX Runtime's optimised graph is {dst.stat().st_size / 2**30:.1f} GB, "
+                                   f"over what one ONNX file holds; run this bundle on its portable segments")
+            graphs[seg.index] = onnx.load(str(dst))
+            before[seg.index] = count_reorders(graphs[seg.index])
+            seconds.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    carried, skipped = carry_blocked(graphs, m.segments, [t.name for t in m.inputs], block)
+    edit_s = (time.perf_counter() - t0) / max(len(m.segments), 1)
+    blobs = {k: g.SerializeToString() for k, g in graphs.items()}
+
+    # Every engine must load the way the runtime loads it (no optimisers) before it is recorded.
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ENGINE_LOAD_LEVEL)
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    for k, blob in blobs.items():
+        try:
+            ort.InferenceSession(blob, sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise BackendError(f"segment {k}: ONNX Runtime refuses its edited optimised graph ({e}); this is a bug "
+                               f"in eecompile's layout pass: report it; the portable segments still run") from e
+
+    built_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+    records: list[EngineRecord] = []
+    for seg in m.segments:
+        k = seg.index
+        after = count_reorders(graphs[k])
+        flags: dict[str, Any] = {
+            "max_batch": max_batch, "providers": ["CPUExecutionProvider"], "graph_optimization": "ORT_ENABLE_ALL",
+            "load_optimization": ENGINE_LOAD_LEVEL, "disabled_optimizers": disabled, "nchwc_block": block,
+            "inputs": {c.tensor: c.io_entry() for c in carried if k in c.consumers},
+            "outputs": {c.tensor: c.io_entry() for c in carried if c.producer == k},
+            "rewritten": [c.summary() for c in carried if k == c.producer or k in c.consumers],
+            "reorders_before": before[k], "reorders_after": after,
+        }
+        rel = ort_engine_file(k, target)
+        records.append(EngineRecord(segment=k, backend="onnxruntime", target=target, file=rel,
+                                    sha256=sha256_bytes(blobs[k]), backend_version=ort.__version__, flags=flags,
+                                    built_at=built_at))
+    seconds = [s_ + edit_s for s_ in seconds]
+
+    def change(tmp: Path, manifest: Manifest) -> None:
+        (tmp / "engines").mkdir(exist_ok=True)
+        for r in records:
+            assert r.file is not None
+            (tmp / r.file).write_bytes(blobs[r.segment])
+        # Engines for other targets stay (a bundle can carry engines for several CPUs); this target's are replaced,
+        # and the old file-less "check" records go.
+        stale = [d for d in manifest.engines if d.get("backend") == "onnxruntime"
+                 and (d.get("target") == target or not d.get("file"))]
+        for d in stale:
+            f = d.get("file")
+            if f and (tmp / f).is_file() and f not in {r.file for r in records}:
+                (tmp / f).unlink()
+        manifest.engines = [d for d in manifest.engines if d not in stale] + [r.to_dict() for r in records]
 
     update_bundle(path, change)
-    return BuildReport(path, "onnxruntime", "any", records, seconds, [0] * len(records),
-                       notes=["ONNX Runtime optimises each segment when a session is created; "
-                              "nothing to store (every segment loaded)."])
+    notes = [f"ONNX Runtime {ort.__version__}, NCHWc block {block}: "
+             f"{len(carried)} boundary tensor(s) carried in blocked layout"]
+    notes += [f"  {c.tensor}: segment {c.producer} -> {c.consumers} as {c.engine_name}" for c in carried]
+    notes += [f"  kept plain: {s_.tensor} ({s_.reason})" for s_ in skipped]
+    return BuildReport(path, "onnxruntime", target, records, seconds, [len(blobs[r.segment]) for r in records],
+                       notes=notes)
 
 
 def _build_tensorrt(path: Path, *, fp16: bool, max_batch: int, opt_batch: int | None, workspace_mb: int,
@@ -539,9 +623,10 @@ class VerifyReport:
 
 # Max |backend - reference| / max(|reference|, 1e-6). TensorRT uses TF32 for fp32 matmuls/convs by default
 # (10-bit mantissa, like fp16), so fp32 engines get a tolerance of the same order.
-VALUE_TOL = {"fp32": 5e-3, "fp16": 2e-2}
+# ORT CPU engines ("ort") run the same kernels as the portable segments: only summation order may differ.
+VALUE_TOL = {"fp32": 5e-3, "fp16": 2e-2, "ort": 1e-5}
 # Gate flips are expected only for samples whose score sits within this band of the threshold.
-SCORE_BAND = {"fp32": 2e-3, "fp16": 1e-2}
+SCORE_BAND = {"fp32": 2e-3, "fp16": 1e-2, "ort": 1e-5}
 DECISION_TOL_NO_SCORE = 0.01  # without a score output: fraction of rows allowed to disagree
 
 
@@ -568,6 +653,8 @@ def verify_backend(bundle: str | Path, backend: str = "tensorrt", data: str | Pa
                                f"`{rebuild_command(b.path)}`")
         precision = "fp16" if any(r.flags.get("fp16") for r in recs) else "fp32"
         max_batch = min(int(r.flags.get("max_batch", 1)) for r in recs)
+    elif backend == "onnxruntime":
+        precision = "ort"
     inputs = _verify_inputs(b, data, batch, max_batch)
     n = next(iter(inputs.values())).shape[0]
 
@@ -587,6 +674,15 @@ def verify_backend(bundle: str | Path, backend: str = "tensorrt", data: str | Pa
         feeds_per_seg.append(feeds)
 
     be = _make_backend(b, backend, **options)
+    notes: list[str] = []
+    if backend == "onnxruntime":
+        target = getattr(be, "engine_target", None)
+        if target:
+            notes.append(f"ONNX Runtime CPU engines for {target} against the portable segments "
+                         f"(blocked tensors converted to NCHW to compare)")
+        else:
+            notes.append("no ONNX Runtime engines for this machine (see the warning above, or none built): "
+                         "the portable segments were compared with themselves")
     rows: list[VerifyRow] = []
     try:
         for seg, feeds, expected in zip(m.segments, feeds_per_seg, ref, strict=True):
@@ -602,7 +698,7 @@ def verify_backend(bundle: str | Path, backend: str = "tensorrt", data: str | Pa
     finally:
         be.close()
     return VerifyReport(b.path, backend, n, rows,
-                        notes=[f"precision {precision}; inputs: {'data ' + str(data) if data else 'random'}"])
+                        notes=[*notes, f"precision {precision}; inputs: {'data ' + str(data) if data else 'random'}"])
 
 
 def _compare(segment: int, name: str, want: np.ndarray, have: np.ndarray, precision: str, gate: Any,

@@ -10,6 +10,7 @@ A compile that fails anywhere writes nothing and leaves an earlier bundle at the
 from __future__ import annotations
 
 import difflib
+import gc
 import logging
 import shutil
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from eecompile.passes.extract_segments import Dims, ExtractedSegment, boundary_s
 from eecompile.passes.gates import build_gate, gate_names
 from eecompile.passes.load import opset_of
 from eecompile.passes.partition import SegmentPlan, carried_across, plan_segments
-from eecompile.passes.verify import SegmentIO, verify_chain
+from eecompile.passes.verify import Reference, SegmentIO, reference_outputs, verify_chain
 from eecompile.spec import ExitSpec, GateKind, Spec, load_spec
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ def _save(model: ir.Model, path: Path) -> None:
     data (a segment must never point back at the source model's data file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     inits = [v for v in model.graph.initializers.values() if v.const_value is not None]
-    size = sum(v.const_value.nbytes for v in inits)  # type: ignore[union-attr]
+    size = sum(int(v.const_value.nbytes) for v in inits if v.const_value is not None)
     external = [v for v in inits if isinstance(v.const_value, ir.ExternalTensor)]
     if external and size <= INLINE_EXTERNAL_BYTES:
         # torch's dynamo exporter writes even tiny weights to a .data file; a small segment is simpler inline.
@@ -311,6 +312,43 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
         raise BundleError(f"{output}: already exists; pass --force to replace it")
     if spec.model.suffix == ".eebundle" or (spec.model.is_dir()):
         raise SpecError(f"model: '{spec.model}' is a directory; give the path of an .onnx file")
+    plan = _plan_bundle(spec, dims, verify)
+    with staged_bundle(output) as tmp:
+        for k, model in enumerate(plan.models):
+            path = tmp / plan.manifest.segments[k].file
+            _save(model, path)
+            try:
+                onnx.checker.check_model(str(path))
+            except onnx.checker.ValidationError as e:
+                raise GraphError(f"segment {k} is not a valid ONNX model ({str(e).splitlines()[0]}); "
+                                 f"this is a bug in the split, please report it with the model") from e
+        # The in-memory graphs hold (memory-mapped) source weights: release them before the segments load.
+        plan.models.clear()
+        gc.collect()
+        for k, src in enumerate(plan.head_sources):
+            if src is not None:
+                (tmp / "heads").mkdir(exist_ok=True)
+                shutil.copyfile(src, tmp / "heads" / f"exit{k}.onnx")
+        if plan.reference is not None:
+            ios = [SegmentIO(tmp / s.file, [t.name for t in s.inputs],
+                             s.exit.gate.threshold_input if s.exit.gate else None, [t.name for t in s.outputs])
+                   for s in plan.manifest.segments]
+            worst = verify_chain(plan.reference, ios, [t.name for t in plan.manifest.outputs])
+            plan.manifest.notes.append(f"verified: no-exit chain equals the source model (max rel. error {worst:.1e})")
+        write_manifest(tmp, plan.manifest)
+    return Bundle.load(output)
+
+
+@dataclass
+class BundlePlan:
+    manifest: Manifest
+    models: list[ir.Model]  # one per segment, in order
+    head_sources: list[Path | None]  # head files to keep in heads/
+    reference: Reference | None  # the unsplit model's outputs, for verify
+
+
+def _plan_bundle(spec: Spec, dims: dict[str, int] | None, verify: bool) -> BundlePlan:
+    """Everything up to the files: prepared model, validated spec, segment graphs with heads and gates."""
     pm = prepare(spec.model, dims)
     final = _resolve_final(pm, spec)
     exits = _plan_exits(pm, spec)
@@ -398,27 +436,10 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
         notes=[pm.batch_note],
     )
     _fix_io_shapes(manifest, pm)
-    with staged_bundle(output) as tmp:
-        for k, model in enumerate(seg_models):
-            _save(model, tmp / seg_infos[k].file)
-            try:
-                onnx.checker.check_model(str(tmp / seg_infos[k].file))
-            except onnx.checker.ValidationError as e:
-                raise GraphError(f"segment {k} is not a valid ONNX model ({str(e).splitlines()[0]}); "
-                                 f"this is a bug in the split, please report it with the model") from e
-        for k, src in enumerate(head_sources):
-            if src is not None:
-                (tmp / "heads").mkdir(exist_ok=True)
-                shutil.copyfile(src, tmp / "heads" / f"exit{k}.onnx")
-        if verify:
-            ios = [SegmentIO(tmp / s.file, [t.name for t in s.inputs],
-                             s.exit.gate.threshold_input if s.exit.gate else None, [t.name for t in s.outputs])
-                   for s in seg_infos]
-            worst = verify_chain(pm.model, ios, [_n(final)], [1, 4], per_sample=pm.batch_mode != "dynamic",
-                                 dims=dims)
-            manifest.notes.append(f"verified: no-exit chain equals the source model (max rel. error {worst:.1e})")
-        write_manifest(tmp, manifest)
-    return Bundle.load(output)
+    # The reference runs before anything is written, while the source model is loaded anyway.
+    reference = (reference_outputs(pm.model, [1, 4], per_sample=pm.batch_mode != "dynamic", dims=dims)
+                 if verify else None)
+    return BundlePlan(manifest, seg_models, head_sources, reference)
 
 
 def _batch_axis(pm: PreparedModel, v: ir.Value) -> int | None:

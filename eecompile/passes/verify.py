@@ -59,9 +59,18 @@ def run_chain_no_exit(segments: list[SegmentIO], feeds: dict[str, np.ndarray],
     return env
 
 
-def verify_chain(source: ir.Model, segments: list[SegmentIO], final_outputs: list[str], batch_sizes: list[int],
-                 per_sample: bool, dims: dict[str, int] | None = None, tolerance: float = TOLERANCE) -> float:
-    """Raise GraphError if the chain differs from ``source``; return the worst relative error seen."""
+@dataclass
+class Reference:
+    """The unsplit model's outputs on the verification inputs (computed before the chain is written, so that
+    the source model's weights can be released before the segments are loaded)."""
+
+    cases: list[tuple[int, dict[str, np.ndarray]]]  # (batch size, feeds)
+    outputs: list[dict[str, np.ndarray]]
+
+
+def reference_outputs(source: ir.Model, batch_sizes: list[int], per_sample: bool,
+                      dims: dict[str, int] | None = None) -> Reference:
+    """Run ``source`` on random inputs at each batch size (one sample at a time when ``per_sample``)."""
     from eecompile.passes.session import session_from_model
 
     inputs = list(source.graph.inputs)
@@ -70,11 +79,15 @@ def verify_chain(source: ir.Model, segments: list[SegmentIO], final_outputs: lis
         feeds = random_inputs(inputs, b, dims, seed=100 + b)
         rows = [{k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()} for i in range(b)] if per_sample else [feeds]
         cases += [(b, row) for row in rows]
-    # The reference first, then the chain: never both sets of weights in memory at once.
-    ref_sess = session_from_model(source, what="the source model")
-    ref_names = [o.name for o in ref_sess.get_outputs()]
-    refs = [dict(zip(ref_names, ref_sess.run(None, row), strict=True)) for _, row in cases]
-    del ref_sess
+    sess = session_from_model(source, what="the source model")
+    names = [o.name for o in sess.get_outputs()]
+    return Reference(cases, [dict(zip(names, sess.run(None, row), strict=True)) for _, row in cases])
+
+
+def verify_chain(reference: Reference, segments: list[SegmentIO], final_outputs: list[str],
+                 tolerance: float = TOLERANCE) -> float:
+    """Raise GraphError if the chain differs from the reference; return the worst relative error seen."""
+    cases, refs = reference.cases, reference.outputs
     sessions = [_session(s.file) for s in segments]
     worst = 0.0
     for (b, row), ref in zip(cases, refs, strict=True):

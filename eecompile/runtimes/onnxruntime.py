@@ -1,7 +1,10 @@
 """ONNX Runtime backend: one ``InferenceSession`` per segment, created once.
 
 CPU (default): tensors are numpy arrays; ``sess.run`` is called directly (see ``_run_cpu`` for why not
-IO binding). ``device="cuda"``: CUDAExecutionProvider (optionally TensorRT EP in front of it), activations
+IO binding). When the bundle holds ORT CPU engines built for this machine (``eecompile build --backend
+onnxruntime``: ORT's own optimised graphs whose cuts carry NCHWc-blocked tensors, see
+``eecompile/passes/ort_layout.py``), those run instead of the portable segments; engines for another ORT
+version or CPU are skipped with a warning and the portable segments run. ``device="cuda"``: CUDAExecutionProvider (optionally TensorRT EP in front of it), activations
 stay on the GPU as ``OrtValue``s through IO binding, only the gate mask is bound to the host.
 
 Imports numpy and onnxruntime only (no onnx, no torch): this runs on a Jetson.
@@ -42,6 +45,10 @@ THREAD_POOLS = ("per-session", "shared")
 # batch 1 and 8, paired blocks) the same graph ran 1.06-1.09x slower fused, which was the whole no-exit
 # overhead of a 4-exit BERT chain. Pass disabled_optimizers=() to keep every ORT rewrite.
 DEFAULT_CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+# Graph optimisation level an ORT CPU engine (ORT's own optimised graph, edited) is loaded with: none. The graph
+# already holds every rewrite ORT_ENABLE_ALL made on this machine; running the optimisers again would redo the
+# NCHWc layout pass on a blocked graph and only cost session-creation time.
+ENGINE_LOAD_LEVEL = "ORT_DISABLE_ALL"
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
@@ -49,6 +56,16 @@ _ORT_TYPES = {
 }
 _shared_pool_threads: int | None = None  # process-wide: ORT's global pools can be sized once
 _per_session_used = False
+
+# A one-node graph: ReorderInput (domain com.microsoft.nchwc) of a [1, 64, 1, 2] tensor, serialized with onnx
+# once (the runtime does not import onnx). Its output shows ORT's NCHWc block size on this CPU.
+_NCHWC_PROBE = (
+    b'\x08\x08\x12\x00:v\n?\n\x01x\x12\x01y"\x0cReorderInput*\x14\n\rchannels_last\x18\x00\xa0\x01\x02:\x13'
+    b'com.microsoft.nchwc\x12\x0bnchwc_probeZ\x1b\n\x01x\x12\x16\n\x14\x08\x01\x12\x10\n\x02\x08\x01\n\x02'
+    b'\x08@\n\x02\x08\x01\n\x02\x08\x02b\t\n\x01y\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11B\x17\n\x13'
+    b'com.microsoft.nchwc\x10\x01'
+)
+_block_size: int | None = None
 
 
 def default_threads() -> int:
@@ -77,6 +94,76 @@ def _use_shared_pool(threads: int) -> None:
                     _shared_pool_threads, threads)
 
 
+def nchwc_block_size() -> int:
+    """ORT's NCHWc block size on this CPU (MLAS: 16 with AVX-512, 8 with AVX2), or 1 where NCHWc is not used.
+
+    Measured, not guessed from CPU flags: a ReorderInput of channels 0..63 at two pixels writes channel 0 of the
+    second pixel right after the first block of channels."""
+    global _block_size
+    if _block_size is None:
+        try:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            so.intra_op_num_threads = 1
+            so.log_severity_level = 4
+            sess = ort.InferenceSession(_NCHWC_PROBE, so, providers=["CPUExecutionProvider"])
+            x = np.zeros((1, 64, 1, 2), np.float32)
+            x[0, :, 0, 1] = 1.0
+            flat = np.asarray(sess.run(None, {"x": x})[0]).reshape(-1)
+            nz = np.flatnonzero(flat)
+            _block_size = int(nz[0]) if nz.size and nz[0] > 0 else 1
+        except Exception:  # noqa: BLE001 - a build without the NCHWc kernels: no blocked layout
+            _block_size = 1
+    return _block_size
+
+
+def cpu_target() -> str:
+    """The target ORT CPU engines are tied to: ORT major.minor and the NCHWc block size, e.g. ``ort1.32-nchwc16``."""
+    parts = str(ort.__version__).split(".")
+    block = nchwc_block_size()
+    return f"ort{parts[0]}.{parts[1] if len(parts) > 1 else 0}-" + (f"nchwc{block}" if block > 1 else "nonchwc")
+
+
+def to_blocked(x: np.ndarray, block: int) -> np.ndarray:
+    """NCHW -> ORT's NCHWc: ``[N, C, H, W]`` to ``[N, C_pad, H, W]`` holding ``[N, C_pad/b, H, W, b]`` (zero-padded)."""
+    n, c, h, w = x.shape
+    cp = -(-c // block) * block
+    if cp != c:
+        x = np.concatenate([x, np.zeros((n, cp - c, h, w), x.dtype)], axis=1)
+    return np.ascontiguousarray(x.reshape(n, cp // block, block, h, w).transpose(0, 1, 3, 4, 2)).reshape(n, cp, h, w)
+
+
+def from_blocked(x: np.ndarray, block: int, channels: int) -> np.ndarray:
+    """ORT's NCHWc ``[N, C_pad, H, W]`` back to NCHW ``[N, channels, H, W]``."""
+    n, cp, h, w = x.shape
+    plain = np.ascontiguousarray(x).reshape(n, cp // block, h, w, block).transpose(0, 1, 4, 2, 3)
+    return np.ascontiguousarray(plain.reshape(n, cp, h, w)[:, :channels])
+
+
+class Blocked:
+    """A carried tensor in ORT's NCHWc layout, as an engine hands it to the next one.
+
+    The chain treats it like any device array: :meth:`OnnxRuntimeBackend.gather` takes rows of it (batch axis 0),
+    :meth:`OnnxRuntimeBackend.to_host` returns it in plain NCHW."""
+
+    __slots__ = ("array", "block", "channels")
+
+    def __init__(self, array: np.ndarray, block: int, channels: int) -> None:
+        self.array = array
+        self.block = block
+        self.channels = channels
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The plain (NCHW) shape this tensor stands for."""
+        n, _, h, w = self.array.shape
+        return (n, self.channels, h, w)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+
 class OnnxRuntimeBackend(SegmentBackend):
     """Runs a bundle's segments on ONNX Runtime.
 
@@ -86,7 +173,9 @@ class OnnxRuntimeBackend(SegmentBackend):
       ``device``: ``"cpu"`` (default) or ``"cuda"``; ``device_id``: GPU ordinal;
       ``tensorrt``: put ORT's TensorRT EP in front of CUDA (``device="cuda"`` only), with
       ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``) and ``fp16``;
-      ``disabled_optimizers``: ORT graph rewrites to skip (default on CPU: ``DEFAULT_CPU_DISABLED_OPTIMIZERS``).
+      ``disabled_optimizers``: ORT graph rewrites to skip (default on CPU: ``DEFAULT_CPU_DISABLED_OPTIMIZERS``);
+      ``engines``: run the bundle's ORT CPU engines when they were built for this machine (default True; CPU only,
+      and only with the disabled optimizers they were built with); ``engines=False`` runs the portable segments.
     """
 
     name = "onnxruntime"
@@ -94,14 +183,15 @@ class OnnxRuntimeBackend(SegmentBackend):
     def __init__(self, bundle: Bundle, *, threads: int | None = None, thread_pool: str = "per-session",
                  device: str = "cpu", device_id: int = 0, tensorrt: bool = False,
                  trt_cache_dir: str | Path | None = None, fp16: bool = False,
-                 disabled_optimizers: tuple[str, ...] | list[str] | None = None, **options: Any) -> None:
+                 disabled_optimizers: tuple[str, ...] | list[str] | None = None, engines: bool = True,
+                 **options: Any) -> None:
         super().__init__(bundle, **options)
         if ort is None:
             raise BackendError("onnxruntime is not installed; `pip install onnxruntime` (or onnxruntime-gpu)")
         if options:
             raise BackendError(f"onnxruntime backend: unknown option(s) {', '.join(sorted(options))}; known: "
                                "threads, thread_pool, device, device_id, tensorrt, trt_cache_dir, fp16, "
-                               "disabled_optimizers")
+                               "disabled_optimizers, engines")
         if device not in DEVICES:
             raise BackendError(f"onnxruntime backend: device '{device}' is not one of {', '.join(DEVICES)}")
         if thread_pool not in THREAD_POOLS:
@@ -122,14 +212,33 @@ class OnnxRuntimeBackend(SegmentBackend):
             _use_shared_pool(self.threads)
         opts = self._session_options(shared=thread_pool == "shared")
         self._sessions: list[Any] = []
-        self._out_names: list[list[str]] = []
+        self._out_names: list[list[str]] = []  # the graph's output names
         self._thr_names: list[str | None] = []
         self._gate_names: list[str | None] = []
+        # Engines only: manifest name -> (engine name, block, channels) of blocked inputs; engine output name ->
+        # (manifest name, block, channels) of blocked outputs.
+        self._blocked_in: list[dict[str, tuple[str, int, int]]] = []
+        self._blocked_out: list[dict[str, tuple[str, int, int]]] = []
+        self.engine_target: str | None = None  # set when engines run
+        records = self._engine_records() if engines else None
+        if records is not None:
+            eopts = self._session_options(shared=thread_pool == "shared")
+            # The graph is ORT's own optimised graph: running the optimisers again would redo the layout pass on
+            # an already blocked graph (and cost session-creation time). Load it as it is.
+            eopts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ENGINE_LOAD_LEVEL)
+            self.engine_target = str(records[0]["target"])
         for seg in self.manifest.segments:
-            self._sessions.append(self._load(seg, opts))
-            self._out_names.append([o.name for o in self._sessions[-1].get_outputs()])
+            rec = records[seg.index] if records is not None else None
+            sess = self._load(seg, opts) if rec is None else self._load_engine(seg, rec, eopts)
+            self._sessions.append(sess)
+            self._out_names.append([o.name for o in sess.get_outputs()])
             self._thr_names.append(seg.exit.gate.threshold_input if seg.exit.gate else None)
             self._gate_names.append(seg.exit.gate.output if seg.exit.gate else None)
+            flags = (rec or {}).get("flags") or {}
+            self._blocked_in.append({name: (str(e["name"]), int(e["block"]), int(e["channels"]))
+                                     for name, e in (flags.get("inputs") or {}).items()})
+            self._blocked_out.append({str(e["name"]): (name, int(e["block"]), int(e["channels"]))
+                                      for name, e in (flags.get("outputs") or {}).items()})
 
     # --- construction ---------------------------------------------------------------------------------
     def _providers(self, tensorrt: bool, trt_cache_dir: str | Path | None, fp16: bool) -> list[Any]:
@@ -184,6 +293,62 @@ class OnnxRuntimeBackend(SegmentBackend):
                                         ",".join(self.disabled_optimizers))
         return so
 
+    def _engine_records(self) -> list[dict[str, Any]] | None:
+        """This machine's ORT CPU engine records, one per segment, or None (portable segments, with a warning
+        when engines exist but were built elsewhere or with other options)."""
+        from eecompile.build import rebuild_command
+
+        mine_all = [d for d in self.manifest.engines if d.get("backend") == "onnxruntime" and d.get("file")]
+        if not mine_all:
+            return None
+        fix = f"rebuild them here with `{rebuild_command(self.bundle.path, backend='onnxruntime')}`"
+        if self.device != "cpu":
+            log.info("%s: ORT CPU engines are for the CPU provider; device=%s runs the portable segments",
+                     self.bundle.path, self.device)
+            return None
+        target = cpu_target()
+        mine = {int(d["segment"]): d for d in mine_all if d.get("target") == target}
+        if not mine:
+            others = sorted({str(d.get("target")) for d in mine_all})
+            log.warning("%s: ONNX Runtime engines were built for %s, this machine is %s (ONNX Runtime %s); running "
+                        "the portable segments instead (slower); %s", self.bundle.path, ", ".join(others), target,
+                        ort.__version__, fix)
+            return None
+        missing = [s.index for s in self.manifest.segments if s.index not in mine]
+        if missing:
+            log.warning("%s: ONNX Runtime engines for %s lack segment(s) %s; running the portable segments; %s",
+                        self.bundle.path, target, missing, fix)
+            return None
+        built_with = {tuple((d.get("flags") or {}).get("disabled_optimizers") or ()) for d in mine.values()}
+        if built_with != {tuple(self.disabled_optimizers)}:
+            log.warning("%s: ONNX Runtime engines were built with disabled_optimizers=%s, this runner asks for %s; "
+                        "running the portable segments", self.bundle.path, sorted(built_with),
+                        list(self.disabled_optimizers))
+            return None
+        return [mine[s.index] for s in self.manifest.segments]
+
+    def _load_engine(self, seg: SegmentInfo, rec: dict[str, Any], opts: Any) -> Any:
+        rel = str(rec["file"])
+        path = self.bundle.verify_file(rel)  # refuses a file whose sha256 differs from the manifest's
+        if rec.get("sha256") and rec["sha256"] != self.manifest.files.get(rel):
+            raise BundleError(f"{path}: sha256 in the engine record differs from the manifest's; rebuild the "
+                              f"engines with `eecompile build {self.bundle.path} --backend onnxruntime`")
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        except Exception as e:
+            raise BundleError(f"{path}: ONNX Runtime cannot load the engine of segment {seg.index} "
+                              f"({_first_line(e)}); rebuild the engines with "
+                              f"`eecompile build {self.bundle.path} --backend onnxruntime`") from e
+        blocked = (rec.get("flags") or {}).get("inputs") or {}
+        want = {str(blocked[t.name]["name"]) if t.name in blocked else t.name for t in seg.inputs}
+        if seg.exit.gate is not None:
+            want.add(seg.exit.gate.threshold_input)
+        have = {i.name for i in sess.get_inputs()}
+        if want != have:
+            raise BundleError(f"{path}: engine inputs {sorted(have)} do not match its record {sorted(want)}; "
+                              f"rebuild the engines with `eecompile build {self.bundle.path} --backend onnxruntime`")
+        return sess
+
     def _load(self, seg: SegmentInfo, opts: Any) -> Any:
         path = self.bundle.verify_file(seg.file)
         try:
@@ -210,6 +375,8 @@ class OnnxRuntimeBackend(SegmentBackend):
             # A fresh dict: the caller's feeds may be shared with other threads.
             feeds = {**feeds, thr: np.array(threshold, dtype=np.float32)}
         if self.device == "cpu":
+            if self._blocked_in[index] or self._blocked_out[index]:
+                return self._run_engine(index, feeds)
             return self._run_cpu(index, feeds)
         return self._run_cuda(index, feeds)
 
@@ -217,11 +384,44 @@ class OnnxRuntimeBackend(SegmentBackend):
         # Plain sess.run: measured against a CPU IO binding (bind_cpu_input + bind_output("cpu") +
         # copy_outputs_to_cpu) it was as fast or faster at every batch size we tried, because the binding
         # object has to be made per call (a shared one is not thread-safe) and outputs are still copied out.
+        if any(isinstance(v, Blocked) for v in feeds.values()):
+            feeds = {k: (self.to_host(v) if isinstance(v, Blocked) else v) for k, v in feeds.items()}
         try:
             outs = self._sessions[index].run(self._out_names[index], feeds)
         except Exception as e:
             raise self._diagnose(index, feeds, e) from e
         return dict(zip(self._out_names[index], outs, strict=True))
+
+    def _run_engine(self, index: int, feeds: dict[str, Any]) -> dict[str, Any]:
+        """An engine with blocked inputs/outputs: bind manifest names to engine names; blocked tensors travel as
+        :class:`Blocked` (a plain array fed to a blocked input, e.g. by ``verify``, is converted here)."""
+        blocked_in = self._blocked_in[index]
+        run_feeds: dict[str, Any] = {}
+        for name, value in feeds.items():
+            spec = blocked_in.get(name)
+            if spec is None:
+                run_feeds[name] = self.to_host(value) if isinstance(value, Blocked) else value
+                continue
+            engine_name, block, _channels = spec
+            if isinstance(value, Blocked) and value.block == block:
+                run_feeds[engine_name] = value.array
+            else:
+                plain = self.to_host(value) if isinstance(value, Blocked) else value
+                run_feeds[engine_name] = to_blocked(np.ascontiguousarray(plain), block)
+        names = self._out_names[index]
+        try:
+            outs = self._sessions[index].run(names, run_feeds)
+        except Exception as e:
+            raise self._diagnose(index, run_feeds, e) from e
+        blocked_out = self._blocked_out[index]
+        result: dict[str, Any] = {}
+        for name, value in zip(names, outs, strict=True):
+            spec = blocked_out.get(name)
+            if spec is None:
+                result[name] = value
+            else:
+                result[spec[0]] = Blocked(value, spec[1], spec[2])
+        return result
 
     def _run_cuda(self, index: int, feeds: dict[str, Any]) -> dict[str, Any]:
         sess = self._sessions[index]
@@ -242,7 +442,11 @@ class OnnxRuntimeBackend(SegmentBackend):
         return dict(zip(self._out_names[index], io.get_outputs(), strict=True))
 
     def to_host(self, x: Any) -> np.ndarray:
-        return x if isinstance(x, np.ndarray) else x.numpy()
+        if isinstance(x, np.ndarray):
+            return x
+        if isinstance(x, Blocked):
+            return from_blocked(x.array, x.block, x.channels)
+        return x.numpy()
 
     def from_host(self, x: np.ndarray) -> Any:
         if self.device == "cpu":
@@ -252,6 +456,10 @@ class OnnxRuntimeBackend(SegmentBackend):
     def gather(self, x: Any, rows: np.ndarray, axis: int) -> Any:
         if isinstance(x, np.ndarray):
             return np.take(x, rows, axis=axis)
+        if isinstance(x, Blocked):
+            if axis != 0:
+                raise BackendError(f"a blocked (NCHWc) tensor has its batch on axis 0, not {axis}; rebuild the engines")
+            return Blocked(np.take(x.array, rows, axis=0), x.block, x.channels)
         # No gather primitive for OrtValues in ORT's Python API (and runtimes/ may not import onnx to build a
         # one-node Gather graph), so on CUDA the rows still running take a round trip through the host.
         return self.from_host(np.take(x.numpy(), rows, axis=axis))

@@ -94,9 +94,13 @@ def test_missing_tensorrt_says_how_to_install(bundle: Path, monkeypatch: pytest.
 
 
 def test_onnxruntime_build_records_a_check(bundle: Path) -> None:
+    from eecompile.runtimes.onnxruntime import cpu_target
+
     report = build_engines(bundle, "onnxruntime", max_batch=4)
     recs = engine_records(Bundle.load(bundle).manifest, "onnxruntime")
-    assert [r.file for r in recs] == [None, None] and report.target == "any"
+    # ORT CPU engines: ONNX Runtime's own optimised graph per segment, tied to this CPU's layout target.
+    assert report.target == cpu_target()
+    assert [r.file for r in recs] == [f"engines/seg{k}.onnxruntime.{cpu_target()}.onnx" for k in range(2)]
 
 
 def test_load_refuses_other_version_and_tampered_plan(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
