@@ -117,12 +117,16 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
     if d["calibration"]:
         _print_calibration(console, d["calibration"])
     if d["engines"]:
-        eng = Table(title="engines")
-        keys = sorted({k for e in d["engines"] for k in e})
-        for k in keys:
-            eng.add_column(k)
+        eng = Table(title="engines (`inspect --json` has every field)")
+        for col in ("seg", "backend", "target", "version", "device", "file", "sha256", "flags"):
+            eng.add_column(col)
         for e in d["engines"]:
-            eng.add_row(*(str(e.get(k, "")) for k in keys))
+            flags = e.get("flags") or {}
+            simple = ", ".join(f"{k}={v}" for k, v in flags.items() if isinstance(v, (bool, int, float, str)))
+            eng.add_row(str(e.get("segment", "")), str(e.get("backend", "")), str(e.get("target", "")),
+                        str(e.get("backend_version") or e.get("trt_version") or ""),
+                        str(e.get("gpu_name") or "cpu"), str(e.get("file") or "-"),
+                        str(e.get("sha256") or "")[:12], simple)
         console.print(eng)
     else:
         console.print("engines: none built (ONNX Runtime runs the portable segments)")
