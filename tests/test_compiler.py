@@ -165,3 +165,24 @@ def test_rank4_classifier_class_axis_is_found_without_the_spec(tmp_path: Path) -
                      {"class_axis": -1}, name="bad.yaml")
     with pytest.raises(SpecError, match="size 1"):
         eecompile.compile_model(bad, tmp_path / "c.eebundle")
+
+
+def test_score_gate_is_calibrated_and_run(tmp_path: Path) -> None:
+    from eecompile.calibrate import calibrate_bundle
+
+    model = _save(tmp_path, SCORED)
+    spec = write_spec(tmp_path, model, [{"at": "r", "head": {"output": "aux", "score_output": "conf"},
+                                         "gate": {"kind": "score", "threshold": 0.99}}], {"output": "y"})
+    bundle = eecompile.compile_model(spec, tmp_path / "b.eebundle")
+    x = np.random.default_rng(3).standard_normal((400, 4)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x)  # no labels: the drop is disagreement with the final exit
+    report = calibrate_bundle(bundle.path, tmp_path / "cal.npz", max_drop=0.05, costs=[1.0, 3.0], quiet=True)
+    thr = eecompile.Bundle.load(bundle.path).manifest.thresholds[0]
+    assert thr == report.exits[0]["threshold"] and thr != 0.99
+    res = eecompile.load(bundle.path).run({"x": x})
+    final = eecompile.load(bundle.path).run({"x": x}, thresholds="never").outputs["y"].argmax(1)
+    disagree = float((res.outputs["y"].argmax(1) != final).mean())
+    assert disagree <= 0.05 + 1e-9  # the budget holds on the calibration data itself
+    r = np.maximum(x, 0)
+    conf = 1 / (1 + np.exp(-(r @ np.array([1, -1, 0.5, 0], np.float32))))
+    np.testing.assert_array_equal(res.exit_index == 0, conf >= thr)
