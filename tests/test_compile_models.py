@@ -106,3 +106,31 @@ def test_torch_exported_model_compiles_and_matches(name: str, tmp_path: Path, to
         later_inputs = {t.name for s in m.segments[1:] for t in s.inputs}
         assert "attention_mask" in later_inputs
     _check_no_exit(model, bundle.path)
+
+
+def test_gpt_style_decoder_with_folded_batch_and_dynamic_sequence(tmp_path: Path, torch_model) -> None:
+    from eecompile.passes.cut_points import analyze_model
+
+    model = torch_model("gpt")
+    report = analyze_model(model)
+    by_name = {c.tensor: c for c in report.cut_points}
+    blocks = [f"/blocks.{i}/Add_1_output_0" for i in range(3)]
+    for b in blocks:  # block outputs: the hidden state alone crosses (mask and positions are recomputed)
+        assert by_name[b].problem is None and by_name[b].carried == [b]
+    folded = [c for c in report.cut_points if c.problem and "folds the batch" in c.problem]
+    assert folded, "the [B*T, C] MLP tensors must be refused as cut points"
+    exits = [{"at": blocks[0], "head": {"kind": "token"}, "gate": {"kind": "max_prob", "threshold": 0.5}},
+             {"at": blocks[2], "head": {"kind": "token"}, "gate": {"kind": "entropy", "threshold": 0.3}}]
+    bundle = eecompile.compile_model(write_spec(tmp_path, model, exits), tmp_path / "g.eebundle")
+    carried = bundle.manifest.segments[1].inputs[0]
+    assert carried.shape == ["batch", "seq", 32]  # the sequence axis stays symbolic
+    runner = eecompile.load(bundle.path)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for seq in (8, 5):
+        ids = np.random.default_rng(seq).integers(0, 50, (3, seq)).astype(np.int64)
+        got = runner.run({"input_ids": ids}, thresholds="never").outputs["logits"]
+        ref = sess.run(None, {"input_ids": ids})[0]
+        assert got.shape == (3, seq, 50)
+        assert float(np.abs(got - ref).max()) <= 1e-5 * float(np.abs(ref).max())
+        forced = runner.run({"input_ids": ids}, thresholds=["always", "never"])
+        assert (forced.exit_index == 0).all() and forced.outputs["logits"].shape == (3, seq, 50)

@@ -121,6 +121,47 @@ class _Encoder:
         return m, (torch.randn(2, 3, 16, 16),), ["image"], ["logits"]
 
 
+def small_gpt():
+    """A GPT-2-style decoder: causal mask from the sequence length, the MLP on flattened tokens ``[B*T, C]``
+    (no batch axis there), token logits ``[B, T, V]``; batch and sequence length dynamic."""
+    torch = _torch()
+    nn = torch.nn
+    d, heads, layers, vocab, t = 32, 4, 4, 50, 8
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            b, n, c = x.size()
+            q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+            q, k, v = (z.view(b, n, heads, c // heads).transpose(1, 2) for z in (q, k, v))
+            att = (q @ k.transpose(-2, -1)) / (c // heads) ** 0.5
+            causal = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+            att = att.masked_fill(causal == 0, float("-inf")).softmax(-1)
+            x = x + self.proj((att @ v).transpose(1, 2).contiguous().view(b, n, c))
+            flat = self.ln2(x).view(-1, c)  # [B*T, C]: folds the batch
+            return x + self.out(torch.relu(self.fc(flat))).view(b, n, c)
+
+    class GPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(t, d)
+            self.blocks = nn.ModuleList([Block() for _ in range(layers)])
+            self.lnf, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+        def forward(self, ids):
+            x = self.wte(ids) + self.wpe(torch.arange(ids.size(1)).unsqueeze(0))
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.lnf(x))
+
+    return GPT().eval(), (torch.randint(0, vocab, (2, t)),), ["input_ids"], ["logits"]
+
+
 def export(name: str, directory: Path) -> Path:
     """Export model ``name`` to ``directory/name.onnx`` with a dynamic batch: resnet | vit | bert with the
     TorchScript exporter (opset 17), or dynamo-resnet | dynamo-bert with torch.export (the default exporter
@@ -133,6 +174,8 @@ def export(name: str, directory: Path) -> Path:
     base = name.removeprefix("dynamo-")
     if base == "resnet":
         model, args, inputs, outputs = small_resnet()
+    elif base == "gpt":
+        model, args, inputs, outputs = small_gpt()
     else:
         model, args, inputs, outputs = _Encoder.build(base)
     if dynamo:
@@ -140,7 +183,7 @@ def export(name: str, directory: Path) -> Path:
         torch.onnx.export(model, args, str(path), input_names=inputs, output_names=outputs, dynamo=True,
                           dynamic_shapes=tuple({0: batch} for _ in inputs), opset_version=18)
         return path
-    axes = {n: {0: "batch"} for n in inputs + outputs}
+    axes = {n: {0: "batch", 1: "seq"} if base == "gpt" else {0: "batch"} for n in inputs + outputs}
     torch.onnx.export(model, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
                       opset_version=17, dynamo=False)
     return path

@@ -192,10 +192,10 @@ def cut_problem(pm: PreparedModel, v: ir.Value, carried: list[ir.Value]) -> str 
     facts = pm.probe.facts.get(v.name or "")
     if facts is None:
         return "ONNX Runtime could not expose it"
-    if pm.batch_mode == "dynamic" and facts.batch_axis is None:
-        return "it has no batch axis (an exit must give one row per sample)"
     if facts.problem:
         return facts.problem
+    if pm.batch_mode == "dynamic" and facts.batch_axis is None:
+        return "it has no batch axis (an exit must give one row per sample)"
     if pm.batch_mode == "dynamic":
         for c in carried:
             cf = pm.probe.facts.get(c.name or "")

@@ -48,6 +48,8 @@ def boundary_shape(pm: PreparedModel, name: str | None) -> tuple[ir.DataType, ir
     if facts is None:
         raise GraphError(f"tensor '{name}' could not be probed (ONNX Runtime did not expose it)")
     shape: list[int | str] = list(facts.shapes[pm.probe.batches[0]])
+    for i, sym in facts.symbolic.items():  # sequence length and the like stay symbolic
+        shape[i] = sym
     axis = facts.batch_axis
     if pm.batch_mode == "dynamic" and axis is not None:
         shape[axis] = "batch"
@@ -75,7 +77,7 @@ def extract_segments(pm: PreparedModel, plans: list[SegmentPlan]) -> list[Extrac
         seg.inputs.extend(used)
         names = {v.name for v in used}
         for v in list(seg.inputs) + list(seg.outputs):
-            if v.name in pm.probe.facts and (v.type is None or v.shape is None or not _has_batch_dim(v)):
+            if v.name in pm.probe.facts:  # measured shapes: symbolic batch and sequence axes, fixed the rest
                 dtype, shape, _ = boundary_shape(pm, v.name)
                 v.dtype = dtype
                 v.shape = shape
@@ -91,7 +93,3 @@ def extract_segments(pm: PreparedModel, plans: list[SegmentPlan]) -> list[Extrac
             values=values,
         ))
     return out
-
-
-def _has_batch_dim(v: ir.Value) -> bool:
-    return v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +36,7 @@ class TensorFacts:
     digests: dict[int, str]  # batch size -> sha1 of the values
     batch_axis: int | None = None
     problem: str | None = None  # why this tensor cannot be carried across a compaction (None: it can)
+    symbolic: dict[int, str] = field(default_factory=dict)  # non-batch axes that follow a symbolic input dim
 
 
 @dataclass
@@ -126,7 +128,46 @@ def probe_model(model: ir.Model, names: list[str], batches: tuple[int, ...] = PR
         del outs
     for f in result.facts.values():
         _classify(f, batches)
+    _find_symbolic_axes(sess, out_names, inputs, batches[0], dims, result)
     return result
+
+
+def _symbolic_dims(inputs: list[ir.Value]) -> set[str]:
+    """Names of the symbolic non-batch dims of the inputs (sequence length and the like)."""
+    return {str(d) for v in inputs if v.shape is not None for i, d in enumerate(v.shape)
+            if i > 0 and not isinstance(d, int)}
+
+
+def _find_symbolic_axes(sess: Any, out_names: list[str], inputs: list[ir.Value], batch: int,
+                        dims: Mapping[str, int] | None, result: ProbeResult) -> None:
+    """One more run with every symbolic non-batch input dim one smaller (one larger below 3: a smaller size
+    stays within position tables): the axes that follow are symbolic, named after the input dim whose size
+    they had (else ``d{axis}``)."""
+    syms = _symbolic_dims(inputs)
+    if not syms:
+        return
+    base = {s: int((dims or {}).get(s, DEFAULT_DIM)) for s in syms}
+    other = {s: n - 1 if n >= 3 else n + 1 for s, n in base.items()}
+    feeds = random_inputs(inputs, batch, other, seed=batch)
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failure here is expected for some models and handled below
+    try:
+        outs = sess.run(out_names, feeds, quiet)
+    except Exception:  # noqa: BLE001 - a model that only runs at one size keeps its probed sizes fixed
+        return
+    by_size = {n: s for s, n in base.items()}
+    for name, arr in [*zip(out_names, outs, strict=True), *feeds.items()]:
+        f = result.facts.get(name)
+        if f is None:
+            continue
+        before, after = f.shapes[batch], tuple(int(d) for d in np.asarray(arr).shape)
+        if len(before) != len(after):
+            continue
+        for axis, (a, b) in enumerate(zip(before, after, strict=True)):
+            if a != b and axis != f.batch_axis:
+                f.symbolic[axis] = by_size.get(a, f"d{axis}")
 
 
 def _classify(f: TensorFacts, batches: tuple[int, ...]) -> None:
