@@ -179,6 +179,8 @@ def find_cut_points(pm: PreparedModel) -> list[CutPoint]:
                 continue  # nothing after the cut reads anything from before it (a dead end)
             problem = cut_problem(pm, v, carried)
             shape: list[int | str] = list(facts.shapes[probe.batches[0]])
+            for axis, sym in facts.symbolic.items():
+                shape[axis] = sym
             if facts.batch_axis is not None and pm.batch_mode == "dynamic":
                 shape[facts.batch_axis] = "batch"
             frac = pm.cum_flops[i] / pm.total_flops if pm.total_flops else 0.0
