@@ -120,6 +120,13 @@ def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tu
     bundle = compile_model(spec, output, force=force, verify=not no_verify, dims=_parse_dims(dims))
     m = bundle.manifest
     click.echo(f"wrote {output}: {len(m.segments)} segments, {m.n_early_exits} early exits, batch {m.batch_mode}")
+    for seg in m.segments:
+        gate = seg.exit.gate
+        what = f"exit {seg.index}: {seg.exit.head}, {gate.kind} {gate.threshold:g}" if gate else "final exit"
+        carried = ", ".join(seg.carried_out) or "-"
+        click.echo(f"  segment {seg.index}: {seg.flops_fraction:6.1%} of the FLOPs; {what}; carries {carried}")
+    for note in m.notes:
+        click.echo(f"  {note}")
 
 
 @cli.command(name="train-heads")

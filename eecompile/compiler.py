@@ -436,6 +436,10 @@ def _plan_bundle(spec: Spec, dims: dict[str, int] | None, verify: bool) -> Bundl
         notes=[pm.batch_note],
     )
     _fix_io_shapes(manifest, pm)
+    untrained = [k for k, hs in enumerate(head_specs) if hs is not None]
+    if untrained:
+        manifest.notes.append(f"exits {untrained} have untrained heads (they never fire): run "
+                              f"`eecompile train-heads BUNDLE --data TRAIN.npz`")
     # The reference runs before anything is written, while the source model is loaded anyway.
     reference = (reference_outputs(pm.model, [1, 4], per_sample=pm.batch_mode != "dynamic", dims=dims)
                  if verify else None)
@@ -529,6 +533,12 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
                 if not np.all(np.isfinite(new_env[name])):
                     raise GraphError(f"replace_heads: exit {k}'s new head gives non-finite outputs; "
                                      f"nothing was written")
+        manifest.notes = [n for n in manifest.notes if "untrained heads" not in n]
+        untrained = [s.index for s in manifest.segments
+                     if s.exit.head_spec is not None and not s.exit.head_spec.get("trained")]
+        if untrained:
+            manifest.notes.append(f"exits {untrained} have untrained heads (they never fire): run "
+                                  f"`eecompile train-heads BUNDLE --data TRAIN.npz`")
         manifest.notes.append(f"heads replaced for exits {sorted(heads)}; re-verified")
 
     from eecompile.bundle import update_bundle as _update
