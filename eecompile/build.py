@@ -455,7 +455,7 @@ def _build_onnxruntime(path: Path, max_batch: int) -> BuildReport:
 def _build_tensorrt(path: Path, *, fp16: bool, max_batch: int, opt_batch: int | None, workspace_mb: int,
                     timing_cache: str | Path | None, data: str | Path | None,
                     dim_sizes: Mapping[str, int | Sequence[int]] | None, device: int) -> BuildReport:
-    from eecompile.runtimes.tensorrt import import_tensorrt, query_gpu
+    from eecompile.runtimes.tensorrt import import_tensorrt, query_gpu, trt_logger
 
     b = Bundle.load(path)
     trt = import_tensorrt()
@@ -470,7 +470,7 @@ def _build_tensorrt(path: Path, *, fp16: bool, max_batch: int, opt_batch: int | 
         "precision": ("fp16-flag" if version.fp16_by_flag else "fp16-onnx") if fp16 else "fp32",
         "tf32": True,  # TensorRT's default; verify tolerances allow for it
     }
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     records: list[EngineRecord] = []
     seconds: list[float] = []
     sizes: list[int] = []
@@ -520,9 +520,11 @@ def _build_plan(trt: Any, logger: Any, version: TRTVersion, onnx_path: Path, pro
                 fp16: bool, workspace_mb: int, cache_blob: bytes) -> tuple[bytes, bytes]:
     """Parse one segment, build its serialized engine; return (plan, updated timing cache)."""
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch (10.x) / strongly typed (11.x) are the defaults
+    # Flags 0: 10.x networks are always explicit-batch (EXPLICIT_BATCH is deprecated and ignored) and weakly typed,
+    # so BuilderFlag.FP16 applies; 11.x networks are always strongly typed (the ONNX dtypes are the precision).
+    network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(onnx_path)):  # a path, so external weight files next to it resolve
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BackendError(f"{onnx_path}: the TensorRT ONNX parser refused this segment: {'; '.join(errors[:3])}")
     config = builder.create_builder_config()
@@ -533,6 +535,7 @@ def _build_plan(trt: Any, logger: Any, version: TRTVersion, onnx_path: Path, pro
         _pin_fp32_layers(trt, network)
 
     prof = builder.create_optimization_profile()
+    dynamic = 0
     for i in range(network.num_inputs):
         inp = network.get_input(i)
         if all(d >= 0 for d in inp.shape):
@@ -540,17 +543,36 @@ def _build_plan(trt: Any, logger: Any, version: TRTVersion, onnx_path: Path, pro
         if inp.name not in profile:
             raise BackendError(f"{onnx_path}: input '{inp.name}' is dynamic but not in the manifest; recompile")
         lo, mid, hi = profile[inp.name]
-        prof.set_shape(inp.name, lo, mid, hi)
-    config.add_optimization_profile(prof)
+        prof.set_shape(inp.name, lo, mid, hi)  # raises RuntimeError when min <= opt <= max does not hold
+        dynamic += 1
+    if dynamic and config.add_optimization_profile(prof) < 0:
+        raise BackendError(f"{onnx_path}: TensorRT refused the optimisation profile {dict(profile)}")
 
     # One timing cache threads through every segment (and every build): identical layers are timed once.
-    cache = config.create_timing_cache(cache_blob)
-    config.set_timing_cache(cache, False)
-    plan = builder.build_serialized_network(network, config)
+    if not config.set_timing_cache(_timing_cache(config, cache_blob, onnx_path), False):
+        # False: the cache was made on another GPU/TensorRT (ignore_mismatch=False refuses it); start afresh.
+        log.warning("%s: the timing cache was made on another device; starting an empty one", onnx_path)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+    plan = builder.build_serialized_network(network, config)  # IHostMemory, or None on failure
     if plan is None:
         raise BackendError(f"{onnx_path}: TensorRT could not build an engine (see the log above); try a larger "
                            f"--workspace or a smaller --max-batch")
-    return bytes(plan), bytes(config.get_timing_cache().serialize())
+    cache = config.get_timing_cache()
+    return bytes(plan), (bytes(cache.serialize()) if cache is not None else cache_blob)
+
+
+def _timing_cache(config: Any, blob: bytes, onnx_path: Path) -> Any:
+    """``config.create_timing_cache(blob)``; a cache file TensorRT cannot read (another version, truncated) is
+    replaced by an empty cache with a warning instead of failing the build."""
+    if blob:
+        try:
+            cache = config.create_timing_cache(blob)
+        except Exception as e:  # pybind raises RuntimeError/TypeError for a malformed blob
+            log.warning("%s: the timing cache is unreadable (%s); starting an empty one", onnx_path, e)
+            cache = None
+        if cache is not None:
+            return cache
+    return config.create_timing_cache(b"")
 
 
 _FP32_LAYER_TYPES = ("SOFTMAX", "REDUCE", "NORMALIZATION")

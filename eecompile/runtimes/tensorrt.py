@@ -32,6 +32,7 @@ import ctypes
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,18 @@ def import_tensorrt() -> Any:
     return trt
 
 
+_LOGGERS: dict[int, Any] = {}
+
+
+def trt_logger(trt: Any) -> Any:
+    """One ``trt.Logger`` per process (per tensorrt module): TensorRT routes every builder's and runtime's messages
+    to the first logger it was given and warns when a later object brings a different one."""
+    key = id(trt)
+    if key not in _LOGGERS:
+        _LOGGERS[key] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[key]
+
+
 def import_cudart() -> Any:
     """cuda-python's runtime bindings (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6)."""
     try:
@@ -86,13 +99,34 @@ def import_cudart() -> Any:
 
 
 def _cuda(result: Any, what: str) -> Any:
-    """Unpack a cuda-python ``(err, *values)`` tuple; raise BackendError naming the call on failure."""
+    """Unpack a cuda-python ``(err, *values)`` tuple; raise BackendError naming the call on failure.
+
+    Every ``cuda.bindings.runtime`` call returns a tuple whose first element is a ``cudaError_t`` (an int enum,
+    ``cudaError_t.cudaSuccess == 0``), followed by the call's outputs (``cudaMalloc`` -> ``(err, ptr)``)."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         raise BackendError(f"CUDA {what} failed: {getattr(err, 'name', err)}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def native_handle(obj: Any) -> int:
+    """The address behind a cuda-python handle (``cudaStream_t``, ``cudaEvent_t``) as a plain int.
+
+    TensorRT's Python API takes streams as ints (``execute_async_v3(stream_handle: int)``). cuda-bindings 13
+    deprecates ``int(handle)`` in favour of ``cuda.bindings.utils.get_cuda_native_handle``; older versions only
+    have ``int()``."""
+    if isinstance(obj, int):
+        return obj
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    try:
+        return int(get_cuda_native_handle(obj))
+    except (TypeError, ValueError):  # a handle type it does not know
+        return int(obj)
 
 
 @dataclass(frozen=True)
@@ -136,6 +170,29 @@ def batch_layout(shape: Sequence[int], axis: int, itemsize: int) -> tuple[int, i
     outer = int(np.prod(shape[:axis], dtype=np.int64)) if axis else 1
     inner = int(np.prod(shape[axis + 1:], dtype=np.int64)) * itemsize
     return outer, inner
+
+
+def copy_row_runs(cudart: Any, stream: Any, dst: int, dst_batch: int, src: int, src_batch: int,
+                  runs: Sequence[tuple[int, int, int]], shape: Sequence[int], axis: int, itemsize: int,
+                  kind: Any) -> None:
+    """Enqueue one async copy per run ``(src_row, dst_row, length)`` between two tensors stacked along ``axis``.
+
+    ``src`` holds ``src_batch`` samples, ``dst`` holds ``dst_batch``; ``shape`` is the source's shape (only the
+    dims other than ``axis`` are used). With nothing above the batch axis a run is one contiguous
+    ``cudaMemcpyAsync(dst, src, count, kind, stream)``; otherwise ``cudaMemcpy2DAsync(dst, dpitch, src, spitch,
+    width, height, kind, stream)`` with width = run x bytes per sample, height = the product of the dims above
+    the axis and the pitches = batch x bytes per sample. Pointers are plain ints (device or pinned host)."""
+    outer, inner = batch_layout(shape, axis, itemsize)
+    if inner == 0 or outer == 0:
+        return
+    for s, d, n in runs:
+        if outer == 1:
+            _cuda(cudart.cudaMemcpyAsync(dst + d * inner, src + s * inner, n * inner, kind, stream),
+                  "cudaMemcpyAsync(rows)")
+        else:
+            _cuda(cudart.cudaMemcpy2DAsync(dst + d * inner, dst_batch * inner, src + s * inner, src_batch * inner,
+                                           n * inner, outer, kind, stream),
+                  "cudaMemcpy2DAsync(rows)")
 
 
 # ---------------------------------------------------------------------------------- device memory
@@ -208,6 +265,16 @@ class DeviceTensor:
 
 # --------------------------------------------------------------------------------------- backend
 
+def scratch_size(engine: Any) -> int:
+    """Bytes of scratch (activation) memory a USER_MANAGED context of ``engine`` needs, over all its profiles.
+
+    ``device_memory_size_v2`` (TensorRT >= 10.1; it may legitimately be 0); ``device_memory_size`` was deprecated in
+    10.1 and is gone in 11, so it is only the fallback for 10.0."""
+    if hasattr(engine, "device_memory_size_v2"):
+        return int(engine.device_memory_size_v2)
+    return int(engine.device_memory_size)  # pragma: no cover - TensorRT 10.0
+
+
 @dataclass
 class _Segment:
     index: int
@@ -229,7 +296,7 @@ class TensorRTBackend(SegmentBackend):
 
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle | str, **options: Any) -> None:
+    def __init__(self, bundle: Bundle | str | Path, **options: Any) -> None:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
         super().__init__(bundle, **options)
@@ -241,8 +308,9 @@ class TensorRTBackend(SegmentBackend):
         self.trt_version = parse_trt_version(self.trt.__version__)
         self.target = engine_target(self.gpu.compute_capability, self.trt_version.full)
         self.stream = _cuda(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._stream_ptr = native_handle(self.stream)  # TensorRT takes the stream as an int
         self._closed = False
-        self._logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self._logger = trt_logger(self.trt)
         self._runtime = self.trt.Runtime(self._logger)
         records = self._records(bool(options.get("strict_gpu", True)))
         self.max_batch = min(int(r.flags.get("max_batch", 1)) for r in records)
@@ -278,13 +346,20 @@ class TensorRTBackend(SegmentBackend):
         if engine is None:
             raise BackendError(f"{plan_path}: TensorRT could not deserialize this engine; rebuild it with "
                                f"`{rebuild_command(self.bundle.path, record.flags)}`")
-        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        if strategy is not None:
-            context = engine.create_execution_context(strategy.USER_MANAGED)
-        else:  # pragma: no cover - TensorRT < 10
-            context = engine.create_execution_context_without_device_memory()
+        # TensorRT >= 10: create_execution_context(strategy); USER_MANAGED leaves the scratch memory to us
+        # (set_device_memory below). create_execution_context_without_device_memory is deprecated since 10.0.
+        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise BackendError(f"{plan_path}: TensorRT could not create an execution context (see the TensorRT log "
+                               f"above; out of GPU memory?)")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        location = getattr(trt, "TensorLocation", None)
+        if location is not None:
+            on_host = [n for n in names if engine.get_tensor_location(n) == location.HOST]
+            if on_host:  # shape tensors live on the host: our buffers are all device memory
+                raise BackendError(f"{plan_path}: tensor(s) {on_host} are host (shape) tensors in this engine; "
+                                   f"eecompile binds device memory only, so segments must not take shape tensors")
         outputs = [n for n in names if n not in inputs]
         dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         max_shapes: dict[str, tuple[int, ...]] = {}
@@ -305,13 +380,12 @@ class TensorRTBackend(SegmentBackend):
 
     def _share_scratch(self) -> None:
         """One scratch buffer for every context: the segments run one after another on one stream."""
-        sizes = [int(getattr(s.engine, "device_memory_size_v2", None) or s.engine.device_memory_size)
-                 for s in self.segments]
+        sizes = [scratch_size(s.engine) for s in self.segments]
         self._scratch = DeviceBuffer(self.cudart, max(sizes, default=1))
         for s in self.segments:
-            if hasattr(s.context, "set_device_memory"):
+            if hasattr(s.context, "set_device_memory"):  # TensorRT >= 10.1: set_device_memory(memory, size)
                 s.context.set_device_memory(self._scratch.ptr, self._scratch.nbytes)
-            else:  # pragma: no cover - TensorRT 10.0
+            else:  # pragma: no cover - TensorRT 10.0: write-only property, no size
                 s.context.device_memory = self._scratch.ptr
 
     def _allocate(self) -> None:
@@ -361,7 +435,7 @@ class TensorRTBackend(SegmentBackend):
             buf = self._slots[n][slot]
             ctx.set_tensor_address(n, buf.ptr)
             outs[n] = DeviceTensor(buf, shape, seg.dtypes[n], n, slot)
-        if not ctx.execute_async_v3(self.stream):
+        if not ctx.execute_async_v3(self._stream_ptr):
             raise BackendError(f"segment {index}: TensorRT execution failed (see the TensorRT log)")
         return outs
 
@@ -434,17 +508,7 @@ class TensorRTBackend(SegmentBackend):
     def copy_rows(self, dst: int, dst_batch: int, src: int, src_batch: int, runs: list[tuple[int, int, int]],
                   shape: Sequence[int], axis: int, itemsize: int, kind: Any) -> None:
         """Copy row runs between two tensors stacked along ``axis`` (one async copy per run)."""
-        outer, inner = batch_layout(shape, axis, itemsize)
-        if inner == 0 or outer == 0:
-            return
-        for s, d, n in runs:
-            if outer == 1:
-                _cuda(self.cudart.cudaMemcpyAsync(dst + d * inner, src + s * inner, n * inner, kind, self.stream),
-                      "cudaMemcpyAsync(rows)")
-            else:
-                _cuda(self.cudart.cudaMemcpy2DAsync(dst + d * inner, dst_batch * inner, src + s * inner,
-                                                    src_batch * inner, n * inner, outer, kind, self.stream),
-                      "cudaMemcpy2DAsync(rows)")
+        copy_row_runs(self.cudart, self.stream, dst, dst_batch, src, src_batch, runs, shape, axis, itemsize, kind)
 
     def read_mask(self, x: DeviceTensor) -> np.ndarray:
         """Copy a bool [B] gate mask to pinned memory and wait: the one synchronisation per gated segment."""
@@ -506,7 +570,7 @@ class TensorRTChain:
     copies only the exited rows (async, into pinned memory) and synchronises once per gated segment.
     """
 
-    def __init__(self, bundle: Bundle | str | TensorRTBackend, **options: Any) -> None:
+    def __init__(self, bundle: Bundle | str | Path | TensorRTBackend, **options: Any) -> None:
         self.backend = bundle if isinstance(bundle, TensorRTBackend) else TensorRTBackend(bundle, **options)
         be = self.backend
         m = be.manifest

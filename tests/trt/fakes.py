@@ -37,6 +37,16 @@ class _Err(int):
 OK = _Err(0)
 
 
+class FakeStream:
+    """Like cuda-python's ``cudaStream_t``: an opaque handle whose address ``int()`` gives (TensorRT wants the int)."""
+
+    def __init__(self, address: int) -> None:
+        self._address = address
+
+    def __int__(self) -> int:
+        return self._address
+
+
 class FakeCudart:
     class cudaMemcpyKind:  # noqa: N801 - mirrors cuda-python
         cudaMemcpyHostToDevice = 1
@@ -85,8 +95,8 @@ class FakeCudart:
     def cudaGetDeviceProperties(self, d: int) -> tuple[_Err, Any]:  # noqa: N802
         return OK, self.props
 
-    def cudaStreamCreate(self) -> tuple[_Err, int]:  # noqa: N802
-        return OK, 1
+    def cudaStreamCreate(self) -> tuple[_Err, FakeStream]:  # noqa: N802
+        return OK, FakeStream(0x5000)
 
     def cudaStreamSynchronize(self, s: Any) -> tuple[_Err]:  # noqa: N802
         self.syncs += 1
@@ -123,7 +133,7 @@ class FakeEngine:
         self.sess = ort.InferenceSession(body, providers=["CPUExecutionProvider"])
         self.inputs = [(i.name, i.type.tensor_type) for i in model.graph.input]
         self.outputs = [(o.name, o.type.tensor_type) for o in model.graph.output]
-        self.device_memory_size_v2 = 256
+        self.device_memory_size_v2 = 256  # TensorRT >= 10.1 (device_memory_size is gone in 11)
 
     @property
     def num_io_tensors(self) -> int:
@@ -142,10 +152,14 @@ class FakeEngine:
         tt = dict([*self.inputs, *self.outputs])[n]
         return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
 
+    def get_tensor_location(self, n: str) -> str:
+        return "DEVICE"
+
     def get_tensor_profile_shape(self, n: str, p: int) -> list[tuple[int, ...]]:
         return [tuple(s) for s in self.profile[n]]
 
     def create_execution_context(self, strategy: Any = None) -> FakeContext:
+        assert strategy == USER_MANAGED, "the runtime shares one scratch buffer: contexts must be USER_MANAGED"
         return FakeContext(self)
 
 
@@ -156,7 +170,8 @@ class FakeContext:
         self.addr: dict[str, int] = {}
         self.device_memory: int | None = None
 
-    def set_device_memory(self, ptr: int, size: int) -> None:
+    def set_device_memory(self, ptr: int, size: int) -> None:  # TensorRT >= 10.1: (memory, size)
+        assert isinstance(ptr, int) and size >= self.engine.device_memory_size_v2
         self.device_memory = ptr
 
     def set_input_shape(self, n: str, shape: Any) -> bool:
@@ -192,6 +207,9 @@ class FakeContext:
         return True
 
     def execute_async_v3(self, stream: Any) -> bool:
+        # The binding's parameter is ``stream_handle: int`` (pybind size_t): pass the stream's address.
+        assert isinstance(stream, int), f"execute_async_v3 takes the stream as an int, got {type(stream).__name__}"
+        assert self.device_memory is not None, "USER_MANAGED context without set_device_memory"
         names = [n for n, _ in self.engine.outputs]
         for n, arr in zip(names, self.engine.sess.run(names, self._feeds(zeros=False)), strict=True):
             arr = np.ascontiguousarray(arr)
@@ -282,9 +300,13 @@ class FakeConfig:
         return 0
 
     def create_timing_cache(self, blob: bytes) -> FakeCache:
+        if bytes(blob).startswith(b"BAD"):
+            raise RuntimeError("Failed to deserialize the timing cache")  # as pybind surfaces TensorRT's error
         return FakeCache(bytes(blob))
 
     def set_timing_cache(self, cache: FakeCache, ignore_mismatch: bool) -> bool:
+        if cache.blob.startswith(b"OTHERGPU") and not ignore_mismatch:
+            return False  # a cache made on another device is refused (returns False, keeps none)
         self.cache = cache
         return True
 
@@ -293,25 +315,34 @@ class FakeConfig:
 
 
 FAKE_STATE: dict[str, list[Any]] = {"configs": [], "parsed": []}
+USER_MANAGED = 2
 
 
 def make_fake_tensorrt(version: str) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version  # type: ignore[attr-defined]
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=None: None})  # type: ignore[attr-defined]
+    def deserialize_cuda_engine(plan: bytes) -> FakeEngine:
+        FAKE_STATE.setdefault("deserialized", []).append(1)
+        return FakeEngine(plan)
+
     trt.Runtime = lambda logger: types.SimpleNamespace(  # type: ignore[attr-defined]
-        deserialize_cuda_engine=lambda plan: FAKE_STATE.setdefault("deserialized", []).append(1) or FakeEngine(plan))
+        deserialize_cuda_engine=deserialize_cuda_engine)
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")  # type: ignore[attr-defined]
-    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED=2)  # type: ignore[attr-defined]
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(STATIC=0, ON_PROFILE_CHANGE=1,  # type: ignore[attr-defined]
+                                                                   USER_MANAGED=USER_MANAGED)
+    trt.TensorLocation = types.SimpleNamespace(DEVICE="DEVICE", HOST="HOST")  # type: ignore[attr-defined]
     trt.nptype = lambda dt: dt  # type: ignore[attr-defined]
     trt.float32, trt.float16 = np.float32, np.float16  # type: ignore[attr-defined]
     trt.Builder = FakeBuilder  # type: ignore[attr-defined]
     trt.OnnxParser = FakeParser  # type: ignore[attr-defined]
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")  # type: ignore[attr-defined]
     trt.LayerType = types.SimpleNamespace(SOFTMAX="SOFTMAX", REDUCE="REDUCE")  # type: ignore[attr-defined]
-    flags = types.SimpleNamespace(PREFER_PRECISION_CONSTRAINTS="PREFER_PRECISION_CONSTRAINTS")
-    if version.startswith("10."):
-        flags.FP16 = "FP16"  # removed in TensorRT 11
+    flags = types.SimpleNamespace(TF32="TF32")
+    if version.startswith("10."):  # the weak-typing flags, all removed in TensorRT 11
+        flags.FP16 = "FP16"
+        flags.OBEY_PRECISION_CONSTRAINTS = "OBEY_PRECISION_CONSTRAINTS"
+        flags.PREFER_PRECISION_CONSTRAINTS = "PREFER_PRECISION_CONSTRAINTS"
     trt.BuilderFlag = flags  # type: ignore[attr-defined]
     return trt
 

@@ -106,8 +106,7 @@ def make_manifest(sym_hw: bool = False) -> Manifest:
     x = TensorInfo("x", "float32", ["N", C_IN, hw, hw], 0)
     act = TensorInfo("act", "float32", ["N", C_MID, hw, hw], 0)
     gate = GateInfo(kind="max_prob", threshold=0.9, output="ee0.gate", threshold_input="ee0.threshold")
-    if "score_output" in GateInfo.__dataclass_fields__:  # added to the format by another change
-        gate.score_output = "ee0.score"  # type: ignore[attr-defined]
+    gate.score_output = "ee0.score"
     seg0 = SegmentInfo(
         index=0, file="segments/seg0.onnx", inputs=[x],
         outputs=[act, TensorInfo("ee0.out.logits", "float32", ["N", N_CLASSES], 0),

@@ -61,6 +61,17 @@ def test_build_records_engines_and_keeps_timing_cache(bundle: Path, tmp_path: Pa
     assert len(Bundle.load(bundle).manifest.engines) == 2  # rebuilt engines replace their target's records
 
 
+@pytest.mark.parametrize("blob", [b"BAD cache", b"OTHERGPU cache"])
+def test_unusable_timing_cache_starts_afresh(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture, blob: bytes) -> None:
+    cache = tmp_path / "tc.bin"
+    cache.write_bytes(blob)
+    with fake_gpu(monkeypatch):
+        build_engines(bundle, "tensorrt", max_batch=4, timing_cache=cache)
+    assert FAKE_STATE["configs"][0].cache.blob == b""  # an empty cache replaced the unusable one
+    assert cache.read_bytes() == b"++" and "timing cache" in caplog.text
+
+
 def test_fp16_on_trt10_uses_builder_flag(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with fake_gpu(monkeypatch, "10.3.0.30", b"Orin", (8, 7)):
         report = build_engines(bundle, "tensorrt", fp16=True, max_batch=4, timing_cache=bundle.parent / "c")
