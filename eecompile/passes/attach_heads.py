@@ -111,8 +111,14 @@ def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Seque
     prefix = HEAD_PREFIX.format(k=k)
     known = all(isinstance(d, int) for d in per_exit) and all(isinstance(d, int) for d in per_final)
     if known and int(np.prod(per_exit)) != int(np.prod(per_final)):  # type: ignore[arg-type]
+        hint = ("; the final output is per token: use a head that keeps the token axis (head kind 'token')"
+                if len(per_final) > len(per_exit) else "")
         raise SpecError(f"{where}: the head gives per-sample shape {per_exit}, the final output has {per_final}; "
-                        f"the head must produce the same number of classes as the final output")
+                        f"the head must produce the same number of classes as the final output{hint}")
+    if not known and len(per_exit) != len(per_final):
+        raise SpecError(f"{where}: the head gives per-sample shape {per_exit}, the final output has {per_final}; "
+                        f"an exit must produce the final output's per-sample shape"
+                        + ("; for per-token outputs use head kind 'token'" if len(per_final) > len(per_exit) else ""))
     out = ir.Value(name=out_name)
     if known and list(per_exit) != list(per_final):
         target = ir.Value(name=f"{prefix}fit_shape")
