@@ -115,6 +115,7 @@ class CutPoint:
     order: int  # topological position of the producer
     problem: str | None = None  # why it cannot be an exit (None: it can)
     feeds_elementwise: bool = False  # read after the cut by an Add/Sum/Mul (a residual join)
+    forks: bool = False  # read by two or more nodes after the cut (a block boundary with a residual branch)
 
     def to_json(self) -> dict[str, Any]:
         return {"tensor": self.tensor, "shape": self.shape, "flops_before": self.flops_before,
@@ -184,9 +185,11 @@ def find_cut_points(pm: PreparedModel) -> list[CutPoint]:
             if facts.batch_axis is not None and pm.batch_mode == "dynamic":
                 shape[facts.batch_axis] = "batch"
             frac = pm.cum_flops[i] / pm.total_flops if pm.total_flops else 0.0
-            joins = any(idx.nodes[j].op_type in _JOINS for j in idx.consumers.get(v, ()))
+            users = idx.consumers.get(v, set())
+            joins = any(idx.nodes[j].op_type in _JOINS for j in users)
             out.append(CutPoint(facts.name, shape, facts.dtype, facts.batch_axis, [c.name or "" for c in carried],
-                                [x.name or "" for x in inputs_after], pm.cum_flops[i], frac, i, problem, joins))
+                                [x.name or "" for x in inputs_after], pm.cum_flops[i], frac, i, problem, joins,
+                                forks=len(users) >= 2))
     return out
 
 
@@ -209,11 +212,23 @@ def cut_problem(pm: PreparedModel, v: ir.Value, carried: list[ir.Value]) -> str 
 
 
 _JOINS = frozenset({"Add", "Sum", "Mul", "Sub"})
-# A cut tensor that also feeds a residual join arrives in plain layout after the cut, so ORT CPU can no longer
-# fuse that Add+Relu into its blocked Conv, and the loss cascades through the segment (measured on ResNet-50:
-# chain/unsplit 1.111x with cuts inside stages, 1.050x at stage boundaries). Such cuts count as this much
-# further from the FLOPs target when suggesting.
+# Feature maps ([B, C, H, W]): a cut tensor that also feeds a residual join arrives in plain layout after the
+# cut, so ORT CPU can no longer fuse that Add+Relu into its blocked Conv, and the loss cascades through the
+# segment (measured on ResNet-50: chain/unsplit 1.111x with cuts inside stages, 1.050x at stage boundaries).
+# Such cuts count as this much further from the FLOPs target when suggesting.
 _JOIN_PENALTY = 0.08
+# Token tensors ([B, T, D]): a layer output forks into the next layer and its residual branch; a head there
+# sees the full residual stream (not an attention-internal tensor at the same FLOPs position).
+_FORK_BONUS = 0.03
+
+
+def _suggest_distance(c: CutPoint, target: float) -> float:
+    d = abs(c.fraction - target)
+    if len(c.shape) == 4 and c.feeds_elementwise:
+        d += _JOIN_PENALTY
+    if len(c.shape) == 3 and c.forks:
+        d -= _FORK_BONUS
+    return d
 
 
 def suggest(cuts: list[CutPoint], total: int, n: int = 4) -> list[str]:
@@ -235,8 +250,7 @@ def suggest(cuts: list[CutPoint], total: int, n: int = 4) -> list[str]:
     picked: list[CutPoint] = []
     for k in range(1, n + 1):
         target = k / (n + 1)
-        best = min(clean, key=lambda c: (abs(c.fraction - target) + _JOIN_PENALTY * c.feeds_elementwise,
-                                         len(c.carried)))
+        best = min(clean, key=lambda c: (_suggest_distance(c, target), len(c.carried)))
         if best not in picked:
             picked.append(best)
     picked.sort(key=lambda c: c.order)
