@@ -76,6 +76,8 @@ def test_hf_model_compiles_verifies_and_compacts(name: str, tmp_path: Path) -> N
     assert len(cuts) == 3
     by_name = {c.tensor: c for c in report.valid}
     assert all(len(by_name[c].carried) == 1 for c in cuts)  # masks and positions are recomputed, not carried
+    if name == "bert":  # layer outputs (the residual stream), not attention internals at the same FLOPs
+        assert all(c.endswith("LayerNorm/LayerNormalization_output_0") for c in cuts), cuts
     head = {"kind": "token"} if name == "gpt2" else {"kind": "linear"}
     kinds = ["max_prob", "patience", "margin"]
     spec = {"model": str(model), "exits": [{"at": c, "head": head, "gate": {"kind": k, "threshold": 1 if k == "patience" else 0.3}}
