@@ -197,7 +197,13 @@ def _make_trained_head(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_
     n_classes = final_shape[class_axis % len(final_shape)]
     if not isinstance(n_classes, int):
         raise SpecError(f"exits[{e.index}].head.kind: the final output's class axis has no fixed size")
-    proto = head_onnx(e.spec.head.kind or "linear", feature_shape, n_classes, dict(e.spec.head.options), None, opset)
+    mask_dtype = onnx.TensorProto.INT64
+    if len(e.at) > 1:  # e.g. pool: masked_mean reads the attention mask listed second in `at`
+        facts = pm.probe.facts.get(_n(e.at[1]))
+        if facts is not None:
+            mask_dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(facts.dtype))
+    proto = head_onnx(e.spec.head.kind or "linear", feature_shape, n_classes, dict(e.spec.head.options), None, opset,
+                      mask_dtype=mask_dtype)
     head_spec = {"kind": e.spec.head.kind, "options": dict(e.spec.head.options),
                  "feature_shape": [d if isinstance(d, int) else str(d) for d in feature_shape],
                  "n_classes": n_classes, "trained": False}
@@ -214,7 +220,8 @@ def _build_segment_exit(pm: PreparedModel, seg: ExtractedSegment, e: ExitPlan, e
     final_shape = _final_shape(pm, final)
     score_val: ir.Value | None = None
     if head_model is not None:
-        logits, score_val = splice_head(g, k, at, head_model, where, e.spec.head.score_output)
+        at_values = [seg.values[_n(v)] for v in e.at]
+        logits, score_val = splice_head(g, k, at_values, head_model, where, e.spec.head.score_output)
         logits_shape = _infer_head_shape(g, logits, pm, e, final_shape)
     else:
         assert e.head_output is not None
@@ -495,11 +502,10 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
                 g.initializers.pop(name)
             values = {v.name: v for n in g for v in n.outputs}
             values.update({v.name: v for v in g.inputs})
-            at = values[seg.exit.at[0]]
             head = ir.from_proto(proto)
             if opset_of(head) != opset:
                 head = ir.from_proto(onnx.version_converter.convert_version(proto, opset))
-            logits, _ = splice_head(g, k, at, head, f"exits[{k}].head")
+            logits, _ = splice_head(g, k, [values[n] for n in seg.exit.at], head, f"exits[{k}].head")
             out_shape = [d if isinstance(d, int) else "batch" for d in (old_out.shape or [])]
             lshape = [d if isinstance(d, int) else "batch" for d in (logits.shape or out_shape)]
             old_out.name = f"{old_out.name}.old"

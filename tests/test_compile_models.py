@@ -134,3 +134,29 @@ def test_gpt_style_decoder_with_folded_batch_and_dynamic_sequence(tmp_path: Path
         assert float(np.abs(got - ref).max()) <= 1e-5 * float(np.abs(ref).max())
         forced = runner.run({"input_ids": ids}, thresholds=["always", "never"])
         assert (forced.exit_index == 0).all() and forced.outputs["logits"].shape == (3, seq, 50)
+
+
+def test_masked_mean_head_reads_the_attention_mask(tmp_path: Path, torch_model) -> None:
+    """`at: [hidden, attention_mask]` with `pool: masked_mean`: the head's second input is the model's mask,
+    padded tokens do not change the exit's output, and the head trains and splices like any other."""
+    from eecompile.train import train_heads
+
+    model = torch_model("bert")
+    layer0 = "/layers.0/ln2/LayerNormalization_output_0"
+    exits = [{"at": [layer0, "attention_mask"], "head": {"kind": "linear", "options": {"pool": "masked_mean"}},
+              "gate": {"kind": "max_prob", "threshold": 0.9}}]
+    bundle = eecompile.compile_model(write_spec(tmp_path, model, exits), tmp_path / "m.eebundle")
+    assert "attention_mask" in [t.name for t in bundle.manifest.segments[0].inputs]
+    feeds = _feeds(model, 64, seed=1)
+    np.savez(tmp_path / "train.npz", **feeds)
+    train_heads(bundle.path, tmp_path / "train.npz", epochs=3, quiet=True)
+    runner = eecompile.load(bundle.path)
+    forced = runner.run(feeds, thresholds=["always"]).outputs["logits"]
+    assert np.abs(forced).max() > 0  # trained: no longer the all-zero untrained head
+    # Changing the ids of padded positions moves the backbone's hidden states there, not the masked mean.
+    changed = {k: v.copy() for k, v in feeds.items()}
+    pad = changed["attention_mask"] == 0
+    assert pad.any()
+    changed["input_ids"][pad] = (changed["input_ids"][pad] + 7) % 50
+    again = runner.run(changed, thresholds=["always"]).outputs["logits"]
+    np.testing.assert_allclose(again, forced, rtol=1e-4, atol=1e-5)

@@ -44,19 +44,21 @@ def load_head(path: Path, opset: int, where: str) -> ir.Model:
     return ir.from_proto(proto)
 
 
-def splice_head(seg: ir.Graph, k: int, at: ir.Value, head: ir.Model, where: str,
+def splice_head(seg: ir.Graph, k: int, at: Sequence[ir.Value], head: ir.Model, where: str,
                 score_output: str | None = None) -> tuple[ir.Value, ir.Value | None]:
-    """Move ``head``'s nodes into ``seg``, reading ``at``. Returns (logits, score or None)."""
+    """Move ``head``'s nodes into ``seg``; its inputs read the exit's ``at`` tensors in order (the cut
+    tensor first, then e.g. an attention mask). Returns (logits, score or None)."""
     hg = head.graph
-    if len(hg.inputs) != 1:
-        raise SpecError(f"{where}: a head has exactly one input (the cut tensor); this one has "
-                        f"{[v.name for v in hg.inputs]}")
+    if not 1 <= len(hg.inputs) <= len(at):
+        raise SpecError(f"{where}: the head has inputs {[v.name for v in hg.inputs]}, the exit's `at` lists "
+                        f"{[v.name for v in at]}; a head reads the cut tensor (and, in order, the other `at` "
+                        f"tensors): list one `at` tensor per head input")
     n_out = 2 if score_output else 1
     if len(hg.outputs) != n_out:
         raise SpecError(f"{where}: the head must have {n_out} output(s) (logits{', score' if score_output else ''}); "
                         f"it has {[v.name for v in hg.outputs]}")
-    h_in = hg.inputs[0]
-    _check_head_input(h_in, at, where)
+    head_inputs = list(hg.inputs)
+    _check_head_input(head_inputs[0], at[0], where)
     prefix = HEAD_PREFIX.format(k=k)
     outs = list(hg.outputs)
     score = next((v for v in outs if v.name == score_output), None) if score_output else None
@@ -74,7 +76,8 @@ def splice_head(seg: ir.Graph, k: int, at: ir.Value, head: ir.Model, where: str,
         v.name = prefix + name
         seg.register_initializer(v)
     hg.outputs.clear()
-    h_in.replace_all_uses_with(at)
+    for h_in, src in zip(head_inputs, at, strict=False):
+        h_in.replace_all_uses_with(src)
     nodes = list(hg)
     hg.remove(nodes, safe=False)
     seg.extend(nodes)
