@@ -61,22 +61,10 @@ def test_analyze_bad_file_is_one_line(tmp_path) -> None:
 
 def test_flops_count_matmuls_that_read_inputs_and_if_outputs_can_be_cut(tmp_path) -> None:
     import onnx
+    from test_compiler import LOOPED  # MatMul on the input, an If whose body reads the outer scope
 
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 4] x, bool cond) => (float[N, 4] y) <float[4, 4] w = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}> {
-        h = MatMul(x, w)
-        r = Relu(h)
-        z = If(cond) <
-            then_branch = t () => (float[N, 4] y1) { inner = MatMul(r, w)
-                                                     y1 = Relu(inner) },
-            else_branch = e () => (float[N, 4] y2) { y2 = Identity(r) }
-        >
-        y = MatMul(z, w)
-    }
-    """
     path = tmp_path / "if.onnx"
-    onnx.save(onnx.parser.parse_model(text), path)
+    onnx.save(onnx.parser.parse_model(LOOPED), path)
     report = analyze_model(path)
     by_name = {c.tensor: c for c in report.valid}
     assert report.total_flops == 64  # 2 * 4 * 4 per MatMul and sample (the If body is not counted)
