@@ -62,13 +62,30 @@ def markdown(results: dict[str, Any]) -> str:
     if "compaction" in f:
         c = f["compaction"]
         lines += [f"### Compaction: batch {c['batch']}, exits {c['exit_counts']} ({c['model']})", "",
-                  "| compact / wait-all speedup | ideal (FLOPs) | compact vs unsplit | wait-all vs unsplit | "
-                  "throughput compact / wait-all / unsplit (samples/s) | target >= 1.6 |",
-                  "|---|---|---|---|---|---|",
-                  f"| {_r(c['compact_vs_wait_all'], 'x', 2)} | "
+                  "| chain | compact / wait-all speedup | CPU time | ideal (FLOPs) | compact vs unsplit | "
+                  "wait-all vs unsplit | throughput compact / wait-all / unsplit (samples/s) | target >= 1.6 |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| portable segments | {_r(c['compact_vs_wait_all'], 'x', 2)} | "
+                  f"{_r(c['compact_vs_wait_all_cpu'], 'x', 2) if 'compact_vs_wait_all_cpu' in c else '-'} | "
                   f"{c['ideal_compact_vs_wait_all'] or 0:.2f}x | {_r(c['compact_vs_unsplit'], 'x', 2)} | "
                   f"{_r(c['wait_all_vs_unsplit'], 'x', 2)} | {c['throughput']['compact']:.1f} / "
-                  f"{c['throughput']['wait-all']:.1f} / {c['throughput']['unsplit']:.1f} | {_ok(c['holds'])} |", ""]
+                  f"{c['throughput']['wait-all']:.1f} / {c['throughput']['unsplit']:.1f} | {_ok(c['holds'])} |"]
+        e = c.get("engines")
+        if e:
+            lines.append(f"| ORT engines ({e['target']}) | {_r(e['compact_vs_wait_all'], 'x', 2)} | "
+                         f"{_r(e['compact_vs_wait_all_cpu'], 'x', 2)} | {c['ideal_compact_vs_wait_all'] or 0:.2f}x | "
+                         f"{_r(e['compact_vs_unsplit'], 'x', 2)} | - | {e['throughput']['compact']:.1f} / "
+                         f"{e['throughput']['wait-all']:.1f} / {c['throughput']['unsplit']:.1f} | "
+                         f"{_ok(e['compact_vs_wait_all']['median'] >= 1.6)} |")
+        lines.append("")
+        if c.get("segment_ms"):
+            lines += ["Per segment step, ms (median of `RunResult.timings` over the timed calls; a compact step "
+                      "includes its gather):", "", "| run | " + " | ".join(
+                          f"seg {k}" for k in range(len(next(iter(c['segment_ms'].values()))))) + " | sum |",
+                      "|---|" + "---|" * (len(next(iter(c['segment_ms'].values()))) + 1)]
+            for k, v in c["segment_ms"].items():
+                lines.append(f"| {k} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {sum(v):.1f} |")
+            lines.append("")
     if "compile" in f:
         c = f["compile"]
         lines += [f"### Compile: {c['model']}, {c['exits']} exits (target <= 5 s)", "",

@@ -221,9 +221,12 @@ def _forced_call(runner: Any, thresholds: list[float | str], row: np.ndarray) ->
 
 def compaction(ctx: Context) -> dict[str, Any]:
     """Batch 32, half the samples exit at the first exit, the rest at the final one: compact vs wait-all vs
-    unsplit (target: compact >= 1.6x wait-all)."""
+    unsplit (target: compact >= 1.6x wait-all). The same policies also run on the bundle's ORT CPU engines
+    (``eecompile build --backend onnxruntime``), timed in the same rounds."""
     w = models.quick_resnet(ctx.cache) if ctx.quick else models.torch_resnet50(ctx.cache)
+    _ort_engines(w.bundle, ctx.say)
     runner = _runner(w.bundle, ctx.threads)
+    eng = _runner(w.bundle, ctx.threads, engines=True)
     sess = reference_session(w.reference, ctx.threads)
     m = runner.manifest
     batch = 32
@@ -234,25 +237,49 @@ def compaction(ctx: Context) -> dict[str, Any]:
     thr0 = float((scores[batch // 2 - 1] + scores[batch // 2]) / 2)
     thresholds: list[float | str] = [thr0] + ["never"] * (m.n_early_exits - 1)
     counts = runner.run(x, thresholds=thresholds).exit_counts.tolist()
+    if eng.run(x, thresholds=thresholds).exit_counts.tolist() != counts:
+        raise RuntimeError(f"{w.bundle}: the ORT engines route the batch differently from the portable segments")
     ctx.say(f"compaction: {w.name} batch {batch}, exits {counts}")
+    seg_ms: dict[str, list[np.ndarray]] = {}
+
+    def policy_run(r: Any, key: str, policy: str) -> Callable[[], object]:
+        def call() -> None:  # RunResult.timings: seconds per segment step (exit bookkeeping and gather included)
+            seg_ms.setdefault(key, []).append(r.run(x, thresholds=thresholds, policy=policy).timings)
+        return call
+
     fns: dict[str, Callable[[], object]] = {
         "unsplit": lambda: sess.run(None, x),
-        "compact": lambda: runner.run(x, thresholds=thresholds, policy="compact"),
-        "wait-all": lambda: runner.run(x, thresholds=thresholds, policy="wait-all"),
+        "compact": policy_run(runner, "compact", "compact"),
+        "wait-all": policy_run(runner, "wait-all", "wait-all"),
+        "engines compact": policy_run(eng, "engines compact", "compact"),
+        "engines wait-all": policy_run(eng, "engines wait-all", "wait-all"),
     }
     calls = block_calls(fns["unsplit"], ctx.block_s(0.0))
-    t = paired_blocks(fns, calls=calls, rounds=ctx.rounds(5), warmup=1)
+    seg_ms.clear()
+    t = paired_blocks(fns, calls=calls, rounds=ctx.rounds(9), warmup=1)
     runner.close()
+    eng.close()
     f0 = m.segments[0].flops_fraction
     ideal = 1.0 / (f0 + (1.0 - f0) * (batch - counts[0]) / batch) if f0 else None
     ratio = ratio_stats(t["wait-all"].wall, t["compact"].wall)
     return {
         "model": w.name, "batch": batch, "exit_counts": counts, "first_segment_flops_fraction": f0,
+        "rounds": len(t["unsplit"].wall), "calls_per_block": calls,
         "ms": {k: _times(v) for k, v in t.items()},
-        "throughput": {k: batch / statistics.median(v.wall) for k, v in t.items()},
+        "segment_ms": {k: np.round(np.median(np.array(v[1:] or v), axis=0) * 1e3, 2).tolist() for k, v in seg_ms.items()},
+        "throughput": {k: batch / statistics.median(t[k].wall) for k in ("unsplit", "compact", "wait-all")},
         "compact_vs_wait_all": ratio,
+        "compact_vs_wait_all_cpu": ratio_stats(t["wait-all"].cpu, t["compact"].cpu),
         "compact_vs_unsplit": ratio_stats(t["unsplit"].wall, t["compact"].wall),
         "wait_all_vs_unsplit": ratio_stats(t["unsplit"].wall, t["wait-all"].wall),
+        "engines": {
+            "target": _cpu_target(),
+            "throughput": {k: batch / statistics.median(t[f"engines {k}"].wall) for k in ("compact", "wait-all")},
+            "compact_vs_wait_all": ratio_stats(t["engines wait-all"].wall, t["engines compact"].wall),
+            "compact_vs_wait_all_cpu": ratio_stats(t["engines wait-all"].cpu, t["engines compact"].cpu),
+            "compact_vs_unsplit": ratio_stats(t["unsplit"].wall, t["engines compact"].wall),
+            "compact_vs_portable_compact": ratio_stats(t["compact"].wall, t["engines compact"].wall),
+        },
         "ideal_compact_vs_wait_all": ideal, "target": 1.6, "holds": ratio["median"] >= 1.6,
     }
 
