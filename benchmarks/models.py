@@ -272,49 +272,15 @@ def bert(cache: Path, quick: bool = False) -> Workload:
 
 
 def _export_bert(path: Path, d: int, heads: int, n_layers: int, seq: int, vocab: int) -> None:
+    """The tests' BERT-style encoder (plain MatMul attention, additive mask) at the given sizes."""
     import torch
-    from torch import nn
 
-    torch.manual_seed(0)
+    from tests.torch_models import Encoder
 
-    class Layer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.qkv = nn.Linear(d, 3 * d)
-            self.proj = nn.Linear(d, d)
-            self.ln1 = nn.LayerNorm(d)
-            self.ln2 = nn.LayerNorm(d)
-            self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-        def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-            b, n, _ = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-            att = (q @ k.transpose(-2, -1)) / (d // heads) ** 0.5 + bias
-            y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
-            x = self.ln1(x + self.proj(y))
-            return self.ln2(x + self.ff(x))
-
-    class Bert(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(vocab, d)
-            self.pos = nn.Parameter(torch.randn(1, seq, d) * 0.1)
-            self.layers = nn.ModuleList([Layer() for _ in range(n_layers)])
-            self.cls = nn.Linear(d, 2)
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            x = self.emb(input_ids) + self.pos[:, : input_ids.shape[1]]
-            bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
-            for layer in self.layers:
-                x = layer(x, bias)
-            return self.cls(x[:, 0])
-
-    model = Bert().eval()
-    ids = torch.randint(0, vocab, (2, seq))
-    mask = torch.ones(2, seq, dtype=torch.int64)
-    names = ["input_ids", "attention_mask"]
-    torch.onnx.export(model, (ids, mask), str(path), input_names=names, output_names=["logits"],
-                      dynamic_axes={n: {0: "batch"} for n in [*names, "logits"]}, opset_version=17, dynamo=False)
+    model, args, names, outputs = Encoder.build("bert", d=d, heads=heads, layers=n_layers, vocab=vocab, t=seq,
+                                                n_classes=2)
+    torch.onnx.export(model, args, str(path), input_names=names, output_names=outputs,
+                      dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]}, opset_version=17, dynamo=False)
 
 
 def mlp(path: Path, layers: int, width: int = 64) -> Path:

@@ -53,15 +53,16 @@ def small_resnet():
     return m, (torch.randn(2, 3, 32, 32),), ["image"], ["logits"]
 
 
-class _Encoder:
+class Encoder:
     """Builds BERT-style and ViT-style encoders with nn.TransformerEncoderLayer-like blocks written out so the
-    export has plain MatMul/Softmax attention (and the additive attention mask for BERT)."""
+    export has plain MatMul/Softmax attention (and the additive attention mask for BERT). The benchmarks build
+    their BERT-base-class graph with it too."""
 
     @staticmethod
-    def build(kind: str):
+    def build(kind: str, *, d: int = 32, heads: int = 4, layers: int = 4, vocab: int = 50, t: int = 8,
+              n_classes: int | None = None):
         torch = _torch()
         nn = torch.nn
-        d, heads, layers, vocab, t = 32, 4, 4, 50, 8
 
         class Layer(nn.Module):
             def __init__(self) -> None:
@@ -86,7 +87,7 @@ class _Encoder:
                 self.emb = nn.Embedding(vocab, d)
                 self.pos = nn.Parameter(torch.randn(1, t, d) * 0.1)
                 self.layers = nn.ModuleList([Layer() for _ in range(layers)])
-                self.cls = nn.Linear(d, 3)
+                self.cls = nn.Linear(d, n_classes or 3)
 
             def forward(self, input_ids, attention_mask):
                 x = self.emb(input_ids) + self.pos[:, : input_ids.shape[1]]
@@ -102,7 +103,7 @@ class _Encoder:
                 self.cls_tok = nn.Parameter(torch.randn(1, 1, d) * 0.1)
                 self.pos = nn.Parameter(torch.randn(1, 17, d) * 0.1)
                 self.layers = nn.ModuleList([Layer() for _ in range(layers)])
-                self.head = nn.Linear(d, 10)
+                self.head = nn.Linear(d, n_classes or 10)
 
             def forward(self, image):
                 x = self.patch(image).flatten(2).transpose(1, 2)
@@ -177,7 +178,7 @@ def export(name: str, directory: Path) -> Path:
     elif base == "gpt":
         model, args, inputs, outputs = small_gpt()
     else:
-        model, args, inputs, outputs = _Encoder.build(base)
+        model, args, inputs, outputs = Encoder.build(base)
     if dynamo:
         batch = torch.export.Dim("batch", min=1, max=1024)
         torch.onnx.export(model, args, str(path), input_names=inputs, output_names=outputs, dynamo=True,
