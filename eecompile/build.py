@@ -321,6 +321,20 @@ class BuildReport:
             console.print(note)
 
 
+def _replace_engine_records(tmp: Path, manifest: Manifest, records: Sequence[EngineRecord], backend: str,
+                            target: str, drop_fileless: bool = False) -> None:
+    """Swap in ``records`` for ``backend``/``target`` in a staged bundle: engines for other targets stay (one
+    bundle can carry engines for several GPUs or CPUs), this target's old records and files go."""
+    new_files = {r.file for r in records}
+    stale = [d for d in manifest.engines if d.get("backend") == backend
+             and (d.get("target") == target or (drop_fileless and not d.get("file")))]
+    for d in stale:
+        f = d.get("file")
+        if f and (tmp / f).is_file() and f not in new_files:
+            (tmp / f).unlink()
+    manifest.engines = [d for d in manifest.engines if d not in stale] + [r.to_dict() for r in records]
+
+
 def build_engines(bundle: str | Path, backend: str = "tensorrt", fp16: bool = False, max_batch: int = 32,
                   opt_batch: int | None = None, workspace_mb: int = 1024, timing_cache: str | Path | None = None,
                   data: str | Path | None = None, dim_sizes: Mapping[str, int | Sequence[int]] | None = None,
@@ -433,15 +447,8 @@ def _build_onnxruntime(path: Path, max_batch: int) -> BuildReport:
         for r in records:
             assert r.file is not None
             (tmp / r.file).write_bytes(blobs[r.segment])
-        # Engines for other targets stay (a bundle can carry engines for several CPUs); this target's are replaced,
-        # and the old file-less "check" records go.
-        stale = [d for d in manifest.engines if d.get("backend") == "onnxruntime"
-                 and (d.get("target") == target or not d.get("file"))]
-        for d in stale:
-            f = d.get("file")
-            if f and (tmp / f).is_file() and f not in {r.file for r in records}:
-                (tmp / f).unlink()
-        manifest.engines = [d for d in manifest.engines if d not in stale] + [r.to_dict() for r in records]
+        # The old file-less "check" records go too.
+        _replace_engine_records(tmp, manifest, records, "onnxruntime", target, drop_fileless=True)
 
     update_bundle(path, change)
     notes = [f"ONNX Runtime {ort.__version__}, NCHWc block {block}: "
@@ -500,13 +507,7 @@ def _build_tensorrt(path: Path, *, fp16: bool, max_batch: int, opt_batch: int | 
                     flags=dict(flags), profiles={n: [list(s) for s in p] for n, p in profiles[seg.index].items()},
                     built_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                 ))
-        # Engines for other targets stay (one bundle can carry engines for several GPUs); this target's are replaced.
-        stale = [d for d in manifest.engines if d.get("backend") == "tensorrt" and d.get("target") == target]
-        for d in stale:
-            f = d.get("file")
-            if f and (tmp / f).is_file() and f not in {r.file for r in records}:
-                (tmp / f).unlink()
-        manifest.engines = [d for d in manifest.engines if d not in stale] + [r.to_dict() for r in records]
+        _replace_engine_records(tmp, manifest, records, "tensorrt", target)
 
     update_bundle(path, change)
     cache_path.parent.mkdir(parents=True, exist_ok=True)

@@ -404,13 +404,9 @@ class OnnxRuntimeBackend(SegmentBackend):
                               f"({_first_line(e)}); rebuild the engines with "
                               f"`eecompile build {self.bundle.path} --backend onnxruntime`") from e
         blocked = (rec.get("flags") or {}).get("inputs") or {}
-        want = {str(blocked[t.name]["name"]) if t.name in blocked else t.name for t in seg.inputs}
-        if seg.exit.gate is not None:
-            want.add(seg.exit.gate.threshold_input)
-        have = {i.name for i in sess.get_inputs()}
-        if want != have:
-            raise BundleError(f"{path}: engine inputs {sorted(have)} do not match its record {sorted(want)}; "
-                              f"rebuild the engines with `eecompile build {self.bundle.path} --backend onnxruntime`")
+        _check_inputs(sess, seg, {t.name: str(blocked[t.name]["name"]) for t in seg.inputs if t.name in blocked},
+                      f"{path}: engine inputs", "its record",
+                      f"rebuild the engines with `eecompile build {self.bundle.path} --backend onnxruntime`")
         return sess
 
     def _load(self, seg: SegmentInfo, opts: Any) -> Any:
@@ -423,13 +419,7 @@ class OnnxRuntimeBackend(SegmentBackend):
         if self.device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
             raise BackendError(f"{path}: ONNX Runtime fell back to {sess.get_providers()} instead of CUDA; "
                                f"check the CUDA/cuDNN libraries onnxruntime-gpu needs")
-        want = {t.name for t in seg.inputs}
-        if seg.exit.gate is not None:
-            want.add(seg.exit.gate.threshold_input)
-        have = {i.name for i in sess.get_inputs()}
-        if want != have:
-            raise BundleError(f"{path}: graph inputs {sorted(have)} do not match the manifest's {sorted(want)}; "
-                              f"recompile the bundle")
+        _check_inputs(sess, seg, {}, f"{path}: graph inputs", "the manifest", "recompile the bundle")
         return sess
 
     # --- SegmentBackend -------------------------------------------------------------------------------
@@ -561,3 +551,14 @@ class OnnxRuntimeBackend(SegmentBackend):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_inputs(sess: Any, seg: SegmentInfo, renamed: dict[str, str], what: str, source: str, fix: str) -> None:
+    """The session's inputs must be the segment's data inputs (``renamed`` where an engine renames them) plus
+    its threshold; a mismatch means the file and the manifest disagree."""
+    want = {renamed.get(t.name, t.name) for t in seg.inputs}
+    if seg.exit.gate is not None:
+        want.add(seg.exit.gate.threshold_input)
+    have = {i.name for i in sess.get_inputs()}
+    if want != have:
+        raise BundleError(f"{what} {sorted(have)} do not match {sorted(want)} in {source}; {fix}")
