@@ -37,10 +37,20 @@ from eecompile.bundle import (
     write_manifest,
 )
 from eecompile.errors import BundleError, GraphError, SpecError
-from eecompile.passes.attach_heads import HEAD_PREFIX, fit_exit_output, load_head, splice_head
+from eecompile.names import (
+    STATE_ARGMAX,
+    STATE_COUNT,
+    exit_output,
+    gate_names,
+    head_prefix,
+    is_exit_tensor,
+    is_state_tensor,
+    is_threshold_input,
+)
+from eecompile.passes.attach_heads import fit_exit_output, load_head, splice_head
 from eecompile.passes.cut_points import PreparedModel, cut_problem, prepare
 from eecompile.passes.extract_segments import Dims, ExtractedSegment, boundary_shape, dims, extract_segments
-from eecompile.passes.gates import build_gate, gate_names
+from eecompile.passes.gates import build_gate
 from eecompile.passes.load import opset_of
 from eecompile.passes.partition import SegmentPlan, carried_across, plan_segments
 from eecompile.passes.verify import Reference, SegmentIO, reference_outputs, verify_chain
@@ -231,7 +241,7 @@ def _build_segment_exit(pm: PreparedModel, seg: ExtractedSegment, e: ExitPlan, e
         if e.score_output is not None:
             score_val = seg.values[_n(e.score_output)]
     final_name = _n(final)
-    out = fit_exit_output(g, k, logits, logits_shape, final_shape, f"ee{k}.out.{final_name}", where)
+    out = fit_exit_output(g, k, logits, logits_shape, final_shape, exit_output(k, final_name), where)
     nxt = exits[k + 1] if k + 1 < len(exits) else None
     tape = Tape(g)
     _, at_shape, _ = boundary_shape(pm, e.at[0].name)
@@ -250,11 +260,11 @@ def _build_segment_exit(pm: PreparedModel, seg: ExtractedSegment, e: ExitPlan, e
     gate.gate.dtype, gate.gate.shape = ir.DataType.BOOL, ir.Shape(["batch"])
     gate.score.dtype, gate.score.shape = ir.DataType.FLOAT, ir.Shape(["batch"])
     for v in gate.state_outputs:
-        if _n(v).endswith(".argmax"):
+        if _n(v).endswith("." + STATE_ARGMAX):
             v.dtype, v.shape = ir.DataType.INT64, ir.Shape(["batch", None])
         else:
             v.dtype = ir.DataType.FLOAT
-            v.shape = ir.Shape(["batch"]) if _n(v).endswith(".count") else ir.Shape(["batch", None, None])
+            v.shape = ir.Shape(["batch"]) if _n(v).endswith("." + STATE_COUNT) else ir.Shape(["batch", None, None])
     g.inputs.extend(gate.state_inputs)
     g.inputs.append(gate.threshold)
     names = gate_names(k)
@@ -423,12 +433,12 @@ def _plan_bundle(spec: Spec, dims: dict[str, int] | None, verify: bool) -> Bundl
         _tidy(model)
         for name in [v.name for v in g.inputs]:
             v = next(x for x in g.inputs if x.name == name)
-            if not v.uses() and v.name and not v.name.endswith(".threshold") and ".state." not in v.name:
+            if not v.uses() and v.name and not is_threshold_input(v.name) and not is_state_tensor(v.name):
                 g.inputs.remove(v)
         seg_models.append(model)
         seg_infos.append(SegmentInfo(
             index=k, file=f"segments/seg{k}.onnx",
-            inputs=[_tensor_info(v, _batch_axis(pm, v)) for v in g.inputs if not _n(v).endswith(".threshold")],
+            inputs=[_tensor_info(v, _batch_axis(pm, v)) for v in g.inputs if not is_threshold_input(_n(v))],
             outputs=[_tensor_info(v, _batch_axis(pm, v)) for v in g.outputs],
             exit=info, carried_out=list(seg.carried_out),
             flops=pm.flops_of(plans[k].nodes), flops_fraction=pm.flops_of(plans[k].nodes) / total,
@@ -455,7 +465,7 @@ def _plan_bundle(spec: Spec, dims: dict[str, int] | None, verify: bool) -> Bundl
 
 def _batch_axis(pm: PreparedModel, v: ir.Value) -> int | None:
     name = _n(v)
-    if name.startswith("ee") and (".gate" in name or ".score" in name or ".state." in name or ".out." in name):
+    if is_exit_tensor(name):
         return 0
     facts = pm.probe.facts.get(_n(v))
     if facts is not None:
@@ -493,7 +503,7 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
             model = ir.load(path)
             g = model.graph
             opset = opset_of(model)
-            prefix = HEAD_PREFIX.format(k=k)
+            prefix = head_prefix(k)
             final_name = next(iter(seg.exit.outputs))
             old_out = next(v for v in g.outputs if v.name == seg.exit.outputs[final_name])
             old_nodes = [n for n in g if (n.name or "").startswith(prefix)]

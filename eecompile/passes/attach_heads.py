@@ -20,8 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from eecompile.errors import SpecError
-
-HEAD_PREFIX = "ee{k}.head/"
+from eecompile.names import head_prefix
 
 
 def load_head(path: Path, opset: int, where: str) -> ir.Model:
@@ -59,7 +58,7 @@ def splice_head(seg: ir.Graph, k: int, at: Sequence[ir.Value], head: ir.Model, w
                         f"it has {[v.name for v in hg.outputs]}")
     head_inputs = list(hg.inputs)
     _check_head_input(head_inputs[0], at[0], where)
-    prefix = HEAD_PREFIX.format(k=k)
+    prefix = head_prefix(k)
     outs = list(hg.outputs)
     score = next((v for v in outs if v.name == score_output), None) if score_output else None
     if score_output and score is None:
@@ -111,7 +110,7 @@ def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Seque
     """Make the exit output ``out_name`` with the final output's per-sample shape."""
     per_exit = logits_shape[1:]
     per_final = final_shape[1:]
-    prefix = HEAD_PREFIX.format(k=k)
+    prefix = head_prefix(k)
     known = all(isinstance(d, int) for d in per_exit) and all(isinstance(d, int) for d in per_final)
     if known and int(np.prod(per_exit)) != int(np.prod(per_final)):  # type: ignore[arg-type]
         hint = ("; the final output is per token: use a head that keeps the token axis (head kind 'token')"

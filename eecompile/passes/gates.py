@@ -29,18 +29,8 @@ import onnx_ir as ir
 from onnx_ir.tape import Tape
 
 from eecompile.errors import SpecError
+from eecompile.names import gate_names, gate_node_prefix
 from eecompile.spec import GateKind
-
-
-def gate_names(k: int) -> dict[str, str]:
-    return {
-        "gate": f"ee{k}.gate",
-        "score": f"ee{k}.score",
-        "threshold": f"ee{k}.threshold",
-        "argmax": f"ee{k}.state.argmax",
-        "count": f"ee{k}.state.count",
-        "hidden": f"ee{k}.state.hidden",
-    }
 
 
 class Ops:
@@ -169,7 +159,7 @@ def build_gate(
 ) -> GateResult:
     """Record exit ``k``'s gate on ``tape``; ``prev_k`` is the previous exit (whose state this gate reads)."""
     names = gate_names(k)
-    ops = Ops(tape, opset, prefix=f"ee{k}.gate/")
+    ops = Ops(tape, opset, prefix=gate_node_prefix(k))
     thr = ir.Value(name=names["threshold"], shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
     res_state_in: list[ir.Value] = []
     res_state_out: list[ir.Value] = []
