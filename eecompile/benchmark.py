@@ -216,7 +216,7 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
     policy compact), then through each reference; ``repeats`` rounds after ``warmup`` rounds."""
     import eecompile
     from eecompile.calibrate import find_source_model
-    from eecompile.data import load_npz
+    from eecompile.runtimes.data import load_npz
     from eecompile.runtimes.onnxruntime import default_threads
 
     if batch_size < 1:

@@ -452,8 +452,8 @@ def _plain(x: Any) -> Any:
 
 
 def load_data(path: str | Path, manifest: Manifest) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The model inputs (by name) and the optional ``labels`` of an .npz (checked by :mod:`eecompile.data`)."""
-    from eecompile.data import load_npz
+    """The model inputs (by name) and the optional ``labels`` of an .npz (checked by :mod:`eecompile.runtimes.data`)."""
+    from eecompile.runtimes.data import load_npz
 
     ds = load_npz(path, manifest.inputs)
     return ds.arrays, ds.labels

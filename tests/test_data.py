@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eecompile.bundle import TensorInfo
-from eecompile.data import Dataset, load_npz
+from eecompile.runtimes.data import Dataset, load_npz
 from eecompile.errors import DataError
 
 INPUTS = [TensorInfo("x", "float32", ["B", 3, "T"], 0), TensorInfo("ids", "int64", ["B", 2], 0)]

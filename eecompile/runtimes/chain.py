@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from eecompile.bundle import Bundle, TensorInfo
-from eecompile.data import batch_size_of, check_array
+from eecompile.runtimes.data import batch_size_of, check_array
 from eecompile.errors import BackendError, BundleError, DataError, SpecError
 from eecompile.runtimes.base import SegmentBackend
 
@@ -416,7 +416,7 @@ def run_file(bundle: str | Path, data: str | Path, output: str | Path, policy: s
              threads: int | None = None, **backend_options: Any) -> str:
     """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index``; with policy
     ``never`` also ``exit{k}.{name}`` for every exit and ``gate_masks``). Returns a one-line summary."""
-    from eecompile.data import load_npz
+    from eecompile.runtimes.data import load_npz
     from eecompile.spec import parse_thresholds
 
     options: dict[str, Any] = dict(backend_options) if threads is None else {**backend_options, "threads": threads}

@@ -3,7 +3,7 @@
 CPU (default): tensors are numpy arrays; ``sess.run`` is called directly (see ``_run_cpu`` for why not
 IO binding). When the bundle holds ORT CPU engines built for this machine (``eecompile build --backend
 onnxruntime``: ORT's own optimised graphs whose cuts carry NCHWc-blocked tensors, see
-``eecompile/passes/ort_layout.py``), those run instead of the portable segments; engines for another ORT
+``eecompile/build/ort_layout.py``), those run instead of the portable segments; engines for another ORT
 version or CPU are skipped with a warning and the portable segments run. ``device="cuda"``: CUDAExecutionProvider (optionally TensorRT EP in front of it), activations
 stay on the GPU as ``OrtValue``s through IO binding, only the gate mask is bound to the host.
 

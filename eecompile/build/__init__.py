@@ -10,11 +10,11 @@ Two TensorRT API generations are supported and detected from ``tensorrt.__versio
   * 10.x (JetPack 6): ``--fp16`` sets ``BuilderFlag.FP16`` and pins the gate layers, Softmax, reductions
     and normalisations to fp32 (``PREFER_PRECISION_CONSTRAINTS``);
   * 11.x: precision flags are gone and networks are strongly typed, so ``--fp16`` first converts each
-    segment ONNX to fp16 (:mod:`eecompile.passes.to_fp16`, gate kept fp32, I/O dtypes unchanged).
+    segment ONNX to fp16 (:mod:`eecompile.build.to_fp16`, gate kept fp32, I/O dtypes unchanged).
 
 ONNX Runtime (``backend="onnxruntime"``): CPU "engines", ``engines/seg{k}.onnxruntime.{target}.onnx``: each
 segment's graph as ORT optimises it on this machine (ORT_ENABLE_ALL, saved with ``optimized_model_filepath``),
-with the cuts edited (:mod:`eecompile.passes.ort_layout`) so that a tensor ORT holds in its blocked NCHWc layout
+with the cuts edited (:mod:`eecompile.build.ort_layout`) so that a tensor ORT holds in its blocked NCHWc layout
 crosses the cut blocked instead of through a ReorderOutput / ReorderInput pair. ``target`` is ORT major.minor
 and the NCHWc block size (``ort1.32-nchwc16``): such a graph is only valid on that ORT and that kind of CPU. The
 record names the blocked tensors each engine takes and gives (``flags.inputs`` / ``flags.outputs``: engine
@@ -375,7 +375,7 @@ def _build_onnxruntime(path: Path, max_batch: int) -> BuildReport:
     import onnx
     import onnxruntime as ort
 
-    from eecompile.passes.ort_layout import carry_blocked, count_reorders, optimise_with_ort
+    from eecompile.build.ort_layout import carry_blocked, count_reorders, optimise_with_ort
     from eecompile.runtimes.onnxruntime import (
         DEFAULT_CPU_DISABLED_OPTIMIZERS,
         ENGINE_LOAD_LEVEL,
@@ -492,7 +492,7 @@ def _build_tensorrt(path: Path, *, fp16: bool, max_batch: int, opt_batch: int | 
                 t0 = time.perf_counter()
                 onnx_path = tmp / seg.file
                 if fp16 and not version.fp16_by_flag:
-                    from eecompile.passes.to_fp16 import convert_segment_file_to_fp16
+                    from eecompile.build.to_fp16 import convert_segment_file_to_fp16
 
                     onnx_path = convert_segment_file_to_fp16(onnx_path, Path(scratch) / f"seg{seg.index}.fp16.onnx")
                 plan, cache_blob = _build_plan(trt, logger, version, onnx_path, profiles[seg.index],

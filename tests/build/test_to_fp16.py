@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from eecompile.passes.to_fp16 import convert_segment_to_fp16
+from eecompile.build.to_fp16 import convert_segment_to_fp16
 
 
 def _gated_mlp(seed: int = 0) -> onnx.ModelProto:
