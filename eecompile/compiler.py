@@ -48,11 +48,11 @@ from eecompile.names import (
     is_threshold_input,
 )
 from eecompile.passes.attach_heads import fit_exit_output, load_head, splice_head
-from eecompile.passes.cut_points import PreparedModel, cut_problem, prepare
+from eecompile.analysis.cut_points import PreparedModel, cut_problem, prepare
 from eecompile.passes.extract_segments import Dims, ExtractedSegment, boundary_shape, dims, extract_segments
 from eecompile.passes.gates import build_gate
 from eecompile.passes.load import opset_of
-from eecompile.passes.partition import SegmentPlan, carried_across, plan_segments
+from eecompile.analysis.partition import SegmentPlan, carried_across, plan_segments
 from eecompile.passes.verify import Reference, SegmentIO, reference_outputs, verify_chain
 from eecompile.spec import ExitSpec, GateKind, Spec, load_spec
 
@@ -488,7 +488,7 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
 
     Each head replaces exit k's head: same input (the cut tensor), same output contract. The final outputs
     of the chain with no exit must be unchanged, and every new exit output must be finite on random inputs."""
-    from eecompile.passes.probe import random_inputs
+    from eecompile.analysis.probe import random_inputs
 
     bundle = Bundle.load(bundle_path)
     m = bundle.manifest

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from eecompile.errors import GraphError
-from eecompile.passes.probe import random_inputs
+from eecompile.analysis.probe import random_inputs
 
 log = logging.getLogger(__name__)
 

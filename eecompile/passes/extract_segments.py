@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from eecompile.errors import GraphError
-from eecompile.passes.cut_points import PreparedModel
-from eecompile.passes.partition import SegmentPlan
+from eecompile.analysis.cut_points import PreparedModel
+from eecompile.analysis.partition import SegmentPlan
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eecompile.errors import GraphError
-from eecompile.passes.probe import random_inputs
+from eecompile.analysis.probe import random_inputs
 
 TOLERANCE = 1e-5
 

@@ -22,10 +22,10 @@ from typing import Any
 import onnx_ir as ir
 
 from eecompile.passes.batch_dynamic import infer_shapes, make_batch_dynamic
-from eecompile.passes.flops import node_flops
+from eecompile.analysis.flops import node_flops
 from eecompile.passes.load import load_model
-from eecompile.passes.partition import GraphIndex, carried_across, index_graph
-from eecompile.passes.probe import PROBE_BATCHES, ProbeResult, probe_model
+from eecompile.analysis.partition import GraphIndex, carried_across, index_graph
+from eecompile.analysis.probe import PROBE_BATCHES, ProbeResult, probe_model
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from eecompile.passes.load import normalise
-from eecompile.passes.partition import carried_across, index_graph, plan_segments
+from eecompile.analysis.partition import carried_across, index_graph, plan_segments
 
 RESIDUAL = """
 <ir_version: 8, opset_import: ["" : 17]>
