@@ -54,9 +54,10 @@ def _runner(bundle: Path, threads: int, engines: bool = False) -> Any:
 
 def _ort_engines(bundle: Path, say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Build the bundle's ORT CPU engines for this machine unless it has them; return their rewrite summaries."""
-    from eecompile.build import build_engines, engine_records
+    from eecompile.build import build_engines
     from eecompile.bundle import Bundle
     from eecompile.runtimes.onnxruntime import cpu_target
+    from eecompile.runtimes.records import engine_records
 
     target = cpu_target()
     recs = engine_records(Bundle.load(bundle).manifest, "onnxruntime", target)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from eecompile.bundle import TensorInfo
-from eecompile.runtimes.data import Dataset, load_npz
 from eecompile.errors import DataError
+from eecompile.runtimes.data import Dataset, load_npz
 
 INPUTS = [TensorInfo("x", "float32", ["B", 3, "T"], 0), TensorInfo("ids", "int64", ["B", 2], 0)]
 

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from eecompile.bundle import Bundle, TensorInfo
-from eecompile.runtimes.data import batch_size_of, check_array
 from eecompile.errors import BackendError, BundleError, DataError, SpecError
 from eecompile.runtimes.base import SegmentBackend
+from eecompile.runtimes.data import batch_size_of, check_array
 
 POLICIES = ("compact", "wait-all", "never")
 _NO_ROWS = np.zeros(0, dtype=np.int64)  # read-only by convention: the rows that exit when none does

@@ -24,6 +24,7 @@ import numpy as np
 from eecompile.bundle import Bundle, SegmentInfo
 from eecompile.errors import BackendError, BundleError, DataError
 from eecompile.runtimes.base import SegmentBackend
+from eecompile.runtimes.records import rebuild_command
 
 try:
     import onnxruntime as ort
@@ -360,8 +361,6 @@ class OnnxRuntimeBackend(SegmentBackend):
     def _engine_records(self) -> list[dict[str, Any]] | None:
         """This machine's ORT CPU engine records, one per segment, or None (portable segments, with a warning
         when engines exist but were built elsewhere or with other options)."""
-        from eecompile.build import rebuild_command
-
         mine_all = [d for d in self.manifest.engines if d.get("backend") == "onnxruntime" and d.get("file")]
         if not mine_all:
             return None

@@ -37,7 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from eecompile.build import (
+from eecompile.bundle import Bundle
+from eecompile.errors import BackendError, DataError
+from eecompile.runtimes.base import SegmentBackend
+from eecompile.runtimes.chain import RunResult
+from eecompile.runtimes.records import (
     INSTALL_HINT,
     EngineRecord,
     check_engine_record,
@@ -46,10 +50,6 @@ from eecompile.build import (
     parse_trt_version,
     rebuild_command,
 )
-from eecompile.bundle import Bundle
-from eecompile.errors import BackendError, DataError
-from eecompile.runtimes.base import SegmentBackend
-from eecompile.runtimes.chain import RunResult
 
 log = logging.getLogger(__name__)
 

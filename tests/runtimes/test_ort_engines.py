@@ -18,11 +18,12 @@ from onnx import TensorProto
 from onnx import helper as oh
 
 import eecompile
-from eecompile.build import build_engines, engine_records, verify_backend
+from eecompile.build import build_engines, verify_backend
 from eecompile.bundle import Bundle
 from eecompile.errors import BundleError
 from eecompile.runtimes import onnxruntime as ortrt
 from eecompile.runtimes.chain import EarlyExitRunner
+from eecompile.runtimes.records import engine_records
 
 CUTS = ["/layers.0/Relu_1_output_0", "/layers.2/Relu_1_output_0", "/layers.3/Relu_1_output_0"]
 SHAPES = [[1, 16, 32, 32], [1, 32, 16, 16], [1, 64, 8, 8]]

@@ -35,8 +35,9 @@ pytestmark = [
 
 from handmade import random_inputs, write_bundle  # noqa: E402
 
-from eecompile.build import build_engines, engine_records, verify_backend  # noqa: E402
+from eecompile.build import build_engines, verify_backend  # noqa: E402
 from eecompile.bundle import Bundle  # noqa: E402
+from eecompile.runtimes.records import engine_records  # noqa: E402
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 
 CODE = """
 import sys
-import eecompile.runtimes.tensorrt, eecompile.build
+import eecompile.runtimes.tensorrt, eecompile.runtimes.records
 heavy = sorted(m for m in ("onnx", "onnx_ir", "onnxruntime", "torch", "polygraphy", "tensorrt", "cuda")
                if m in sys.modules)
 print(",".join(heavy))

@@ -15,9 +15,10 @@ import pytest
 from fakes import FAKE_STATE, fake_gpu
 from handmade import random_inputs, write_bundle
 
-from eecompile.build import build_engines, engine_records
+from eecompile.build import build_engines
 from eecompile.bundle import Bundle
 from eecompile.errors import BackendError, BundleError
+from eecompile.runtimes.records import engine_records
 
 
 def _reference(bundle: Path, x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 from handmade import make_manifest, write_bundle
 
-from eecompile.build import (
+from eecompile.build import compute_profiles
+from eecompile.bundle import Bundle, update_bundle
+from eecompile.errors import BackendError, BundleError, DataError
+from eecompile.runtimes.records import (
     EngineRecord,
     check_engine_record,
-    compute_profiles,
     engine_file,
     engine_records,
     engine_target,
     parse_trt_version,
     rebuild_command,
 )
-from eecompile.bundle import Bundle, update_bundle
-from eecompile.errors import BackendError, BundleError, DataError
 from eecompile.runtimes.tensorrt import batch_layout, paired_runs, resolve_thresholds
 
 
