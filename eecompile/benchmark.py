@@ -142,7 +142,7 @@ def reference_session(path: Path, threads: int) -> Any:
     """An ONNX Runtime CPU session on the unsplit model with the chain's thread settings (no spinning)."""
     import onnxruntime as ort
 
-    from eecompile.calibrate import session_options
+    from eecompile.calibrate.latency import session_options
 
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
@@ -215,7 +215,7 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
     One round runs up to ``max_batches`` batches of ``batch_size`` through the chain (bundle thresholds,
     policy compact), then through each reference; ``repeats`` rounds after ``warmup`` rounds."""
     import eecompile
-    from eecompile.calibrate import find_source_model
+    from eecompile.calibrate.latency import find_source_model
     from eecompile.runtimes.data import load_npz
     from eecompile.runtimes.onnxruntime import default_threads
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from eecompile.bundle import Bundle
-from eecompile.calibrate import ChainProbe, final_output, iter_batches, load_data
+from eecompile.calibrate.collect import ChainProbe, final_output, iter_batches, load_data
 from eecompile.errors import BundleError, EECompileError
 from eecompile.heads import head_input_names, head_module, head_onnx, module_weights
 

@@ -1,0 +1,42 @@
+"""Accuracy-speedup plot of a calibration (matplotlib, imported when called)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eecompile.calibrate.report import CalibrationReport
+from eecompile.errors import CalibrationError
+
+
+def plot_report(report: CalibrationReport, path: str | Path) -> Path:
+    """Accuracy against speedup (cheapest thresholds per budget) and the exit histogram, in one PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise CalibrationError("--plot needs matplotlib: pip install 'eecompile[plot]'") from e
+    path = Path(path)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [p["speedup"] for p in report.curve]
+    ys = [p["accuracy"] for p in report.curve]
+    ax1.plot(xs, ys, "o-", label="cheapest thresholds per budget")
+    ax1.plot([report.expected_speedup], [report.accuracy], "r*", markersize=14, label="chosen")
+    ax1.axhline(report.full_accuracy - report.max_drop, color="gray", ls="--", lw=1, label="budget")
+    ax1.axvline(report.oracle_speedup, color="green", ls=":", lw=1, label="oracle speedup")
+    what = "accuracy" if report.reference == "labels" else "agreement with final exit"
+    ax1.set_xlabel(f"speedup vs {report.baseline} ({report.backend}, batch {report.batch_size})")
+    ax1.set_ylabel(what)
+    ax1.set_title("accuracy - speedup")
+    ax1.legend(fontsize=8)
+    names = [str(e["name"] or (e["index"] if e["gate"] else "final")) for e in report.exits]
+    ax2.bar(names, [e["share"] for e in report.exits], color="tab:blue")
+    ax2.set_xlabel("exit")
+    ax2.set_ylabel("share of samples")
+    ax2.set_title("where samples exit")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
