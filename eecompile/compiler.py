@@ -52,6 +52,7 @@ from eecompile.analysis.cut_points import PreparedModel, cut_problem, prepare
 from eecompile.passes.extract_segments import Dims, ExtractedSegment, boundary_shape, dims, extract_segments
 from eecompile.passes.gates import build_gate
 from eecompile.passes.load import opset_of
+from eecompile.passes.opset import convert_model, ir_version_for, main_opset, raise_segment
 from eecompile.analysis.partition import SegmentPlan, carried_across, plan_segments
 from eecompile.passes.verify import Reference, SegmentIO, reference_outputs, verify_chain
 from eecompile.spec import ExitSpec, GateKind, Spec, load_spec
@@ -199,7 +200,7 @@ def _class_axis(spec: Spec, final_shape: Dims) -> int:
 def _make_trained_head(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
                        opset: int) -> tuple[ir.Model, dict]:
     try:
-        from eecompile.heads import head_onnx
+        from eecompile.heads import head_onnx, least_opset
     except ImportError as err:
         raise SpecError(f"exits[{e.index}].head.kind: trained heads need eecompile.heads ({err})") from err
     _, fshape, _ = boundary_shape(pm, e.at[0].name)
@@ -212,6 +213,7 @@ def _make_trained_head(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_
         facts = pm.probe.facts.get(_n(e.at[1]))
         if facts is not None:
             mask_dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(facts.dtype))
+    opset = max(opset, least_opset(e.spec.head.kind or "linear", feature_shape, dict(e.spec.head.options)))
     proto = head_onnx(e.spec.head.kind or "linear", feature_shape, n_classes, dict(e.spec.head.options), None, opset,
                       mask_dtype=mask_dtype)
     head_spec = {"kind": e.spec.head.kind, "options": dict(e.spec.head.options),
@@ -408,16 +410,24 @@ def _plan_bundle(spec: Spec, dims: dict[str, int] | None, verify: bool) -> Bundl
             head_specs.append(None)
             head_sources.append(None)
 
+    # A head for a newer opset raises its segment's opset (the model's part is up-converted, never the head down).
+    seg_opsets = [max(opset, main_opset(h) or opset) if h is not None else opset for h in head_models] + [opset]
     segs = extract_segments(pm, plans)
     seg_infos: list[SegmentInfo] = []
+    notes: list[str] = []
     seg_models: list[ir.Model] = []
     total = pm.total_flops or 1
     for k, seg in enumerate(segs):
+        seg_opset = seg_opsets[k]
+        if seg_opset > opset:
+            raise_segment(seg, seg_opset, f"exits[{k}].head: segment {k} (raised to the head's opset {seg_opset})",
+                          f"export the head with the model's opset {opset}")
+            notes.append(f"segment {k} runs at opset {seg_opset} (the model's opset {opset} raised for exit {k}'s head)")
         g = seg.graph
         outputs: list[ir.Value] = [seg.values[n] for n in seg.carried_out]
         info: ExitInfo
         if k < len(exits):
-            info, exit_outputs = _build_segment_exit(pm, seg, exits[k], exits, opset, final, class_axis,
+            info, exit_outputs = _build_segment_exit(pm, seg, exits[k], exits, seg_opset, final, class_axis,
                                                      head_models[k])
             info.head_spec = head_specs[k]
             outputs += exit_outputs
@@ -427,8 +437,8 @@ def _plan_bundle(spec: Spec, dims: dict[str, int] | None, verify: bool) -> Bundl
             info = ExitInfo(index=k, at=[], head="final", outputs={_n(final): _n(final)})
         g.outputs.clear()
         g.outputs.extend(outputs)
-        g.opset_imports.setdefault("", opset)
-        model = ir.Model(g, ir_version=max(pm.model.ir_version, 8), producer_name="eecompile",
+        g.opset_imports.setdefault("", seg_opset)
+        model = ir.Model(g, ir_version=ir_version_for(seg_opset, max(pm.model.ir_version, 8)), producer_name="eecompile",
                          producer_version=__version__)
         _tidy(model)
         for name in [v.name for v in g.inputs]:
@@ -450,7 +460,7 @@ def _plan_bundle(spec: Spec, dims: dict[str, int] | None, verify: bool) -> Bundl
         outputs=[_tensor_info(final, 0)],
         segments=seg_infos, batch_mode=pm.batch_mode, class_axis=class_axis,
         eecompile_version=__version__,
-        notes=[pm.batch_note],
+        notes=[pm.batch_note, *notes],
     )
     _fix_io_shapes(manifest, pm)
     untrained = [k for k, hs in enumerate(head_specs) if hs is not None]
@@ -501,8 +511,16 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
             seg = manifest.segments[k]
             path = tmp / seg.file
             model = ir.load(path)
-            g = model.graph
             opset = opset_of(model)
+            head = ir.from_proto(proto)
+            head_opset = main_opset(head) or opset
+            if head_opset > opset:  # raise the segment, never lower the head (passes/opset.py)
+                model = convert_model(model, head_opset, f"replace_heads: segment {k}",
+                                      f"export the head with opset {opset}")
+                opset = head_opset
+            elif head_opset < opset:
+                head = convert_model(head, opset, f"replace_heads: exit {k}'s head", f"export it with opset {opset}")
+            g = model.graph
             prefix = head_prefix(k)
             final_name = next(iter(seg.exit.outputs))
             old_out = next(v for v in g.outputs if v.name == seg.exit.outputs[final_name])
@@ -512,9 +530,6 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
                 g.initializers.pop(name)
             values = {v.name: v for n in g for v in n.outputs}
             values.update({v.name: v for v in g.inputs})
-            head = ir.from_proto(proto)
-            if opset_of(head) != opset:
-                head = ir.from_proto(onnx.version_converter.convert_version(proto, opset))
             logits, _ = splice_head(g, k, [values[n] for n in seg.exit.at], head, f"exits[{k}].head")
             out_shape = [d if isinstance(d, int) else "batch" for d in (old_out.shape or [])]
             lshape = [d if isinstance(d, int) else "batch" for d in (logits.shape or out_shape)]

@@ -151,6 +151,13 @@ def _check_weights(weights: Mapping[str, Any], shapes: Mapping[str, tuple[int, .
 # --------------------------------------------------------------------------------------------- ONNX
 
 
+def least_opset(kind: str, feature_shape: Sequence[Dim], options: Mapping[str, Any] | None = None) -> int:
+    """The lowest opset the head template for ``kind`` is written for: 9 (the model zoo's opset, Gemm with
+    broadcasting bias), 13 for masked_mean (Unsqueeze/ReduceSum with axes as inputs). A model at an older
+    opset gets this one in the segment holding the head (passes/opset.py)."""
+    return 13 if _uses_mask(kind, feature_shape, _options(kind, feature_shape, options)) else 9
+
+
 def head_onnx(kind: str, feature_shape: Sequence[Dim], n_classes: int, options: Mapping[str, Any] | None = None,
               weights: Mapping[str, Any] | None = None, opset: int = 17,
               mask_dtype: int = TensorProto.INT64) -> onnx.ModelProto:
@@ -162,9 +169,7 @@ def head_onnx(kind: str, feature_shape: Sequence[Dim], n_classes: int, options: 
     if not isinstance(n_classes, int) or n_classes < 1:
         raise SpecError(f"head '{kind}': n_classes must be a positive integer, got {n_classes!r}")
     opts = _options(kind, feature_shape, options)
-    # Old-opset models (the model zoo's opset 9) get the same template; only masked_mean's Unsqueeze/ReduceSum
-    # with axes as inputs need opset 13.
-    least = 13 if _uses_mask(kind, feature_shape, opts) else 9
+    least = least_opset(kind, feature_shape, options)
     if opset < least:
         raise SpecError(f"head '{kind}' with these options needs opset >= {least} (the model has {opset}); "
                         f"convert the model with onnx.version_converter")

@@ -3,8 +3,8 @@
 Cases:
 1. A head ONNX file (one input: the cut tensor; one output: logits, or two with ``score_output``): its nodes
    and initializers are moved into the segment under the prefix ``ee{k}.head/`` (head files often have empty
-   or clashing node names, and ONNX Runtime refuses two nodes with one name). A head written for another
-   opset is converted to the model's opset first (``onnx.version_converter``).
+   or clashing node names, and ONNX Runtime refuses two nodes with one name). A head written for an older
+   opset is up-converted to the model's; for a newer one the segment is raised to the head's (passes/opset.py).
 2. A head already in the model (``{output: name}``): the segment already computes it; it is only renamed.
 3. Exit outputs take the final output's per-sample shape: a head giving ``[B, C]`` for a final output
    ``[B, C, 1, 1]`` is reshaped; a class count that does not fit is an error naming both shapes.
@@ -24,23 +24,22 @@ from eecompile.names import head_prefix
 
 
 def load_head(path: Path, opset: int, where: str) -> ir.Model:
-    """Read a head file, converted to ``opset`` when it was written for another one."""
+    """Read a head file; a head written for an older opset than ``opset`` is up-converted to it, a head for a
+    newer one is kept as written (the segment holding it is raised to its opset: see passes/opset.py)."""
+    from eecompile.passes.opset import convert_model, main_opset
+
     if not path.is_file():
         raise SpecError(f"{where}: head file '{path}' not found")
     try:
         proto = onnx.load(str(path))
     except Exception as e:
         raise SpecError(f"{where}: '{path}' is not a valid ONNX model ({type(e).__name__})") from e
-    head_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    if head_opset != opset:
-        try:
-            proto = onnx.version_converter.convert_version(proto, opset)
-        except Exception as e:
-            raise SpecError(
-                f"{where}: head '{path.name}' uses opset {head_opset} and the model opset {opset}; converting it "
-                f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); export the head with opset {opset}"
-            ) from e
-    return ir.from_proto(proto)
+    head = ir.from_proto(proto)
+    head_opset = main_opset(head) or opset
+    if head_opset < opset:
+        head = convert_model(head, opset, f"{where}: head '{path.name}' (opset {head_opset}, the model {opset})",
+                             f"export the head with opset {opset}")
+    return head
 
 
 def splice_head(seg: ir.Graph, k: int, at: Sequence[ir.Value], head: ir.Model, where: str,
@@ -123,12 +122,12 @@ def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Seque
                         + ("; for per-token outputs use head kind 'token'" if len(per_final) > len(per_exit) else ""))
     out = ir.Value(name=out_name)
     if known and list(per_exit) != list(per_final):
-        target = ir.Value(name=f"{prefix}fit_shape")
-        shape_node = ir.node("Constant", [], {"value": ir.tensor(np.array([-1, *per_final], dtype=np.int64),
-                                                                   name=f"{prefix}fit_shape")},
-                             outputs=[target], name=f"{prefix}fit_shape")
-        node = ir.node("Reshape", [logits, target], outputs=[out], name=f"{prefix}fit")
-        seg.extend([shape_node, node])
+        # An initializer, not a Constant node: Constant holds no int64 before opset 9.
+        shape = ir.tensor(np.array([-1, *per_final], dtype=np.int64), name=f"{prefix}fit_shape")
+        target = ir.Value(name=f"{prefix}fit_shape", shape=ir.Shape([len(per_final) + 1]),
+                          type=ir.TensorType(ir.DataType.INT64), const_value=shape)
+        seg.register_initializer(target)
+        seg.append(ir.node("Reshape", [logits, target], outputs=[out], name=f"{prefix}fit"))
     else:
         seg.append(ir.node("Identity", [logits], outputs=[out], name=f"{prefix}out"))
     out.dtype = logits.dtype or ir.DataType.FLOAT

@@ -15,8 +15,9 @@ Kinds (see GateKind):
 6. score:      a head output that is itself the score >= t (learned halting/confidence heads)
 
 NaN or Inf anywhere in a sample's logits makes its score NaN, and a NaN score never fires (the comparisons
-are written so that NaN is False). Nodes use the model's opset: Reduce* take ``axes`` as an attribute before
-opset 18 (ReduceSum before 13), TopK takes ``k`` as an attribute before 10, GreaterOrEqual needs 12.
+are written so that NaN is False). Nodes use the segment's opset, valid from opset 7: Reduce* take ``axes`` as
+an attribute before opset 18 (ReduceSum before 13), TopK takes ``k`` as an attribute before 10,
+GreaterOrEqual needs 12, IsNaN needs 9 (before it a NaN test is ``x < inf or x > -inf``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class Ops:
 
     def const(self, value: np.ndarray) -> ir.Value:
         name = self._name("const")
+        if self.opset < 9 and value.dtype.kind != "f":
+            # Constant holds only floats before opset 9: integer constants (shapes, indices) are initializers
+            # (registered in the tape's graph).
+            return self.t.initializer(ir.tensor(value, name=name), name=f"{name}:0")
         v = ir.Value(name=f"{name}:0")
         return self.t.op("Constant", [], {"value": ir.tensor(value, name=name)}, name=name, output=v)
 
@@ -77,19 +82,25 @@ class Ops:
     def cast_float(self, x: ir.Value) -> ir.Value:
         return self.op("Cast", [x], {"to": ir.DataType.FLOAT})
 
+    def not_nan(self, a: ir.Value) -> ir.Value:
+        """True where ``a`` is not NaN, with the ops of this opset: IsNaN exists from opset 9 and Equal takes
+        floats from 11, so before 9 it is ``a < +inf or a > -inf`` (both False only for NaN)."""
+        if self.opset >= 9:
+            return self.op("Not", [self.op("IsNaN", [a])])
+        inf = self.const(np.array(np.inf, dtype=np.float32))
+        return self.op("Or", [self.op("Less", [a, inf]), self.op("Greater", [a, self.op("Neg", [inf])])])
+
     def ge(self, a: ir.Value, b: ir.Value, out_name: str) -> ir.Value:
         """a >= b, False when either is NaN."""
         if self.opset >= 12:
             return self.op("GreaterOrEqual", [a, b], out_name=out_name)
-        # Before opset 11 Equal takes no floats: a >= b is not(a < b), and not NaN.
-        return self.op("And", [self.op("Not", [self.op("Less", [a, b])]),
-                               self.op("Not", [self.op("IsNaN", [a])])], out_name=out_name)
+        # Before opset 12 there is no GreaterOrEqual: a >= b is not(a < b), and not NaN.
+        return self.op("And", [self.op("Not", [self.op("Less", [a, b])]), self.not_nan(a)], out_name=out_name)
 
     def le(self, a: ir.Value, b: ir.Value, out_name: str) -> ir.Value:
         if self.opset >= 12:
             return self.op("LessOrEqual", [a, b], out_name=out_name)
-        return self.op("And", [self.op("Not", [self.op("Greater", [a, b])]),
-                               self.op("Not", [self.op("IsNaN", [a])])], out_name=out_name)
+        return self.op("And", [self.op("Not", [self.op("Greater", [a, b])]), self.not_nan(a)], out_name=out_name)
 
 
 @dataclass

@@ -1,0 +1,115 @@
+"""Small graphs shaped like the ones users bring (model-zoo exports, converter output), built with
+``onnx.helper`` so each test states exactly the structure it is about."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+
+def _w(rng: np.random.Generator, name: str, *shape: int, s: float = 0.2) -> onnx.TensorProto:
+    return nh.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
+
+
+def opset8_cnn(path: Path, seed: int = 5) -> Path:
+    """An opset-8 / IR-3 MNIST CNN shaped like the model zoo's mnist-8 (a CNTK export): every initializer is
+    also listed among the graph inputs, Conv with ``auto_pad=SAME_UPPER``, biases added as [C, 1, 1], the weight
+    Reshape computed in the graph, and the activation flattened by a Reshape to the constant [1, 256] (batch 1).
+    Input ``Input3`` [1, 1, 28, 28]; output ``Plus214_Output_0`` [1, 10] (logits). The cut tensor
+    ``ReLU32_Output_0`` is [1, 8, 28, 28]."""
+    rng = np.random.default_rng(seed)
+    inits = [_w(rng, "Parameter5", 8, 1, 5, 5), _w(rng, "Parameter6", 8, 1, 1), _w(rng, "Parameter87", 16, 8, 5, 5),
+             _w(rng, "Parameter88", 16, 1, 1), _w(rng, "Parameter193", 16, 4, 4, 10),
+             nh.from_array(np.array([256, 10], np.int64), "Parameter193_reshape1_shape"),
+             nh.from_array(np.array([1, 256], np.int64), "Pooling160_Output_0_reshape0_shape"),
+             _w(rng, "Parameter194", 1, 10)]
+    conv = {"strides": [1, 1], "auto_pad": "SAME_UPPER", "group": 1, "dilations": [1, 1], "kernel_shape": [5, 5]}
+    nodes = [
+        h.make_node("Reshape", ["Parameter193", "Parameter193_reshape1_shape"], ["Parameter193_reshape1"],
+                    name="Times212_reshape1"),
+        h.make_node("Conv", ["Input3", "Parameter5"], ["Convolution28_Output_0"], name="Convolution28", **conv),
+        h.make_node("Add", ["Convolution28_Output_0", "Parameter6"], ["Plus30_Output_0"], name="Plus30"),
+        h.make_node("Relu", ["Plus30_Output_0"], ["ReLU32_Output_0"], name="ReLU32"),
+        h.make_node("MaxPool", ["ReLU32_Output_0"], ["Pooling66_Output_0"], kernel_shape=[2, 2], strides=[2, 2],
+                    pads=[0, 0, 0, 0], auto_pad="NOTSET", name="Pooling66"),
+        h.make_node("Conv", ["Pooling66_Output_0", "Parameter87"], ["Convolution110_Output_0"], name="Convolution110",
+                    **conv),
+        h.make_node("Add", ["Convolution110_Output_0", "Parameter88"], ["Plus112_Output_0"], name="Plus112"),
+        h.make_node("Relu", ["Plus112_Output_0"], ["ReLU114_Output_0"], name="ReLU114"),
+        h.make_node("MaxPool", ["ReLU114_Output_0"], ["Pooling160_Output_0"], kernel_shape=[3, 3], strides=[3, 3],
+                    pads=[0, 0, 0, 0], auto_pad="NOTSET", name="Pooling160"),
+        h.make_node("Reshape", ["Pooling160_Output_0", "Pooling160_Output_0_reshape0_shape"],
+                    ["Pooling160_Output_0_reshape0"], name="Times212_reshape0"),
+        h.make_node("MatMul", ["Pooling160_Output_0_reshape0", "Parameter193_reshape1"], ["Times212_Output_0"],
+                    name="Times212"),
+        h.make_node("Add", ["Times212_Output_0", "Parameter194"], ["Plus214_Output_0"], name="Plus214"),
+    ]
+    ins = [h.make_tensor_value_info("Input3", T.FLOAT, [1, 1, 28, 28])] + [
+        h.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    g = h.make_graph(nodes, "CNTKGraph", ins, [h.make_tensor_value_info("Plus214_Output_0", T.FLOAT, [1, 10])], inits)
+    m = h.make_model(g, producer_name="CNTK", producer_version="2.5.1", opset_imports=[h.make_opsetid("", 8)])
+    m.ir_version = 3
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+    return path
+
+
+def pooled_head(path: Path, channels: int, n_classes: int, opset: int, *, layernorm: bool = False,
+                seed: int = 0, scale: float = 0.3) -> Path:
+    """An exit head as a current exporter writes it: GlobalAveragePool -> Flatten -> (LayerNormalization,
+    opset >= 17) -> Gemm. Input ``features`` [N, C, H, W] float32; output ``logits`` [N, n_classes]."""
+    rng = np.random.default_rng(seed)
+    inits = [_w(rng, "fc.weight", n_classes, channels, s=scale), _w(rng, "fc.bias", n_classes, s=0.1)]
+    nodes = [h.make_node("GlobalAveragePool", ["features"], ["pooled"], name="pool"),
+             h.make_node("Flatten", ["pooled"], ["flat"], axis=1, name="flatten")]
+    x = "flat"
+    if layernorm:
+        inits += [nh.from_array(np.ones(channels, np.float32), "ln.weight"),
+                  nh.from_array(np.zeros(channels, np.float32), "ln.bias")]
+        nodes.append(h.make_node("LayerNormalization", ["flat", "ln.weight", "ln.bias"], ["normed"], axis=-1,
+                                 epsilon=1e-5, name="ln"))
+        x = "normed"
+    nodes.append(h.make_node("Gemm", [x, "fc.weight", "fc.bias"], ["logits"], transB=1, name="fc"))
+    g = h.make_graph(nodes, "exit_head", [h.make_tensor_value_info("features", T.FLOAT, ["N", channels, "H", "W"])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["N", n_classes])], inits)
+    opset_id = h.make_opsetid("", opset)
+    m = h.make_model(g, opset_imports=[opset_id], ir_version=max(h.find_min_ir_version_for([opset_id]), 4))
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, path)
+    return path
+
+
+def with_head_output(model: Path, head: Path, at: str, out_name: str, path: Path) -> Path:
+    """``model`` with ``head`` applied to tensor ``at`` as an extra output ``out_name`` (the reference for
+    forced exits), both brought to the higher of the two opsets."""
+    from onnx import compose, version_converter
+
+    m, hd = onnx.load(str(model)), onnx.load(str(head))
+    op_m = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    op_h = next(o.version for o in hd.opset_import if o.domain in ("", "ai.onnx"))
+    top = max(op_m, op_h)
+    if op_m < top:
+        m = version_converter.convert_version(m, top)
+    if op_h < top:
+        hd = version_converter.convert_version(hd, top)
+    hd = compose.add_prefix(hd, "ref_head/")
+    head_in, head_out = hd.graph.input[0].name, hd.graph.output[0].name
+    for n in hd.graph.node:
+        n.input[:] = [at if x == head_in else x for x in n.input]
+        n.output[:] = [out_name if x == head_out else x for x in n.output]
+    m.graph.node.extend(hd.graph.node)
+    m.graph.initializer.extend(hd.graph.initializer)
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(hd.graph.output[0])
+    out.name = out_name
+    out.type.tensor_type.shape.dim[0].CopyFrom(m.graph.output[0].type.tensor_type.shape.dim[0])
+    m.graph.output.append(out)
+    m.ir_version = max(m.ir_version, hd.ir_version)
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+    return path
