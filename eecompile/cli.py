@@ -269,6 +269,52 @@ def inspect(bundle: Path, as_json: bool) -> None:
         sys.exit(1)
 
 
+def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    lo, sep, hi = value.partition(":")
+    if not sep or not lo.isdigit() or not hi.isdigit() or not 0 < int(lo) <= int(hi):
+        raise click.BadParameter(f"'{value}': expected MIN:MAX replicas with 0 < MIN <= MAX, e.g. 1:4",
+                                 param_hint="--autoscale")
+    return int(lo), int(hi)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--autoscale", default=None, metavar="MIN:MAX", help="Let Serve scale replicas between MIN and MAX.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per runner call (and at most per request).")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long a batch waits for more requests after its first.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
+              help="Larger request bodies get HTTP 413.")
+@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per replica.")
+@click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="Ray CPUs each replica holds.")
+@click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto) instead of starting one.")
+@_user_errors
+def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | None, max_batch_size: int,
+          batch_wait_ms: float, max_body_mb: float, backend: str, threads: int | None, cpus_per_replica: float,
+          address: str | None) -> None:
+    """Serve BUNDLE over HTTP with Ray Serve: POST /v1/predict, GET /v1/health (until Ctrl-C)."""
+    try:
+        from eecompile.serve.ray_app import ServeOptions, serve_bundle
+    except ImportError as e:
+        raise click.ClickException(f"Ray Serve is not installed ({e}); `pip install 'eecompile[serve]'`") from e
+
+    options = ServeOptions(bundle=str(bundle.resolve()), backend=backend,
+                           backend_options={} if threads is None else {"threads": threads},
+                           max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                           max_body_bytes=int(max_body_mb * (1 << 20)))
+    serve_bundle(options, host=host, port=port, replicas=replicas, autoscaling=_parse_autoscale(autoscale),
+                 cpus_per_replica=cpus_per_replica, address=address,
+                 ready=lambda url: click.echo(f"serving {bundle} at {url}/predict (health: {url}/health); "
+                                              f"Ctrl-C stops", err=True))
+
+
 def main() -> None:
     cli(prog_name="eecompile")
 

@@ -61,6 +61,18 @@ def check_array(info: TensorInfo, arr: np.ndarray, where: str, cast: bool = Fals
     return arr
 
 
+def check_finite(info: TensorInfo, arr: np.ndarray, where: str) -> np.ndarray:
+    """``arr`` unchanged, or a DataError naming the first sample with a NaN/Inf (float inputs only)."""
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            sample = int(first[info.batch_axis]) if info.batch_axis is not None else 0
+            raise DataError(f"{where}: array '{info.name}' has {int(bad.sum())} NaN/Inf values (first in sample "
+                            f"{sample}); clean the data")
+    return arr
+
+
 def batch_size_of(arrays: dict[str, np.ndarray], inputs: Sequence[TensorInfo], where: str) -> int:
     """The number of samples, checked to agree across inputs; a DataError for none or a disagreement."""
     sizes = {t.name: arrays[t.name].shape[t.batch_axis] for t in inputs if t.batch_axis is not None}
@@ -139,14 +151,5 @@ def load_npz(path: str | Path, inputs: Sequence[TensorInfo]) -> Dataset:
     extra = [k for k in raw if k != LABELS and k not in {t.name for t in inputs}]
     if extra:
         log.warning("%s: ignoring arrays that are not model inputs: %s", where, ", ".join(extra))
-    arrays = {t.name: check_array(t, raw[t.name], where, cast=True) for t in inputs}
-    for t in inputs:
-        a = arrays[t.name]
-        if a.dtype.kind == "f":
-            bad = ~np.isfinite(a)
-            if bad.any():
-                first = np.argwhere(bad)[0]
-                sample = int(first[t.batch_axis]) if t.batch_axis is not None else 0
-                raise DataError(f"{where}: array '{t.name}' has {int(bad.sum())} NaN/Inf values (first in sample "
-                                f"{sample}); clean the data")
+    arrays = {t.name: check_finite(t, check_array(t, raw[t.name], where, cast=True), where) for t in inputs}
     return Dataset(arrays, inputs, labels=raw.get(LABELS), source=where)

@@ -1,0 +1,114 @@
+"""Many requests, one runner call: stack the requests' samples, run the compacting chain once, and hand each
+request its rows back as soon as its last sample has exited.
+
+The runner reports rows as they leave (``on_exit(k, rows, outputs)``, rows in the stacked batch's order), so a
+request whose samples all left at exit 0 is answered while the deeper segments still run for the others.
+Where the runner cannot report rows (a backend without ``on_exit``), every request is answered when the call
+returns. Numpy only (no Ray): the Ray Serve deployment and Triton's Python model both use it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from eecompile.bundle import TensorInfo
+from eecompile.serve.protocol import PredictRequest
+
+
+@dataclass
+class Answer:
+    """One request's result: final outputs (model layout, its own rows) and each sample's exit."""
+
+    outputs: dict[str, np.ndarray]
+    exit_index: np.ndarray  # int64 [n]
+
+
+@dataclass
+class _Pending:
+    start: int
+    n: int
+    left: int
+    exit_index: np.ndarray
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # batch first
+
+
+class RowCollector:
+    """Scatters exited rows into per-request buffers; calls ``done(i, answer)`` when request ``i`` is whole.
+
+    ``sizes``: samples per request, in stacking order; ``out_axes``: batch axis of each final output."""
+
+    def __init__(self, sizes: Sequence[int], out_axes: dict[str, int],
+                 done: Callable[[int, Answer], None]) -> None:
+        self._starts = np.cumsum([0, *sizes])[:-1]
+        self._pending = [_Pending(int(s), int(n), int(n), np.empty(int(n), dtype=np.int64))
+                         for s, n in zip(self._starts, sizes, strict=True)]
+        self._out_axes = out_axes
+        self._done = done
+
+    def on_exit(self, k: int, rows: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        """Rows ``rows`` (indices into the stacked batch) left at exit ``k`` with ``outputs`` (batch first)."""
+        if rows.size == 0:
+            return
+        owner = np.searchsorted(self._starts, rows, side="right") - 1
+        for i in np.unique(owner):
+            p = self._pending[int(i)]
+            sel = owner == i
+            local = rows[sel] - p.start
+            for name, a in outputs.items():
+                if name not in p.rows:
+                    p.rows[name] = np.empty((p.n, *a.shape[1:]), dtype=a.dtype)
+                p.rows[name][local] = a[sel]
+            p.exit_index[local] = k
+            p.left -= int(local.size)
+            if p.left == 0:
+                outs = {name: (a if self._out_axes[name] == 0 else np.moveaxis(a, 0, self._out_axes[name]))
+                        for name, a in p.rows.items()}
+                self._done(int(i), Answer(outs, p.exit_index))
+
+
+def stack_feeds(requests: Sequence[PredictRequest], inputs: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
+    """Concatenate the requests' inputs along each batch axis (batch-free inputs are equal across a group)."""
+    if len(requests) == 1:
+        return requests[0].feeds
+    return {t.name: (requests[0].feeds[t.name] if t.batch_axis is None
+                     else np.concatenate([r.feeds[t.name] for r in requests], axis=t.batch_axis))
+            for t in inputs}
+
+
+def reports_rows(runner: Any) -> bool:
+    """Whether ``runner.run`` can report rows as they exit (an ``on_exit`` parameter)."""
+    try:
+        return "on_exit" in inspect.signature(runner.run).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run_group(runner: Any, requests: Sequence[PredictRequest], done: Callable[[int, Answer], None]) -> Any:
+    """Run requests that share thresholds in one call; ``done(i, answer)`` for each as it completes.
+
+    Returns the runner's RunResult (its ``exit_counts`` and ``timings`` feed the metrics)."""
+    out_axes = {t.name: (t.batch_axis or 0) for t in runner.manifest.outputs}
+    collector = RowCollector([r.n for r in requests], out_axes, done)
+    feeds = stack_feeds(requests, runner.inputs)
+    thresholds = list(requests[0].thresholds) if requests[0].thresholds is not None else None
+    if reports_rows(runner):
+        return runner.run(feeds, thresholds=thresholds, policy="compact", on_exit=collector.on_exit)
+    result = runner.run(feeds, thresholds=thresholds, policy="compact")
+    for k in range(len(result.exit_counts)):
+        rows = np.flatnonzero(result.exit_index == k)
+        collector.on_exit(k, rows, {name: np.moveaxis(a, out_axes[name], 0)[rows]
+                                    for name, a in result.outputs.items()})
+    return result
+
+
+def group_requests(requests: Sequence[PredictRequest], inputs: Sequence[TensorInfo]) -> list[list[int]]:
+    """Indices of the requests that can share a runner call, in arrival order."""
+    groups: dict[Any, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.group_key(inputs), []).append(i)
+    return list(groups.values())

@@ -1,0 +1,178 @@
+"""The wire format of ``POST /v1/predict``, shared by the Ray Serve deployment and the Triton model.
+
+Request, either
+  * JSON (``Content-Type: application/json``): ``{"inputs": {NAME: nested lists}, "thresholds": [...]}``;
+    ``thresholds`` is optional (the bundle's), else one entry per early exit: a number, "never" or "always";
+  * an ``.npz`` archive (``Content-Type: application/octet-stream``): one array per model input, named after
+    it, samples along its batch axis; thresholds may ride along as a ``thresholds`` string array.
+Response: ``{"outputs": {NAME: nested lists}, "exit_index": [int, ...]}`` (JSON), or an ``.npz`` with each
+final output and ``exit_index`` (int64) when the request was an ``.npz``.
+
+Arrays are checked exactly as ``eecompile run`` checks an ``.npz`` (:func:`eecompile.data.check_array`), so a
+wrong name, dtype or shape gets the same one-line message; JSON numbers have no dtype, so integers are accepted
+for float inputs. Numpy only: this module runs inside Triton's Python backend too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from eecompile.bundle import TensorInfo
+from eecompile.errors import DataError, SpecError
+from eecompile.runtimes.data import batch_size_of, check_array, check_finite
+
+JSON = "application/json"
+NPZ = "application/octet-stream"
+WHERE = "request"  # prefixes every message, as the file name does for `eecompile run`
+
+
+class RequestTooLarge(DataError):
+    """The body or the sample count is over the endpoint's limit (HTTP 413)."""
+
+
+@dataclass
+class PredictRequest:
+    """One checked request: arrays in the model's dtypes, its sample count, thresholds (None: the bundle's)."""
+
+    feeds: dict[str, np.ndarray]
+    n: int
+    thresholds: tuple[float | str, ...] | None
+    as_npz: bool
+
+    def group_key(self, inputs: Sequence[TensorInfo]) -> tuple[Any, ...]:
+        """Requests with equal keys can share one runner call: same thresholds, same batch-free inputs."""
+        fixed = tuple((t.name, self.feeds[t.name].tobytes()) for t in inputs if t.batch_axis is None)
+        return (self.thresholds, fixed)
+
+
+def parse_request(body: bytes, content_type: str | None, inputs: Sequence[TensorInfo], n_early_exits: int,
+                  max_samples: int | None = None) -> PredictRequest:
+    """Parse and check a request body against the model ``inputs``.
+
+    Raises :class:`~eecompile.errors.DataError` (HTTP 400) for anything that does not fit the model, with the
+    message ``eecompile run`` gives for the same arrays in a file; :class:`RequestTooLarge` (413) when the
+    request holds more than ``max_samples`` samples; SpecError (400) for a bad threshold list."""
+    kind = (content_type or JSON).split(";")[0].strip().lower()
+    if kind == NPZ:
+        raw, thresholds = _read_npz(body)
+        as_npz = True
+    elif kind in (JSON, "text/json", ""):
+        raw, thresholds = _read_json(body)
+        as_npz = False
+    else:
+        raise DataError(f"{WHERE}: content type '{kind}' is not supported; send {JSON} or an .npz as {NPZ}")
+    names = [t.name for t in inputs]
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise DataError(f"{WHERE}: no array named {', '.join(repr(m) for m in missing)} (a model input); "
+                        f"the request has {', '.join(repr(k) for k in raw) or 'no arrays'}")
+    extra = [k for k in raw if k not in names]
+    if extra:
+        raise DataError(f"{WHERE}: arrays {', '.join(repr(k) for k in extra)} are not model inputs; the model's "
+                        f"inputs are {names}")
+    feeds = {t.name: _checked(t, raw[t.name], from_json=not as_npz) for t in inputs}
+    n = batch_size_of(feeds, inputs, WHERE)
+    if max_samples is not None and n > max_samples:
+        raise RequestTooLarge(f"{WHERE}: {n} samples; this endpoint takes at most {max_samples} per request "
+                              f"(--max-batch-size); split the request")
+    return PredictRequest(feeds, n, _thresholds(thresholds, n_early_exits), as_npz)
+
+
+def _read_json(body: bytes) -> tuple[dict[str, Any], Any]:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{WHERE}: the body is not valid JSON ({e}); send "
+                        f'{{"inputs": {{NAME: nested lists}}}}') from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
+        raise DataError(f'{WHERE}: expected a JSON object {{"inputs": {{NAME: nested lists}}, "thresholds": '
+                        f"optional list}}")
+    unknown = sorted(set(doc) - {"inputs", "thresholds"})
+    if unknown:
+        raise DataError(f"{WHERE}: unknown fields {unknown}; a request has 'inputs' and optional 'thresholds'")
+    return doc["inputs"], doc.get("thresholds")
+
+
+def _read_npz(body: bytes) -> tuple[dict[str, Any], Any]:
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+            raw = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError) as e:
+        raise DataError(f"{WHERE}: cannot read the body as an .npz ({e}); save inputs with np.savez") from e
+    thresholds = raw.pop("thresholds", None)
+    if thresholds is not None:
+        thresholds = [_number_or_word(str(v)) for v in np.atleast_1d(thresholds).tolist()]
+    return raw, thresholds
+
+
+def _number_or_word(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _checked(info: TensorInfo, value: Any, from_json: bool) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise DataError(f"{WHERE}: array '{info.name}' is not a rectangular array of numbers ({e})") from e
+    want = np.dtype(info.dtype)
+    if from_json and arr.dtype.kind in "iu" and want.kind == "f":
+        arr = arr.astype(want)  # JSON integers for a float input: 0 means 0.0
+    if arr.dtype.kind in "OSU":
+        raise DataError(f"{WHERE}: array '{info.name}' holds non-numbers ({arr.dtype}), the model expects {want}")
+    if from_json and arr.dtype.kind in "iu" and want.kind in "iu":
+        arr = _int_in_range(info, arr, want)
+    elif from_json and arr.dtype.kind == "f" and want.kind == "f":
+        arr = arr.astype(want)
+    return check_finite(info, check_array(info, arr, WHERE), WHERE)
+
+
+def _int_in_range(info: TensorInfo, arr: np.ndarray, want: np.dtype) -> np.ndarray:
+    limits = np.iinfo(want)
+    if arr.size and (arr.min() < limits.min or arr.max() > limits.max):
+        raise DataError(f"{WHERE}: array '{info.name}' has values outside {want}'s range")
+    return arr.astype(want)
+
+
+def _thresholds(value: Any, n_early_exits: int) -> tuple[float | str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, int, float)):
+        value = [value] * n_early_exits
+    if not isinstance(value, list) or len(value) != n_early_exits:
+        got = len(value) if isinstance(value, list) else type(value).__name__
+        raise SpecError(f"{WHERE}: thresholds: got {got} values for {n_early_exits} early exits; give one per "
+                        f"exit (a number, 'never' or 'always')")
+    out: list[float | str] = []
+    for i, t in enumerate(value):
+        if isinstance(t, str) and t in ("never", "always"):
+            out.append(t)
+        elif isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
+            out.append(float(t))
+        else:
+            raise SpecError(f"{WHERE}: thresholds[{i}]: {t!r} is neither a finite number nor 'never'/'always'")
+    return tuple(out)
+
+
+def encode_response(outputs: dict[str, np.ndarray], exit_index: np.ndarray, as_npz: bool) -> tuple[bytes, str]:
+    """The response body and its content type."""
+    if as_npz:
+        buf = io.BytesIO()
+        np.savez(buf, **outputs, exit_index=exit_index.astype(np.int64))  # type: ignore[arg-type]
+        return buf.getvalue(), NPZ
+    doc = {"outputs": {k: v.tolist() for k, v in outputs.items()}, "exit_index": exit_index.astype(int).tolist()}
+    return json.dumps(doc).encode(), JSON
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()

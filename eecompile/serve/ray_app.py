@@ -1,0 +1,262 @@
+"""A bundle behind Ray Serve: ``POST /v1/predict`` and ``GET /v1/health``, with dynamic batching.
+
+Requests that arrive one by one are gathered by ``@serve.batch`` (up to ``max_batch_size`` samples, waiting
+at most ``batch_wait_ms`` after the first), stacked, and run through the compacting runner in one call. Each
+request is answered as soon as its own samples have exited: the runner reports rows as they leave the chain
+(:mod:`eecompile.serve.batching`), so easy requests do not wait for the deep segments of hard ones.
+
+One replica runs one batch at a time (its runner on one worker thread) while the next batch gathers. Replicas
+are Ray actors: ``replicas=N`` fixes the count, ``autoscaling=(min, max)`` lets Serve scale on the number of
+requests in flight. Ray restarts a replica that dies; requests that were on it fail with HTTP 500 and can be
+retried.
+
+Metrics (Ray's metrics agent, Prometheus format, next to Serve's own): ``eecompile_requests`` (by HTTP
+status), ``eecompile_request_latency_ms`` (histogram: percentiles), ``eecompile_exit_samples`` (by exit),
+``eecompile_batch_samples`` (samples per runner call).
+
+Ray is imported here at module level: import this module only where Ray is wanted (the CLI does, lazily).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import metrics
+from starlette.requests import Request
+from starlette.responses import Response
+
+from eecompile.errors import BackendError, EECompileError
+from eecompile.serve.batching import Answer, group_requests, run_group
+from eecompile.serve.protocol import (
+    JSON,
+    PredictRequest,
+    RequestTooLarge,
+    encode_response,
+    error_body,
+    parse_request,
+)
+
+log = logging.getLogger(__name__)
+
+ROUTE_PREFIX = "/v1"
+LATENCY_BOUNDARIES_MS = [1.0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+BATCH_BOUNDARIES = [1.0, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``eecompile serve`` passes to each replica (plain data: it is pickled to the Ray actors)."""
+
+    bundle: str
+    backend: str = "onnxruntime"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    max_batch_size: int = 32  # samples per runner call (and per request)
+    batch_wait_ms: float = 5.0
+    max_body_bytes: int = 64 << 20
+
+
+def load_runner(options: ServeOptions) -> Any:
+    """The runner a replica serves with (the bundle's loader checks every file's hash)."""
+    from eecompile import load
+
+    return load(options.bundle, backend=options.backend, **options.backend_options)
+
+
+def _samples(items: list[PredictRequest]) -> int:
+    return sum(r.n for r in items)
+
+
+@serve.deployment(name="eecompile", max_ongoing_requests=256, health_check_period_s=5)
+class EarlyExitDeployment:
+    """One replica: a loaded runner plus the batch queue in front of it."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self._cfg = options
+        self.runner = load_runner(options)
+        self.n_early_exits = self.runner.manifest.n_early_exits
+        self.predict.set_max_batch_size(options.max_batch_size)  # type: ignore[attr-defined]
+        self.predict.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)  # type: ignore[attr-defined]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eecompile-runner")
+        self._busy: asyncio.Future[Any] | None = None
+        self._requests = metrics.Counter("eecompile_requests", description="Requests answered, by HTTP status.",
+                                         tag_keys=("status",))
+        self._latency = metrics.Histogram("eecompile_request_latency_ms", boundaries=LATENCY_BOUNDARIES_MS,
+                                          description="Time from request to answer inside the replica (ms).")
+        self._exits = metrics.Counter("eecompile_exit_samples", description="Samples answered at each exit.",
+                                      tag_keys=("exit",))
+        self._batch = metrics.Histogram("eecompile_batch_samples", boundaries=BATCH_BOUNDARIES,
+                                        description="Samples in each runner call.")
+
+    def check_health(self) -> None:
+        if self.runner is None:
+            raise BackendError("the bundle is not loaded")
+
+    async def __call__(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        path = request.url.path.rstrip("/")
+        if path.endswith("/health") and request.method in ("GET", "HEAD"):
+            return self._json(200, {"status": "ok", "bundle": Path(self._cfg.bundle).name,
+                                    "exits": self.n_early_exits + 1,
+                                    "inputs": [t.name for t in self.runner.inputs]})
+        if not path.endswith("/predict"):
+            return self._error(404, f"no route {request.url.path}; use POST {ROUTE_PREFIX}/predict or GET "
+                                    f"{ROUTE_PREFIX}/health", t0)
+        if request.method != "POST":
+            return self._error(405, f"{ROUTE_PREFIX}/predict takes POST", t0)
+        try:
+            body = await self._read_body(request)
+            req = parse_request(body, request.headers.get("content-type"), self.runner.inputs,
+                                self.n_early_exits, max_samples=self._cfg.max_batch_size)
+            holder = await self.predict(req)
+            answer: Answer = await holder[0]
+        except RequestTooLarge as e:
+            return self._error(413, str(e), t0)
+        except EECompileError as e:
+            return self._error(400, str(e), t0)
+        content, media = encode_response(answer.outputs, answer.exit_index, req.as_npz)
+        for k, c in enumerate(np.bincount(answer.exit_index, minlength=self.n_early_exits + 1)):
+            if c:
+                self._exits.inc(int(c), tags={"exit": str(k)})
+        self._done(200, t0)
+        return Response(content, status_code=200, media_type=media)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self._cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"request: body of {int(declared)} bytes is over the limit of {limit} bytes "
+                                  f"(--max-body-mb); split the request")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"request: body over the limit of {limit} bytes (--max-body-mb); split "
+                                      f"the request")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_samples)
+    async def predict(self, requests: list[PredictRequest]) -> list[tuple[asyncio.Future[Answer]]]:
+        """Start one batch on the runner thread and hand each caller a future for its own answer.
+
+        Returns once the previous batch has finished, so the next batch gathers while this one runs."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Answer]] = [loop.create_future() for _ in requests]
+        if self._busy is not None:
+            await asyncio.wait([self._busy])
+        self._busy = loop.run_in_executor(self._pool, self._run_batch, requests, futures, loop)
+        return [(f,) for f in futures]
+
+    def _run_batch(self, requests: Sequence[PredictRequest], futures: Sequence[asyncio.Future[Answer]],
+                   loop: asyncio.AbstractEventLoop) -> None:
+        """On the runner thread: one runner call per group of requests with equal thresholds."""
+        for group in group_requests(requests, self.runner.inputs):
+            members = [requests[i] for i in group]
+
+            def done(j: int, answer: Answer, group: list[int] = group) -> None:
+                loop.call_soon_threadsafe(_resolve, futures[group[j]], answer)
+
+            try:
+                run_group(self.runner, members, done)
+                self._batch.observe(sum(r.n for r in members))
+            except Exception as e:  # every caller of the group gets it (EECompileError: HTTP 400)
+                for i in group:
+                    loop.call_soon_threadsafe(_fail, futures[i], e)
+
+    def _json(self, status: int, doc: dict[str, Any]) -> Response:
+        import json
+
+        return Response(json.dumps(doc).encode(), status_code=status, media_type=JSON)
+
+    def _error(self, status: int, message: str, t0: float) -> Response:
+        self._done(status, t0)
+        return Response(error_body(message), status_code=status, media_type=JSON)
+
+    def _done(self, status: int, t0: float) -> None:
+        self._requests.inc(tags={"status": str(status)})
+        self._latency.observe((time.perf_counter() - t0) * 1000.0)
+
+
+def _resolve(future: asyncio.Future[Answer], answer: Answer) -> None:
+    if not future.done():
+        future.set_result(answer)
+
+
+def _fail(future: asyncio.Future[Answer], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def build_app(options: ServeOptions, replicas: int = 1, autoscaling: tuple[int, int] | None = None,
+              cpus_per_replica: float = 1.0) -> Any:
+    """The Serve application for ``options`` (bind it with :func:`run_app` or ``serve.run``)."""
+    config: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus_per_replica}}
+    if autoscaling is not None:
+        lo, hi = autoscaling
+        config["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
+                                        "target_ongoing_requests": max(2, options.max_batch_size // 2)}
+    else:
+        config["num_replicas"] = replicas
+    return EarlyExitDeployment.options(**config).bind(options)  # type: ignore[attr-defined]
+
+
+def run_app(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+            autoscaling: tuple[int, int] | None = None, cpus_per_replica: float = 1.0) -> Any:
+    """Start Serve's HTTP proxy on ``host:port`` and deploy the bundle; returns once every replica answers.
+
+    Ray must be initialised (``ray.init``). Raises BackendError when the replicas cannot start."""
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        return serve.run(build_app(options, replicas, autoscaling, cpus_per_replica), name="eecompile",
+                         route_prefix=ROUTE_PREFIX)
+    except RuntimeError as e:
+        raise BackendError(f"the Serve deployment did not start ({str(e).strip().splitlines()[0]}); see Ray's "
+                           f"logs (/tmp/ray/session_latest/logs)") from e
+
+
+def serve_bundle(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+                 autoscaling: tuple[int, int] | None = None, cpus_per_replica: float = 1.0,
+                 address: str | None = None, ready: Any = None) -> None:
+    """``eecompile serve``: check the bundle here (its loader's error ends the command), start or join Ray,
+    deploy, and serve until SIGINT/SIGTERM; then shut Serve down (and Ray, when it was started here)."""
+    load_runner(options).close()  # fail fast with the loader's own message, before any server starts
+    import ray
+
+    started_here = address is None
+    if address is not None:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        # Enough CPUs for every replica even on a small machine (Ray would otherwise keep some pending).
+        needed = int(np.ceil(cpus_per_replica * (autoscaling[1] if autoscaling else replicas)))
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, num_cpus=max(os.cpu_count() or 1, needed))
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_app(options, host, port, replicas, autoscaling, cpus_per_replica)
+        if ready is not None:
+            ready(f"http://{host}:{port}{ROUTE_PREFIX}")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        try:
+            serve.shutdown()
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+__all__ = ["EarlyExitDeployment", "ServeOptions", "build_app", "run_app", "serve_bundle"]

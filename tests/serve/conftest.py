@@ -1,0 +1,58 @@
+"""A compiled bundle for the serving tests: the tests' PyTorch ResNet cut at two suggested points, linear heads,
+and thresholds set from the gates' own scores so that samples leave at every exit (mixed difficulty)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_head, write_spec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mixed_inputs(n: int, seed: int = 0) -> np.ndarray:
+    """Images of mixed difficulty: plain noise and noise scaled up (the heads are surer of large inputs)."""
+    rng = np.random.default_rng(seed)
+    scale = rng.choice([0.2, 1.0, 4.0], size=(n, 1, 1, 1)).astype(np.float32)
+    return (rng.standard_normal((n, 3, 32, 32)).astype(np.float32) * scale).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def served_bundle(tmp_path_factory: pytest.TempPathFactory, torch_model) -> Path:
+    from eecompile.analysis.cut_points import analyze_model
+    from eecompile.bundle import update_bundle
+    from eecompile.compiler import compile_model
+    from eecompile.runtimes.chain import EarlyExitRunner
+
+    root = tmp_path_factory.mktemp("served")
+    model = torch_model("resnet")
+    report = analyze_model(model)
+    cuts = report.to_json()["suggested"][:2]
+    shapes = {c["tensor"]: c["shape"] for c in report.to_json()["cut_points"]}
+    exits = []
+    for i, cut in enumerate(cuts):
+        head = make_head(root / f"head{i}.onnx", shapes[cut], 10, seed=i, scale=0.5)
+        exits.append({"at": cut, "head": str(head), "gate": {"kind": "max_prob", "threshold": 0.5}})
+    spec = write_spec(root, model, exits)
+    bundle = root / "resnet.eebundle"
+    compile_model(spec, bundle)
+    # Thresholds at the gates' score terciles on mixed inputs: about a third leaves at each exit.
+    with EarlyExitRunner(bundle) as runner:
+        scores = runner.run({"image": mixed_inputs(96, seed=123)}, policy="never").gate_scores
+    t0 = float(np.quantile(scores[0], 2 / 3))
+    t1 = float(np.quantile(scores[1], 0.5))
+
+    def change(_: Path, manifest) -> None:  # noqa: ANN001
+        for seg, t in zip(manifest.segments, (t0, t1), strict=False):
+            seg.exit.gate.threshold = t
+
+    update_bundle(bundle, change)
+    return bundle
