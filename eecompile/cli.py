@@ -269,6 +269,21 @@ def inspect(bundle: Path, as_json: bool) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="HTML file to write.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help=".npz to time the segments on (default: random inputs, when every dimension is fixed).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size for the latency measurement.")
+@click.option("--repeats", type=int, default=10, show_default=True)
+@_user_errors
+def report(bundle: Path, output: Path, data: Path | None, batch: int, repeats: int) -> None:
+    """Write one self-contained HTML page: segments, FLOPs, carried tensors, gates, calibration, latency."""
+    from eecompile.serve.report import write_report
+
+    click.echo(f"wrote {write_report(bundle, output, data=data, batch=batch, repeats=repeats)}")
+
+
 def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
