@@ -111,6 +111,7 @@ class Manifest:
     heads: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    decoder: dict[str, Any] | None = None  # decoding bundles: segments with KV caches, the shared head, exits
 
     @property
     def exits(self) -> list[ExitInfo]:
@@ -155,6 +156,7 @@ class Manifest:
                 heads=dict(d.get("heads") or {}),
                 notes=list(d.get("notes") or []),
                 files=dict(d.get("files") or {}),
+                decoder=d.get("decoder"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where}: manifest is incomplete or malformed ({e!r}); recompile the bundle") from e

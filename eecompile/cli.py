@@ -119,6 +119,9 @@ def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tu
 
     bundle = compile_model(spec, output, force=force, verify=not no_verify, dims=_parse_dims(dims))
     m = bundle.manifest
+    if m.decoder:
+        _echo_decoder(output, m.decoder)
+        return
     click.echo(f"wrote {output}: {len(m.segments)} segments, {m.n_early_exits} early exits, batch {m.batch_mode}")
     for seg in m.segments:
         gate = seg.exit.gate
@@ -328,6 +331,61 @@ def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | No
                  cpus_per_replica=cpus_per_replica, address=address,
                  ready=lambda url: click.echo(f"serving {bundle} at {url}/predict (health: {url}/health); "
                                               f"Ctrl-C stops", err=True))
+
+
+def _echo_decoder(output: Path, dec: dict[str, Any]) -> None:
+    exits = ", ".join(f"after layer {e['after_layer']} (max_prob {e['gate']['threshold']:g}, k {e['draft_tokens']})"
+                      for e in dec["exits"])
+    click.echo(f"wrote {output}: decoder, {dec['layers']} layers in {len(dec['segments'])} segments, "
+               f"vocabulary {dec['vocab']}, cache {dec['max_length']} positions; exits {exits}")
+    for k, seg in enumerate(dec["segments"]):
+        click.echo(f"  segment {k}: layers {seg['layers'][0]}..{seg['layers'][1] - 1} with their key/value cache")
+    click.echo(f"  head: final norm + LM head + max-prob gate, shared by every exit ({dec['head']['file']})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text; repeatable (one row each).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--mode", type=click.Choice(["none", "speculative", "exit"]), default="none", show_default=True)
+@click.option("--batch", type=int, default=None, help="Rows run together (default: all prompts).")
+@click.option("--thresholds", default=None, help="Per exit: max-prob, 'never' or 'always', comma-separated.")
+@click.option("--draft-tokens", type=int, default=None, help="Speculative: most tokens drafted per verification.")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="tokenizer.json (default: the bundle's).")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_user_errors
+def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: str, batch: int | None,
+             thresholds: str | None, draft_tokens: int | None, sample: bool, temperature: float, seed: int | None,
+             tokenizer: Path | None, threads: int | None, as_json: bool) -> None:
+    """Generate text with a decoder bundle: plain, self-speculative (lossless) or per-token exits."""
+    from eecompile.runtimes.lm import DecoderRunner
+
+    if batch is not None and batch < 1:
+        raise click.BadParameter("give a positive batch size", param_hint="--batch")
+    runner = DecoderRunner(bundle, threads=threads, tokenizer=tokenizer)
+    thr: Any = None
+    if thresholds is not None:
+        from eecompile.spec import parse_thresholds
+
+        thr = parse_thresholds(thresholds, len(runner.exits))
+    res = runner.generate(list(prompts), max_new_tokens, mode=mode, thresholds=thr, draft_tokens=draft_tokens,
+                          sample=sample, temperature=temperature, seed=seed, batch=batch)
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+        return
+    for r in res.results:
+        click.echo(f"{r['prompt']}{r['text']}")
+    extra = ""
+    if res.acceptance_rate is not None:
+        extra = f"; acceptance {res.acceptance_rate:.1%}, {res.mean_accepted_length:.2f} tokens per verification"
+    if res.exit_shares is not None:
+        extra = "; exit shares " + " ".join(f"{s:.1%}" for s in res.exit_shares)
+    click.echo(f"[{mode}] {res.tokens_per_s:.1f} tokens/s{extra}", err=True)
 
 
 def main() -> None:

@@ -322,7 +322,14 @@ def _save(model: ir.Model, path: Path) -> None:
 
 def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = False, verify: bool = True,
                   dims: dict[str, int] | None = None) -> Bundle:
-    """Compile ``spec`` into a bundle at ``output`` (atomically; an existing bundle needs ``force``)."""
+    """Compile ``spec`` into a bundle at ``output`` (atomically; an existing bundle needs ``force``).
+
+    A spec with ``kind: decoder`` (a decoder-only LM with a key/value cache) goes to
+    ``eecompile.decoder.compile.compile_decoder``."""
+    from eecompile.decoder.compile import compile_decoder, is_decoder_spec
+
+    if not isinstance(spec, Spec) and is_decoder_spec(spec):
+        return compile_decoder(spec, output, force=force, verify=verify)
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     output = Path(output)

@@ -1,0 +1,564 @@
+"""The decoding loop over a decoder bundle's segments: plain, self-speculative and per-token-exit generation.
+
+A decoder bundle (``eecompile compile`` of a ``kind: decoder`` spec) holds segments of consecutive layers,
+each with the key/value cache of its own layers, and one head (final norm + LM head + max-prob gate) that
+serves every exit and the final output. ``DecoderRunner.generate`` drives them:
+
+- ``mode="none"``: every token goes through every segment (the model itself).
+- ``mode="speculative"`` (lossless; LayerSkip/Kangaroo): the segments up to the exit draft tokens until the
+  draft's max-prob falls below the exit's threshold or ``draft_tokens`` (k) are drafted; the remaining segments
+  then run once over all drafted positions, starting from the hidden states cached at the exit while drafting
+  (the early layers are never recomputed); the longest prefix that agrees with the verifier is kept, plus the
+  verifier's own next token. Greedy output equals ``mode="none"``. Sampling uses speculative rejection
+  sampling (Leviathan et al. 2023, Chen et al. 2023): a draft token x drawn from q is kept with probability
+  min(1, p(x)/q(x)), else a token is drawn from max(0, p - q) normalised, so tokens follow p exactly.
+- ``mode="exit"`` (lossy; CALM/SpecEE): a token whose gate fires at an exit is emitted there. The skipped
+  layers' cache for that position is filled later: the exit hidden states of pending positions go through the
+  deeper segments together with the next token that goes deep. We take this over CALM's state propagation
+  (copying the exit state into the deeper layers' KV projections) because it needs no new graph (it is the
+  verification call of speculative mode) and the deep layers' keys/values are then exactly what they compute
+  from the exit states, not an approximation of them.
+
+Batches: every row keeps its own lengths (per segment), positions and cache; one call to a segment takes
+only the rows that need it (rows drafting, rows verifying and rows going deep are separate sub-batches), so
+no row waits for another's verification, and a row that finishes (EOS, ``max_new_tokens``) simply leaves.
+
+Key/value memory: each row's cache for a segment is a view into the ``present`` output of the last call that
+row took part in; rejected drafts lower the row's length (a narrower view), nothing is copied back. A call
+stacks the rows' caches into one [B, H_kv, T, D] past per layer, T the longest row, shorter rows left-padded
+with masked slots. The source graph appends with ``Concat`` (past -> present), so ONNX Runtime writes a new
+present per call: a copy of the cache per call, the stock graph's cost. Writing in place needs the graph's
+attention rewritten to ``GroupQueryAttention`` or opset-24 ``TensorScatter`` + ``Attention``; bundles do not
+do that yet.
+
+Imports: numpy, pyyaml (via the bundle), onnxruntime; ``tokenizers`` only when text is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from eecompile.bundle import Bundle
+from eecompile.errors import BackendError, BundleError, DataError
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "speculative", "exit")
+_NEVER = 2.0  # a max-prob threshold no row reaches
+_ALWAYS = 0.0
+
+
+@dataclass
+class GenerateResult:
+    """What ``generate`` returns; ``to_dict()`` is the CLI's ``--json`` object.
+
+    ``tokens_per_s``: generated tokens of all rows / wall seconds of the whole call (prefill included).
+    ``acceptance_rate``: accepted draft tokens / drafted tokens (speculative). ``mean_accepted_length``: tokens
+    emitted per verification (accepted drafts + the verifier's token). ``exit_shares``: fraction of generated
+    tokens emitted at each exit, then at the final head (exit mode).
+    """
+
+    results: list[dict[str, Any]]
+    tokens_per_s: float
+    acceptance_rate: float | None = None
+    mean_accepted_length: float | None = None
+    exit_shares: list[float] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"results": self.results, "tokens_per_s": self.tokens_per_s, "acceptance_rate": self.acceptance_rate,
+                "mean_accepted_length": self.mean_accepted_length, "exit_shares": self.exit_shares}
+
+
+@dataclass
+class _Row:
+    index: int
+    seq: list[int]  # prompt + generated (+ drafts while drafting)
+    n_prompt: int
+    caches: list[list[np.ndarray]]  # per segment: [k_first, v_first, ...] each [1, H_kv, length, D]
+    lengths: list[int]  # per segment: positions in its cache
+    pending: list[list[np.ndarray]]  # per segment s > 0: its input hidden states [D] not yet run through it
+    n_confirmed: int = 0  # len(seq) without drafts
+    q: list[np.ndarray] = field(default_factory=list)  # sampling: the draft distribution of each draft
+    done: bool = False
+
+    @property
+    def generated(self) -> int:
+        return self.n_confirmed - self.n_prompt
+
+
+class DecoderRunner:
+    """Generates with a decoder bundle on ONNX Runtime (CPU unless ``providers`` say otherwise).
+
+    ``threads``: intra-op threads per session (default: the cores this process may use).
+    ``tokenizer``: a ``tokenizers.Tokenizer``, a path to a ``tokenizer.json``, or None for the bundle's own
+    (``tokenizer.json`` in the bundle, when it was compiled with one). Raises ``BundleError`` for a bundle that
+    is not a decoder bundle, ``BackendError`` when onnxruntime is missing or a session fails to load.
+    """
+
+    def __init__(self, bundle: Bundle | str | Path, *, threads: int | None = None, tokenizer: Any = None,
+                 providers: Sequence[str] | None = None) -> None:
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.load(bundle)
+        dec = bundle.manifest.decoder
+        if not dec:
+            raise BundleError(f"{bundle.path}: not a decoder bundle (it has no decoder section); compile a "
+                              f"decoder with a key/value cache from a spec with 'kind: decoder' to generate")
+        self.bundle = bundle
+        self.dec = dec
+        self.vocab = int(dec["vocab"])
+        self.hidden_size = int(dec["hidden_size"])
+        self.max_length = int(dec["max_length"])
+        self.kv_heads = int(dec["kv"]["heads"])
+        self.head_dim = int(dec["kv"]["head_dim"])
+        self.exits = list(dec["exits"])
+        self.segments = list(dec["segments"])
+        self.eos_token_id: int | None = dec.get("eos_token_id")
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendError("onnxruntime is not installed: pip install onnxruntime") from e
+        from eecompile.runtimes.onnxruntime import default_threads
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or default_threads()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        prov = list(providers or ["CPUExecutionProvider"])
+        files = [s["file"] for s in self.segments] + [dec["head"]["file"]]
+        try:
+            self._sessions = [ort.InferenceSession(str(bundle.file(f)), so, providers=prov) for f in files[:-1]]
+            self._head = ort.InferenceSession(str(bundle.file(files[-1])), so, providers=prov)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BackendError(f"{bundle.path}: onnxruntime could not load the decoder ({e})") from e
+        self._inputs = [{i.name for i in s.get_inputs()} for s in self._sessions]
+        self._kv_names = [_kv("past_key_values", s["layers"]) for s in self.segments]
+        self._present = [_kv("present", s["layers"]) for s in self.segments]
+        self._tokenizer = tokenizer
+        self.calls: dict[str, Any] = {"segments": [0] * len(self.segments), "head": 0}  # session runs, for benchmarks
+
+    # ------------------------------------------------------------------------------------------ tokenizer
+
+    def tokenizer(self) -> Any:
+        """The tokenizer (loaded on first use); raises ``DataError`` when there is none or it does not fit."""
+        tok = self._tokenizer
+        if tok is None:
+            rel = self.dec.get("tokenizer")
+            if rel is None:
+                raise DataError(f"{self.bundle.path}: the bundle has no tokenizer; give token ids, or a tokenizer "
+                                f"(--tokenizer tokenizer.json), or compile with 'tokenizer: FILE' in the spec")
+            tok = self.bundle.verify_file(rel)
+        if isinstance(tok, (str, Path)):
+            try:
+                from tokenizers import Tokenizer
+            except ImportError as e:
+                raise DataError("text prompts need the 'tokenizers' package: pip install tokenizers") from e
+            try:
+                tok = Tokenizer.from_file(str(tok))
+            except Exception as e:  # tokenizers raises a plain Exception for a bad file
+                raise DataError(f"{tok}: not a tokenizer.json ({e})") from e
+        size = tok.get_vocab_size() if hasattr(tok, "get_vocab_size") else len(tok)
+        if size > self.vocab:
+            raise DataError(f"the tokenizer has {size} tokens but the model's vocabulary has {self.vocab}; "
+                            f"use the tokenizer the model was trained with")
+        self._tokenizer = tok
+        return tok
+
+    def _encode(self, prompt: str) -> list[int]:
+        tok = self.tokenizer()
+        enc = tok.encode(prompt)
+        return list(enc.ids if hasattr(enc, "ids") else enc)
+
+    def _decode(self, ids: list[int]) -> str:
+        tok = self.tokenizer()
+        return str(tok.decode(ids))
+
+    # ------------------------------------------------------------------------------------------ graph calls
+
+    def _run_segment(self, s: int, rows: list[_Row], xs: list[np.ndarray] | None) -> list[np.ndarray]:
+        """Run segment ``s`` on each row's pending positions: ``rows[i].seq[lengths[s]:lengths[s] + n_i]``
+        (token ids) with input hidden states ``xs[i]`` [n_i, D] (None for segment 0). Updates the rows'
+        caches and lengths; returns the output hidden states per row, [n_i, D] float32."""
+        starts = [r.lengths[s] for r in rows]
+        ns = [len(x) for x in xs] if xs is not None else [len(r.seq) - r.lengths[s] for r in rows]
+        b, n, t = len(rows), max(ns), max(starts)
+        ids = np.zeros((b, n), np.int64)
+        pos = np.zeros((b, n), np.int64)
+        mask = np.zeros((b, t + n), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :ns[i]] = r.seq[starts[i]:starts[i] + ns[i]]
+            pos[i] = starts[i] + np.arange(n)
+            mask[i, t - starts[i]:t + ns[i]] = 1
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        feeds = {k: v for k, v in feeds.items() if k in self._inputs[s]}
+        for j, name in enumerate(self._kv_names[s]):
+            if b == 1:
+                feeds[name] = rows[0].caches[s][j]
+            else:
+                past = np.zeros((b, self.kv_heads, t, self.head_dim), np.float32)
+                for i, r in enumerate(rows):
+                    if starts[i]:
+                        past[i, :, t - starts[i]:] = r.caches[s][j][0]
+                feeds[name] = past
+        if xs is not None:
+            h = np.zeros((b, n, self.hidden_size), np.float32)
+            for i, x in enumerate(xs):
+                h[i, :ns[i]] = x
+            feeds[self.segments[s]["hidden_in"]] = h
+        names = [self.segments[s]["hidden_out"], *self._present[s]]
+        try:
+            out = self._sessions[s].run(names, feeds)
+        except Exception as e:  # onnxruntime's own error types
+            raise BackendError(f"segment {s} ({self.segments[s]['file']}) failed: {e}") from e
+        self.calls["segments"][s] += 1
+        for i, r in enumerate(rows):
+            lo, hi = t - starts[i], t + ns[i]
+            r.caches[s] = [p[i:i + 1, :, lo:hi] for p in out[1:]]
+            r.lengths[s] = starts[i] + ns[i]
+        return [out[0][i, :ns[i]] for i in range(b)]
+
+    def _run_head(self, h: np.ndarray, threshold: float, logits: bool) -> dict[str, np.ndarray]:
+        """The shared head on hidden states [B, S, D]: token [B, S] int64, max_prob and gate [B, S] (and logits
+        [B, S, V] when asked)."""
+        names = ["token", "max_prob", "gate"] + (["logits"] if logits else [])
+        try:
+            out = self._head.run(names, {self.dec["head"]["input"]: np.ascontiguousarray(h, np.float32),
+                                         self.dec["head"]["threshold_input"]: np.array(threshold, np.float32)})
+        except Exception as e:
+            raise BackendError(f"head ({self.dec['head']['file']}) failed: {e}") from e
+        self.calls["head"] += 1
+        return dict(zip(names, out, strict=True))
+
+    def _stack(self, rows: list[_Row], first: int, last: int) -> list[np.ndarray]:
+        """Run segments ``first..last`` (inclusive) over each row's pending positions; return segment ``last``'s
+        outputs per row. Outputs of a segment are pending for the next one until it runs."""
+        outs: list[np.ndarray] = []
+        for s in range(first, last + 1):
+            xs = None if s == 0 else [np.stack(r.pending[s]) for r in rows]
+            outs = self._run_segment(s, rows, xs)
+            for r, o in zip(rows, outs, strict=True):
+                if s > 0:
+                    r.pending[s] = []
+                if s + 1 < len(self.segments):
+                    r.pending[s + 1].extend(o)
+        return outs
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    def _thresholds(self, thresholds: Any, mode: str) -> list[float]:
+        n = len(self.exits)
+        if thresholds is None:
+            vals: list[Any] = [e["gate"]["threshold"] for e in self.exits]
+        elif isinstance(thresholds, (str, int, float)):
+            vals = [thresholds] * n
+        else:
+            vals = list(thresholds)
+            if len(vals) != n:
+                raise DataError(f"thresholds: got {len(vals)} values for {n} exits; give one per exit")
+        out = []
+        for k, v in enumerate(vals):
+            if v == "never":
+                out.append(_NEVER)
+            elif v == "always":
+                out.append(_ALWAYS)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0:
+                out.append(float(v))
+            else:
+                raise DataError(f"thresholds[{k}]: {v!r} is not a max-prob threshold in [0, 1], 'never' or 'always'")
+        return out
+
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_new_tokens: int, *,
+                 mode: str = "none", thresholds: Any = None, draft_tokens: int | None = None, exit: int = 0,
+                 sample: bool = False, temperature: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | None = None, batch: int | None = None) -> GenerateResult:
+        """Continue each prompt (text, or a list of token ids) by up to ``max_new_tokens`` tokens.
+
+        ``mode``: "none" | "speculative" | "exit" (see the module docstring). ``thresholds``: per exit, a
+        max-prob in [0, 1], "never" or "always" (default: the bundle's). ``draft_tokens``: k, the most tokens
+        drafted per verification (default: the exit's). ``exit``: the exit that drafts (speculative).
+        ``sample``: draw from softmax(logits / temperature) with ``numpy.random.default_rng(seed)``, else greedy.
+        ``batch``: rows run together (default: all prompts). Stops a row at ``eos_token_id`` (default: the
+        bundle's) or after ``max_new_tokens``.
+
+        Raises ``DataError`` for a bad mode, ``max_new_tokens`` < 1, an empty prompt, a token id outside the
+        vocabulary, or a prompt that with ``max_new_tokens`` does not fit the cache (``max_length``).
+        """
+        if mode not in MODES:
+            raise DataError(f"mode: '{mode}' is not one of {list(MODES)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise DataError(f"max_new_tokens: {max_new_tokens!r}; give a positive number of tokens to generate")
+        if sample and not temperature > 0:
+            raise DataError(f"temperature: {temperature}; sampling needs a temperature > 0")
+        if mode != "none" and not self.exits:
+            raise DataError("the bundle has no exits; use mode 'none'")
+        if not 0 <= exit < len(self.exits):
+            raise DataError(f"exit: {exit} is not an exit of this bundle (it has {len(self.exits)})")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts: list[str | None] = []
+        ids_list: list[list[int]] = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                texts.append(p)
+                ids_list.append(self._encode(p))
+            else:
+                texts.append(None)
+                ids_list.append([int(t) for t in cast("Sequence[int]", p)])
+            ids = ids_list[-1]
+            if not ids:
+                raise DataError(f"prompts[{i}]: empty; give at least one token")
+            bad = [t for t in ids if not 0 <= t < self.vocab]
+            if bad:
+                raise DataError(f"prompts[{i}]: token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})")
+            if len(ids) + max_new_tokens > self.max_length:
+                raise DataError(f"prompts[{i}]: {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed the cache "
+                                f"({self.max_length} positions); shorten the prompt, lower max_new_tokens, or "
+                                f"recompile with a larger max_length")
+        thr = self._thresholds(thresholds, mode)
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        k = int(draft_tokens if draft_tokens is not None else self.exits[exit].get("draft_tokens", 6))
+        if k < 1:
+            raise DataError(f"draft_tokens: {k}; give at least 1")
+        rng = np.random.default_rng(seed)
+        stats: dict[str, Any] = {"drafted": 0, "accepted": 0, "rounds": 0, "emitted": 0,
+                 "exit_counts": [0] * (len(self.exits) + 1)}
+        step = {"none": self._step_none, "speculative": self._step_speculative, "exit": self._step_exit}[mode]
+        ctx = _Ctx(thr=thr, k=k, exit=exit, sample=sample, temperature=temperature, rng=rng, eos=eos,
+                   max_new=max_new_tokens, stats=stats)
+        t0 = time.perf_counter()
+        out_rows: list[_Row] = []
+        size = batch or len(ids_list)
+        for lo in range(0, len(ids_list), size):
+            rows = [self._new_row(lo + i, ids) for i, ids in enumerate(ids_list[lo:lo + size])]
+            self._prefill(rows)
+            active = [r for r in rows if not r.done]
+            while active:
+                step(active, ctx)
+                active = [r for r in active if not r.done]
+            out_rows += rows
+        wall = time.perf_counter() - t0
+        results = []
+        for r in sorted(out_rows, key=lambda r: r.index):
+            gen = r.seq[r.n_prompt:r.n_confirmed]
+            item: dict[str, Any] = {"prompt": texts[r.index] if texts[r.index] is not None else "",
+                                    "token_ids": gen}
+            item["text"] = self._decode(gen) if texts[r.index] is not None or self._has_tokenizer() else ""
+            results.append(item)
+        n_gen = sum(len(x["token_ids"]) for x in results)
+        res = GenerateResult(results=results, tokens_per_s=n_gen / wall if wall > 0 else 0.0, stats=stats)
+        if mode == "speculative":
+            res.acceptance_rate = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
+            res.mean_accepted_length = stats["emitted"] / stats["rounds"] if stats["rounds"] else 0.0
+        if mode == "exit":
+            total = sum(stats["exit_counts"]) or 1
+            res.exit_shares = [c / total for c in stats["exit_counts"]]
+        return res
+
+    def _has_tokenizer(self) -> bool:
+        return self._tokenizer is not None or self.dec.get("tokenizer") is not None
+
+    def _new_row(self, index: int, ids: list[int]) -> _Row:
+        n_seg = len(self.segments)
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+        return _Row(index=index, seq=list(ids), n_prompt=len(ids), n_confirmed=len(ids),
+                    caches=[[empty] * len(self._kv_names[s]) for s in range(n_seg)], lengths=[0] * n_seg,
+                    pending=[[] for _ in range(n_seg)])
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _pick(self, head: dict[str, np.ndarray], i: int, j: int, ctx: _Ctx) -> tuple[int, np.ndarray | None]:
+        """The token at row i, position j of a head call: argmax, or a draw from softmax(logits / T)."""
+        if not ctx.sample:
+            return int(head["token"][i, j]), None
+        p = softmax(head["logits"][i, j], ctx.temperature)
+        return int(ctx.rng.choice(len(p), p=p)), p
+
+    def _emit(self, r: _Row, tokens: list[int], ctx: _Ctx) -> None:
+        """Confirm ``tokens`` after the row's confirmed tokens (dropping its drafts); stop at EOS or the budget."""
+        seq = r.seq[:r.n_confirmed]
+        for t in tokens:
+            if len(seq) - r.n_prompt >= ctx.max_new:
+                break
+            seq.append(t)
+            if ctx.eos is not None and t == ctx.eos:
+                r.done = True
+                break
+        old = r.seq
+        common = 0
+        for a, b in zip(old, seq, strict=False):
+            if a != b:
+                break
+            common += 1
+        for s in range(len(self.segments)):  # rejected drafts: lower the row's length (a narrower view)
+            if r.lengths[s] > common:
+                r.lengths[s] = common
+                r.caches[s] = [c[:, :, :common] for c in r.caches[s]]
+                r.pending[s] = []
+        r.seq = seq
+        r.n_confirmed = len(seq)
+        r.q = []
+        if r.generated >= ctx.max_new:
+            r.done = True
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        """Every prompt position but the last through every segment; the mode's first step then takes the last
+        prompt token, so the first generated token is drafted (speculative) or may exit (exit mode) too."""
+        todo = [r for r in rows if r.n_prompt > 1]
+        if not todo:
+            return
+        full = [r.seq for r in todo]
+        for r in todo:
+            r.seq = r.seq[:-1]
+        self._stack(todo, 0, len(self.segments) - 1)
+        for r, seq in zip(todo, full, strict=True):
+            r.seq = seq
+            for s in range(1, len(self.segments)):
+                r.pending[s] = []
+
+    def _step_none(self, rows: list[_Row], ctx: _Ctx) -> None:
+        outs = self._stack(rows, 0, len(self.segments) - 1)
+        head = self._run_head(np.stack([o[-1:] for o in outs]), _NEVER, ctx.sample)
+        for i, r in enumerate(rows):
+            t, _ = self._pick(head, i, 0, ctx)
+            self._emit(r, [t], ctx)
+
+    def _step_exit(self, rows: list[_Row], ctx: _Ctx) -> None:
+        """One token per row; a row stops at the first exit whose gate fires on it (CALM/SpecEE)."""
+        going = rows
+        for e, ex in enumerate(self.exits):
+            first = 0 if e == 0 else self.exits[e - 1]["segment"] + 1
+            outs = self._stack(going, first, ex["segment"])
+            head = self._run_head(np.stack([o[-1:] for o in outs]), ctx.thr[e], ctx.sample)
+            deeper = []
+            for i, r in enumerate(going):
+                if head["gate"][i, 0]:
+                    t, _ = self._pick(head, i, 0, ctx)
+                    ctx.stats["exit_counts"][e] += 1
+                    self._emit(r, [t], ctx)
+                else:
+                    deeper.append(r)
+            going = deeper
+            if not going:
+                return
+        first = self.exits[-1]["segment"] + 1
+        outs = self._stack(going, first, len(self.segments) - 1)
+        head = self._run_head(np.stack([o[-1:] for o in outs]), _NEVER, ctx.sample)
+        for i, r in enumerate(going):
+            t, _ = self._pick(head, i, 0, ctx)
+            ctx.stats["exit_counts"][-1] += 1
+            self._emit(r, [t], ctx)
+
+    def _step_speculative(self, rows: list[_Row], ctx: _Ctx) -> None:
+        """One draft step for rows drafting, then one verification for rows whose drafting stopped."""
+        e = self.exits[ctx.exit]
+        last_draft = e["segment"]
+        outs = self._stack(rows, 0, last_draft)
+        head = self._run_head(np.stack([o[-1:] for o in outs]), ctx.thr[ctx.exit], ctx.sample)
+        verify = []
+        for i, r in enumerate(rows):
+            n_drafts = len(r.seq) - r.n_confirmed
+            room = ctx.max_new - r.generated - 1  # a verification emits up to n_drafts + 1 tokens
+            if head["gate"][i, 0] and n_drafts < min(ctx.k, room):
+                t, q = self._pick(head, i, 0, ctx)
+                r.seq.append(t)
+                if q is not None:
+                    r.q.append(q)
+                if len(r.seq) - r.n_confirmed < min(ctx.k, room):
+                    continue  # keep drafting: feed this draft next step
+            verify.append(r)
+        if not verify:
+            return
+        outs = self._stack(verify, last_draft + 1, len(self.segments) - 1)
+        head = self._run_head(np.stack(pad_positions(outs)), _NEVER, ctx.sample)
+        for i, r in enumerate(verify):
+            drafts = r.seq[r.n_confirmed:]
+            n_fed = len(outs[i])  # verified positions: the last confirmed token and the drafts fed
+            emitted = self._accept(head, i, drafts, n_fed, r.q, ctx)
+            ctx.stats["drafted"] += len(drafts)
+            ctx.stats["accepted"] += _n_accepted(drafts, emitted)
+            ctx.stats["rounds"] += 1
+            ctx.stats["emitted"] += len(emitted)
+            self._emit(r, emitted, ctx)
+
+    def _accept(self, head: dict[str, np.ndarray], i: int, drafts: list[int], n_fed: int, qs: list[np.ndarray],
+                ctx: _Ctx) -> list[int]:
+        """The tokens a verification emits: the longest accepted prefix of ``drafts`` plus the verifier's token
+        (none when every draft was accepted and the last one was not fed)."""
+        if not ctx.sample:
+            v = [int(t) for t in head["token"][i, :n_fed]]
+            m = 0
+            while m < len(drafts) and m < n_fed and drafts[m] == v[m]:
+                m += 1
+            return drafts[:m] + ([v[m]] if m < n_fed else [])
+        out: list[int] = []
+        for j, d in enumerate(drafts):
+            p = softmax(head["logits"][i, j], ctx.temperature)
+            tok, ok = speculative_accept(p, qs[j], d, ctx.rng)
+            out.append(tok)
+            if not ok:
+                return out
+        if len(drafts) < n_fed:
+            p = softmax(head["logits"][i, len(drafts)], ctx.temperature)
+            out.append(int(ctx.rng.choice(len(p), p=p)))
+        return out
+
+
+@dataclass
+class _Ctx:
+    thr: list[float]
+    k: int
+    exit: int
+    sample: bool
+    temperature: float
+    rng: np.random.Generator
+    eos: int | None
+    max_new: int
+    stats: dict[str, Any]
+
+
+def _kv(prefix: str, layers: Sequence[int]) -> list[str]:
+    return [f"{prefix}.{i}.{t}" for i in range(layers[0], layers[1]) for t in ("key", "value")]
+
+
+def _n_accepted(drafts: list[int], emitted: list[int]) -> int:
+    m = 0
+    while m < len(drafts) and m < len(emitted) and drafts[m] == emitted[m]:
+        m += 1
+    return m
+
+
+def pad_positions(outs: list[np.ndarray]) -> list[np.ndarray]:
+    """Per-row hidden states [n_i, D] zero-padded to the longest n (for one head call over all rows)."""
+    n = max(len(o) for o in outs)
+    return [np.concatenate([o, np.zeros((n - len(o), o.shape[1]), o.dtype)]) if len(o) < n else o for o in outs]
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature) in float64 (sums to 1 for ``Generator.choice``)."""
+    z = np.asarray(logits, np.float64) / temperature
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def speculative_accept(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[int, bool]:
+    """Speculative rejection sampling for one draft token (Leviathan et al. 2023, Algorithm 1).
+
+    ``p``, ``q``: the verifier's and the draft's distributions [V] (float64, sum 1); ``draft`` was drawn from q.
+    Keeps it with probability min(1, p[draft] / q[draft]) (returns ``(draft, True)``), else draws from
+    max(0, p - q) normalised (returns ``(token, False)``). The emitted token is distributed as p.
+    """
+    u = rng.random()
+    if q[draft] <= 0 or u < min(1.0, p[draft] / q[draft]):
+        return draft, True
+    residual = np.maximum(p - q, 0.0)
+    total = residual.sum()
+    if total <= 0:  # p == q: never rejected in exact arithmetic; rounding can get here
+        return draft, True
+    return int(rng.choice(len(p), p=residual / total)), False

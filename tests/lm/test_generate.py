@@ -1,0 +1,169 @@
+"""Decoding with a decoder bundle: speculative and exit modes against the plain model, batches, sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from eecompile.cli import cli
+from eecompile.runtimes.lm import DecoderRunner, softmax, speculative_accept
+
+PROMPTS = [[5, 17, 33], [90, 2, 41, 7, 7, 63, 12], [11], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
+N_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def plain(runner: DecoderRunner) -> list[list[int]]:
+    return [r["token_ids"] for r in runner.generate(PROMPTS, N_NEW, mode="none").results]
+
+
+def _source_logits(lm_dir: Path, ids: list[int]) -> np.ndarray:
+    sess = ort.InferenceSession(str(lm_dir / "tiny.onnx"), providers=["CPUExecutionProvider"])
+    x = np.array([ids], np.int64)
+    feeds = {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": np.arange(len(ids))[None]}
+    for i in range(4):
+        for t in ("key", "value"):
+            feeds[f"past_key_values.{i}.{t}"] = np.zeros((1, 2, 0, 16), np.float32)
+    return sess.run(["logits"], feeds)[0][0]
+
+
+def test_plain_generation_is_the_source_models_greedy_decoding(runner: DecoderRunner, lm_dir: Path,
+                                                               plain: list[list[int]]) -> None:
+    ids = list(PROMPTS[1])
+    for _ in range(N_NEW):
+        ids.append(int(np.argmax(_source_logits(lm_dir, ids)[-1])))
+    assert plain[1] == ids[len(PROMPTS[1]):]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.6])
+def test_greedy_speculative_equals_none_at_batch_1_and_4(runner: DecoderRunner, plain: list[list[int]],
+                                                         threshold: float) -> None:
+    batch = runner.generate(PROMPTS, N_NEW, mode="speculative", thresholds=threshold, draft_tokens=4)
+    assert [r["token_ids"] for r in batch.results] == plain
+    for i, p in enumerate(PROMPTS):
+        one = runner.generate([p], N_NEW, mode="speculative", thresholds=threshold, draft_tokens=3)
+        assert one.results[0]["token_ids"] == plain[i]
+    assert batch.acceptance_rate is not None and batch.mean_accepted_length is not None
+
+
+def test_speculative_accepts_and_rejects_drafts(runner: DecoderRunner, plain: list[list[int]]) -> None:
+    # drafting always (threshold 0): some drafts agree with the verifier, some do not, and output is unchanged
+    res = runner.generate(PROMPTS, N_NEW, mode="speculative", thresholds="always", draft_tokens=4)
+    assert [r["token_ids"] for r in res.results] == plain
+    assert 0.0 < res.acceptance_rate < 1.0  # type: ignore[operator]
+    assert res.mean_accepted_length > 1.0  # type: ignore[operator]
+    assert res.stats["drafted"] > 0
+
+
+def test_exit_mode_never_is_none_and_always_exits_first(runner: DecoderRunner, plain: list[list[int]]) -> None:
+    never = runner.generate(PROMPTS, N_NEW, mode="exit", thresholds="never")
+    assert [r["token_ids"] for r in never.results] == plain
+    assert never.exit_shares == [0.0, 1.0]
+    always = runner.generate(PROMPTS, N_NEW, mode="exit", thresholds="always")
+    assert always.exit_shares == [1.0, 0.0]
+    assert all(len(r["token_ids"]) == N_NEW for r in always.results)
+
+
+def test_exit_mode_fills_deep_caches_of_exited_positions(runner: DecoderRunner, plain: list[list[int]]) -> None:
+    # mixed exits: tokens exited early are later run through the deep layers with the next deep token
+    res = runner.generate(PROMPTS, N_NEW, mode="exit", thresholds=0.3)
+    assert 0.0 < res.exit_shares[0] < 1.0  # type: ignore[index]
+    agree = np.mean([a == b for r, p in zip(res.results, plain, strict=False) for a, b in zip(r["token_ids"], p, strict=False)])
+    assert agree > 0.2
+    one = runner.generate([PROMPTS[1]], N_NEW, mode="exit", thresholds=0.3)
+    assert one.results[0]["token_ids"] == res.results[1]["token_ids"]  # a row's tokens do not depend on the batch
+
+
+@pytest.mark.parametrize("mode", ["none", "speculative", "exit"])
+def test_rows_finish_at_different_steps(runner: DecoderRunner, plain: list[list[int]], mode: str) -> None:
+    eos = plain[0][3]
+    want = []
+    for p in plain:
+        cut = p.index(eos) + 1 if eos in p else len(p)
+        want.append(p[:cut])
+    assert len({len(w) for w in want}) > 1
+    thr = "never" if mode == "exit" else "always"
+    res = runner.generate(PROMPTS, N_NEW, mode=mode, thresholds=thr, eos_token_id=eos)
+    assert [r["token_ids"] for r in res.results] == want
+    res = runner.generate(PROMPTS, N_NEW, mode=mode, thresholds=thr, eos_token_id=eos, batch=3)
+    assert [r["token_ids"] for r in res.results] == want
+
+
+def test_max_new_tokens_is_respected_with_long_drafts(runner: DecoderRunner, plain: list[list[int]]) -> None:
+    for n in (1, 2, 5):
+        res = runner.generate(PROMPTS, n, mode="speculative", thresholds="always", draft_tokens=6)
+        assert [r["token_ids"] for r in res.results] == [p[:n] for p in plain]
+
+
+def test_accept_resample_rule_follows_its_formula() -> None:
+    p = np.array([0.5, 0.2, 0.2, 0.1])
+    q = np.array([0.1, 0.6, 0.2, 0.1])
+    for seed in range(50):
+        for draft in range(4):
+            tok, ok = speculative_accept(p, q, draft, np.random.default_rng(seed))
+            ref = np.random.default_rng(seed)
+            accept = ref.random() < min(1.0, p[draft] / q[draft])
+            assert ok == accept
+            if accept:
+                assert tok == draft
+            else:
+                residual = np.maximum(p - q, 0)
+                assert tok == ref.choice(4, p=residual / residual.sum())
+    # over many draws, drawing from q then accepting/resampling gives p
+    rng = np.random.default_rng(0)
+    draws = [speculative_accept(p, q, int(rng.choice(4, p=q)), rng)[0] for _ in range(20000)]
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, p, atol=0.015)
+
+
+def _chi2_pvalue(tokens: np.ndarray, p: np.ndarray) -> float:
+    n = len(tokens)
+    counts = np.bincount(tokens, minlength=len(p)).astype(float)
+    expected = p * n
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    return float(stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue)
+
+
+def test_speculative_sampling_first_token_follows_the_full_model(runner: DecoderRunner, lm_dir: Path) -> None:
+    prompt, temperature, n = [5, 17, 33], 1.5, 3000
+    p = softmax(_source_logits(lm_dir, prompt)[-1], temperature)
+    res = runner.generate([prompt] * n, 2, mode="speculative", thresholds="always", draft_tokens=1, sample=True,
+                          temperature=temperature, seed=0)
+    first = np.array([r["token_ids"][0] for r in res.results])
+    assert 0.0 < res.acceptance_rate < 1.0  # type: ignore[operator]
+    assert _chi2_pvalue(first, p) > 1e-3
+    # the test can fail: the draft distribution itself is far from p
+    rows = [runner._new_row(0, prompt)]
+    h = runner._stack(rows, 0, 0)[0]
+    q = softmax(runner._run_head(h[None, -1:], 2.0, True)["logits"][0, 0], temperature)
+    drafts = np.random.default_rng(0).choice(len(q), size=n, p=q)
+    assert _chi2_pvalue(drafts, p) < 1e-6
+
+
+def test_sampling_is_reproducible_with_a_seed(runner: DecoderRunner) -> None:
+    a = runner.generate(PROMPTS, 8, mode="speculative", sample=True, seed=3, thresholds="always")
+    b = runner.generate(PROMPTS, 8, mode="speculative", sample=True, seed=3, thresholds="always")
+    assert [r["token_ids"] for r in a.results] == [r["token_ids"] for r in b.results]
+
+
+def test_cli_generate_json(lm_bundle: Path, runner: DecoderRunner) -> None:
+    res = CliRunner().invoke(cli, ["generate", str(lm_bundle), "--prompt", "Hello", "--prompt", "A longer prompt",
+                                   "--max-new-tokens", "6", "--mode", "speculative", "--json", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert set(out) == {"results", "tokens_per_s", "acceptance_rate", "mean_accepted_length", "exit_shares"}
+    assert [r["prompt"] for r in out["results"]] == ["Hello", "A longer prompt"]
+    assert all(len(r["token_ids"]) == 6 and isinstance(r["text"], str) for r in out["results"])
+    assert out["tokens_per_s"] > 0
+    plain = runner.generate(["Hello", "A longer prompt"], 6)
+    assert [r["token_ids"] for r in out["results"]] == [r["token_ids"] for r in plain.results]
+    assert [r["text"] for r in out["results"]] == [r["text"] for r in plain.results]
