@@ -40,6 +40,7 @@ from eecompile.errors import BundleError, GraphError, SpecError
 from eecompile.names import (
     STATE_ARGMAX,
     STATE_COUNT,
+    exit_logits,
     exit_output,
     gate_names,
     head_prefix,
@@ -47,7 +48,14 @@ from eecompile.names import (
     is_state_tensor,
     is_threshold_input,
 )
-from eecompile.passes.attach_heads import fit_exit_output, load_head, splice_head
+from eecompile.passes.attach_heads import (
+    apply_activation,
+    final_activation,
+    fit_exit_output,
+    head_activation,
+    load_head,
+    splice_head,
+)
 from eecompile.analysis.cut_points import PreparedModel, cut_problem, prepare
 from eecompile.passes.extract_segments import Dims, ExtractedSegment, boundary_shape, dims, extract_segments
 from eecompile.passes.gates import build_gate
@@ -243,7 +251,18 @@ def _build_segment_exit(pm: PreparedModel, seg: ExtractedSegment, e: ExitPlan, e
         if e.score_output is not None:
             score_val = seg.values[_n(e.score_output)]
     final_name = _n(final)
-    out = fit_exit_output(g, k, logits, logits_shape, final_shape, exit_output(k, final_name), where)
+    act = final_activation(final, opset_of(pm.model), len(final_shape))
+    if act is not None and head_model is None and e.head_output is not None:
+        already = head_activation(e.head_output)
+        if already is not None and already != act.op:
+            raise SpecError(f"{where}.output: '{e.head_output.name}' is the output of a {already}, the final output "
+                            f"'{final_name}' of a {act.op}; an exit's rows must mean what the final rows mean: name "
+                            f"the head's logits (the tensor before its {already})")
+        act = None if already == act.op else act
+    name = exit_output(k, final_name)
+    logits = fit_exit_output(g, k, logits, logits_shape, final_shape, exit_logits(k) if act else name, where)
+    # The exit output is what the final output is (e.g. probabilities); the gate reads the logits.
+    out = apply_activation(g, k, logits, act, final_shape, name) if act else logits
     nxt = exits[k + 1] if k + 1 < len(exits) else None
     tape = Tape(g)
     _, at_shape, _ = boundary_shape(pm, e.at[0].name)
@@ -252,7 +271,7 @@ def _build_segment_exit(pm: PreparedModel, seg: ExtractedSegment, e: ExitPlan, e
         _, prev_shape, _ = boundary_shape(pm, exits[k - 1].at[0].name)
         prev_dim = _pooled_dim(dims(prev_shape))
     gate = build_gate(
-        tape, k, e.spec.gate.kind, out, ["batch", *final_shape[1:]], class_axis, opset,
+        tape, k, e.spec.gate.kind, logits, ["batch", *final_shape[1:]], class_axis, opset,
         prev_k=k - 1 if k > 0 else None, hidden=at, hidden_shape=dims(at_shape), prev_hidden_dim=prev_dim,
         score_value=score_val,
         emit_patience_state=nxt is not None and nxt.spec.gate.kind == GateKind.PATIENCE,
@@ -422,6 +441,10 @@ def _plan_bundle(spec: Spec, dims: dict[str, int] | None, verify: bool) -> Bundl
     segs = extract_segments(pm, plans)
     seg_infos: list[SegmentInfo] = []
     notes: list[str] = []
+    act = final_activation(final, opset, len(final_shape))
+    if act is not None and exits:
+        notes.append(f"the model ends in a {act.describe()}: exit outputs apply it to the heads' logits "
+                     f"(gates read the logits)")
     seg_models: list[ir.Model] = []
     total = pm.total_flops or 1
     for k, seg in enumerate(segs):
@@ -531,6 +554,8 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
             prefix = head_prefix(k)
             final_name = next(iter(seg.exit.outputs))
             old_out = next(v for v in g.outputs if v.name == seg.exit.outputs[final_name])
+            # With a final activation the head ends in ee{k}.logits (read by the gate and the activation).
+            old_out = next((v for n in g for v in n.outputs if v.name == exit_logits(k)), old_out)
             old_nodes = [n for n in g if (n.name or "").startswith(prefix)]
             g.remove(old_nodes, safe=False)
             for name in [n for n in g.initializers if n.startswith(prefix)]:
@@ -541,7 +566,7 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
             out_shape = [d if isinstance(d, int) else "batch" for d in (old_out.shape or [])]
             lshape = [d if isinstance(d, int) else "batch" for d in (logits.shape or out_shape)]
             old_out.name = f"{old_out.name}.old"
-            new_out = fit_exit_output(g, k, logits, lshape, out_shape, seg.exit.outputs[final_name],
+            new_out = fit_exit_output(g, k, logits, lshape, out_shape, old_out.name[:-len(".old")],
                                       f"exits[{k}].head")
             old_out.replace_all_uses_with(new_out, replace_graph_outputs=True)
             _tidy(model)

@@ -10,6 +10,8 @@ exit), so it cannot be mistaken for a tensor of the source model's own:
 - ``ee{k}.state.argmax``: int64 [B, P], patience gates: the exit's argmax per position
 - ``ee{k}.state.count``: float32 [B], patience gates: how many consecutive exits agree
 - ``ee{k}.state.hidden``: float32 [B, P, D], saturation gates: the pooled cut tensor
+- ``ee{k}.logits``: exit k's logits when the model ends in an activation (the exit output is that activation
+  of them, the gate reads them); ``ee{k}.act/...``: the nodes applying it
 - ``ee{k}.head/...``: nodes and initializers of the exit head spliced into the segment
 - ``ee{k}.gate/...``: nodes of the gate subgraph (fp16 builds keep them in fp32)
 
@@ -74,6 +76,12 @@ def state_tensor(k: int, kind: str) -> str:
 def exit_output(k: int, final_name: str) -> str:
     """Exit ``k``'s output standing in for the final output ``final_name``: ``ee{k}.out.{final_name}``."""
     return f"{exit_prefix(k)}.out.{final_name}"
+
+
+def exit_logits(k: int) -> str:
+    """Exit ``k``'s logits before the final output's activation (a Softmax/LogSoftmax/Sigmoid the model ends
+    in, applied to the exit output too): the tensor the gate reads, ``ee{k}.logits``."""
+    return f"{exit_prefix(k)}.logits"
 
 
 def head_prefix(k: int) -> str:

@@ -6,13 +6,17 @@ Cases:
    or clashing node names, and ONNX Runtime refuses two nodes with one name). A head written for an older
    opset is up-converted to the model's; for a newer one the segment is raised to the head's (passes/opset.py).
 2. A head already in the model (``{output: name}``): the segment already computes it; it is only renamed.
-3. Exit outputs take the final output's per-sample shape: a head giving ``[B, C]`` for a final output
+3. Exit outputs mean what the final output means: when the model ends in a Softmax, LogSoftmax or Sigmoid,
+   the exit output is that activation of the head's logits, and the gate reads the logits. An in-model head
+   that already ends in the same activation is taken as it is; one ending in another activation is refused.
+4. Exit outputs take the final output's per-sample shape: a head giving ``[B, C]`` for a final output
    ``[B, C, 1, 1]`` is reshaped; a class count that does not fit is an error naming both shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from eecompile.errors import SpecError
-from eecompile.names import head_prefix
+from eecompile.names import exit_prefix, head_prefix
 
 
 def load_head(path: Path, opset: int, where: str) -> ir.Model:
@@ -132,4 +136,71 @@ def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Seque
         seg.append(ir.node("Identity", [logits], outputs=[out], name=f"{prefix}out"))
     out.dtype = logits.dtype or ir.DataType.FLOAT
     out.shape = ir.Shape(["batch", *per_final])
+    return out
+
+
+_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+@dataclass(frozen=True)
+class FinalActivation:
+    """The activation the model applies last to its final output (the exits must apply it too).
+
+    ``axis``: the Softmax/LogSoftmax axis, non-negative (None for Sigmoid); ``flattened``: opset < 13
+    semantics, the op normalises over all axes from ``axis`` on (the input coerced to 2-D)."""
+
+    op: str
+    axis: int | None = None
+    flattened: bool = False
+
+    def describe(self) -> str:
+        return self.op if self.axis is None else f"{self.op} over axis {self.axis}{' on' if self.flattened else ''}"
+
+
+def _through_identity(v: ir.Value) -> ir.Node | None:
+    node = v.producer()
+    while node is not None and node.op_type == "Identity" and node.inputs and node.inputs[0] is not None:
+        node = node.inputs[0].producer()
+    return node
+
+
+def final_activation(final: ir.Value, model_opset: int, rank: int) -> FinalActivation | None:
+    """The Softmax, LogSoftmax or Sigmoid that produces the final output (through Identity nodes), or None."""
+    node = _through_identity(final)
+    if node is None or node.op_type not in _ACTIVATIONS or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Sigmoid":
+        return FinalActivation("Sigmoid")
+    old = model_opset < 13
+    axis = node.attributes.get_int("axis", 1 if old else -1) % max(rank, 1)
+    return FinalActivation(node.op_type, axis, flattened=old and axis < rank - 1)
+
+
+def head_activation(head_output: ir.Value) -> str | None:
+    """The activation op producing an in-model head's output (through Identity nodes), if it is one."""
+    node = _through_identity(head_output)
+    return node.op_type if node is not None and node.op_type in _ACTIVATIONS else None
+
+
+def apply_activation(seg: ir.Graph, k: int, x: ir.Value, act: FinalActivation, shape: Sequence[int | str | None],
+                     out_name: str) -> ir.Value:
+    """``act`` applied to exit ``k``'s output ``x`` (per-sample shape of the final output), written with ops
+    valid at every opset: the opset-13 change of Softmax's meaning is kept by normalising over the flattened
+    axes (Flatten, Softmax over axis 1, Reshape back) where the model's opset flattens."""
+    prefix = f"{exit_prefix(k)}.act/"
+    out = ir.Value(name=out_name)
+    trailing = list(shape[(act.axis or 0) + 1:])
+    if act.op == "Sigmoid":
+        seg.append(ir.node("Sigmoid", [x], outputs=[out], name=f"{prefix}Sigmoid"))
+    elif act.flattened and not all(d == 1 for d in trailing):
+        flat, norm, shp = (ir.Value(name=f"{prefix}{n}") for n in ("flat", "norm", "shape"))
+        seg.extend([
+            ir.node("Flatten", [x], {"axis": act.axis}, outputs=[flat], name=f"{prefix}Flatten"),
+            ir.node(act.op, [flat], {"axis": 1}, outputs=[norm], name=f"{prefix}{act.op}"),
+            ir.node("Shape", [x], outputs=[shp], name=f"{prefix}Shape"),
+            ir.node("Reshape", [norm, shp], outputs=[out], name=f"{prefix}Reshape"),
+        ])
+    else:
+        seg.append(ir.node(act.op, [x], {"axis": act.axis}, outputs=[out], name=f"{prefix}{act.op}"))
+    out.dtype, out.shape = x.dtype, x.shape
     return out

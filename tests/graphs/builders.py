@@ -97,7 +97,7 @@ def with_head_output(model: Path, head: Path, at: str, out_name: str, path: Path
         m = version_converter.convert_version(m, top)
     if op_h < top:
         hd = version_converter.convert_version(hd, top)
-    hd = compose.add_prefix(hd, "ref_head/")
+    hd = compose.add_prefix(hd, f"ref_{out_name}/")
     head_in, head_out = hd.graph.input[0].name, hd.graph.output[0].name
     for n in hd.graph.node:
         n.input[:] = [at if x == head_in else x for x in n.input]
@@ -111,5 +111,51 @@ def with_head_output(model: Path, head: Path, at: str, out_name: str, path: Path
     m.graph.output.append(out)
     m.ir_version = max(m.ir_version, hd.ir_version)
     onnx.checker.check_model(m)
+    onnx.save(m, path)
+    return path
+
+
+def small_cnn(path: Path, *, activation: str | None = "Softmax", opset: int = 13, aux_activation: str | None = None,
+              seed: int = 1, batch: int | str = "N", nhwc: bool = False) -> Path:
+    """A LeNet-sized classifier (a tf2onnx/Keras export when ``nhwc``: NHWC input transposed first) whose
+    final output ``probs`` [N, 10] is ``activation`` (Softmax, LogSoftmax, Sigmoid or None) of the logits.
+    Cut tensor ``pool`` [N, 6, 15, 15]; an in-model exit head gives ``aux`` [N, 10] from it (its logits,
+    or ``aux_activation`` of them). Input ``image`` [N, 32, 32, 3] (nhwc) or [N, 3, 32, 32]."""
+    rng = np.random.default_rng(seed)
+    inits = [_w(rng, "c1.w", 6, 3, 3, 3), _w(rng, "c1.b", 6), _w(rng, "c2.w", 16, 6, 3, 3), _w(rng, "c2.b", 16),
+             _w(rng, "fc.w", 16 * 13 * 13, 10, s=0.05), _w(rng, "fc.b", 10), _w(rng, "aux.w", 6, 10, s=0.5),
+             _w(rng, "aux.b", 10)]
+    x = "image"
+    nodes = []
+    if nhwc:
+        nodes.append(h.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"))
+        x = "nchw"
+    nodes += [
+        h.make_node("Conv", [x, "c1.w", "c1.b"], ["c1"], kernel_shape=[3, 3], name="conv1"),
+        h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        h.make_node("AveragePool", ["r1"], ["pool"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
+        h.make_node("Conv", ["pool", "c2.w", "c2.b"], ["c2"], kernel_shape=[3, 3], name="conv2"),
+        h.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        h.make_node("Flatten", ["r2"], ["flat"], axis=1, name="flatten"),
+        h.make_node("MatMul", ["flat", "fc.w"], ["mm"], name="fc"),
+        h.make_node("Add", ["mm", "fc.b"], ["logits" if activation else "probs"], name="fc_bias"),
+        h.make_node("GlobalAveragePool", ["pool"], ["aux_pool"], name="aux_pool"),
+        h.make_node("Flatten", ["aux_pool"], ["aux_flat"], axis=1, name="aux_flatten"),
+        h.make_node("MatMul", ["aux_flat", "aux.w"], ["aux_mm"], name="aux_fc"),
+        h.make_node("Add", ["aux_mm", "aux.b"], ["aux_logits" if aux_activation else "aux"], name="aux_bias"),
+    ]
+    if activation:
+        attrs = {} if activation == "Sigmoid" else {"axis": 1 if opset < 13 else -1}
+        nodes.append(h.make_node(activation, ["logits"], ["probs"], name="final_act", **attrs))
+    if aux_activation:
+        attrs = {} if aux_activation == "Sigmoid" else {"axis": 1 if opset < 13 else -1}
+        nodes.append(h.make_node(aux_activation, ["aux_logits"], ["aux"], name="aux_act", **attrs))
+    shape = [batch, 32, 32, 3] if nhwc else [batch, 3, 32, 32]
+    g = h.make_graph(nodes, "cnn", [h.make_tensor_value_info("image", T.FLOAT, shape)],
+                     [h.make_tensor_value_info("probs", T.FLOAT, [batch, 10]),
+                      h.make_tensor_value_info("aux", T.FLOAT, [batch, 10])], inits)
+    opset_id = h.make_opsetid("", opset)
+    m = h.make_model(g, opset_imports=[opset_id], ir_version=max(h.find_min_ir_version_for([opset_id]), 4))
+    onnx.checker.check_model(m, full_check=True)
     onnx.save(m, path)
     return path
