@@ -18,6 +18,8 @@ Cases this module handles (each has a test in tests/passes/test_partition.py):
 2. Nodes with subgraphs (If/Loop/Scan) read outer-scope tensors implicitly; those count as inputs, and
    tensors inside a subgraph are never cut points.
 3. Graph inputs read after the cut are reported as carried (the runtime keeps them alive).
+4. Quantized (QDQ) graphs: a DequantizeLinear output read after the cut is carried as the 8-bit tensor it
+   dequantizes, and the segment after the cut holds its own copy of the DequantizeLinear.
 """
 
 from __future__ import annotations
@@ -149,12 +151,12 @@ def carried_across(idx: GraphIndex, before: int, after: int) -> tuple[list[ir.Va
         if not (before >> i) & 1 or idx.recomputable[i]:
             continue
         for v in n.outputs:
-            if v in seen:
-                continue
             users = idx.consumers.get(v, ())
             if any((after >> j) & 1 for j in users):
-                carried.append(v)
-                seen.add(v)
+                v = _quantized_source(idx, v, before) or v
+                if v not in seen:
+                    carried.append(v)
+                    seen.add(v)
     # Graph inputs read after the cut, directly or through recomputed (input-only) tensors.
     needed: set[ir.Value] = set()
     for j in range(len(idx.nodes)):
@@ -167,6 +169,26 @@ def carried_across(idx: GraphIndex, before: int, after: int) -> tuple[list[ir.Va
                     needed |= idx.input_anc[p] if idx.recomputable[p] else set()
     inputs = [v for v in idx.graph_inputs if v in needed]
     return carried, inputs
+
+
+_DEQUANTIZE_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
+def _quantized_source(idx: GraphIndex, v: ir.Value, before: int) -> ir.Value | None:
+    """For ``v = DequantizeLinear(q, scale, zero_point)`` with constant scale and zero point and ``q`` computed
+    before the cut: ``q`` (the 8-bit tensor), which is carried instead; the segment after the cut dequantizes
+    it again, so QuantizeLinear/DequantizeLinear groups stay whole on each side (ONNX Runtime fuses them the
+    same way as in the whole graph) and a quarter of the bytes crosses the boundary."""
+    node = v.producer()
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in _DEQUANTIZE_DOMAINS:
+        return None
+    q = node.inputs[0] if node.inputs else None
+    p = idx.producer_index(q) if q is not None else None
+    if q is None or p is None or not (before >> p) & 1 or idx.recomputable[p]:
+        return None  # weights (dequantized from an initializer) are recomputed anyway
+    if any(s is not None and not idx.is_recomputable_value(s) for s in node.inputs[1:]):
+        return None
+    return q
 
 
 @dataclass

@@ -159,3 +159,56 @@ def small_cnn(path: Path, *, activation: str | None = "Softmax", opset: int = 13
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, path)
     return path
+
+
+def qdq_cnn(directory: Path, seed: int = 3) -> Path:
+    """A CNN quantized with ``onnxruntime.quantization.quantize_static`` (QDQ format, per-channel int8
+    weights, uint8 activations), with two exit heads inside the model: three conv blocks (``pool1``
+    [N, 16, 16, 16], ``pool2`` [N, 32, 8, 8]), final ``logits`` [N, 10], heads ``aux0`` (from pool1) and ``aux1``
+    (from pool2). Returns the QDQ model's path (the float model is ``model_fp32.onnx`` beside it)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(seed)
+    inits = [_w(rng, "c1.w", 16, 3, 3, 3), _w(rng, "c1.b", 16, s=0.05), _w(rng, "c2.w", 32, 16, 3, 3, s=0.1),
+             _w(rng, "c2.b", 32, s=0.05), _w(rng, "c3.w", 32, 32, 3, 3, s=0.1), _w(rng, "c3.b", 32, s=0.05),
+             _w(rng, "fc.w", 10, 32), _w(rng, "fc.b", 10), _w(rng, "h0.w", 10, 16), _w(rng, "h0.b", 10),
+             _w(rng, "h1.w", 10, 32), _w(rng, "h1.b", 10)]
+    nodes = []
+    x = "input"
+    for i, (c, pool) in enumerate([("c1", "pool1"), ("c2", "pool2")], start=1):
+        nodes += [h.make_node("Conv", [x, f"{c}.w", f"{c}.b"], [f"conv{i}"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                  h.make_node("Relu", [f"conv{i}"], [f"relu{i}"]),
+                  h.make_node("MaxPool", [f"relu{i}"], [pool], kernel_shape=[2, 2], strides=[2, 2])]
+        x = pool
+    nodes += [h.make_node("Conv", ["pool2", "c3.w", "c3.b"], ["conv3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+              h.make_node("Relu", ["conv3"], ["relu3"]), h.make_node("GlobalAveragePool", ["relu3"], ["gap3"]),
+              h.make_node("Flatten", ["gap3"], ["flat3"]),
+              h.make_node("Gemm", ["flat3", "fc.w", "fc.b"], ["logits"], transB=1)]
+    for k, src in enumerate(["pool1", "pool2"]):
+        nodes += [h.make_node("GlobalAveragePool", [src], [f"h{k}_gap"]), h.make_node("Flatten", [f"h{k}_gap"], [f"h{k}_flat"]),
+                  h.make_node("Gemm", [f"h{k}_flat", f"h{k}.w", f"h{k}.b"], [f"aux{k}"], transB=1)]
+    outs = [h.make_tensor_value_info(n, T.FLOAT, ["batch", 10]) for n in ("logits", "aux0", "aux1")]
+    g = h.make_graph(nodes, "qcnn", [h.make_tensor_value_info("input", T.FLOAT, ["batch", 3, 32, 32])], outs, inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(m, full_check=True)
+    fp32, out = directory / "model_fp32.onnx", directory / "model_qdq.onnx"
+    onnx.save(m, fp32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(8)])
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def dequantized(model: Path, tensor: str) -> tuple[str, str]:
+    """(QuantizeLinear output, DequantizeLinear output) of the Q/DQ pair quantize_static put after ``tensor``."""
+    g = onnx.load(str(model)).graph
+    q = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+    dq = next(n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+    return q.output[0], dq.output[0]
