@@ -287,6 +287,41 @@ def report(bundle: Path, output: Path, data: Path | None, batch: int, repeats: i
     click.echo(f"wrote {write_report(bundle, output, data=data, batch=batch, repeats=repeats)}")
 
 
+@cli.group()
+def export() -> None:
+    """Write a bundle out for another serving system."""
+
+
+@export.command(name="triton")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model repository directory.")
+@click.option("--segments", type=click.Choice(["bls", "in-process"]), default="bls", show_default=True,
+              help="bls: segments as ONNX Runtime/TensorRT models chained by a Python BLS model; in-process: "
+                   "the Python model runs the segments itself.")
+@click.option("--name", default=None, help="Name of the chain model (default: from the bundle's name).")
+@click.option("--max-batch-size", type=int, default=32, show_default=True, help="0 turns dynamic batching off.")
+@click.option("--queue-delay-us", type=int, default=1000, show_default=True,
+              help="Dynamic batching: longest wait for more requests.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Instances of each model.")
+@click.option("--engines", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="bls: segment models on CPU, or on GPU with the TensorRT accelerator.")
+@click.option("--threads", type=int, default=None, help="in-process: ONNX Runtime threads per instance.")
+@click.option("--force", is_flag=True, help="Replace an existing repository at OUTPUT.")
+@_user_errors
+def export_triton_cmd(bundle: Path, output: Path, segments: str, name: str | None, max_batch_size: int,
+                      queue_delay_us: int, instances: int, engines: str, threads: int | None, force: bool) -> None:
+    """Write a Triton Inference Server model repository for BUNDLE."""
+    from eecompile.serve.triton import export_triton
+
+    result = export_triton(bundle, output, name=name, segments=segments, max_batch_size=max_batch_size,
+                           queue_delay_us=queue_delay_us, instances=instances, engines=engines, threads=threads,
+                           force=force)
+    click.echo(f"wrote {result.repository}: model '{result.model}' ({result.segment_backend}), "
+               f"{len(result.models)} models")
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+
+
 def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None

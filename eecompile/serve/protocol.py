@@ -69,6 +69,18 @@ def parse_request(body: bytes, content_type: str | None, inputs: Sequence[Tensor
         as_npz = False
     else:
         raise DataError(f"{WHERE}: content type '{kind}' is not supported; send {JSON} or an .npz as {NPZ}")
+    feeds, n = check_arrays(raw, inputs, from_json=not as_npz)
+    if max_samples is not None and n > max_samples:
+        raise RequestTooLarge(f"{WHERE}: {n} samples; this endpoint takes at most {max_samples} per request "
+                              f"(--max-batch-size); split the request")
+    return PredictRequest(feeds, n, _thresholds(thresholds, n_early_exits), as_npz)
+
+
+def check_arrays(raw: dict[str, Any], inputs: Sequence[TensorInfo], from_json: bool = False
+                 ) -> tuple[dict[str, np.ndarray], int]:
+    """The model's inputs from ``raw`` (name -> array or nested lists), checked, and the sample count.
+
+    Raises DataError naming the array: missing or unknown names, dtype, shape, NaN/Inf, disagreeing counts."""
     names = [t.name for t in inputs]
     missing = [n for n in names if n not in raw]
     if missing:
@@ -78,12 +90,8 @@ def parse_request(body: bytes, content_type: str | None, inputs: Sequence[Tensor
     if extra:
         raise DataError(f"{WHERE}: arrays {', '.join(repr(k) for k in extra)} are not model inputs; the model's "
                         f"inputs are {names}")
-    feeds = {t.name: _checked(t, raw[t.name], from_json=not as_npz) for t in inputs}
-    n = batch_size_of(feeds, inputs, WHERE)
-    if max_samples is not None and n > max_samples:
-        raise RequestTooLarge(f"{WHERE}: {n} samples; this endpoint takes at most {max_samples} per request "
-                              f"(--max-batch-size); split the request")
-    return PredictRequest(feeds, n, _thresholds(thresholds, n_early_exits), as_npz)
+    feeds = {t.name: _checked(t, raw[t.name], from_json) for t in inputs}
+    return feeds, batch_size_of(feeds, inputs, WHERE)
 
 
 def _read_json(body: bytes) -> tuple[dict[str, Any], Any]:

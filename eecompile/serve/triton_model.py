@@ -1,0 +1,122 @@
+"""The Python-backend model of a Triton repository written by ``eecompile export triton``.
+
+Triton's Python backend loads ``model.py`` from the model's version directory; the one written there imports
+:class:`TritonPythonModel` from here. The model reads its bundle (``bundle/`` beside ``model.py``) and runs
+eecompile's chain runner on the requests that Triton's dynamic batcher hands it, one runner call per batch,
+with one of two segment backends (config parameter ``segments``):
+
+* ``bls``: each segment is its own Triton model (ONNX Runtime or TensorRT backend) called through Business
+  Logic Scripting; the runner's loop stops early when every sample has exited (what an ensemble cannot do);
+* ``in-process``: the segments run on ONNX Runtime inside this Python process (hosts without those backends).
+
+Triton's Python environment needs numpy, pyyaml, eecompile and (in-process) onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eecompile.bundle import Bundle
+from eecompile.errors import BackendError, EECompileError
+from eecompile.runtimes.base import SegmentBackend
+from eecompile.serve.batching import Answer, run_group
+from eecompile.serve.protocol import PredictRequest, check_arrays
+
+EXIT_INDEX = "exit_index"
+
+
+class TritonBLSBackend(SegmentBackend):
+    """Runs segment ``k`` as the Triton model ``models[k]`` through BLS (``pb_utils.InferenceRequest``)."""
+
+    name = "triton-bls"
+
+    def __init__(self, bundle: Bundle, models: list[str], pb_utils: Any) -> None:
+        super().__init__(bundle)
+        self.models = models
+        self.pb = pb_utils
+
+    def run_segment(self, index: int, feeds: dict[str, Any], threshold: float | None) -> dict[str, Any]:
+        seg = self.manifest.segments[index]
+        inputs = [self.pb.Tensor(name, np.ascontiguousarray(a)) for name, a in feeds.items()]
+        if threshold is not None and seg.exit.gate is not None:  # dims [1] in the config, reshaped to a scalar
+            inputs.append(self.pb.Tensor(seg.exit.gate.threshold_input, np.array([threshold], np.float32)))
+        names = [t.name for t in seg.outputs]
+        response = self.pb.InferenceRequest(model_name=self.models[index], requested_output_names=names,
+                                            inputs=inputs).exec()
+        if response.has_error():
+            raise BackendError(f"segment {index} ({self.models[index]}): {response.error().message()}")
+        return {n: self.pb.get_output_tensor_by_name(response, n).as_numpy() for n in names}
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def from_host(self, x: np.ndarray) -> Any:
+        return x
+
+    def gather(self, x: Any, rows: np.ndarray, axis: int) -> Any:
+        return np.take(x, rows, axis=axis)
+
+
+class TritonPythonModel:
+    """Triton's Python-backend entry points: ``initialize``, ``execute``, ``finalize``."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        from eecompile import load
+        from eecompile.runtimes.chain import EarlyExitRunner
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        here = Path(args["model_repository"]) / args["model_version"]
+        bundle = Bundle.load(here / "bundle")
+        if params.get("segments") == "bls":
+            models = json.loads(params["segment_models"])
+            self.runner = EarlyExitRunner(bundle, backend=TritonBLSBackend(bundle, models, pb_utils))
+        else:
+            threads = int(params.get("threads", "0")) or None
+            self.runner = load(bundle.path, backend="onnxruntime", **({"threads": threads} if threads else {}))
+        self.outputs = [t.name for t in bundle.manifest.outputs]
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pb = self.pb
+        parsed: list[PredictRequest | None] = []
+        errors: list[str | None] = []
+        for request in requests:
+            try:
+                raw = {t.name: pb.get_input_tensor_by_name(request, t.name).as_numpy() for t in self.runner.inputs}
+                feeds, n = check_arrays(raw, self.runner.inputs)
+                parsed.append(PredictRequest(feeds, n, None, as_npz=True))
+                errors.append(None)
+            except EECompileError as e:
+                parsed.append(None)
+                errors.append(str(e))
+        answers: dict[int, Answer] = {}
+        good = [i for i, p in enumerate(parsed) if p is not None]
+        if good:
+            def done(j: int, answer: Answer) -> None:
+                answers[good[j]] = answer
+
+            try:
+                run_group(self.runner, [parsed[i] for i in good], done)  # type: ignore[misc]
+            except EECompileError as e:
+                for i in good:
+                    errors[i] = str(e)
+        responses = []
+        for i in range(len(requests)):
+            if errors[i] is not None or i not in answers:
+                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(errors[i] or "no answer")))
+                continue
+            a = answers[i]
+            tensors = [pb.Tensor(name, np.ascontiguousarray(a.outputs[name])) for name in self.outputs]
+            tensors.append(pb.Tensor(EXIT_INDEX, a.exit_index.reshape(-1, 1).astype(np.int64)))
+            responses.append(pb.InferenceResponse(output_tensors=tensors))
+        return responses
+
+    def finalize(self) -> None:
+        self.runner.close()

@@ -1,0 +1,175 @@
+"""`eecompile export triton` against a real tritonserver (the one the nvidia-pytriton wheel bundles: Python
+backend only), with tritonclient over HTTP and gRPC, answers compared with the local runner.
+
+* in-process repository: served as written;
+* bls repository: its configs parsed by Triton's own ``model_config.proto`` parser and loaded by the server
+  (the segment models fail only for the backend this server lacks); then served with each segment model's
+  backend swapped for a Python stand-in that runs the same ``model.onnx`` on ONNX Runtime, so the BLS chain
+  (loop, compaction, early stop) runs for real inside Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.serve.conftest import free_port, mixed_inputs
+from tests.serve.triton_env import TritonServer, triton_env
+
+pytestmark = pytest.mark.slow
+STANDIN = Path(__file__).with_name("ort_standin_model.py")
+
+
+@pytest.fixture(scope="module")
+def env():
+    return triton_env()
+
+
+@pytest.fixture(scope="module")
+def local(served_bundle):
+    import eecompile
+
+    with eecompile.load(served_bundle) as r:
+        yield r
+
+
+def _export(bundle: Path, out: Path, segments: str) -> Path:
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+
+    result = CliRunner().invoke(cli, ["export", "triton", str(bundle), "-o", str(out), "--segments", segments,
+                                      "--name", "ee", "--max-batch-size", "16", "--queue-delay-us", "20000"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _ports() -> tuple[int, int, int]:
+    return free_port(), free_port(), free_port()
+
+
+def _check_answers(server: TritonServer, local) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    xs = [mixed_inputs(n, seed=40 + i) for i, n in enumerate([1, 3, 2, 1, 4, 1, 2, 1])]
+
+    def call(args: tuple[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        i, x = args
+        if i % 2:
+            c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http}")
+            inp = httpclient.InferInput("image", list(x.shape), "FP32")
+        else:
+            c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+            inp = grpcclient.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        r = c.infer("ee", [inp])
+        return r.as_numpy("logits"), r.as_numpy("exit_index")
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent: the dynamic batcher hands several requests at once
+        answers = list(pool.map(call, enumerate(xs)))
+    seen = set()
+    for x, (logits, exit_index) in zip(xs, answers, strict=True):
+        want = local.run({"image": x})
+        np.testing.assert_array_equal(exit_index.reshape(-1), want.exit_index)
+        np.testing.assert_allclose(logits, want.outputs["logits"], rtol=1e-4, atol=1e-5)
+        seen |= set(want.exit_index.tolist())
+    assert seen == {0, 1, 2}
+
+
+def _same_graph_but_threshold(exported: Path, original: Path, seg) -> None:
+    """The exported segment computes what the bundle's does, with the threshold fed as shape [1]."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    a = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
+    feeds = {t.name: rng.standard_normal([3 if i == t.batch_axis else d for i, d in enumerate(t.shape)])
+             .astype(t.dtype) for t in seg.inputs}
+    gate = seg.exit.gate
+    fa = {**feeds, **({gate.threshold_input: np.array([0.3], np.float32)} if gate else {})}
+    fb = {**feeds, **({gate.threshold_input: np.array(0.3, np.float32)} if gate else {})}
+    for x, y in zip(a.run(None, fa), b.run(None, fb), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_in_process_repository_on_tritonserver(env, served_bundle, local, tmp_path) -> None:
+    repo = _export(served_bundle, tmp_path / "repo", "in-process")
+    assert sorted(p.name for p in repo.iterdir()) == ["ee"]
+    with TritonServer(env, repo, _ports(), tmp_path / "triton.log") as server:
+        _check_answers(server, local)
+        import tritonclient.http as httpclient
+
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http}")
+        bad = httpclient.InferInput("image", [1, 3, 16, 32], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 3, 16, 32), np.float32))
+        with pytest.raises(Exception, match=r"unexpected shape|expects \[B, 3, 32, 32\]"):
+            c.infer("ee", [bad])
+
+
+def test_bls_repository_structure_and_tritons_parser(env, served_bundle, tmp_path) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    import eecompile
+
+    repo = _export(served_bundle, tmp_path / "repo", "bls")
+    m = eecompile.Bundle.load(served_bundle).manifest
+    names = ["ee", *[f"ee_seg{k}" for k in range(len(m.segments))]]
+    assert sorted(p.name for p in repo.iterdir()) == sorted(names)
+    configs = {}
+    for name in names:
+        cfg = model_config_pb2.ModelConfig()
+        text_format.Parse((repo / name / "config.pbtxt").read_text(), cfg)  # Triton's own schema
+        configs[name] = cfg
+        assert cfg.name == name and cfg.instance_group[0].count == 1
+    chain = configs["ee"]
+    assert chain.backend == "python" and chain.max_batch_size == 16
+    assert chain.dynamic_batching.max_queue_delay_microseconds == 20000
+    assert [o.name for o in chain.output] == ["logits", "exit_index"]
+    params = {k: v.string_value for k, v in chain.parameters.items()}
+    assert params["segments"] == "bls" and json.loads(params["segment_models"]) == names[1:]
+    for k, seg in enumerate(m.segments):
+        cfg = configs[f"ee_seg{k}"]
+        assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 0
+        _same_graph_but_threshold(repo / f"ee_seg{k}" / "1" / "model.onnx", served_bundle / seg.file, seg)
+        assert [i.name for i in cfg.input][:len(seg.inputs)] == [t.name for t in seg.inputs]
+        assert {o.name for o in cfg.output} == {t.name for t in seg.outputs}
+        if seg.exit.gate is not None:
+            thr = cfg.input[-1]
+            assert thr.name == seg.exit.gate.threshold_input and list(thr.dims) == [1]
+    # The server loads the repository: the chain model is ready, the segments fail only for want of the
+    # onnxruntime backend in this build (their configs parsed).
+    with TritonServer(env, repo, _ports(), tmp_path / "triton.log", exit_on_error=False) as server:
+        import tritonclient.http as httpclient
+
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http}")
+        import time
+
+        deadline = time.time() + 60
+        index = []
+        while time.time() < deadline:
+            index = c.get_model_repository_index()
+            if all(e.get("state") in ("READY", "UNAVAILABLE") for e in index) and len(index) == len(names):
+                break
+            time.sleep(0.5)
+        states = {e["name"]: (e.get("state"), e.get("reason", "")) for e in index}
+        assert states["ee"][0] == "READY", server.tail()
+        for name in names[1:]:
+            state, reason = states[name]
+            assert state == "UNAVAILABLE" and "onnxruntime" in reason, (name, reason)
+
+
+def test_bls_chain_on_tritonserver_with_standin_segments(env, served_bundle, local, tmp_path) -> None:
+    repo = _export(served_bundle, tmp_path / "repo", "bls")
+    for seg in sorted(repo.glob("ee_seg*")):
+        cfg = seg / "config.pbtxt"
+        cfg.write_text(cfg.read_text().replace('backend: "onnxruntime"', 'backend: "python"'))
+        shutil.copy(STANDIN, seg / "1" / "model.py")
+    with TritonServer(env, repo, _ports(), tmp_path / "triton.log") as server:
+        _check_answers(server, local)
