@@ -97,7 +97,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @_user_errors
 def analyze(model: Path, as_json: bool, show_all: bool, dims: tuple[str, ...]) -> None:
     """List the tensors MODEL can be cut at, with the compute before each."""
-    from eecompile.analysis.cut_points import analyze_model
+    from eecompile.compiler import analyze_model
 
     report = analyze_model(model, _parse_dims(dims))
     if as_json:

@@ -9,7 +9,7 @@
    plus cross-entropy when the data has ``labels`` (and ``use_labels``). 10% of the samples are held out to
    report agreement with the final exit on data the head did not see.
 3. Splice: the trained weights go into the same ONNX template (no ``torch.onnx.export``); the compiler's
-   :func:`eecompile.compiler.replace_heads` splices them in, re-verifies and rewrites the bundle atomically.
+   :func:`eecompile.replace_heads.replace_heads` splices them in, re-verifies and rewrites the bundle atomically.
 
 torch is imported inside :func:`train_heads` only (the ``train`` extra).
 """
@@ -226,7 +226,7 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
             hs.update(trained=True, epochs=epochs, temperature=temperature, used_labels=lab is not None,
                       n_train=len(tr), held_out_agreement=report.heads[-1].agree_after)
             new_specs[k] = hs
-    from eecompile.compiler import replace_heads
+    from eecompile.replace_heads import replace_heads
 
     replace_heads(b.path, new_heads, head_specs=new_specs)
     return report

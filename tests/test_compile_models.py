@@ -109,7 +109,7 @@ def test_torch_exported_model_compiles_and_matches(name: str, tmp_path: Path, to
 
 
 def test_gpt_style_decoder_with_folded_batch_and_dynamic_sequence(tmp_path: Path, torch_model) -> None:
-    from eecompile.analysis.cut_points import analyze_model
+    from eecompile.compiler import analyze_model
 
     model = torch_model("gpt")
     report = analyze_model(model)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import eecompile
-from eecompile.analysis.cut_points import analyze_model
+from eecompile.compiler import analyze_model
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

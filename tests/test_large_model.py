@@ -51,7 +51,7 @@ def test_missing_external_data_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_preparing_never_loads_external_data_wholesale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading, shape inference, batch probing: no onnx.load(..., load_external_data=True) on the model."""
-    from eecompile.analysis.cut_points import prepare
+    from eecompile.compiler import prepare
 
     ws = _workspace(tmp_path / "ws")
     wholesale: list[str] = []
@@ -92,7 +92,7 @@ import json, resource, sys
 from pathlib import Path
 import onnxruntime, onnx, onnx_ir
 import eecompile.compiler
-from eecompile.analysis.cut_points import prepare
+from eecompile.compiler import prepare
 def peak():
     # VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's over exec).
     for line in open("/proc/self/status"):

@@ -16,90 +16,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
-from eecompile.passes.batch_dynamic import infer_shapes, make_batch_dynamic
-from eecompile.analysis.flops import node_flops
-from eecompile.passes.load import load_model
-from eecompile.analysis.partition import GraphIndex, carried_across, index_graph
-from eecompile.analysis.probe import PROBE_BATCHES, ProbeResult, probe_model
+from eecompile.analysis.partition import carried_across
+from eecompile.analysis.prepared import PreparedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedModel:
-    """A loaded model with the batch made dynamic (where safe), indexed and probed."""
-
-    path: Path
-    model: ir.Model
-    index: GraphIndex
-    probe: ProbeResult
-    batch_mode: str  # "dynamic" | "per_sample"
-    batch_note: str
-    node_flops: list[int]  # per node, per sample
-    cum_flops: list[int]  # FLOPs of each node's ancestors (per sample)
-    total_flops: int
-
-    def flops_of(self, bits: int) -> int:
-        total = 0
-        i = 0
-        while bits:
-            if bits & 1:
-                total += self.node_flops[i]
-            bits >>= 1
-            i += 1
-        return total
-
-
-def prepare(path: str | Path, dims: dict[str, int] | None = None) -> PreparedModel:
-    """Load, make the batch dynamic (or fall back to per-sample), infer shapes, index and probe."""
-    path = Path(path)
-    model = load_model(path)
-    model = infer_shapes(model)
-    res = make_batch_dynamic(model, dims, reload=lambda: infer_shapes(load_model(path)))
-    model = res.model
-    note = ("batch-dynamic" if not res.rewritten else "batch made dynamic (the model was exported with batch 1)")
-    if res.mode == "per_sample":
-        note = f"batch fixed at 1, runs one sample at a time: {res.reason}"
-    idx = index_graph(model)
-    names = [v.name for n in idx.nodes for v in n.outputs if v.name]
-    batches = PROBE_BATCHES if res.mode == "dynamic" else (1,)
-    probe = probe_model(model, names, batches, dims)
-
-    def shape_at(b: int):  # noqa: ANN202 - small closure
-        def shape_of(v: ir.Value | None) -> tuple[int, ...] | None:
-            if v is None:
-                return None
-            s = probe.shape(v.name, b) if v.name in probe.facts else None
-            if s is not None:
-                return s
-            if v.const_value is not None:
-                return tuple(int(d) for d in v.const_value.shape.numpy())
-            if v.shape is not None and all(isinstance(d, int) for d in v.shape):
-                return tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
-            return None
-        return shape_of
-
-    if len(batches) == 2:
-        lo, hi = shape_at(batches[0]), shape_at(batches[1])
-        per_node = [max(node_flops(n, hi) - node_flops(n, lo), 0) // (batches[1] - batches[0]) for n in idx.nodes]
-    else:
-        one = shape_at(1)
-        per_node = [node_flops(n, one) for n in idx.nodes]
-    cum = []
-    for i in range(len(idx.nodes)):
-        bits, total, j = idx.anc[i], 0, 0
-        while bits:
-            if bits & 1:
-                total += per_node[j]
-            bits >>= 1
-            j += 1
-        cum.append(total)
-    return PreparedModel(path, model, idx, probe, res.mode, note, per_node, cum, sum(per_node))
 
 
 @dataclass
@@ -265,11 +189,10 @@ def _io(values: list[ir.Value], pm: PreparedModel) -> list[dict[str, Any]]:
     return res
 
 
-def analyze_model(path: str | Path, dims: dict[str, int] | None = None) -> AnalysisReport:
-    """Analyse an ONNX model file: its cut points, FLOPs before each, and suggestions."""
-    pm = prepare(path, dims)
+def report_cut_points(pm: PreparedModel) -> AnalysisReport:
+    """The cut points of a prepared model, with up to four suggestions (what ``eecompile analyze`` prints)."""
     cuts = find_cut_points(pm)
-    report = AnalysisReport(str(path), _io(pm.index.graph_inputs, pm), _io(pm.index.graph_outputs, pm),
+    report = AnalysisReport(str(pm.path), _io(pm.index.graph_inputs, pm), _io(pm.index.graph_outputs, pm),
                             pm.total_flops, pm.batch_mode, pm.batch_note, cuts)
     report.suggested = suggest(cuts, pm.total_flops)
     return report

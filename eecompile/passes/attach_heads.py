@@ -11,6 +11,10 @@ Cases:
    that already ends in the same activation is taken as it is; one ending in another activation is refused.
 4. Exit outputs take the final output's per-sample shape: a head giving ``[B, C]`` for a final output
    ``[B, C, 1, 1]`` is reshaped; a class count that does not fit is an error naming both shapes.
+5. A trained head (``{kind: linear|mlp|pool|token, ...}``): built by :func:`eecompile.heads.head_onnx` with its
+   last layer zero (it never fires until ``eecompile train-heads`` fits it), then spliced as in case 1.
+
+:class:`AttachHeadPass` does this to one segment; :func:`head_for` makes the head model of cases 1 and 5.
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from eecompile.analysis.prepared import Dims, PreparedModel
 from eecompile.errors import SpecError
-from eecompile.names import exit_prefix, head_prefix
+from eecompile.names import exit_logits, exit_output, exit_prefix, head_prefix
+
+if TYPE_CHECKING:
+    from eecompile.analysis.exits import ExitPlan
 
 
 def load_head(path: Path, opset: int, where: str) -> ir.Model:
@@ -204,3 +213,104 @@ def apply_activation(seg: ir.Graph, k: int, x: ir.Value, act: FinalActivation, s
         seg.append(ir.node(act.op, [x], {"axis": act.axis}, outputs=[out], name=f"{prefix}{act.op}"))
     out.dtype, out.shape = x.dtype, x.shape
     return out
+
+
+def values_by_name(g: ir.Graph) -> dict[str, ir.Value]:
+    """The named values of ``g``'s main graph: node outputs and graph inputs."""
+    values = {v.name: v for n in g for v in n.outputs if v.name}
+    values.update({v.name: v for v in g.inputs if v.name})
+    return values
+
+
+class AttachHeadPass(ir.passes.InPlacePass):
+    """Attach exit ``k``'s head to its segment and add the exit output ``ee{k}.out.{final}`` (cases 1-3).
+
+    Give ``head`` (a head model: cases 1 and 5) or ``head_output`` (a tensor the segment computes: case 2,
+    with its shape ``head_output_shape``), and ``activation``, the final output's activation the exit output
+    must apply (case 3; see :func:`exit_activation`). After the pass, :attr:`logits` is what the gate reads,
+    :attr:`output` the exit output (appended to the graph outputs; the activation of the logits, or the logits
+    themselves) and :attr:`score` the head's score output, if it has one (for ``score`` gates).
+
+    Raises:
+        SpecError: the head does not fit the cut tensor or the final output (the message names ``where``).
+    """
+
+    def __init__(self, k: int, at: Sequence[str], final_name: str, final_shape: Dims, *, where: str,
+                 head: ir.Model | None = None, head_output: str | None = None,
+                 head_output_shape: Dims | None = None, score_output: str | None = None,
+                 activation: FinalActivation | None = None) -> None:
+        super().__init__()
+        self.k, self.at, self.final_name, self.final_shape, self.where = k, list(at), final_name, final_shape, where
+        self.head, self.head_output, self.head_output_shape = head, head_output, head_output_shape
+        self.score_output, self.activation = score_output, activation
+        self.logits: ir.Value | None = None
+        self.output: ir.Value | None = None
+        self.score: ir.Value | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        g = model.graph
+        values = values_by_name(g)
+        if self.head is not None:  # cases 1 and 4
+            logits, self.score = splice_head(g, self.k, [values[n] for n in self.at], self.head, self.where,
+                                             self.score_output)
+            if logits.shape is not None and len(logits.shape) >= 1:
+                logits_shape: Dims = [d if isinstance(d, int) else "batch" for d in logits.shape]
+            else:
+                logits_shape = ["batch", *self.final_shape[1:]]
+        else:  # case 2
+            assert self.head_output is not None and self.head_output_shape is not None
+            logits, logits_shape = values[self.head_output], self.head_output_shape
+            self.score = values[self.score_output] if self.score_output is not None else None
+        name, act = exit_output(self.k, self.final_name), self.activation
+        self.logits = fit_exit_output(g, self.k, logits, logits_shape, self.final_shape,  # case 4
+                                      exit_logits(self.k) if act else name, self.where)
+        # Case 3: the exit output is what the final output is (e.g. probabilities); the gate reads the logits.
+        self.output = apply_activation(g, self.k, self.logits, act, self.final_shape, name) if act else self.logits
+        g.outputs.append(self.output)
+        return ir.passes.PassResult(model, modified=True)
+
+
+def head_for(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
+             opset: int) -> tuple[ir.Model | None, dict[str, Any] | None]:
+    """Exit ``e``'s head model and, for a trained head, its record for the manifest (``head_spec``).
+
+    Returns ``(None, None)`` for an in-model head (case 2). Raises SpecError for a head file that cannot be
+    read or converted, and for a trained head whose class count is not fixed."""
+    h = e.spec.head
+    if h.file is not None:
+        return load_head(h.file, opset, f"exits[{e.index}].head"), None
+    if h.kind is None:
+        return None, None
+    try:
+        from eecompile.heads import head_onnx, least_opset
+    except ImportError as err:
+        raise SpecError(f"exits[{e.index}].head.kind: trained heads need eecompile.heads ({err})") from err
+    feature_shape = pm.shape_of(e.at[0].name)
+    n_classes = final_shape[class_axis % len(final_shape)]
+    if not isinstance(n_classes, int):
+        raise SpecError(f"exits[{e.index}].head.kind: the final output's class axis has no fixed size")
+    mask_dtype = onnx.TensorProto.INT64
+    if len(e.at) > 1:  # e.g. pool: masked_mean reads the attention mask listed second in `at`
+        facts = pm.probe.facts.get(e.at[1].name or "")
+        if facts is not None:
+            mask_dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(facts.dtype))
+    opset = max(opset, least_opset(h.kind, feature_shape, dict(h.options)))
+    proto = head_onnx(h.kind, feature_shape, n_classes, dict(h.options), None, opset, mask_dtype=mask_dtype)
+    head_spec = {"kind": h.kind, "options": dict(h.options),
+                 "feature_shape": [d if isinstance(d, int) else str(d) for d in feature_shape],
+                 "n_classes": n_classes, "trained": False}
+    return ir.from_proto(proto), head_spec
+
+
+def exit_activation(final_act: FinalActivation | None, e: ExitPlan, head: ir.Model | None, final_name: str,
+                    where: str) -> FinalActivation | None:
+    """The activation exit ``e``'s output must apply (case 3): the model's final one, except for an in-model
+    head that already ends in it. Raises SpecError for an in-model head ending in another activation."""
+    if final_act is None or head is not None or e.head_output is None:
+        return final_act
+    already = head_activation(e.head_output)
+    if already is not None and already != final_act.op:
+        raise SpecError(f"{where}.output: '{e.head_output.name}' is the output of a {already}, the final output "
+                        f"'{final_name}' of a {final_act.op}; an exit's rows must mean what the final rows mean: "
+                        f"name the head's logits (the tensor before its {already})")
+    return None if already == final_act.op else final_act

@@ -13,15 +13,15 @@ Cases:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from eecompile.errors import GraphError
 from eecompile.analysis.probe import random_inputs
+from eecompile.errors import GraphError
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,20 @@ BATCH = "batch"
 
 @dataclass
 class BatchResult:
+    """What :class:`BatchDynamicPass` did: ``mode`` is ``"dynamic"`` or ``"per_sample"``; ``rewritten`` says
+    whether the graph was changed to get there; ``reason`` why a fixed batch was kept."""
+
     model: ir.Model
-    mode: str  # "dynamic" or "per_sample"
-    rewritten: bool  # whether the graph was changed to get there
+    mode: str
+    rewritten: bool
     reason: str = ""
+
+    @property
+    def note(self) -> str:
+        """One line for the manifest's notes."""
+        if self.mode == "per_sample":
+            return f"batch fixed at 1, runs one sample at a time: {self.reason}"
+        return "batch made dynamic (the model was exported with batch 1)" if self.rewritten else "batch-dynamic"
 
 
 def _batch_symbol(inputs: list[ir.Value]) -> str | None:
@@ -52,51 +62,100 @@ def _batch_symbol(inputs: list[ir.Value]) -> str | None:
 
 
 def infer_shapes(model: ir.Model) -> ir.Model:
-    """onnx shape inference through onnx-ir; failures are logged (later checks run the model for real)."""
-    try:
-        result = ShapeInferencePass()(model)
-        return result.model
-    except Exception as e:  # shape inference is advisory here
-        log.info("shape inference failed: %s", e)
-        return model
+    """onnx shape inference through onnx-ir, in place; failures are logged (later checks run the model)."""
+    return InferShapesPass()(model).model
 
 
-def make_batch_dynamic(model: ir.Model, dims: dict[str, int] | None = None,
-                       reload: Callable[[], ir.Model] | None = None) -> BatchResult:
-    """``reload`` gives the untouched model again when the rewrite has to be undone (default: a copy kept
-    in memory, which holds the weights twice; pass a reload for large models)."""
-    inputs = list(model.graph.inputs)
-    if not inputs:
-        raise GraphError("the model has no inputs")
-    if _batch_symbol(inputs) is not None:
-        return BatchResult(model, "dynamic", rewritten=False)
-    fixed = {v.name: v.shape[0] if v.shape is not None else None for v in inputs
-             if v.shape is None or len(v.shape) > 0}
-    old_batches = {d for d in fixed.values() if isinstance(d, int)}
-    if old_batches != {1}:
-        return BatchResult(model, "per_sample", rewritten=False,
-                           reason=f"inputs have no common batch axis 0 of size 1 ({fixed})")
-    original = None if reload is not None else ir.from_proto(ir.to_proto(model))
-    for v in list(model.graph.inputs) + list(model.graph.outputs):
-        if v.shape is not None and len(v.shape) > 0:
-            v.shape = ir.Shape([BATCH, *list(v.shape)[1:]])
-    outputs = set(model.graph.outputs)
-    for node in model.graph:
-        for v in node.outputs:
-            if v not in outputs:
-                v.shape = None
-        if node.op_type == "Reshape" and len(node.inputs) > 1 and node.inputs[1] is not None:
-            _fix_reshape_target(node)
-    model = infer_shapes(model)
-    ok, reason = _same_as_per_sample(original, model, dims, reload)
-    if not ok:
-        log.info("keeping batch 1: %s", reason)
-        undone = original if original is not None else reload()  # type: ignore[misc]
-        return BatchResult(undone, "per_sample", rewritten=False, reason=reason)
-    return BatchResult(model, "dynamic", rewritten=True)
+class InferShapesPass(ir.passes.InPlacePass):
+    """Static shape inference (onnx's, through onnx-ir) where it succeeds; a model it fails on is kept as is
+    (the probe reads real shapes off ONNX Runtime later)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        try:
+            return ShapeInferencePass()(model)
+        except Exception as e:  # shape inference is advisory here
+            log.info("shape inference failed: %s", e)
+            return ir.passes.PassResult(model, modified=False)
 
 
-def _fix_reshape_target(node: ir.Node) -> None:
+class BatchDynamicPass(ir.passes.InPlacePass):
+    """Make axis 0 of a fixed-batch model symbolic, where that is safe (cases 1-3 of the module docstring).
+
+    After the pass, :attr:`result` says what it did (``mode``, ``rewritten``, ``reason``, ``note``).
+    The check runs the untouched model once per sample *before* the rewrite and the rewritten model at
+    batch 3 after it; an unsafe rewrite is undone in place, so the weights are never held twice.
+
+    Raises:
+        GraphError: the model has no inputs, or ONNX Runtime cannot run the untouched model.
+    """
+
+    def __init__(self, dims: Mapping[str, int] | None = None) -> None:
+        super().__init__()
+        self.dims = dims
+        self.result: BatchResult | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.result = self._run(model)
+        return ir.passes.PassResult(model, modified=self.result.rewritten)
+
+    def _run(self, model: ir.Model) -> BatchResult:
+        inputs = list(model.graph.inputs)
+        if not inputs:
+            raise GraphError("the model has no inputs")
+        if _batch_symbol(inputs) is not None:  # case 1
+            return BatchResult(model, "dynamic", rewritten=False)
+        fixed = {v.name: v.shape[0] if v.shape is not None else None for v in inputs
+                 if v.shape is None or len(v.shape) > 0}
+        if {d for d in fixed.values() if isinstance(d, int)} != {1}:
+            return BatchResult(model, "per_sample", rewritten=False,
+                               reason=f"inputs have no common batch axis 0 of size 1 ({fixed})")
+        feeds = random_inputs(inputs, 3, self.dims, seed=7)
+        singles, single_error = _per_sample_outputs(model, feeds)
+        undo = _Undo(model)
+        for v in list(model.graph.inputs) + list(model.graph.outputs):  # case 2
+            if v.shape is not None and len(v.shape) > 0:
+                v.shape = ir.Shape([BATCH, *list(v.shape)[1:]])
+        outputs = set(model.graph.outputs)
+        for node in model.graph:
+            for v in node.outputs:
+                if v not in outputs:
+                    v.shape = None
+            if node.op_type == "Reshape" and len(node.inputs) > 1 and node.inputs[1] is not None:
+                _fix_reshape_target(node, undo)
+        infer_shapes(model)
+        ok, reason = _same_as_per_sample(model, feeds, singles, single_error)  # case 3
+        if not ok:
+            log.info("keeping batch 1: %s", reason)
+            undo.restore()
+            return BatchResult(model, "per_sample", rewritten=False, reason=reason)
+        return BatchResult(model, "dynamic", rewritten=True)
+
+
+def make_batch_dynamic(model: ir.Model, dims: Mapping[str, int] | None = None) -> BatchResult:
+    """Run :class:`BatchDynamicPass` on ``model`` (in place) and return what it did."""
+    p = BatchDynamicPass(dims)
+    p(model)
+    assert p.result is not None
+    return p.result
+
+
+class _Undo:
+    """The shapes and types of every value and the Reshape targets the rewrite touches, to put them back."""
+
+    def __init__(self, model: ir.Model) -> None:
+        values = [v for g in model.graphs()
+                  for v in [*g.inputs, *g.initializers.values(), *(o for n in g for o in n.outputs)]]
+        self.values = [(v, v.shape, v.type) for v in values]
+        self.consts: list[tuple[ir.Value, ir.TensorProtocol]] = []
+
+    def restore(self) -> None:
+        for v, shape, typ in self.values:
+            v.shape, v.type = shape, typ
+        for v, const in self.consts:
+            v.const_value = const
+
+
+def _fix_reshape_target(node: ir.Node, undo: _Undo) -> None:
     """A constant target whose first entry is the old batch (1) becomes 0: copy axis 0 from the input."""
     if node.attributes.get_int("allowzero", 0):
         return
@@ -110,25 +169,33 @@ def _fix_reshape_target(node: ir.Node) -> None:
         return
     new = arr.copy()
     new[0] = 0
+    undo.consts.append((target, const))
     target.const_value = ir.tensor(new, name=target.name)
 
 
-def _same_as_per_sample(original: ir.Model | None, dynamic: ir.Model, dims: dict[str, int] | None,
-                        reload: Callable[[], ir.Model] | None) -> tuple[bool, str]:
+def _per_sample_outputs(model: ir.Model, feeds: dict[str, np.ndarray]
+                        ) -> tuple[list[list[np.ndarray]], GraphError | None]:
+    """The untouched model run on each sample of ``feeds`` alone (or the error ONNX Runtime gave)."""
     from eecompile.passes.session import session_from_model
 
-    feeds = random_inputs(list(dynamic.graph.inputs), 3, dims, seed=7)
-    # One session at a time: the weights are in memory once per live session.
     try:
-        s_dyn = session_from_model(dynamic, what="the batch-dynamic model")
-        batched = s_dyn.run(None, feeds)
-        del s_dyn
+        sess = session_from_model(model, what="the model")
+    except GraphError as e:
+        return [], e
+    rows = range(3)  # the batch of ``feeds``
+    return [sess.run(None, {k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()}) for i in rows], None
+
+
+def _same_as_per_sample(dynamic: ir.Model, feeds: dict[str, np.ndarray], singles: list[list[np.ndarray]],
+                        single_error: GraphError | None) -> tuple[bool, str]:
+    from eecompile.passes.session import session_from_model
+
+    try:
+        batched = session_from_model(dynamic, what="the batch-dynamic model").run(None, feeds)
     except Exception as e:
         return False, f"the graph does not run at batch 3 once made dynamic ({str(e).splitlines()[0]})"
-    src = original if original is not None else reload()  # type: ignore[misc]
-    s_orig = session_from_model(src, what="the model")
-    singles = [s_orig.run(None, {k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()}) for i in range(3)]
-    del s_orig, src
+    if single_error is not None:
+        raise single_error
     for j, out in enumerate(batched):
         ref = np.concatenate([s[j] for s in singles], axis=0)
         if out.shape != ref.shape:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from eecompile.errors import GraphError
-from eecompile.analysis.cut_points import PreparedModel
 from eecompile.analysis.partition import SegmentPlan
+from eecompile.analysis.prepared import PreparedModel
+from eecompile.errors import GraphError
 
 
 @dataclass
@@ -30,31 +30,6 @@ class ExtractedSegment:
     carried_out: list[str]
     model_inputs: list[str]
     values: dict[str, ir.Value] = field(default_factory=dict)  # by name, inside this segment's graph
-
-
-Dims = list[int | str | None]
-
-
-def dims(shape: ir.Shape | None) -> Dims:
-    """An onnx-ir shape as plain ints and strings (symbolic dims by name)."""
-    if shape is None:
-        return []
-    return [d if isinstance(d, int) else (None if d.value is None else str(d.value)) for d in shape]
-
-
-def boundary_shape(pm: PreparedModel, name: str | None) -> tuple[ir.DataType, ir.Shape, int | None]:
-    """Type, shape (batch axis symbolic) and batch axis of a probed tensor."""
-    facts = pm.probe.facts.get(name or "")
-    if facts is None:
-        raise GraphError(f"tensor '{name}' could not be probed (ONNX Runtime did not expose it)")
-    shape: list[int | str] = list(facts.shapes[pm.probe.batches[0]])
-    for i, sym in facts.symbolic.items():  # sequence length and the like stay symbolic
-        shape[i] = sym
-    axis = facts.batch_axis
-    if pm.batch_mode == "dynamic" and axis is not None:
-        shape[axis] = "batch"
-    dtype = ir.DataType.from_numpy(__import__("numpy").dtype(facts.dtype))
-    return dtype, ir.Shape(shape), axis
 
 
 def extract_segments(pm: PreparedModel, plans: list[SegmentPlan]) -> list[ExtractedSegment]:
@@ -78,7 +53,7 @@ def extract_segments(pm: PreparedModel, plans: list[SegmentPlan]) -> list[Extrac
         names = {v.name for v in used}
         for v in list(seg.inputs) + list(seg.outputs):
             if v.name in pm.probe.facts:  # measured shapes: symbolic batch and sequence axes, fixed the rest
-                dtype, shape, _ = boundary_shape(pm, v.name)
+                dtype, shape, _ = pm.boundary_shape(v.name)
                 v.dtype = dtype
                 v.shape = shape
         seg.name = f"segment{plan.index}"

@@ -18,20 +18,27 @@ NaN or Inf anywhere in a sample's logits makes its score NaN, and a NaN score ne
 are written so that NaN is False). Nodes use the segment's opset, valid from opset 7: Reduce* take ``axes`` as
 an attribute before opset 18 (ReduceSum before 13), TopK takes ``k`` as an attribute before 10,
 GreaterOrEqual needs 12, IsNaN needs 9 (before it a NaN test is ``x < inf or x > -inf``).
+
+:func:`build_gate` records the nodes on a tape; :class:`FuseGatePass` puts a gate into a segment whose exit
+output :class:`~eecompile.passes.attach_heads.AttachHeadPass` has made.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.tape import Tape
 
 from eecompile.errors import SpecError
-from eecompile.names import gate_names, gate_node_prefix
+from eecompile.names import STATE_ARGMAX, STATE_COUNT, gate_names, gate_node_prefix
 from eecompile.spec import GateKind
+
+if TYPE_CHECKING:
+    from eecompile.passes.attach_heads import AttachHeadPass
 
 
 class Ops:
@@ -256,3 +263,57 @@ def build_gate(
         h, _ = _pool_hidden(ops, hidden, hidden_shape)
         res_state_out.append(ops.op("Identity", [h], out_name=names["hidden"]))
     return GateResult(gate=gate, score=score, threshold=thr, state_inputs=res_state_in, state_outputs=res_state_out)
+
+
+class FuseGatePass(ir.passes.InPlacePass):
+    """Fuse exit ``k``'s gate into its segment, reading the exit logits that ``head`` (the segment's
+    :class:`~eecompile.passes.attach_heads.AttachHeadPass`, run before) made.
+
+    Adds the threshold input ``ee{k}.threshold`` and the state inputs this gate reads (from exit ``k - 1``);
+    appends the outputs ``ee{k}.gate`` (bool [B]), ``ee{k}.score`` (float32 [B]) and the state this gate hands
+    to exit ``k + 1`` (``emit_patience_state``, ``emit_hidden_state``: what the next exit's gate reads).
+    ``hidden`` names the cut tensor (saturation gates pool it); the other keyword arguments are
+    :func:`build_gate`'s. After the pass, :attr:`result` holds the gate's values.
+
+    Raises:
+        SpecError: the gate kind does not fit the exit (see :func:`build_gate`).
+    """
+
+    def __init__(self, k: int, kind: GateKind, head: AttachHeadPass, logits_shape: list[int | str | None],
+                 class_axis: int, opset: int, *, hidden: str | None = None,
+                 hidden_shape: list[int | str | None] | None = None, prev_k: int | None = None,
+                 prev_hidden_dim: int | str | None = None, emit_patience_state: bool = False,
+                 emit_hidden_state: bool = False) -> None:
+        super().__init__()
+        self.k, self.kind, self.head, self.logits_shape = k, kind, head, logits_shape
+        self.class_axis, self.opset, self.hidden, self.hidden_shape = class_axis, opset, hidden, hidden_shape
+        self.prev_k, self.prev_hidden_dim = prev_k, prev_hidden_dim
+        self.emit_patience_state, self.emit_hidden_state = emit_patience_state, emit_hidden_state
+        self.result: GateResult | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        g = model.graph
+        assert self.head.logits is not None, "AttachHeadPass must run before FuseGatePass"
+        hidden = next((v for n in g for v in n.outputs if v.name == self.hidden), None) if self.hidden else None
+        if hidden is None and self.hidden:
+            hidden = next((v for v in g.inputs if v.name == self.hidden), None)
+        tape = Tape(g)
+        gate = build_gate(tape, self.k, self.kind, self.head.logits, self.logits_shape, self.class_axis,
+                          self.opset, prev_k=self.prev_k, hidden=hidden, hidden_shape=self.hidden_shape,
+                          prev_hidden_dim=self.prev_hidden_dim, score_value=self.head.score,
+                          emit_patience_state=self.emit_patience_state, emit_hidden_state=self.emit_hidden_state)
+        g.extend(tape.nodes)
+        gate.gate.dtype, gate.gate.shape = ir.DataType.BOOL, ir.Shape(["batch"])
+        gate.score.dtype, gate.score.shape = ir.DataType.FLOAT, ir.Shape(["batch"])
+        for v in gate.state_outputs:
+            if (v.name or "").endswith("." + STATE_ARGMAX):
+                v.dtype, v.shape = ir.DataType.INT64, ir.Shape(["batch", None])
+            else:
+                v.dtype = ir.DataType.FLOAT
+                v.shape = (ir.Shape(["batch"]) if (v.name or "").endswith("." + STATE_COUNT)
+                           else ir.Shape(["batch", None, None]))
+        g.inputs.extend(gate.state_inputs)
+        g.inputs.append(gate.threshold)
+        g.outputs.extend([gate.gate, gate.score, *gate.state_outputs])
+        self.result = gate
+        return ir.passes.PassResult(model, modified=True)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from eecompile.errors import GraphError
 from eecompile.analysis.probe import random_inputs
+from eecompile.errors import GraphError
 
 TOLERANCE = 1e-5
 

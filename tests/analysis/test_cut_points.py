@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import zoo_model
 
 from eecompile.cli import cli
-from eecompile.analysis.cut_points import analyze_model
+from eecompile.compiler import analyze_model
 
 
 @pytest.mark.parametrize("name", ["resnet50", "densenet121", "inception_v1", "squeezenet"])

@@ -6,8 +6,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from eecompile.passes.load import normalise
 from eecompile.analysis.partition import carried_across, index_graph, plan_segments
+from eecompile.passes.load import normalise
 
 RESIDUAL = """
 <ir_version: 8, opset_import: ["" : 17]>

@@ -7,9 +7,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from eecompile.analysis.probe import probe_model
 from eecompile.passes.batch_dynamic import make_batch_dynamic
 from eecompile.passes.load import normalise
-from eecompile.analysis.probe import probe_model
 
 FIXED_BATCH = """
 <ir_version: 8, opset_import: ["" : 17]>

@@ -1,0 +1,168 @@
+"""Validate a spec against the graph: the *validate spec* stage of the pipeline.
+
+Each exit's ``at`` tensors, in-model head outputs and score outputs are resolved to values of the prepared
+model, and every cut is checked before anything is extracted. Cases refused, each with a :class:`SpecError`
+naming the YAML path and what to do:
+
+1. a tensor the model does not have (with close names suggested), or one inside an If/Loop body;
+2. a model input, a model output, or a tensor computed from the inputs alone (no features yet);
+3. exits out of graph order;
+4. a cut that would carry a tensor that cannot be compacted (:func:`~eecompile.analysis.cut_points.cut_problem`);
+5. a ``score`` gate without the head's score output;
+6. a final output that is ambiguous or missing, and a class axis that does not exist or has size 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from eecompile.analysis.cut_points import cut_problem
+from eecompile.analysis.partition import SegmentPlan, carried_across
+from eecompile.analysis.prepared import Dims, PreparedModel
+from eecompile.errors import SpecError
+from eecompile.spec import ExitSpec, GateKind, Spec
+
+
+@dataclass
+class ExitPlan:
+    """Exit ``index`` of the spec with its tensors resolved to values of the prepared model.
+
+    ``at``: the cut tensor first, then any extra tensors a head reads (e.g. an attention mask);
+    ``head_output`` / ``score_output``: in-model head outputs (``head: {output: ...}``), else None."""
+
+    index: int
+    spec: ExitSpec
+    at: list[ir.Value]
+    head_output: ir.Value | None = None
+    score_output: ir.Value | None = None
+
+    def targets(self) -> list[ir.Value]:
+        """What the segment ending at this exit must compute: the ``at`` tensors and in-model head outputs."""
+        t = list(self.at)
+        for extra in (self.head_output, self.score_output):
+            if extra is not None and extra not in t:
+                t.append(extra)
+        return t
+
+
+def value_name(v: ir.Value | None) -> str:
+    """A value's name (values of loaded models always have one)."""
+    return (v.name or "") if v is not None else ""
+
+
+def _suggest(name: str, pm: PreparedModel) -> str:
+    close = difflib.get_close_matches(name, list(pm.index.values), n=3, cutoff=0.5)
+    return f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+
+
+def resolve_tensor(pm: PreparedModel, name: str, where: str) -> ir.Value:
+    """The main-graph value called ``name`` (case 1); ``where`` is the YAML path named in errors."""
+    idx = pm.index
+    if name in idx.subgraph_values:
+        owner = idx.subgraph_values[name]
+        raise SpecError(f"{where}: tensor '{name}' is inside the body of {owner.op_type} node '{owner.name}'; "
+                        f"exits cannot cut inside a subgraph: cut before or after that node")
+    v = idx.values.get(name)
+    if v is None:
+        raise SpecError(f"{where}: the model has no tensor '{name}'; {_suggest(name, pm)}"
+                        f"run `eecompile analyze {pm.path}` to list the cut points")
+    return v
+
+
+def resolve_final(pm: PreparedModel, spec: Spec) -> ir.Value:
+    """The model output the exits stand in for: ``final.output``, or the only output (case 6)."""
+    outs = pm.index.graph_outputs
+    names = [o.name for o in outs]
+    if spec.final.output is None:
+        if len(outs) != 1:
+            raise SpecError(f"final.output: the model has {len(outs)} outputs {names}; name the one the exits "
+                            f"stand in for (final: {{output: NAME}})")
+        return outs[0]
+    for o in outs:
+        if o.name == spec.final.output:
+            return o
+    raise SpecError(f"final.output: '{spec.final.output}' is not a model output; outputs: {names}")
+
+
+def plan_exits(pm: PreparedModel, spec: Spec) -> list[ExitPlan]:
+    """Resolve and check every exit of ``spec`` (cases 1-5), in graph order."""
+    idx = pm.index
+    plans: list[ExitPlan] = []
+    prev_pos = -1
+    for k, e in enumerate(spec.exits):
+        where = f"exits[{k}].at"
+        at = [resolve_tensor(pm, n, where) for n in e.at]
+        v = at[0]
+        p = idx.producer_index(v)
+        if p is None:
+            raise SpecError(f"{where}: '{v.name}' is a model input; an exit needs some computation before it")
+        if idx.recomputable[p]:
+            raise SpecError(f"{where}: '{v.name}' is computed from the model inputs alone (no weighted layer "
+                            f"before it), so a head there sees no features; cut later")
+        if v in idx.graph_outputs:
+            raise SpecError(f"{where}: '{v.name}' is a model output; cut at a tensor inside the model")
+        if p <= prev_pos:
+            raise SpecError(
+                f"{where}: '{v.name}' comes before exits[{k - 1}].at '{spec.exits[k - 1].tensor}' in the graph; "
+                f"list the exits in graph order (earliest first)")
+        prev_pos = p
+        facts = pm.probe.facts.get(value_name(v))
+        all_nodes = (1 << len(idx.nodes)) - 1
+        carried, _ = carried_across(idx, idx.anc[p], all_nodes & ~idx.anc[p])
+        problem = cut_problem(pm, v, carried)
+        if problem is not None and facts is not None and facts.problem is None and "carry" in problem:
+            problem = None  # a carried-tensor problem is judged on the real plan (check_carried)
+        if problem:
+            raise SpecError(f"{where}: cannot put an exit at '{v.name}': {problem}; "
+                            f"run `eecompile analyze {pm.path}` for tensors that work")
+        plan = ExitPlan(k, e, at)
+        if e.head.output is not None:
+            plan.head_output = resolve_tensor(pm, e.head.output, f"exits[{k}].head.output")
+        if e.head.score_output is not None and e.head.file is None:
+            plan.score_output = resolve_tensor(pm, e.head.score_output, f"exits[{k}].head.score_output")
+        if e.gate.kind == GateKind.SCORE and e.head.score_output is None:
+            raise SpecError(f"exits[{k}].head: gate kind 'score' needs the head's score output: "
+                            f"add score_output: NAME to the head")
+        plans.append(plan)
+    return plans
+
+
+def check_segments(pm: PreparedModel, plans: list[SegmentPlan], exits: list[ExitPlan]) -> None:
+    """Refuse empty segments and, in dynamic mode, carried tensors that cannot be compacted (case 4)."""
+    for k, plan in enumerate(plans[:-1]):
+        if plan.node_count() == 0:
+            raise SpecError(f"exits[{k}].at: segment {k} would be empty (its cut adds no computation)")
+    if plans[-1].node_count() == 0:
+        raise SpecError(f"exits[{len(exits) - 1}].at: nothing is left after the last exit; cut earlier")
+    if pm.batch_mode != "dynamic":
+        return
+    for plan in plans[:-1]:
+        for v in plan.carried_out:
+            facts = pm.probe.facts.get(value_name(v))
+            problem = "ONNX Runtime could not expose it" if facts is None else facts.problem
+            if problem:
+                at = exits[plan.index].at[0].name
+                raise SpecError(
+                    f"exits[{plan.index}].at: cutting at '{at}' would carry '{v.name}' to a later segment, and "
+                    f"{problem}; choose another cut (`eecompile analyze {pm.path}` lists the clean ones)")
+
+
+def class_axis(spec: Spec, final_shape: Dims) -> int:
+    """The spec's class axis, or the last non-batch axis longer than 1 (so [N, C, 1, 1] classifiers work
+    without saying so; a softmax over a size-1 axis would make every gate fire). Negative when defaulted."""
+    rank = len(final_shape)
+    axis = spec.final.class_axis
+    if axis is None:
+        longer = [i for i in range(1, rank) if not isinstance(final_shape[i], int) or final_shape[i] != 1]
+        axis = longer[-1] if longer else rank - 1
+        return axis - rank  # negative: counts from the end, like the default -1
+    if not -rank <= axis < rank or axis % rank == 0:
+        raise SpecError(f"final.class_axis: {axis} is not a class axis of the final output shape {final_shape} "
+                        f"(axis 0 is the batch)")
+    if final_shape[axis] == 1:
+        raise SpecError(f"final.class_axis: axis {axis} of the final output {final_shape} has size 1; a gate over one "
+                        f"class always fires; give the axis that holds the classes")
+    return axis

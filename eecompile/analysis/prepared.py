@@ -1,0 +1,134 @@
+"""The facts the splitter works from: a model's graph index, its probe and its per-node FLOPs.
+
+:func:`probe_prepared` is the *probe* stage of the pipeline: it runs on the model after the rewrites that make
+the batch dynamic (:mod:`eecompile.passes.batch_dynamic`) and changes nothing in it. Everything later
+(validating the spec, planning segments, extraction, the manifest) reads a :class:`PreparedModel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from eecompile.analysis.flops import node_flops
+from eecompile.analysis.partition import GraphIndex, index_graph
+from eecompile.analysis.probe import PROBE_BATCHES, ProbeResult, probe_model
+from eecompile.errors import GraphError
+
+Dims = list[int | str | None]
+"""A shape as plain Python: ints for fixed axes, the symbol's name for symbolic ones, None for unknown."""
+
+
+def dims(shape: ir.Shape | None) -> Dims:
+    """An onnx-ir shape as plain ints and strings (symbolic dims by name); ``[]`` for None."""
+    if shape is None:
+        return []
+    return [d if isinstance(d, int) else (None if d.value is None else str(d.value)) for d in shape]
+
+
+@dataclass
+class PreparedModel:
+    """A loaded model with the batch made dynamic (where safe), indexed and probed.
+
+    Attributes:
+        path: the source ``.onnx`` file.
+        model: the (rewritten) model; its weights may still be memory-mapped from ``path``'s data file.
+        index: dependency facts of the main graph (:class:`~eecompile.analysis.partition.GraphIndex`).
+        probe: batch axes, dtypes and concrete shapes read off ONNX Runtime runs.
+        batch_mode: ``"dynamic"`` (segments take any batch) or ``"per_sample"`` (batch fixed at 1).
+        batch_note: one line for the manifest saying how the batch mode came about.
+        node_flops: FLOPs per sample of each node of ``index.nodes`` (a multiply-add counts 2).
+        cum_flops: FLOPs per sample of each node's ancestors, itself included.
+        total_flops: FLOPs per sample of the whole graph.
+    """
+
+    path: Path
+    model: ir.Model
+    index: GraphIndex
+    probe: ProbeResult
+    batch_mode: str
+    batch_note: str
+    node_flops: list[int]
+    cum_flops: list[int]
+    total_flops: int
+
+    def boundary_shape(self, name: str | None) -> tuple[ir.DataType, ir.Shape, int | None]:
+        """Element type, shape and batch axis of the probed tensor ``name``, as a segment boundary declares
+        it: the batch axis is the symbol ``batch`` in dynamic mode, axes that follow a symbolic input dim
+        (sequence length) keep that symbol, every other axis has its probed size.
+
+        Raises:
+            GraphError: ``name`` was not probed (ONNX Runtime did not expose it).
+        """
+        facts = self.probe.facts.get(name or "")
+        if facts is None:
+            raise GraphError(f"tensor '{name}' could not be probed (ONNX Runtime did not expose it)")
+        shape: list[int | str] = list(facts.shapes[self.probe.batches[0]])
+        for i, sym in facts.symbolic.items():
+            shape[i] = sym
+        axis = facts.batch_axis
+        if self.batch_mode == "dynamic" and axis is not None:
+            shape[axis] = "batch"
+        return ir.DataType.from_numpy(np.dtype(facts.dtype)), ir.Shape(shape), axis
+
+    def shape_of(self, name: str | None) -> Dims:
+        """:meth:`boundary_shape`'s shape as plain :data:`Dims`."""
+        return dims(self.boundary_shape(name)[1])
+
+    def flops_of(self, bits: int) -> int:
+        """FLOPs per sample of the node set ``bits`` (a bitset over ``index.nodes``)."""
+        return _sum_bits(bits, self.node_flops)
+
+
+def _sum_bits(bits: int, values: list[int]) -> int:
+    total, i = 0, 0
+    while bits:
+        if bits & 1:
+            total += values[i]
+        bits >>= 1
+        i += 1
+    return total
+
+
+def probe_prepared(path: str | Path, model: ir.Model, batch_mode: str, batch_note: str,
+                   dims: Mapping[str, int] | None = None) -> PreparedModel:
+    """Index ``model``, probe every tensor in ONNX Runtime and count FLOPs per node.
+
+    In ``dynamic`` mode the probe runs at batch 2 and 3 (:data:`~eecompile.analysis.probe.PROBE_BATCHES`) and
+    a node's FLOPs per sample are the difference between the two runs (so batch-independent work, such as a
+    weight transpose, counts zero); in ``per_sample`` mode it runs once at batch 1.
+
+    Raises:
+        GraphError: ONNX Runtime cannot load or run the model.
+    """
+    idx = index_graph(model)
+    names = [v.name for n in idx.nodes for v in n.outputs if v.name]
+    batches = PROBE_BATCHES if batch_mode == "dynamic" else (1,)
+    probe = probe_model(model, names, batches, dims)
+
+    def shape_at(b: int):  # noqa: ANN202 - small closure
+        def shape_of(v: ir.Value | None) -> tuple[int, ...] | None:
+            if v is None:
+                return None
+            s = probe.shape(v.name, b) if v.name in probe.facts else None
+            if s is not None:
+                return s
+            if v.const_value is not None:
+                return tuple(int(d) for d in v.const_value.shape.numpy())
+            if v.shape is not None and all(isinstance(d, int) for d in v.shape):
+                return tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
+            return None
+        return shape_of
+
+    if len(batches) == 2:
+        lo, hi = shape_at(batches[0]), shape_at(batches[1])
+        per_node = [max(node_flops(n, hi) - node_flops(n, lo), 0) // (batches[1] - batches[0]) for n in idx.nodes]
+    else:
+        one = shape_at(1)
+        per_node = [node_flops(n, one) for n in idx.nodes]
+    cum = [_sum_bits(idx.anc[i], per_node) for i in range(len(idx.nodes))]
+    return PreparedModel(Path(path), model, idx, probe, batch_mode, batch_note, per_node, cum, sum(per_node))
