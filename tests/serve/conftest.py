@@ -27,7 +27,7 @@ def mixed_inputs(n: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def served_bundle(tmp_path_factory: pytest.TempPathFactory, torch_model) -> Path:
-    from eecompile.analysis.cut_points import analyze_model
+    from eecompile.compiler import analyze_model
     from eecompile.bundle import update_bundle
     from eecompile.compiler import compile_model
     from eecompile.runtimes.chain import EarlyExitRunner
