@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import eecompile
-from eecompile.analysis.cut_points import analyze_model
+from eecompile.compiler import analyze_model
 
 from .builders import dequantized, qdq_cnn
 from .check import check_bundle
