@@ -156,6 +156,8 @@ def cut_segments(dg: DecoderGraph, cuts: list[str], final_hidden: str) -> list[S
                 f"{where}: layers {first}..{last - 1} between {prev} and '{name}' also need the cache of layer(s) "
                 f"{stray}: the cut {prev if k else repr(name)} is inside a decoder layer; cut at a layer's output "
                 f"(the residual sum that the next layer's norm reads, 'layers.N.output' in eecompile's export)")
+        if hidden_in is not None:
+            _shape_from_hidden(graph, hidden_in.name or "")
         if hidden_in is not None and not any(v.name == hidden_in.name for v in graph.inputs):
             raise SpecError(f"{where}: the layers after '{hidden_in.name}' do not read it; it is not a layer output")
         graph.name = f"segment{k}"
@@ -194,6 +196,32 @@ def _own_past_length(graph: ir.Graph, first: int, last: int) -> None:
         for n in reversed(_pass_through(v)):
             graph.remove(n, safe=True)
         graph.inputs.remove(v)
+
+
+def _shape_from_hidden(graph: ir.Graph, hidden: str) -> None:
+    """Read the embeddings' shape from the segment's input hidden state.
+
+    Hugging Face builds the causal mask from ``inputs_embeds`` (its shape and dtype only), so a later segment
+    would keep the embedding ``Gather`` (and the [V, D] matrix in memory) just to take its ``Shape``; the
+    hidden state at the cut has the same [B, S, D] shape and dtype.
+    """
+    h = next((v for v in graph.inputs if v.name == hidden), None)
+    if h is None:
+        return
+    for node in list(graph):
+        if node.op_type != "Gather" or node.inputs[1] is None or node.inputs[1].name != "input_ids":
+            continue
+        shapes = _shape_uses(node.outputs[0])
+        if not shapes:
+            continue
+        for n, idx in shapes:
+            n.replace_input_with(idx, h)
+        for n in reversed(_pass_through(node.outputs[0])):
+            graph.remove(n, safe=True)
+        weight = node.inputs[0]
+        graph.remove(node, safe=True)  # after the Shape nodes moved: nothing reads it now
+        if weight is not None and not weight.uses() and weight.name in graph.initializers:
+            graph.initializers.pop(weight.name)
 
 
 def _uses(v: ir.Value) -> list[tuple[ir.Node, int]]:
@@ -303,7 +331,10 @@ def _tie(head: ir.Graph, embedding: ir.Value) -> None:
         out.name, out.shape = name, old.shape
         if old.dtype is not None:
             out.dtype = old.dtype
+        weight = node.inputs[1]
         head.remove(node, safe=True)
+        if weight is not None and not weight.uses() and weight.name in head.initializers:
+            head.initializers.pop(weight.name)
         return
 
 

@@ -4,6 +4,7 @@ compiled into a decoder bundle once per test session (shared by the xdist worker
 from __future__ import annotations
 
 import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ VOCAB = 128
 
 @pytest.fixture(scope="session")
 def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.getbasetemp().parent / "tiny_llama"
+    base = tmp_path_factory.getbasetemp()
+    # xdist workers of one run share their parent directory (pytest-xdist's recipe for session data)
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny_llama"
     root.mkdir(exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
