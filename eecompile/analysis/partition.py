@@ -11,7 +11,7 @@ Worked example (a residual block, exit at ``r1``)::
     cut at r1: segment 0 = {Conv a, Relu}; segment 1 = {Conv b, Add}; carried = {r1}
     cut at b:  segment 0 = {Conv a, Relu, Conv b}; carried = {r1, b}  (the skip connection rides along)
 
-Cases this module handles (each has a test in tests/passes/test_partition.py):
+Cases this module handles (each has a test in tests/analysis/test_partition.py):
 1. Cheap tensors computed from the model inputs alone (attention masks, position ids, shape arithmetic,
    ConstantOfShape weights of old-IR models) are *recomputable*: never carried, recomputed inside each
    segment that reads them. Without this a BERT has almost no clean cut (the mask is read by every layer).
@@ -193,22 +193,63 @@ def _quantized_source(idx: GraphIndex, v: ir.Value, before: int) -> ir.Value | N
 
 @dataclass
 class SegmentPlan:
-    """One segment: its nodes (bitset over GraphIndex.nodes, recomputable nodes excluded) and boundaries."""
+    """One segment of a partition: the nodes it runs, what it reads and what it hands on.
+
+    Like torch.fx ``split_module``'s ``Partition``, a plan knows its inputs (``model_inputs`` it reads and
+    ``carried_in`` tensors earlier segments computed), its outputs (``targets`` it must compute and the
+    ``carried_out`` tensors later segments read) and its dependencies (``depends_on``: the earlier segments
+    whose tensors it reads). ``nodes`` is a bitset over :attr:`GraphIndex.nodes`; recomputable nodes are in
+    no plan (each segment that reads them recomputes them, case 1 above).
+
+    Worked example, a residual block cut at ``r1``:
+
+    >>> import onnx_ir as ir
+    >>> model = ir.from_onnx_text('''
+    ...     <ir_version: 8, opset_import: ["" : 17]>
+    ...     block (float[N, 2] x) => (float[N, 2] out)
+    ...     <float[2, 2] w1 = {1.0, 0.0, 0.0, 1.0}, float[2, 2] w2 = {0.0, 1.0, 1.0, 0.0}>
+    ...     { a = MatMul(x, w1)
+    ...       r1 = Relu(a)
+    ...       b = MatMul(r1, w2)
+    ...       out = Add(r1, b) }''')
+    >>> idx = index_graph(model)
+    >>> first, rest = plan_segments(idx, [[idx.values["r1"]], [idx.values["out"]]])
+    >>> [n.op_type for n in first.node_list(idx)], [v.name for v in first.model_inputs]
+    (['MatMul', 'Relu'], ['x'])
+    >>> [v.name for v in first.carried_out]
+    ['r1']
+    >>> [n.op_type for n in rest.node_list(idx)], [v.name for v in rest.carried_in], rest.depends_on
+    (['MatMul', 'Add'], ['r1'], [0])
+    >>> rest.model_inputs
+    []
+
+    ``r1`` is carried once although ``rest`` reads it twice (the MatMul and the skip connection's Add).
+    """
 
     index: int
     nodes: int
     targets: list[ir.Value]  # what this segment must produce (cut tensors, in-model head outputs, final)
     carried_in: list[ir.Value] = field(default_factory=list)
     carried_out: list[ir.Value] = field(default_factory=list)
+    model_inputs: list[ir.Value] = field(default_factory=list)  # graph inputs it reads (maybe via recomputation)
+    depends_on: list[int] = field(default_factory=list)  # earlier segments whose tensors it reads
 
     def node_count(self) -> int:
+        """How many nodes the segment runs (recomputed ones not counted)."""
         return bin(self.nodes).count("1")
+
+    def node_list(self, idx: GraphIndex) -> list[ir.Node]:
+        """The segment's nodes in topological order."""
+        return [n for i, n in enumerate(idx.nodes) if (self.nodes >> i) & 1]
 
 
 def plan_segments(idx: GraphIndex, targets: Sequence[Sequence[ir.Value]]) -> list[SegmentPlan]:
-    """Assign every needed node to the first segment whose targets need it; find what crosses each boundary.
+    """Partition the graph: assign every needed node to the first segment whose targets need it, and find what
+    crosses each boundary (see :class:`SegmentPlan` for a worked example).
 
-    ``targets[k]`` are the values segment k must produce; the last entry holds the final output(s)."""
+    ``targets[k]`` are the values segment k must produce; the last entry holds the final output(s).
+    Returns one plan per entry of ``targets``; a plan can be empty (``node_count() == 0``), which the caller
+    refuses (:func:`eecompile.analysis.exits.check_segments`)."""
     heavy_mask = sum(1 << i for i, r in enumerate(idx.recomputable) if not r)
     plans: list[SegmentPlan] = []
     done = 0
@@ -224,5 +265,8 @@ def plan_segments(idx: GraphIndex, targets: Sequence[Sequence[ir.Value]]) -> lis
         earlier = 0
         for p in plans[:k]:
             earlier |= p.nodes
-        plan.carried_in, _ = carried_across(idx, earlier, plan.nodes)
+        plan.carried_in, plan.model_inputs = carried_across(idx, earlier, plan.nodes)
+        owners = {i: p.index for p in plans[:k] for i in range(len(idx.nodes)) if (p.nodes >> i) & 1}
+        plan.depends_on = sorted({owners[i] for v in plan.carried_in
+                                  if (i := idx.producer_index(v)) is not None and i in owners})
     return plans

@@ -120,3 +120,12 @@ def test_old_ir_zoo_models_have_no_initializer_inputs(name: str) -> None:
     # ConstantOfShape weight nodes are recomputable (copied into each segment that uses them).
     cos = [r for n, r in zip(idx.nodes, idx.recomputable, strict=True) if n.op_type == "ConstantOfShape"]
     assert cos and all(cos)
+
+
+def test_worked_example_in_the_docstring_holds():
+    import doctest
+
+    from eecompile.analysis import partition
+
+    res = doctest.testmod(partition, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted >= 6 and res.failed == 0
