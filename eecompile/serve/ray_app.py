@@ -109,7 +109,7 @@ class EarlyExitDeployment:
         if path.endswith("/health") and request.method in ("GET", "HEAD"):
             return self._json(200, {"status": "ok", "bundle": Path(self._cfg.bundle).name,
                                     "exits": self.n_early_exits + 1,
-                                    "inputs": [t.name for t in self.runner.inputs]})
+                                    "inputs": [t.name for t in self.runner.inputs], "pid": os.getpid()})
         if not path.endswith("/predict"):
             return self._error(404, f"no route {request.url.path}; use POST {ROUTE_PREFIX}/predict or GET "
                                     f"{ROUTE_PREFIX}/health", t0)

@@ -27,13 +27,16 @@ def mixed_inputs(n: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def served_bundle(tmp_path_factory: pytest.TempPathFactory, torch_model) -> Path:
+    return build_served_bundle(tmp_path_factory.mktemp("served"), torch_model("resnet"))
+
+
+def build_served_bundle(root: Path, model: Path) -> Path:
+    """Compile ``model`` (the tests' ResNet) with two exits whose thresholds split mixed inputs about evenly."""
     from eecompile.compiler import analyze_model
     from eecompile.bundle import update_bundle
     from eecompile.compiler import compile_model
     from eecompile.runtimes.chain import EarlyExitRunner
 
-    root = tmp_path_factory.mktemp("served")
-    model = torch_model("resnet")
     report = analyze_model(model)
     cuts = report.to_json()["suggested"][:2]
     shapes = {c["tensor"]: c["shape"] for c in report.to_json()["cut_points"]}
