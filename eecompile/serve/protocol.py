@@ -8,7 +8,7 @@ Request, either
 Response: ``{"outputs": {NAME: nested lists}, "exit_index": [int, ...]}`` (JSON), or an ``.npz`` with each
 final output and ``exit_index`` (int64) when the request was an ``.npz``.
 
-Arrays are checked exactly as ``eecompile run`` checks an ``.npz`` (:func:`eecompile.data.check_array`), so a
+Arrays are checked exactly as ``eecompile run`` checks an ``.npz`` (:func:`eecompile.runtimes.data.check_array`), so a
 wrong name, dtype or shape gets the same one-line message; JSON numbers have no dtype, so integers are accepted
 for float inputs. Numpy only: this module runs inside Triton's Python backend too.
 """
