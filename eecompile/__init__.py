@@ -28,11 +28,14 @@ if TYPE_CHECKING:
     from eecompile.runtimes.chain import EarlyExitRunner
 
 
-def compile_model(spec: Any, output: Any, *, force: bool = False, verify: bool = True) -> Bundle:
-    """Compile a spec (a path or a :class:`Spec`) into a bundle directory; see :mod:`eecompile.compiler`."""
+def compile_model(spec: Any, output: Any, *, force: bool = False, verify: bool = True,
+                  tolerance: float | None = None) -> Bundle:
+    """Compile a spec (a path or a :class:`Spec`) into a bundle directory; see :mod:`eecompile.compiler`.
+    ``tolerance``: verify's allowed error relative to the final output's scale (default: from the graph's
+    precision)."""
     from eecompile.compiler import compile_model as _compile
 
-    return _compile(spec, output, force=force, verify=verify)
+    return _compile(spec, output, force=force, verify=verify, tolerance=tolerance)
 
 
 def load(bundle: Any, backend: str = "onnxruntime", **options: Any) -> EarlyExitRunner:

@@ -111,13 +111,18 @@ def analyze(model: Path, as_json: bool, show_all: bool, dims: tuple[str, ...]) -
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True, help="Bundle directory.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUTPUT.")
 @click.option("--no-verify", is_flag=True, help="Skip the no-exit equivalence check (not recommended).")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Verify's allowed error relative to the final output's scale (default: from the graph's "
+                   "precision: 1e-5 for float32, one rounding step per boundary for float16).")
 @_dim_option
 @_user_errors
-def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tuple[str, ...]) -> None:
+def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tuple[str, ...],
+                tolerance: float | None) -> None:
     """Compile the model named in SPEC into an early-exit bundle."""
     from eecompile.compiler import compile_model
 
-    bundle = compile_model(spec, output, force=force, verify=not no_verify, dims=_parse_dims(dims))
+    bundle = compile_model(spec, output, force=force, verify=not no_verify, dims=_parse_dims(dims),
+                           tolerance=tolerance)
     m = bundle.manifest
     if m.decoder:
         _echo_decoder(output, m.decoder)

@@ -47,7 +47,7 @@ from eecompile.passes.gates import FuseGatePass
 from eecompile.passes.load import load_model, opset_of
 from eecompile.passes.opset import ir_version_for, main_opset, raise_segment
 from eecompile.passes.tidy import SegmentOutputsPass, tidy_passes
-from eecompile.passes.verify import reference_outputs
+from eecompile.passes.verify import graph_tolerance, reference_outputs
 from eecompile.spec import GateKind, Spec, load_spec
 from eecompile.write import BundlePlan, write_bundle
 
@@ -93,12 +93,14 @@ def analyze_model(path: str | Path, dims: dict[str, int] | None = None) -> Analy
 
 
 def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = False, verify: bool = True,
-                  dims: dict[str, int] | None = None) -> Bundle:
+                  dims: dict[str, int] | None = None, tolerance: float | None = None) -> Bundle:
     """Compile ``spec`` (a :class:`~eecompile.spec.Spec`, or the path of its YAML file) into a bundle directory
     at ``output``, written atomically; returns the loaded :class:`~eecompile.bundle.Bundle`.
 
     ``force`` replaces an existing bundle at ``output``; ``verify=False`` skips the check that the chain with
-    no exit taken equals the source model (not recommended); ``dims`` sizes symbolic input dims for probing.
+    no exit taken equals the source model (not recommended); ``dims`` sizes symbolic input dims for probing;
+    ``tolerance`` is verify's allowed error relative to each final output's scale, instead of the one the
+    graph's precision calls for (:func:`eecompile.passes.verify.graph_tolerance`).
 
     Raises:
         SpecError: the spec is invalid or does not fit the graph (the message names the YAML path).
@@ -120,11 +122,12 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
         raise BundleError(f"{output}: already exists; pass --force to replace it")
     if spec.model.suffix == ".eebundle" or spec.model.is_dir():
         raise SpecError(f"model: '{spec.model}' is a directory; give the path of an .onnx file")
-    write_bundle(output, plan_bundle(spec, dims, verify))
+    write_bundle(output, plan_bundle(spec, dims, verify, tolerance))
     return Bundle.load(output)
 
 
-def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = True) -> BundlePlan:
+def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = True,
+                tolerance: float | None = None) -> BundlePlan:
     """Every stage up to the files: the segment graphs with heads and gates, the manifest, the reference."""
     pm = prepare(spec.model, dims)
     final = resolve_final(pm, spec)
@@ -157,7 +160,9 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
         infos.append(segment_info(pm, seg.index, model, info, seg.carried_out, plans[seg.index].nodes))
     manifest = manifest_for(pm, spec, final, axis, infos, __version__, notes)
     # The reference runs before anything is written, while the source model is loaded anyway.
-    reference = (reference_outputs(pm.model, [1, 4], per_sample=pm.batch_mode != "dynamic", dims=dims)
+    carried = list(dict.fromkeys(n for s in infos for n in s.carried_out))
+    reference = (reference_outputs(pm.model, [1, 4], per_sample=pm.batch_mode != "dynamic", dims=dims,
+                                   carried=carried, tolerance=graph_tolerance(pm.model, len(infos) - 1, tolerance))
                  if verify else None)
     return BundlePlan(manifest, models, [e.spec.head.file for e in exits], reference)
 

@@ -84,6 +84,8 @@ def write_bundle(output: Path, plan: BundlePlan) -> None:
                 shutil.copyfile(src, tmp / "heads" / f"exit{k}.onnx")
         if plan.reference is not None:
             ios = segment_ios(tmp, plan.manifest.segments)
-            worst = verify_chain(plan.reference, ios, [t.name for t in plan.manifest.outputs])
-            plan.manifest.notes.append(f"verified: no-exit chain equals the source model (max rel. error {worst:.1e})")
+            worst = verify_chain(plan.reference, ios, [t.name for t in plan.manifest.outputs],
+                                 class_axis=plan.manifest.class_axis)
+            plan.manifest.notes.append(f"verified: no-exit chain equals the source model (max rel. error {worst:.1e}; "
+                                       f"allowed {plan.reference.tolerance.describe()})")
         write_manifest(tmp, plan.manifest)

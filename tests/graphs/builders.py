@@ -212,3 +212,15 @@ def dequantized(model: Path, tensor: str) -> tuple[str, str]:
     q = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
     dq = next(n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
     return q.output[0], dq.output[0]
+
+
+def fp16_cnn(path: Path, seed: int = 2) -> Path:
+    """:func:`small_cnn` (no final activation) converted to float16 with float32 inputs and outputs, the way
+    ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` writes it (Casts at
+    the edges, fp16 weights and activations inside)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    fp32 = path.with_name(path.stem + "_fp32.onnx")
+    small_cnn(fp32, activation=None, seed=seed)
+    onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), path)
+    return path
