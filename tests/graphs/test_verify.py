@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 import eecompile
-from eecompile.analysis.cut_points import prepare
+from eecompile.compiler import prepare
 from eecompile.cli import cli
 from eecompile.errors import GraphError
 from eecompile.passes.load import load_model
