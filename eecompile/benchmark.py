@@ -11,8 +11,8 @@ Method (the machines we run on are shared and noisy, so no figure is a single ti
 The unsplit model is not in the bundle. Two references are timed side by side with the chain:
   * ``gates-never``: the same runner and sessions with every gate overridden to "never" (every sample runs the
     whole chain); always available, on every backend;
-  * ``unsplit-model``: an ONNX Runtime session on the source model (``manifest.source_model.file``, looked up
-    beside the bundle, or ``reference_model=``), with the chain's thread settings. A model exported with a
+  * ``unsplit-model``: an ONNX Runtime session on the source model (``reference_model=``, or
+    ``manifest.source_model.file`` when it lies inside the bundle: a manifest never opens a file outside it), with the chain's thread settings. A model exported with a
     fixed batch of 1 is made batch-dynamic the way the compiler does it, so it runs at ``batch_size``.
 The report says which reference the headline speedup uses (the unsplit model when found).
 
@@ -267,8 +267,8 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
         descriptions = {"gates-never": "the same chain with every gate overridden to 'never' (all segments run)"}
         src = Path(reference_model) if reference_model is not None else find_source_model(b)
         if src is None:
-            notes.append("source model not found beside the bundle (manifest source_model.file); pass "
-                         "reference_model= to compare with the unsplit model")
+            notes.append("unsplit model not timed: pass reference_model= (--reference-model) to compare with it "
+                         "(a source model outside the bundle is not opened because the manifest names it)")
         elif backend != "onnxruntime":
             notes.append(f"unsplit model not timed: it runs on ONNX Runtime, the chain on {backend}")
         else:

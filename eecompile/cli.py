@@ -161,20 +161,37 @@ def train_heads(bundle: Path, data: Path, epochs: int, labels: bool, temperature
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Calibration .npz.")
 @click.option("--max-drop", type=float, required=True, help="Accuracy drop allowed, in (0, 1).")
-@click.option("--method", type=click.Choice(["search", "ltt"]), default="search", show_default=True)
-@click.option("--delta", type=float, default=0.05, show_default=True, help="ltt: allowed failure probability.")
+@click.option("--method", type=click.Choice(["search", "ltt"]), default="search", show_default=True,
+              help="search: cheapest thresholds whose upper confidence bound on the drop is within budget; "
+                   "ltt: Learn-then-Test, a guarantee on new data.")
+@click.option("--confidence", type=float, default=None,
+              help="Confidence of the bound (search) or of the guarantee (ltt), in (0, 1)  [default: 0.95]")
+@click.option("--delta", type=float, default=None, help="Allowed failure probability, 1 - confidence.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Backend to measure latency on.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size for latency measurement.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the accuracy-speedup plot.")
+@click.option("--reference-model", type=click.Path(path_type=Path), default=None,
+              help="The unsplit .onnx to time as the baseline (a source model outside the bundle is not opened "
+                   "because the manifest names it).")
 @_user_errors
-def calibrate(bundle: Path, data: Path, max_drop: float, method: str, delta: float, backend: str, batch: int,
-              plot: Path | None) -> None:
-    """Choose thresholds for an accuracy budget, from latencies measured on the backend."""
+def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence: float | None,
+              delta: float | None, backend: str, batch: int, plot: Path | None,
+              reference_model: Path | None) -> None:
+    """Choose thresholds for an accuracy budget, from latencies measured on the backend.
+
+    Exits with status 1, leaving the bundle as it was, when no setting meets the budget at the confidence
+    asked for; the report then says how many calibration samples the budget needs."""
     from eecompile.calibrate import calibrate_bundle
 
-    report = calibrate_bundle(bundle, data, max_drop=max_drop, method=method, delta=delta, backend=backend,
-                              batch_size=batch, plot=plot)
+    report = calibrate_bundle(bundle, data, max_drop=max_drop, method=method, confidence=confidence, delta=delta,
+                              backend=backend, batch_size=batch, plot=plot, reference_model=reference_model)
     report.print()
+    if not report.deployed:
+        click.echo(f"error: no thresholds meet drop <= {max_drop:g} at confidence {report.confidence:g} with "
+                   f"{report.n_samples} calibration samples; the bundle is unchanged. Give more data (about "
+                   f"{report.samples_needed_best or report.samples_needed} samples), a larger --max-drop or a "
+                   f"lower --confidence", err=True)
+        sys.exit(1)
 
 
 @cli.command()
@@ -247,12 +264,17 @@ def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | N
 @click.option("--backend", default="onnxruntime", show_default=True)
 @click.option("--repeats", type=int, default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--reference-model", type=click.Path(path_type=Path), default=None,
+              help="The unsplit .onnx to time as the baseline (a source model outside the bundle is not opened "
+                   "because the manifest names it).")
 @_user_errors
-def bench(bundle: Path, data: Path, batch: int, backend: str, repeats: int, as_json: bool) -> None:
+def bench(bundle: Path, data: Path, batch: int, backend: str, repeats: int, as_json: bool,
+          reference_model: Path | None) -> None:
     """Latency percentiles, throughput, exit histogram and speedup against the unsplit model."""
     from eecompile.benchmark import bench_bundle
 
-    report = bench_bundle(bundle, data, batch_size=batch, backend=backend, repeats=repeats)
+    report = bench_bundle(bundle, data, batch_size=batch, backend=backend, repeats=repeats,
+                          reference_model=reference_model)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

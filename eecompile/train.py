@@ -19,16 +19,21 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from eecompile.bundle import Bundle
-from eecompile.calibrate.collect import ChainProbe, final_output, iter_batches, load_data
+from eecompile.calibrate.collect import final_output, iter_batches, load_data
+from eecompile.calibrate.latency import session_options
 from eecompile.errors import BundleError, EECompileError
 from eecompile.heads import head_input_names, head_module, head_onnx, module_weights
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -281,3 +286,82 @@ def _predict(torch: Any, module: Any, feats: list[np.ndarray], n: int, n_classes
             logits = module(*xs)
             out.append(logits.reshape(logits.shape[0], -1, n_classes).argmax(-1).numpy())
     return np.concatenate(out)
+
+
+def _add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """Expose internal tensors as graph outputs (a copy; types from shape inference where known)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    todo = [n for n in names if n not in have]
+    if not todo:
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        infos = {v.name: v for v in inferred.graph.value_info}
+    except Exception:  # noqa: BLE001 - shape inference is a nicety here; ORT infers the type anyway
+        infos = {}
+    produced = {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.initializer}
+    for n in todo:
+        if n not in produced:
+            raise BundleError(f"tensor '{n}' is not computed in this segment; recompile the bundle")
+        model.graph.output.append(infos[n] if n in infos else helper.make_empty_tensor_value_info(n))
+    return model
+
+
+class ChainProbe:
+    """Runs a bundle's segments one after another in ONNX Runtime on every row (policy ``never``).
+
+    ``extra[k]`` names internal tensors of segment k to return as well (the features heads train on).
+    Each row's outputs come from every exit: nothing is dropped, so calibration and training see all exits.
+    """
+
+    def __init__(self, bundle: Bundle, extra: Mapping[int, Sequence[str]] | None = None,
+                 threads: int | None = None) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.sessions: list[ort.InferenceSession] = []
+        self.models: list[onnx.ModelProto] = []
+        so = session_options(threads)
+        for seg in self.manifest.segments:
+            path = bundle.verify_file(seg.file)
+            model = onnx.load(str(path))
+            names = list((extra or {}).get(seg.index, []))
+            if names:
+                model = _add_outputs(model, names)
+            self.models.append(model)
+            try:
+                self.sessions.append(ort.InferenceSession(model.SerializeToString(), so,
+                                                          providers=["CPUExecutionProvider"]))
+            except Exception as e:  # noqa: BLE001 - ORT raises its own types; name the file instead
+                raise BundleError(f"{path}: ONNX Runtime cannot load this segment ({e}); recompile the bundle") from e
+
+    def segment_feeds(self, k: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seg = self.manifest.segments[k]
+        feeds: dict[str, np.ndarray] = {}
+        gate = seg.exit.gate
+        for i in self.sessions[k].get_inputs():
+            if gate is not None and i.name == gate.threshold_input:
+                feeds[i.name] = np.asarray(gate.threshold, np.float32)
+            elif i.name in env:
+                feeds[i.name] = env[i.name]
+            else:
+                raise BundleError(f"{seg.file}: input '{i.name}' is produced by no earlier segment; recompile the bundle")
+        return feeds
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Every segment's outputs (by name) for one batch of model inputs."""
+        env: dict[str, np.ndarray] = dict(inputs)
+        outs: list[dict[str, np.ndarray]] = []
+        for k, sess in enumerate(self.sessions):
+            names = [o.name for o in sess.get_outputs()]
+            values = sess.run(names, self.segment_feeds(k, env))
+            out = dict(zip(names, values, strict=True))
+            outs.append(out)
+            env.update(out)
+        return outs

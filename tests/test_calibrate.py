@@ -108,6 +108,95 @@ def test_samples_needed_is_the_zero_error_bound() -> None:
     assert 0.99**n <= 0.05 < 0.99 ** (n - 1)
 
 
+@pytest.mark.parametrize(("errors", "n"), [(0, 1), (0, 50), (1, 50), (3, 500), (17, 300), (99, 100), (100, 100)])
+@pytest.mark.parametrize("delta", [0.01, 0.05, 0.1, 0.3])
+def test_statistics_match_scipy(errors: int, n: int, delta: float) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    from eecompile.calibrate import (
+        binomial_pvalue,
+        clopper_pearson_interval,
+        clopper_pearson_upper,
+        max_certified_errors,
+    )
+
+    for p in (0.001, 0.01, 0.2, 0.5):
+        assert binom_cdf(errors, n, p) == pytest.approx(stats.binom.cdf(errors, n, p), rel=1e-9, abs=1e-300)
+        assert binomial_pvalue(errors, n, p) == pytest.approx(stats.binom.cdf(errors, n, p), rel=1e-9, abs=1e-300)
+    # One-sided Clopper-Pearson: the 1 - delta quantile of Beta(k + 1, n - k).
+    want = 1.0 if errors == n else stats.beta.ppf(1 - delta, errors + 1, n - errors)
+    assert clopper_pearson_upper(errors, n, delta) == pytest.approx(want, abs=1e-12)
+    ci = stats.binomtest(errors, n).proportion_ci(confidence_level=1 - delta, method="exact")
+    lo, hi = clopper_pearson_interval(errors, n, 1 - delta)
+    assert lo == pytest.approx(ci.low, abs=1e-10) and hi == pytest.approx(ci.high, abs=1e-10)
+    # The most errors a budget tolerates is where the binomial tail crosses delta.
+    for budget in (0.01, 0.05, 0.3):
+        k = max_certified_errors(n, budget, delta)
+        assert k == -1 or stats.binom.cdf(k, n, budget) <= delta
+        assert k == n or stats.binom.cdf(k + 1, n, budget) > delta
+        assert (k >= 0) == (n >= samples_needed(budget, delta))
+
+
+def test_hoeffding_bentkus_against_its_formula() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for errors, n, alpha in ((0, 300, 0.01), (3, 400, 0.02), (40, 500, 0.05), (60, 500, 0.05)):
+        rhat = errors / n
+        r = min(rhat, alpha)
+        h1 = (r * math.log(r / alpha) if r > 0 else 0.0) + (1 - r) * math.log((1 - r) / (1 - alpha))
+        want = min(1.0, math.exp(-n * h1), math.e * stats.binom.cdf(math.ceil(n * rhat), n, alpha))
+        assert hoeffding_bentkus_pvalue(errors, n, alpha) == pytest.approx(want, rel=1e-9)
+
+
+def test_samples_needed_at_a_rate() -> None:
+    from eecompile.calibrate import samples_needed_at_rate
+
+    assert samples_needed_at_rate(0.0, 0.01, 0.05) == samples_needed(0.01, 0.05)
+    n = samples_needed_at_rate(0.005, 0.01, 0.05)
+    assert n is not None and binomial_pvalue_at(0.005, n, 0.01) <= 0.05
+    assert samples_needed_at_rate(0.01, 0.01, 0.05) is None  # a rate at the budget is never certified
+
+
+def binomial_pvalue_at(rate: float, n: int, budget: float) -> float:
+    return binom_cdf(math.floor(rate * n + 1e-9), n, budget)
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_bounded_search_keeps_the_upper_bound_within_budget(labels: bool) -> None:
+    from eecompile.calibrate import bounded_search, clopper_pearson_upper
+
+    table = synthetic(2000, np.random.default_rng(11), labels=labels)
+    res = bounded_search(table, COSTS, 0.02, 0.9)
+    ev = evaluate(table, res.thresholds, COSTS)
+    assert res.feasible and ev.expected_cost < COSTS[-1] * 0.9
+    assert res.errors == ev.errors <= res.allowed_errors
+    assert res.drop_upper == pytest.approx(clopper_pearson_upper(ev.errors, 2000, 0.1)) and res.drop_upper <= 0.02
+    assert res.loss_interval[0] <= ev.loss <= res.loss_interval[1]
+    # The point-estimate search spends the whole budget; the bounded one stays below it.
+    naive = evaluate(table, search_thresholds(table, COSTS, 0.02, risk="loss"), COSTS)
+    assert naive.loss > ev.loss and naive.expected_cost <= ev.expected_cost
+
+
+def test_bounded_search_with_too_few_samples_deploys_nothing() -> None:
+    from eecompile.calibrate import bounded_search
+
+    table = synthetic(100, np.random.default_rng(12))
+    res = bounded_search(table, COSTS, 0.01, 0.95)  # 299 samples are needed even with zero errors
+    assert not res.feasible and res.allowed_errors == -1 and res.samples_needed == 299
+    assert all(t == math.inf for t in res.thresholds)
+
+
+def test_threshold_path_is_monotone_strict_to_loose() -> None:
+    from eecompile.calibrate import threshold_path
+
+    table = synthetic(600, np.random.default_rng(13), entropy_exit=True)
+    path = threshold_path(table, COSTS, max_points=150)
+    assert 50 <= len(path) <= 150
+    sign = np.array([1.0 if a else -1.0 for a in table.fires_above])
+    for a, b in zip(path, path[1:], strict=False):
+        assert np.all(sign * np.asarray(b) <= sign * np.asarray(a))  # every threshold only loosens
+    costs = [evaluate(table, t, COSTS).expected_cost for t in path]
+    assert costs[-1] < costs[0] and costs[0] < COSTS[-1]
+
+
 def test_ltt_guarantee_holds_in_simulation() -> None:
     """Over many random calibration sets, the chosen thresholds' true risk exceeds the budget in <= delta of them.
 
@@ -119,7 +208,7 @@ def test_ltt_guarantee_holds_in_simulation() -> None:
     ltt_violations = search_violations = certified = 0
     for _ in range(trials):
         cal = synthetic(1000, rng, labels=True)
-        res = ltt_thresholds(cal, COSTS, budget, delta, seed=int(rng.integers(1 << 30)), n_paths=8)
+        res = ltt_thresholds(cal, COSTS, budget, delta, seed=int(rng.integers(1 << 30)))
         certified += res.certified
         ltt_violations += evaluate(population, res.thresholds, COSTS).loss > budget
         naive = search_thresholds(cal, COSTS, budget, risk="loss")
@@ -287,3 +376,84 @@ def test_calibrate_bundle_budget_outside(trained_dir: Path, budget: float) -> No
     with pytest.raises(CalibrationError, match="max-drop"):
         calibrate_bundle(trained_dir / "max_prob" / "model.eebundle", trained_dir / "max_prob" / "cal.npz",
                          max_drop=budget, quiet=True)
+
+
+def test_source_model_is_used_only_inside_the_bundle(trained_dir: Path, tmp_path: Path) -> None:
+    """A manifest's source_model is opened only when it lies inside the bundle (no '..', absolute path or link)."""
+    import dataclasses
+    import os
+    import shutil
+
+    from eecompile.bundle import Bundle, sha256_file
+    from eecompile.calibrate import find_source_model
+
+    bundle = tmp_path / "b.eebundle"
+    shutil.copytree(trained_dir / "max_prob" / "model.eebundle", bundle)
+    outside = trained_dir / "max_prob" / "model.onnx"
+    digest = sha256_file(outside)
+    b = Bundle.load(bundle)
+
+    def with_source(name: str) -> Bundle:
+        return Bundle(bundle, dataclasses.replace(b.manifest, source_model={"file": name, "sha256": digest}))
+
+    assert find_source_model(with_source("model.onnx")) is None  # beside the bundle: not opened
+    assert find_source_model(with_source(str(outside))) is None
+    assert find_source_model(with_source("../../max_prob/model.onnx")) is None
+    shutil.copy(outside, bundle / "source.onnx")
+    assert find_source_model(with_source("source.onnx")) == bundle / "source.onnx"
+    assert find_source_model(Bundle(bundle, dataclasses.replace(b.manifest, source_model={
+        "file": "source.onnx", "sha256": "0" * 64}))) is None  # changed since compile
+    os.symlink(outside, bundle / "link.onnx")
+    assert find_source_model(with_source("link.onnx")) is None
+
+
+def test_calibrated_bound_holds_on_new_data(trained_dir: Path, tmp_path: Path) -> None:
+    """End to end: the drop on 4000 unseen samples stays within the budget the search bounded."""
+    import shutil
+
+    import eecompile
+    from eecompile.calibrate import calibrate_bundle
+    from tests.test_train import blobs
+
+    bundle = tmp_path / "b.eebundle"
+    shutil.copytree(trained_dir / "max_prob" / "model.eebundle", bundle)
+    report = calibrate_bundle(bundle, trained_dir / "max_prob" / "cal.npz", max_drop=0.05, confidence=0.95,
+                              costs=[1.0, 1.0, 4.0], quiet=True)
+    assert report.deployed and report.drop_upper is not None and report.drop_upper <= 0.05
+    assert report.expected_speedup > 1.2  # it does let samples exit
+    x, y = blobs(4000, seed=99)
+    runner = eecompile.load(bundle)
+    chain = runner.run({"x": x}).outputs["logits"].argmax(1)
+    full = runner.run({"x": x}, thresholds="never").outputs["logits"].argmax(1)
+    assert (full == y).mean() - (chain == y).mean() <= 0.05
+    assert ((full == y) & (chain != y)).mean() <= report.drop_upper + 0.01  # the loss bound, up to test noise
+
+
+def test_calibrate_cli_leaves_the_bundle_and_fails_when_the_budget_needs_more_samples(
+        trained_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+
+    bundle = tmp_path / "b.eebundle"
+    shutil.copytree(trained_dir / "max_prob" / "model.eebundle", bundle)
+    before = {p.name: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    for method in ("search", "ltt"):
+        res = CliRunner().invoke(cli, ["calibrate", str(bundle), "--data", str(trained_dir / "max_prob" / "cal.npz"),
+                                       "--max-drop", "0.002", "--method", method, "--confidence", "0.9"])
+        assert res.exit_code == 1, res.output
+        assert "1151" in res.output  # log(0.1) / log(1 - 0.002): samples for zero errors (ltt: / 0.7)
+        assert {p.name: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+
+
+def test_confidence_and_delta_must_agree(trained_dir: Path) -> None:
+    from eecompile.calibrate import calibrate_bundle
+
+    with pytest.raises(CalibrationError, match="disagree"):
+        calibrate_bundle(trained_dir / "max_prob" / "model.eebundle", trained_dir / "max_prob" / "cal.npz",
+                         max_drop=0.05, confidence=0.9, delta=0.05, quiet=True)
+    with pytest.raises(CalibrationError, match=r"confidence must be in \(0, 1\)"):
+        calibrate_bundle(trained_dir / "max_prob" / "model.eebundle", trained_dir / "max_prob" / "cal.npz",
+                         max_drop=0.05, confidence=1.0, quiet=True)

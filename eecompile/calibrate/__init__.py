@@ -2,17 +2,21 @@
 
 Two layers:
 
-* **Core** (numpy only, testable on synthetic arrays): an :class:`ExitTable` (:mod:`.collect`) holds every early exit's gate
-  score and whether every exit's prediction matches the reference (the labels, or the final exit's answer
-  when there are none). :func:`assign_exits`, :func:`evaluate`, :func:`search_thresholds` (cheapest
-  expected cost with the drop within budget on the calibration data) and :func:`ltt_thresholds`
+* **Core** (numpy only, testable on synthetic arrays): an :class:`ExitTable` (:mod:`.collect`) holds every
+  early exit's gate score and whether every exit's prediction matches the reference (the labels, or the final
+  exit's answer when there are none). :mod:`.search`: :func:`evaluate`, :func:`search_thresholds` (cheapest
+  expected cost with the empirical drop within budget), :func:`bounded_search` (the default ``search``
+  method: the Clopper-Pearson upper bound of the drop within budget); :mod:`.ltt`: :func:`ltt_thresholds`
   (Learn-then-Test, as in CALM: thresholds whose risk on new data is within budget with probability
-  >= 1 - delta).
-* **Bundle** (:func:`calibrate_bundle`): runs the chain with every exit recorded, measures each segment's
-  latency on the backend, picks thresholds, writes them and the report into the manifest atomically.
+  >= 1 - delta); :mod:`.stats`: the binomial statistics they rest on.
+* **Bundle** (:func:`calibrate_bundle`): runs the runner with policy ``never`` (every exit recorded),
+  measures the latency of leaving at each exit on the backend, picks thresholds, writes them and the report
+  into the manifest atomically; or, when no setting meets the budget at the stated confidence, leaves the
+  bundle as it was and says how many samples the budget needs.
 
 Conventions: a gate fires when ``score >= t`` (``score <= t`` for ``entropy``; see ``GateKind.fires_above``);
 a NaN score never fires; a threshold of +inf (-inf for entropy) means "never exit here".
+Imports numpy, the bundle reader and the runtime only: calibration runs on a device without onnx or torch.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from eecompile.bundle import Bundle, Manifest, update_bundle
 from eecompile.calibrate.collect import (
-    ChainProbe,
     ExitTable,
     collect_exit_table,
     correctness,
@@ -35,55 +39,104 @@ from eecompile.calibrate.collect import (
     load_data,
     predictions,
 )
-from eecompile.calibrate.latency import find_source_model, measure_latency, session_options
+from eecompile.calibrate.latency import find_source_model, measure_latency, session_options, time_interleaved
 from eecompile.calibrate.ltt import LTTResult, ltt_thresholds
 from eecompile.calibrate.plot import plot_report
 from eecompile.calibrate.report import CalibrationReport
 from eecompile.calibrate.search import (
     Costs,
     Evaluation,
+    SearchResult,
     _check_budget,
     assign_exits,
+    bounded_search,
     candidate_thresholds,
+    check_confidence,
     evaluate,
+    never_setting,
     never_threshold,
     oracle_exits,
     pareto_curve,
     search_thresholds,
+    threshold_path,
 )
 from eecompile.calibrate.stats import (
     PVALUES,
     binom_cdf,
     binomial_pvalue,
+    clopper_pearson_interval,
+    clopper_pearson_upper,
     hoeffding_bentkus_pvalue,
+    max_certified_errors,
     samples_needed,
+    samples_needed_at_rate,
 )
 from eecompile.errors import CalibrationError, DataError
 
 __all__ = [
-    "METHODS", "PVALUES", "CalibrationReport", "ChainProbe", "Costs", "Evaluation", "ExitTable", "LTTResult",
-    "assign_exits", "binom_cdf", "binomial_pvalue", "calibrate_bundle", "candidate_thresholds",
+    "DEFAULT_CONFIDENCE", "METHODS", "PVALUES", "CalibrationReport", "Costs", "Evaluation", "ExitTable",
+    "LTTResult", "SearchResult", "assign_exits", "binom_cdf", "binomial_pvalue", "bounded_search",
+    "calibrate_bundle", "candidate_thresholds", "clopper_pearson_interval", "clopper_pearson_upper",
     "collect_exit_table", "correctness", "evaluate", "final_output", "find_source_model",
-    "hoeffding_bentkus_pvalue", "iter_batches", "load_data", "ltt_thresholds", "measure_latency",
-    "never_threshold", "oracle_exits", "pareto_curve", "plot_report", "predictions", "samples_needed",
-    "search_thresholds", "session_options",
+    "hoeffding_bentkus_pvalue", "iter_batches", "load_data", "ltt_thresholds", "max_certified_errors",
+    "measure_latency", "never_setting", "never_threshold", "oracle_exits", "pareto_curve", "plot_report",
+    "predictions", "resolve_confidence", "samples_needed", "samples_needed_at_rate", "search_thresholds",
+    "session_options", "threshold_path", "time_interleaved",
 ]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("search", "ltt")
+DEFAULT_CONFIDENCE = 0.95
+LTT_LEARN_FRACTION = 0.3
+
+
+def resolve_confidence(confidence: float | None, delta: float | None) -> float:
+    """The confidence to calibrate at: ``confidence``, else ``1 - delta``, else 0.95.
+
+    Raises CalibrationError when a value is outside (0, 1) or both are given and disagree."""
+    if delta is not None:
+        _check_budget(0.5, delta)
+    if confidence is not None:
+        check_confidence(confidence)
+        if delta is not None and abs((1.0 - delta) - confidence) > 1e-12:
+            raise CalibrationError(f"--confidence {confidence} and --delta {delta} disagree (confidence = "
+                                   f"1 - delta); give one of them")
+        return float(confidence)
+    return 1.0 - float(delta) if delta is not None else DEFAULT_CONFIDENCE
 
 
 def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop: float, method: str = "search",
-                     delta: float = 0.05, backend: str = "onnxruntime", batch_size: int = 1,
-                     plot: str | Path | None = None, repeats: int = 100, threads: int | None = None,
-                     reference_model: str | Path | None = None, seed: int = 0, quiet: bool = False,
-                     costs: Sequence[float] | None = None) -> CalibrationReport:
+                     delta: float | None = None, confidence: float | None = None, backend: str = "onnxruntime",
+                     batch_size: int = 1, plot: str | Path | None = None, repeats: int = 100,
+                     threads: int | None = None, reference_model: str | Path | None = None, seed: int = 0,
+                     quiet: bool = False, costs: Sequence[float] | None = None) -> CalibrationReport:
     """Choose every early exit's threshold for an accuracy budget and write them into the bundle.
 
-    ``costs`` (seconds per segment) skips the latency measurement (for tests and replayed measurements).
+    ``data``: an .npz with the model inputs (N samples) and optionally ``labels`` (class indices; without
+    them the reference is the final exit's answer). ``max_drop``: the accuracy drop allowed, a fraction in
+    (0, 1) (0.01 = one point). ``confidence`` (or ``delta = 1 - confidence``; default 0.95):
+
+    * ``method="search"``: the cheapest thresholds whose one-sided Clopper-Pearson upper bound of the drop at
+      ``confidence`` is within ``max_drop`` (:func:`bounded_search`);
+    * ``method="ltt"``: Learn-then-Test (Angelopoulos et al. 2021; CALM): thresholds certified to keep the drop
+      within ``max_drop`` on new data with probability >= ``confidence`` (:func:`ltt_thresholds`).
+
+    Latency (``batch_size`` rows per call, ``repeats`` interleaved rounds, medians) is measured on ``backend``
+    through the runner, and against the unsplit model when ``reference_model`` is given or the manifest's
+    source model lies inside the bundle. ``costs`` (seconds per segment) skips the measurement (for tests and
+    replayed measurements).
+
+    Returns a :class:`CalibrationReport`. When no setting that lets samples exit meets the budget at this
+    confidence, nothing is written (the bundle keeps its thresholds), ``report.deployed`` is False and the
+    report gives the sample count the budget needs (the CLI then exits with status 1). Raises
+    CalibrationError for budgets, confidences or methods out of range, a bundle without early exits, or
+    (ltt) too few samples to certify anything; DataError for unusable data; BundleError/BackendError from
+    loading and running the bundle.
     """
-    _check_budget(max_drop, delta if method == "ltt" else None)
+    conf = resolve_confidence(confidence, delta)
+    dlt = 1.0 - conf
+    _check_budget(max_drop)
     if method not in METHODS:
         raise CalibrationError(f"method '{method}' is unknown; use one of {', '.join(METHODS)}")
     if batch_size < 1:
@@ -97,38 +150,70 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     if n == 0:
         raise DataError(f"{data}: no samples")
     if method == "ltt":
-        need = samples_needed(max_drop, delta)
-        total = math.ceil(need / 0.7)
+        need = samples_needed(max_drop, dlt)
+        total = math.ceil(need / (1.0 - LTT_LEARN_FRACTION))
         if n < total:  # fail before the slow part
             raise CalibrationError(
-                f"{data}: ltt with max drop {max_drop} and delta {delta} needs at least {total} calibration "
-                f"samples ({need} to test after 30% kept for learning); got {n}. Give more data, a larger "
-                f"--max-drop or --delta, or use --method search"
+                f"{data}: ltt with max drop {max_drop} at confidence {conf:g} (delta {dlt:g}) needs at least "
+                f"{total} calibration samples ({need} to test after {LTT_LEARN_FRACTION:.0%} kept for "
+                f"learning); got {n}. Give more data, a larger --max-drop or --delta, or use --method search"
             )
-    table = collect_exit_table(b, inputs, labels, quiet=quiet)
+    from eecompile.runtimes.chain import EarlyExitRunner
+
+    # One runner (the backend being calibrated) for the scores and the timings.
+    options: dict[str, Any] = {"threads": threads} if threads and backend == "onnxruntime" else {}
+    runner = EarlyExitRunner(b, backend=backend, **options)
+    try:
+        collect_batch = 256 if backend == "onnxruntime" else batch_size
+        table = collect_exit_table(b, inputs, labels, quiet=quiet, runner=runner, batch_size=collect_batch)
+        if costs is None:
+            cum_s, full_s = measure_latency(b, inputs, backend=backend, batch_size=batch_size, repeats=repeats,
+                                            threads=threads, reference_model=reference_model, runner=runner)
+        else:
+            cum_s, full_s = list(np.cumsum(np.asarray(costs, np.float64))), None
+    finally:
+        runner.close()
     notes: list[str] = []
-    if costs is None:
-        cum_s, full_s = measure_latency(b, inputs, backend=backend, batch_size=batch_size, repeats=repeats,
-                                        threads=threads, reference_model=reference_model)
-    else:
-        cum_s, full_s = list(np.cumsum(np.asarray(costs, np.float64))), None
     cum = np.asarray(cum_s, np.float64) * 1e3  # ms to leave at exit k
     if full_s is not None:
         baseline_ms, baseline = full_s * 1e3, "unsplit model"
     else:
         baseline_ms, baseline = float(cum[-1]), "whole chain"
-        notes.append("unsplit model not timed (not found where the manifest says, or not an onnxruntime backend): "
-                     "speedups are against running every segment")
+        notes.append("unsplit model not timed (pass --reference-model, or keep it inside the bundle as the "
+                     "manifest's source_model says; onnxruntime backend only): speedups are against running "
+                     "every segment")
+    never = never_setting(table)
     ltt: LTTResult | None = None
+    sr: SearchResult | None = None
+    uncertified: list[float] | None = None
     if method == "search":
-        thresholds = search_thresholds(table, cum, max_drop)
+        sr = bounded_search(table, cum, max_drop, conf)
+        deployed, thresholds = sr.feasible, sr.thresholds
+        need, need_best = sr.samples_needed, sr.samples_needed_best
+        if not deployed:
+            uncertified = sr.best_unbounded if sr.best_unbounded != never else None
+            why = (f"{n} samples cannot bound any drop below {max_drop} at confidence {conf:g} (even zero errors "
+                   f"need {need})" if sr.allowed_errors < 0 else
+                   f"no setting that lets samples exit has at most {sr.allowed_errors} errors in {n} samples, "
+                   f"which the budget allows at confidence {conf:g}")
+            notes.append(f"{why}; the bundle's thresholds are left as they were"
+                         + (f"; about {need_best} calibration samples would bound the best setting found"
+                            if need_best else ""))
     else:
-        ltt = ltt_thresholds(table, cum, max_drop, delta, seed=seed)
-        thresholds = ltt.thresholds
-        if not ltt.certified:
-            notes.append(f"no threshold can be certified for drop <= {max_drop} with probability >= {1 - delta} "
-                         f"on {ltt.n_test} test samples; every gate is set to never fire")
-    ev = evaluate(table, thresholds, cum)
+        ltt = ltt_thresholds(table, cum, max_drop, dlt, seed=seed, learn_fraction=LTT_LEARN_FRACTION)
+        deployed, thresholds = ltt.certified, ltt.thresholds
+        need, need_best = ltt.samples_needed, ltt.samples_needed_best
+        if not deployed:
+            uncertified = ltt.best_uncertified
+            notes.append(f"no setting on the path of {ltt.n_candidates} can be certified for drop <= {max_drop} "
+                         f"with probability >= {conf:g} on {ltt.n_test} test samples; the bundle's thresholds "
+                         f"are left as they were"
+                         + (f"; about {need_best} calibration samples would certify the next setting"
+                            if need_best else ""))
+    shown = thresholds if deployed or uncertified is None else uncertified
+    ev = evaluate(table, shown, cum)
+    lo, hi = clopper_pearson_interval(ev.errors, n, conf)
+    drop_upper = clopper_pearson_upper(ev.errors, n, dlt)
     oracle = oracle_exits(table)
     ref = "labels" if labels is not None else "final exit"
     exits = []
@@ -137,29 +222,36 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
         gate = seg.exit.gate
         exits.append({
             "index": k, "name": seg.exit.name, "gate": gate.kind if gate else None,
-            "threshold": float(thresholds[k]) if gate else None, "share": float(here.mean()),
+            "threshold": float(shown[k]) if gate else None, "share": float(here.mean()),
             "accuracy": float(table.correct[k, here].mean()) if here.any() else None,
             "cumulative_ms": float(cum[k]),
         })
+    speedup = baseline_ms / ev.expected_cost
+    if deployed and speedup < 1.0:
+        notes.append(f"the chosen thresholds are expected to run at {speedup:.2f}x the {baseline} (slower): the "
+                     f"exits save less than the split costs at batch {batch_size}; consider fewer exits")
     report = CalibrationReport(
-        method=method, max_drop=max_drop, delta=delta if method == "ltt" else None, reference=ref, n_samples=n,
+        method=method, max_drop=max_drop, delta=dlt if method == "ltt" else None, reference=ref, n_samples=n,
         backend=backend, batch_size=batch_size, exits=exits, full_accuracy=ev.full_accuracy, accuracy=ev.accuracy,
         drop=ev.drop, expected_ms=ev.expected_cost, baseline_ms=baseline_ms, baseline=baseline,
-        expected_speedup=baseline_ms / ev.expected_cost, oracle_speedup=baseline_ms / float(cum[oracle].mean()),
+        expected_speedup=speedup, oracle_speedup=baseline_ms / float(cum[oracle].mean()),
         certified=ltt.certified if ltt else None,
         ltt=None if ltt is None else {"n_learn": ltt.n_learn, "n_test": ltt.n_test, "candidates": ltt.n_candidates,
                                       "certified_candidates": ltt.n_certified, "p_value": ltt.p_value,
                                       "test_loss": ltt.test_loss, "p_value_kind": "binomial"},
         curve=pareto_curve(table, cum, baseline_ms), notes=notes,
+        confidence=conf, deployed=deployed, errors=ev.errors, loss=ev.loss, loss_interval=[lo, hi],
+        drop_upper=drop_upper, allowed_errors=sr.allowed_errors if sr else None, samples_needed=need,
+        samples_needed_best=need_best,
     )
+    if deployed:
+        def change(_root: Path, manifest: Manifest) -> None:
+            for k, seg in enumerate(manifest.segments):
+                if seg.exit.gate is not None:
+                    seg.exit.gate.threshold = float(thresholds[k])
+            manifest.calibration = report.to_dict()
 
-    def change(_root: Path, manifest: Manifest) -> None:
-        for k, seg in enumerate(manifest.segments):
-            if seg.exit.gate is not None:
-                seg.exit.gate.threshold = float(thresholds[k])
-        manifest.calibration = report.to_dict()
-
-    update_bundle(b.path, change)
+        update_bundle(b.path, change)
     if plot is not None:
         plot_report(report, plot)
     return report

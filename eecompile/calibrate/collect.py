@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from eecompile.bundle import Bundle, Manifest
-from eecompile.calibrate.latency import session_options
 from eecompile.errors import BundleError, CalibrationError, DataError
 from eecompile.spec import GateKind
 
 if TYPE_CHECKING:
-    import onnx
+    from eecompile.runtimes.chain import EarlyExitRunner
 
 
 @dataclass
@@ -77,98 +76,22 @@ def correctness(preds: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
 
 def load_data(path: str | Path, manifest: Manifest) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """The model inputs (by name) and the optional ``labels`` of an .npz (checked by
-    :mod:`eecompile.runtimes.data`)."""
+    :mod:`eecompile.runtimes.data`). Raises DataError for a missing, malformed or mismatched file."""
     from eecompile.runtimes.data import load_npz
 
     ds = load_npz(path, manifest.inputs)
     return ds.arrays, ds.labels
 
 
-def _add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """Expose internal tensors as graph outputs (a copy; types from shape inference where known)."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    todo = [n for n in names if n not in have]
-    if not todo:
-        return model
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        infos = {v.name: v for v in inferred.graph.value_info}
-    except Exception:  # noqa: BLE001 - shape inference is a nicety here; ORT infers the type anyway
-        infos = {}
-    produced = {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.initializer}
-    for n in todo:
-        if n not in produced:
-            raise BundleError(f"tensor '{n}' is not computed in this segment; recompile the bundle")
-        model.graph.output.append(infos[n] if n in infos else helper.make_empty_tensor_value_info(n))
-    return model
-
-
-class ChainProbe:
-    """Runs a bundle's segments one after another in ONNX Runtime on every row (policy ``never``).
-
-    ``extra[k]`` names internal tensors of segment k to return as well (the features heads train on).
-    Each row's outputs come from every exit: nothing is dropped, so calibration and training see all exits.
-    """
-
-    def __init__(self, bundle: Bundle, extra: Mapping[int, Sequence[str]] | None = None,
-                 threads: int | None = None) -> None:
-        import onnx
-        import onnxruntime as ort
-
-        self.bundle = bundle
-        self.manifest = bundle.manifest
-        self.sessions: list[ort.InferenceSession] = []
-        self.models: list[onnx.ModelProto] = []
-        so = session_options(threads)
-        for seg in self.manifest.segments:
-            path = bundle.verify_file(seg.file)
-            model = onnx.load(str(path))
-            names = list((extra or {}).get(seg.index, []))
-            if names:
-                model = _add_outputs(model, names)
-            self.models.append(model)
-            try:
-                self.sessions.append(ort.InferenceSession(model.SerializeToString(), so,
-                                                          providers=["CPUExecutionProvider"]))
-            except Exception as e:  # noqa: BLE001 - ORT raises its own types; name the file instead
-                raise BundleError(f"{path}: ONNX Runtime cannot load this segment ({e}); recompile the bundle") from e
-
-    def segment_feeds(self, k: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seg = self.manifest.segments[k]
-        feeds: dict[str, np.ndarray] = {}
-        gate = seg.exit.gate
-        for i in self.sessions[k].get_inputs():
-            if gate is not None and i.name == gate.threshold_input:
-                feeds[i.name] = np.asarray(gate.threshold, np.float32)
-            elif i.name in env:
-                feeds[i.name] = env[i.name]
-            else:
-                raise BundleError(f"{seg.file}: input '{i.name}' is produced by no earlier segment; recompile the bundle")
-        return feeds
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Every segment's outputs (by name) for one batch of model inputs."""
-        env: dict[str, np.ndarray] = dict(inputs)
-        outs: list[dict[str, np.ndarray]] = []
-        for k, sess in enumerate(self.sessions):
-            names = [o.name for o in sess.get_outputs()]
-            values = sess.run(names, self.segment_feeds(k, env))
-            out = dict(zip(names, values, strict=True))
-            outs.append(out)
-            env.update(out)
-        return outs
-
-
-def iter_batches(n: int, batch_size: int, label: str, quiet: bool = False) -> Any:
-    """Row slices of ``batch_size`` with a progress bar on the terminal."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+def iter_batches(n: int, batch_size: int, label: str, quiet: bool = False) -> Iterator[slice]:
+    """Row slices ``[s, s + batch_size)`` covering ``range(n)``, with a progress bar on the terminal when
+    ``rich`` is installed and ``quiet`` is False (without rich: no bar, same slices)."""
     starts = range(0, n, batch_size)
-    if quiet:
+    try:
+        if quiet:
+            raise ImportError
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    except ImportError:
         yield from (slice(s, min(s + batch_size, n)) for s in starts)
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -189,8 +112,17 @@ def predictions(logits: np.ndarray, class_axis: int) -> np.ndarray:
 
 
 def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels: np.ndarray | None, *,
-                       batch_size: int = 256, quiet: bool = False) -> ExitTable:
-    """Gate scores and per-exit correctness for every sample (chain with policy ``never``)."""
+                       batch_size: int = 256, quiet: bool = False,
+                       runner: EarlyExitRunner | None = None) -> ExitTable:
+    """Gate scores and per-exit correctness for every sample, from the runner with policy ``never``.
+
+    ``inputs``: the model inputs by name, ``N`` samples along each input's batch axis; ``labels``: ``[N, ...]``
+    class indices, or None to compare every exit with the final exit. ``runner``: the
+    :class:`~eecompile.runtimes.chain.EarlyExitRunner` to use (its backend decides where the scores are
+    computed); by default one on ONNX Runtime, closed at the end. Returns an :class:`ExitTable` with
+    float64 ``scores [E, N]`` and bool ``correct [E + 1, N]``. Raises BundleError when an exit has no gate
+    score output, DataError when the labels do not match the predictions.
+    """
     m = bundle.manifest
     for seg in m.segments[:-1]:
         g = seg.exit.gate
@@ -199,24 +131,40 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
                 f"{bundle.path}: exit {seg.exit.index} has no gate score output (exit.gate.score_output); "
                 f"recompile the bundle with this eecompile version"
             )
-    if m.batch_mode == "per_sample":
-        batch_size = 1
-    probe = ChainProbe(bundle)
+    own = runner is None
+    if runner is None:
+        from eecompile.runtimes.chain import EarlyExitRunner
+
+        runner = EarlyExitRunner(bundle)
     out_name = final_output(m)
-    n = next(iter(inputs.values())).shape[0]
+    axes = {t.name: t.batch_axis for t in m.inputs}
+    n = next(int(v.shape[axes[k] or 0]) for k, v in inputs.items() if axes.get(k) is not None)
     e = len(m.segments) - 1
     scores = np.empty((e, n), np.float64)
     preds: np.ndarray | None = None
-    for rows in iter_batches(n, batch_size, "running every exit", quiet):
-        outs = probe.run({k: v[rows] for k, v in inputs.items()})
-        for k, seg in enumerate(m.segments):
-            p = predictions(outs[k][seg.exit.outputs[out_name]], m.class_axis)
-            if preds is None:
-                preds = np.empty((e + 1, n, *p.shape[1:]), p.dtype)
-            preds[k, rows] = p
-            if seg.exit.gate is not None and seg.exit.gate.score_output:
-                scores[k, rows] = np.asarray(outs[k][seg.exit.gate.score_output], np.float64).reshape(-1)
+    try:
+        for rows in iter_batches(n, batch_size, "running every exit", quiet):
+            feeds = {k: _rows(v, rows, axes.get(k)) for k, v in inputs.items()}
+            res = runner.run(feeds, thresholds="never", policy="never")
+            assert res.all_exits is not None and res.gate_scores is not None
+            for k, outs in enumerate(res.all_exits):
+                p = predictions(outs[out_name], m.class_axis)
+                if preds is None:
+                    preds = np.empty((e + 1, n, *p.shape[1:]), p.dtype)
+                preds[k, rows] = p
+            scores[:, rows] = res.gate_scores
+    finally:
+        if own:
+            runner.close()
     assert preds is not None
     correct = correctness(preds, labels)
     fires = [GateKind(s.exit.gate.kind).fires_above for s in m.segments[:-1] if s.exit.gate is not None]
     return ExitTable(scores, correct, fires, has_labels=labels is not None)
+
+
+def _rows(a: np.ndarray, rows: slice, axis: int | None) -> np.ndarray:
+    if axis is None:
+        return a
+    index: list[slice] = [slice(None)] * a.ndim
+    index[axis] = rows
+    return a[tuple(index)]

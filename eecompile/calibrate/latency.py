@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from eecompile.bundle import Bundle, sha256_file
-from eecompile.errors import BackendError
+from eecompile.errors import BackendError, BundleError
 
 if TYPE_CHECKING:
     import onnxruntime
+
+    from eecompile.runtimes.chain import EarlyExitRunner
 
 
 def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
@@ -31,76 +34,123 @@ def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
     return so
 
 
-def _time_session(run: Callable[[], Any], repeats: int, warmup: int = 5, budget_s: float = 3.0) -> float:
-    """Median seconds of ``run`` over a block of repeats after warm-up (stops early past ``budget_s``)."""
-    for _ in range(warmup):
-        run()
-    times: list[float] = []
-    t_end = time.perf_counter() + budget_s
-    for _ in range(repeats):
+def time_interleaved(calls: Sequence[Callable[[], Any]], *, rounds: int = 100, warmup: int = 3,
+                     min_block_s: float = 2e-3, budget_s: float = 6.0, min_rounds: int = 7) -> list[float]:
+    """Median seconds per call of each of ``calls``, measured in interleaved rounds.
+
+    Each round times one block of every callable, in an order rotated from round to round, so slow drifts
+    of the machine (frequency, other processes) fall on all of them alike; a block repeats the call enough
+    times to last about ``min_block_s`` (timer resolution and one-off stalls then weigh little). The result
+    is the median over rounds of block time / calls per block. Stops after ``rounds`` rounds, or once
+    ``budget_s`` seconds have passed and at least ``min_rounds`` rounds are done.
+    """
+    if not calls:
+        return []
+    single = []
+    for f in calls:
+        for _ in range(warmup):
+            f()
         t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() > t_end and len(times) >= 5:
+        f()
+        single.append(max(time.perf_counter() - t0, 1e-7))
+    inner = [max(1, math.ceil(min_block_s / t)) for t in single]
+    times: list[list[float]] = [[] for _ in calls]
+    t_end = time.perf_counter() + budget_s
+    for r in range(max(rounds, 1)):
+        for j in range(len(calls)):
+            i = (j + r) % len(calls)
+            f, m = calls[i], inner[i]
+            t0 = time.perf_counter()
+            for _ in range(m):
+                f()
+            times[i].append((time.perf_counter() - t0) / m)
+        if r + 1 >= min_rounds and time.perf_counter() > t_end:
             break
-    return statistics.median(times)
+    return [statistics.median(t) for t in times]
 
 
 def find_source_model(bundle: Bundle) -> Path | None:
-    """The unsplit model the bundle came from, when it is still where the manifest says (same sha256)."""
+    """The unsplit model the bundle came from, when the manifest's ``source_model.file`` lies inside the bundle
+    (a relative path, no symbolic link, not leaving the bundle) and still has the recorded sha256.
+
+    A source model outside the bundle is never opened because a manifest names it (pass it explicitly,
+    e.g. ``--reference-model``); returns None then, or when the file is missing or changed.
+    """
     src = bundle.manifest.source_model or {}
     name = src.get("file") or src.get("path")
-    if not name:
+    if not name or not isinstance(name, str):
         return None
-    for p in (Path(name), bundle.path / name, bundle.path.parent / name):
-        if p.is_file() and (not src.get("sha256") or sha256_file(p) == src["sha256"]):
-            return p
-    return None
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        return None
+    p = bundle.path
+    for part in rel.parts:
+        p = p / part
+        if p.is_symlink():
+            return None
+    try:
+        bundle.file(name)  # the bundle's own confinement rules, where it has them
+    except BundleError:
+        return None
+    if not p.is_file() or (src.get("sha256") and sha256_file(p) != src["sha256"]):
+        return None
+    return p
 
 
 def measure_latency(bundle: Bundle, inputs: Mapping[str, np.ndarray], *, backend: str = "onnxruntime",
                     batch_size: int = 1, repeats: int = 100, threads: int | None = None,
-                    reference_model: str | Path | None = None) -> tuple[list[float], float | None]:
+                    reference_model: str | Path | None = None,
+                    runner: EarlyExitRunner | None = None) -> tuple[list[float], float | None]:
     """Median seconds to leave at each exit at ``batch_size`` on ``backend``, and of the unsplit model.
 
     Exit k is timed through the runtime itself (``EarlyExitRunner.run`` with exit k forced: earlier gates
     "never", gate k "always"), so the cost model includes what a real call pays: input checks, every
-    segment up to k, gate read-back, scatter. The unsplit model (ONNX Runtime only) is timed in the same run
-    with the same thread settings, so the ratio is fair. Returns cumulative seconds per exit.
-    """
-    import onnxruntime as ort
+    segment up to k, gate read-back, scatter. The unsplit model (ONNX Runtime only: ``reference_model``, or
+    :func:`find_source_model`) is timed in the same interleaved rounds (:func:`time_interleaved`, up to
+    ``repeats`` rounds) with the same thread settings, so the ratio is fair. ``runner``: reuse this runner
+    (its backend) instead of creating one.
 
+    Returns (cumulative seconds to leave at each exit, one per exit, non-decreasing; seconds of the unsplit
+    model or None when it was not timed). Raises BackendError when the unsplit model cannot be loaded.
+    """
     from eecompile.runtimes.chain import EarlyExitRunner
-    from eecompile.runtimes.onnxruntime import default_threads
 
     n = next(iter(inputs.values())).shape[0]
     b = min(batch_size, n)
     batch = {k: np.ascontiguousarray(v[:b]) for k, v in inputs.items()}
-    options: dict[str, Any] = {"threads": threads} if threads and backend == "onnxruntime" else {}
-    runner = EarlyExitRunner(bundle, backend=backend, **options)
+    own = runner is None
+    if runner is None:
+        options: dict[str, Any] = {"threads": threads} if threads and backend == "onnxruntime" else {}
+        runner = EarlyExitRunner(bundle, backend=backend, **options)
     e = len(bundle.manifest.segments) - 1
-    cum: list[float] = []
-    try:
-        for k in range(e + 1):
-            forced: list[float | str] = ["never"] * e
-            if k < e:
-                forced[k] = "always"
+    calls: list[Callable[[], Any]] = []
+    for k in range(e + 1):
+        forced: list[float | str] = ["never"] * e
+        if k < e:
+            forced[k] = "always"
 
-            def call(f: list[float | str] = forced) -> Any:
-                return runner.run(batch, thresholds=f)
+        def call(f: list[float | str] = forced, r: EarlyExitRunner = runner) -> Any:
+            return r.run(batch, thresholds=f)
 
-            cum.append(_time_session(call, repeats))
-    finally:
-        runner.close()
-    full: float | None = None
+        calls.append(call)
     src = Path(reference_model) if reference_model is not None else find_source_model(bundle)
     if src is not None and backend == "onnxruntime":
+        import onnxruntime as ort
+
+        from eecompile.runtimes.onnxruntime import default_threads
+
         try:
             sess = ort.InferenceSession(str(src), session_options(threads or default_threads()),
                                         providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - ORT raises its own types; name the file instead
-            raise BackendError(f"{src}: ONNX Runtime cannot load the unsplit model ({e})") from e
+        except Exception as err:  # noqa: BLE001 - ORT raises its own types; name the file instead
+            raise BackendError(f"{src}: ONNX Runtime cannot load the unsplit model ({err})") from err
         feeds = {i.name: batch[i.name] for i in sess.get_inputs()}
-        full = _time_session(lambda: sess.run(None, feeds), repeats)
+        calls.append(lambda: sess.run(None, feeds))
+    try:
+        med = time_interleaved(calls, rounds=repeats)
+    finally:
+        if own:
+            runner.close()
+    cum, full = med[: e + 1], (med[e + 1] if len(med) > e + 1 else None)
     # A later exit never costs less than an earlier one (timing noise can say otherwise at tiny sizes).
     return list(np.maximum.accumulate(np.asarray(cum))), full

@@ -11,6 +11,19 @@ import numpy as np
 
 @dataclass
 class CalibrationReport:
+    """What :func:`~eecompile.calibrate.calibrate_bundle` chose, measured and could promise.
+
+    Rates are fractions of the ``n_samples`` calibration samples; times are milliseconds per call of
+    ``batch_size`` rows on ``backend``. ``exits``: per exit ``index, name, gate, threshold, share, accuracy``
+    (of the samples leaving there) and ``cumulative_ms`` (to leave there). ``drop``: final accuracy minus the
+    chain's; ``loss``/``errors``: the samples the final exit gets right and the chain wrong, with their
+    two-sided Clopper-Pearson ``loss_interval`` at ``confidence``; ``drop_upper``: the one-sided bound at
+    ``confidence`` (the drop is at most the loss). ``deployed``: the thresholds were written into the bundle;
+    when False, the figures describe the best setting found, *not* deployed (the bundle kept its thresholds)
+    and ``samples_needed`` / ``samples_needed_best`` say how many calibration samples the budget needs (with
+    zero errors / at the loss rate of that setting). ``certified``, ``ltt``: Learn-then-Test only.
+    """
+
     method: str
     max_drop: float
     delta: float | None
@@ -31,6 +44,15 @@ class CalibrationReport:
     ltt: dict[str, Any] | None = None
     curve: list[dict[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    confidence: float | None = None
+    deployed: bool = True
+    errors: int | None = None
+    loss: float | None = None
+    loss_interval: list[float] | None = None
+    drop_upper: float | None = None
+    allowed_errors: int | None = None  # search only
+    samples_needed: int | None = None
+    samples_needed_best: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe types, for ``manifest.calibration``."""
@@ -38,31 +60,64 @@ class CalibrationReport:
 
         return _plain(asdict(self))
 
-    def print(self) -> None:
-        from rich.console import Console
-        from rich.table import Table
+    def summary_lines(self) -> list[str]:
+        """The report's conclusions as plain text lines (the table of exits aside)."""
+        what = "accuracy" if self.reference == "labels" else "agreement with the final exit"
+        out = [f"{what}: full model {self.full_accuracy:.4f}, early-exit chain {self.accuracy:.4f} "
+               f"(drop {self.drop:+.4f}, budget {self.max_drop:g})"]
+        if self.confidence is not None and self.loss_interval is not None and self.drop_upper is not None:
+            out.append(f"errors vs the final exit: {self.errors} of {self.n_samples} ({self.loss:.4f}, "
+                       f"{self.confidence:.0%} interval [{self.loss_interval[0]:.4f}, {self.loss_interval[1]:.4f}]"
+                       f"); drop <= {self.drop_upper:.4f} at {self.confidence:.0%} confidence (Clopper-Pearson)")
+        out.append(f"expected {self.expected_ms:.4f} ms vs {self.baseline} {self.baseline_ms:.4f} ms on "
+                   f"{self.backend} at batch {self.batch_size}: speedup {self.expected_speedup:.2f}x "
+                   f"(oracle {self.oracle_speedup:.2f}x)")
+        if self.method == "ltt" and self.ltt is not None and self.certified:
+            out.append(f"certified by Learn-then-Test: drop <= {self.max_drop:g} on new data with probability "
+                       f">= {1 - (self.delta or 0):.0%} ({self.ltt['certified_candidates']} of "
+                       f"{self.ltt['candidates']} settings on the path certified; p = {self.ltt['p_value']:.3g})")
+        if not self.deployed:
+            out.append(f"NOT DEPLOYED: nothing meets drop <= {self.max_drop:g} at {self.confidence or 0:.0%} "
+                       f"confidence with {self.n_samples} samples; the figures above are for the best setting "
+                       f"found, which was not written. Samples needed: {self.samples_needed} with zero errors"
+                       + (f", about {self.samples_needed_best} at this setting's error rate"
+                          if self.samples_needed_best else ""))
+        out.extend(f"note: {note}" for note in self.notes)
+        return out
 
+    def print(self) -> None:
+        """Print the table of exits and the conclusions (rich when installed, plain text otherwise)."""
         what = "accuracy" if self.reference == "labels" else "agreement w/ final"
-        t = Table(title=f"calibration ({self.method}, max drop {self.max_drop:g}"
-                        + (f", delta {self.delta:g}" if self.method == "ltt" else "") + f", {self.n_samples} samples)")
-        for col in ("exit", "gate", "threshold", "share exiting", f"{what} of those exiting", "cumulative ms"):
-            t.add_column(col, justify="right")
+        cols = ("exit", "gate", "threshold", "share exiting", f"{what} of those exiting", "cumulative ms")
+        rows = []
         for e in self.exits:
             acc = "-" if e["accuracy"] is None else f"{e['accuracy']:.4f}"
             thr = "never" if e["threshold"] is None or not math.isfinite(e["threshold"]) else f"{e['threshold']:.4g}"
-            t.add_row(str(e["name"] or (e["index"] if e["gate"] else "final")), e["gate"] or "final",
-                      thr if e["gate"] else "-", f"{e['share']:.3f}", acc, f"{e['cumulative_ms']:.4f}")
+            rows.append((str(e["name"] or (e["index"] if e["gate"] else "final")), e["gate"] or "final",
+                         thr if e["gate"] else "-", f"{e['share']:.3f}", acc, f"{e['cumulative_ms']:.4f}"))
+        title = (f"calibration ({self.method}, max drop {self.max_drop:g}"
+                 + (f", confidence {self.confidence:g}" if self.confidence is not None else "")
+                 + f", {self.n_samples} samples)" + ("" if self.deployed else " - NOT DEPLOYED"))
+        try:
+            from rich.console import Console
+            from rich.markup import escape
+            from rich.table import Table
+        except ImportError:
+            print(title)
+            for r in [cols, *rows]:
+                print("  ".join(f"{c:>14}" for c in r))
+            for line in self.summary_lines():
+                print(line)
+            return
+        t = Table(title=title)
+        for col in cols:
+            t.add_column(col, justify="right")
+        for r in rows:
+            t.add_row(*r)
         c = Console()
         c.print(t)
-        c.print(f"{what}: full model {self.full_accuracy:.4f}, early-exit chain {self.accuracy:.4f} "
-                f"(drop {self.drop:+.4f}, budget {self.max_drop:g})")
-        c.print(f"expected {self.expected_ms:.4f} ms vs {self.baseline} {self.baseline_ms:.4f} ms on "
-                f"{self.backend} at batch {self.batch_size}: speedup {self.expected_speedup:.2f}x "
-                f"(oracle {self.oracle_speedup:.2f}x)")
-        if self.certified is False:
-            c.print("[bold red]no threshold can be certified[/]: every gate is set to never fire")
-        for note in self.notes:
-            c.print(f"note: {note}")
+        for line in self.summary_lines():
+            c.print(f"[bold red]{escape(line)}[/]" if line.startswith("NOT DEPLOYED") else escape(line))
 
 
 def _plain(x: Any) -> Any:

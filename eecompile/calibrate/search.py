@@ -1,7 +1,20 @@
-"""Threshold search: the cheapest expected cost with the drop within budget on the calibration data.
+"""Threshold search: the cheapest expected cost whose accuracy drop stays within budget.
 
-Conventions: a gate fires when ``score >= t`` (``score <= t`` for ``entropy``; see ``GateKind.fires_above``);
-a NaN score never fires; a threshold of +inf (-inf for entropy) means "never exit here".
+* :func:`search_thresholds`: cheapest thresholds with the *empirical* risk on the table within a budget
+  (coordinate descent over score quantiles). The building block of the others.
+* :func:`bounded_search` (``calibrate --method search``): the same, with the budget applied to the
+  Clopper-Pearson upper confidence bound of the loss (hence of the drop) rather than to its point estimate,
+  so sampling noise in the calibration set is accounted for; reports the drop with its interval and the
+  sample size the budget needs.
+* :func:`threshold_path`: a fine, monotone family of settings from strict to loose (what Learn-then-Test
+  tests in order, :mod:`eecompile.calibrate.ltt`).
+
+Conventions: ``costs[k]`` is the cumulative cost (any unit, e.g. ms) of leaving at exit k, final exit last;
+a gate fires when ``score >= t`` (``score <= t`` for ``entropy``; see ``GateKind.fires_above``); a NaN score
+never fires; a threshold of +inf (-inf for entropy) means "never exit here". The *drop* is the final exit's
+accuracy minus the chain's; the *loss* is the share of samples the final exit gets right and the chain
+wrong (without labels: the chain disagrees with the final exit). drop <= loss, and the loss is a binomial
+proportion, which is what the bounds use.
 """
 
 from __future__ import annotations
@@ -13,13 +26,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from eecompile.calibrate.collect import ExitTable
+from eecompile.calibrate.stats import (
+    clopper_pearson_interval,
+    clopper_pearson_upper,
+    max_certified_errors,
+    samples_needed,
+    samples_needed_at_rate,
+)
 from eecompile.errors import CalibrationError
 
 Costs = Sequence[float] | np.ndarray  # cost of leaving at exit k (cumulative), one per exit
 
 
 def never_threshold(fires_above: bool) -> float:
+    """The threshold that never fires: +inf for gates that fire on large values, -inf for entropy."""
     return math.inf if fires_above else -math.inf
+
+
+def never_setting(table: ExitTable) -> list[float]:
+    """Every gate set to never fire (every sample runs to the final exit)."""
+    return [never_threshold(a) for a in table.fires_above]
 
 
 def _fires(scores: np.ndarray, threshold: float, above: bool) -> np.ndarray:
@@ -29,7 +55,10 @@ def _fires(scores: np.ndarray, threshold: float, above: bool) -> np.ndarray:
 
 
 def assign_exits(scores: np.ndarray, thresholds: Sequence[float], fires_above: Sequence[bool]) -> np.ndarray:
-    """Exit taken by each sample: the first early exit whose gate fires, else the final exit (= E)."""
+    """Exit taken by each sample: the first early exit whose gate fires, else the final exit (= E).
+
+    ``scores``: ``[E, N]`` gate values; ``thresholds``: E numbers; returns int64 ``[N]`` in ``[0, E]``.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     e, n = scores.shape
     fires = np.ones((e + 1, n), dtype=bool)
@@ -41,19 +70,21 @@ def assign_exits(scores: np.ndarray, thresholds: Sequence[float], fires_above: S
 
 @dataclass
 class Evaluation:
-    """Outcome of one threshold setting on an :class:`ExitTable`."""
+    """Outcome of one threshold setting on an :class:`ExitTable` (rates are fractions of the N samples)."""
 
-    exit_index: np.ndarray  # [N]
+    exit_index: np.ndarray  # int64 [N]
     full_accuracy: float  # final exit vs reference (1.0 without labels)
     accuracy: float  # early-exit chain vs reference
     drop: float  # full_accuracy - accuracy
     loss: float  # share of samples the final exit gets right and the chain gets wrong (>= drop)
-    expected_cost: float
+    expected_cost: float  # mean of costs[exit taken], in the unit of the costs
     shares: list[float]  # per exit
+    errors: int = 0  # number of losses (loss * N)
 
 
 def evaluate(table: ExitTable, thresholds: Sequence[float], costs: Costs) -> Evaluation:
-    """Accuracy, drop and expected cost of ``thresholds``; ``costs[k]`` = cost of leaving at exit k."""
+    """Accuracy, drop, loss and expected cost of ``thresholds`` on ``table``; ``costs[k]`` = cost of leaving at
+    exit k (cumulative, one per exit)."""
     idx = assign_exits(table.scores, thresholds, table.fires_above)
     n = table.n_samples
     cols = np.arange(n)
@@ -68,6 +99,7 @@ def evaluate(table: ExitTable, thresholds: Sequence[float], costs: Costs) -> Eva
         loss=float((full & ~ok).mean()) if n else 0.0,
         expected_cost=float(c[idx].mean()) if n else float(c[-1]),
         shares=(np.bincount(idx, minlength=table.n_early + 1) / max(n, 1)).tolist(),
+        errors=int((full & ~ok).sum()),
     )
 
 
@@ -77,9 +109,13 @@ def oracle_exits(table: ExitTable) -> np.ndarray:
 
 
 def candidate_thresholds(scores: np.ndarray, above: bool, n: int = 64) -> list[float]:
-    """Candidate thresholds for one exit, strict to loose: 'never', then score quantiles."""
+    """Candidate thresholds for one exit, strict to loose: 'never', then ``n`` score quantiles.
+
+    The quantiles are observed scores (no interpolation), so a threshold compares the same way in float64 here
+    as in the float32 gate of the graph."""
     finite = scores[np.isfinite(scores)]
-    qs = np.unique(np.quantile(finite, np.linspace(0.0, 1.0, n))) if finite.size else np.array([])
+    qs = (np.unique(np.quantile(finite, np.linspace(0.0, 1.0, n), method="nearest")) if finite.size
+          else np.array([]))
     qs = qs[::-1] if above else qs
     return [never_threshold(above), *[float(q) for q in qs]]
 
@@ -98,11 +134,13 @@ def _risk_fn(table: ExitTable, risk: str) -> Callable[[np.ndarray], float]:
 
 def search_thresholds(table: ExitTable, costs: Costs, max_drop: float, *, n_candidates: int = 64,
                       risk: str = "drop", max_rounds: int = 20) -> list[float]:
-    """Per-exit thresholds minimising expected cost with the risk <= ``max_drop`` on ``table``.
+    """Per-exit thresholds minimising expected cost with the empirical risk <= ``max_drop`` on ``table``.
 
     ``risk``: ``drop`` (final accuracy minus chain accuracy) or ``loss`` (share the final exit gets right and
-    the chain wrong; what Learn-then-Test certifies). Coordinate descent over score quantiles, started from
-    "no exit fires" and from the best point of a shared-quantile path; the cheaper result wins.
+    the chain wrong; what the bounds certify). Coordinate descent over ``n_candidates`` score quantiles per
+    exit, started from "no exit fires" and from the best point of a shared-quantile path; the cheaper result
+    wins. Returns E thresholds (every gate "never" when nothing else fits). Raises CalibrationError when
+    ``costs`` does not have E + 1 entries.
     """
     e = table.n_early
     c = np.asarray(costs, dtype=np.float64)
@@ -151,6 +189,127 @@ def search_thresholds(table: ExitTable, costs: Costs, max_drop: float, *, n_cand
     results = [descend(s) for s in starts]
     choice, _ = min(results, key=lambda rc: rc[1])
     return [cands[k][choice[k]] for k in range(e)]
+
+
+@dataclass
+class SearchResult:
+    """What :func:`bounded_search` chose and how sure it is.
+
+    ``feasible``: some setting other than "every gate never" has its upper bound within budget (else
+    ``thresholds`` is every gate never and nothing should be deployed). ``allowed_errors``: the most losses the
+    N samples tolerate for the budget at this confidence (-1: even zero are too many). ``drop_upper``: the
+    one-sided Clopper-Pearson upper bound of the loss at ``confidence``, an upper bound on the drop.
+    ``loss_interval``: two-sided Clopper-Pearson interval of the loss at ``confidence``.
+    ``samples_needed``: fewest samples for which zero losses meet the budget at this confidence;
+    ``samples_needed_best``: about how many the cheapest setting with empirical drop within budget would need
+    (None when its loss rate is not below the budget). ``best_unbounded``: that setting (reported, not
+    deployed, when it differs from ``thresholds``).
+    """
+
+    thresholds: list[float]
+    feasible: bool
+    confidence: float
+    n_samples: int
+    allowed_errors: int
+    errors: int
+    drop_upper: float
+    loss_interval: tuple[float, float]
+    samples_needed: int
+    samples_needed_best: int | None
+    best_unbounded: list[float]
+
+
+def bounded_search(table: ExitTable, costs: Costs, max_drop: float, confidence: float, *,
+                   n_candidates: int = 64) -> SearchResult:
+    """Cheapest thresholds whose upper confidence bound on the drop is within ``max_drop``.
+
+    The losses of a setting on the N calibration samples are Binomial(N, true loss); the setting is accepted
+    when its one-sided Clopper-Pearson bound at ``confidence`` is <= ``max_drop``, i.e. when it has at most
+    :func:`~eecompile.calibrate.stats.max_certified_errors` losses. The bound holds per setting; the search
+    over settings is not corrected for (use Learn-then-Test, :func:`~eecompile.calibrate.ltt.ltt_thresholds`,
+    for a guarantee that is). Raises CalibrationError for a budget or confidence outside (0, 1).
+    """
+    _check_budget(max_drop)
+    check_confidence(confidence)
+    delta = 1.0 - confidence
+    n = table.n_samples
+    allowed = max_certified_errors(n, max_drop, delta)
+    never = never_setting(table)
+    best = search_thresholds(table, costs, max_drop, n_candidates=n_candidates, risk="drop")
+    if allowed >= 0:
+        thresholds = search_thresholds(table, costs, (allowed + 0.5) / max(n, 1), n_candidates=n_candidates,
+                                       risk="loss")
+    else:
+        thresholds = never
+    ev = evaluate(table, thresholds, costs)
+    ev_best = evaluate(table, best, costs)
+    return SearchResult(
+        thresholds=thresholds, feasible=thresholds != never, confidence=confidence, n_samples=n,
+        allowed_errors=allowed, errors=ev.errors, drop_upper=clopper_pearson_upper(ev.errors, n, delta),
+        loss_interval=clopper_pearson_interval(ev.errors, n, confidence),
+        samples_needed=samples_needed(max_drop, delta),
+        samples_needed_best=samples_needed_at_rate(ev_best.loss, max_drop, delta) if best != never else None,
+        best_unbounded=best,
+    )
+
+
+def threshold_path(table: ExitTable, costs: Costs, *, n_candidates: int = 64, max_points: int = 200,
+                   max_loss: float = 1.0) -> list[list[float]]:
+    """A monotone family of settings from strict to loose, learned on ``table``: the path Learn-then-Test tests.
+
+    Starting from "no exit fires", each step loosens one exit by one candidate threshold (a score quantile of
+    that exit), the exit that saves the most expected cost per loss it adds on ``table``; every threshold only
+    ever loosens, so the settings are ordered strict to loose. Stops when every exit is at its loosest or the
+    loss on ``table`` passes ``max_loss``; at most ``max_points`` settings (evenly thinned). "No exit fires"
+    itself is not on the path (it is always safe; certifying it says nothing).
+    """
+    e, n = table.n_early, table.n_samples
+    c = np.asarray(costs, dtype=np.float64)
+    if c.shape != (e + 1,):
+        raise CalibrationError(f"costs has {c.size} entries; it needs one per exit ({e + 1})")
+    if e == 0 or n == 0:
+        return []
+    cands = [candidate_thresholds(table.scores[k], table.fires_above[k], n_candidates) for k in range(e)]
+    masks = [[np.zeros(n, bool) if math.isinf(t) else _fires(table.scores[k], t, table.fires_above[k])
+              for t in cands[k]] for k in range(e)]
+    last = np.ones(n, bool)
+    full = table.correct[-1]
+    cols = np.arange(n)
+
+    def score(choice: list[int]) -> tuple[int, float]:
+        idx = np.argmax(np.vstack([*(masks[k][choice[k]] for k in range(e)), last]), axis=0)
+        return int((full & ~table.correct[idx, cols]).sum()), float(c[idx].mean())
+
+    choice = [0] * e
+    losses, cost = score(choice)
+    path: list[list[float]] = []
+    while True:
+        best: tuple[float, int, int, float] | None = None  # (merit, exit, losses, cost)
+        for k in range(e):
+            if choice[k] + 1 >= len(cands[k]):
+                continue
+            trial = [*choice[:k], choice[k] + 1, *choice[k + 1:]]
+            trial_losses, trial_cost = score(trial)
+            merit = (cost - trial_cost) / (1.0 + max(trial_losses - losses, 0))
+            if best is None or merit > best[0]:
+                best = (merit, k, trial_losses, trial_cost)
+        if best is None:
+            break
+        _, k, losses, cost = best
+        choice[k] += 1
+        path.append([cands[j][choice[j]] for j in range(e)])
+        if losses / n > max_loss:
+            break
+    if len(path) > max_points:
+        keep = np.unique(np.round(np.linspace(0, len(path) - 1, max_points)).astype(int))
+        path = [path[i] for i in keep]
+    return path
+
+
+def check_confidence(confidence: float) -> None:
+    """Raise CalibrationError unless ``confidence`` is in (0, 1)."""
+    if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
+        raise CalibrationError(f"--confidence must be in (0, 1) (e.g. 0.95), got {confidence}")
 
 
 def _check_budget(max_drop: float, delta: float | None = None) -> None:

@@ -167,6 +167,10 @@ def main() -> int:
                               plot=plot, reference_model=onnx_path, quiet=True,
                               repeats=50 if args.quick else 200)
     report.print()
+    if not report.deployed:
+        print(f"calibration could not meet the budget at confidence {report.confidence:g} with "
+              f"{report.n_samples} samples; nothing deployed")
+        return 1
 
     # 4. the test split: accuracy, exits, and measured time against the unsplit model in the same run
     x_te, y_te = data["test"]
