@@ -124,11 +124,108 @@ def probe_prepared(path: str | Path, model: ir.Model, batch_mode: str, batch_not
             return None
         return shape_of
 
+    inner = {b: inner_shapes(model, probe, b) for b in batches}
+
+    def with_inner(b: int):  # noqa: ANN202 - small closure: body values of Loop/Scan/If nodes too
+        outer = shape_at(b)
+
+        def shape_of(v: ir.Value | None) -> tuple[int, ...] | None:
+            if v is not None and v.graph is not None and v.graph is not model.graph and v.name in inner[b]:
+                return inner[b][v.name]
+            return outer(v)
+        return shape_of
+
     if len(batches) == 2:
-        lo, hi = shape_at(batches[0]), shape_at(batches[1])
+        lo, hi = with_inner(batches[0]), with_inner(batches[1])
         per_node = [max(node_flops(n, hi) - node_flops(n, lo), 0) // (batches[1] - batches[0]) for n in idx.nodes]
     else:
-        one = shape_at(1)
+        one = with_inner(1)
         per_node = [node_flops(n, one) for n in idx.nodes]
     cum = [_sum_bits(idx.anc[i], per_node) for i in range(len(idx.nodes))]
     return PreparedModel(Path(path), model, idx, probe, batch_mode, batch_note, per_node, cum, sum(per_node))
+
+
+def inner_shapes(model: ir.Model, probe: ProbeResult, batch: int) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of the values inside Loop/Scan/If bodies at ``batch`` (ONNX Runtime cannot expose them):
+    ONNX shape inference on the model with every main-graph tensor given the shape the probe measured.
+    Empty when the model has no such node or inference fails (their FLOPs then count what is known)."""
+    import onnx
+
+    if not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+               for n in model.graph for a in n.attributes.values()):
+        return {}
+    proto = ir.to_proto(model)
+    g = proto.graph
+    del g.value_info[:]
+    known = {v.name for v in g.output}
+    for name, f in probe.facts.items():
+        if batch not in f.shapes:
+            continue
+        shape = list(f.shapes[batch])
+        try:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(f.dtype))
+        except (KeyError, TypeError):
+            continue
+        if name in known:
+            continue
+        g.value_info.append(onnx.helper.make_tensor_value_info(name, elem, shape))
+    for v in g.input:
+        f = probe.facts.get(v.name)
+        if f is not None and batch in f.shapes:
+            v.type.tensor_type.shape.Clear()
+            for d in f.shapes[batch]:
+                v.type.tensor_type.shape.dim.add().dim_value = d
+    def set_shape(vi: onnx.ValueInfoProto, shape: tuple[int, ...] | None) -> None:
+        if shape is None or not vi.type.HasField("tensor_type"):
+            return
+        vi.type.tensor_type.shape.Clear()
+        for d in shape:
+            vi.type.tensor_type.shape.dim.add().dim_value = d
+
+    def outer(name: str) -> tuple[int, ...] | None:
+        f = probe.facts.get(name)
+        return f.shapes.get(batch) if f is not None else None
+
+    # Body inputs declared with symbolic dims take the measured shapes of what the node feeds them, so
+    # inference gives the body concrete shapes: Loop state (after iteration number and condition), Scan
+    # state and scan-input slices.
+    for node in g.node:
+        body = next((a.g for a in node.attribute if a.name == "body" and a.type == onnx.AttributeProto.GRAPH), None)
+        if body is None:
+            continue
+        if node.op_type == "Loop":
+            for vi, name in zip(body.input[2:], node.input[2:], strict=False):
+                set_shape(vi, outer(name))
+        elif node.op_type == "Scan":
+            n_scan = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+            axes = next((list(a.ints) for a in node.attribute if a.name == "scan_input_axes"), [0] * n_scan)
+            n_state = len(node.input) - n_scan
+            for vi, name in zip(body.input[:n_state], node.input[:n_state], strict=False):
+                set_shape(vi, outer(name))
+            for vi, name, axis in zip(body.input[n_state:], node.input[n_state:], axes, strict=False):
+                full = outer(name)
+                if full is not None:
+                    set_shape(vi, full[:axis % len(full)] + full[axis % len(full) + 1:])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - an optional refinement: FLOPs of bodies then count what is known
+        return {}
+    out: dict[str, tuple[int, ...]] = {}
+
+    def visit(graph: onnx.GraphProto, top: bool) -> None:
+        if not top:
+            for vi in [*graph.input, *graph.output, *graph.value_info]:
+                dims_ = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+                if dims_ and all(d.HasField("dim_value") for d in dims_):
+                    out[vi.name] = tuple(int(d.dim_value) for d in dims_)
+                elif vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape") and not dims_:
+                    out[vi.name] = ()
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g, False)
+                for sub in attr.graphs:
+                    visit(sub, False)
+
+    visit(inferred.graph, True)
+    return out

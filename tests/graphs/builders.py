@@ -224,3 +224,58 @@ def fp16_cnn(path: Path, seed: int = 2) -> Path:
     small_cnn(fp32, activation=None, seed=seed)
     onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), path)
     return path
+
+
+GRU_D, GRU_H, GRU_C = 6, 8, 4
+
+
+def gru_loop(path: Path, seed: int = 10) -> Path:
+    """A recurrent layer written as an ONNX Loop the way tf2onnx emits a TF GRU/while-loop: no trip count (the
+    body computes its condition from the outer sequence length), the body reads the time-major sequence, the
+    weights and a per-sample context vector from the outer scope and carries ``h``, whose initial value is
+    zeros built from the batch size (Shape -> Gather -> ConstantOfShape). Input ``x`` [B, T, 6]; outputs
+    ``logits`` [B, 4] (from the last ``h``) and ``aux0`` [B, 4] (an exit head from ``ctx``, before the Loop).
+    Per sample: 2*T*6*8 FLOPs before the Loop, T*2*(2*8*8) in it, 2*8*4 per head."""
+    rng = np.random.default_rng(seed)
+    d, hh, c = GRU_D, GRU_H, GRU_C
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return nh.from_array((rng.standard_normal(shape) * 0.4).astype(np.float32), name)
+
+    inits = [w("Wp", d, hh), w("bp", hh), w("Wx", hh, hh), w("Wh", hh, hh), w("bh", hh), w("Wo", hh, c), w("bo", c),
+             w("Wa", hh, c), w("ba", c), nh.from_array(np.array([0], np.int64), "zero1"),
+             nh.from_array(np.array([hh], np.int64), "hsize"), nh.from_array(np.array(1, np.int64), "one"),
+             nh.from_array(np.array(True), "true")]
+    body = h.make_graph(
+        [h.make_node("Gather", ["xt", "i"], ["x_i"], axis=0),
+         h.make_node("MatMul", ["x_i", "Wx"], ["a1"]), h.make_node("MatMul", ["h_prev", "Wh"], ["a2"]),
+         h.make_node("Add", ["a1", "a2"], ["a3"]), h.make_node("Add", ["a3", "bh"], ["a4"]),
+         h.make_node("Add", ["a4", "ctx"], ["a5"]), h.make_node("Tanh", ["a5"], ["h_new"]),
+         h.make_node("Identity", ["h_new"], ["y_t"]), h.make_node("Add", ["i", "one"], ["i1"]),
+         h.make_node("Less", ["i1", "seqlen"], ["cond_out"])],
+        "gru_body",
+        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+         h.make_tensor_value_info("h_prev", T.FLOAT, ["B", hh])],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("h_new", T.FLOAT, ["B", hh]),
+         h.make_tensor_value_info("y_t", T.FLOAT, ["B", hh])])
+    nodes = [
+        h.make_node("MatMul", ["x", "Wp"], ["xp0"]), h.make_node("Add", ["xp0", "bp"], ["xp1"]),
+        h.make_node("Relu", ["xp1"], ["xr"]),
+        h.make_node("ReduceMean", ["xr"], ["ctx"], axes=[1], keepdims=0),
+        h.make_node("Transpose", ["xr"], ["xt"], perm=[1, 0, 2]),
+        h.make_node("Shape", ["x"], ["xs"]), h.make_node("Gather", ["xs", "one"], ["seqlen"], axis=0),
+        h.make_node("Gather", ["xs", "zero1"], ["bdim"], axis=0),
+        h.make_node("Concat", ["bdim", "hsize"], ["h0shape"], axis=0),
+        h.make_node("ConstantOfShape", ["h0shape"], ["h0"], value=nh.from_array(np.array([0.0], np.float32))),
+        h.make_node("Loop", ["", "true", "h0"], ["h_last", "ys"], body=body, name="while_loop"),
+        h.make_node("MatMul", ["h_last", "Wo"], ["o0"]), h.make_node("Add", ["o0", "bo"], ["logits"]),
+        h.make_node("MatMul", ["ctx", "Wa"], ["q0"]), h.make_node("Add", ["q0", "ba"], ["aux0"]),
+    ]
+    g = h.make_graph(nodes, "tf2onnx_gru_loop", [h.make_tensor_value_info("x", T.FLOAT, ["unk__B", "unk__T", d])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["unk__B", c]),
+                      h.make_tensor_value_info("aux0", T.FLOAT, ["unk__B", c])], inits)
+    m = h.make_model(g, producer_name="tf2onnx", opset_imports=[h.make_opsetid("", 12)])
+    m.ir_version = 7
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, path)
+    return path
