@@ -80,3 +80,29 @@ def test_probe_classifies_batch_axes() -> None:
     assert f["shp"].problem and "value changes" in f["shp"].problem  # a Shape output
     assert f["folded"].problem and "folds the batch" in f["folded"].problem  # [B*3, 4]
     assert f["s"].batch_axis == 0
+
+
+def test_rejected_rewrite_is_undone_in_place() -> None:
+    from eecompile.passes.batch_dynamic import BatchDynamicPass
+
+    model = _model(MIXES_SAMPLES)
+    before = {v.name: v.shape for v in [*model.graph.inputs, *model.graph.outputs]}
+    target = model.graph.initializers["target"]
+    p = BatchDynamicPass()
+    result = p(model)
+    assert result.model is model and not result.modified
+    assert p.result is not None and p.result.mode == "per_sample" and "batch fixed at 1" in p.result.note
+    # Expected: the graph as it was (batch 1 everywhere, the Reshape target's leading 1 back).
+    assert {v.name: v.shape for v in [*model.graph.inputs, *model.graph.outputs]} == before
+    assert target.const_value is not None and target.const_value.numpy().tolist() == [1, 4]
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([[1, 2, 3, 6]], np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], np.zeros_like(x))  # x minus its mean over the batch
+
+
+def test_already_dynamic_model_is_left_alone() -> None:
+    from eecompile.passes.batch_dynamic import BatchDynamicPass
+
+    model = _model(PROBE)
+    p = BatchDynamicPass()
+    assert not p(model).modified and p.result is not None and p.result.note == "batch-dynamic"

@@ -1,0 +1,42 @@
+"""Verification: a split whose chain differs from the unsplit model is refused and nothing is written; a
+correct one is recorded with its worst relative error."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import eecompile.write
+from eecompile.compiler import compile_model
+from eecompile.errors import GraphError
+from tests.bad_inputs.util import make_workspace
+
+
+def test_correct_split_is_verified(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path / "ws")
+    notes = compile_model(ws / "spec.yaml", tmp_path / "b.eebundle").manifest.notes
+    (note,) = [n for n in notes if n.startswith("verified")]
+    worst = re.search(r"max rel\. error ([0-9.e+-]+)", note)
+    assert worst is not None and float(worst.group(1)) < 1e-5, note
+
+
+def test_chain_that_differs_from_the_model_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = make_workspace(tmp_path / "ws", compile_bundle=False)
+    real_save = eecompile.write.save_segment
+
+    def tampered(model: ir.Model, path: Path) -> None:
+        if path.name == "seg2.onnx":  # the last segment: scale one weight of the final layer
+            w = model.graph.initializers["Wo"]
+            w.const_value = ir.tensor(w.const_value.numpy() * np.float32(1.01), name="Wo")
+        real_save(model, path)
+
+    monkeypatch.setattr(eecompile.write, "save_segment", tampered)
+    with pytest.raises(GraphError, match=r"verify: with no exit taken, the chain's 'logits' differs from the "
+                                         r"unsplit model by .* nothing was written"):
+        compile_model(ws / "spec.yaml", tmp_path / "b.eebundle")
+    assert not (tmp_path / "b.eebundle").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != "ws"], "the staging directory was left behind"
