@@ -32,14 +32,28 @@ from eecompile.errors import SpecError
 
 
 class GateKind(str, enum.Enum):
-    """How an exit decides, per sample, that it is confident enough."""
+    """How an exit decides, per sample, that it is confident enough; p = softmax of the exit's logits over
+    the class axis, C the number of classes. For outputs with several positions (tokens) the least confident
+    position decides. Threshold ranges are checked by :meth:`GateSpec.check_threshold`.
 
-    MAX_PROB = "max_prob"  # max softmax probability >= t
-    ENTROPY = "entropy"  # normalised entropy (in [0, 1]) <= t
-    MARGIN = "margin"  # top-1 minus top-2 probability >= t
-    PATIENCE = "patience"  # same argmax for t consecutive exits (PABEE)
-    SATURATION = "saturation"  # cosine(h_prev, h_this) >= t (CALM, MuE)
-    SCORE = "score"  # a head output that is itself the exit score >= t
+    - ``max_prob``: max_c p >= t, t in [0, 1] (the confidence of Shallow-Deep Networks, Kaya et al. 2019).
+    - ``entropy``: -sum_c p log p / log C <= t, t in [0, 1] (BranchyNet, Teerapittayanon et al. 2016; DeeBERT,
+      Xin et al. 2020), normalised so that t does not depend on C.
+    - ``margin``: top-1 minus top-2 probability >= t, t in [0, 1] (CALM's "softmax response", Schuster et
+      al. 2022).
+    - ``patience``: the argmax has stayed the same for t consecutive exits, t >= 1 (PABEE, Zhou et al. 2020).
+    - ``saturation``: cosine(h_prev, h_this) >= t between the pooled cut tensors of consecutive exits,
+      t in [-1, 1] (CALM's hidden-state saturation; MuE, Tang et al. 2023).
+    - ``score``: a head output that is itself the exit score >= t (learned halting or confidence heads such as
+      BERxiT, Xin et al. 2021); any real t.
+    """
+
+    MAX_PROB = "max_prob"
+    ENTROPY = "entropy"
+    MARGIN = "margin"
+    PATIENCE = "patience"
+    SATURATION = "saturation"
+    SCORE = "score"
 
     @property
     def fires_above(self) -> bool:
@@ -62,10 +76,15 @@ HEAD_KINDS = ("linear", "mlp", "conv", "token")
 
 @dataclass(frozen=True)
 class GateSpec:
+    """An exit's gate: its ``kind`` and the ``threshold`` it compares the gate value with (unitless; the
+    range depends on the kind, see :class:`GateKind`). The threshold is only the default: it is a graph input,
+    and calibration or ``run --thresholds`` replace it."""
+
     kind: GateKind
     threshold: float
 
     def check_threshold(self, value: float, where: str) -> None:
+        """Raise SpecError (naming ``where``) when ``value`` is NaN or outside the kind's range."""
         lo, hi = _THRESHOLD_RANGE[self.kind]
         if not (lo <= value <= hi) or math.isnan(value):
             raise SpecError(
@@ -86,6 +105,7 @@ class HeadSpec:
     score_output: str | None = None  # for the `score` gate: the head output that is the exit score
 
     def describe(self) -> str:
+        """How the manifest records the head: ``file:NAME``, ``model-output:NAME`` or ``trained:KIND``."""
         if self.file is not None:
             return f"file:{self.file.name}"
         if self.output is not None:
@@ -95,24 +115,34 @@ class HeadSpec:
 
 @dataclass(frozen=True)
 class ExitSpec:
-    at: tuple[str, ...]  # the cut tensors; the head reads at[0]
+    """One early exit: the tensors it cuts at (``at``: the cut tensor first, then any extra tensors the head
+    reads, such as an attention mask), its head, its gate and an optional display name."""
+
+    at: tuple[str, ...]
     head: HeadSpec
     gate: GateSpec
     name: str | None = None
 
     @property
     def tensor(self) -> str:
+        """The cut tensor (``at[0]``)."""
         return self.at[0]
 
 
 @dataclass(frozen=True)
 class FinalSpec:
+    """The model output every exit stands in for, and the axis that holds its classes (counted with the batch
+    as axis 0; negative from the end)."""
+
     output: str | None = None  # default: the model's only output
     class_axis: int | None = None  # default: the last axis longer than 1 ([N, C, 1, 1] -> 1, [N, T, C] -> -1)
 
 
 @dataclass(frozen=True)
 class Spec:
+    """A parsed spec: the ONNX ``model`` (resolved against the spec's folder), the early ``exits`` in graph
+    order, the ``final`` output, and the spec file it came from (None when parsed from text)."""
+
     model: Path
     exits: tuple[ExitSpec, ...]
     final: FinalSpec = FinalSpec()
@@ -120,6 +150,7 @@ class Spec:
 
     @property
     def thresholds(self) -> list[float]:
+        """The default threshold of each early exit, in order."""
         return [e.gate.threshold for e in self.exits]
 
 
@@ -273,7 +304,13 @@ def _parse_exit(node: _Node, path: str, base: Path) -> ExitSpec:
 
 
 def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) -> Spec:
-    """Parse spec YAML text; relative paths resolve against ``base``."""
+    """Parse spec YAML text into a :class:`Spec`; relative paths (model, head files) resolve against ``base``,
+    and ``source`` (the spec file) is named in errors.
+
+    Raises:
+        SpecError: YAML syntax errors, tags, unknown or missing keys, wrong types, thresholds out of range, two
+            exits at one tensor; the message names the YAML path and line and what to do.
+    """
     base = Path(base)
     where = str(source) if source is not None else "spec"
     try:
@@ -331,7 +368,7 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read and parse a spec file."""
+    """Read and parse the spec file at ``path`` (see :func:`parse_spec`); SpecError if it cannot be read."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -343,7 +380,9 @@ def load_spec(path: str | Path) -> Spec:
 
 
 def parse_thresholds(text: str, n_exits: int) -> list[float | str]:
-    """Parse a CLI threshold list like ``0.9,never,always`` (one entry per early exit)."""
+    """Parse a CLI threshold list like ``0.9,never,always`` (one entry per early exit): numbers, or ``never`` /
+    ``always``. Raises SpecError for a wrong count or an entry that is neither; ranges are checked later, per
+    gate kind, by the runtime."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if len(parts) != n_exits:
         raise SpecError(f"--thresholds: got {len(parts)} values for {n_exits} early exits; give one per exit")
