@@ -139,17 +139,39 @@ def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tu
 
 @cli.command(name="train-heads")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), required=True, help=".npz with the model inputs.")
-@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help=".npz with the model inputs (decoder bundles: not used, see --text).")
+@click.option("--epochs", type=int, default=None, help="Default: 30 (decoder bundles: 8).")
 @click.option("--labels/--no-labels", default=True, help="Use `labels` from the data when present.")
 @click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path),
+              help="Decoder bundles: text files to distil on (default: the pydoc topics + the model's own text).")
+@click.option("--draft-vocab", type=int, default=4096, show_default=True,
+              help="Decoder bundles: tokens in the draft head's sub-vocabulary.")
+@click.option("--max-tokens", type=int, default=6000, show_default=True,
+              help="Decoder bundles: text positions to distil on.")
 @_user_errors
-def train_heads(bundle: Path, data: Path, epochs: int, labels: bool, temperature: float, lr: float,
-                batch: int, seed: int) -> None:
-    """Train the bundle's exit heads on frozen features and splice them in."""
+def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: bool, temperature: float, lr: float,
+                batch: int, seed: int, texts: tuple[Path, ...], draft_vocab: int, max_tokens: int) -> None:
+    """Train the bundle's exit heads on frozen features and splice them in.
+
+    Decoder bundles: each exit gets a draft head (adapter + sub-vocabulary LM head) distilled from the model's
+    own final-layer distribution on text (no labels)."""
+    from eecompile.bundle import Bundle
+
+    if Bundle.load(bundle, verify=False).manifest.decoder:
+        from eecompile.decoder.train import train_draft_heads
+
+        text = [t.read_text() for t in texts] if texts else None
+        train_draft_heads(bundle, texts=text, vocab=draft_vocab, epochs=epochs or 8, max_tokens=max_tokens,
+                          seed=seed).print()
+        return
+    if data is None:
+        raise click.UsageError("Missing option '--data' (an .npz with the model inputs).")
+    epochs = 30 if epochs is None else epochs
     from eecompile.train import train_heads as run_training
 
     report = run_training(bundle, data, epochs=epochs, use_labels=labels, temperature=temperature, lr=lr,

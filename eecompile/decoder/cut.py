@@ -221,7 +221,7 @@ def _shape_from_hidden(graph: ir.Graph, hidden: str) -> None:
         weight = node.inputs[0]
         graph.remove(node, safe=True)  # after the Shape nodes moved: nothing reads it now
         if weight is not None and not weight.uses() and weight.name in graph.initializers:
-            graph.initializers.pop(weight.name)
+            graph.initializers.pop(weight.name or "")
 
 
 def _uses(v: ir.Value) -> list[tuple[ir.Node, int]]:
@@ -334,7 +334,7 @@ def _tie(head: ir.Graph, embedding: ir.Value) -> None:
         weight = node.inputs[1]
         head.remove(node, safe=True)
         if weight is not None and not weight.uses() and weight.name in head.initializers:
-            head.initializers.pop(weight.name)
+            head.initializers.pop(weight.name or "")
         return
 
 

@@ -138,6 +138,18 @@ class DecoderRunner:
             self._head = ort.InferenceSession(str(bundle.file(files[-1])), so, providers=prov)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"{bundle.path}: onnxruntime could not load the decoder ({e})") from e
+        self._drafts: dict[int, Any] = {}  # exit -> trained draft head (adapter + sub-vocabulary head)
+        self._draft_ids: dict[int, np.ndarray] = {}
+        for k, ex in enumerate(self.exits):
+            d = ex.get("draft_head")
+            if d:
+                try:
+                    self._drafts[k] = ort.InferenceSession(str(bundle.file(d["file"])), so, providers=prov)
+                except Exception as err:
+                    raise BackendError(f"{bundle.path}: onnxruntime could not load {d['file']} ({err})") from err
+                self._draft_ids[k] = self._drafts[k].run(["vocab_ids_out"], {
+                    "hidden": np.zeros((1, 1, self.hidden_size), np.float32),
+                    "threshold": np.array(0.0, np.float32)})[0]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self._sessions]
         self._kv_names = [_kv("past_key_values", s["layers"]) for s in self.segments]
         self._present = [_kv("present", s["layers"]) for s in self.segments]
@@ -235,6 +247,27 @@ class DecoderRunner:
             raise BackendError(f"head ({self.dec['head']['file']}) failed: {e}") from e
         self.calls["head"] += 1
         return dict(zip(names, out, strict=True))
+
+    def _exit_head(self, k: int, h: np.ndarray, threshold: float, logits: bool) -> dict[str, np.ndarray]:
+        """Exit ``k``'s draft head (its trained adapter + sub-vocabulary head when it has one, else the shared head)
+        on hidden states [B, S, D]; ``logits`` (when asked) are over the full vocabulary (-inf outside the
+        sub-vocabulary, so a draft distribution is zero there)."""
+        sess = self._drafts.get(k)
+        if sess is None:
+            return self._run_head(h, threshold, logits)
+        names = ["token", "max_prob", "gate"] + (["logits"] if logits else [])
+        try:
+            out = dict(zip(names, sess.run(names, {"hidden": np.ascontiguousarray(h, np.float32),
+                                                   "threshold": np.array(threshold, np.float32)}), strict=True))
+        except Exception as e:
+            raise BackendError(f"draft head of exit {k} failed: {e}") from e
+        self.calls["draft_head"] = self.calls.get("draft_head", 0) + 1
+        if logits:
+            sub = out["logits"]
+            full = np.full((*sub.shape[:-1], self.vocab), -np.inf, np.float32)
+            full[..., self._draft_ids[k]] = sub
+            out["logits"] = full
+        return out
 
     def _stack(self, rows: list[_Row], first: int, last: int) -> list[np.ndarray]:
         """Run segments ``first..last`` (inclusive) over each row's pending positions; return segment ``last``'s
@@ -435,7 +468,7 @@ class DecoderRunner:
         for e, ex in enumerate(self.exits):
             first = 0 if e == 0 else self.exits[e - 1]["segment"] + 1
             outs = self._stack(going, first, ex["segment"])
-            head = self._run_head(np.stack([o[-1:] for o in outs]), ctx.thr[e], ctx.sample)
+            head = self._exit_head(e, np.stack([o[-1:] for o in outs]), ctx.thr[e], ctx.sample)
             deeper = []
             for i, r in enumerate(going):
                 if head["gate"][i, 0]:
@@ -460,7 +493,7 @@ class DecoderRunner:
         e = self.exits[ctx.exit]
         last_draft = e["segment"]
         outs = self._stack(rows, 0, last_draft)
-        head = self._run_head(np.stack([o[-1:] for o in outs]), ctx.thr[ctx.exit], ctx.sample)
+        head = self._exit_head(ctx.exit, np.stack([o[-1:] for o in outs]), ctx.thr[ctx.exit], ctx.sample)
         verify = []
         for i, r in enumerate(rows):
             n_drafts = len(r.seq) - r.n_confirmed

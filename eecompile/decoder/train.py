@@ -1,0 +1,295 @@
+"""Train a decoder bundle's draft heads by self-distillation (no labels): an adapter + a sub-vocabulary head.
+
+An exit's draft head is ``adapter -> final norm -> LM head restricted to a frequent-token sub-vocabulary ->
+max-prob gate`` (``draft{k}.onnx``). The adapter is a residual MLP, ``h + W2 silu(W1 rmsnorm(h))`` (W2 starts at
+zero, so training starts from the plain shared head). The sub-vocabulary (SpecEE's idea) is the N tokens the
+model itself predicts most often on the training text: the full LM head is ~21% of SmolLM2-135M's per-token
+compute, N = 4096 of 49 152 rows costs ~2% (the draft then can only propose those tokens; the verifier still
+emits any token).
+
+Training data, all offline: text chunks (by default the pydoc topics that ship with Python, plus the model's
+own greedy continuations of a few prompts) run through the bundle's own segments; the target is the model's
+final-layer distribution renormalised over the sub-vocabulary, the loss KL(target || draft) at temperature 1.
+
+torch is imported lazily (training only); the runtime reads ``draft{k}.onnx`` with onnxruntime alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eecompile.bundle import update_bundle
+from eecompile.errors import DataError, SpecError
+
+log = logging.getLogger(__name__)
+
+PROMPTS = [
+    "The history of the city begins", "Here is a Python function that", "In mathematics, a prime number is",
+    "The recipe calls for", "Dear team, I am writing to", "The main causes of the war were",
+    "To install the package, run", "Photosynthesis is the process by which",
+]
+
+
+@dataclass
+class DraftTrainReport:
+    exits: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def print(self) -> None:
+        print(f"trained {len(self.exits)} draft head(s) on {self.tokens} positions in {self.seconds:.0f} s")
+        for e in self.exits:
+            print(f"  exit after layer {e['after_layer']}: top-1 agreement with the final layer "
+                  f"{e['agreement_before']:.1%} -> {e['agreement']:.1%} (held out), sub-vocabulary {e['vocab']} "
+                  f"tokens covering {e['coverage']:.1%} of the final layer's choices")
+
+
+def default_corpus(max_chars: int = 60_000) -> list[str]:
+    """English text that ships with Python: the pydoc topics (``pydoc_data.topics``), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    out, n = [], 0
+    for key in sorted(topics):
+        text = topics[key].strip()
+        out.append(text)
+        n += len(text)
+        if n >= max_chars:
+            break
+    return out
+
+
+def _chunks(runner: Any, texts: list[str], chunk: int, max_tokens: int) -> list[list[int]]:
+    tok = runner.tokenizer()
+    ids: list[int] = []
+    for t in texts:
+        ids += list(tok.encode(t).ids)
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    return [ids[i:i + chunk] for i in range(0, len(ids) - 1, chunk) if len(ids[i:i + chunk]) > 1]
+
+
+def collect(runner: Any, chunks: list[list[int]], exit_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exit hidden states [T, D] and the final head's logits [T, V] for every position of every chunk."""
+    seg = runner.exits[exit_index]["segment"]
+    hs, logits = [], []
+    for ids in chunks:
+        row = runner._new_row(0, ids)
+        runner._stack([row], 0, seg)
+        h = np.stack(row.pending[seg + 1])
+        out = runner._stack([row], seg + 1, len(runner.segments) - 1)[0]
+        logits.append(runner._run_head(out[None], 2.0, True)["logits"][0])
+        hs.append(h)
+    return np.concatenate(hs), np.concatenate(logits)
+
+
+def train_draft_heads(bundle_path: str | Path, *, texts: list[str] | None = None, vocab: int = 4096,
+                      hidden: int = 1024, epochs: int = 8, lr: float = 2e-3, max_tokens: int = 6000,
+                      chunk: int = 128, generate_tokens: int = 32, seed: int = 0, threads: int | None = None,
+                      exits: list[int] | None = None) -> DraftTrainReport:
+    """Train a draft head (adapter + ``vocab``-token head) for each exit and write ``draft{k}.onnx`` into the bundle.
+
+    ``texts``: training text (default: ``default_corpus()``); ``generate_tokens``: also distil on the model's own
+    greedy continuation of ``PROMPTS`` (0: none). ``max_tokens``: positions used (10% held out to report the
+    agreement). Raises ``SpecError`` for a bundle without exits, ``DataError`` when the text is too short.
+    """
+    import torch
+
+    from eecompile.runtimes.lm import DecoderRunner
+
+    t0 = time.perf_counter()
+    runner = DecoderRunner(bundle_path, threads=threads)
+    if not runner.exits:
+        raise SpecError(f"{bundle_path}: the decoder bundle has no exits to train")
+    texts = list(texts) if texts is not None else default_corpus()
+    chunks = _chunks(runner, texts, chunk, max_tokens)
+    if generate_tokens > 0:
+        gen = runner.generate(PROMPTS, generate_tokens, mode="none")
+        tok = runner.tokenizer()
+        chunks += [list(tok.encode(p).ids) + r["token_ids"] for p, r in zip(PROMPTS, gen.results, strict=True)]
+    n_pos = sum(len(c) for c in chunks)
+    if n_pos < 200:
+        raise DataError(f"training text: {n_pos} tokens; give at least 200 tokens of text")
+    torch.manual_seed(seed)
+    report = DraftTrainReport(tokens=n_pos)
+    drafts: dict[int, tuple[Any, dict[str, Any]]] = {}
+    for k in (exits if exits is not None else range(len(runner.exits))):
+        proto, info = _train_exit(runner, chunks, k, vocab=vocab, hidden=hidden, epochs=epochs, lr=lr)
+        drafts[k] = (proto, info)
+        report.exits.append({"after_layer": runner.exits[k]["after_layer"], **info})
+
+    def change(tmp: Path, manifest: Any) -> None:
+        import onnx
+
+        for k, (proto, info) in drafts.items():
+            onnx.save(proto, str(tmp / info["file"]))
+            manifest.decoder["exits"][k]["draft_head"] = info
+        manifest.notes = [n for n in manifest.notes if "draft heads untrained" not in n]
+
+    update_bundle(bundle_path, change)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _train_exit(runner: Any, chunks: list[list[int]], k: int, *, vocab: int, hidden: int, epochs: int,
+                lr: float) -> tuple[Any, dict[str, Any]]:
+    """Distil exit ``k``'s draft head; return its ONNX model and its manifest entry."""
+    import torch
+
+    h, logits = collect(runner, chunks, k)
+    final_top = logits.argmax(-1)
+    counts = np.bincount(final_top, minlength=runner.vocab)
+    ids = np.sort(np.argsort(-counts, kind="stable")[:min(vocab, runner.vocab)]).astype(np.int64)
+    coverage = float(np.isin(final_top, ids).mean())
+    target = torch.softmax(torch.from_numpy(logits[:, ids]), -1)
+    emb, norm_w, eps = _head_weights(runner)
+    norm_w = np.array(norm_w)  # writable: torch.from_numpy shares it
+    adapter = _Adapter(h.shape[1], hidden)
+    head_w = torch.from_numpy(emb[ids])  # [N, D]
+    norm = torch.from_numpy(norm_w)
+    x = torch.from_numpy(h)
+    n_val = max(len(x) // 10, 1)
+    perm = torch.randperm(len(x))
+    val, tr = perm[:n_val], perm[n_val:]
+    top_full = torch.from_numpy(final_top)
+    pos = np.searchsorted(ids, final_top).clip(0, len(ids) - 1)
+    in_sub = torch.from_numpy(np.where(ids[pos] == final_top, pos, -100))  # -100: outside, ignored
+
+    def agreement(idx: torch.Tensor) -> float:
+        with torch.no_grad():
+            z = _rms(adapter(x[idx]), norm, eps) @ head_w.T
+            return float((torch.from_numpy(ids)[z.argmax(-1)] == top_full[idx]).float().mean())
+
+    before = agreement(val)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * ((len(tr) + 255) // 256)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    for _ in range(epochs):
+        for b in tr[torch.randperm(len(tr))].split(256):
+            z = _rms(adapter(x[b]), norm, eps) @ head_w.T
+            loss = torch.nn.functional.kl_div(torch.log_softmax(z, -1), target[b], reduction="batchmean")
+            # the verifier accepts on top-1: weight the final layer's own choice a little more
+            if bool((in_sub[b] >= 0).any()):
+                loss = loss + 0.5 * torch.nn.functional.cross_entropy(z, in_sub[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    after = agreement(val)
+    info = {"file": f"draft{k}.onnx", "vocab": int(len(ids)), "adapter_hidden": hidden,
+            "coverage": coverage, "agreement_before": before, "agreement": after, "positions": int(len(x))}
+    return _draft_graph(runner, adapter, ids, emb, norm_w, eps), info
+
+
+def _rms(x: Any, w: Any, eps: float) -> Any:
+    import torch
+
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _Adapter(d: int, hidden: int) -> Any:  # noqa: N802 (a torch module factory; torch is imported lazily)
+    import torch
+
+    class Adapter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = torch.nn.Parameter(torch.ones(d))
+            self.up = torch.nn.Linear(d, hidden, bias=False)
+            self.down = torch.nn.Linear(hidden, d, bias=False)
+            torch.nn.init.zeros_(self.down.weight)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.down(torch.nn.functional.silu(self.up(_rms(x, self.norm, 1e-5))))
+
+    return Adapter()
+
+
+def _head_weights(runner: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    """The shared head's embedding [V, D], final-norm weight [D] and epsilon, read from ``head.onnx``."""
+    import onnx_ir as ir
+
+    head = ir.load(runner.bundle.file(runner.dec["head"]["file"]))
+    emb = norm_w = None
+    eps = 1e-5
+    for node in head.graph:
+        if node.op_type == "Gemm":
+            emb = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        if node.op_type == "Add" and node.inputs[1] is not None:
+            val = _constant(node.inputs[1])
+            if val is not None and val.size == 1 and 0 < float(val) < 1e-3:
+                eps = float(val)
+    for v in head.graph.initializers.values():
+        if v.const_value is not None and list(v.const_value.shape) == [runner.hidden_size]:
+            norm_w = v.const_value.numpy()
+    if emb is None or norm_w is None:
+        raise SpecError(f"{runner.bundle.path}: the head has no tied Gemm + norm weight; draft heads need a tied "
+                        f"LM head (tie_word_embeddings)")
+    return np.asarray(emb, np.float32), np.asarray(norm_w, np.float32), eps
+
+
+def _constant(v: Any) -> np.ndarray | None:
+    """The value of an initializer or of a ``Constant`` node's output, else None."""
+    if v.const_value is not None:
+        return np.asarray(v.const_value.numpy())
+    prod = v.producer()
+    if prod is not None and prod.op_type == "Constant" and "value" in prod.attributes:
+        return np.asarray(prod.attributes["value"].value.numpy())
+    return None
+
+
+def _draft_graph(runner: Any, adapter: Any, ids: np.ndarray, emb: np.ndarray, norm_w: np.ndarray,
+                 eps: float) -> Any:
+    """``draft{k}.onnx``: hidden [B, S, D], threshold [] -> token [B, S] int64 (full-vocabulary ids), max_prob and
+    gate [B, S], logits [B, S, N] (over the sub-vocabulary), vocab_ids [N] int64."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = runner.hidden_size
+    a = {n: p.detach().numpy().astype(np.float32) for n, p in adapter.named_parameters()}
+
+    def init(name: str, arr: np.ndarray) -> Any:
+        return numpy_helper.from_array(np.ascontiguousarray(arr), name)
+
+    inits = [init("adapter.norm", a["norm"]), init("adapter.up", a["up.weight"].T), init("adapter.down", a["down.weight"].T),
+             init("final.norm", norm_w), init("draft.embT", emb[ids].T), init("vocab_ids", ids),
+             init("eps_a", np.array(1e-5, np.float32)), init("eps", np.array(eps, np.float32)),
+             init("two", np.array(2.0, np.float32)), init("axes", np.array([-1], np.int64))]
+    n = helper.make_node
+    nodes = []
+
+    def rms(x: str, w: str, e: str, out: str) -> None:
+        nodes.extend([
+            n("Pow", [x, "two"], [f"{out}.sq"]), n("ReduceMean", [f"{out}.sq", "axes"], [f"{out}.ms"], keepdims=1),
+            n("Add", [f"{out}.ms", e], [f"{out}.mse"]), n("Sqrt", [f"{out}.mse"], [f"{out}.rms"]),
+            n("Div", [x, f"{out}.rms"], [f"{out}.n"]), n("Mul", [f"{out}.n", w], [out])])
+
+    rms("hidden", "adapter.norm", "eps_a", "a.normed")
+    nodes += [n("MatMul", ["a.normed", "adapter.up"], ["a.up"]), n("Sigmoid", ["a.up"], ["a.sig"]),
+              n("Mul", ["a.up", "a.sig"], ["a.act"]), n("MatMul", ["a.act", "adapter.down"], ["a.down"]),
+              n("Add", ["hidden", "a.down"], ["adapted"])]
+    rms("adapted", "final.norm", "eps", "h.normed")
+    nodes += [n("MatMul", ["h.normed", "draft.embT"], ["logits"]),
+              n("Softmax", ["logits"], ["probs"], axis=-1),
+              n("ReduceMax", ["probs", "axes"], ["max_prob"], keepdims=0),
+              n("ArgMax", ["logits"], ["sub_token"], axis=-1, keepdims=0),
+              n("Gather", ["vocab_ids", "sub_token"], ["token"]),
+              n("GreaterOrEqual", ["max_prob", "threshold"], ["gate"]),
+              n("Identity", ["vocab_ids"], ["vocab_ids_out"])]
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    graph = helper.make_graph(
+        nodes, "draft_head",
+        [helper.make_tensor_value_info("hidden", f, ["batch", "seq", d]),
+         helper.make_tensor_value_info("threshold", f, [])],
+        [helper.make_tensor_value_info("token", i64, ["batch", "seq"]),
+         helper.make_tensor_value_info("max_prob", f, ["batch", "seq"]),
+         helper.make_tensor_value_info("gate", TensorProto.BOOL, ["batch", "seq"]),
+         helper.make_tensor_value_info("logits", f, ["batch", "seq", len(ids)]),
+         helper.make_tensor_value_info("vocab_ids_out", i64, [len(ids)])],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
