@@ -35,8 +35,11 @@ MANIFEST = "manifest.yaml"
 
 @dataclass
 class TensorInfo:
-    """A tensor crossing a segment boundary. ``shape`` uses str for symbolic dims; ``batch_axis`` is the
-    axis along which samples are stacked, or None for a tensor whose value does not depend on the batch."""
+    """A tensor crossing a segment boundary (or a model input/output): its ``name``, numpy ``dtype`` name
+    (``"float32"``, ``"int64"``, ``"bool"``...) and ``shape`` (ints for fixed axes, the symbol's name as a str
+    for symbolic ones such as ``"batch"`` or a sequence length, None where unknown). ``batch_axis`` is the axis
+    along which samples are stacked (measured by the compiler's probe), or None for a tensor whose value does
+    not depend on the batch."""
 
     name: str
     dtype: str
@@ -45,11 +48,19 @@ class TensorInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorInfo:
+        """From the manifest's mapping (KeyError for a missing field)."""
         return cls(name=d["name"], dtype=d["dtype"], shape=list(d["shape"]), batch_axis=d.get("batch_axis"))
 
 
 @dataclass
 class GateInfo:
+    """An exit's in-graph gate: its ``kind`` (a :class:`~eecompile.spec.GateKind` value), the ``threshold`` in
+    use (set by the spec, then by calibration), and the names of its tensors in the segment graph: ``output``
+    (bool [B], True where the sample exits), ``threshold_input`` (float32 scalar, fed at run time),
+    ``score_output`` (float32 [B], the value compared with the threshold), and the state it reads from the
+    previous exit and hands to the next (patience: argmax and count; saturation: the pooled hidden state).
+    Names follow :mod:`eecompile.names`."""
+
     kind: str
     threshold: float
     output: str  # bool [B] output of the segment graph: True = this sample exits here
@@ -61,6 +72,11 @@ class GateInfo:
 
 @dataclass
 class ExitInfo:
+    """Exit ``index`` (the last one is the model's own final output): the tensors it cuts at (``at``), how its
+    head was made (``head``), which segment tensor stands in for each final output (``outputs``), its gate
+    (None for the final exit, which always exits), an optional display ``name``, and for heads eecompile
+    trains, ``head_spec`` (kind, options, feature shape, class count, whether trained)."""
+
     index: int
     at: list[str]
     head: str  # how the head was made: file:NAME, model-output:NAME, trained:KIND
@@ -71,6 +87,7 @@ class ExitInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExitInfo:
+        """From the manifest's mapping (KeyError/TypeError for a missing or malformed field)."""
         gate = GateInfo(**d["gate"]) if d.get("gate") else None
         return cls(index=d["index"], at=list(d["at"]), head=d["head"], outputs=dict(d["outputs"]),
                    gate=gate, name=d.get("name"), head_spec=d.get("head_spec"))
@@ -78,6 +95,11 @@ class ExitInfo:
 
 @dataclass
 class SegmentInfo:
+    """Segment ``index``: its ONNX ``file`` (relative to the bundle), its data inputs and graph outputs, its
+    exit, the outputs later segments read (``carried_out``), and its cost: ``flops`` per sample (a
+    multiply-add counts 2; only Conv/MatMul/Gemm/Einsum/attention/recurrent ops are counted) and
+    ``flops_fraction`` of the whole model's."""
+
     index: int
     file: str  # relative to the bundle
     inputs: list[TensorInfo]  # data inputs: model inputs, carried tensors, gate state (not the threshold)
@@ -89,6 +111,7 @@ class SegmentInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentInfo:
+        """From the manifest's mapping (KeyError/TypeError for a missing or malformed field)."""
         return cls(index=d["index"], file=d["file"],
                    inputs=[TensorInfo.from_dict(t) for t in d["inputs"]],
                    outputs=[TensorInfo.from_dict(t) for t in d["outputs"]],
@@ -98,6 +121,16 @@ class SegmentInfo:
 
 @dataclass
 class Manifest:
+    """``manifest.yaml``: everything a runtime needs to chain a bundle's segments, and its provenance.
+
+    ``inputs`` are the model's inputs (batch axis 0; ``"batch"`` in dynamic mode) and ``outputs`` the final
+    output every exit produces, one row per sample. ``segments`` are in chain order. ``batch_mode`` is
+    ``"dynamic"`` or ``"per_sample"`` (the model only runs at batch 1; runtimes feed one sample at a time).
+    ``class_axis`` is the final output's class axis. ``calibration``, ``engines`` and ``heads`` are written
+    by ``calibrate``, ``build`` and ``train-heads``; ``files`` maps each bundle file to its sha256, checked on
+    load. Raises nothing itself; :meth:`from_dict` raises BundleError for a manifest it cannot read.
+    """
+
     source_model: dict[str, Any]  # {file, sha256}
     inputs: list[TensorInfo]  # the model's inputs (batch axis 0)
     outputs: list[TensorInfo]  # the final outputs every exit produces, one row per sample
@@ -115,17 +148,21 @@ class Manifest:
 
     @property
     def exits(self) -> list[ExitInfo]:
+        """Every exit, the final one last."""
         return [s.exit for s in self.segments]
 
     @property
     def n_early_exits(self) -> int:
+        """How many exits can fire before the final output."""
         return len(self.segments) - 1
 
     @property
     def thresholds(self) -> list[float]:
+        """The threshold in use at each early exit, in order."""
         return [s.exit.gate.threshold for s in self.segments if s.exit.gate is not None]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for the YAML file (the format and eecompile versions first)."""
         d = asdict(self)
         # Keep the header first in the YAML for people reading it.
         head = {k: d.pop(k) for k in ("format_version", "eecompile_version")}
@@ -133,6 +170,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> Manifest:
+        """Parse a loaded manifest; BundleError (naming ``where``) when it is not one, is from a newer format
+        version, or is incomplete."""
         if not isinstance(d, dict) or "format_version" not in d:
             raise BundleError(f"{where}: not an eecompile manifest (no format_version)")
         version = d["format_version"]
@@ -163,6 +202,7 @@ class Manifest:
 
 
 def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
