@@ -96,7 +96,11 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @_dim_option
 @_user_errors
 def analyze(model: Path, as_json: bool, show_all: bool, dims: tuple[str, ...]) -> None:
-    """List the tensors MODEL can be cut at, with the compute before each."""
+    """List the tensors MODEL can be cut at, with the compute before each.
+
+    For each cut point: its shape ("batch" on the batch axis), the FLOPs per sample before it (a multiply-add
+    counts 2) and as a share of the model, and the tensors a cut there carries to the next segment. Without
+    --all, up to four suggestions spread over the FLOPs."""
     from eecompile.compiler import analyze_model
 
     report = analyze_model(model, _parse_dims(dims))
@@ -118,7 +122,11 @@ def analyze(model: Path, as_json: bool, show_all: bool, dims: tuple[str, ...]) -
 @_user_errors
 def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tuple[str, ...],
                 tolerance: float | None) -> None:
-    """Compile the model named in SPEC into an early-exit bundle."""
+    """Compile the model named in SPEC into an early-exit bundle.
+
+    Cuts the model at each exit's tensor, attaches the heads, fuses the gates into the graphs, and checks that
+    the chain with no exit taken equals the model before it writes OUTPUT (atomically; an earlier bundle there
+    stays untouched on failure). Prints one line per segment."""
     from eecompile.compiler import compile_model
 
     bundle = compile_model(spec, output, force=force, verify=not no_verify, dims=_parse_dims(dims),
@@ -144,9 +152,10 @@ def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tu
 @click.option("--epochs", type=int, default=None, help="Default: 30 (decoder bundles: 8).")
 @click.option("--labels/--no-labels", default=True, help="Use `labels` from the data when present.")
 @click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
-@click.option("--lr", type=float, default=3e-3, show_default=True)
-@click.option("--batch", type=int, default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch", type=int, default=64, show_default=True, help="Samples per training step.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (weight initialisation and shuffling).")
 @click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path),
               help="Decoder bundles: text files to distil on (default: the pydoc topics + the model's own text).")
 @click.option("--draft-vocab", type=int, default=4096, show_default=True,
@@ -218,9 +227,10 @@ def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="Engine backend.")
 @click.option("--fp16", is_flag=True, help="Build half-precision engines (gates stay fp32).")
-@click.option("--max-batch", type=int, default=32, show_default=True)
+@click.option("--max-batch", type=int, default=32, show_default=True, help="Largest batch size the engines accept.")
 @click.option("--opt-batch", type=int, default=None, help="Batch size to tune for (default: max-batch).")
 @click.option("--workspace", type=int, default=1024, show_default=True, help="Builder workspace, MB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file.")
@@ -242,7 +252,8 @@ def build(bundle: Path, backend: str, fp16: bool, max_batch: int, opt_batch: int
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="tensorrt", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="tensorrt", show_default=True,
+              help="Backend whose engines are compared with ONNX Runtime on CPU.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Inputs to compare on (default: random).")
 @click.option("--batch", type=int, default=None, help="Batch size to compare at.")
 @_user_errors
@@ -260,10 +271,12 @@ def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> 
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), required=True, help=".npz named after the model inputs.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .npz.")
-@click.option("--policy", type=click.Choice(["compact", "wait-all", "never"]), default="compact", show_default=True)
+@click.option("--policy", type=click.Choice(["compact", "wait-all", "never"]), default="compact", show_default=True,
+              help="compact: exited samples leave the batch; wait-all: every sample runs to the end and keeps its "
+                   "first exit's output; never: no early exit fires.")
 @click.option("--thresholds", default=None, help="Per early exit: a number, 'never' or 'always' (e.g. 0.9,never).")
-@click.option("--batch", type=int, default=32, show_default=True)
-@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--batch", type=int, default=32, show_default=True, help="Samples per call.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime device (cuda: CUDA execution provider with IO binding).")
@@ -281,11 +294,12 @@ def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | N
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), required=True)
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--backend", default="onnxruntime", show_default=True)
-@click.option("--repeats", type=int, default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--data", type=click.Path(path_type=Path), required=True, help=".npz named after the model inputs.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Samples per call.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
+@click.option("--repeats", type=int, default=20, show_default=True,
+              help="Timed rounds per configuration (medians and ranges are reported).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--reference-model", type=click.Path(path_type=Path), default=None,
               help="The unsplit .onnx to time as the baseline (a source model outside the bundle is not opened "
                    "because the manifest names it).")
@@ -305,7 +319,7 @@ def bench(bundle: Path, data: Path, batch: int, backend: str, repeats: int, as_j
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 @_user_errors
 def inspect(bundle: Path, as_json: bool) -> None:
     """Show a bundle's segments, carried tensors, heads, gates, thresholds and engines."""
@@ -327,7 +341,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help=".npz to time the segments on (default: random inputs, when every dimension is fixed).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size for the latency measurement.")
-@click.option("--repeats", type=int, default=10, show_default=True)
+@click.option("--repeats", type=int, default=10, show_default=True,
+              help="Runs per segment for the latency figures (medians).")
 @_user_errors
 def report(bundle: Path, output: Path, data: Path | None, batch: int, repeats: int) -> None:
     """Write one self-contained HTML page: segments, FLOPs, carried tensors, gates, calibration, latency."""
@@ -384,8 +399,9 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True, help="HTTP port.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ray Serve replicas (one runner each).")
 @click.option("--autoscale", default=None, metavar="MIN:MAX", help="Let Serve scale replicas between MIN and MAX.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Samples per runner call (and at most per request).")
@@ -393,7 +409,7 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
               help="How long a batch waits for more requests after its first.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Larger request bodies get HTTP 413.")
-@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per replica.")
 @click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="Ray CPUs each replica holds.")
 @click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto) instead of starting one.")
@@ -430,17 +446,19 @@ def _echo_decoder(output: Path, dec: dict[str, Any]) -> None:
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text; repeatable (one row each).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--mode", type=click.Choice(["none", "speculative", "exit"]), default="none", show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate per prompt.")
+@click.option("--mode", type=click.Choice(["none", "speculative", "exit"]), default="none", show_default=True,
+              help="none: the full model; speculative: an exit drafts tokens, the full model verifies them "
+                   "(lossless); exit: each token from the first confident exit.")
 @click.option("--batch", type=int, default=None, help="Rows run together (default: all prompts).")
 @click.option("--thresholds", default=None, help="Per exit: max-prob, 'never' or 'always', comma-separated.")
 @click.option("--draft-tokens", type=int, default=None, help="Speculative: most tokens drafted per verification.")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (with sampling).")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="tokenizer.json (default: the bundle's).")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_user_errors
 def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: str, batch: int | None,

@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CutPoint:
+    """A tensor of the main graph an exit could be put at.
+
+    ``shape`` is the probed shape (``"batch"`` on the batch axis in dynamic mode, symbolic axes by name),
+    ``dtype`` a numpy dtype name, ``carried`` the tensors a cut here hands to the next segment,
+    ``inputs_after`` the model inputs read after it, ``flops_before`` the FLOPs per sample of everything
+    before it (a multiply-add counts 2) and ``fraction`` that as a share of the whole model. ``problem`` says
+    why it cannot be an exit (None: it can)."""
+
     tensor: str
     shape: list[int | str]
     dtype: str
@@ -42,6 +50,7 @@ class CutPoint:
     forks: bool = False  # read by two or more nodes after the cut (a block boundary with a residual branch)
 
     def to_json(self) -> dict[str, Any]:
+        """The entry of ``eecompile analyze --json``'s ``cut_points`` list."""
         return {"tensor": self.tensor, "shape": self.shape, "flops_before": self.flops_before,
                 "fraction": round(self.fraction, 6), "carried": self.carried, "inputs_after": self.inputs_after,
                 "batch_axis": self.batch_axis, "valid": self.problem is None, "problem": self.problem}
@@ -49,6 +58,9 @@ class CutPoint:
 
 @dataclass
 class AnalysisReport:
+    """What ``eecompile analyze`` reports: the model's inputs and outputs (name, dtype, shape), its FLOPs per
+    sample, its batch mode, every cut point and the suggested ones (tensor names, in graph order)."""
+
     model: str
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
@@ -60,14 +72,17 @@ class AnalysisReport:
 
     @property
     def valid(self) -> list[CutPoint]:
+        """The cut points an exit can be put at."""
         return [c for c in self.cut_points if c.problem is None]
 
     def to_json(self) -> dict[str, Any]:
+        """The document ``eecompile analyze --json`` prints (valid cut points only)."""
         return {"model": self.model, "inputs": self.inputs, "outputs": self.outputs,
                 "total_flops": self.total_flops, "batch_mode": self.batch_mode,
                 "cut_points": [c.to_json() for c in self.valid], "suggested": self.suggested}
 
     def print(self, show_all: bool = False) -> None:
+        """Print the suggested cut points (every valid one with ``show_all``) as a table."""
         from rich.console import Console
         from rich.table import Table
 
@@ -88,6 +103,9 @@ class AnalysisReport:
 
 
 def find_cut_points(pm: PreparedModel) -> list[CutPoint]:
+    """Every output of a main-graph node that is not recomputable, not a model output, was probed and has
+    something after it that reads from before it, in topological order; each with the ``problem`` (cases 1-3
+    of the module docstring) that keeps it from being an exit, or None. Raises nothing: problems are data."""
     idx, probe = pm.index, pm.probe
     all_nodes = (1 << len(idx.nodes)) - 1
     out: list[CutPoint] = []
@@ -118,6 +136,7 @@ def find_cut_points(pm: PreparedModel) -> list[CutPoint]:
 
 
 def cut_problem(pm: PreparedModel, v: ir.Value, carried: list[ir.Value]) -> str | None:
+    """Why ``v`` cannot be an exit when the cut carries ``carried`` (cases 2 and 3), or None."""
     facts = pm.probe.facts.get(v.name or "")
     if facts is None:
         return "ONNX Runtime could not expose it"

@@ -24,6 +24,9 @@ from eecompile.errors import GraphError
 
 @dataclass
 class ExtractedSegment:
+    """Segment ``index``'s graph (a new :class:`onnx_ir.Graph` sharing the source model's weights), the names
+    of the tensors carried into and out of it, the model inputs it reads, and its values by name."""
+
     index: int
     graph: ir.Graph
     carried_in: list[str]
@@ -33,6 +36,12 @@ class ExtractedSegment:
 
 
 def extract_segments(pm: PreparedModel, plans: list[SegmentPlan]) -> list[ExtractedSegment]:
+    """One graph per plan of :func:`~eecompile.analysis.partition.plan_segments` (cases 1 and 2).
+
+    Each graph's outputs are the plan's carried tensors, then its targets; its inputs the model inputs it
+    reads, then the tensors carried into it. Weights are shared with ``pm.model``, not copied (they may be
+    memory-mapped external data). Raises GraphError when onnx-ir cannot extract a plan (a bug in the split).
+    """
     graph = pm.model.graph
     model_inputs = list(graph.inputs)
     out: list[ExtractedSegment] = []
