@@ -184,3 +184,59 @@ def encode_response(outputs: dict[str, np.ndarray], exit_index: np.ndarray, as_n
 
 def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
+
+
+@dataclass
+class GenerateRequest:
+    """One checked ``POST /v1/generate`` body (decoder bundles)."""
+
+    prompt: str | list[int]
+    max_new_tokens: int
+    mode: str = "none"
+    thresholds: tuple[float | str, ...] | None = None
+    draft_tokens: int | None = None
+    sample: bool = False
+    temperature: float = 1.0
+    seed: int | None = None
+
+    def group_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys share one ``generate`` call."""
+        return (isinstance(self.prompt, str), self.max_new_tokens, self.mode, self.thresholds, self.draft_tokens,
+                self.sample, self.temperature, self.seed)
+
+
+GENERATE_FIELDS = ("prompt", "max_new_tokens", "mode", "thresholds", "draft_tokens", "sample", "temperature", "seed")
+
+
+def parse_generate(body: bytes, n_exits: int) -> GenerateRequest:
+    """``{"prompt": text or token ids, "max_new_tokens": 32, "mode": "none"|"speculative"|"exit",
+    "thresholds": [...], "draft_tokens": k, "sample": false, "temperature": 1.0, "seed": null}``.
+
+    Raises DataError / SpecError (HTTP 400) for a malformed body; the decoder checks the values further."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f'{WHERE}: the body is not valid JSON ({e}); send {{"prompt": "...", '
+                        f'"max_new_tokens": 32}}') from e
+    if not isinstance(doc, dict) or "prompt" not in doc:
+        raise DataError(f'{WHERE}: expected a JSON object {{"prompt": text or token ids, "max_new_tokens": N}}')
+    unknown = sorted(set(doc) - set(GENERATE_FIELDS))
+    if unknown:
+        raise DataError(f"{WHERE}: unknown fields {unknown}; a generate request has {list(GENERATE_FIELDS)}")
+    prompt = doc["prompt"]
+    ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if not (isinstance(prompt, str) or ids) or not prompt:
+        raise DataError(f"{WHERE}: prompt must be a non-empty string or list of token ids")
+
+    def typed(name: str, kinds: tuple[type, ...], default: Any) -> Any:
+        v = doc.get(name, default)
+        if v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
+            raise DataError(f"{WHERE}: {name} is {v!r}; expected {' or '.join(k.__name__ for k in kinds)}")
+        return v
+
+    max_new = typed("max_new_tokens", (int,), 32)
+    return GenerateRequest(
+        prompt=prompt, max_new_tokens=int(max_new) if max_new is not None else 32,
+        mode=typed("mode", (str,), "none"), thresholds=_thresholds(doc.get("thresholds"), n_exits),
+        draft_tokens=typed("draft_tokens", (int,), None), sample=bool(typed("sample", (bool,), False)),
+        temperature=float(typed("temperature", (int, float), 1.0)), seed=typed("seed", (int,), None))

@@ -41,10 +41,12 @@ from eecompile.errors import BackendError, EECompileError
 from eecompile.serve.batching import Answer, group_requests, run_group
 from eecompile.serve.protocol import (
     JSON,
+    GenerateRequest,
     PredictRequest,
     RequestTooLarge,
     encode_response,
     error_body,
+    parse_generate,
     parse_request,
 )
 
@@ -68,10 +70,22 @@ class ServeOptions:
 
 
 def load_runner(options: ServeOptions) -> Any:
-    """The runner a replica serves with (the bundle's loader checks every file's hash)."""
+    """The runner a replica serves with (the bundle's loader checks every file's hash): the chain runner, or
+    for a decoder bundle the :class:`~eecompile.runtimes.lm.DecoderRunner` (ONNX Runtime)."""
     from eecompile import load
+    from eecompile.bundle import Bundle
 
-    return load(options.bundle, backend=options.backend, **options.backend_options)
+    bundle = Bundle.load(options.bundle)
+    if bundle.manifest.decoder:
+        from eecompile.runtimes.lm import DecoderRunner
+
+        return DecoderRunner(bundle, threads=options.backend_options.get("threads"))
+    return load(bundle if options.backend == "onnxruntime" else options.bundle, backend=options.backend,
+                **options.backend_options)
+
+
+def _is_decoder(runner: Any) -> bool:
+    return hasattr(runner, "generate") and not hasattr(runner, "run")
 
 
 def _samples(items: list[PredictRequest]) -> int:
@@ -85,9 +99,12 @@ class EarlyExitDeployment:
     def __init__(self, options: ServeOptions) -> None:
         self._cfg = options
         self.runner = load_runner(options)
-        self.n_early_exits = self.runner.manifest.n_early_exits
-        self.predict.set_max_batch_size(options.max_batch_size)  # type: ignore[attr-defined]
-        self.predict.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)  # type: ignore[attr-defined]
+        self.decoder = _is_decoder(self.runner)
+        self.n_early_exits = len(self.runner.exits) if self.decoder else self.runner.manifest.n_early_exits
+        handlers: list[Any] = [self.predict, self.generate]
+        for handler in handlers:
+            handler.set_max_batch_size(options.max_batch_size)
+            handler.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eecompile-runner")
         self._busy: asyncio.Future[Any] | None = None
         self._requests = metrics.Counter("eecompile_requests", description="Requests answered, by HTTP status.",
@@ -97,7 +114,8 @@ class EarlyExitDeployment:
         self._exits = metrics.Counter("eecompile_exit_samples", description="Samples answered at each exit.",
                                       tag_keys=("exit",))
         self._batch = metrics.Histogram("eecompile_batch_samples", boundaries=BATCH_BOUNDARIES,
-                                        description="Samples in each runner call.")
+                                        description="Samples (prompts, for /generate) in each runner call.")
+        self._tokens = metrics.Counter("eecompile_generated_tokens", description="Tokens answered by /generate.")
 
     def check_health(self) -> None:
         if self.runner is None:
@@ -106,15 +124,18 @@ class EarlyExitDeployment:
     async def __call__(self, request: Request) -> Response:
         t0 = time.perf_counter()
         path = request.url.path.rstrip("/")
+        route = "generate" if self.decoder else "predict"
         if path.endswith("/health") and request.method in ("GET", "HEAD"):
-            return self._json(200, {"status": "ok", "bundle": Path(self._cfg.bundle).name,
-                                    "exits": self.n_early_exits + 1,
-                                    "inputs": [t.name for t in self.runner.inputs], "pid": os.getpid()})
-        if not path.endswith("/predict"):
-            return self._error(404, f"no route {request.url.path}; use POST {ROUTE_PREFIX}/predict or GET "
-                                    f"{ROUTE_PREFIX}/health", t0)
+            inputs = ["prompt"] if self.decoder else [t.name for t in self.runner.inputs]
+            return self._json(200, {"status": "ok", "bundle": Path(self._cfg.bundle).name, "route": route,
+                                    "exits": self.n_early_exits + 1, "inputs": inputs, "pid": os.getpid()})
+        if not path.endswith(f"/{route}"):
+            return self._error(404, f"no route {request.url.path}; this bundle answers POST {ROUTE_PREFIX}/{route} "
+                                    f"and GET {ROUTE_PREFIX}/health", t0)
         if request.method != "POST":
-            return self._error(405, f"{ROUTE_PREFIX}/predict takes POST", t0)
+            return self._error(405, f"{ROUTE_PREFIX}/{route} takes POST", t0)
+        if self.decoder:
+            return await self._generate_http(request, t0)
         try:
             body = await self._read_body(request)
             req = parse_request(body, request.headers.get("content-type"), self.runner.inputs,
@@ -131,6 +152,52 @@ class EarlyExitDeployment:
                 self._exits.inc(int(c), tags={"exit": str(k)})
         self._done(200, t0)
         return Response(content, status_code=200, media_type=media)
+
+    async def _generate_http(self, request: Request, t0: float) -> Response:
+        try:
+            req = parse_generate(await self._read_body(request), self.n_early_exits)
+            ok, result = await self.generate(req)
+        except RequestTooLarge as e:
+            return self._error(413, str(e), t0)
+        except EECompileError as e:
+            return self._error(400, str(e), t0)
+        if not ok:
+            return self._error(400, result, t0)
+        self._tokens.inc(len(result["token_ids"]))
+        self._done(200, t0)
+        return self._json(200, result)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def generate(self, requests: list[GenerateRequest]) -> list[tuple[bool, Any]]:
+        """Request-level batching: the prompts of requests with the same options decode together, each
+        stopping at its own end-of-sequence; every request of a call is answered when the call returns."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._generate_batch, requests)
+
+    def _generate_batch(self, requests: Sequence[GenerateRequest]) -> list[tuple[bool, Any]]:
+        out: list[tuple[bool, Any]] = [(False, "no answer")] * len(requests)
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.group_key(), []).append(i)
+        for members in groups.values():
+            r = requests[members[0]]
+            try:
+                res = self.runner.generate([requests[i].prompt for i in members], r.max_new_tokens, mode=r.mode,
+                                           thresholds=None if r.thresholds is None else list(r.thresholds),
+                                           draft_tokens=r.draft_tokens, sample=r.sample,
+                                           temperature=r.temperature, seed=r.seed)
+            except EECompileError as e:
+                for i in members:
+                    out[i] = (False, str(e))
+                continue
+            stats = {"rows": len(members), "tokens_per_s": res.tokens_per_s, "acceptance_rate": res.acceptance_rate,
+                     "mean_accepted_length": res.mean_accepted_length, "exit_shares": res.exit_shares}
+            self._batch.observe(len(members))
+            for j, i in enumerate(members):
+                row = res.results[j]
+                out[i] = (True, {"token_ids": [int(t) for t in row["token_ids"]], "text": row.get("text"),
+                                 "batch": stats})
+        return out
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self._cfg.max_body_bytes
@@ -213,14 +280,16 @@ def build_app(options: ServeOptions, replicas: int = 1, autoscaling: tuple[int, 
 
 
 def run_app(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-            autoscaling: tuple[int, int] | None = None, cpus_per_replica: float = 1.0) -> Any:
-    """Start Serve's HTTP proxy on ``host:port`` and deploy the bundle; returns once every replica answers.
+            autoscaling: tuple[int, int] | None = None, cpus_per_replica: float = 1.0, name: str = "eecompile",
+            route_prefix: str = ROUTE_PREFIX) -> Any:
+    """Start Serve's HTTP proxy on ``host:port`` (once per Ray instance) and deploy the bundle as application
+    ``name`` under ``route_prefix``; returns once every replica answers.
 
     Ray must be initialised (``ray.init``). Raises BackendError when the replicas cannot start."""
     serve.start(http_options={"host": host, "port": port})
     try:
-        return serve.run(build_app(options, replicas, autoscaling, cpus_per_replica), name="eecompile",
-                         route_prefix=ROUTE_PREFIX)
+        return serve.run(build_app(options, replicas, autoscaling, cpus_per_replica), name=name,
+                         route_prefix=route_prefix)
     except RuntimeError as e:
         raise BackendError(f"the Serve deployment did not start ({str(e).strip().splitlines()[0]}); see Ray's "
                            f"logs (/tmp/ray/session_latest/logs)") from e
@@ -231,7 +300,9 @@ def serve_bundle(options: ServeOptions, host: str = "127.0.0.1", port: int = 800
                  address: str | None = None, ready: Any = None) -> None:
     """``eecompile serve``: check the bundle here (its loader's error ends the command), start or join Ray,
     deploy, and serve until SIGINT/SIGTERM; then shut Serve down (and Ray, when it was started here)."""
-    load_runner(options).close()  # fail fast with the loader's own message, before any server starts
+    runner = load_runner(options)  # fail fast with the loader's own message, before any server starts
+    if hasattr(runner, "close"):
+        runner.close()
     import ray
 
     started_here = address is None

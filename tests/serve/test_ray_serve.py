@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.serve.client import get, own_descendants, post, predict_json, predict_npz
-from tests.serve.conftest import free_port, mixed_inputs
+from tests.serve.client import get, post, predict_json, predict_npz
+from tests.serve.conftest import mixed_inputs
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
@@ -26,27 +26,16 @@ MAX_BODY = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def endpoint(served_bundle: Path):
+def endpoint(served_bundle: Path, ray_serve):
     from ray import serve
 
     from eecompile.serve.ray_app import ServeOptions, run_app
 
-    before = set(own_descendants())
-    metrics_port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 500})
-    port = free_port()
-    try:
-        run_app(ServeOptions(bundle=str(served_bundle), max_batch_size=16, batch_wait_ms=20,
-                             max_body_bytes=MAX_BODY), port=port)
-        yield f"http://127.0.0.1:{port}/v1", metrics_port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    deadline = time.time() + 20
-    while time.time() < deadline and set(own_descendants()) - before:
-        time.sleep(0.25)
-    assert not set(own_descendants()) - before, "Ray left processes behind"
+    port = ray_serve["port"]
+    run_app(ServeOptions(bundle=str(served_bundle), max_batch_size=16, batch_wait_ms=20, max_body_bytes=MAX_BODY),
+            port=port, name="predict", route_prefix="/v1")
+    yield f"http://127.0.0.1:{port}/v1", ray_serve["metrics_port"]
+    serve.delete("predict")
 
 
 @pytest.fixture(scope="module")
