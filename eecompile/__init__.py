@@ -29,20 +29,31 @@ if TYPE_CHECKING:
 
 
 def compile_model(spec: Any, output: Any, *, force: bool = False, verify: bool = True,
-                  tolerance: float | None = None) -> Bundle:
-    """Compile a spec (a path or a :class:`Spec`) into a bundle directory; see :mod:`eecompile.compiler`.
-    ``tolerance``: verify's allowed error relative to the final output's scale (default: from the graph's
-    precision)."""
+                  dims: dict[str, int] | None = None, tolerance: float | None = None) -> Bundle:
+    """Compile ``spec`` (a :class:`Spec`, or the path of its YAML file) into a bundle directory at ``output``,
+    written atomically, and return it loaded.
+
+    ``force`` replaces a bundle already at ``output``; ``verify=False`` skips the check that the chain with no
+    exit taken equals the source model; ``dims`` sizes symbolic input dims for probing (``{"seq": 128}``;
+    default 8); ``tolerance`` is verify's allowed error relative to the final output's scale (default: from the
+    graph's precision). Raises SpecError (the spec, or an exit that does not fit the graph), GraphError (a
+    model that cannot be read, run, split or verified) or BundleError (the destination). The stages are listed
+    in :mod:`eecompile.compiler`."""
     from eecompile.compiler import compile_model as _compile
 
-    return _compile(spec, output, force=force, verify=verify, tolerance=tolerance)
+    return _compile(spec, output, force=force, verify=verify, dims=dims, tolerance=tolerance)
 
 
 def load(bundle: Any, backend: str = "onnxruntime", **options: Any) -> EarlyExitRunner:
-    """Load a bundle for inference; sessions (or engines) are created once, here.
+    """Load a bundle (a path or a :class:`Bundle`) for inference; sessions (or engines) are created once, here.
 
-    ``backend="tensorrt"`` returns the device-resident :class:`~eecompile.runtimes.tensorrt.TensorRTChain`
-    (same ``run`` contract): activations stay on the GPU and only the gate masks and exited rows cross."""
+    Returns an :class:`~eecompile.runtimes.chain.EarlyExitRunner` whose ``run(feeds, thresholds=None,
+    policy="compact")`` takes numpy arrays named after the model inputs (rows along each input's batch axis)
+    and returns every sample's final outputs and the exit it left at. ``options`` go to the runner (e.g.
+    ``threads``). ``backend="tensorrt"`` returns the device-resident
+    :class:`~eecompile.runtimes.tensorrt.TensorRTChain` (same ``run`` contract): activations stay on the GPU
+    and only the gate masks and exited rows cross. Raises BundleError for a missing, damaged or tampered
+    bundle and BackendError when the backend cannot load its segments."""
     if backend == "tensorrt":
         from eecompile.runtimes.tensorrt import TensorRTChain
 
