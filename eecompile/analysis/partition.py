@@ -66,6 +66,7 @@ class GraphIndex:
     input_anc: list[frozenset[ir.Value]] = field(default_factory=list)  # per node: graph inputs it depends on
 
     def producer_index(self, v: ir.Value) -> int | None:
+        """The position in ``nodes`` of the node producing ``v`` (None for inputs and initializers)."""
         p = v.producer()
         return self.pos.get(p) if p is not None else None
 
@@ -75,6 +76,7 @@ class GraphIndex:
         return i is None or self.recomputable[i]
 
     def ancestors_of(self, values: Iterable[ir.Value]) -> int:
+        """The bitset of nodes ``values`` depend on (their producers included)."""
         bits = 0
         for v in values:
             i = self.producer_index(v)
@@ -84,6 +86,8 @@ class GraphIndex:
 
 
 def index_graph(model: ir.Model) -> GraphIndex:
+    """Index ``model``'s main graph (kept in its topological order): dependencies including outer-scope reads
+    of If/Loop/Scan bodies (case 2), consumers, ancestor bitsets and which nodes are recomputable (case 1)."""
     graph = model.graph
     nodes = list(graph)
     pos = {n: i for i, n in enumerate(nodes)}

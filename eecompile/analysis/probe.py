@@ -30,6 +30,10 @@ DEFAULT_DIM = 8  # size given to symbolic non-batch dims (sequence length and th
 
 @dataclass
 class TensorFacts:
+    """What the probe saw of one tensor: its numpy dtype name, its concrete shape and a digest of its values at
+    each probed batch size, the batch axis found (cases 1-3), why it cannot be carried (None: it can), and
+    the axes that follow a symbolic input dim, by the dim's name."""
+
     name: str
     dtype: str
     shapes: dict[int, tuple[int, ...]]  # batch size -> concrete shape
@@ -41,10 +45,13 @@ class TensorFacts:
 
 @dataclass
 class ProbeResult:
+    """The facts of every probed tensor (by name) and the batch sizes probed (``(2, 3)``; ``(1,)`` per sample)."""
+
     batches: tuple[int, ...]
     facts: dict[str, TensorFacts] = field(default_factory=dict)
 
     def shape(self, name: str, batch: int | None = None) -> tuple[int, ...] | None:
+        """The concrete shape of ``name`` at ``batch`` (default: the first probed), None if not probed."""
         f = self.facts.get(name)
         if f is None:
             return None

@@ -112,6 +112,9 @@ class Ops:
 
 @dataclass
 class GateResult:
+    """The values :func:`build_gate` made: ``gate`` (bool [B]), ``score`` (float32 [B]), ``threshold`` (the
+    float32 scalar input), the state it reads from the previous exit and the state it hands to the next."""
+
     gate: ir.Value
     score: ir.Value
     threshold: ir.Value

@@ -72,4 +72,5 @@ def normalise(model: ir.Model) -> ir.Model:
 
 
 def opset_of(model: ir.Model) -> int:
+    """The model's ai.onnx opset (1 when it imports none)."""
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))

@@ -23,6 +23,9 @@ TOLERANCE = 1e-5
 
 @dataclass
 class SegmentIO:
+    """What verification needs of one segment file: its data inputs, its threshold input (None for the final
+    segment) and its outputs, by name."""
+
     file: Path
     inputs: list[str]  # data inputs (model inputs, carried tensors, state)
     threshold_input: str | None
