@@ -112,7 +112,7 @@ def test_in_process_repository_on_tritonserver(env, served_bundle, local, tmp_pa
             c.infer("ee", [bad])
 
 
-def test_bls_repository_structure_and_tritons_parser(env, served_bundle, tmp_path) -> None:
+def test_bls_repository_structure_and_tritons_parser(served_bundle, tmp_path) -> None:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -143,8 +143,12 @@ def test_bls_repository_structure_and_tritons_parser(env, served_bundle, tmp_pat
         if seg.exit.gate is not None:
             thr = cfg.input[-1]
             assert thr.name == seg.exit.gate.threshold_input and list(thr.dims) == [1]
-    # The server loads the repository: the chain model is ready, the segments fail only for want of the
-    # onnxruntime backend in this build (their configs parsed).
+
+
+def test_bls_repository_loads_on_tritonserver(env, served_bundle, tmp_path) -> None:
+    """The chain model is ready; the segments fail only for want of the onnxruntime backend in this build."""
+    repo = _export(served_bundle, tmp_path / "repo", "bls")
+    names = sorted(p.name for p in repo.iterdir())
     with TritonServer(env, repo, _ports(), tmp_path / "triton.log", exit_on_error=False) as server:
         import tritonclient.http as httpclient
 
@@ -160,7 +164,7 @@ def test_bls_repository_structure_and_tritons_parser(env, served_bundle, tmp_pat
             time.sleep(0.5)
         states = {e["name"]: (e.get("state"), e.get("reason", "")) for e in index}
         assert states["ee"][0] == "READY", server.tail()
-        for name in names[1:]:
+        for name in [n for n in names if n != "ee"]:
             state, reason = states[name]
             assert state == "UNAVAILABLE" and "onnxruntime" in reason, (name, reason)
 
@@ -173,3 +177,16 @@ def test_bls_chain_on_tritonserver_with_standin_segments(env, served_bundle, loc
         shutil.copy(STANDIN, seg / "1" / "model.py")
     with TritonServer(env, repo, _ports(), tmp_path / "triton.log") as server:
         _check_answers(server, local)
+
+
+def test_export_refuses_to_overwrite(served_bundle, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+
+    repo = _export(served_bundle, tmp_path / "repo", "in-process")
+    result = CliRunner().invoke(cli, ["export", "triton", str(served_bundle), "-o", str(repo)])
+    assert result.exit_code == 1 and "already exists; pass --force" in result.output
+    result = CliRunner().invoke(cli, ["export", "triton", str(served_bundle), "-o", str(repo), "--force",
+                                      "--segments", "bls"])
+    assert result.exit_code == 0 and (repo / "resnet_seg0" / "1" / "model.onnx").is_file()  # name from the bundle
