@@ -122,7 +122,7 @@ def test_gpt_style_decoder_with_folded_batch_and_dynamic_sequence(tmp_path: Path
     exits = [{"at": blocks[0], "head": {"kind": "token"}, "gate": {"kind": "max_prob", "threshold": 0.5}},
              {"at": blocks[2], "head": {"kind": "token"}, "gate": {"kind": "entropy", "threshold": 0.3}}]
     bundle = eecompile.compile_model(write_spec(tmp_path, model, exits), tmp_path / "g.eebundle")
-    carried = bundle.manifest.segments[1].inputs[0]
+    carried = next(t for t in bundle.manifest.segments[1].inputs if t.name == blocks[0])
     assert carried.shape == ["batch", "seq", 32]  # the sequence axis stays symbolic
     runner = eecompile.load(bundle.path)
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from eecompile.analysis.flops import node_flops
 from eecompile.analysis.partition import GraphIndex, index_graph
 from eecompile.analysis.probe import PROBE_BATCHES, ProbeResult, probe_model
+from eecompile.analysis.shape_reads import share_shape_reads
 from eecompile.errors import GraphError
 
 Dims = list[int | str | None]
@@ -109,6 +110,8 @@ def probe_prepared(path: str | Path, model: ir.Model, batch_mode: str, batch_not
     names = [v.name for n in idx.nodes for v in n.outputs if v.name]
     batches = PROBE_BATCHES if batch_mode == "dynamic" else (1,)
     probe = probe_model(model, names, batches, dims)
+    if share_shape_reads(model, probe):  # Shape(h)[0] of a feature map -> Shape(input)[0]: nothing carried for it
+        idx = index_graph(model)
 
     def shape_at(b: int):  # noqa: ANN202 - small closure
         def shape_of(v: ir.Value | None) -> tuple[int, ...] | None:

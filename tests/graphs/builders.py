@@ -279,3 +279,39 @@ def gru_loop(path: Path, seed: int = 10) -> Path:
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, path)
     return path
+
+
+def shape_read_cnn(path: Path, merged: bool = False, seed: int = 6) -> Path:
+    """A CNN whose flattening Reshape takes the batch size from ``Shape(r1)[0]`` of an early feature map, the
+    way exporters write ``h.view(h.shape[0], -1)`` with the shape read merged onto one tensor. Input ``x``
+    [N, 3, 16, 16]; ``r1`` [N, 8, 16, 16], ``r2`` [N, 8, 8, 8] (a cut there leaves ``r1`` read after it only by
+    the Shape node); output ``logits`` [N, 10], exit head ``aux`` [N, 10] from ``r2``. ``merged``: the head
+    branch before the cut reads the same ``Shape(r1)[0]`` (one Shape node feeding both sides of the cut)."""
+    rng = np.random.default_rng(seed)
+    inits = [_w(rng, "c1.w", 8, 3, 3, 3), _w(rng, "c2.w", 8, 8, 3, 3), _w(rng, "fc.w", 8 * 8 * 8, 10, s=0.05),
+             _w(rng, "aux.w", 8, 10), nh.from_array(np.array([0], np.int64), "zero"),
+             nh.from_array(np.array([-1], np.int64), "minus1")]
+    nodes = [
+        h.make_node("Conv", ["x", "c1.w"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c1"], ["r1"]),
+        h.make_node("Conv", ["r1", "c2.w"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        h.make_node("Relu", ["c2"], ["r2"]),
+        h.make_node("Shape", ["r1"], ["r1_shape"]),
+        h.make_node("Gather", ["r1_shape", "zero"], ["batch"], axis=0),
+        h.make_node("Concat", ["batch", "minus1"], ["flat_shape"], axis=0),
+        h.make_node("Reshape", ["r2", "flat_shape"], ["flat"]),
+        h.make_node("MatMul", ["flat", "fc.w"], ["logits"]),
+        h.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+    ]
+    if merged:
+        nodes += [h.make_node("Reshape", ["gap", "flat_shape"], ["gap_flat"]),
+                  h.make_node("MatMul", ["gap_flat", "aux.w"], ["aux"])]
+    else:
+        nodes += [h.make_node("Flatten", ["gap"], ["gap_flat"]), h.make_node("MatMul", ["gap_flat", "aux.w"], ["aux"])]
+    g = h.make_graph(nodes, "shape_read", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 16, 16])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["N", 10]),
+                      h.make_tensor_value_info("aux", T.FLOAT, ["N", 10])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, path)
+    return path
