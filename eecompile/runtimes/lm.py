@@ -310,7 +310,8 @@ class DecoderRunner:
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_new_tokens: int, *,
                  mode: str = "none", thresholds: Any = None, draft_tokens: int | None = None, exit: int = 0,
                  sample: bool = False, temperature: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | None = None, batch: int | None = None) -> GenerateResult:
+                 eos_token_id: int | None = None, batch: int | None = None,
+                 calibrated: bool = True) -> GenerateResult:
         """Continue each prompt (text, or a list of token ids) by up to ``max_new_tokens`` tokens.
 
         ``mode``: "none" | "speculative" | "exit" (see the module docstring). ``thresholds``: per exit, a
@@ -318,7 +319,9 @@ class DecoderRunner:
         drafted per verification (default: the exit's). ``exit``: the exit that drafts (speculative).
         ``sample``: draw from softmax(logits / temperature) with ``numpy.random.default_rng(seed)``, else greedy.
         ``batch``: rows run together (default: all prompts). Stops a row at ``eos_token_id`` (default: the
-        bundle's) or after ``max_new_tokens``.
+        bundle's) or after ``max_new_tokens``. ``calibrated``: in speculative mode without explicit thresholds
+        and k, use the bundle's calibration for this batch size (``eecompile.decoder.calibrate``), which may
+        switch drafting off where it did not pay (plain decoding; the same tokens).
 
         Raises ``DataError`` for a bad mode, ``max_new_tokens`` < 1, an empty prompt, a token id outside the
         vocabulary, or a prompt that with ``max_new_tokens`` does not fit the cache (``max_length``).
@@ -354,6 +357,15 @@ class DecoderRunner:
                 raise DataError(f"prompts[{i}]: {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed the cache "
                                 f"({self.max_length} positions); shorten the prompt, lower max_new_tokens, or "
                                 f"recompile with a larger max_length")
+        size = batch or len(ids_list)
+        off = False
+        choice = choice_for_batch(self.dec.get("calibration"), size) if (
+            mode == "speculative" and calibrated and thresholds is None and draft_tokens is None) else None
+        if choice is not None:
+            off = bool(choice.get("off"))
+            if not off:
+                thresholds = [choice["threshold"] if j == exit else "never" for j in range(len(self.exits))]
+                draft_tokens = int(choice["draft_tokens"])
         thr = self._thresholds(thresholds, mode)
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
         k = int(draft_tokens if draft_tokens is not None else self.exits[exit].get("draft_tokens", 6))
@@ -363,11 +375,13 @@ class DecoderRunner:
         stats: dict[str, Any] = {"drafted": 0, "accepted": 0, "rounds": 0, "emitted": 0,
                  "exit_counts": [0] * (len(self.exits) + 1)}
         step = {"none": self._step_none, "speculative": self._step_speculative, "exit": self._step_exit}[mode]
+        if off:
+            step = self._step_none
+            stats["drafting_off"] = True
         ctx = _Ctx(thr=thr, k=k, exit=exit, sample=sample, temperature=temperature, rng=rng, eos=eos,
                    max_new=max_new_tokens, stats=stats)
         t0 = time.perf_counter()
         out_rows: list[_Row] = []
-        size = batch or len(ids_list)
         for lo in range(0, len(ids_list), size):
             rows = [self._new_row(lo + i, ids) for i, ids in enumerate(ids_list[lo:lo + size])]
             self._prefill(rows)
@@ -554,6 +568,17 @@ class _Ctx:
     eos: int | None
     max_new: int
     stats: dict[str, Any]
+
+
+def choice_for_batch(calibration: dict[str, Any] | None, batch: int) -> dict[str, Any] | None:
+    """The calibrated speculative entry for ``batch`` rows: the entry of the largest calibrated batch size not
+    above ``batch`` (the smallest one below all of them), or None when the bundle is not calibrated."""
+    table = (calibration or {}).get("speculative") or {}
+    if not table:
+        return None
+    sizes = sorted(int(b) for b in table)
+    below = [s for s in sizes if s <= batch]
+    return dict(table[str(below[-1] if below else sizes[0])])
 
 
 def _kv(prefix: str, layers: Sequence[int]) -> list[str]:

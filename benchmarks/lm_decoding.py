@@ -1,0 +1,185 @@
+"""``python -m benchmarks.lm_decoding [--bundle B] [--batches 1 4 8] [--tokens 64] [--rounds 3]``: decoding figures.
+
+Tokens/s of ``speculative`` and ``exit`` against ``none`` on the same decoder bundle (default: the SmolLM2 bundle
+``make lm-demo`` builds), ONNX Runtime CPU, at each batch size, on 64-token continuations of varied prompts.
+Paired as the other benchmarks are: every round runs the three modes back to back (order reversed every other
+round) and each ratio is computed within a round; medians with min-max over rounds. Also: acceptance rate and
+tokens per verification (speculative), exit shares, token agreement with ``none`` and the full model's perplexity
+of the generated text (exit), and the cost ratios of the speedup model (LayerSkip/Kangaroo):
+
+- r: one draft step (the segments up to the exit + the draft head, one position) / one plain decode step
+- g: one verification (the remaining segments + the shared head over k+1 positions) / one plain decode step
+
+Writes ``benchmarks/results/lm.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_BUNDLE = HERE.parent / "examples" / "smollm2" / "out" / "smollm2.eebundle"
+PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "The three primary colors are",
+    "Once upon a time, in a small village,", "To make a cup of tea, first", "The theory of relativity says that",
+    "import numpy as np\n", "The best way to learn a language is", "Water boils at a temperature of",
+    "My favourite book is", "The stock market fell today because", "In 1969, the first humans",
+    "A healthy breakfast includes", "The Python list method append", "Dear customer, thank you for",
+    "The largest planet in the solar system is",
+]
+
+
+def _median(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def _perplexity(runner: Any, prompt_ids: list[int], gen: list[int]) -> float:
+    """exp(mean NLL) of ``gen`` under the full model given the prompt (all segments, shared head)."""
+    if not gen:
+        return float("nan")
+    row = runner._new_row(0, prompt_ids + gen)
+    out = runner._stack([row], 0, len(runner.segments) - 1)[0]
+    logits = runner._run_head(out[None], 2.0, True)["logits"][0].astype(np.float64)
+    n = len(prompt_ids)
+    z = logits[n - 1:n - 1 + len(gen)]
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(np.exp(-np.mean(logp[np.arange(len(gen)), gen])))
+
+
+def _costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, float]:
+    """r and g at ``batch`` rows with 48 cached positions (median of ``reps`` timed calls each)."""
+    rng = np.random.default_rng(0)
+    ex = runner.exits[0]
+    last = len(runner.segments) - 1
+
+    def rows(n_new: int) -> list[Any]:
+        rs = [runner._new_row(i, list(rng.integers(0, runner.vocab, 48 + n_new))) for i in range(batch)]
+        for r in rs:
+            r.seq = r.seq[:48]
+        runner._stack(rs, 0, last)
+        for r, full in zip(rs, [list(rng.integers(0, runner.vocab, 48 + n_new)) for _ in rs], strict=True):
+            r.seq = r.seq + full[48:]
+        return rs
+
+    def timed(n_new: int, fn: Any) -> float:
+        ts = []
+        for _ in range(reps):
+            rs = rows(n_new)  # fresh rows with 48 cached positions (not timed)
+            t = time.perf_counter()
+            fn(rs)
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    def plain(rs: list[Any]) -> None:
+        out = runner._stack(rs, 0, last)
+        runner._run_head(np.stack([o[-1:] for o in out]), 2.0, False)
+
+    def draft(rs: list[Any]) -> None:
+        out = runner._stack(rs, 0, ex["segment"])
+        runner._exit_head(0, np.stack([o[-1:] for o in out]), 2.0, False)
+
+    def verify(rs: list[Any]) -> None:
+        out = runner._stack(rs, ex["segment"] + 1, last)
+        runner._run_head(np.stack(out), 2.0, False)
+
+    def verify_rows(n_new: int) -> list[Any]:
+        rs = rows(n_new)
+        runner._stack(rs, 0, ex["segment"])  # the drafted positions' exit states, as drafting leaves them
+        return rs
+
+    t_plain = timed(1, plain)
+    t_draft = timed(1, draft)
+    vs = []
+    for _ in range(reps):
+        rs = verify_rows(k + 1)
+        t = time.perf_counter()
+        verify(rs)
+        vs.append(time.perf_counter() - t)
+    return {"r": t_draft / t_plain, "g": statistics.median(vs) / t_plain, "plain_step_ms": 1e3 * t_plain,
+            "k": k}
+
+
+def run(bundle: Path, batches: list[int], tokens: int, rounds: int, threads: int | None) -> dict[str, Any]:
+    from eecompile.runtimes.lm import DecoderRunner
+
+    runner = DecoderRunner(bundle, threads=threads)
+    tok = runner.tokenizer()
+    results: dict[str, Any] = {"bundle": str(bundle), "tokens": tokens, "rounds": rounds,
+                               "threads": threads, "exits": runner.exits, "batches": {}}
+    for b in batches:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b * 2)]  # two batches' worth of varied prompts
+        per: dict[str, list[float]] = {"speculative": [], "exit": []}
+        tps: dict[str, list[float]] = {"none": [], "speculative": [], "exit": []}
+        last: dict[str, Any] = {}
+        modes = ["none", "speculative", "exit"]
+        runner.generate(prompts[:b], 4, mode="none", batch=b)  # warm-up
+        for rnd in range(rounds):
+            got = {}
+            for m in (modes if rnd % 2 == 0 else modes[::-1]):
+                got[m] = runner.generate(prompts, tokens, mode=m, batch=b)
+                tps[m].append(got[m].tokens_per_s)
+            for m in ("speculative", "exit"):
+                per[m].append(got[m].tokens_per_s / got["none"].tokens_per_s)
+            last = got
+        plain = [r["token_ids"] for r in last["none"].results]
+        spec = last["speculative"]
+        ex = last["exit"]
+        agree = [a == c for r, p in zip(ex.results, plain, strict=True)
+                 for a, c in zip(r["token_ids"], p, strict=False)]
+        ppl_exit = statistics.median([_perplexity(runner, list(tok.encode(r["prompt"]).ids), r["token_ids"])
+                                      for r in ex.results[:4]])
+        ppl_none = statistics.median([_perplexity(runner, list(tok.encode(r["prompt"]).ids), r["token_ids"])
+                                      for r in last["none"].results[:4]])
+        results["batches"][str(b)] = {
+            "tokens_per_s": {m: _median(v) for m, v in tps.items()},
+            "speedup": {m: _median(v) for m, v in per.items()},
+            "speculative_identical_to_none": [r["token_ids"] for r in spec.results] == plain,
+            "acceptance_rate": spec.acceptance_rate, "mean_accepted_length": spec.mean_accepted_length,
+            "exit_shares": ex.exit_shares, "exit_token_agreement": sum(agree) / max(len(agree), 1),
+            "perplexity": {"none": ppl_none, "exit": ppl_exit},
+            "costs": _costs(runner, b, int(runner.exits[0].get("draft_tokens", 4))),
+        }
+        print(json.dumps({b: results["batches"][str(b)]}, indent=1))
+    return results
+
+
+def write_md(res: dict[str, Any], path: Path) -> None:
+    lines = ["| batch | none tok/s | speculative | exit | acceptance | tokens/verify | exit agreement | "
+             "ppl none / exit | r | g |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for b, d in res["batches"].items():
+        sp, ex = d["speedup"]["speculative"], d["speedup"]["exit"]
+        lines.append(
+            f"| {b} | {d['tokens_per_s']['none']['median']:.1f} | {sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})"
+            f" | {ex['median']:.2f}x ({ex['min']:.2f}-{ex['max']:.2f}) | {d['acceptance_rate']:.0%} | "
+            f"{d['mean_accepted_length']:.2f} | {d['exit_token_agreement']:.0%} | "
+            f"{d['perplexity']['none']:.2f} / {d['perplexity']['exit']:.2f} | {d['costs']['r']:.2f} | "
+            f"{d['costs']['g']:.2f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    res = run(args.bundle, args.batches, args.tokens, args.rounds, args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lm.json").write_text(json.dumps(res, indent=1))
+    write_md(res, args.out / "lm.md")
+    print((args.out / "lm.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
