@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -19,6 +20,7 @@ def _ok(*args: str | Path) -> str:
     return result.output
 
 
+@pytest.mark.slow
 def test_cli_pipeline(tmp_path: Path, torch_model) -> None:
     model = torch_model("resnet")
     analysis = json.loads(_ok("analyze", model, "--json"))

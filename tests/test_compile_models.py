@@ -14,6 +14,8 @@ from conftest import make_head, write_spec, zoo_model
 import eecompile
 from eecompile.analysis.probe import DEFAULT_DIM
 
+pytestmark = pytest.mark.slow  # real graphs (model zoo, torch and Hugging Face exports)
+
 # (zoo model, [(cut tensor, channels)], final class axis)
 ZOO_CASES = {
     "resnet50": ([("r35", 256), ("r67", 512), ("r99", 1024), ("r139", 1024)], -1),

@@ -148,6 +148,7 @@ def test_existing_bundle_needs_force_and_survives_a_failed_compile(tmp_path: Pat
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_rank4_classifier_class_axis_is_found_without_the_spec(tmp_path: Path) -> None:
     # SqueezeNet's output is [N, 1000, 1, 1]: a softmax over the last axis (size 1) would always fire.
     from conftest import zoo_model

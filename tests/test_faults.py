@@ -171,6 +171,7 @@ def _check_after_kill(s: Scenario, ws: Path) -> str:
     return "old" if got == s.old else "new"
 
 
+@pytest.mark.slow
 def test_sigkill_at_many_points_never_loses_the_bundle(scenario: Scenario, script: Path, tmp_path: Path) -> None:
     seen = []
     points = _kill_points(scenario.events)

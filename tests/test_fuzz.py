@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -123,6 +124,7 @@ def _forced(k: int, n_early: int) -> list[float | str]:
 
 @settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@pytest.mark.slow
 @given(graphs())
 def test_compact_equals_forced_exit_equals_wait_all(g: tuple) -> None:
     from eecompile.compiler import compile_model

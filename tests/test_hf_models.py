@@ -14,6 +14,8 @@ import yaml
 import eecompile
 from eecompile.compiler import analyze_model
 
+pytestmark = pytest.mark.slow  # real graphs (model zoo, torch and Hugging Face exports)
+
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 

@@ -132,6 +132,7 @@ def _measure(ws: Path, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_preparing_a_200mb_model_stays_under_twice_its_weights(big: tuple[Path, int]) -> None:
     ws, weights = big
     m = _measure(ws, "prepare", str(ws / "model.onnx"))
@@ -142,6 +143,7 @@ def test_preparing_a_200mb_model_stays_under_twice_its_weights(big: tuple[Path, 
     assert extra < 2 * weights, f"{extra / weights:.2f}x the weights"
 
 
+@pytest.mark.slow
 def test_compiling_a_200mb_model_stays_under_twice_its_weights(big: tuple[Path, int], tmp_path: Path) -> None:
     ws, weights = big
     m = _measure(ws, "compile", str(ws / "spec.yaml"), str(tmp_path / "b.eebundle"))
