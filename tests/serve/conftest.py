@@ -54,8 +54,24 @@ def mixed_inputs(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def served_bundle(tmp_path_factory: pytest.TempPathFactory, torch_model) -> Path:
-    return build_served_bundle(tmp_path_factory.mktemp("served"), torch_model("resnet"))
+def served_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once per test run: xdist workers share their parent directory (pytest-xdist's recipe)."""
+    pytest.importorskip("torch")
+    import fcntl
+    import os
+
+    from torch_models import export
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "served_resnet"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        bundle = root / "resnet.eebundle"
+        if not (root / "done").exists():
+            build_served_bundle(root, export("resnet", root))
+            (root / "done").write_text("ok")
+    return bundle
 
 
 def build_served_bundle(root: Path, model: Path) -> Path:
