@@ -164,3 +164,21 @@ def test_a_few_seconds_of_load_then_metrics(endpoint, runner) -> None:
                  "eecompile_batch_samples_bucket"):
         assert name in text, name
     assert 'status="200"' in text and 'exit="0"' in text
+
+
+def test_autoscaled_deployment_answers(served_bundle, ray_serve, runner) -> None:
+    from ray import serve
+
+    from eecompile.serve.ray_app import ServeOptions, run_app
+
+    port = ray_serve["port"]
+    run_app(ServeOptions(bundle=str(served_bundle)), port=port, autoscaling=(1, 2), cpus_per_replica=0.5,
+            name="auto", route_prefix="/auto/v1")
+    try:
+        status = serve.status().applications["auto"].deployments["eecompile"]
+        assert status.status == "HEALTHY" and status.replica_states.get("RUNNING", 0) >= 1
+        x = mixed_inputs(2, seed=77)
+        code, doc = predict_json(f"http://127.0.0.1:{port}/auto/v1/predict", {"image": x})
+        assert code == 200 and doc["exit_index"] == runner.run({"image": x}).exit_index.tolist()
+    finally:
+        serve.delete("auto")
