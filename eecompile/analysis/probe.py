@@ -15,7 +15,8 @@ needs are read off real runs instead:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import zlib
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,18 +59,28 @@ class ProbeResult:
         return f.shapes[batch if batch is not None else self.batches[0]]
 
 
+def batched_inputs(inputs: list[ir.Value]) -> set[str]:
+    """The inputs whose axis 0 is symbolic: the batched ones. An input with a fixed axis 0 (a ``bool[1]``
+    flag, a ``[1, T]`` table) or none (a scalar) has no batch axis and is fed as given."""
+    return {v.name or "" for v in inputs if v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)}
+
+
 def random_inputs(inputs: list[ir.Value], batch: int, dims: Mapping[str, int] | None = None,
-                  seed: int = 0) -> dict[str, np.ndarray]:
+                  seed: int = 0, batched: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """Inputs for probing and verification: N(0,1) floats, ones for integers (ids and masks stay valid),
-    True for booleans. Axis 0 is the batch; other symbolic dims take ``dims[name]`` or DEFAULT_DIM."""
+    True for booleans. Axis 0 of the ``batched`` inputs (default: :func:`batched_inputs`) is ``batch``; the
+    other inputs keep their declared shape and get the same values whatever ``batch`` and ``seed`` are (they
+    do not depend on the batch). Other symbolic dims take ``dims[name]`` or DEFAULT_DIM."""
     rng = np.random.default_rng(seed)
+    batched = batched_inputs(inputs) if batched is None else set(batched)
     feeds: dict[str, np.ndarray] = {}
     for v in inputs:
         if v.shape is None:
             raise GraphError(f"model input '{v.name}' has no shape; export the model with input shapes")
+        in_batch = (v.name or "") in batched
         shape: list[int] = []
         for i, d in enumerate(v.shape):
-            if i == 0:
+            if i == 0 and in_batch:
                 shape.append(batch)
             elif isinstance(d, int):
                 shape.append(d)
@@ -78,7 +89,8 @@ def random_inputs(inputs: list[ir.Value], batch: int, dims: Mapping[str, int] | 
         name = v.name or ""
         np_dtype = _np_dtype(v.dtype, name)
         if np.issubdtype(np_dtype, np.floating):
-            feeds[name] = rng.standard_normal(shape).astype(np_dtype)
+            gen = rng if in_batch else np.random.default_rng(zlib.crc32(name.encode()))
+            feeds[name] = gen.standard_normal(shape).astype(np_dtype)
         elif np_dtype == np.bool_:
             feeds[name] = np.ones(shape, dtype=np.bool_)
         else:

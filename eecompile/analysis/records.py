@@ -91,7 +91,7 @@ def manifest_for(pm: PreparedModel, spec: Spec, final: ir.Value, class_axis: int
     In dynamic mode axis 0 of the model inputs and of the final output is written as ``"batch"``."""
     m = Manifest(
         source_model={"file": spec.model.name, "sha256": sha256_file(spec.model)},
-        inputs=[tensor_info(v, 0 if v.shape is None or len(v.shape) else None) for v in pm.index.graph_inputs],
+        inputs=[tensor_info(v, _input_batch_axis(pm, v)) for v in pm.index.graph_inputs],
         outputs=[tensor_info(final, 0)],
         segments=segments, batch_mode=pm.batch_mode, class_axis=class_axis,
         eecompile_version=version, notes=[pm.batch_note, *(notes or [])],
@@ -104,6 +104,17 @@ def manifest_for(pm: PreparedModel, spec: Spec, final: ir.Value, class_axis: int
     if untrained:
         m.notes.append(untrained_note(untrained))
     return m
+
+
+def _input_batch_axis(pm: PreparedModel, v: ir.Value) -> int | None:
+    """A model input's batch axis as the probe measured it: 0 where its size followed the batch, None for a
+    scalar or an input with a fixed axis 0 in dynamic mode (fed as given)."""
+    if v.shape is None or not len(v.shape):
+        return None
+    facts = pm.probe.facts.get(v.name or "")
+    if facts is None or pm.batch_mode != "dynamic":
+        return 0
+    return facts.batch_axis
 
 
 def untrained_note(exits: list[int]) -> str:

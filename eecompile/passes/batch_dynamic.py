@@ -1,7 +1,9 @@
 """Make the batch dimension dynamic, where the graph allows it safely.
 
 Cases:
-1. Inputs already batch-dynamic (axis 0 symbolic): nothing to rewrite; the symbol is kept.
+1. Inputs already batch-dynamic (axis 0 symbolic): nothing to rewrite; the symbol is kept. Inputs beside them
+   with a fixed axis 0 (a ``bool[1]`` flag, a ``[1, T]`` table) or none (a scalar) have no batch axis: they
+   are fed as given to every segment that reads them and never force per-sample mode.
 2. Inputs exported with a fixed batch (model zoos: ``[1, 3, 224, 224]``): axis 0 of every input and output
    becomes the symbol ``batch``, intermediate shapes are cleared and re-inferred, and constant Reshape
    targets that hard-code the old batch (``[1, 2048]``) get ``0`` there ("copy the input's dim").
@@ -14,13 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from eecompile.analysis.probe import random_inputs
+from eecompile.analysis.probe import batched_inputs, random_inputs
 from eecompile.errors import GraphError
 
 log = logging.getLogger(__name__)
@@ -37,27 +39,25 @@ class BatchResult:
     mode: str
     rewritten: bool
     reason: str = ""
+    unbatched: list[str] = field(default_factory=list)  # inputs with no batch axis (fed as given)
 
     @property
     def note(self) -> str:
         """One line for the manifest's notes."""
         if self.mode == "per_sample":
             return f"batch fixed at 1, runs one sample at a time: {self.reason}"
-        return "batch made dynamic (the model was exported with batch 1)" if self.rewritten else "batch-dynamic"
+        note = "batch made dynamic (the model was exported with batch 1)" if self.rewritten else "batch-dynamic"
+        if self.unbatched:
+            note += f"; inputs without a batch axis, fed as given: {', '.join(self.unbatched)}"
+        return note
 
 
 def _batch_symbol(inputs: list[ir.Value]) -> str | None:
-    """The symbol already on axis 0 of the inputs, or None if any input has a fixed or missing axis 0."""
-    syms = set()
-    for v in inputs:
-        if v.shape is not None and len(v.shape) == 0:
-            continue  # a scalar input (a flag, a temperature) has no batch axis
-        if v.shape is None:
-            return None
-        d = v.shape[0]
-        if isinstance(d, int):
-            return None
-        syms.add(str(d))
+    """The one symbol on axis 0 of the inputs that have one (case 1), or None: an input without a shape, no
+    symbolic axis 0, or two different symbols. Scalars and inputs with a fixed axis 0 have no batch axis."""
+    if any(v.shape is None for v in inputs):
+        return None
+    syms = {str(v.shape[0]) for v in inputs if v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)}
     return syms.pop() if len(syms) == 1 else None
 
 
@@ -103,13 +103,14 @@ class BatchDynamicPass(ir.passes.InPlacePass):
         if not inputs:
             raise GraphError("the model has no inputs")
         if _batch_symbol(inputs) is not None:  # case 1
-            return BatchResult(model, "dynamic", rewritten=False)
+            unbatched = [v.name or "" for v in inputs if (v.name or "") not in batched_inputs(inputs)]
+            return BatchResult(model, "dynamic", rewritten=False, unbatched=unbatched)
         fixed = {v.name: v.shape[0] if v.shape is not None else None for v in inputs
                  if v.shape is None or len(v.shape) > 0}
         if {d for d in fixed.values() if isinstance(d, int)} != {1}:
             return BatchResult(model, "per_sample", rewritten=False,
                                reason=f"inputs have no common batch axis 0 of size 1 ({fixed})")
-        feeds = random_inputs(inputs, 3, self.dims, seed=7)
+        feeds = random_inputs(inputs, 3, self.dims, seed=7, batched=[v.name or "" for v in inputs if v.shape])
         singles, single_error = _per_sample_outputs(model, feeds)
         undo = _Undo(model)
         for v in list(model.graph.inputs) + list(model.graph.outputs):  # case 2

@@ -150,7 +150,8 @@ def reference_outputs(source: ir.Model, batch_sizes: list[int], per_sample: bool
     inputs = list(source.graph.inputs)
     cases: list[tuple[int, dict[str, np.ndarray]]] = []
     for b in batch_sizes:
-        feeds = random_inputs(inputs, b, dims, seed=100 + b)
+        feeds = random_inputs(inputs, b, dims, seed=100 + b, batched=None if not per_sample else
+                              [v.name or "" for v in inputs if v.shape is not None and len(v.shape)])
         rows = [{k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()} for i in range(b)] if per_sample else [feeds]
         cases += [(b, row) for row in rows]
     sess = session_from_model(source, what="the source model")
