@@ -167,3 +167,11 @@ def test_cli_generate_json(lm_bundle: Path, runner: DecoderRunner) -> None:
     plain = runner.generate(["Hello", "A longer prompt"], 6)
     assert [r["token_ids"] for r in out["results"]] == [r["token_ids"] for r in plain.results]
     assert [r["text"] for r in out["results"]] == [r["text"] for r in plain.results]
+
+
+@pytest.mark.parametrize("mode", ["speculative", "exit"])
+def test_sampling_without_drafts_or_exits_is_plain_sampling(runner: DecoderRunner, mode: str) -> None:
+    # no gate fires: the same draws from the same generator, so the same tokens as mode none
+    plain = runner.generate(PROMPTS, 10, mode="none", sample=True, temperature=0.8, seed=5)
+    other = runner.generate(PROMPTS, 10, mode=mode, thresholds="never", sample=True, temperature=0.8, seed=5)
+    assert [r["token_ids"] for r in other.results] == [r["token_ids"] for r in plain.results]
