@@ -47,7 +47,7 @@ class DraftTrainReport:
         for e in self.exits:
             print(f"  exit after layer {e['after_layer']}: top-1 agreement with the final layer "
                   f"{e['agreement_before']:.1%} -> {e['agreement']:.1%} (held out), sub-vocabulary {e['vocab']} "
-                  f"tokens covering {e['coverage']:.1%} of the final layer's choices")
+                  f"tokens covering {e['coverage']:.1%} of the final layer's choices (held out)")
 
 
 def default_corpus(max_chars: int = 60_000) -> list[str]:
@@ -144,19 +144,21 @@ def _train_exit(runner: Any, chunks: list[list[int]], k: int, *, vocab: int, hid
 
     h, logits = collect(runner, chunks, k)
     final_top = logits.argmax(-1)
-    counts = np.bincount(final_top, minlength=runner.vocab)
+    n_val = max(len(h) // 10, 1)
+    perm = torch.randperm(len(h))
+    val, tr = perm[:n_val], perm[n_val:]
+    # the sub-vocabulary: the final layer's most frequent choices on the training positions (not the held-out)
+    counts = np.bincount(final_top[tr.numpy()], minlength=runner.vocab)
     ids = np.sort(np.argsort(-counts, kind="stable")[:min(vocab, runner.vocab)]).astype(np.int64)
-    coverage = float(np.isin(final_top, ids).mean())
+    coverage = float(np.isin(final_top[val.numpy()], ids).mean())
     target = torch.softmax(torch.from_numpy(logits[:, ids]), -1)
+    del logits
     emb, norm_w, eps = _head_weights(runner)
     norm_w = np.array(norm_w)  # writable: torch.from_numpy shares it
     adapter = _Adapter(h.shape[1], hidden)
     head_w = torch.from_numpy(emb[ids])  # [N, D]
     norm = torch.from_numpy(norm_w)
     x = torch.from_numpy(h)
-    n_val = max(len(x) // 10, 1)
-    perm = torch.randperm(len(x))
-    val, tr = perm[:n_val], perm[n_val:]
     top_full = torch.from_numpy(final_top)
     pos = np.searchsorted(ids, final_top).clip(0, len(ids) - 1)
     in_sub = torch.from_numpy(np.where(ids[pos] == final_top, pos, -100))  # -100: outside, ignored
