@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints-dev.txt -e ".[dev,train,plot,serve]"
+	$(PY) -m pip install --quiet -c constraints-dev.txt -e ".[dev,train,plot,serve,sign]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -44,7 +44,7 @@ def compile_model(spec: Any, output: Any, *, force: bool = False, verify: bool =
     return _compile(spec, output, force=force, verify=verify, dims=dims, tolerance=tolerance)
 
 
-def load(bundle: Any, backend: str = "onnxruntime", **options: Any) -> EarlyExitRunner:
+def load(bundle: Any, backend: str = "onnxruntime", public_key: Any = None, **options: Any) -> EarlyExitRunner:
     """Load a bundle (a path or a :class:`Bundle`) for inference; sessions (or engines) are created once, here.
 
     Returns an :class:`~eecompile.runtimes.chain.EarlyExitRunner` whose ``run(feeds, thresholds=None,
@@ -52,8 +52,13 @@ def load(bundle: Any, backend: str = "onnxruntime", **options: Any) -> EarlyExit
     and returns every sample's final outputs and the exit it left at. ``options`` go to the runner (e.g.
     ``threads``). ``backend="tensorrt"`` returns the device-resident
     :class:`~eecompile.runtimes.tensorrt.TensorRTChain` (same ``run`` contract): activations stay on the GPU
-    and only the gate masks and exited rows cross. Raises BundleError for a missing, damaged or tampered
-    bundle and BackendError when the backend cannot load its segments."""
+    and only the gate masks and exited rows cross. ``public_key``: a PEM public key file; the bundle must
+    carry a signature (``eecompile sign``) made with its private half over exactly these files, checked before
+    anything in the bundle is used. Raises BundleError for a missing, damaged or tampered bundle
+    (SignatureError, a BundleError, for an unsigned or altered one with ``public_key``) and BackendError when
+    the backend cannot load its segments."""
+    if public_key is not None:
+        bundle = Bundle.load(bundle.path if isinstance(bundle, Bundle) else bundle, public_key=public_key)
     if backend == "tensorrt":
         from eecompile.runtimes.tensorrt import TensorRTChain
 

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -27,10 +28,14 @@ from typing import Any
 
 import yaml
 
+from eecompile import safe_yaml
 from eecompile.errors import BundleError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.yaml"
+SIGNATURE = "bundle.sig"  # written by `eecompile sign`; outside the manifest's hashed set (see eecompile.signing)
 
 
 @dataclass
@@ -170,16 +175,11 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> Manifest:
-        """Parse a loaded manifest; BundleError (naming ``where``) when it is not one, is from a newer format
-        version, or is incomplete."""
-        if not isinstance(d, dict) or "format_version" not in d:
-            raise BundleError(f"{where}: not an eecompile manifest (no format_version)")
+        """Parse a loaded manifest after :func:`validate_manifest`: BundleError (naming ``where`` and the
+        manifest path of the first problem, e.g. ``segments[1].inputs[0].batch_axis``) when it is not one, is
+        from a newer format version, or is incomplete or malformed."""
+        validate_manifest(d, where)
         version = d["format_version"]
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise BundleError(
-                f"{where}: format version {version} is newer than this eecompile reads ({FORMAT_VERSION}); "
-                f"upgrade eecompile or recompile the bundle with this version"
-            )
         try:
             return cls(
                 source_model=dict(d["source_model"]),
@@ -201,6 +201,220 @@ class Manifest:
             raise BundleError(f"{where}: manifest is incomplete or malformed ({e!r}); recompile the bundle") from e
 
 
+# ------------------------------------------------------------------------------------------ schema
+
+# numpy dtype names a manifest may give a tensor (ONNX's tensor types as numpy / ml_dtypes spell them).
+DTYPES = frozenset({
+    "bool", "int4", "int8", "int16", "int32", "int64", "uint4", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "bfloat16", "complex64", "complex128", "float4_e2m1fn",
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+})
+BATCH_MODES = ("dynamic", "per_sample")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Schema:
+    """Checks one parsed manifest; every failure is a BundleError naming ``where`` and the manifest path."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, path: str, problem: str) -> BundleError:
+        return BundleError(f"{self.where}: {path}: {problem}; recompile the bundle (or restore its manifest)")
+
+    def mapping(self, v: Any, path: str) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise self.fail(path, f"expected a mapping, got {_kind(v)}")
+        return v
+
+    def seq(self, v: Any, path: str) -> list[Any]:
+        if not isinstance(v, list):
+            raise self.fail(path, f"expected a list, got {_kind(v)}")
+        return v
+
+    def key(self, m: dict[str, Any], k: str, path: str) -> Any:
+        if k not in m:
+            raise self.fail(f"{path}.{k}" if path else k, "missing")
+        return m[k]
+
+    def string(self, v: Any, path: str, optional: bool = False) -> None:
+        if v is None and optional:
+            return
+        if not isinstance(v, str):
+            raise self.fail(path, f"expected a string, got {_kind(v)}")
+
+    def integer(self, v: Any, path: str, minimum: int | None = None) -> None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(path, f"expected an integer, got {_kind(v)}")
+        if minimum is not None and v < minimum:
+            raise self.fail(path, f"must be >= {minimum}, got {v}")
+
+    def number(self, v: Any, path: str) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.fail(path, f"expected a number, got {_kind(v)}")
+
+    def strings(self, v: Any, path: str) -> None:
+        for i, x in enumerate(self.seq(v, path)):
+            self.string(x, f"{path}[{i}]")
+
+    def tensor(self, v: Any, path: str) -> None:
+        t = self.mapping(v, path)
+        self.string(self.key(t, "name", path), f"{path}.name")
+        dtype = self.key(t, "dtype", path)
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise self.fail(f"{path}.dtype", f"unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPES))})")
+        shape = self.seq(self.key(t, "shape", path), f"{path}.shape")
+        for i, d in enumerate(shape):
+            if d is None or isinstance(d, str):
+                continue
+            self.integer(d, f"{path}.shape[{i}]", minimum=0)
+        if "batch_axis" not in t:
+            # Without it a carried tensor would not be compacted with the samples: rows silently misaligned.
+            raise self.fail(f"{path}.batch_axis", "missing (the axis samples are stacked on, or null for a tensor "
+                                                  "that does not depend on the batch)")
+        axis = t["batch_axis"]
+        if axis is not None:
+            self.integer(axis, f"{path}.batch_axis", minimum=0)
+            if axis >= len(shape):
+                raise self.fail(f"{path}.batch_axis", f"axis {axis} is beyond the tensor's rank {len(shape)}")
+
+    def tensors(self, v: Any, path: str) -> None:
+        for i, t in enumerate(self.seq(v, path)):
+            self.tensor(t, f"{path}[{i}]")
+
+    def gate(self, v: Any, path: str) -> None:
+        g = self.mapping(v, path)
+        for k in ("kind", "output", "threshold_input"):
+            self.string(self.key(g, k, path), f"{path}.{k}")
+        threshold = self.key(g, "threshold", path)
+        self.number(threshold, f"{path}.threshold")
+        if threshold != threshold:
+            raise self.fail(f"{path}.threshold", "is NaN")
+        self.string(g.get("score_output"), f"{path}.score_output", optional=True)
+        for k in ("state_inputs", "state_outputs"):
+            if k in g:
+                self.strings(g[k], f"{path}.{k}")
+        unknown = set(g) - {"kind", "threshold", "output", "threshold_input", "score_output", "state_inputs",
+                            "state_outputs"}
+        if unknown:
+            raise self.fail(path, f"unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+
+    def exit(self, v: Any, path: str) -> None:
+        e = self.mapping(v, path)
+        self.integer(self.key(e, "index", path), f"{path}.index", minimum=0)
+        self.strings(self.key(e, "at", path), f"{path}.at")
+        self.string(self.key(e, "head", path), f"{path}.head")
+        outs = self.mapping(self.key(e, "outputs", path), f"{path}.outputs")
+        for k, name in outs.items():
+            self.string(k, f"{path}.outputs (a key)")
+            self.string(name, f"{path}.outputs.{k}")
+        if e.get("gate") is not None:
+            self.gate(e["gate"], f"{path}.gate")
+        self.string(e.get("name"), f"{path}.name", optional=True)
+        if e.get("head_spec") is not None:
+            self.mapping(e["head_spec"], f"{path}.head_spec")
+
+    def segment(self, v: Any, path: str, index: int) -> None:
+        seg = self.mapping(v, path)
+        self.integer(self.key(seg, "index", path), f"{path}.index")
+        if seg["index"] != index:
+            raise self.fail(f"{path}.index", f"is {seg['index']}, expected {index} (segments in order)")
+        self.relpath(self.key(seg, "file", path), f"{path}.file")
+        self.tensors(self.key(seg, "inputs", path), f"{path}.inputs")
+        self.tensors(self.key(seg, "outputs", path), f"{path}.outputs")
+        self.exit(self.key(seg, "exit", path), f"{path}.exit")
+        carried = seg.get("carried_out") or []
+        self.strings(carried, f"{path}.carried_out")
+        produced = {t["name"] for t in seg["outputs"]}
+        for i, name in enumerate(carried):
+            if name not in produced:
+                raise self.fail(f"{path}.carried_out[{i}]", f"'{name}' is not one of the segment's outputs")
+        if "flops" in seg:
+            self.integer(seg["flops"], f"{path}.flops", minimum=0)
+        if "flops_fraction" in seg:
+            self.number(seg["flops_fraction"], f"{path}.flops_fraction")
+
+    def relpath(self, v: Any, path: str) -> None:
+        self.string(v, path)
+        problem = path_problem(v)
+        if problem:
+            raise self.fail(path, f"'{_printable(v)}' {problem}")
+
+    def manifest(self, d: Any) -> None:
+        if not isinstance(d, dict) or "format_version" not in d:
+            raise BundleError(f"{self.where}: not an eecompile manifest (no format_version)")
+        version = d["format_version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            hint = " (a string: write it without quotes)" if isinstance(version, str) else ""
+            raise self.fail("format_version", f"must be a positive integer, got {_kind(version)}{hint}")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"{self.where}: format version {version} is newer than this eecompile reads ({FORMAT_VERSION}); "
+                f"upgrade eecompile or recompile the bundle with this version"
+            )
+        self.string(d.get("eecompile_version", ""), "eecompile_version")
+        src = self.mapping(self.key(d, "source_model", ""), "source_model")
+        for k in ("file", "sha256"):
+            self.string(src.get(k), f"source_model.{k}", optional=True)
+        self.tensors(self.key(d, "inputs", ""), "inputs")
+        self.tensors(self.key(d, "outputs", ""), "outputs")
+        for i, seg in enumerate(self.seq(self.key(d, "segments", ""), "segments")):
+            self.segment(seg, f"segments[{i}]", i)
+        mode = d.get("batch_mode", "dynamic")
+        if mode not in BATCH_MODES:
+            raise self.fail("batch_mode", f"{_kind(mode)} is not one of {', '.join(BATCH_MODES)}")
+        if "class_axis" in d:
+            self.integer(d["class_axis"], "class_axis")
+        if d.get("calibration") is not None:
+            self.mapping(d["calibration"], "calibration")
+        for i, rec in enumerate(self.seq(d.get("engines") or [], "engines")):
+            r = self.mapping(rec, f"engines[{i}]")
+            if r.get("file") is not None:
+                self.relpath(r["file"], f"engines[{i}].file")
+        if d.get("heads") is not None:
+            self.mapping(d["heads"], "heads")
+        self.strings(d.get("notes") or [], "notes")
+        files = self.mapping(d.get("files") or {}, "files")
+        for rel, digest in files.items():
+            self.relpath(rel, f"files['{_printable(str(rel))}']")
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise self.fail(f"files['{_printable(rel)}']", f"expected a sha256 (64 hex digits), got "
+                                                               f"{_kind(digest)}")
+
+
+def validate_manifest(d: Any, where: str = MANIFEST) -> None:
+    """Check a parsed manifest against the format's schema (types, dtypes, batch axes within the rank,
+    numeric thresholds, confined relative paths). Raises BundleError naming ``where`` and the path of the
+    first problem, e.g. ``segments[1].inputs[0].batch_axis``."""
+    _Schema(where).manifest(d)
+
+
+def _kind(v: Any) -> str:
+    """A value as an error message shows it: its repr (shortened) and, for non-scalars, its type."""
+    if isinstance(v, (dict, list)):
+        return f"a {type(v).__name__}"
+    text = repr(v)
+    return _printable(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def path_problem(rel: str) -> str | None:
+    """Why ``rel`` is not a confined bundle path (relative, '/'-separated, normalised, no '..'), or None."""
+    if not rel:
+        return "is empty"
+    if "\0" in rel or not rel.isprintable():
+        return "has control characters"
+    if rel.startswith("/") or "\\" in rel or (len(rel) > 1 and rel[1] == ":"):
+        return "is not a relative path inside the bundle (absolute paths and backslashes are refused)"
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "is not a normalised path inside the bundle ('..', '.' and empty components are refused)"
+    return None
+
+
 def sha256_file(path: Path) -> str:
     """The hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -215,20 +429,27 @@ def sha256_bytes(data: bytes) -> str:
 
 
 class Bundle:
-    """A bundle on disk: its directory and its parsed manifest."""
+    """A bundle on disk: its directory and its parsed manifest.
+
+    Confinement: every file a manifest names is a relative, normalised path inside the bundle
+    (:func:`validate_manifest`), and a bundle holds plain files and directories only: a symbolic link
+    anywhere in it is refused on load (it could make the bundle read, hash or copy a file outside itself)."""
 
     def __init__(self, path: Path, manifest: Manifest) -> None:
         self.path = path
         self.manifest = manifest
 
     def file(self, rel: str) -> Path:
-        return self.path / rel
+        """The path of bundle file ``rel``, refused (BundleError) when it is not confined to the bundle or
+        passes through a symbolic link."""
+        return confined_path(self.path, rel)
 
     def verify_file(self, rel: str) -> Path:
-        """The path of a bundle file after checking it exists and matches its recorded sha256."""
-        p = self.path / rel
+        """The path of a bundle file after checking it is listed, confined to the bundle, exists and matches
+        its recorded sha256. ONNX files are also checked to keep their external data inside their folder."""
         if rel not in self.manifest.files:
-            raise BundleError(f"{self.path}: '{rel}' is not listed in the manifest; recompile the bundle")
+            raise BundleError(f"{self.path}: '{_printable(rel)}' is not listed in the manifest; recompile the bundle")
+        p = confined_path(self.path, rel)
         if not p.is_file():
             raise BundleError(f"{p}: file missing from the bundle; recompile or copy the whole bundle again")
         digest = sha256_file(p)
@@ -237,25 +458,56 @@ class Bundle:
                 f"{p}: sha256 does not match the manifest (file changed or damaged); "
                 f"copy the bundle again or recompile it"
             )
+        if p.suffix == ".onnx":
+            for ext in external_data_files(self.path, rel):
+                if ext not in self.manifest.files:
+                    raise BundleError(f"{p}: its external data '{_printable(ext)}' is not listed in the manifest "
+                                      f"(so not checked); recompile the bundle")
         return p
 
     def verify(self) -> None:
         for rel in self.manifest.files:
             self.verify_file(rel)
 
+    def source_model_path(self) -> Path | None:
+        """The unsplit model this bundle was compiled from (``manifest.source_model``), or None.
+
+        The recorded name is used only as a bare file name (no directories, not absolute), looked up inside
+        the bundle and beside it, and only a file with the recorded sha256 is returned: the manifest cannot
+        make eecompile open an arbitrary path. Anywhere else, pass the model explicitly."""
+        src = self.manifest.source_model or {}
+        name, digest = src.get("file"), src.get("sha256")
+        if not isinstance(name, str) or not isinstance(digest, str) or path_problem(name) or "/" in name:
+            return None
+        for p in (self.path / name, self.path.absolute().parent / name):
+            if p.is_file() and not p.is_symlink() and sha256_file(p) == digest:
+                return p
+        return None
+
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> Bundle:
-        """Read a bundle's manifest and (by default) check every file's hash."""
+    def load(cls, path: str | Path, verify: bool = True, public_key: str | Path | None = None) -> Bundle:
+        """Read a bundle's manifest and (by default) check every file's hash.
+
+        With ``public_key`` (a PEM file), the bundle's signature (``bundle.sig``, made by ``eecompile sign``)
+        must hold for that key, checked before the manifest is parsed. Raises BundleError for a missing,
+        damaged, unconfined (paths outside the bundle, symbolic links) or, with ``public_key``, unsigned or
+        altered bundle."""
         path = Path(path)
         if not path.exists():
             raise BundleError(f"{path}: no such bundle; create one with `eecompile compile SPEC -o {path}`")
         if not path.is_dir():
             raise BundleError(f"{path}: a bundle is a directory, this is a file")
         mpath = path / MANIFEST
-        if not mpath.is_file():
+        if not mpath.is_file() and not mpath.is_symlink():
             raise BundleError(f"{mpath}: manifest missing; this is not an eecompile bundle")
+        refuse_symlinks(path)
+        if public_key is not None:
+            from eecompile.signing import verify_bundle
+
+            verify_bundle(path, public_key)
         try:
-            raw = yaml.safe_load(mpath.read_text())
+            raw = safe_yaml.load(safe_yaml.read_yaml_text(mpath, BundleError, "manifest"), BundleError, str(mpath),
+                                 "manifest")
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -265,6 +517,145 @@ class Bundle:
         if verify:
             bundle.verify()
         return bundle
+
+
+def confined_path(root: Path, rel: str) -> Path:
+    """``root / rel`` after checking ``rel`` is a confined bundle path and no component under ``root`` is a
+    symbolic link. Raises BundleError naming the path."""
+    problem = path_problem(rel) if isinstance(rel, str) else "is not a string"
+    if problem:
+        raise BundleError(f"{root}: '{_printable(str(rel))}' {problem}; recompile the bundle")
+    p = root
+    for part in rel.split("/"):
+        p = p / part
+        if p.is_symlink():
+            raise BundleError(_symlink_message(root, p))
+    return p
+
+
+def _symlink_message(root: Path, link: Path) -> str:
+    try:
+        target = os.readlink(link)
+    except OSError:
+        target = "?"
+    return (f"{link}: a symbolic link (to {_printable(target)}) inside the bundle {root}; a bundle holds plain "
+            f"files only, so links are refused (they could point outside it): replace it with a copy of the "
+            f"file (cp -L) or recompile the bundle")
+
+
+def refuse_symlinks(root: Path) -> None:
+    """Raise BundleError when any entry under ``root`` (files and directories, not followed) is a symbolic
+    link. ``root`` itself may be one (e.g. ``latest.eebundle -> v3.eebundle``)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                raise BundleError(_symlink_message(root, p))
+
+
+# ------------------------------------------------------------------------------------------ ONNX external data
+
+
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the protobuf message buf[start:end];
+    other wire types are skipped."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field_no, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            if pos + n > end:
+                raise ValueError("field runs past its message")
+            yield field_no, pos, pos + n
+            pos += n
+        else:
+            raise ValueError(f"wire type {wire}")
+    if pos != end:
+        raise ValueError("message ends inside a field")
+
+
+# ONNX protobuf field numbers (onnx/onnx.proto3): for each message kind, the fields holding messages that can
+# hold tensors (ModelProto.graph/functions, GraphProto.node/initializer/sparse_initializer, NodeProto.attribute,
+# AttributeProto.t/g/tensors/graphs/sparse_tensor/sparse_tensors, SparseTensorProto.values/indices).
+_CHILDREN: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 25: "function"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attr"},
+    "attr": {5: "tensor", 10: "tensor", 6: "graph", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {},
+}
+_TENSOR_EXTERNAL = 13  # TensorProto.external_data: StringStringEntryProto {key = 1, value = 2}
+
+
+def external_data_locations(data: Any) -> list[str]:
+    """Every external-data ``location`` in a serialised ONNX ModelProto (initializers, constants and
+    sparse tensors, in the main graph, subgraphs and functions), read from the protobuf wire format without
+    the onnx package (the runtime has none). Raises ValueError for bytes that are not a protobuf message."""
+    out: list[str] = []
+    stack: list[tuple[str, int, int]] = [("model", 0, len(data))]
+    while stack:
+        kind, start, end = stack.pop()
+        children = _CHILDREN[kind]
+        for no, a, b in _fields(data, start, end):
+            if no in children:
+                stack.append((children[no], a, b))
+            elif kind == "tensor" and no == _TENSOR_EXTERNAL:
+                entry = {eno: bytes(data[ea:eb]).decode("utf-8", "replace") for eno, ea, eb in _fields(data, a, b)}
+                if entry.get(1) == "location" and 2 in entry:
+                    out.append(entry[2])
+    return out
+
+
+def external_data_files(root: Path, rel: str) -> list[str]:
+    """The bundle paths of the external-data files ONNX file ``rel`` names, each checked to lie in
+    ``rel``'s folder (or below it) and to pass through no symbolic link; BundleError otherwise. A file that is
+    not a readable protobuf gives [] (the ONNX reader reports it)."""
+    import mmap
+
+    path = confined_path(root, rel)
+    folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return []
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                locations = external_data_locations(data)
+    except (OSError, ValueError):
+        return []
+    out: list[str] = []
+    for loc in dict.fromkeys(locations):
+        problem = path_problem(loc)
+        if problem:
+            raise BundleError(f"{path}: external data location '{_printable(loc)}' {problem} (it must be a file "
+                              f"beside the ONNX file, in its folder); recompile the bundle")
+        joined = f"{folder}/{loc}" if folder else loc
+        confined_path(root, joined)
+        out.append(joined)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ atomic write
@@ -330,7 +721,7 @@ def staged_bundle(dest: str | Path, copy_from: str | Path | None = None) -> Iter
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         if copy_from is not None:
-            shutil.copytree(copy_from, tmp, dirs_exist_ok=True)
+            _copy_bundle(Path(copy_from), tmp)
         yield tmp
         _commit(tmp, dest)
     except OSError as e:
@@ -346,6 +737,28 @@ def staged_bundle(dest: str | Path, copy_from: str | Path | None = None) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _copy_bundle(src: Path, dst: Path) -> None:
+    """Copy bundle ``src`` into ``dst``: the manifest and the files it lists, nothing else (no symbolic
+    links, no unlisted files, no signature: a rewritten bundle must be signed again). Paths are confined
+    (:func:`confined_path`); a listed file that is a link, or lies behind one, is refused."""
+    bundle = Bundle.load(src, verify=False)
+    refuse_symlinks(src)
+    for rel in bundle.manifest.files:
+        s = confined_path(src, rel)
+        if not s.is_file():
+            raise BundleError(f"{s}: file missing from the bundle; recompile or copy the whole bundle again")
+        d = dst / rel
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(s, d, follow_symlinks=False)
+    shutil.copy2(src / MANIFEST, dst / MANIFEST, follow_symlinks=False)
+    listed = set(bundle.manifest.files) | {MANIFEST, SIGNATURE}
+    dropped = sorted(p.relative_to(src).as_posix() for p in src.rglob("*")
+                     if p.is_file() and p.relative_to(src).as_posix() not in listed)
+    if dropped:
+        log.warning("%s: not carried into the rewritten bundle (not listed in the manifest): %s", src,
+                    ", ".join(dropped[:10]) + (f" and {len(dropped) - 10} more" if len(dropped) > 10 else ""))
 
 
 def _os_error(e: OSError) -> tuple[int | None, str]:
@@ -406,11 +819,14 @@ def _commit(tmp: Path, dest: Path) -> None:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    """Hash every file under ``root`` (except the manifest) into ``manifest.files`` and write it."""
+    """Hash every file under ``root`` (except the manifest and a signature) into ``manifest.files`` and
+    write it. A symbolic link under ``root`` is refused (BundleError)."""
+    refuse_symlinks(root)
     files: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(root).as_posix()] = sha256_file(p)
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in (MANIFEST, SIGNATURE, MANIFEST + ".tmp"):
+            files[rel] = sha256_file(p)
     manifest.files = files
     text = yaml.safe_dump(manifest.to_dict(), sort_keys=False, default_flow_style=None, width=120)
     tmp = root / (MANIFEST + ".tmp")
@@ -422,9 +838,17 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
 
 
 def update_bundle(path: str | Path, change: Callable[[Path, Manifest], None]) -> Bundle:
-    """Apply ``change(staging_dir, manifest)`` to a copy of the bundle and swap it in atomically."""
+    """Apply ``change(staging_dir, manifest)`` to a copy of the bundle and swap it in atomically.
+
+    The copy holds the manifest and the files it lists only (symbolic links are refused: see
+    :func:`confined_path`). A signed bundle loses its signature (its files change); this is logged as a
+    warning: sign it again with ``eecompile sign``."""
     bundle = Bundle.load(path)
+    signed = (bundle.path / SIGNATURE).exists()
     with staged_bundle(bundle.path, copy_from=bundle.path) as tmp:
         change(tmp, bundle.manifest)
         write_manifest(tmp, bundle.manifest)
+    if signed:
+        log.warning("%s: the bundle was rewritten, so its signature (%s) no longer holds and was removed; sign "
+                    "it again with `eecompile sign %s --private-key KEY.pem`", bundle.path, SIGNATURE, bundle.path)
     return Bundle.load(bundle.path)

@@ -79,6 +79,18 @@ _dim_option = click.option(
     help="Size for a symbolic non-batch dimension (e.g. seq=128); repeatable. Default: 8 while probing.")
 
 
+_public_key_option = click.option(
+    "--public-key", type=click.Path(path_type=Path), default=None,
+    help="Refuse the bundle unless it is signed (eecompile sign) by this PEM public key's owner.")
+
+
+def _check_signature(bundle: Path, public_key: Path | None) -> None:
+    if public_key is not None:
+        from eecompile.signing import verify_bundle
+
+        verify_bundle(bundle, public_key)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--verbose", "-v", is_flag=True, help="Show debug logging and tracebacks.")
 @click.version_option(package_name="eecompile")
@@ -280,12 +292,14 @@ def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> 
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime device (cuda: CUDA execution provider with IO binding).")
+@_public_key_option
 @_user_errors
 def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | None, batch: int, backend: str,
-        threads: int | None, device: str) -> None:
+        threads: int | None, device: str, public_key: Path | None) -> None:
     """Run BUNDLE on the inputs in --data and write the outputs and each sample's exit."""
     from eecompile.runtimes.chain import run_file
 
+    _check_signature(bundle, public_key)
     options = {"device": device} if device != "cpu" else {}
     summary = run_file(bundle, data, output, policy=policy, thresholds=thresholds, batch_size=batch,
                        backend=backend, threads=threads, **options)
@@ -303,12 +317,14 @@ def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | N
 @click.option("--reference-model", type=click.Path(path_type=Path), default=None,
               help="The unsplit .onnx to time as the baseline (a source model outside the bundle is not opened "
                    "because the manifest names it).")
+@_public_key_option
 @_user_errors
 def bench(bundle: Path, data: Path, batch: int, backend: str, repeats: int, as_json: bool,
-          reference_model: Path | None) -> None:
+          reference_model: Path | None, public_key: Path | None) -> None:
     """Latency percentiles, throughput, exit histogram and speedup against the unsplit model."""
     from eecompile.benchmark import bench_bundle
 
+    _check_signature(bundle, public_key)
     report = bench_bundle(bundle, data, batch_size=batch, backend=backend, repeats=repeats,
                           reference_model=reference_model)
     if as_json:
@@ -488,6 +504,32 @@ def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: 
     if res.exit_shares is not None:
         extra = "; exit shares " + " ".join(f"{s:.1%}" for s in res.exit_shares)
     click.echo(f"[{mode}] {res.tokens_per_s:.1f} tokens/s{extra}", err=True)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--private-key", type=click.Path(path_type=Path), required=True,
+              help="EC private key, PEM (openssl ecparam -genkey -name prime256v1 -noout -out key.pem).")
+@_user_errors
+def sign(bundle: Path, private_key: Path) -> None:
+    """Sign BUNDLE (every file, the manifest included) with a private key; writes BUNDLE/bundle.sig."""
+    from eecompile.signing import sign_bundle
+
+    sig = sign_bundle(bundle, private_key)
+    click.echo(f"signed {bundle}: {sig}")
+
+
+@cli.command(name="verify-signature")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--public-key", type=click.Path(path_type=Path), required=True,
+              help="The signer's EC public key, PEM (openssl ec -in key.pem -pubout -out pub.pem).")
+@_user_errors
+def verify_signature(bundle: Path, public_key: Path) -> None:
+    """Check BUNDLE's signature against PUBLIC_KEY: exit 0 when it holds, 1 naming what differs."""
+    from eecompile.signing import verify_bundle
+
+    verify_bundle(bundle, public_key)
+    click.echo(f"signature holds: {bundle} is as signed by the holder of {public_key}")
 
 
 def main() -> None:

@@ -31,3 +31,7 @@ class BackendError(EECompileError):
 
 class CalibrationError(EECompileError):
     """Calibration cannot meet what was asked (budget, guarantee, sample count)."""
+
+
+class SignatureError(BundleError):
+    """A bundle's signature is missing, from another signer, or does not match its files."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from eecompile import safe_yaml
 from eecompile.errors import SpecError
 
 
@@ -314,7 +315,7 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
     base = Path(base)
     where = str(source) if source is not None else "spec"
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = safe_yaml.compose(text, SpecError, where, "spec")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
@@ -371,7 +372,7 @@ def load_spec(path: str | Path) -> Spec:
     """Read and parse the spec file at ``path`` (see :func:`parse_spec`); SpecError if it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = safe_yaml.read_yaml_text(path, SpecError, "spec")
     except FileNotFoundError:
         raise SpecError(f"{path}: spec file not found") from None
     except (OSError, UnicodeDecodeError) as e:
