@@ -1,12 +1,15 @@
-"""The one YAML loader for specs and manifests: libyaml's safe loader where installed, no aliases, a size cap.
+"""The one YAML loader for specs and manifests: libyaml's safe loader where installed, bounded aliases, a
+size cap.
 
-Neither a spec nor a manifest needs anchors (``&name``) or aliases (``*name``), and aliases are how a few
-hundred bytes of YAML expand into gigabytes (each alias of an alias multiplies the document: an "alias
-bomb"), or into a document that contains itself. The document is composed (libyaml's C parser where
-available: ``yaml.CSafeLoader``; its composer shares one node per anchor, so composing stays linear in the
-text), then every node is visited once: a node reached twice came from an alias and is refused before
-anything expands it. The text is capped at :data:`MAX_YAML_BYTES` (raise it with the
-``EECOMPILE_MAX_YAML_BYTES`` environment variable).
+Aliases (``*name``) are how a few hundred bytes of YAML expand into gigabytes (each alias of an alias
+multiplies the document: an "alias bomb"), or into a document that contains itself. The document is
+composed first (libyaml's C parser where available: ``yaml.CSafeLoader``; its composer shares one node per
+anchor, so composing stays linear in the text); then, before anything expands it, the composed graph is
+measured in one pass over its distinct nodes: a recursive alias is refused, and so is a document whose
+expanded size passes a limit. A manifest allows no aliases at all (eecompile writes none); a spec allows the
+few that ``yaml.safe_dump`` writes for a Python object used twice (up to :data:`SPEC_MAX_NODES` nodes once
+expanded). The text is capped at :data:`MAX_YAML_BYTES` (raise it with the ``EECOMPILE_MAX_YAML_BYTES``
+environment variable).
 
 Imports pyyaml only (the runtime reads manifests with it).
 """
@@ -27,6 +30,9 @@ ENV_MAX_YAML_BYTES = "EECOMPILE_MAX_YAML_BYTES"
 _Base: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+SPEC_MAX_NODES = 100_000  # a spec with a thousand exits has about 20 000 nodes
+
+
 class NoAliasSafeLoader(_Base):
     """``yaml.CSafeLoader`` (or ``yaml.SafeLoader`` without libyaml) that refuses aliases.
 
@@ -38,38 +44,73 @@ class NoAliasSafeLoader(_Base):
         node = self.get_single_node()
         if node is None:
             return None
-        check_no_aliases(node)
+        check_aliases(node, max_nodes=0)
         return self.construct_document(node)
 
 
 class AliasRefused(yaml.YAMLError):
-    """An alias (``*name``) in a document that does not allow them; ``line`` is 1-based (or None)."""
+    """An alias (``*name``) a document does not allow; ``line`` is 1-based (or None)."""
 
-    def __init__(self, line: int | None) -> None:
+    def __init__(self, line: int | None, problem: str) -> None:
         self.line = line
         at = f"line {line}: " if line is not None else ""
-        super().__init__(f"{at}a value anchored here (&name) is used again through an alias (*name); YAML "
-                         f"anchors and aliases are not allowed: write the value out in full")
+        super().__init__(f"{at}{problem}")
 
 
-def check_no_aliases(root: yaml.Node) -> None:
-    """Raise :class:`AliasRefused` when any node of the composed document is reached twice.
+def _line(node: yaml.Node) -> int | None:
+    return node.start_mark.line + 1 if node.start_mark is not None else None
 
-    Iterative (no recursion limit on deep documents) and linear in the number of distinct nodes."""
-    seen: set[int] = set()
-    stack = [root]
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for kv in node.value for n in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def check_aliases(root: yaml.Node, max_nodes: int) -> int:
+    """The number of nodes of the composed document once every alias is expanded, measured without
+    expanding (one pass over the distinct nodes, iterative: no recursion limit on deep documents).
+
+    ``max_nodes=0``: no alias at all (a node reached twice is refused). Otherwise a recursive alias, or an
+    expanded size over ``max_nodes``, raises :class:`AliasRefused` naming the line of the anchored value."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            mark = node.start_mark
-            raise AliasRefused(mark.line + 1 if mark is not None else None)
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                stack.append(k)
-                stack.append(v)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in _children(node))
+            if max_nodes and size[key] > max_nodes:
+                raise AliasRefused(_line(node), f"the value here expands, through YAML aliases (*name), to more "
+                                                f"than {max_nodes} nodes (an alias bomb?); write it out without "
+                                                f"anchors and aliases")
+            continue
+        if key in on_path:
+            raise AliasRefused(_line(node), "the value anchored here (&name) contains itself through an alias "
+                                            "(*name); write it out without anchors and aliases")
+        if key in size:
+            if not max_nodes:
+                raise AliasRefused(_line(node), "a value anchored here (&name) is used again through an alias "
+                                                "(*name); anchors and aliases are not allowed here: write the "
+                                                "value out in full")
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for child in reversed(_children(node)):
+            if id(child) in on_path:
+                raise AliasRefused(_line(child), "the value anchored here (&name) contains itself through an "
+                                                 "alias (*name); write it out without anchors and aliases")
+            if id(child) in size and not max_nodes:
+                raise AliasRefused(_line(child), "a value anchored here (&name) is used again through an alias "
+                                                 "(*name); anchors and aliases are not allowed here: write the "
+                                                 "value out in full")
+            if id(child) not in size:
+                stack.append((child, False))
+    return size[id(root)]
 
 
 def max_yaml_bytes() -> int:
@@ -96,11 +137,13 @@ def read_yaml_text(path: Path, error: type[EECompileError], what: str) -> str:
     return path.read_text()
 
 
-def compose(text: str, error: type[EECompileError], where: str, what: str) -> yaml.Node | None:
-    """The document's node tree (for callers that need line numbers), aliases refused.
+def compose(text: str, error: type[EECompileError], where: str, what: str,
+            max_nodes: int = 0) -> yaml.Node | None:
+    """The document's node tree (for callers that need line numbers), aliases checked by
+    :func:`check_aliases` (``max_nodes=0``: none allowed).
 
-    Raises ``error`` for a document over the size cap or with an alias (naming ``where`` and the line),
-    ``yaml.YAMLError`` for a syntax error (callers word those)."""
+    Raises ``error`` for a document over the size cap or with a refused alias (naming ``where`` and the
+    line), ``yaml.YAMLError`` for a syntax error (callers word those)."""
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_yaml_bytes():
         raise _size_error(error, where, size, what)
@@ -111,7 +154,7 @@ def compose(text: str, error: type[EECompileError], where: str, what: str) -> ya
         loader.dispose()
     if node is not None:
         try:
-            check_no_aliases(node)
+            check_aliases(node, max_nodes)
         except AliasRefused as e:
             raise error(f"{where}: {e} (in the {what})") from e
     return node

@@ -168,7 +168,14 @@ class _Node:
         self.line = line
 
 
-def _convert(node: yaml.Node) -> _Node:
+def _convert(node: yaml.Node, memo: dict[int, _Node] | None = None,
+             scalars: yaml.constructor.SafeConstructor | None = None) -> _Node:
+    """The composed YAML ``node`` as _Node values. A node shared through an alias is converted once
+    (``memo``), so the cost is linear in the distinct nodes whatever the aliases expand to."""
+    memo = {} if memo is None else memo
+    scalars = yaml.constructor.SafeConstructor() if scalars is None else scalars
+    if id(node) in memo:
+        return memo[id(node)]
     line = node.start_mark.line + 1 if node.start_mark is not None else None
     if node.tag and not node.tag.startswith("tag:yaml.org,2002:"):
         raise SpecError(f"line {line}: unsupported YAML tag '{_show(node.tag)}'; use plain mappings, lists and "
@@ -179,13 +186,16 @@ def _convert(node: yaml.Node) -> _Node:
     if isinstance(node, yaml.MappingNode):
         out: dict[str, _Node] = {}
         for k, v in node.value:
-            key = yaml.safe_load(yaml.serialize(k)) if not isinstance(k, yaml.ScalarNode) else k.value
-            out[str(key)] = _convert(v)
-        return _Node(out, line)
-    if isinstance(node, yaml.SequenceNode):
-        return _Node([_convert(v) for v in node.value], line)
-    # Scalars: let the safe loader resolve the type (int, float, bool, null, str).
-    return _Node(yaml.safe_load(yaml.serialize(node)), line)
+            key = scalars.construct_object(k, deep=True) if not isinstance(k, yaml.ScalarNode) else k.value
+            out[str(key)] = _convert(v, memo, scalars)
+        result = _Node(out, line)
+    elif isinstance(node, yaml.SequenceNode):
+        result = _Node([_convert(v, memo, scalars) for v in node.value], line)
+    else:
+        # Scalars: the safe constructor resolves the type (int, float, bool, null, str).
+        result = _Node(scalars.construct_object(node), line)
+    memo[id(node)] = result
+    return result
 
 
 def _show(text: str) -> str:
@@ -315,7 +325,7 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
     base = Path(base)
     where = str(source) if source is not None else "spec"
     try:
-        root = safe_yaml.compose(text, SpecError, where, "spec")
+        root = safe_yaml.compose(text, SpecError, where, "spec", max_nodes=safe_yaml.SPEC_MAX_NODES)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
