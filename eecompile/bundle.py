@@ -334,6 +334,19 @@ class _Schema:
         if "flops_fraction" in seg:
             self.number(seg["flops_fraction"], f"{path}.flops_fraction")
 
+    def decoder(self, v: Any) -> None:
+        """Decoder bundles: the files the decoding loop opens are confined like segment files."""
+        dec = self.mapping(v, "decoder")
+        for i, seg in enumerate(self.seq(dec.get("segments") or [], "decoder.segments")):
+            self.relpath(self.key(self.mapping(seg, f"decoder.segments[{i}]"), "file", f"decoder.segments[{i}]"),
+                         f"decoder.segments[{i}].file")
+        if dec.get("head") is not None:
+            self.relpath(self.key(self.mapping(dec["head"], "decoder.head"), "file", "decoder.head"),
+                         "decoder.head.file")
+        for k in ("tokenizer", "weights"):
+            if dec.get(k) is not None:
+                self.relpath(dec[k], f"decoder.{k}")
+
     def relpath(self, v: Any, path: str) -> None:
         self.string(v, path)
         problem = path_problem(v)
@@ -373,6 +386,8 @@ class _Schema:
                 self.relpath(r["file"], f"engines[{i}].file")
         if d.get("heads") is not None:
             self.mapping(d["heads"], "heads")
+        if d.get("decoder") is not None:
+            self.decoder(d["decoder"])
         self.strings(d.get("notes") or [], "notes")
         files = self.mapping(d.get("files") or {}, "files")
         for rel, digest in files.items():
@@ -468,21 +483,6 @@ class Bundle:
     def verify(self) -> None:
         for rel in self.manifest.files:
             self.verify_file(rel)
-
-    def source_model_path(self) -> Path | None:
-        """The unsplit model this bundle was compiled from (``manifest.source_model``), or None.
-
-        The recorded name is used only as a bare file name (no directories, not absolute), looked up inside
-        the bundle and beside it, and only a file with the recorded sha256 is returned: the manifest cannot
-        make eecompile open an arbitrary path. Anywhere else, pass the model explicitly."""
-        src = self.manifest.source_model or {}
-        name, digest = src.get("file"), src.get("sha256")
-        if not isinstance(name, str) or not isinstance(digest, str) or path_problem(name) or "/" in name:
-            return None
-        for p in (self.path / name, self.path.absolute().parent / name):
-            if p.is_file() and not p.is_symlink() and sha256_file(p) == digest:
-                return p
-        return None
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, public_key: str | Path | None = None) -> Bundle:

@@ -7,8 +7,11 @@ Exit codes: 0 success, 1 user error (bad spec, model, data or bundle: one line o
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
+import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +61,46 @@ def _user_errors(fn: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+class _StdoutPipe(io.RawIOBase):
+    """stdout for a pipe whose reader may leave early (``eecompile compile ... | head -1``): once a write
+    fails with EPIPE, later output is dropped instead of raising, so the command finishes its work and exits
+    with its own status (the report it prints is simply not read)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.gone = False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data: Any) -> int:
+        n = len(memoryview(data))
+        if self.gone:
+            return n
+        try:
+            return os.write(self.fd, data)
+        except BrokenPipeError:
+            self.gone = True
+            return n
+
+
+def _guard_stdout() -> None:
+    """Replace sys.stdout by a :class:`_StdoutPipe` writer when stdout is a pipe (not a terminal or a file)."""
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+    except (AttributeError, ValueError, OSError):
+        return
+    old = sys.stdout
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(_StdoutPipe(fd)), encoding=old.encoding, errors=old.errors,
+                                  line_buffering=bool(old.line_buffering))
 
 
 def _parse_dims(values: tuple[str, ...]) -> dict[str, int] | None:
@@ -533,6 +576,7 @@ def verify_signature(bundle: Path, public_key: Path) -> None:
 
 
 def main() -> None:
+    _guard_stdout()
     cli(prog_name="eecompile")
 
 

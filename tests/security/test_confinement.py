@@ -198,19 +198,3 @@ def test_external_data_scanner_matches_onnx(tmp_path: Path) -> None:
     assert external_data_locations(data) == ["branch.bin"]
     with pytest.raises(ValueError):
         external_data_locations(b"\x0a\xff\xff\xff\xff\x0f")  # a length past the end
-
-
-# ------------------------------------------------------------------------------------------ source model
-
-
-def test_source_model_path_is_confined(ws: Path) -> None:
-    b = ws / "b.eebundle"
-    assert Bundle.load(b).source_model_path() == (ws / "model.onnx").absolute()  # beside it, same sha256
-    secret = ws / "elsewhere"
-    secret.mkdir()
-    shutil.copy(ws / "model.onnx", secret / "model.onnx")
-    for name in (str(secret / "model.onnx"), "../ws/elsewhere/model.onnx", "elsewhere/model.onnx"):
-        edit_manifest(b, lambda d, n=name: d["source_model"].__setitem__("file", n))
-        assert Bundle.load(b).source_model_path() is None, name
-    edit_manifest(b, lambda d: d["source_model"].update(file="model.onnx", sha256="0" * 64))
-    assert Bundle.load(b).source_model_path() is None  # same name, other content
