@@ -189,7 +189,8 @@ def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPla
     nxt = exits[k + 1].spec.gate.kind if k + 1 < len(exits) else None
     at_shape = pm.shape_of(e.at[0].name)
     gate = FuseGatePass(
-        k, e.spec.gate.kind, attach, ["batch", *final_shape[1:]], class_axis, opset,
+        k, e.spec.gate.kind, attach, final_shape if "batch" in final_shape else ["batch", *final_shape[1:]],
+        class_axis, opset,
         hidden=e.at[0].name, hidden_shape=at_shape, prev_k=k - 1 if k > 0 else None,
         prev_hidden_dim=_pooled_dim(pm.shape_of(exits[k - 1].at[0].name)) if k > 0 else None,
         emit_patience_state=nxt == GateKind.PATIENCE, emit_hidden_state=nxt == GateKind.SATURATION)

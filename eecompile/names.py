@@ -43,6 +43,7 @@ STATE_MARKER = ".state."
 
 _THRESHOLD = re.compile(rf"^{PREFIX}\d+\.threshold$")
 _STATE = re.compile(rf"^{PREFIX}\d+\.state\.")
+_EXIT_OUTPUT = re.compile(rf"^{PREFIX}\d+\.out\.")
 _EXIT_TENSOR = re.compile(rf"^{PREFIX}\d+\.(gate|score|state\.|out\.)")
 
 
@@ -113,6 +114,11 @@ def is_threshold_input(name: str | None) -> bool:
 def is_state_tensor(name: str | None) -> bool:
     """True for a state tensor name (``ee{k}.state.*``)."""
     return bool(name) and _STATE.match(name or "") is not None
+
+
+def is_exit_output(name: str | None) -> bool:
+    """True for an exit's stand-in for a final output (``ee{k}.out.{final}``)."""
+    return bool(name) and _EXIT_OUTPUT.match(name or "") is not None
 
 
 def is_exit_tensor(name: str | None) -> bool:

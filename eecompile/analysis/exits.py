@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from eecompile.analysis.cut_points import cut_problem
 from eecompile.analysis.partition import SegmentPlan, carried_across
-from eecompile.analysis.prepared import Dims, PreparedModel
+from eecompile.analysis.prepared import Dims, PreparedModel, batch_index
 from eecompile.errors import SpecError
 from eecompile.spec import ExitSpec, GateKind, Spec
 
@@ -154,14 +154,15 @@ def class_axis(spec: Spec, final_shape: Dims) -> int:
     """The spec's class axis, or the last non-batch axis longer than 1 (so [N, C, 1, 1] classifiers work
     without saying so; a softmax over a size-1 axis would make every gate fire). Negative when defaulted."""
     rank = len(final_shape)
+    b = batch_index(final_shape)
     axis = spec.final.class_axis
     if axis is None:
-        longer = [i for i in range(1, rank) if not isinstance(final_shape[i], int) or final_shape[i] != 1]
+        longer = [i for i in range(rank) if i != b and (not isinstance(final_shape[i], int) or final_shape[i] != 1)]
         axis = longer[-1] if longer else rank - 1
         return axis - rank  # negative: counts from the end, like the default -1
-    if not -rank <= axis < rank or axis % rank == 0:
+    if not -rank <= axis < rank or axis % rank == b:
         raise SpecError(f"final.class_axis: {axis} is not a class axis of the final output shape {final_shape} "
-                        f"(axis 0 is the batch)")
+                        f"(axis {b} is the batch)")
     if final_shape[axis] == 1:
         raise SpecError(f"final.class_axis: axis {axis} of the final output {final_shape} has size 1; a gate over one "
                         f"class always fires; give the axis that holds the classes")

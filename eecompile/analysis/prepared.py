@@ -24,6 +24,12 @@ Dims = list[int | str | None]
 """A shape as plain Python: ints for fixed axes, the symbol's name for symbolic ones, None for unknown."""
 
 
+def batch_index(shape: Dims) -> int:
+    """The batch axis of a boundary shape: where ``"batch"`` is (the probe put it on the measured axis),
+    else 0 (per-sample mode, where every shape starts with the batch of 1)."""
+    return shape.index("batch") if "batch" in shape else 0
+
+
 def dims(shape: ir.Shape | None) -> Dims:
     """An onnx-ir shape as plain ints and strings (symbolic dims by name); ``[]`` for None."""
     if shape is None:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from eecompile.analysis.exits import ExitPlan
 from eecompile.analysis.prepared import Dims, PreparedModel
 from eecompile.bundle import ExitInfo, GateInfo, Manifest, SegmentInfo, TensorInfo, sha256_file
-from eecompile.names import gate_names, is_exit_tensor, is_threshold_input
+from eecompile.names import gate_names, is_exit_output, is_exit_tensor, is_threshold_input
 from eecompile.passes.attach_heads import AttachHeadPass
 from eecompile.passes.gates import FuseGatePass
 from eecompile.spec import Spec
@@ -37,6 +37,8 @@ def batch_axis(pm: PreparedModel, v: ir.Value) -> int | None:
     """The measured batch axis of a boundary tensor: 0 for what the compiler adds at an exit and for model
     inputs the probe did not see, else what the probe found (None: no batch axis)."""
     name = v.name or ""
+    if is_exit_output(name):  # the exit's stand-in for a final output: that output's batch axis
+        return final_batch_axis(pm, name.split(".out.", 1)[1])
     if is_exit_tensor(name):
         return 0
     facts = pm.probe.facts.get(name)
@@ -92,18 +94,27 @@ def manifest_for(pm: PreparedModel, spec: Spec, final: ir.Value, class_axis: int
     m = Manifest(
         source_model={"file": spec.model.name, "sha256": sha256_file(spec.model)},
         inputs=[tensor_info(v, _input_batch_axis(pm, v)) for v in pm.index.graph_inputs],
-        outputs=[tensor_info(final, 0)],
+        outputs=[tensor_info(final, final_batch_axis(pm, final.name or ""))],
         segments=segments, batch_mode=pm.batch_mode, class_axis=class_axis,
         eecompile_version=version, notes=[pm.batch_note, *(notes or [])],
     )
     if pm.batch_mode == "dynamic":
         for t in m.inputs + m.outputs:
-            if t.shape and t.batch_axis == 0:
-                t.shape[0] = "batch"
+            if t.shape and t.batch_axis is not None and t.batch_axis < len(t.shape):
+                t.shape[t.batch_axis] = "batch"
     untrained = [s.index for s in segments if s.exit.head_spec is not None and not s.exit.head_spec.get("trained")]
     if untrained:
         m.notes.append(untrained_note(untrained))
     return m
+
+
+def final_batch_axis(pm: PreparedModel, name: str) -> int:
+    """The batch axis the probe measured on the final output ``name`` (1 for a time-major ``[T, B, C]``);
+    0 in per-sample mode or where it was not measured."""
+    facts = pm.probe.facts.get(name)
+    if pm.batch_mode != "dynamic" or facts is None or facts.batch_axis is None:
+        return 0
+    return facts.batch_axis
 
 
 def _input_batch_axis(pm: PreparedModel, v: ir.Value) -> int | None:

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from eecompile.analysis.prepared import Dims, PreparedModel
+from eecompile.analysis.prepared import Dims, PreparedModel, batch_index
 from eecompile.errors import SpecError
 from eecompile.names import exit_logits, exit_output, exit_prefix, head_prefix
 
@@ -119,9 +119,15 @@ def _check_head_input(h_in: ir.Value, at: ir.Value, where: str) -> None:
 
 def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Sequence[int | str | None],
                     final_shape: Sequence[int | str | None], out_name: str, where: str) -> ir.Value:
-    """Make the exit output ``out_name`` with the final output's per-sample shape."""
-    per_exit = logits_shape[1:]
-    per_final = final_shape[1:]
+    """Make the exit output ``out_name`` with the final output's per-sample shape (case 4). The batch axis is
+    where ``final_shape`` has ``"batch"`` (a time-major ``[T, batch, C]`` output: axis 1), else 0; the head's
+    logits have theirs at the same axis."""
+    b = batch_index(list(final_shape))
+    if b and len(logits_shape) != len(final_shape):
+        raise SpecError(f"{where}: the head gives shape {list(logits_shape)}, the final output {list(final_shape)} "
+                        f"has its batch on axis {b}; the head must give the final output's shape")
+    per_exit = [d for i, d in enumerate(logits_shape) if i != b]
+    per_final = [d for i, d in enumerate(final_shape) if i != b]
     prefix = head_prefix(k)
     known = all(isinstance(d, int) for d in per_exit) and all(isinstance(d, int) for d in per_final)
     if known and int(np.prod(per_exit)) != int(np.prod(per_final)):  # type: ignore[arg-type]
@@ -136,7 +142,7 @@ def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Seque
     out = ir.Value(name=out_name)
     if known and list(per_exit) != list(per_final):
         # An initializer, not a Constant node: Constant holds no int64 before opset 9.
-        shape = ir.tensor(np.array([-1, *per_final], dtype=np.int64), name=f"{prefix}fit_shape")
+        shape = ir.tensor(np.array([*per_final[:b], -1, *per_final[b:]], dtype=np.int64), name=f"{prefix}fit_shape")
         target = ir.Value(name=f"{prefix}fit_shape", shape=ir.Shape([len(per_final) + 1]),
                           type=ir.TensorType(ir.DataType.INT64), const_value=shape)
         seg.register_initializer(target)
@@ -144,7 +150,7 @@ def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Seque
     else:
         seg.append(ir.node("Identity", [logits], outputs=[out], name=f"{prefix}out"))
     out.dtype = logits.dtype or ir.DataType.FLOAT
-    out.shape = ir.Shape(["batch", *per_final])
+    out.shape = ir.Shape([*per_final[:b], "batch", *per_final[b:]])
     return out
 
 

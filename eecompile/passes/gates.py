@@ -301,7 +301,16 @@ class FuseGatePass(ir.passes.InPlacePass):
         if hidden is None and self.hidden:
             hidden = next((v for v in g.inputs if v.name == self.hidden), None)
         tape = Tape(g)
-        gate = build_gate(tape, self.k, self.kind, self.head.logits, self.logits_shape, self.class_axis,
+        logits, shape, axis = self.head.logits, list(self.logits_shape), self.class_axis
+        b = shape.index("batch") if "batch" in shape else 0
+        if b:  # a time-major exit ([T, batch, C]): the gate works batch first
+            perm = [b, *(i for i in range(len(shape)) if i != b)]
+            logits = tape.op("Transpose", [logits], {"perm": perm}, name=f"{gate_node_prefix(self.k)}batch_first",
+                             output=ir.Value(name=f"{gate_node_prefix(self.k)}batch_first:0"))
+            c = axis % len(shape)
+            axis = perm.index(c) - len(shape)
+            shape = [shape[i] for i in perm]
+        gate = build_gate(tape, self.k, self.kind, logits, shape, axis,
                           self.opset, prev_k=self.prev_k, hidden=hidden, hidden_shape=self.hidden_shape,
                           prev_hidden_dim=self.prev_hidden_dim, score_value=self.head.score,
                           emit_patience_state=self.emit_patience_state, emit_hidden_state=self.emit_hidden_state)

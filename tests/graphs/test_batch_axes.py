@@ -93,3 +93,56 @@ def test_npz_with_the_flag_given_once_runs_from_the_cli(flagged: tuple[Path, Pat
     assert res.exit_code == 0, res.output
     want = ort.InferenceSession(str(ws / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["y"], want, rtol=1e-5, atol=1e-6)
+
+
+def _time_major(path: Path) -> dict[str, np.ndarray]:
+    """x [N, 4, 6] -> [T=6, N, 4] -> two MatMul+Relu layers -> y [T, N, 5], time-major like a CTC recogniser;
+    ``aux`` (from the first layer) is an in-model head with y's shape."""
+    rng = np.random.default_rng(0)
+    w = {"w1": rng.standard_normal((4, 4)) * 2, "w2": rng.standard_normal((4, 4)), "w3": rng.standard_normal((4, 5)),
+         "wa": rng.standard_normal((4, 5)) * 3}
+    inits = ", ".join(f"float[{a}, {b}] {n} = {{{', '.join(f'{v:.4f}' for v in m.ravel())}}}"
+                      for n, m in w.items() for a, b in [m.shape])
+    onnx.save(onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4, 6] x) => (float[6, N, 5] y) <{inits}> {{
+            xt = Transpose<perm = [2, 0, 1]>(x)
+            h = MatMul(xt, w1)
+            r = Relu(h)
+            aux = MatMul(r, wa)
+            h2 = MatMul(r, w2)
+            r2 = Relu(h2)
+            y = MatMul(r2, w3)
+        }}"""), path)
+    return {n: np.round(m, 4).astype(np.float32) for n, m in w.items()}
+
+
+def test_time_major_output_keeps_its_batch_axis(tmp_path: Path) -> None:
+    w = _time_major(tmp_path / "model.onnx")
+    spec = {"model": "model.onnx", "exits": [{"at": "r", "head": {"output": "aux"},
+                                               "gate": {"kind": "max_prob", "threshold": 0.5}}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    bundle = eecompile.compile_model(tmp_path / "spec.yaml", tmp_path / "b.eebundle")
+    m = bundle.manifest
+    assert [(t.shape, t.batch_axis) for t in m.outputs] == [([6, "batch", 5], 1)]
+    exit_out = next(t for t in m.segments[0].outputs if t.name == "ee0.out.y")
+    assert exit_out.batch_axis == 1 and [t.shape for t in m.segments[0].outputs if t.name == "ee0.gate"] == [["batch"]]
+    x = np.random.default_rng(1).standard_normal((7, 4, 6)).astype(np.float32)
+    runner = eecompile.load(bundle)
+    want = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(runner.run({"x": x}, thresholds="never").outputs["y"], want, rtol=1e-5, atol=1e-5)
+    aux = np.maximum(x.transpose(2, 0, 1) @ w["w1"], 0) @ w["wa"]
+    np.testing.assert_allclose(runner.run({"x": x}, thresholds="always").outputs["y"], aux, rtol=1e-4, atol=1e-4)
+    # The gate decides per sample (the least confident time step), with scores in [1/C, 1].
+    probe = runner.run({"x": x}, thresholds=["never"], policy="never")
+    assert probe.gate_scores is not None and probe.gate_scores.shape == (1, 7)
+    p = np.exp(aux - aux.max(-1, keepdims=True))
+    np.testing.assert_allclose(probe.gate_scores[0], (p / p.sum(-1, keepdims=True)).max(-1).min(0), rtol=1e-5)
+    u = np.unique(probe.gate_scores[0])
+    mixed = [float(u[-3:-1].mean())]  # between the distinct scores: the two most confident samples leave
+    base = runner.run({"x": x}, thresholds=mixed, policy="never")
+    assert base.all_exits is not None and int((base.exit_index == 0).sum()) == 2
+    for policy in ("compact", "wait-all"):
+        r = runner.run({"x": x}, thresholds=mixed, policy=policy)
+        rows = np.stack([base.all_exits[int(e)]["y"][:, i] for i, e in enumerate(r.exit_index)], axis=1)
+        np.testing.assert_allclose(r.outputs["y"], rows, rtol=1e-6, atol=1e-6)
