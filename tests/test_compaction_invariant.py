@@ -13,6 +13,8 @@ from test_compile_models import _feeds
 
 import eecompile
 
+pytestmark = pytest.mark.slow  # real graphs (model zoo, torch exports)
+
 CASES = {
     # name: (model getter key, cuts, head feature shapes, classes, gates, final)
     "squeezenet": ([("r11", [1, 16, 7, 7]), ("r26", [1, 32, 7, 7]), ("r48", [1, 64, 7, 7])], 1000,
