@@ -42,6 +42,8 @@ MEMMAP_BYTES = 256 << 20  # cache features on disk beyond this
 
 @dataclass
 class HeadResult:
+    """One trained head: agreement with the final exit and accuracy (fractions in [0, 1]) before and after."""
+
     index: int
     name: str | None
     kind: str
@@ -55,6 +57,9 @@ class HeadResult:
 
 @dataclass
 class TrainReport:
+    """What :func:`train_heads` did: sample counts, settings, one :class:`HeadResult` per trained head, and the
+    exits it skipped (heads it did not make) with why."""
+
     bundle: str
     n_train: int
     n_val: int
@@ -66,11 +71,13 @@ class TrainReport:
     skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain types (for JSON)."""
         from dataclasses import asdict
 
         return asdict(self)
 
     def print(self) -> None:
+        """A table of the heads on the terminal (needs rich, part of the CLI install)."""
         from rich.console import Console
         from rich.table import Table
 
@@ -131,7 +138,22 @@ def _class_last(x: np.ndarray, class_axis: int, n_classes: int) -> np.ndarray:
 def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 30, use_labels: bool = True,
                 temperature: float = 2.0, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
                 val_fraction: float = 0.1, weight_decay: float = 1e-4, quiet: bool = False) -> TrainReport:
-    """Train every exit head the spec asked eecompile to make (``head: {kind: ...}``) and splice it in."""
+    """Train every exit head the spec asked eecompile to make (``head: {kind: ...}``) and splice it in.
+
+    ``data``: an .npz with the model inputs (N samples along each input's batch axis) and optionally
+    ``labels`` (int class indices, ``[N]`` or ``[N, P]`` for P predictions per sample). The backbone is frozen:
+    the features each head reads (the tensors the exit is cut at) come from the bundle's own segments, run
+    once over the data. Loss per head: ``T^2 * KL(softmax(final / T) || softmax(head / T))`` (self-distillation
+    from the final exit: Hinton et al. 2015 for the T^2 scaling, FastBERT, Liu et al. 2020, for exits) plus
+    cross-entropy on the labels when present and ``use_labels``. AdamW (``lr``, ``weight_decay``) with a cosine
+    schedule over ``epochs`` of mini-batches of ``batch_size``; ``val_fraction`` of the samples (when N >= 20)
+    is held out for the report. The trained weights are written into the head's ONNX template and the bundle
+    is re-verified and rewritten atomically (:func:`eecompile.replace_heads.replace_heads`).
+
+    Returns a :class:`TrainReport`. Raises EECompileError for non-positive settings or when torch is missing,
+    BundleError when no exit has a head eecompile makes or an exit's cut does not list the tensors its head
+    reads, DataError for unusable data, and EECompileError for labels that do not match the predictions.
+    """
     if epochs < 1 or batch_size < 1 or lr <= 0 or temperature <= 0:
         raise EECompileError(f"train-heads: epochs ({epochs}), batch ({batch_size}), lr ({lr}) and temperature "
                              f"({temperature}) must be positive")

@@ -47,13 +47,16 @@ class ExitTable:
 
     @property
     def n_samples(self) -> int:
+        """N, the number of calibration samples."""
         return int(self.scores.shape[1])
 
     @property
     def n_early(self) -> int:
+        """E, the number of early exits (the final exit not counted)."""
         return int(self.scores.shape[0])
 
     def subset(self, rows: np.ndarray) -> ExitTable:
+        """The table restricted to sample ``rows`` (an index or boolean array over N)."""
         return ExitTable(self.scores[:, rows], self.correct[:, rows], list(self.fires_above), self.has_labels)
 
 
@@ -108,6 +111,7 @@ def final_output(manifest: Manifest) -> str:
 
 
 def predictions(logits: np.ndarray, class_axis: int) -> np.ndarray:
+    """Class indices: argmax of ``logits`` along ``class_axis`` (negative counts from the end)."""
     return np.argmax(logits, axis=class_axis if class_axis >= 0 else logits.ndim + class_axis)
 
 

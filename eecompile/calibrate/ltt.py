@@ -82,7 +82,7 @@ def ltt_thresholds(table: ExitTable, costs: Costs, max_drop: float, delta: float
     total = math.ceil(need / (1.0 - learn_fraction))
     if n_test < need:
         raise CalibrationError(
-            f"ltt with max drop {max_drop} and delta {delta} needs at least {need} test samples (even with zero "
+            f"ltt with max drop {max_drop:g} and delta {delta:g} needs at least {need} test samples (even with zero "
             f"errors fewer cannot certify the budget), i.e. at least {total} calibration samples with "
             f"{learn_fraction:.0%} kept for learning; got {n}. Give more calibration data, a larger --max-drop "
             f"or --delta, or use --method search"
