@@ -457,3 +457,17 @@ def test_confidence_and_delta_must_agree(trained_dir: Path) -> None:
     with pytest.raises(CalibrationError, match=r"confidence must be in \(0, 1\)"):
         calibrate_bundle(trained_dir / "max_prob" / "model.eebundle", trained_dir / "max_prob" / "cal.npz",
                          max_drop=0.05, confidence=1.0, quiet=True)
+
+
+def test_time_interleaved_rounds_take_turns() -> None:
+    from eecompile.calibrate import time_interleaved
+
+    order: list[int] = []
+    calls = [lambda i=i: order.append(i) for i in range(3)]
+    med = time_interleaved(calls, rounds=9, warmup=1, min_block_s=0.0)
+    assert len(med) == 3 and all(m > 0 for m in med)
+    timed = order[3 * 2:]  # after each call's warm-up and single timing
+    assert len(timed) == 27
+    firsts = [timed[3 * r] for r in range(9)]
+    assert firsts[:3] == [0, 1, 2]  # the order rotates from round to round
+    assert sorted(timed[:3]) == [0, 1, 2]

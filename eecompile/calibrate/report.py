@@ -68,7 +68,9 @@ class CalibrationReport:
         if self.confidence is not None and self.loss_interval is not None and self.drop_upper is not None:
             out.append(f"errors vs the final exit: {self.errors} of {self.n_samples} ({self.loss:.4f}, "
                        f"{self.confidence:.0%} interval [{self.loss_interval[0]:.4f}, {self.loss_interval[1]:.4f}]"
-                       f"); drop <= {self.drop_upper:.4f} at {self.confidence:.0%} confidence (Clopper-Pearson)")
+                       f"); drop <= {self.drop_upper:.4f} at {self.confidence:.0%} confidence (Clopper-Pearson)"
+                       + (f"; a budget of {self.max_drop:g} needs >= {self.samples_needed} samples even with zero "
+                          f"errors" if self.samples_needed else ""))
         out.append(f"expected {self.expected_ms:.4f} ms vs {self.baseline} {self.baseline_ms:.4f} ms on "
                    f"{self.backend} at batch {self.batch_size}: speedup {self.expected_speedup:.2f}x "
                    f"(oracle {self.oracle_speedup:.2f}x)")
