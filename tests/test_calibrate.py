@@ -471,3 +471,5 @@ def test_time_interleaved_rounds_take_turns() -> None:
     firsts = [timed[3 * r] for r in range(9)]
     assert firsts[:3] == [0, 1, 2]  # the order rotates from round to round
     assert sorted(timed[:3]) == [0, 1, 2]
+    paired = time_interleaved(calls, rounds=7, warmup=1, reference=2)
+    assert len(paired) == 3 and all(m > 0 for m in paired)

@@ -35,14 +35,18 @@ def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
 
 
 def time_interleaved(calls: Sequence[Callable[[], Any]], *, rounds: int = 100, warmup: int = 3,
-                     min_block_s: float = 2e-3, budget_s: float = 6.0, min_rounds: int = 7) -> list[float]:
+                     min_block_s: float = 2e-3, budget_s: float = 6.0, min_rounds: int = 7,
+                     reference: int | None = None) -> list[float]:
     """Median seconds per call of each of ``calls``, measured in interleaved rounds.
 
     Each round times one block of every callable, in an order rotated from round to round, so slow drifts
     of the machine (frequency, other processes) fall on all of them alike; a block repeats the call enough
     times to last about ``min_block_s`` (timer resolution and one-off stalls then weigh little). The result
-    is the median over rounds of block time / calls per block. Stops after ``rounds`` rounds, or once
-    ``budget_s`` seconds have passed and at least ``min_rounds`` rounds are done.
+    is the median over rounds of block time / calls per block. With ``reference`` (an index into ``calls``),
+    the others are paired with it round by round: call i's result is ``median_r(t_i,r / t_ref,r) *
+    median_r(t_ref,r)``, so ratios to the reference do not move with the load of the machine between rounds.
+    Stops after ``rounds`` rounds, or once ``budget_s`` seconds have passed and at least ``min_rounds`` rounds
+    are done.
     """
     if not calls:
         return []
@@ -66,7 +70,11 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], *, rounds: int = 100, w
             times[i].append((time.perf_counter() - t0) / m)
         if r + 1 >= min_rounds and time.perf_counter() > t_end:
             break
-    return [statistics.median(t) for t in times]
+    if reference is None:
+        return [statistics.median(t) for t in times]
+    ref = np.asarray(times[reference])
+    ref_median = float(np.median(ref))
+    return [float(np.median(np.asarray(t) / ref)) * ref_median for t in times]
 
 
 def find_source_model(bundle: Bundle) -> Path | None:
@@ -147,7 +155,8 @@ def measure_latency(bundle: Bundle, inputs: Mapping[str, np.ndarray], *, backend
         feeds = {i.name: batch[i.name] for i in sess.get_inputs()}
         calls.append(lambda: sess.run(None, feeds))
     try:
-        med = time_interleaved(calls, rounds=repeats)
+        # Paired with the unsplit model when it is timed (the speedup is a ratio to it), else the whole chain.
+        med = time_interleaved(calls, rounds=repeats, reference=len(calls) - 1)
     finally:
         if own:
             runner.close()
