@@ -430,11 +430,15 @@ def export() -> None:
               show_default=True, help="bls: segment models on CPU, or on GPU with the TensorRT accelerator.")
 @click.option("--threads", type=int, default=None, help="in-process: ONNX Runtime threads per instance.")
 @click.option("--force", is_flag=True, help="Replace an existing repository at OUTPUT.")
+@_public_key_option
 @_user_errors
 def export_triton_cmd(bundle: Path, output: Path, segments: str, name: str | None, max_batch_size: int,
-                      queue_delay_us: int, instances: int, engines: str, threads: int | None, force: bool) -> None:
+                      queue_delay_us: int, instances: int, engines: str, threads: int | None, force: bool,
+                      public_key: Path | None) -> None:
     """Write a Triton Inference Server model repository for BUNDLE."""
     from eecompile.serve.triton import export_triton
+
+    _check_signature(bundle, public_key)
 
     result = export_triton(bundle, output, name=name, segments=segments, max_batch_size=max_batch_size,
                            queue_delay_us=queue_delay_us, instances=instances, engines=engines, threads=threads,
@@ -472,10 +476,11 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per replica.")
 @click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="Ray CPUs each replica holds.")
 @click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto) instead of starting one.")
+@_public_key_option
 @_user_errors
 def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | None, max_batch_size: int,
           batch_wait_ms: float, max_body_mb: float, backend: str, threads: int | None, cpus_per_replica: float,
-          address: str | None) -> None:
+          address: str | None, public_key: Path | None) -> None:
     """Serve BUNDLE over HTTP with Ray Serve: POST /v1/predict, GET /v1/health (until Ctrl-C)."""
     try:
         from eecompile.serve.ray_app import ServeOptions, serve_bundle
@@ -485,7 +490,8 @@ def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | No
     options = ServeOptions(bundle=str(bundle.resolve()), backend=backend,
                            backend_options={} if threads is None else {"threads": threads},
                            max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                           max_body_bytes=int(max_body_mb * (1 << 20)))
+                           max_body_bytes=int(max_body_mb * (1 << 20)),
+                           public_key=None if public_key is None else str(public_key.resolve()))
     serve_bundle(options, host=host, port=port, replicas=replicas, autoscaling=_parse_autoscale(autoscale),
                  cpus_per_replica=cpus_per_replica, address=address,
                  ready=lambda url: click.echo(f"serving {bundle} at {url}/predict (health: {url}/health); "

@@ -67,15 +67,17 @@ class ServeOptions:
     max_batch_size: int = 32  # samples per runner call (and per request)
     batch_wait_ms: float = 5.0
     max_body_bytes: int = 64 << 20
+    public_key: str | None = None  # PEM: every replica refuses a bundle not signed by its owner
 
 
 def load_runner(options: ServeOptions) -> Any:
-    """The runner a replica serves with (the bundle's loader checks every file's hash): the chain runner, or
-    for a decoder bundle the :class:`~eecompile.runtimes.lm.DecoderRunner` (ONNX Runtime)."""
+    """The runner a replica serves with (the bundle's loader checks every file's hash, and with
+    ``public_key`` the bundle's signature): the chain runner, or for a decoder bundle the
+    :class:`~eecompile.runtimes.lm.DecoderRunner` (ONNX Runtime)."""
     from eecompile import load
     from eecompile.bundle import Bundle
 
-    bundle = Bundle.load(options.bundle)
+    bundle = Bundle.load(options.bundle, public_key=options.public_key)
     if bundle.manifest.decoder:
         from eecompile.runtimes.lm import DecoderRunner
 

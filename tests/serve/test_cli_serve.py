@@ -99,3 +99,35 @@ def test_serve_until_sigint(served_bundle: Path) -> None:
             break
         time.sleep(0.5)
     assert not left, f"processes left after SIGINT: {left}"
+
+
+def test_public_key_refuses_an_unsigned_bundle_and_accepts_a_signed_one(served_bundle: Path, tmp_path: Path) -> None:
+    pytest.importorskip("model_signing")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from eecompile.errors import SignatureError
+    from eecompile.serve.ray_app import ServeOptions, load_runner
+    from eecompile.signing import sign_bundle, verify_bundle
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = tmp_path / "k.pem", tmp_path / "k.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    unsigned = tmp_path / "unsigned.eebundle"
+    shutil.copytree(served_bundle, unsigned)
+    with pytest.raises(SignatureError) as refused:
+        verify_bundle(unsigned, public)
+    proc = _serve(str(unsigned), "--port", str(free_port()), "--public-key", str(public))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.strip().splitlines()[-1] == f"error: {refused.value}"
+
+    signed = tmp_path / "signed.eebundle"
+    shutil.copytree(served_bundle, signed)
+    sign_bundle(signed, private)
+    runner = load_runner(ServeOptions(bundle=str(signed), public_key=str(public)))  # what each replica does
+    x = mixed_inputs(3)
+    np.testing.assert_array_equal(runner.run({"image": x}).exit_index,
+                                  load_runner(ServeOptions(bundle=str(served_bundle))).run({"image": x}).exit_index)
