@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from eecompile import __version__
 from eecompile.analysis.cut_points import AnalysisReport, report_cut_points
-from eecompile.analysis.exits import ExitPlan, check_segments, class_axis, plan_exits, resolve_final
+from eecompile.analysis.exits import ExitPlan, check_outputs, check_segments, class_axis, plan_exits, resolve_final
 from eecompile.analysis.partition import plan_segments
 from eecompile.analysis.prepared import Dims, PreparedModel, probe_prepared
 from eecompile.analysis.records import ExitRecord, exit_info, manifest_for, segment_info
@@ -132,6 +132,7 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
     pm = prepare(spec.model, dims)
     final = resolve_final(pm, spec)
     exits = plan_exits(pm, spec)
+    dropped = check_outputs(pm, spec, final, exits)
     plans = plan_segments(pm.index, [*(e.targets() for e in exits), [final]])
     check_segments(pm, plans, exits)
     final_shape = pm.shape_of(final.name)
@@ -142,6 +143,8 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
     # A head for a newer opset raises its segment's opset (the model's part is up-converted, never the head down).
     seg_opsets = [max(opset, main_opset(h) or opset) if h is not None else opset for h, _ in heads] + [opset]
     models, infos, notes = [], [], []
+    if dropped:
+        notes.append(f"model outputs {dropped} are not in the bundle (final.drop)")
     act = final_activation(final, opset, len(final_shape))
     if act is not None and exits:
         notes.append(f"the model ends in a {act.describe()}: exit outputs apply it to the heads' logits "

@@ -13,7 +13,7 @@ Example::
       - at: layer3_out
         head: {output: aux_logits}
         gate: {kind: entropy, threshold: 0.4}
-    final: {output: logits, class_axis: -1}
+    final: {output: logits, class_axis: -1}   # drop: [other model outputs the bundle leaves out]
 """
 
 from __future__ import annotations
@@ -137,6 +137,9 @@ class FinalSpec:
 
     output: str | None = None  # default: the model's only output
     class_axis: int | None = None  # default: the last axis longer than 1 ([N, C, 1, 1] -> 1, [N, T, C] -> -1)
+    # Model outputs the bundle leaves out (no exit gives them a value). Every other model output must be the
+    # final output or an exit head's output inside the model: compile refuses a spec that leaves one undefined.
+    drop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -366,15 +369,21 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
     final = FinalSpec()
     if "final" in m:
         fm = _mapping(m["final"], "final")
-        _check_keys(m["final"], ("output", "class_axis"), "final")
+        _check_keys(m["final"], ("output", "class_axis", "drop"), "final")
         out = _string(fm["output"], "final.output") if "output" in fm else None
+        drop: tuple[str, ...] = ()
+        if "drop" in fm:
+            dn = fm["drop"]
+            if not isinstance(dn.value, list):
+                raise SpecError(f"{_at('final.drop', dn)}: expected a list of model output names, got {_plain(dn.value)!r}")
+            drop = tuple(_string(v, f"final.drop[{i}]") for i, v in enumerate(dn.value))
         axis: int | None = None
         if "class_axis" in fm:
             v = fm["class_axis"].value
             if isinstance(v, bool) or not isinstance(v, int):
                 raise SpecError(f"{_at('final.class_axis', fm['class_axis'])}: expected an integer axis, got {_plain(v)!r}")
             axis = v
-        final = FinalSpec(output=out, class_axis=axis)
+        final = FinalSpec(output=out, class_axis=axis, drop=drop)
     return Spec(model=model, exits=exits, final=final, source=source)
 
 

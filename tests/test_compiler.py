@@ -192,12 +192,12 @@ def test_score_gate_is_calibrated_and_run(tmp_path: Path) -> None:
 def test_at_list_forces_extra_tensors_onto_the_boundary(tmp_path: Path) -> None:
     model = _save(tmp_path, SCORED)
     gate = {"kind": "max_prob", "threshold": 0.5}
-    one = write_spec(tmp_path, model, [{"at": "r", "head": {"output": "aux"}, "gate": gate}], {"output": "y"},
+    one = write_spec(tmp_path, model, [{"at": "r", "head": {"output": "aux"}, "gate": gate}], {"output": "y", "drop": ["conf"]},
                      name="one.yaml")
     assert eecompile.compile_model(one, tmp_path / "one.eebundle").manifest.segments[0].carried_out == ["r"]
     # With h2 listed too, segment 0 also computes h2 (the head still reads r), and only h2 crosses.
     two = write_spec(tmp_path, model, [{"at": ["r", "h2"], "head": {"output": "aux"}, "gate": gate}],
-                     {"output": "y"}, name="two.yaml")
+                     {"output": "y", "drop": ["conf"]}, name="two.yaml")
     m = eecompile.compile_model(two, tmp_path / "two.eebundle").manifest
     assert m.segments[0].carried_out == ["h2"] and m.segments[0].exit.at == ["r", "h2"]
     x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)

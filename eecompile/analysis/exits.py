@@ -87,6 +87,26 @@ def resolve_final(pm: PreparedModel, spec: Spec) -> ir.Value:
     raise SpecError(f"final.output: '{spec.final.output}' is not a model output; outputs: {names}")
 
 
+def check_outputs(pm: PreparedModel, spec: Spec, final: ir.Value, exits: list[ExitPlan]) -> list[str]:
+    """No model output is dropped without a word: every model output is the final output, an exit head's output
+    inside the model (``head: {output: ...}`` or its ``score_output``), or listed in ``final.drop``. Returns the
+    dropped names; raises SpecError naming the outputs a spec leaves undefined (an exit gives one value, the
+    final output's: a model output it has no value for would be missing from early-exited rows)."""
+    names = [o.name or "" for o in pm.index.graph_outputs]
+    used = {final.name} | {v.name for e in exits for v in (e.head_output, e.score_output) if v is not None}
+    unknown = [n for n in spec.final.drop if n not in names]
+    if unknown:
+        raise SpecError(f"final.drop: {unknown} are not model outputs; outputs: {names}")
+    if final.name in spec.final.drop:
+        raise SpecError(f"final.drop: '{final.name}' is final.output; the exits stand in for it, it cannot be dropped")
+    undefined = [n for n in names if n not in used and n not in spec.final.drop]
+    if undefined:
+        raise SpecError(
+            f"final: the model outputs {undefined} have no value at the exits (each exit gives only "
+            f"'{final.name}'); list them in final: {{drop: [{', '.join(undefined)}]}} to compile without them")
+    return [n for n in names if n in spec.final.drop]
+
+
 def plan_exits(pm: PreparedModel, spec: Spec) -> list[ExitPlan]:
     """Resolve and check every exit of ``spec`` (cases 1-5), in graph order."""
     idx = pm.index

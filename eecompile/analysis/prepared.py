@@ -17,7 +17,7 @@ import onnx_ir as ir
 from eecompile.analysis.flops import node_flops
 from eecompile.analysis.partition import GraphIndex, index_graph
 from eecompile.analysis.probe import PROBE_BATCHES, ProbeResult, probe_model
-from eecompile.analysis.shape_reads import share_shape_reads
+from eecompile.passes.shape_reads import share_shape_reads
 from eecompile.errors import GraphError
 
 Dims = list[int | str | None]

@@ -315,3 +315,118 @@ def shape_read_cnn(path: Path, merged: bool = False, seed: int = 6) -> Path:
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, path)
     return path
+
+
+def yolo_detector(path: Path, seed: int = 4) -> Path:
+    """A small YOLOv3-style detector exported from torch at batch 1 (the traced batch size baked into the
+    Reshape targets [1, 3, 9, H, W]), with nearest Upsample -> Resize (opset 11), a Concat skip and three
+    outputs: ``cls`` [1, 4], ``det_small`` [1, 3, 8, 8, 9], ``det_big`` [1, 3, 16, 16, 9] (sigmoid), plus an exit
+    head ``aux0`` [1, 4] from ``/c1/c1.1/LeakyRelu_output_0`` [1, 16, 16, 16]. Input ``images`` [1, 3, 32, 32]."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    na, no = 3, 9
+
+    class Det(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.LeakyReLU(0.1))
+            self.c2 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.LeakyReLU(0.1))
+            self.p_small = nn.Conv2d(32, na * no, 1)
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.mix = nn.Sequential(nn.Conv2d(48, 16, 3, 1, 1), nn.LeakyReLU(0.1))
+            self.p_big = nn.Conv2d(16, na * no, 1)
+            self.cls = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+            self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            a = self.c1(x)
+            b = self.c2(a)
+            bs, _, ny, nx = b.shape
+            s = self.p_small(b).view(bs, na, no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
+            m = self.mix(torch.cat([self.up(b), a], 1))
+            bs2, _, ny2, nx2 = m.shape
+            g = self.p_big(m).view(bs2, na, no, ny2, nx2).permute(0, 1, 3, 4, 2).contiguous()
+            return self.cls(b), torch.sigmoid(s), torch.sigmoid(g), self.aux(a)
+
+    torch.onnx.export(Det().eval(), (torch.randn(1, 3, 32, 32),), str(path), input_names=["images"],
+                      output_names=["cls", "det_small", "det_big", "aux0"], opset_version=11, dynamo=False)
+    return path
+
+
+def crnn_time_major(path: Path, seed: int = 11, n_classes: int = 7) -> Path:
+    """A CTC text recogniser (conv + two bidirectional LSTMs, exported from torch without ``batch_first``)
+    whose outputs are time-major: ``logits`` [T=16, B, 7] and the exit head ``aux0`` [16, B, 7] from ``r1``
+    (the first LSTM's output, [16, B, 32]); the batch is axis 1. Input ``image`` [B, 1, 8, 32]."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class CRNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cnn = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                                     nn.Conv2d(16, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d((4, 1)))
+            self.rnn1 = nn.LSTM(32, 16, bidirectional=True)
+            self.rnn2 = nn.LSTM(32, 16, bidirectional=True)
+            self.out = nn.Linear(32, n_classes)
+            self.aux = nn.Linear(32, n_classes)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            f = self.cnn(x).squeeze(2).permute(2, 0, 1)  # [T, B, 32]
+            r1, _ = self.rnn1(f)
+            r2, _ = self.rnn2(r1)
+            return self.out(r2), self.aux(r1), r1
+
+    torch.onnx.export(CRNN().eval(), (torch.randn(2, 1, 8, 32),), str(path), input_names=["image"],
+                      output_names=["logits", "aux0", "r1"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {1: "batch"}, "aux0": {1: "batch"},
+                                    "r1": {1: "batch"}}, opset_version=12, dynamo=False)
+    m = onnx.load(str(path))
+    keep = [o for o in m.graph.output if o.name != "r1"]  # r1 named as an output only to give it that name
+    del m.graph.output[:]
+    m.graph.output.extend(keep)
+    onnx.save(m, path)
+    return path
+
+
+def flag_if(path: Path, seed: int = 2) -> Path:
+    """A batch-first CNN whose If condition is a graph input ``use_branch`` bool[1] with no batch axis (like the
+    ``use_cache_branch`` flag of merged decoder exports); both branches read tensors from before the cut ``r2``
+    (then: r2 + r1, else: r2 * r1 - r1). Input ``x`` [batch, 3, H, W]; outputs ``logits`` [batch, 10] and the
+    exit head ``aux0`` [batch, 10] from ``r2``. Feed the flag once: ``use_branch = np.array([True])``."""
+    rng = np.random.default_rng(seed)
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return nh.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    inits = [w("w1", 8, 3, 3, 3), w("b1", 8), w("w2", 8, 8, 3, 3), w("b2", 8), w("fw", 10, 8), w("fb", 10),
+             w("aw", 10, 8), w("ab", 10)]
+    then_g = h.make_graph([h.make_node("Add", ["r2", "r1"], ["t_out"])], "then", [],
+                          [h.make_tensor_value_info("t_out", T.FLOAT, None)])
+    else_g = h.make_graph([h.make_node("Mul", ["r2", "r1"], ["e_mul"]), h.make_node("Sub", ["e_mul", "r1"], ["e_out"])],
+                          "else", [], [h.make_tensor_value_info("e_out", T.FLOAT, None)])
+    nodes = [
+        h.make_node("Squeeze", ["use_branch"], ["cond"], name="sq"),
+        h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        h.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        h.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        h.make_node("If", ["cond"], ["mix"], then_branch=then_g, else_branch=else_g, name="if_branch"),
+        h.make_node("GlobalAveragePool", ["mix"], ["gp"], name="gap"),
+        h.make_node("Flatten", ["gp"], ["fl"], name="flat"),
+        h.make_node("Gemm", ["fl", "fw", "fb"], ["logits"], transB=1, name="fc"),
+        h.make_node("GlobalAveragePool", ["r2"], ["agp"], name="aux_gap"),
+        h.make_node("Flatten", ["agp"], ["afl"], name="aux_flat"),
+        h.make_node("Gemm", ["afl", "aw", "ab"], ["aux0"], transB=1, name="aux_fc"),
+    ]
+    g = h.make_graph(nodes, "flag_if", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 3, "H", "W"]),
+                                        h.make_tensor_value_info("use_branch", T.BOOL, [1])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["batch", 10]),
+                      h.make_tensor_value_info("aux0", T.FLOAT, ["batch", 10])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, path)
+    return path

@@ -18,8 +18,9 @@ def reference(model: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
     """The model's outputs on ``feeds``; one sample at a time when it only runs at batch 1."""
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    fixed = [i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1]
-    n = len(next(iter(feeds.values())))
+    n = max((len(v) for v in feeds.values() if np.ndim(v)), default=1)
+    # inputs exported with batch 1 that are given one row per sample (a bool[1] flag given once is fed as is)
+    fixed = [i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1 and np.shape(feeds[i.name])[:1] == (n,)]
     if not fixed or n == 1:
         return dict(zip(names, sess.run(None, feeds), strict=True))
     parts = [sess.run(None, {k: v[i:i + 1] if k in fixed else v for k, v in feeds.items()}) for i in range(n)]

@@ -33,7 +33,8 @@ ACTS = {"Softmax": _softmax, "LogSoftmax": lambda x: np.log(_softmax(x)), "Sigmo
 
 def _spec(tmp: Path, model: Path, head, final: str = "probs") -> Path:
     p = tmp / "spec.yaml"
-    p.write_text(yaml.safe_dump({"model": str(model), "final": {"output": final},
+    drop = {"drop": ["aux"]} if not isinstance(head, dict) else {}  # the in-model head is not used then
+    p.write_text(yaml.safe_dump({"model": str(model), "final": {"output": final, **drop},
                                  "exits": [{"at": "pool", "head": head, "gate": {"kind": "max_prob",
                                                                                   "threshold": 0.5}}]}))
     return p
