@@ -430,3 +430,29 @@ def flag_if(path: Path, seed: int = 2) -> Path:
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, path)
     return path
+
+
+def lstm_classifier(path: Path, seed: int = 7) -> Path:
+    """A sequence classifier exported from torch: Linear -> two batch-first LSTMs (torch writes a Transpose
+    around each ONNX LSTM) -> the last step -> Linear. Input ``x`` [b, t, 8]; output ``y`` [b, 5]."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Linear(8, 16)
+            self.l1 = nn.LSTM(16, 16, batch_first=True)
+            self.l2 = nn.LSTM(16, 16, batch_first=True)
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            h1, _ = self.l1(torch.relu(self.emb(x)))
+            h2, _ = self.l2(h1)
+            return self.fc(h2[:, -1])
+
+    torch.onnx.export(M().eval(), (torch.randn(2, 6, 8),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b", 1: "t"}, "y": {0: "b"}}, opset_version=14, dynamo=False)
+    return path

@@ -80,3 +80,23 @@ def test_scan_body_flops_are_counted(tmp_path: Path) -> None:
     scan = next(i for i, n in enumerate(pm.index.nodes) if n.op_type == "Scan")
     assert pm.node_flops[scan] == t * 2 * 8 * 8
     assert pm.total_flops == 2 * t * 4 * 8 + t * 2 * 8 * 8 + 2 * (2 * 8 * 3)
+
+
+def test_analyze_suggests_lstm_cuts_that_compile(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from .builders import lstm_classifier
+
+    model = lstm_classifier(tmp_path / "lstm.onnx")
+    report = analyze_model(model)
+    assert report.suggested
+    lstm = [i for i, n in enumerate(prepare(model).index.nodes) if n.op_type == "LSTM"]
+    assert len(lstm) == 2
+    for k, cut in enumerate(report.suggested):
+        spec = tmp_path / f"s{k}.yaml"
+        spec.write_text(yaml.safe_dump({"model": str(model), "exits": [
+            {"at": cut, "head": {"kind": "linear", "options": {"pool": "mean"}},
+             "gate": {"kind": "max_prob", "threshold": 0.5}}]}))
+        b = eecompile.compile_model(spec, tmp_path / f"b{k}.eebundle")  # verify passes at every suggestion
+        x = np.random.default_rng(k).standard_normal((4, 6, 8)).astype(np.float32)
+        forced = eecompile.load(b.path).run({"x": x}, thresholds="always")
+        assert forced.outputs["y"].shape == (4, 5) and (forced.exit_index == 0).all()
