@@ -29,19 +29,22 @@ if TYPE_CHECKING:
 
 
 def compile_model(spec: Any, output: Any, *, force: bool = False, verify: bool = True,
-                  dims: dict[str, int] | None = None, tolerance: float | None = None) -> Bundle:
+                  dims: dict[str, int] | None = None, tolerance: float | None = None,
+                  engines: bool = False) -> Bundle:
     """Compile ``spec`` (a :class:`Spec`, or the path of its YAML file) into a bundle directory at ``output``,
     written atomically, and return it loaded.
 
     ``force`` replaces a bundle already at ``output``; ``verify=False`` skips the check that the chain with no
     exit taken equals the source model; ``dims`` sizes symbolic input dims for probing (``{"seq": 128}``;
     default 8); ``tolerance`` is verify's allowed error relative to the final output's scale (default: from the
-    graph's precision). Raises SpecError (the spec, or an exit that does not fit the graph), GraphError (a
-    model that cannot be read, run, split or verified) or BundleError (the destination). The stages are listed
-    in :mod:`eecompile.compiler`."""
+    graph's precision); ``engines=True`` also builds this machine's ONNX Runtime CPU engines into the bundle
+    (what ``eecompile compile`` does). Raises SpecError (the spec, or an exit that does not fit the graph),
+    GraphError (a model that cannot be read, run, split or verified) or BundleError (the destination). The
+    stages are listed in :mod:`eecompile.compiler`."""
     from eecompile.compiler import compile_model as _compile
 
-    return _compile(spec, output, force=force, verify=verify, dims=dims, tolerance=tolerance)
+    return _compile(spec, output, force=force, verify=verify, dims=dims, tolerance=tolerance,
+                    engines=engines)
 
 
 def load(bundle: Any, backend: str = "onnxruntime", public_key: Any = None, **options: Any) -> EarlyExitRunner:

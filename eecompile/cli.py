@@ -173,19 +173,22 @@ def analyze(model: Path, as_json: bool, show_all: bool, dims: tuple[str, ...]) -
 @click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Verify's allowed error relative to the final output's scale (default: from the graph's "
                    "precision: 1e-5 for float32, one rounding step per boundary for float16).")
+@click.option("--engines/--no-engines", default=True, show_default=True,
+              help="Also build this machine's ONNX Runtime CPU engines (the chain optimised as one graph).")
 @_dim_option
 @_user_errors
 def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tuple[str, ...],
-                tolerance: float | None) -> None:
+                tolerance: float | None, engines: bool) -> None:
     """Compile the model named in SPEC into an early-exit bundle.
 
     Cuts the model at each exit's tensor, attaches the heads, fuses the gates into the graphs, and checks that
     the chain with no exit taken equals the model before it writes OUTPUT (atomically; an earlier bundle there
-    stays untouched on failure). Prints one line per segment."""
+    stays untouched on failure). With --engines (the default) the same write holds this machine's ONNX Runtime
+    CPU engines. Prints one line per segment."""
     from eecompile.compiler import compile_model
 
     bundle = compile_model(spec, output, force=force, verify=not no_verify, dims=_parse_dims(dims),
-                           tolerance=tolerance)
+                           tolerance=tolerance, engines=engines)
     m = bundle.manifest
     if m.decoder:
         _echo_decoder(output, m.decoder)

@@ -93,14 +93,17 @@ def analyze_model(path: str | Path, dims: dict[str, int] | None = None) -> Analy
 
 
 def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = False, verify: bool = True,
-                  dims: dict[str, int] | None = None, tolerance: float | None = None) -> Bundle:
+                  dims: dict[str, int] | None = None, tolerance: float | None = None,
+                  engines: bool = False) -> Bundle:
     """Compile ``spec`` (a :class:`~eecompile.spec.Spec`, or the path of its YAML file) into a bundle directory
     at ``output``, written atomically; returns the loaded :class:`~eecompile.bundle.Bundle`.
 
     ``force`` replaces an existing bundle at ``output``; ``verify=False`` skips the check that the chain with
     no exit taken equals the source model (not recommended); ``dims`` sizes symbolic input dims for probing;
     ``tolerance`` is verify's allowed error relative to each final output's scale, instead of the one the
-    graph's precision calls for (:func:`eecompile.passes.verify.graph_tolerance`).
+    graph's precision calls for (:func:`eecompile.passes.verify.graph_tolerance`); ``engines=True`` also builds
+    this machine's ONNX Runtime CPU engines in the same write (``eecompile compile`` does by default; a failure
+    to build them leaves a note, not an error).
 
     Raises:
         SpecError: the spec is invalid or does not fit the graph (the message names the YAML path).
@@ -122,7 +125,7 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
         raise BundleError(f"{output}: already exists; pass --force to replace it")
     if spec.model.suffix == ".eebundle" or spec.model.is_dir():
         raise SpecError(f"model: '{spec.model}' is a directory; give the path of an .onnx file")
-    write_bundle(output, plan_bundle(spec, dims, verify, tolerance))
+    write_bundle(output, plan_bundle(spec, dims, verify, tolerance), engines=engines)
     return Bundle.load(output)
 
 

@@ -45,7 +45,11 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
             path = tmp / seg.file
             model = ir.load(path)
             opset = opset_of(model)
-            head = ir.from_proto(proto)
+            # A copy: splicing renames the head's initializers, and onnx-ir writes names through to the proto,
+            # which is saved below as heads/exit{k}.onnx.
+            head_copy = onnx.ModelProto()
+            head_copy.CopyFrom(proto)
+            head = ir.from_proto(head_copy)
             head_opset = main_opset(head) or opset
             if head_opset > opset:  # raise the segment, never lower the head (passes/opset.py)
                 model = convert_model(model, head_opset, f"replace_heads: segment {k}",
@@ -101,5 +105,8 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
         if untrained:
             manifest.notes.append(untrained_note(untrained))
         manifest.notes.append(f"heads replaced for exits {sorted(heads)}; re-verified")
+        from eecompile.build.onnxruntime import stage_engines_noted
+
+        stage_engines_noted(tmp, manifest, build=None)  # engines of the old segments go; this machine's are rebuilt
 
     return update_bundle(bundle.path, change)

@@ -59,8 +59,9 @@ class BundlePlan:
     reference: Reference | None  # the unsplit model's outputs, for verify (None: --no-verify)
 
 
-def write_bundle(output: Path, plan: BundlePlan) -> None:
-    """Write ``plan`` to ``output`` atomically (replacing a bundle there).
+def write_bundle(output: Path, plan: BundlePlan, engines: bool = False) -> None:
+    """Write ``plan`` to ``output`` atomically (replacing a bundle there); ``engines``: with this machine's ONNX
+    Runtime CPU engines in the same write (:func:`eecompile.build.onnxruntime.stage_engines_noted`).
 
     Raises:
         GraphError: a segment is not valid ONNX, or the chain differs from the source model (nothing written).
@@ -88,4 +89,8 @@ def write_bundle(output: Path, plan: BundlePlan) -> None:
                                  class_axis=plan.manifest.class_axis)
             plan.manifest.notes.append(f"verified: no-exit chain equals the source model (max rel. error {worst:.1e}; "
                                        f"allowed {plan.reference.tolerance.describe()})")
+        if engines:
+            from eecompile.build.onnxruntime import stage_engines_noted
+
+            stage_engines_noted(tmp, plan.manifest, build=True)
         write_manifest(tmp, plan.manifest)

@@ -382,6 +382,14 @@ class OnnxRuntimeBackend(SegmentBackend):
             log.warning("%s: ONNX Runtime engines for %s lack segment(s) %s; running the portable segments; %s",
                         self.bundle.path, target, missing, fix)
             return None
+        files = self.manifest.files
+        stale = [s.index for s in self.manifest.segments
+                 if (mine[s.index].get("flags") or {}).get("segment_sha256") not in (None, files.get(s.file))]
+        if stale:
+            # The segment changed after its engine was built (e.g. train-heads replaced a head).
+            log.warning("%s: ONNX Runtime engines for segment(s) %s were built from an older version of the "
+                        "segment; running the portable segments; %s", self.bundle.path, stale, fix)
+            return None
         built_with = {tuple((d.get("flags") or {}).get("disabled_optimizers") or ()) for d in mine.values()}
         if built_with != {tuple(self.disabled_optimizers)}:
             log.warning("%s: ONNX Runtime engines were built with disabled_optimizers=%s, this runner asks for %s; "

@@ -1,0 +1,180 @@
+"""ORT CPU engines cut from one optimised graph of the chain: the fusions of the unsplit model survive the cuts,
+the results equal the portable chain's, ``compile`` builds them by default, and a changed segment never runs on
+an engine built from its old version."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import make_head, write_spec
+
+import eecompile
+from eecompile.build import build_engines, ort_merged
+from eecompile.bundle import Bundle
+from eecompile.cli import cli
+from eecompile.runtimes import onnxruntime as ortrt
+from eecompile.runtimes.chain import EarlyExitRunner
+from eecompile.runtimes.records import engine_records
+
+# The tests' small torch ResNet: the first cut feeds a projection block, the others identity residuals (a Sum
+# reads the segment input: the case per-segment optimisation cannot fuse).
+CUTS = ["/layers.0/Relu_1_output_0", "/layers.2/Relu_1_output_0", "/layers.3/Relu_1_output_0"]
+SHAPES = [[1, 16, 32, 32], [1, 32, 16, 16], [1, 64, 8, 8]]
+
+
+def _spec(d: Path, model: Path) -> Path:
+    exits = [{"at": c, "head": str(make_head(d / f"h{i}.onnx", s, 10, seed=i, scale=0.5)),
+              "gate": {"kind": "max_prob", "threshold": 0.5}} for i, (c, s) in enumerate(zip(CUTS, SHAPES, strict=True))]
+    return write_spec(d, model, exits)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory, torch_model: Callable[[str], Path]) -> tuple[Path, Path]:
+    """(bundle compiled with engines=True, the source model)."""
+    d = tmp_path_factory.mktemp("ort_merged")
+    model = torch_model("resnet")
+    return eecompile.compile_model(_spec(d, model), d / "m.eebundle", engines=True).path, model
+
+
+@pytest.fixture
+def bundle(compiled: tuple[Path, Path], tmp_path: Path) -> Path:
+    dst = tmp_path / "m.eebundle"
+    shutil.copytree(compiled[0], dst)
+    return dst
+
+
+def _x(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"image": np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)}
+
+
+def _fused_sums(model: onnx.ModelProto) -> int:
+    """NCHWc Convs that took a residual Sum in (their 4th input)."""
+    return sum(1 for n in model.graph.node
+               if n.op_type == "Conv" and n.domain == "com.microsoft.nchwc" and len(n.input) > 3 and n.input[3])
+
+
+def _optimised(src: Path, dst: Path) -> onnx.ModelProto:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return onnx.load(str(dst))
+
+
+def test_compile_builds_merged_engines_that_keep_the_unsplit_fusions(compiled: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    path, model = compiled
+    m = Bundle.load(path).manifest
+    recs = engine_records(m, "onnxruntime", ortrt.cpu_target())
+    assert [r.segment for r in recs] == [0, 1, 2, 3]
+    assert {r.flags["method"] for r in recs} == {"merged"}
+    assert [r.flags["segment_sha256"] for r in recs] == [m.files[s.file] for s in m.segments]
+    if ortrt.nchwc_block_size() == 1:
+        pytest.skip("this CPU's ONNX Runtime does not use NCHWc")
+    engines = [onnx.load(str(path / str(r.file))) for r in recs]
+    unsplit = _optimised(model, tmp_path / "unsplit.opt.onnx")
+    per_segment = [_optimised(path / s.file, tmp_path / f"s{s.index}.opt.onnx") for s in m.segments]
+    # Per-segment optimisation loses the residual fusions whose Sum reads a segment input; the merged engines don't.
+    assert sum(map(_fused_sums, engines)) == _fused_sums(unsplit) > sum(map(_fused_sums, per_segment))
+    ops = Counter(n.op_type for e in engines for n in e.graph.node)
+    assert ops["ReorderInput"] == 0 and ops["Sum"] == 0
+    # Each cut tensor crosses blocked: the producer outputs it, the consumer takes it, nobody converts it.
+    block = ortrt.nchwc_block_size()
+    for k, cut in enumerate(CUTS):
+        name = f"{cut}.nchwc{block}"
+        assert name in [o.name for o in engines[k].graph.output]
+        assert [i.name for i in engines[k + 1].graph.input][0] == name
+        assert recs[k].flags["outputs"][cut] == recs[k + 1].flags["inputs"][cut]
+
+
+@pytest.mark.parametrize("policy", ["compact", "wait-all", "never"])
+def test_merged_engines_match_the_portable_chain(compiled: tuple[Path, Path], policy: str) -> None:
+    path, _ = compiled
+    eng = EarlyExitRunner(path)
+    port = EarlyExitRunner(path, engines=False)
+    assert eng.backend.engine_target == ortrt.cpu_target()  # type: ignore[attr-defined]
+    x = _x(20, seed=3)
+    scores = port.run(x, policy="never").gate_scores
+    assert scores is not None
+    thr = [float(np.median(s)) for s in scores]
+    a, b = eng.run(x, thresholds=thr, policy=policy), port.run(x, thresholds=thr, policy=policy)
+    np.testing.assert_array_equal(a.exit_index, b.exit_index)
+    np.testing.assert_allclose(a.outputs["logits"], b.outputs["logits"], rtol=1e-5, atol=1e-6)
+    assert len(set(a.exit_index.tolist())) > 1
+
+
+def test_refused_merge_falls_back_to_per_segment_engines(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_a: object, **_k: object) -> None:
+        raise ort_merged.MergeRefused("a reason for the test")
+
+    monkeypatch.setattr(ort_merged, "build_merged", refuse)
+    report = build_engines(bundle, "onnxruntime")
+    assert {r.flags["method"] for r in report.records} == {"per-segment"}
+    assert "a reason for the test" in report.notes[0]
+    x = _x(6)
+    got = EarlyExitRunner(bundle).run(x, thresholds=[0.5] * 3).outputs["logits"]
+    want = EarlyExitRunner(bundle, engines=False).run(x, thresholds=[0.5] * 3).outputs["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_engine_of_a_changed_segment_is_ignored(bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An engine record names the segment it was built from; after the segment changes, the portable one runs."""
+    doc = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    for d in doc["engines"]:
+        if d["segment"] == 2:
+            d["flags"]["segment_sha256"] = "0" * 64
+    (bundle / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    with caplog.at_level(logging.WARNING, logger="eecompile.runtimes.onnxruntime"):
+        runner = EarlyExitRunner(bundle)
+    assert runner.backend.engine_target is None  # type: ignore[attr-defined]
+    assert any("older version of the segment" in r.getMessage() for r in caplog.records)
+
+
+def test_replacing_a_head_rebuilds_the_engines(bundle: Path, tmp_path: Path) -> None:
+    from eecompile.replace_heads import replace_heads
+
+    m = Bundle.load(bundle).manifest
+    # A record for another CPU, built from the current segments: it goes stale with the head too.
+    other = dict(next(d for d in m.engines if d["segment"] == 1))
+    other_doc = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    other_doc["engines"].append({**other, "target": "ort0.9-nchwc4"})
+    (bundle / "manifest.yaml").write_text(yaml.safe_dump(other_doc, sort_keys=False))
+    head = onnx.load(str(make_head(tmp_path / "new.onnx", SHAPES[1], 10, seed=9, scale=0.5)))
+    replace_heads(bundle, {1: head})
+    # The head file kept in the bundle is the head as given (it loads and reads the cut tensor).
+    kept = ort.InferenceSession(str(bundle / "heads" / "exit1.onnx"), providers=["CPUExecutionProvider"])
+    assert kept.run(None, {kept.get_inputs()[0].name: np.zeros(SHAPES[1], np.float32)})[0].shape == (1, 10)
+    m2 = Bundle.load(bundle).manifest
+    recs = engine_records(m2, "onnxruntime", ortrt.cpu_target())
+    assert [r.flags["segment_sha256"] for r in recs] == [m2.files[s.file] for s in m2.segments]
+    assert m2.files[m2.segments[1].file] != m.files[m.segments[1].file]
+    assert not engine_records(m2, "onnxruntime", "ort0.9-nchwc4")
+    x = _x(6)
+    eng = EarlyExitRunner(bundle)
+    assert eng.backend.engine_target == ortrt.cpu_target()  # type: ignore[attr-defined]
+    a = eng.run(x, thresholds="never", policy="never")
+    b = EarlyExitRunner(bundle, engines=False).run(x, thresholds="never", policy="never")
+    assert a.all_exits is not None and b.all_exits is not None
+    np.testing.assert_allclose(a.all_exits[1]["logits"], b.all_exits[1]["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_compile_builds_engines_unless_told_not_to(tmp_path: Path, torch_model: Callable[[str], Path]) -> None:
+    spec = _spec(tmp_path, torch_model("resnet"))
+    res = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "a.eebundle")])
+    assert res.exit_code == 0, res.output
+    assert f"engines ({ortrt.cpu_target()})" in res.output
+    assert engine_records(Bundle.load(tmp_path / "a.eebundle").manifest, "onnxruntime", ortrt.cpu_target())
+    res = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "b.eebundle"), "--no-engines"])
+    assert res.exit_code == 0, res.output
+    assert not Bundle.load(tmp_path / "b.eebundle").manifest.engines
