@@ -73,6 +73,7 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
     before: dict[int, dict[str, int]] = {}
     method, why_not_merged = "merged", ""
     duplicated: dict[int, list[str]] = {}
+    fused: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="eecompile-ort-") as scratch:
         # First choice: the whole chain optimised as one graph and cut again (keeps ORT's fusions across cuts).
         t0 = time.perf_counter()
@@ -83,6 +84,7 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
             blobs = {k: g.SerializeToString() for k, g in merged.graphs.items()}
             check_same_outputs(blobs, files, m.segments, _check_feeds(m), merged.carried, ENGINE_LOAD_LEVEL)
             graphs, carried, skipped, duplicated = merged.graphs, merged.carried, merged.skipped, merged.duplicated
+            fused = merged.fused
             seconds = [(time.perf_counter() - t0) / max(len(m.segments), 1)] * len(m.segments)
         except MergeRefused as e:
             method, why_not_merged = "per-segment", str(e)
@@ -118,6 +120,8 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
         }
         if duplicated.get(k):
             flags["recomputed_ops"] = list(duplicated[k])
+        if fused:
+            flags["transformer_fusions"] = dict(fused)  # of the whole chain
         rel = ort_engine_file(k, target)
         records.append(EngineRecord(segment=k, backend="onnxruntime", target=target, file=rel,
                                     sha256=sha256_bytes(blobs[k]), backend_version=ort.__version__, flags=flags,
@@ -130,6 +134,8 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
     replace_engine_records(root, m, records, "onnxruntime", target, drop_fileless=True)
     how = ("the chain optimised as one graph and cut again" if method == "merged" else
            f"each segment optimised on its own (the chain could not be optimised as one: {why_not_merged})")
+    if fused:
+        how += " after ONNX Runtime's transformer fusions (" + ", ".join(f"{v} {k}" for k, v in fused.items()) + ")"
     notes = [f"ONNX Runtime {ort.__version__}, NCHWc block {block}: {how}; "
              f"{len(carried)} boundary tensor(s) carried in blocked layout"]
     notes += [f"  {c.tensor}: segment {c.producer} -> {c.consumers} as {c.engine_name}" for c in carried]

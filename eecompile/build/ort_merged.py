@@ -25,6 +25,7 @@ Imports onnx: build time only. The records written from these engines have the s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from onnx import helper as oh
 from eecompile.build.ort_layout import NCHWC_DOMAIN, Carried, Skipped, count_reorders
 from eecompile.build.ort_layout import _rename as rename
 from eecompile.bundle import SegmentInfo
+
+log = logging.getLogger(__name__)
 
 # Ops a segment must never recompute for another one (their cost is the model's cost).
 HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm",
@@ -54,6 +57,7 @@ class MergedEngines:
     carried: list[Carried]
     skipped: list[Skipped]
     duplicated: dict[int, list[str]] = field(default_factory=dict)  # segment -> op types it recomputes (cheap)
+    fused: dict[str, int] = field(default_factory=dict)  # transformer fusions applied (op type -> count)
 
 
 class MergeRefused(Exception):
@@ -371,6 +375,7 @@ def build_merged(portable: Mapping[int, onnx.ModelProto], segments: Sequence[Seg
     if size > MERGED_MAX_BYTES:
         raise MergeRefused(f"the segments hold {size / 2**30:.1f} GB, more than one ONNX file of the chain holds")
     merged = merge_chain(portable, segments, model_inputs)
+    merged, fused = transformer_fusions(merged, disabled_optimizers)
     src, dst = scratch / "chain.onnx", scratch / "chain.opt.onnx"
     onnx.save(merged, str(src))
     try:
@@ -378,7 +383,104 @@ def build_merged(portable: Mapping[int, onnx.ModelProto], segments: Sequence[Seg
     except Exception as e:  # ORT's own exception types
         raise MergeRefused(f"ONNX Runtime cannot optimise the joined chain ({str(e).strip().splitlines()[0]})") from e
     optimised = onnx.load(str(dst))
-    return cut_chain(optimised, segments, model_inputs, portable, block)
+    engines = cut_chain(optimised, segments, model_inputs, portable, block)
+    engines.fused = fused
+    return engines
+
+
+# The fusions of ONNX Runtime's transformer optimiser that only it makes (ORT's own CPU optimisers already fuse
+# BiasGelu and, unless disabled, SkipLayerNormalization): with none of them, its graph is not used.
+TRANSFORMER_FUSIONS = ("Attention", "MultiHeadAttention", "GemmFastGelu")
+
+
+def attention_sizes(model: onnx.ModelProto) -> tuple[int, int]:
+    """(heads, hidden size) of an encoder graph, or (0, 0) when not found (the optimiser then guesses itself).
+
+    Hidden size: the length of the first LayerNormalization's scale. Heads: the split of the hidden size in the
+    attention's reshape ``[batch, seq, heads, head_dim]`` (heads may be -1), read from the constants its target
+    shape is built of (an exported graph builds it with Concat from the dynamic batch and sequence)."""
+    from onnx import numpy_helper as nh
+
+    g = model.graph
+    consts: dict[str, np.ndarray] = {t.name: nh.to_array(t) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
+            consts[n.output[0]] = nh.to_array(n.attribute[0].t)
+    producer = {o: n for n in g.node for o in n.output}
+    hidden = 0
+    for n in g.node:
+        if n.op_type == "LayerNormalization" and len(n.input) > 1 and n.input[1] in consts:
+            hidden = int(consts[n.input[1]].size)
+            break
+    if not hidden:
+        return 0, 0
+
+    def scalar(name: str) -> int | None:
+        p = producer.get(name)
+        if p is not None and p.op_type == "Unsqueeze":
+            name = p.input[0]
+        v = consts.get(name)
+        return int(v.reshape(-1)[0]) if v is not None and v.size == 1 else None
+
+    for n in g.node:
+        if n.op_type != "Reshape" or len(n.input) < 2:
+            continue
+        shape = consts.get(n.input[1])
+        if shape is not None and shape.size == 4:
+            values: list[int | None] = [int(v) for v in shape]
+        elif n.input[1] in producer and producer[n.input[1]].op_type == "Concat":
+            values = [scalar(x) for x in producer[n.input[1]].input]
+        else:
+            continue
+        if len(values) != 4 or not values[3] or values[3] <= 0 or hidden % values[3]:
+            continue
+        if values[2] in (-1, hidden // values[3]):  # [batch, seq, heads or -1, head_dim]
+            return hidden // values[3], hidden
+    return 0, hidden
+
+
+def transformer_fusions(model: onnx.ModelProto, disabled_optimizers: Sequence[str] = ()) -> tuple[onnx.ModelProto,
+                                                                                                 dict[str, int]]:
+    """ONNX Runtime's transformer optimiser (``onnxruntime.transformers.optimizer``, model type ``bert``) on an
+    encoder chain: multi-head attention into one ``Attention`` kernel, Gelu with its bias, LayerNorm with its
+    residual Add (unless ``SkipLayerNormFusion`` is in ``disabled_optimizers``). Returns the rewritten graph and
+    what it fused, or ``model`` unchanged and ``{}`` when no attention (nor another fusion of its own) was found.
+
+    The embedding fusion (EmbedLayerNormalization) stays off: its mask output would be read by every later
+    segment, across the cuts. What this changes is checked against the portable chain like every engine."""
+    if not any(n.op_type == "Softmax" for n in model.graph.node) or not any(
+            n.op_type in ("MatMul", "Gemm") for n in model.graph.node):
+        return model, {}
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    opts = FusionOptions("bert")
+    opts.enable_embed_layer_norm = False
+    if "SkipLayerNormFusion" in disabled_optimizers:
+        opts.enable_skip_layer_norm = False
+        opts.enable_bias_skip_layer_norm = False
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it logs every fusion it tries at WARNING/INFO
+    heads, hidden = attention_sizes(model)
+    try:
+        opt = optimizer.optimize_model(copy, model_type="bert", num_heads=heads, hidden_size=hidden,
+                                       optimization_options=opts, opt_level=0, use_gpu=False)
+    except Exception as e:  # noqa: BLE001 - an optimiser failure only means: no fusion here
+        log.info("ONNX Runtime's transformer optimiser did not apply (%s)", e)
+        return model, {}
+    finally:
+        quiet.setLevel(level)
+    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    if not any(stats.get(k) for k in TRANSFORMER_FUSIONS):
+        return model, {}
+    # Every tensor the chain hands on must survive under its name (the optimiser keeps graph outputs).
+    outs = {o.name for o in opt.model.graph.output}
+    if not {o.name for o in model.graph.output} <= outs:
+        return model, {}
+    return opt.model, stats
 
 
 def reorders(model: onnx.ModelProto) -> dict[str, int]:

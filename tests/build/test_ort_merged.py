@@ -178,3 +178,57 @@ def test_cli_compile_builds_engines_unless_told_not_to(tmp_path: Path, torch_mod
     res = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "b.eebundle"), "--no-engines"])
     assert res.exit_code == 0, res.output
     assert not Bundle.load(tmp_path / "b.eebundle").manifest.engines
+
+
+def _hf_bert(path: Path, layers: int = 3) -> dict[str, np.ndarray]:
+    """A small random-weight BERT from transformers (eager attention: the pattern ORT's fuser knows)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=100, max_position_embeddings=16, num_labels=3)
+    cfg._attn_implementation = "eager"
+    model = transformers.BertForSequenceClassification(cfg).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.m(input_ids=ids, attention_mask=mask).logits
+
+    rng = np.random.default_rng(0)
+    mask = np.ones((6, 8), np.int64)
+    mask[1, 5:] = 0
+    mask[4, 3:] = 0
+    feeds = {"input_ids": rng.integers(0, 100, (6, 8)).astype(np.int64), "attention_mask": mask}
+    with torch.no_grad():
+        torch.onnx.export(Logits().eval(), tuple(torch.from_numpy(v[:2]) for v in feeds.values()), str(path),
+                          input_names=list(feeds), output_names=["logits"],
+                          dynamic_axes={n: {0: "batch"} for n in [*feeds, "logits"]}, opset_version=17, dynamo=False)
+    return feeds
+
+
+def test_encoder_engines_run_on_fused_attention(tmp_path: Path) -> None:
+    from eecompile.compiler import analyze_model
+
+    feeds = _hf_bert(tmp_path / "bert.onnx")
+    cuts = analyze_model(tmp_path / "bert.onnx").suggested[:2]
+    assert len(cuts) == 2
+    exits = [{"at": c, "head": {"kind": "linear"}, "gate": {"kind": "max_prob", "threshold": 0.5}} for c in cuts]
+    path = eecompile.compile_model(write_spec(tmp_path, tmp_path / "bert.onnx", exits), tmp_path / "b.eebundle",
+                                   engines=True).path
+    m = Bundle.load(path).manifest
+    recs = engine_records(m, "onnxruntime", ortrt.cpu_target())
+    assert {r.flags["method"] for r in recs} == {"merged"}
+    assert recs[0].flags["transformer_fusions"]["Attention"] == 3  # one per layer, of the whole chain
+    ops = Counter(n.op_type for r in recs for n in onnx.load(str(path / str(r.file))).graph.node)
+    assert ops["Attention"] == 3 and ops["Softmax"] <= len(m.segments)  # the heads' own Softmax may remain
+    eng, port = EarlyExitRunner(path), EarlyExitRunner(path, engines=False)
+    assert eng.backend.engine_target == ortrt.cpu_target()  # type: ignore[attr-defined]
+    a = eng.run(feeds, thresholds="never", policy="never")
+    b = port.run(feeds, thresholds="never", policy="never")
+    assert a.all_exits is not None and b.all_exits is not None
+    for ea, eb in zip(a.all_exits, b.all_exits, strict=True):
+        np.testing.assert_allclose(ea["logits"], eb["logits"], rtol=1e-4, atol=1e-5)
