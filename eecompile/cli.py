@@ -203,6 +203,43 @@ def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tu
         click.echo(f"  {note}")
 
 
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "train", type=click.Path(path_type=Path), required=True,
+              help="Training .npz (model inputs, optional labels) for the exit heads.")
+@click.option("--calib", type=click.Path(path_type=Path), required=True, help="Calibration .npz.")
+@click.option("--max-drop", type=float, required=True, help="Accuracy drop allowed, in (0, 1).")
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True, help="Bundle directory.")
+@click.option("--candidates", type=int, default=6, show_default=True, help="Cut points considered (from analyze).")
+@click.option("--max-exits", type=int, default=3, show_default=True, help="Most early exits kept.")
+@click.option("--head", default="linear", show_default=True, help="Head kind trained at every candidate.")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Head training epochs.")
+@click.option("--final", default=None, help="The model output the exits imitate (default: the only output).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size latencies are measured at.")
+@click.option("--verify-top", type=int, default=3, show_default=True,
+              help="Best predicted configurations compiled and calibrated for real.")
+@click.option("--compare", type=click.Path(path_type=Path), default=None,
+              help="A spec with exits placed by hand, run through the same steps for the report.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at OUTPUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_dim_option
+@_user_errors
+def auto(model: Path, train: Path, calib: Path, max_drop: float, output: Path, candidates: int, max_exits: int,
+         head: str, epochs: int, final: str | None, batch: int, verify_top: int, compare: Path | None, force: bool,
+         as_json: bool, dims: tuple[str, ...]) -> None:
+    """Choose where the exits go (analyze's cuts, heads trained at once, the fastest subset within budget)."""
+    from eecompile.auto import auto_bundle
+
+    report = auto_bundle(model, train, calib, output, max_drop=max_drop, candidates=candidates, max_exits=max_exits,
+                         head=head, epochs=epochs, final=final, dims=_parse_dims(dims), batch_size=batch,
+                         verify_top=verify_top, compare=compare, force=force, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        report.print()
+        click.echo(f"wrote {output}: exits at {', '.join(report.chosen.exits)}")
+
+
 @cli.command(name="train-heads")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), default=None,
