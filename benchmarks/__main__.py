@@ -32,6 +32,13 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def _target() -> str:
+    """ORT major.minor and this CPU's NCHWc block (``ort1.32-nchwc16``): what ORT CPU engines are built for."""
+    from eecompile.runtimes.onnxruntime import cpu_target
+
+    return cpu_target()
+
+
 def run(quick: bool, only: list[str] | None = None, out: Path | None = None, cache: Path | None = None,
         threads: int | None = None, quiet: bool = False) -> tuple[dict[str, Any], list[Path]]:
     """Run the figures (all, or ``only``); write and return the results and the files written."""
@@ -56,7 +63,7 @@ def run(quick: bool, only: list[str] | None = None, out: Path | None = None, cac
     ctx = Context(quick=quick, cache=cache, threads=threads or default_threads(), say=say)
     results: dict[str, Any] = {
         "meta": {"mode": "quick" if quick else "full", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "threads": ctx.threads, "onnxruntime": ort.__version__, "cpu": _cpu(),
+                 "threads": ctx.threads, "onnxruntime": ort.__version__, "cpu": _cpu(), "ort_target": _target(),
                  "python": platform.python_version(), "cache": str(cache)},
         "figures": {}, "errors": {}, "seconds": {},
     }
@@ -86,7 +93,7 @@ def run(quick: bool, only: list[str] | None = None, out: Path | None = None, cac
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, a few seconds (what the tests run)")
-    ap.add_argument("--only", nargs="+", metavar="NAME", help="overhead, speedup, compaction, compile, hop")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="overhead, speedup, compaction, compile, hop, papers")
     ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     ap.add_argument("--cache", type=Path, default=None, help="where models and bundles are built (reused)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")

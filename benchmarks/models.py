@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 ZOO = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 RESNET50_EXITS = ("r35", "r67", "r99", "r139")
+BERT_EXIT_LAYERS = (2, 5, 8, 10)  # exits after these layers (0-based) of the 12
+TORCH_RESNET50_EXIT_BLOCKS = (2, 6, 9, 13)  # exits after these bottleneck blocks (0-based) of the 16
 
 
 @dataclass
@@ -92,7 +94,10 @@ def compile_with_exits(model: Path, cuts: Sequence[str], out: Path, *, n_classes
     import eecompile
 
     if (out / "manifest.yaml").is_file():
-        return out
+        from eecompile.bundle import Bundle, sha256_file
+
+        if Bundle.load(out, verify=False).manifest.source_model.get("sha256") == sha256_file(model):
+            return out  # built from this very model
     work = out.parent / f"{out.stem}.work"
     work.mkdir(parents=True, exist_ok=True)
     shapes = shapes or tensor_shapes(model, cuts)
@@ -163,11 +168,8 @@ def resnet50(cache: Path, n_exits: int = 4, cuts: Sequence[str] | None = None, t
     return Workload(f"resnet50{tag}", src, reference_of(src, cache), bundle, inputs)
 
 
-def torch_resnet(cache: Path, blocks: Sequence[int], width: int, image: int, name: str) -> Path:
-    """A bottleneck ResNet (ResNet-50 is blocks (3, 4, 6, 3), width 64) exported with torch, dynamic batch."""
-    path = cache / f"{name}.onnx"
-    if path.is_file():
-        return path
+def torch_resnet_module(blocks: Sequence[int], width: int) -> Any:
+    """A bottleneck ResNet as ``nn.Sequential`` (stem 4 modules, one module per block, pool, flatten, fc), seeded."""
     import torch
     from torch import nn
 
@@ -195,11 +197,31 @@ def torch_resnet(cache: Path, blocks: Sequence[int], width: int, image: int, nam
         for i in range(n):
             layers.append(Bottleneck(cin, mid, 2 if i == 0 and stage > 0 else 1))
             cin = 4 * mid
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000)).eval()
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000)).eval()
+
+
+def torch_resnet(cache: Path, blocks: Sequence[int], width: int, image: int, name: str) -> Path:
+    """A bottleneck ResNet (ResNet-50 is blocks (3, 4, 6, 3), width 64) exported with torch, dynamic batch; its
+    weights are kept beside it (``{name}.pt``, see :func:`torch_weights`)."""
+    path = cache / f"{name}.onnx"
+    if path.is_file() and path.with_suffix(".pt").is_file():
+        return path
+    import torch
+
+    model = torch_resnet_module(blocks, width)
     x = torch.randn(2, 3, image, image)
     torch.onnx.export(model, (x,), str(path), input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    torch.save(model.state_dict(), path.with_suffix(".pt"))
     return path
+
+
+def torch_weights(module: Any, model: Path) -> Any:
+    """``module`` with the weights the ONNX ``model`` was exported from (``model.pt`` beside it)."""
+    import torch
+
+    module.load_state_dict(torch.load(model.with_suffix(".pt"), weights_only=True))
+    return module.eval()
 
 
 def resnet_family(cache: Path, n_exits: int = 4, quick: bool = False) -> list[tuple[str, Path, int, list[str]]]:
@@ -223,7 +245,7 @@ def torch_resnet50(cache: Path) -> Workload:
     ConstantOfShape weights saturate every softmax to 1.0 (so no threshold splits a batch)."""
     model = torch_resnet(cache, (3, 4, 6, 3), 64, 224, "resnet50")
     blocks = block_outputs(model)
-    cuts = [blocks[i] for i in (2, 6, 9, 13)]
+    cuts = [blocks[i] for i in TORCH_RESNET50_EXIT_BLOCKS]
     bundle = compile_with_exits(model, cuts, cache / "torch-resnet50-4x.eebundle", n_classes=1000, opset=17)
 
     def inputs(batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -246,12 +268,12 @@ def quick_resnet(cache: Path) -> Workload:
 
 def bert(cache: Path, quick: bool = False) -> Workload:
     """A BERT-style encoder (BERT-base sizes, or tiny in quick mode) with exits after 4 layer outputs."""
-    d, heads, n_layers, seq, vocab = (32, 4, 4, 8, 100) if quick else (768, 12, 12, 128, 30522)
-    exit_layers = (0, 1, 2, 3) if quick else (2, 5, 8, 10)
     name = "bert-tiny" if quick else "bert-base"
+    d, heads, n_layers, seq, vocab = BERT_SIZES[name]
+    exit_layers = (0, 1, 2, 3) if quick else BERT_EXIT_LAYERS
     path = cache / f"{name}.onnx"
-    if not path.is_file():
-        _export_bert(path, d, heads, n_layers, seq, vocab)
+    if not path.is_file() or not path.with_suffix(".pt").is_file():
+        _export_bert(path)
     g = onnx.load(str(path), load_external_data=False).graph
     cuts = []
     for i in exit_layers:
@@ -271,16 +293,29 @@ def bert(cache: Path, quick: bool = False) -> Workload:
     return Workload(name, path, path, bundle, inputs)
 
 
-def _export_bert(path: Path, d: int, heads: int, n_layers: int, seq: int, vocab: int) -> None:
-    """The tests' BERT-style encoder (plain MatMul attention, additive mask) at the given sizes."""
+BERT_SIZES = {"bert-tiny": (32, 4, 4, 8, 100), "bert-base": (768, 12, 12, 128, 30522)}  # d, heads, layers, seq, vocab
+
+
+def bert_module(name: str) -> Any:
+    """The torch encoder of :func:`bert` (``bert-base`` or ``bert-tiny``), seeded, without trained weights."""
     import torch
 
     from tests.torch_models import Encoder
 
-    model, args, names, outputs = Encoder.build("bert", d=d, heads=heads, layers=n_layers, vocab=vocab, t=seq,
-                                                n_classes=2)
+    d, heads, n_layers, seq, vocab = BERT_SIZES[name]
+    torch.manual_seed(0)
+    return Encoder.build("bert", d=d, heads=heads, layers=n_layers, vocab=vocab, t=seq, n_classes=2)
+
+
+def _export_bert(path: Path) -> None:
+    """The tests' BERT-style encoder (plain MatMul attention, additive mask) at the given sizes; its weights are
+    kept beside it (``.pt``)."""
+    import torch
+
+    model, args, names, outputs = bert_module(path.stem)
     torch.onnx.export(model, args, str(path), input_names=names, output_names=outputs,
                       dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]}, opset_version=17, dynamo=False)
+    torch.save(model.state_dict(), path.with_suffix(".pt"))
 
 
 def mlp(path: Path, layers: int, width: int = 64) -> Path:

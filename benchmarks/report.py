@@ -25,8 +25,9 @@ def markdown(results: dict[str, Any]) -> str:
     """The results table of benchmarks/README.md."""
     meta = results["meta"]
     f = results["figures"]
+    target = f" (engines: {meta['ort_target']})" if meta.get("ort_target") else ""
     lines = [f"Run: {meta['mode']} mode, {meta['date']}, {meta['threads']} threads, onnxruntime {meta['onnxruntime']}, "
-             f"{meta['cpu']}. Ratios are medians of per-round paired ratios, (min-max) over rounds.", ""]
+             f"{meta['cpu']}{target}. Ratios are medians of per-round paired ratios, (min-max) over rounds.", ""]
     if "overhead" in f:
         lines += ["### Overhead: chain with no gate firing / unsplit model (target <= 1.02)", "",
                   "| model | batch | exits | unsplit ms | chain ms | wall ratio | CPU-time ratio | target |",
@@ -108,6 +109,19 @@ def markdown(results: dict[str, Any]) -> str:
                   "", "| segments | chain us |", "|---|---|"]
         for k, v in h["chain_us"].items():
             lines.append(f"| {k.split()[0]} | {_r(v, '', 1)} |")
+        lines.append("")
+    if "papers" in f:
+        pp = f["papers"]
+        lines += [f"### eecompile vs the papers' way (PyTorch {pp['torch']} eager, {pp['torch_threads']} threads; "
+                  f"ORT CPU engines {pp['target']})", "",
+                  "Same weights, heads, `max_prob` thresholds and exits; speedup = other / eecompile (compact).", "",
+                  "| model | batch | against | eecompile ms | other ms | speedup, wall | CPU time | exits agree | "
+                  "exit shares |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in pp["rows"]:
+            agree = r["exits_agree"]["torch_if" if r["batch"] == 1 else "torch_wait_all"]
+            lines.append(f"| {r['model']} | {r['batch']} | {r['against']} | {_r(r['eecompile_ms'], '', 2)} | "
+                         f"{_r(r['other_ms'], '', 2)} | {_r(r['speedup'], 'x', 2)} | {_r(r['cpu_speedup'], 'x', 2)} | "
+                         f"{agree:.1%} | {', '.join(f'{v:.0%}' for v in r['exit_shares'])} |")
         lines.append("")
     if results.get("errors"):
         lines += ["### Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()] + [""]

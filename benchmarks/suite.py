@@ -408,6 +408,13 @@ def hop_cost(ctx: Context) -> dict[str, Any]:
     }
 
 
+def _papers(ctx: Context) -> dict[str, Any]:
+    from benchmarks.papers import papers
+
+    return papers(ctx)
+
+
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "overhead": overhead, "speedup": speedup, "compaction": compaction, "compile": compile_cost, "hop": hop_cost,
+    "papers": _papers,
 }

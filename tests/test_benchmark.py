@@ -112,12 +112,12 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], lis
 def test_quick_suite_writes_every_figure(quick: tuple[dict[str, Any], list[Path]]) -> None:
     results, files = quick
     assert results["errors"] == {}
-    assert set(results["figures"]) == {"overhead", "speedup", "compaction", "compile", "hop"}
+    assert set(results["figures"]) == {"overhead", "speedup", "compaction", "compile", "hop", "papers"}
     names = {f.name for f in files}
     assert {"results-quick.json", "results-quick.md"} <= names
     on_disk = json.loads(next(f for f in files if f.suffix == ".json").read_text())
     assert on_disk["figures"].keys() == results["figures"].keys()
-    assert {"mode", "date", "threads", "onnxruntime", "cpu"} <= set(results["meta"])
+    assert {"mode", "date", "threads", "onnxruntime", "cpu", "ort_target"} <= set(results["meta"])
 
 
 def test_quick_suite_fields(quick: tuple[dict[str, Any], list[Path]]) -> None:
@@ -145,6 +145,16 @@ def test_quick_suite_fields(quick: tuple[dict[str, Any], list[Path]]) -> None:
     h = f["hop"]
     assert STATS <= set(h["per_hop_us"]) and len(h["chain_us"]) == 3
 
+    p = f["papers"]
+    assert {(r["model"].split("-")[0], r["batch"]) for r in p["rows"]} == {("resnet", 1), ("resnet", 32),
+                                                                            ("bert", 1), ("bert", 32)}
+    for r in p["rows"]:
+        assert STATS <= set(r["speedup"]) and r["speedup"]["min"] <= r["speedup"]["median"] <= r["speedup"]["max"]
+        # Same thresholds, same exits: the shares follow the pool's profile and torch decides as eecompile does.
+        assert len(r["exit_shares"]) == 5 and abs(sum(r["exit_shares"]) - 1) < 1e-9
+        assert r["exits_agree"]["torch_if"] >= 0.9 and r["exits_agree"]["torch_wait_all"] >= 0.9
+        assert r["final_max_abs_diff"] < 1e-3
+
     s = f["speedup"]
     if s["measured"]:
         for key in ("speedup", "oracle_speedup", "drop", "exit_share", "oracle_share"):
@@ -157,5 +167,5 @@ def test_markdown_lists_every_figure(quick: tuple[dict[str, Any], list[Path]]) -
     from benchmarks.report import markdown
 
     md = markdown(quick[0])
-    for title in ("Overhead", "Speedup", "Compaction", "Compile", "Segment hop cost"):
+    for title in ("Overhead", "Speedup", "Compaction", "Compile", "Segment hop cost", "papers' way"):
         assert title in md
