@@ -33,7 +33,7 @@ ACTS = {"Softmax": _softmax, "LogSoftmax": lambda x: np.log(_softmax(x)), "Sigmo
 
 def _spec(tmp: Path, model: Path, head, final: str = "probs") -> Path:
     p = tmp / "spec.yaml"
-    drop = {"drop": ["aux"]} if not isinstance(head, dict) else {}  # the in-model head is not used then
+    drop = {} if isinstance(head, dict) and "output" in head else {"drop": ["aux"]}  # in-model head unused
     p.write_text(yaml.safe_dump({"model": str(model), "final": {"output": final, **drop},
                                  "exits": [{"at": "pool", "head": head, "gate": {"kind": "max_prob",
                                                                                   "threshold": 0.5}}]}))
@@ -106,3 +106,21 @@ def test_old_opset_softmax_over_flattened_axes_is_kept(seg_opset: int) -> None:
     v = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"x": v})[0], ref.run(None, {"x": v})[0], rtol=1e-6)
     np.testing.assert_allclose(sess.run(None, {"x": v})[0].reshape(2, -1).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_replaced_head_keeps_the_final_activation(tmp_path: Path) -> None:
+    """train-heads' path: a new head spliced into a bundle whose model ends in a Softmax still has its rows
+    softmaxed, and the gate still reads its logits."""
+    import onnx
+
+    from eecompile.replace_heads import replace_heads
+
+    model = small_cnn(tmp_path / "m.onnx", activation="Softmax")
+    b = eecompile.compile_model(_spec(tmp_path, model, {"kind": "linear"}), tmp_path / "b.eebundle")
+    head = pooled_head(tmp_path / "h.onnx", 6, 10, opset=13, scale=2.0, seed=5)
+    replace_heads(b.path, {0: onnx.load(str(head))})
+    ref_model = with_head_output(model, head, "pool", "head_logits", tmp_path / "ref.onnx")
+    feeds = _feeds()
+    ref = check_bundle(ref_model, b.path, feeds, "probs", ["head_logits"], transform=_softmax)
+    r = eecompile.load(b.path).run(feeds, thresholds="never", policy="never")
+    np.testing.assert_allclose(r.gate_scores[0], _softmax(ref["head_logits"]).max(-1), rtol=1e-5)

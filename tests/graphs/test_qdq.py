@@ -47,3 +47,18 @@ def test_analyze_shows_the_8bit_carry(qdq_model: Path) -> None:
     by_name = {c.tensor: c for c in report.cut_points}
     assert by_name[dq1].carried == [q1] and by_name[dq1].problem is None
     assert any(by_name[t].carried[0].endswith("QuantizeLinear_Output") for t in report.suggested)
+
+
+def test_quantized_graph_tolerance_is_its_quantization_step(qdq_model: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from eecompile.passes.load import load_model
+    from eecompile.passes.verify import graph_tolerance
+
+    g = onnx.load(str(qdq_model)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    last_q = [n for n in g.node if n.op_type == "QuantizeLinear"][-1]
+    tol = graph_tolerance(load_model(qdq_model), 2)
+    assert tol.relative == 1e-5 and "quantized" in tol.precision
+    assert tol.absolute == pytest.approx(float(np.abs(inits[last_q.input[1]]).max()))
