@@ -161,7 +161,8 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
         model = _segment_model(pm, seg, seg_opset)
         passes, rec = segment_passes(pm, seg, exits, heads, final, final_shape, axis, seg_opset, act)
         Pipeline(*passes)(model)
-        info = exit_info(final.name or "", rec) if rec else ExitInfo(seg.index, [], "final", {final.name: final.name})
+        name = final.name or ""
+        info = exit_info(name, rec) if rec else ExitInfo(seg.index, [], "final", {name: name})
         models.append(model)
         infos.append(segment_info(pm, seg.index, model, info, seg.carried_out, plans[seg.index].nodes))
     manifest = manifest_for(pm, spec, final, axis, infos, __version__, notes)

@@ -179,10 +179,10 @@ def inner_shapes(model: ir.Model, probe: ProbeResult, batch: int) -> dict[str, t
             continue
         g.value_info.append(onnx.helper.make_tensor_value_info(name, elem, shape))
     for v in g.input:
-        f = probe.facts.get(v.name)
-        if f is not None and batch in f.shapes:
+        fv = probe.facts.get(v.name)
+        if fv is not None and batch in fv.shapes:
             v.type.tensor_type.shape.Clear()
-            for d in f.shapes[batch]:
+            for d in fv.shapes[batch]:
                 v.type.tensor_type.shape.dim.add().dim_value = d
     def set_shape(vi: onnx.ValueInfoProto, shape: tuple[int, ...] | None) -> None:
         if shape is None or not vi.type.HasField("tensor_type"):

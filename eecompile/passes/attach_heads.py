@@ -217,7 +217,7 @@ def apply_activation(seg: ir.Graph, k: int, x: ir.Value, act: FinalActivation, s
         ])
     else:
         seg.append(ir.node(act.op, [x], {"axis": act.axis}, outputs=[out], name=f"{prefix}{act.op}"))
-    out.dtype, out.shape = x.dtype, x.shape
+    out.dtype, out.shape = x.dtype or ir.DataType.FLOAT, x.shape
     return out
 
 
