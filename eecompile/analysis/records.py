@@ -9,7 +9,7 @@ becomes an :class:`~eecompile.bundle.ExitInfo` naming its head, outputs and gate
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -18,9 +18,11 @@ from eecompile.analysis.exits import ExitPlan
 from eecompile.analysis.prepared import Dims, PreparedModel
 from eecompile.bundle import ExitInfo, GateInfo, Manifest, SegmentInfo, TensorInfo, sha256_file
 from eecompile.names import gate_names, is_exit_output, is_exit_tensor, is_threshold_input
-from eecompile.passes.attach_heads import AttachHeadPass
-from eecompile.passes.gates import FuseGatePass
 from eecompile.spec import Spec
+
+if TYPE_CHECKING:  # the records read what these passes made; analyses import no rewrite at run time
+    from eecompile.passes.attach_heads import AttachHeadPass
+    from eecompile.passes.gates import FuseGatePass
 
 
 def tensor_info(v: ir.Value, batch_axis: int | None) -> TensorInfo:
