@@ -71,7 +71,7 @@ def write_report(bundle_path: str | Path, output: str | Path, data: str | Path |
                  repeats: int = 10) -> Path:
     """Write the report page for a bundle to ``output`` (atomically) and return its path."""
     bundle = Bundle.load(bundle_path)
-    latency = measure_segments(bundle, data, batch, repeats)
+    latency = None if bundle.manifest.decoder else measure_segments(bundle, data, batch, repeats)
     page = render(bundle, latency)
     output = Path(output)
     if not output.parent.is_dir():
@@ -97,6 +97,8 @@ def _shape(t: TensorInfo) -> str:
 def render(bundle: Bundle, latency: dict[str, Any] | None) -> str:
     """The page as a string (see the module docstring for what it holds)."""
     m = bundle.manifest
+    if m.decoder:
+        return _page(bundle, [_overview(bundle), _decoder_table(m.decoder)])
     names = [s.exit.name or (f"exit {s.index}" if s.exit.gate else "final") for s in m.segments]
     sections = [_overview(bundle), _segments_table(bundle, names)]
     sections.append(_figure("flops", "Share of the FLOPs per segment",
@@ -120,6 +122,10 @@ def render(bundle: Bundle, latency: dict[str, Any] | None) -> str:
     else:
         sections.append("<section id='latency'><h2>Measured latency per segment</h2><p>Not measured: the inputs "
                         "have symbolic dimensions; pass <code>--data IN.npz</code>.</p></section>")
+    return _page(bundle, sections)
+
+
+def _page(bundle: Bundle, sections: list[str]) -> str:
     title = f"eecompile report: {bundle.path.name}"
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
@@ -143,6 +149,26 @@ def _overview(bundle: Bundle) -> str:
             ("engines", ", ".join(f"{e.get('backend')}/{e.get('target', '')}" for e in m.engines) or "none built")]
     body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
     return f"<section id='overview'><h2>Bundle</h2><table>{body}</table></section>"
+
+
+def _decoder_table(dec: dict[str, Any]) -> str:
+    """A decoder bundle: layer segments (each owning its layers' key/value cache), the shared head, the exits."""
+    head = "<tr><th>segment</th><th>file</th><th>layers</th><th>reads</th><th>hidden out</th></tr>"
+    rows = [f"<tr><td>{k}</td><td>{_e(seg.get('file'))}</td><td>{_e(seg.get('layers'))}</td>"
+            f"<td>{_e(', '.join(seg.get('inputs') or []) or seg.get('hidden_in') or '-')}</td>"
+            f"<td>{_e(seg.get('hidden_out') or '-')}</td></tr>" for k, seg in enumerate(dec.get("segments", []))]
+    exits = "".join(f"<tr><td>{i}</td><td>after layer {_e(e.get('after_layer'))}</td><td>{_e(e.get('at'))}</td>"
+                    f"<td>{_e((e.get('gate') or {}).get('kind'))}</td>"
+                    f"<td>{_e((e.get('gate') or {}).get('threshold'))}</td><td>{_e(e.get('draft_tokens'))}</td></tr>"
+                    for i, e in enumerate(dec.get("exits", [])))
+    facts = (f"{dec.get('layers')} layers, hidden size {dec.get('hidden_size')}, vocabulary {dec.get('vocab')}, "
+             f"key/value cache of {dec.get('max_length')} positions ({(dec.get('kv') or {}).get('heads')} heads x "
+             f"{(dec.get('kv') or {}).get('head_dim')}); shared head {_e((dec.get('head') or {}).get('file'))}")
+    return (f"<section id='decoder'><h2>Decoder: layer segments and exits</h2><p>{_e(facts)}</p>"
+            f"<table>{head}{''.join(rows)}</table><table><tr><th>exit</th><th>where</th><th>tensor</th>"
+            f"<th>gate</th><th>threshold</th><th>draft tokens</th></tr>{exits}</table>"
+            "<p>Tokens per second and acceptance per mode: <code>eecompile generate BUNDLE --prompt ... "
+            "--json</code>.</p></section>")
 
 
 def _segments_table(bundle: Bundle, names: list[str]) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tests.lm.conftest import lm_bundle, lm_dir  # noqa: F401  (the tiny Llama decoder bundle, built once)
 from tests.serve.conftest import mixed_inputs
 
 BAR = (0x4E, 0x79, 0xA7)  # the first bar colour of the report's figures
@@ -87,3 +88,14 @@ def test_report_renders_in_chromium(report_page, tmp_path) -> None:
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
     bar = np.abs(pixels.astype(int) - np.array(BAR)).sum(axis=1) < 12
     assert bar.sum() > 2000  # the bars are drawn, not only present in the markup
+
+
+def test_decoder_bundle_report(lm_bundle, tmp_path) -> None:  # noqa: F811
+    from eecompile.bundle import Bundle
+    from eecompile.serve.report import write_report
+
+    dec = Bundle.load(lm_bundle).manifest.decoder
+    text = write_report(lm_bundle, tmp_path / "lm.html").read_text()
+    assert "id='decoder'" in text and f"after layer {dec['exits'][0]['after_layer']}" in text
+    for seg in dec["segments"]:
+        assert seg["file"] in text
