@@ -112,7 +112,7 @@ def run(bundle: Path, batches: list[int], tokens: int, rounds: int, threads: int
 
     runner = DecoderRunner(bundle, threads=threads)
     tok = runner.tokenizer()
-    results: dict[str, Any] = {"bundle": str(bundle), "tokens": tokens, "rounds": rounds,
+    results: dict[str, Any] = {"bundle": bundle.name, "tokens": tokens, "rounds": rounds,
                                "threads": threads, "exits": runner.exits, "batches": {}}
     for b in batches:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b * 2)]  # two batches' worth of varied prompts
