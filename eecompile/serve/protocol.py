@@ -152,6 +152,16 @@ def _int_in_range(info: TensorInfo, arr: np.ndarray, want: np.dtype) -> np.ndarr
     return arr.astype(want)
 
 
+def thresholds_of(value: Any, n_early_exits: int) -> tuple[float | str, ...] | None:
+    """A request's thresholds: None (the bundle's), a list, or text like ``"0.9,never"`` (Triton request
+    parameters); one entry per early exit, a finite number, "never" or "always". Raises SpecError."""
+    if isinstance(value, str) and "," in value:
+        value = [_number_or_word(v.strip()) for v in value.split(",")]
+    elif isinstance(value, str) and value not in ("never", "always"):
+        value = _number_or_word(value.strip())
+    return _thresholds(value, n_early_exits)
+
+
 def _thresholds(value: Any, n_early_exits: int) -> tuple[float | str, ...] | None:
     if value is None:
         return None

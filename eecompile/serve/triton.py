@@ -10,8 +10,8 @@ Two layouts (``segments``):
 * ``in-process``: only the Python model ``NAME``, running the segments on ONNX Runtime inside the Python
   backend (hosts whose Triton lacks the ONNX Runtime and TensorRT backends).
 
-``NAME`` takes the model's inputs (batch axis first) and answers the final outputs plus ``exit_index``
-(INT64, one per sample); Triton's dynamic batcher gathers requests for it (``max_batch_size``,
+``NAME`` takes the model's inputs (batch axis first), and optionally the request parameter ``thresholds``
+(``"0.9,never"``: one per early exit), and answers the final outputs plus ``exit_index`` (INT64, one per sample); Triton's dynamic batcher gathers requests for it (``max_batch_size``,
 ``max_queue_delay_microseconds``), and each model has an instance group. Segment models see whole
 tensors (``max_batch_size: 0``): batching happens once, in front of the chain, and compaction shrinks the batch
 from segment to segment. Triton has no scalar tensors in a model without batching, so each segment graph's

@@ -23,8 +23,8 @@ import numpy as np
 from eecompile.bundle import Bundle
 from eecompile.errors import BackendError, EECompileError
 from eecompile.runtimes.base import SegmentBackend
-from eecompile.serve.batching import Answer, run_group
-from eecompile.serve.protocol import PredictRequest, check_arrays
+from eecompile.serve.batching import Answer, group_requests, run_group
+from eecompile.serve.protocol import PredictRequest, check_arrays, thresholds_of
 
 EXIT_INDEX = "exit_index"
 
@@ -91,21 +91,26 @@ class TritonPythonModel:
             try:
                 raw = {t.name: pb.get_input_tensor_by_name(request, t.name).as_numpy() for t in self.runner.inputs}
                 feeds, n = check_arrays(raw, self.runner.inputs)
-                parsed.append(PredictRequest(feeds, n, None, as_npz=True))
+                params = json.loads(request.parameters() or "{}")
+                thresholds = thresholds_of(params.get("thresholds"), self.runner.manifest.n_early_exits)
+                parsed.append(PredictRequest(feeds, n, thresholds, as_npz=True))
                 errors.append(None)
             except EECompileError as e:
                 parsed.append(None)
                 errors.append(str(e))
         answers: dict[int, Answer] = {}
         good = [i for i, p in enumerate(parsed) if p is not None]
-        if good:
-            def done(j: int, answer: Answer) -> None:
-                answers[good[j]] = answer
+        requests_ok: list[PredictRequest] = [p for p in parsed if p is not None]
+        for group in group_requests(requests_ok, self.runner.inputs):  # one runner call per thresholds
+            members = [good[j] for j in group]
+
+            def done(j: int, answer: Answer, members: list[int] = members) -> None:
+                answers[members[j]] = answer
 
             try:
-                run_group(self.runner, [parsed[i] for i in good], done)  # type: ignore[misc]
+                run_group(self.runner, [requests_ok[j] for j in group], done)
             except EECompileError as e:
-                for i in good:
+                for i in members:
                     errors[i] = str(e)
         responses = []
         for i in range(len(requests)):

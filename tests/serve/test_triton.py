@@ -110,6 +110,15 @@ def test_in_process_repository_on_tritonserver(env, served_bundle, local, tmp_pa
         bad.set_data_from_numpy(np.zeros((1, 3, 16, 32), np.float32))
         with pytest.raises(Exception, match=r"unexpected shape|expects \[B, 3, 32, 32\]"):
             c.infer("ee", [bad])
+        x = mixed_inputs(4, seed=5)
+        inp = httpclient.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        r = c.infer("ee", [inp], parameters={"thresholds": "never,never"})  # per request, as in /v1/predict
+        assert r.as_numpy("exit_index").reshape(-1).tolist() == [2] * 4
+        r = c.infer("ee", [inp], parameters={"thresholds": "always,0.5"})
+        assert r.as_numpy("exit_index").reshape(-1).tolist() == [0] * 4
+        with pytest.raises(Exception, match="give one per exit"):
+            c.infer("ee", [inp], parameters={"thresholds": "0.5,0.5,0.5"})
 
 
 def test_bls_repository_structure_and_tritons_parser(served_bundle, tmp_path) -> None:
