@@ -380,7 +380,7 @@ def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> 
 def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | None, batch: int, backend: str,
         threads: int | None, device: str, public_key: Path | None) -> None:
     """Run BUNDLE on the inputs in --data and write the outputs and each sample's exit."""
-    from eecompile.runtimes.chain import run_file
+    from eecompile.io import run_file
 
     _check_signature(bundle, public_key)
     options = {"device": device} if device != "cpu" else {}

@@ -35,3 +35,9 @@ class CalibrationError(EECompileError):
 
 class SignatureError(BundleError):
     """A bundle's signature is missing, from another signer, or does not match its files."""
+
+
+class ThresholdError(SpecError, DataError):
+    """A run-time threshold is malformed or outside its gate kind's range (names the entry and the range).
+
+    Both a :class:`SpecError` and a :class:`DataError`, so code that caught either for thresholds keeps working."""

@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from eecompile.build.onnxruntime import build_onnxruntime
-from eecompile.build.parity import BACKENDS, verify_backend
+from eecompile.build.parity import verify_backend
 from eecompile.build.report import BuildReport, VerifyReport, VerifyRow
 from eecompile.build.tensorrt import build_tensorrt, compute_profiles, default_timing_cache
 from eecompile.errors import BackendError
+from eecompile.runtimes.base import BACKENDS
 
 __all__ = ["BACKENDS", "BuildReport", "VerifyReport", "VerifyRow", "build_engines", "compute_profiles",
            "default_timing_cache", "verify_backend"]

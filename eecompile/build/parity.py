@@ -11,9 +11,10 @@ import numpy as np
 from eecompile.build.report import VerifyReport, VerifyRow
 from eecompile.bundle import Bundle
 from eecompile.errors import BackendError, DataError
+from eecompile.runtimes.chain import EarlyExitRunner, make_backend
 from eecompile.runtimes.records import engine_records, rebuild_command
 
-BACKENDS = ("onnxruntime", "tensorrt")
+__all__ = ["verify_backend"]
 
 
 # Max |backend - reference| / max(|reference|, 1e-6). TensorRT uses TF32 for fp32 matmuls/convs by default
@@ -35,8 +36,6 @@ def verify_backend(bundle: str | Path, backend: str = "tensorrt", data: str | Pa
     We drive our own runtime rather than Polygraphy's ``TrtRunner``: the point is to test the bindings the
     chain uses (``set_tensor_address``, shared scratch memory, our copies), not Polygraphy's.
     """
-    import onnxruntime as ort
-
     b = Bundle.load(bundle)
     m = b.manifest
     precision = "fp32"
@@ -53,22 +52,24 @@ def verify_backend(bundle: str | Path, backend: str = "tensorrt", data: str | Pa
     inputs = _verify_inputs(b, data, batch, max_batch)
     n = next(iter(inputs.values())).shape[0]
 
-    # Reference: every segment on every sample, ONNX Runtime CPU.
+    # Reference: every segment on every sample, ONNX Runtime CPU, through the runner (policy "never"), every output
+    # of every segment returned.
+    with EarlyExitRunner(b, engines=False) as reference:
+        every = {seg.index: [t.name for t in seg.outputs] for seg in m.segments}
+        res = reference.run(inputs, policy="never", extra_outputs=every)
     env: dict[str, np.ndarray] = dict(inputs)
     ref: list[dict[str, np.ndarray]] = []
     feeds_per_seg: list[dict[str, np.ndarray]] = []
     for seg in m.segments:
-        sess = ort.InferenceSession(str(b.verify_file(seg.file)), providers=["CPUExecutionProvider"])
         feeds = {t.name: env[t.name] for t in seg.inputs}
         if seg.exit.gate is not None:
             feeds[seg.exit.gate.threshold_input] = np.array(seg.exit.gate.threshold, np.float32)
-        names = [o.name for o in sess.get_outputs()]
-        outs = dict(zip(names, sess.run(names, feeds), strict=True))
+        outs = res.extra[seg.index]
         env.update(outs)
         ref.append(outs)
         feeds_per_seg.append(feeds)
 
-    be = _make_backend(b, backend, **options)
+    be = make_backend(b, backend, dict(options))
     notes: list[str] = []
     if backend == "onnxruntime":
         target = getattr(be, "engine_target", None)
@@ -165,26 +166,3 @@ def _verify_inputs(b: Bundle, data: str | Path | None, batch: int | None,
         else:
             out[t.name] = rng.integers(0, 2, size=shape).astype(dtype)
     return out
-
-
-def _make_backend(b: Bundle, backend: str, **options: Any) -> Any:
-    """A :class:`SegmentBackend` for ``backend`` (TensorRT here; ONNX Runtime from its own module)."""
-    if backend == "tensorrt":
-        from eecompile.runtimes.tensorrt import TensorRTBackend
-
-        return TensorRTBackend(b, **options)
-    if backend == "onnxruntime":
-        import importlib
-
-        from eecompile.runtimes.base import SegmentBackend
-
-        try:
-            mod = importlib.import_module("eecompile.runtimes.onnxruntime")
-        except ImportError as e:
-            raise BackendError(f"the ONNX Runtime backend is not available ({e})") from e
-        for obj in vars(mod).values():
-            if isinstance(obj, type) and issubclass(obj, SegmentBackend) and obj is not SegmentBackend \
-                    and obj.__module__ == mod.__name__:
-                return obj(b, **options)
-        raise BackendError("eecompile.runtimes.onnxruntime defines no SegmentBackend")
-    raise BackendError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")

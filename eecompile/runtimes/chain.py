@@ -1,55 +1,91 @@
-"""The early-exit runner: chains a bundle's segments, drops the samples that exited, stops when none is left.
+"""The early-exit runner: the one loop over a bundle's segments, for every backend and every caller.
 
     runner = EarlyExitRunner("model.eebundle")              # sessions/engines created once, here
     result = runner.run({"input": x}, thresholds=[0.9, "never"], policy="compact")
     result.outputs["logits"], result.exit_index, result.exit_counts
 
-Everything that follows from the manifest (which tensors each segment reads, what to keep in the
-environment after each segment and along which axis to gather it) is planned once in ``__init__``; the
-per-segment loop only runs, reads the gate mask, scatters exited rows and gathers the rest.
+The runner, calibration's data collection (policy ``never``, with ``extra_outputs``), the compiler's verify pass,
+the backend parity check and the benchmarks all run segments through :meth:`EarlyExitRunner.run`; backends
+(:mod:`~eecompile.runtimes.onnxruntime`, :mod:`~eecompile.runtimes.tensorrt`) only run one segment and move
+tensors (:class:`~eecompile.runtimes.base.SegmentBackend`). Policies, thresholds and feed checks come from
+:mod:`~eecompile.runtimes.base`.
 
-Thread-safe: a call keeps all its state in locals (backends are thread-safe for ``run_segment``).
-Imports numpy, the bundle module and the backends only (no onnx, no torch): this runs on a Jetson.
+Everything that follows from the manifest (which tensors each segment reads, what to keep in the environment after
+each segment and along which axis to gather it) is planned once in ``__init__``; the per-segment loop only runs,
+reads the gate mask, scatters exited rows into the result and gathers the rest. Batches larger than the backend's
+``max_batch`` (TensorRT engines) run in chunks; ``batch_mode: per_sample`` bundles run one sample at a time.
+
+Thread-safe on backends whose ``run_segment`` is (ONNX Runtime): a call keeps all its state in locals.
+Imports numpy, the bundle module and the runtime's own modules only (no onnx, no torch): this runs on a Jetson.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from eecompile.bundle import Bundle, TensorInfo
-from eecompile.errors import BackendError, BundleError, DataError, SpecError
-from eecompile.runtimes.base import SegmentBackend
-from eecompile.runtimes.data import batch_size_of, check_array
+from eecompile.errors import BackendError, BundleError, SpecError
+from eecompile.runtimes.base import (
+    BACKENDS,
+    POLICIES,
+    GateSetting,
+    ResolvedThresholds,
+    SegmentBackend,
+    Threshold,
+    check_feeds,
+    check_policy,
+    resolve_thresholds,
+)
 
-POLICIES = ("compact", "wait-all", "never")
+__all__ = ["POLICIES", "EarlyExitRunner", "OnExit", "RunResult", "Threshold", "concat_results", "make_backend"]
+
 _NO_ROWS = np.zeros(0, dtype=np.int64)  # read-only by convention: the rows that exit when none does
-Threshold = float | str  # a number, "never" or "always"
+OnExit = Callable[[int, np.ndarray, dict[str, np.ndarray]], None]
+ExtraOutputs = Mapping[int, Sequence[str]]
 
 
 @dataclass
 class RunResult:
-    """The outcome of one :meth:`EarlyExitRunner.run` call (B samples, K segments = K exits)."""
+    """The outcome of one :meth:`EarlyExitRunner.run` call (B samples, K segments = K exits, K-1 gates).
 
-    outputs: dict[str, np.ndarray]  # final output name -> one row per sample, from the exit it took
-    exit_index: np.ndarray  # int64 [B], 0-based; the final exit is K - 1
-    exit_counts: np.ndarray  # int64 [K]: samples that left at each exit
-    timings: np.ndarray  # float64 [K]: seconds spent in each segment's step (0 for segments not reached)
-    nonfinite_counts: np.ndarray  # int64 [K]: samples reaching the exit whose outputs had NaN/Inf
-    all_exits: list[dict[str, np.ndarray]] | None = None  # policy "never": every exit's outputs, all samples
-    gate_masks: np.ndarray | None = None  # policy "never": bool [K-1, B], each gate's own decision
-    gate_scores: np.ndarray | None = None  # policy "never": float32 [K-1, B], the value each gate compared
+    Arrays of final outputs have the batch on the axis the model's output has it (``TensorInfo.batch_axis``)."""
+
+    outputs: dict[str, np.ndarray]
+    """Final output name -> one row per sample (in input order), from the exit that sample took."""
+    exit_index: np.ndarray
+    """int64 [B]: the exit each sample took, 0-based; the final exit is K - 1."""
+    exit_counts: np.ndarray
+    """int64 [K]: samples that left at each exit."""
+    timings: np.ndarray
+    """float64 [K], seconds: host wall time of each segment's step (run, gate read-back, scatter, gather); 0 for
+    segments not reached. On an asynchronous backend (TensorRT) a step includes waiting for its gate mask, and the
+    last step includes the final synchronisation. Summed over chunks."""
+    nonfinite_counts: np.ndarray
+    """int64 [K]: samples with a NaN/Inf in an exit output (host backends: every sample that reached the exit;
+    device backends: the samples that left there)."""
+    all_exits: list[dict[str, np.ndarray]] | None = None
+    """Policy ``never``: every exit's outputs for every sample (list of K dicts like ``outputs``)."""
+    gate_masks: np.ndarray | None = None
+    """Policy ``never``: bool [K-1, B], each gate's own decision (before overrides)."""
+    gate_scores: np.ndarray | None = None
+    """Policy ``never``: float32 [K-1, B], the value each gate compared with its threshold (NaN without one)."""
+    extra: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    """Policy ``never`` with ``extra_outputs``: segment -> tensor name -> array, every sample in input order,
+    batch on axis 0 as the graph has it."""
+    batch_sizes: list[list[int]] = field(default_factory=list)
+    """Rows each segment ran, one list per chunk (compaction makes them shrink)."""
 
     @property
     def n_samples(self) -> int:
+        """B, the number of samples of the call."""
         return int(self.exit_index.shape[0])
 
 
@@ -61,12 +97,19 @@ class _Step:
     inputs: tuple[str, ...]
     gate: str | None  # gate output name; None for the final segment
     score: str | None  # gate score output name (the value compared with the threshold), if any
-    exits: tuple[tuple[str, str], ...]  # (final output name, this segment's tensor)
+    exits: tuple[tuple[str, str, int, str], ...]  # (final output name, this segment's tensor, batch axis, dtype)
     keep: tuple[tuple[str, bool, int | None], ...]  # env after this step: (name, from outputs?, batch axis)
 
 
-def _make_backend(bundle: Bundle, backend: str | SegmentBackend, options: dict[str, Any]) -> SegmentBackend:
+def make_backend(bundle: Bundle, backend: str | SegmentBackend, options: dict[str, Any]) -> SegmentBackend:
+    """The one backend factory: ``"onnxruntime"``, ``"tensorrt"`` (imported lazily), or a ready backend object.
+
+    Raises :class:`BackendError` for an unknown name, a backend library that cannot be imported (saying what to
+    install), or options given with a ready backend."""
     if isinstance(backend, SegmentBackend):
+        if options:
+            raise BackendError(f"backend options {sorted(options)} given with a ready backend object; pass them "
+                               f"when creating the backend")
         return backend
     if backend == "onnxruntime":
         from eecompile.runtimes.onnxruntime import OnnxRuntimeBackend
@@ -80,15 +123,29 @@ def _make_backend(bundle: Bundle, backend: str | SegmentBackend, options: dict[s
                 f"the tensorrt backend cannot be loaded ({e}); install the GPU extras "
                 f"(`pip install eecompile[gpu]`) on a machine with an NVIDIA GPU, or use --backend onnxruntime"
             ) from e
+        if options.get("expose"):
+            raise BackendError("expose= (extra outputs) needs the onnxruntime backend: TensorRT engines only have "
+                               "the outputs they were built with")
+        options.pop("expose", None)
         return TensorRTBackend(bundle, **options)
-    raise BackendError(f"unknown backend '{backend}'; use onnxruntime or tensorrt")
+    raise BackendError(f"unknown backend '{backend}'; use {' or '.join(BACKENDS)}")
 
 
 class EarlyExitRunner:
-    """Runs an early-exit bundle. Create once (loads every segment), then call :meth:`run` many times."""
+    """Runs an early-exit bundle. Create once (loads every segment), then call :meth:`run` many times.
 
-    def __init__(self, bundle_or_path: Bundle | str | Path, backend: str | SegmentBackend = "onnxruntime",
-                 **options: Any) -> None:
+    ``bundle_or_path``: a :class:`~eecompile.bundle.Bundle` or the path of a ``.eebundle`` directory (loaded and
+    every file's sha256 checked). ``backend``: ``"onnxruntime"`` (default), ``"tensorrt"``, or a ready
+    :class:`SegmentBackend`. ``expose``: ``{segment index: [tensor names]}`` of intermediate tensors to return from
+    ``run(..., policy="never")`` (ONNX Runtime only; see ``extra_outputs``). Other keyword arguments are the
+    backend's options (ONNX Runtime: ``threads``, ``thread_pool``, ``device``, ``engines``, ...).
+
+    Raises :class:`BundleError` for a malformed manifest (segments that do not chain, a missing gate) and
+    :class:`BackendError` when the backend cannot be created. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, bundle_or_path: Bundle | str | Path, backend: str | SegmentBackend = "onnxruntime", *,
+                 expose: ExtraOutputs | None = None, **options: Any) -> None:
         self.bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else Bundle.load(bundle_or_path)
         m = self.manifest = self.bundle.manifest
         if not m.segments:
@@ -96,16 +153,20 @@ class EarlyExitRunner:
         if m.batch_mode not in ("dynamic", "per_sample"):
             raise BundleError(f"{self.bundle.path}: unknown batch_mode '{m.batch_mode}'; upgrade eecompile")
         self.inputs: list[TensorInfo] = list(m.inputs)
-        self._input_names = frozenset(t.name for t in m.inputs)
-        self._batched_inputs = [t for t in m.inputs if t.batch_axis is not None]
-        if not self._batched_inputs:
+        if not any(t.batch_axis is not None for t in m.inputs):
             raise BundleError(f"{self.bundle.path}: no model input has a batch axis; recompile the bundle")
         self.output_names = [t.name for t in m.outputs]
         self._out_axes = {t.name: (t.batch_axis or 0) for t in m.outputs}
         self.n_exits = len(m.segments)
         self.per_sample = m.batch_mode == "per_sample"
         self._steps = self._plan()
-        self.backend = _make_backend(self.bundle, backend, options)
+        self._default_thresholds: ResolvedThresholds | None = None
+        self._closed = False
+        self._expose_lock = threading.Lock()
+        if expose:
+            self._check_extra(expose)
+            options["expose"] = {int(k): list(v) for k, v in expose.items()}
+        self.backend = make_backend(self.bundle, backend, options)
 
     # --- planning (once) ------------------------------------------------------------------------------
     def _plan(self) -> tuple[_Step, ...]:
@@ -144,101 +205,135 @@ class EarlyExitRunner:
                 elif name in available:
                     keep.append((name, False, axis_of[name]))
             available = {n for n, _, _ in keep} | set(produced)
+            exits = tuple((n, seg.exit.outputs[n], self._out_axes[n], produced[seg.exit.outputs[n]].dtype)
+                          for n in self.output_names)
             steps.append(_Step(index=k, inputs=tuple(t.name for t in seg.inputs),
                                gate=gate.output if gate else None,
                                score=gate.score_output if gate else None,
-                               exits=tuple((n, seg.exit.outputs[n]) for n in self.output_names),
-                               keep=tuple(keep)))
+                               exits=exits, keep=tuple(keep)))
         return tuple(steps)
 
     # --- argument checks ------------------------------------------------------------------------------
-    def _thresholds(self, thresholds: None | str | Sequence[Threshold]) -> list[tuple[float, str | None]]:
-        """Per early exit: (value fed to the gate, override "never"/"always"/None)."""
-        bundle_thr = self.manifest.thresholds
-        n = len(bundle_thr)
+    def resolve(self, thresholds: None | Threshold | Sequence[Threshold | None] | ResolvedThresholds = None
+                ) -> ResolvedThresholds:
+        """Check ``thresholds`` once (see :func:`~eecompile.runtimes.base.resolve_thresholds`); pass the result
+        to :meth:`run` to skip the parsing on every call. Raises :class:`~eecompile.errors.ThresholdError`."""
         if thresholds is None:
-            return [(t, None) for t in bundle_thr]
-        if isinstance(thresholds, str):
-            thresholds = [thresholds] * n
-        if len(thresholds) != n:
-            raise SpecError(f"thresholds: got {len(thresholds)} values for {n} early exits; give one per exit")
-        out: list[tuple[float, str | None]] = []
-        for i, t in enumerate(thresholds):
-            if isinstance(t, str):
-                if t not in ("never", "always"):
-                    raise SpecError(f"thresholds[{i}]: '{t}' is neither a number nor 'never'/'always'")
-                out.append((bundle_thr[i], t))  # the gate still runs (its mask is recorded); we override it
-            else:
-                v = float(t)
-                if math.isnan(v):
-                    raise SpecError(f"thresholds[{i}]: NaN is not a threshold")
-                out.append((v, None))
+            if self._default_thresholds is None:
+                self._default_thresholds = resolve_thresholds(self.manifest.exits, None)
+            return self._default_thresholds
+        return resolve_thresholds(self.manifest.exits, thresholds)
+
+    def _check_extra(self, extra: ExtraOutputs) -> dict[int, tuple[str, ...]]:
+        if not isinstance(extra, Mapping):
+            raise SpecError("extra_outputs must be a dict {segment index: [tensor names]}")
+        out: dict[int, tuple[str, ...]] = {}
+        for k, names in extra.items():
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= int(k) < self.n_exits:
+                raise SpecError(f"extra_outputs: segment {k!r} is not a segment index 0..{self.n_exits - 1}")
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise SpecError(f"extra_outputs[{k}]: give a list of tensor names, not {names!r}")
+            out[int(k)] = tuple(dict.fromkeys(names))
         return out
 
-    def _check_feeds(self, feeds: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
-        if not isinstance(feeds, dict):
-            raise DataError(f"feeds must be a dict of arrays named {sorted(self._input_names)}")
-        missing = [n for n in self._input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self._input_names]
-        if missing or extra:
-            what = f"missing {sorted(missing)}" if missing else f"unexpected {sorted(extra)}"
-            raise DataError(f"feeds: {what}; the model's inputs are {[t.name for t in self.inputs]}")
-        arrays = {t.name: check_array(t, np.asarray(feeds[t.name]), "feeds") for t in self.inputs}
-        return arrays, batch_size_of(arrays, self.inputs, "feeds")
-
     # --- running --------------------------------------------------------------------------------------
-    def run(self, feeds: dict[str, np.ndarray], thresholds: None | str | Sequence[Threshold] = None,
-            policy: str = "compact") -> RunResult:
-        """Run a batch. ``thresholds``: None (the bundle's), "never"/"always", or one per early exit (number,
-        "never", "always"). ``policy``: compact | wait-all | never (see the module docs)."""
-        if policy not in POLICIES:
-            raise SpecError(f"policy '{policy}' is not one of {', '.join(POLICIES)}")
-        thr = self._thresholds(thresholds)
-        arrays, n = self._check_feeds(feeds)
-        if not self.per_sample or n == 1:
-            return self._run_batch(arrays, n, thr, policy)
-        # The graphs only run at batch 1: one sample at a time, then stitch the results together.
-        parts = []
-        for i in range(n):
-            one = {t.name: (a if t.batch_axis is None else _take(a, i, t.batch_axis))
-                   for t, a in zip(self.inputs, arrays.values(), strict=True)}
-            parts.append(self._run_batch(one, 1, thr, policy))
-        return _concat(parts, self._out_axes)
+    def run(self, feeds: Mapping[str, np.ndarray],
+            thresholds: None | Threshold | Sequence[Threshold | None] | ResolvedThresholds = None,
+            policy: str = "compact", extra_outputs: ExtraOutputs | None = None,
+            on_exit: OnExit | None = None) -> RunResult:
+        """Run one batch through the chain.
 
-    def _run_batch(self, feeds: dict[str, np.ndarray], n: int, thr: list[tuple[float, str | None]],
-                   policy: str) -> RunResult:
+        ``feeds``: model input name -> array with the dtype and rank of ``self.inputs`` (batch on each input's
+        ``batch_axis``; every batched input the same, non-zero number of samples B). ``thresholds``: None (the
+        bundle's), one number or ``"never"``/``"always"`` for all early exits, one entry per early exit, or
+        :meth:`resolve`'s result; see :func:`~eecompile.runtimes.base.resolve_thresholds`. ``policy``: ``compact``
+        (exited rows are dropped from later segments), ``wait-all`` (the batch never shrinks) or ``never`` (every
+        segment runs on every row; every exit's outputs are returned). ``extra_outputs``: policy ``never`` only,
+        ``{segment index: [tensor names]}`` of intermediate tensors to return in :attr:`RunResult.extra` (ONNX
+        Runtime: the segment's session is re-made once with them as outputs). ``on_exit(k, rows, outputs)``:
+        policies ``compact``/``wait-all``, called as soon as rows leave at exit k, with their original indices
+        (int64) and their final outputs (host arrays, batch first, those rows only).
+
+        Returns a :class:`RunResult`. Raises :class:`~eecompile.errors.DataError` (feeds),
+        :class:`~eecompile.errors.ThresholdError` (thresholds), :class:`SpecError` (policy, extra_outputs),
+        :class:`BackendError` (the backend failed, or this runner was closed)."""
+        if self._closed:
+            raise BackendError(f"this runner for {self.bundle.path} was closed; load the bundle again "
+                               f"(eecompile.load) to run it")
+        check_policy(policy)
+        thr = self.resolve(thresholds)
+        arrays, n = check_feeds(self.inputs, feeds)
+        extra: dict[int, tuple[str, ...]] = {}
+        if extra_outputs:
+            if policy != "never":
+                raise SpecError(f"extra_outputs needs policy 'never' (every segment runs on every row), not "
+                                f"'{policy}'")
+            extra = self._check_extra(extra_outputs)
+            with self._expose_lock:
+                self._expose(extra)
+        if on_exit is not None and policy == "never":
+            raise SpecError("on_exit reports rows as they leave; policy 'never' runs every row to the end")
+        chunk = 1 if self.per_sample else self.backend.max_batch
+        if chunk is None or n <= chunk:
+            return self._run_batch(arrays, n, thr, policy, extra, on_exit, 0)
+        parts = []
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            part = {t.name: (a if t.batch_axis is None else _rows(a, lo, hi, t.batch_axis))
+                    for t, a in zip(self.inputs, arrays.values(), strict=True)}
+            parts.append(self._run_batch(part, hi - lo, thr, policy, extra, on_exit, lo))
+        return concat_results(parts, self._out_axes)
+
+    def _expose(self, extra: Mapping[int, Sequence[str]]) -> None:
+        expose = getattr(self.backend, "expose", None)
+        if expose is None:
+            raise BackendError(f"the {self.backend.name} backend cannot return intermediate tensors "
+                               f"(extra_outputs); use the onnxruntime backend")
+        expose(extra)
+
+    def _run_batch(self, feeds: dict[str, np.ndarray], n: int, thr: ResolvedThresholds, policy: str,
+                   extra: dict[int, tuple[str, ...]], on_exit: OnExit | None, offset: int) -> RunResult:
         be = self.backend
         k_all = self.n_exits
-        env = {name: be.from_host(a) for name, a in feeds.items()}
+        env = be.upload(feeds)
         exit_index = np.full(n, k_all - 1, dtype=np.int64)
         counts = np.zeros(k_all, dtype=np.int64)
         nonfinite = np.zeros(k_all, dtype=np.int64)
         timings = np.zeros(k_all, dtype=np.float64)
-        results: dict[str, np.ndarray] = {}  # batch on axis 0 here; moved back at the end
         if policy == "never":
-            return self._run_never(env, n, thr, exit_index, counts, nonfinite, timings)
+            return self._run_never(env, n, thr, extra, exit_index, counts, nonfinite, timings)
+        results: dict[str, np.ndarray] = {}  # batch on axis 0 here; moved back at the end
+        deferred: list[int] = []  # exits whose outputs stayed on the device: NaN/Inf counted on the results
+        sizes: list[int] = []
         compact = policy == "compact"
         active = np.arange(n)  # compact: original row of each row still running
         done = np.zeros(n, dtype=bool)  # wait-all: rows that already exited
+        last = 0
         for step in self._steps:
             t0 = time.perf_counter()
-            k = step.index
+            k = last = step.index
+            setting = thr[k] if step.gate is not None else None
             outs = be.run_segment(k, {name: env[name] for name in step.inputs},
-                                  thr[k][0] if step.gate is not None else None)
+                                  setting.value if setting is not None else None)
             m = len(active) if compact else n
-            fire = self._fire(outs, step, thr, m)
+            sizes.append(m)
+            fire = self._fire(outs, step, setting, m)
             if not compact:
-                fire &= ~done
+                fire = fire & ~done
             rows = np.flatnonzero(fire) if fire.any() else _NO_ROWS
-            taken, nonfinite[k] = self._exit_rows(outs, step, rows, slice(None) if compact else ~done)
+            host = self._host_exits(outs, step)
+            if host is None:
+                deferred.append(k)
+            else:
+                nonfinite[k] = _count_nonfinite(host, slice(None) if compact else ~done)
             if rows.size:
                 dest = active[rows] if compact else rows
-                for name, arr in taken.items():
-                    if name not in results:
-                        results[name] = np.empty((n, *arr.shape[1:]), dtype=arr.dtype)
-                    results[name][dest] = arr
+                self._scatter(outs, step, rows, dest, n, results)
                 exit_index[dest] = k
                 counts[k] = rows.size
+                if on_exit is not None:
+                    be.synchronize()
+                    on_exit(k, dest + offset, {name: results[name][dest] for name, _, _, _ in step.exits})
             if compact:
                 finished = rows.size == m
             else:
@@ -256,10 +351,20 @@ class EarlyExitRunner:
                     if axis is not None:
                         env[name] = be.gather(env[name], keep, axis)
             timings[k] = time.perf_counter() - t0
-        outputs = {name: _batch_back(results[name], self._out_axes[name]) for name in self.output_names}
-        return RunResult(outputs, exit_index, counts, timings, nonfinite)
+        t0 = time.perf_counter()
+        be.synchronize()  # device backends copy the exited rows asynchronously
+        copy = be.reuses_result_buffers
+        batch_first = {name: (a.copy() if copy else a) for name, a in results.items()}
+        if deferred:
+            bad = _nonfinite_rows(batch_first, n)
+            if bad is not None:
+                per_exit = np.bincount(exit_index[bad], minlength=k_all)
+                nonfinite[deferred] = per_exit[deferred]
+        timings[last] += time.perf_counter() - t0
+        outputs = {name: _batch_back(batch_first[name], self._out_axes[name]) for name in self.output_names}
+        return RunResult(outputs, exit_index, counts, timings, nonfinite, batch_sizes=[sizes])
 
-    def _run_never(self, env: dict[str, Any], n: int, thr: list[tuple[float, str | None]],
+    def _run_never(self, env: dict[str, Any], n: int, thr: ResolvedThresholds, extra: dict[int, tuple[str, ...]],
                    exit_index: np.ndarray, counts: np.ndarray, nonfinite: np.ndarray,
                    timings: np.ndarray) -> RunResult:
         """Run every segment on every sample and record every exit (calibration needs them)."""
@@ -268,19 +373,27 @@ class EarlyExitRunner:
         scores = np.full((self.n_exits - 1, n), np.nan, dtype=np.float32)
         decided = np.zeros(n, dtype=bool)
         all_host: list[dict[str, np.ndarray]] = []
+        extras: dict[int, dict[str, np.ndarray]] = {}
         for step in self._steps:
             t0 = time.perf_counter()
             k = step.index
+            setting = thr[k] if step.gate is not None else None
             outs = be.run_segment(k, {name: env[name] for name in step.inputs},
-                                  thr[k][0] if step.gate is not None else None)
+                                  setting.value if setting is not None else None)
+            raw = None
             if step.gate is not None:
-                masks[k] = self._gate_mask(outs, step, n)
+                raw = masks[k] = self._gate_mask(outs, step, n)
                 if step.score is not None:
                     scores[k] = be.to_host(outs[step.score]).reshape(-1)
-            fire = self._fire(outs, step, thr, n, raw=masks[k] if step.gate is not None else None)
-            host = {name: _batch_first(be.to_host(outs[t]), self._out_axes[name]) for name, t in step.exits}
+            fire = self._fire(outs, step, setting, n, raw=raw)
+            host = {name: _batch_first(be.to_host(outs[t]), axis) for name, t, axis, _ in step.exits}
             all_host.append(host)
             nonfinite[k] = _count_nonfinite(host, slice(None))
+            if k in extra:
+                missing = [name for name in extra[k] if name not in outs]
+                if missing:
+                    raise BackendError(f"segment {k}: the backend did not return {missing} (extra_outputs)")
+                extras[k] = {name: be.to_host(outs[name]) for name in extra[k]}
             first = fire & ~decided
             exit_index[first] = k
             decided |= fire
@@ -296,55 +409,60 @@ class EarlyExitRunner:
             outputs[name] = _batch_back(res, self._out_axes[name])
         all_exits = [{name: _batch_back(a, self._out_axes[name]) for name, a in h.items()} for h in all_host]
         return RunResult(outputs, exit_index, counts, timings, nonfinite, all_exits=all_exits, gate_masks=masks,
-                         gate_scores=scores)
+                         gate_scores=scores, extra=extras, batch_sizes=[[n] * self.n_exits])
 
-    def _exit_rows(self, outs: dict[str, Any], step: _Step, rows: np.ndarray,
-                   reached: slice | np.ndarray) -> tuple[dict[str, np.ndarray], int]:
-        """The exit outputs of the exiting ``rows`` on the host (batch first), and the non-finite count.
-
-        Only exiting rows need to reach the host. Host-resident outputs (numpy: ORT CPU) cost nothing to read,
-        so every row that ``reached`` the exit is checked for NaN/Inf (one reduction when all is finite, which
-        is the common case); device outputs are gathered on the device first, so only the exiting rows cross
-        (and only they are checked)."""
-        be = self.backend
-        taken: dict[str, np.ndarray] = {}
-        on_host: dict[str, np.ndarray] = {}
-        for name, t in step.exits:
+    def _host_exits(self, outs: dict[str, Any], step: _Step) -> dict[str, np.ndarray] | None:
+        """This exit's outputs (batch first) when they are host arrays (ORT CPU: reading them costs nothing, so
+        every row that reached the exit is checked for NaN/Inf), else None (checked on the exited rows later)."""
+        host: dict[str, np.ndarray] = {}
+        for name, t, axis, _ in step.exits:
             x = outs[t]
-            axis = self._out_axes[name]
-            if isinstance(x, np.ndarray):
-                a = _batch_first(x, axis)
-                on_host[name] = a
-                if rows.size:
-                    taken[name] = a[rows]
-            elif rows.size:
-                taken[name] = _batch_first(be.to_host(be.gather(x, rows, axis)), axis)
-        if len(on_host) == len(step.exits):
-            return taken, _count_nonfinite(on_host, reached)
-        return taken, _count_nonfinite(taken, slice(None))
+            if not isinstance(x, np.ndarray):
+                return None
+            host[name] = _batch_first(x, axis)
+        return host
+
+    def _scatter(self, outs: dict[str, Any], step: _Step, rows: np.ndarray, dest: np.ndarray, n: int,
+                 results: dict[str, np.ndarray]) -> None:
+        """Exit outputs of the exiting ``rows`` into ``results[name][dest]`` (host, batch first)."""
+        be = self.backend
+        for name, t, axis, dtype in step.exits:
+            x = outs[t]
+            out = results.get(name)
+            if out is None:
+                shape = be.shape_of(x)
+                per_sample = shape[:axis] + shape[axis + 1:]
+                dt = x.dtype if isinstance(x, np.ndarray) else np.dtype(dtype)
+                out = results[name] = be.result_array(name, (n, *per_sample), dt)
+            be.scatter_rows(x, rows, axis, out, dest)
 
     def _gate_mask(self, outs: dict[str, Any], step: _Step, m: int) -> np.ndarray:
         assert step.gate is not None
-        mask = self.backend.to_host(outs[step.gate])
+        mask = self.backend.read_mask(outs[step.gate])
         if mask.shape != (m,):
             raise BackendError(f"segment {step.index}: gate '{step.gate}' has shape {list(mask.shape)}, "
                                f"expected [{m}] (one bool per sample); recompile the bundle")
         return mask.astype(bool, copy=False)
 
-    def _fire(self, outs: dict[str, Any], step: _Step, thr: list[tuple[float, str | None]], m: int,
+    def _fire(self, outs: dict[str, Any], step: _Step, setting: GateSetting | None, m: int,
               raw: np.ndarray | None = None) -> np.ndarray:
-        """Which of the ``m`` rows exit here (a fresh array the caller may modify)."""
-        if step.gate is None:
+        """Which of the ``m`` rows exit here (callers must not modify it in place)."""
+        if setting is None:
             return np.ones(m, dtype=bool)
-        override = thr[step.index][1]
-        if override == "never":
+        if setting.override == "never":
             return np.zeros(m, dtype=bool)
-        if override == "always":
+        if setting.override == "always":
             return np.ones(m, dtype=bool)
-        mask = self._gate_mask(outs, step, m) if raw is None else raw
-        return mask.copy()
+        return self._gate_mask(outs, step, m) if raw is None else raw
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
 
     def close(self) -> None:
+        """Release the backend's sessions/engines; later :meth:`run` calls raise :class:`BackendError`."""
+        self._closed = True
         self.backend.close()
 
     def __enter__(self) -> EarlyExitRunner:
@@ -357,9 +475,9 @@ class EarlyExitRunner:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _take(a: np.ndarray, i: int, axis: int) -> np.ndarray:
+def _rows(a: np.ndarray, lo: int, hi: int, axis: int) -> np.ndarray:
     index: list[Any] = [slice(None)] * a.ndim
-    index[axis] = slice(i, i + 1)
+    index[axis] = slice(lo, hi)
     return a[tuple(index)]
 
 
@@ -383,9 +501,24 @@ def _count_nonfinite(host: dict[str, np.ndarray], rows: slice | np.ndarray) -> i
     return 0 if bad is None else int(bad.sum())
 
 
-def _concat(parts: list[RunResult], out_axes: dict[str, int]) -> RunResult:
-    """Stitch per-sample results back into one batch."""
+def _nonfinite_rows(results: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+    """bool [n]: rows of the (batch-first) results with a NaN/Inf, or None when every value is finite."""
+    bad: np.ndarray | None = None
+    for a in results.values():
+        if a.dtype.kind != "f" or a.size == 0 or math.isfinite(a.sum()):
+            continue
+        b = ~np.isfinite(a).reshape(n, -1).all(axis=1)
+        bad = b if bad is None else bad | b
+    return bad
+
+
+def concat_results(parts: Sequence[RunResult], out_axes: Mapping[str, int]) -> RunResult:
+    """Stitch the results of consecutive chunks of one batch back into one :class:`RunResult` (input order).
+
+    ``out_axes``: final output name -> its batch axis. Extra outputs are joined on axis 0."""
     first = parts[0]
+    if len(parts) == 1:
+        return first
     outputs = {name: np.concatenate([p.outputs[name] for p in parts], axis=out_axes[name])
                for name in first.outputs}
     all_exits = None
@@ -398,106 +531,14 @@ def _concat(parts: list[RunResult], out_axes: dict[str, int]) -> RunResult:
     gate_scores = None
     if first.gate_scores is not None:
         gate_scores = np.concatenate([p.gate_scores for p in parts if p.gate_scores is not None], axis=1)
+    extra = {k: {name: np.concatenate([p.extra[k][name] for p in parts], axis=0) for name in names}
+             for k, names in first.extra.items()}
     return RunResult(
         outputs=outputs,
         exit_index=np.concatenate([p.exit_index for p in parts]),
         exit_counts=np.sum([p.exit_counts for p in parts], axis=0),
         timings=np.sum([p.timings for p in parts], axis=0),
         nonfinite_counts=np.sum([p.nonfinite_counts for p in parts], axis=0),
-        all_exits=all_exits, gate_masks=gate_masks, gate_scores=gate_scores,
+        all_exits=all_exits, gate_masks=gate_masks, gate_scores=gate_scores, extra=extra,
+        batch_sizes=[s for p in parts for s in p.batch_sizes],
     )
-
-
-# ------------------------------------------------------------------------------------------------ files
-
-
-def run_file(bundle: str | Path, data: str | Path, output: str | Path, policy: str = "compact",
-             thresholds: str | None = None, batch_size: int = 32, backend: str = "onnxruntime",
-             threads: int | None = None, **backend_options: Any) -> str:
-    """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index``; with policy
-    ``never`` also ``exit{k}.{name}`` for every exit and ``gate_masks``). Returns a one-line summary."""
-    from eecompile.runtimes.data import load_npz
-    from eecompile.spec import parse_thresholds
-
-    options: dict[str, Any] = dict(backend_options) if threads is None else {**backend_options, "threads": threads}
-    runner = EarlyExitRunner(bundle, backend=backend, **options)
-    thr = None if thresholds is None else parse_thresholds(thresholds, runner.manifest.n_early_exits)
-    dataset = load_npz(data, runner.inputs)
-    if batch_size < 1:
-        raise DataError(f"--batch must be >= 1, got {batch_size}")
-    output = Path(output)
-    if not output.parent.is_dir():
-        raise DataError(f"{output.parent}: directory does not exist; create it or choose another -o path")
-    if output.is_dir():
-        raise DataError(f"{output}: is a directory; give a file name for the output .npz")
-    if not os.access(output.parent, os.W_OK):  # say so before running every batch, not after
-        raise DataError(f"{output}: cannot write there ({output.parent} is not writable); choose another -o path")
-
-    results = []
-    n_batches = -(-len(dataset) // batch_size)
-    batches = dataset.batches(batch_size)
-    with _progress(n_batches) as advance:
-        for feeds in batches:
-            results.append(runner.run(feeds, thresholds=thr, policy=policy))
-            advance()
-    runner.close()
-    merged = _concat(results, runner._out_axes) if len(results) > 1 else results[0]
-
-    arrays: dict[str, np.ndarray] = {**merged.outputs, "exit_index": merged.exit_index}
-    if merged.all_exits is not None and merged.gate_masks is not None:
-        for k, exits in enumerate(merged.all_exits):
-            arrays.update({f"exit{k}.{name}": a for name, a in exits.items()})
-        arrays["gate_masks"] = merged.gate_masks
-    _save_npz_atomic(output, arrays)
-
-    n = merged.n_samples
-    shares = ", ".join(
-        f"{'final' if k == runner.n_exits - 1 else f'exit {k}'} {100.0 * c / n:.1f}%"
-        for k, c in enumerate(merged.exit_counts)
-    )
-    return f"{n} samples -> {output}: {shares}"
-
-
-class _progress:
-    """A rich progress bar on stderr when there are many batches and a terminal to draw on."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self._bar: Any = None
-
-    def __enter__(self) -> Any:
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        if self.total < 8 or not console.is_terminal:
-            return lambda: None
-        from rich.progress import Progress
-
-        self._bar = Progress(console=console, transient=True)
-        self._bar.start()
-        task = self._bar.add_task("running", total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temporary file beside ``path``, then rename it into place (no half-written output)."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise DataError(f"{path}: cannot write the output ({e.strerror or e}); choose another -o path") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise DataError(f"{path}: cannot write the output ({e.strerror or e}); choose another -o path") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

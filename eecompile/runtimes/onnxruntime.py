@@ -13,9 +13,9 @@ Imports numpy and onnxruntime only (no onnx, no torch): this runs on a Jetson.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from eecompile.bundle import Bundle, SegmentInfo
 from eecompile.errors import BackendError, BundleError, DataError
 from eecompile.runtimes.base import SegmentBackend
 from eecompile.runtimes.records import rebuild_command
+from eecompile.runtimes.sessions import default_threads, session_options
 
 try:
     import onnxruntime as ort
@@ -74,14 +75,6 @@ _block_size: int | None = None
 POOL_MIN_BYTES = 1 << 20
 
 
-def default_threads() -> int:
-    """The cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count())."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _use_shared_pool(threads: int) -> None:
     """Size ORT's process-wide intra-op pool. This only takes effect before the first session of the process
     exists (ORT creates its environment then); later, ORT silently runs such sessions on the caller's thread
@@ -108,10 +101,7 @@ def nchwc_block_size() -> int:
     global _block_size
     if _block_size is None:
         try:
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            so.intra_op_num_threads = 1
-            so.log_severity_level = 4
+            so = session_options(1, optimization="disable", log_severity=4)
             sess = ort.InferenceSession(_NCHWC_PROBE, so, providers=["CPUExecutionProvider"])
             x = np.zeros((1, 64, 1, 2), np.float32)
             x[0, :, 0, 1] = 1.0
@@ -239,7 +229,12 @@ class OnnxRuntimeBackend(SegmentBackend):
       ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``) and ``fp16``;
       ``disabled_optimizers``: ORT graph rewrites to skip (default on CPU: ``DEFAULT_CPU_DISABLED_OPTIMIZERS``);
       ``engines``: run the bundle's ORT CPU engines when they were built for this machine (default True; CPU only,
-      and only with the disabled optimizers they were built with); ``engines=False`` runs the portable segments.
+      and only with the disabled optimizers they were built with); ``engines=False`` runs the portable segments;
+      ``expose``: ``{segment index: [tensor names]}``, intermediate tensors each segment returns as extra outputs
+      (see :meth:`expose`).
+
+    Raises :class:`BackendError` for a bad option or a missing onnxruntime, :class:`BundleError` for a segment or
+    engine file ONNX Runtime cannot load or whose inputs disagree with the manifest.
     """
 
     name = "onnxruntime"
@@ -248,14 +243,14 @@ class OnnxRuntimeBackend(SegmentBackend):
                  device: str = "cpu", device_id: int = 0, tensorrt: bool = False,
                  trt_cache_dir: str | Path | None = None, fp16: bool = False,
                  disabled_optimizers: tuple[str, ...] | list[str] | None = None, engines: bool = True,
-                 **options: Any) -> None:
+                 expose: Mapping[int, Sequence[str]] | None = None, **options: Any) -> None:
         super().__init__(bundle, **options)
         if ort is None:
             raise BackendError("onnxruntime is not installed; `pip install onnxruntime` (or onnxruntime-gpu)")
         if options:
             raise BackendError(f"onnxruntime backend: unknown option(s) {', '.join(sorted(options))}; known: "
                                "threads, thread_pool, device, device_id, tensorrt, trt_cache_dir, fp16, "
-                               "disabled_optimizers, engines")
+                               "disabled_optimizers, engines, expose")
         if device not in DEVICES:
             raise BackendError(f"onnxruntime backend: device '{device}' is not one of {', '.join(DEVICES)}")
         if thread_pool not in THREAD_POOLS:
@@ -274,7 +269,8 @@ class OnnxRuntimeBackend(SegmentBackend):
         self.providers = self._providers(tensorrt, trt_cache_dir, fp16)
         if thread_pool == "shared":
             _use_shared_pool(self.threads)
-        opts = self._session_options(shared=thread_pool == "shared")
+        self._shared = thread_pool == "shared"
+        opts = self._session_options(shared=self._shared)
         self._sessions: list[Any] = []
         self._out_names: list[list[str]] = []  # the graph's output names
         self._thr_names: list[str | None] = []
@@ -285,9 +281,10 @@ class OnnxRuntimeBackend(SegmentBackend):
         self._blocked_out: list[dict[str, tuple[str, int, int]]] = []
         self.engine_target: str | None = None  # set when engines run
         self._rows = _RowBuffers()  # host buffers for large CPU gathers, reused across calls
-        records = self._engine_records() if engines else None
+        self._exposed: list[tuple[str, ...]] = [() for _ in self.manifest.segments]  # extra outputs per segment
+        records = self._engine_records() if engines and not expose else None
         if records is not None:
-            eopts = self._session_options(shared=thread_pool == "shared")
+            eopts = self._session_options(shared=self._shared)
             # The graph is ORT's own optimised graph: running the optimisers again would redo the layout pass on
             # an already blocked graph (and cost session-creation time). Load it as it is.
             eopts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ENGINE_LOAD_LEVEL)
@@ -304,6 +301,39 @@ class OnnxRuntimeBackend(SegmentBackend):
                                      for name, e in (flags.get("inputs") or {}).items()})
             self._blocked_out.append({str(e["name"]): (name, int(e["block"]), int(e["channels"]))
                                       for name, e in (flags.get("outputs") or {}).items()})
+        if expose:
+            self.expose(expose)
+
+    def expose(self, extra: Mapping[int, Sequence[str]]) -> None:
+        """Make segment k's session also return the intermediate tensors ``extra[k]`` (names in the segment graph).
+
+        The session of each segment that lacks one of them is made again from the segment file with those tensors
+        appended to the graph's outputs (the ONNX protobuf is extended in place; no onnx package needed). Tensors
+        exposed before stay exposed. ORT CPU engines are ORT-optimised graphs in which intermediate tensors may be
+        fused away, so a runner running them switches to the portable segments first (logged). Raises
+        :class:`BackendError` naming the segment and tensors ONNX Runtime cannot find."""
+        self.check_open()
+        todo = {int(k): [n for n in names if n not in self._out_names[int(k)]] for k, names in extra.items()}
+        todo = {k: names for k, names in todo.items() if names}
+        if not todo:
+            return
+        if self.engine_target is not None:
+            log.info("%s: extra outputs need the portable segments; not running the ORT CPU engines for %s",
+                     self.bundle.path, self.engine_target)
+            opts = self._session_options(shared=self._shared)
+            for seg in self.manifest.segments:
+                self._set_session(seg.index, self._load(seg, opts, self._exposed[seg.index]))
+            self._blocked_in = [{} for _ in self.manifest.segments]
+            self._blocked_out = [{} for _ in self.manifest.segments]
+            self.engine_target = None
+        for k, names in todo.items():
+            want = tuple(dict.fromkeys([*self._exposed[k], *names]))
+            self._set_session(k, self._load(self.manifest.segments[k], None, want))
+            self._exposed[k] = want
+
+    def _set_session(self, index: int, sess: Any) -> None:
+        self._sessions[index] = sess
+        self._out_names[index] = [o.name for o in sess.get_outputs()]
 
     # --- construction ---------------------------------------------------------------------------------
     def _providers(self, tensorrt: bool, trt_cache_dir: str | Path | None, fp16: bool) -> list[Any]:
@@ -336,27 +366,14 @@ class OnnxRuntimeBackend(SegmentBackend):
         })
         return [trt, cuda, "CPUExecutionProvider"]
 
-    def _session_options(self, shared: bool) -> Any:
+    def _session_options(self, shared: bool, external_data_dir: str | None = None) -> Any:
         global _per_session_used
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if shared:
-            # One pool serves every session of the chain (and of the process). It spins between runs (the
-            # Python API cannot turn that off for global pools), but with one pool nobody else fights it.
-            so.use_per_session_threads = False
-        else:
+        if not shared:
             _per_session_used = True
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-            # Segments run one after another; a pool spinning after its run steals the cores the next
-            # segment's pool needs (measured: a chain 3x slower). Sleep instead of spinning.
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if self.disabled_optimizers:
-            so.add_session_config_entry("optimization.disable_specified_optimizers",
-                                        ",".join(self.disabled_optimizers))
-        return so
+        # Shared: one pool serves every session of the chain (and of the process). It spins between runs (the
+        # Python API cannot turn that off for global pools), but with one pool nobody else fights it.
+        return session_options(self.threads, shared_pool=shared, disabled_optimizers=self.disabled_optimizers,
+                               log_severity=2, external_data_dir=external_data_dir)
 
     def _engine_records(self) -> list[dict[str, Any]] | None:
         """This machine's ORT CPU engine records, one per segment, or None (portable segments, with a warning
@@ -416,11 +433,20 @@ class OnnxRuntimeBackend(SegmentBackend):
                       f"rebuild the engines with `eecompile build {self.bundle.path} --backend onnxruntime`")
         return sess
 
-    def _load(self, seg: SegmentInfo, opts: Any) -> Any:
+    def _load(self, seg: SegmentInfo, opts: Any, extra: Sequence[str] = ()) -> Any:
         path = self.bundle.verify_file(seg.file)
         try:
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+            if extra:
+                # From bytes, with the extra outputs appended; external weights are read from the segment's folder.
+                src: Any = with_extra_outputs(path.read_bytes(), extra)
+                opts = self._session_options(shared=self._shared, external_data_dir=str(path.parent))
+            else:
+                src = str(path)
+            sess = ort.InferenceSession(src, sess_options=opts, providers=self.providers)
         except Exception as e:
+            if extra:
+                raise BackendError(f"{path}: cannot return {list(extra)} as extra outputs of segment {seg.index} "
+                                   f"({_first_line(e)}); give names of tensors computed in that segment") from e
             raise BundleError(f"{path}: ONNX Runtime cannot load segment {seg.index} ({_first_line(e)}); "
                               f"recompile the bundle or upgrade onnxruntime") from e
         if self.device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
@@ -431,6 +457,8 @@ class OnnxRuntimeBackend(SegmentBackend):
 
     # --- SegmentBackend -------------------------------------------------------------------------------
     def run_segment(self, index: int, feeds: dict[str, Any], threshold: float | None) -> dict[str, Any]:
+        if self._closed:
+            self.check_open()
         thr = self._thr_names[index]
         if thr is not None:
             # A fresh dict: the caller's feeds may be shared with other threads.
@@ -530,6 +558,7 @@ class OnnxRuntimeBackend(SegmentBackend):
         return self.from_host(np.take(x.numpy(), rows, axis=axis))
 
     def close(self) -> None:
+        super().close()
         self._sessions.clear()
         self._rows.clear()
 
@@ -553,6 +582,37 @@ class OnnxRuntimeBackend(SegmentBackend):
                 shown = ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in arg.shape)
                 return DataError(f"{where}: input '{arg.name}' has shape {list(shape)}, expected [{shown}]")
         return BackendError(f"{where}: ONNX Runtime failed: {_first_line(error)}")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+# ModelProto.graph = 7, GraphProto.output = 12, ValueInfoProto.name = 1 (onnx/onnx.proto3).
+_MODEL_GRAPH, _GRAPH_OUTPUT, _VALUE_INFO_NAME = 7, 12, 1
+
+
+def with_extra_outputs(model: bytes, names: Sequence[str]) -> bytes:
+    """A serialized ONNX model with ``names`` appended to its graph outputs (name only; ORT infers the type).
+
+    Protobuf merges a repeated occurrence of an embedded message field into the first and appends repeated
+    fields (protobuf encoding guide, "Last One Wins" / merging), so appending a second ``graph`` that holds only
+    the new outputs extends the graph's outputs without parsing the model: the runtime needs no onnx package."""
+    outputs = b"".join(_field(_GRAPH_OUTPUT, _field(_VALUE_INFO_NAME, n.encode())) for n in names)
+    return model + _field(_MODEL_GRAPH, outputs)
 
 
 def _first_line(e: BaseException) -> str:

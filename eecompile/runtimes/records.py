@@ -42,10 +42,12 @@ class TRTVersion:
 
     @property
     def path(self) -> str:
+        """The API generation: ``"v10"`` or ``"v11"``."""
         return f"v{self.major}"
 
     @property
     def short(self) -> str:
+        """``MAJOR.MINOR``, as engine targets name it (``10.13``)."""
         return f"{self.major}.{self.minor}"
 
     @property
@@ -107,10 +109,12 @@ class EngineRecord:
     built_at: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as ``manifest.engines`` stores it (plain YAML types)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EngineRecord:
+        """Read one ``manifest.engines`` entry; raises :class:`BundleError` (naming the record) when malformed."""
         try:
             return cls(segment=int(d["segment"]), backend=str(d["backend"]), target=str(d["target"]),
                        file=d.get("file"), sha256=d.get("sha256"), backend_version=str(d["backend_version"]),

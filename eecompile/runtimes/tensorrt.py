@@ -31,7 +31,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import numpy as np
 from eecompile.bundle import Bundle
 from eecompile.errors import BackendError, DataError
 from eecompile.runtimes.base import SegmentBackend
-from eecompile.runtimes.chain import RunResult
+from eecompile.runtimes.chain import EarlyExitRunner, RunResult
 from eecompile.runtimes.records import (
     INSTALL_HINT,
     EngineRecord,
@@ -52,8 +52,6 @@ from eecompile.runtimes.records import (
 )
 
 log = logging.getLogger(__name__)
-
-POLICIES = ("compact", "wait-all", "never")
 
 
 # ----------------------------------------------------------------------------------------- imports
@@ -131,6 +129,8 @@ def native_handle(obj: Any) -> int:
 
 @dataclass(frozen=True)
 class GPUInfo:
+    """A CUDA device: its name, compute capability (``"9.0"``) and memory in bytes."""
+
     name: str
     compute_capability: str  # "9.0"
     total_memory: int
@@ -295,6 +295,7 @@ class TensorRTBackend(SegmentBackend):
     """
 
     name = "tensorrt"
+    reuses_result_buffers = True  # exited rows land in pinned buffers reused by the next call
 
     def __init__(self, bundle: Bundle | str | Path, **options: Any) -> None:
         if not isinstance(bundle, Bundle):
@@ -404,12 +405,27 @@ class TensorRTBackend(SegmentBackend):
         self._thr_value: dict[int, float | None] = {}
         self._mask_host = PinnedBuffer(self.cudart, self.max_batch)
         self.threshold_inputs = {s.index: s.exit.gate.threshold_input for s in self.manifest.segments if s.exit.gate}
+        # Pinned host results, one per final output at its largest per-sample size: exited rows are copied there
+        # asynchronously (one copy per run of consecutive rows), read once per call after the last sync.
+        self._results: dict[str, PinnedBuffer] = {}
+        for t in self.manifest.outputs:
+            shape = self._exit_max_shape(t.name)
+            nbytes = self.max_batch * int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(t.dtype).itemsize
+            self._results[t.name] = PinnedBuffer(self.cudart, nbytes)
+
+    def _exit_max_shape(self, final_name: str) -> tuple[int, ...]:
+        for s in self.manifest.segments:
+            tensor = s.exit.outputs.get(final_name)
+            seg = self.segments[s.index]
+            if tensor in seg.max_shapes:
+                return seg.max_shapes[tensor]
+        raise BackendError(f"final output '{final_name}' is produced by no segment engine; recompile the bundle")
 
     # --- SegmentBackend ------------------------------------------------------------------------------
     def enqueue_segment(self, index: int, feeds: Mapping[str, DeviceTensor], threshold: float | None,
                         out_slot: int = 0) -> dict[str, DeviceTensor]:
         """Bind ``feeds`` and this segment's output slots, and enqueue it on the stream; no synchronisation."""
-        self._check_open()
+        self.check_open()
         seg = self.segments[index]
         ctx = seg.context
         thr_name = self.threshold_inputs.get(index)
@@ -455,9 +471,13 @@ class TensorRTBackend(SegmentBackend):
               "cudaMemcpyAsync(threshold)")
         self._thr_value[index] = value
 
-    def upload(self, name: str, x: np.ndarray, slot: int = 0) -> DeviceTensor:
+    def upload(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The model inputs of one call, copied into their preallocated slots (no allocation)."""
+        return {name: self.upload_input(name, a) for name, a in feeds.items()}
+
+    def upload_input(self, name: str, x: np.ndarray, slot: int = 0) -> DeviceTensor:
         """Copy a host array into ``name``'s preallocated slot (model inputs; no allocation)."""
-        self._check_open()
+        self.check_open()
         if name not in self._slots:
             raise DataError(f"'{name}' is not an input of any segment; inputs: {sorted(self._slots)}")
         x = np.ascontiguousarray(x, dtype=self.dtypes[name])
@@ -473,8 +493,8 @@ class TensorRTBackend(SegmentBackend):
         return DeviceTensor(buf, tuple(x.shape), x.dtype, name, slot)
 
     def from_host(self, x: np.ndarray) -> DeviceTensor:
-        """A new device tensor holding ``x`` (allocates: for the generic chain and verify, not the hot loop)."""
-        self._check_open()
+        """A new device tensor holding ``x`` (allocates: for verify and feeds given as host arrays, not the hot loop)."""
+        self.check_open()
         x = np.ascontiguousarray(x)
         buf = DeviceBuffer(self.cudart, x.nbytes)
         _cuda(self.cudart.cudaMemcpyAsync(buf.ptr, x.ctypes.data, x.nbytes,
@@ -510,6 +530,27 @@ class TensorRTBackend(SegmentBackend):
         """Copy row runs between two tensors stacked along ``axis`` (one async copy per run)."""
         copy_row_runs(self.cudart, self.stream, dst, dst_batch, src, src_batch, runs, shape, axis, itemsize, kind)
 
+    def result_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A view of ``name``'s pinned result buffer (reused by the next call) when the rows fit, else host memory."""
+        pinned = self._results.get(name)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if pinned is None or nbytes > pinned.nbytes:
+            return np.empty(shape, dtype)
+        return pinned.view(dtype, shape)
+
+    def scatter_rows(self, x: Any, rows: np.ndarray, axis: int, out: np.ndarray, dest: np.ndarray) -> None:
+        """Exited rows of a device tensor into a pinned result (``out[dest] = x[rows]``): one async device-to-host
+        copy per run of consecutive rows, complete after :meth:`synchronize`."""
+        pinned = {p.ptr for p in self._results.values()}
+        if not isinstance(x, DeviceTensor) or axis != 0 or out.ctypes.data not in pinned:
+            super().scatter_rows(x, rows, axis, out, dest)
+            return
+        if tuple(x.shape[1:]) != out.shape[1:] or x.dtype != out.dtype:
+            raise BackendError(f"exit output '{x.name}' is {x.dtype} with per-sample shape {tuple(x.shape[1:])}, "
+                               f"another exit gave {out.dtype} {out.shape[1:]}: exits must agree; recompile the bundle")
+        self.copy_rows(out.ctypes.data, out.shape[0], x.ptr, x.shape[0], paired_runs(rows, dest), x.shape, 0,
+                       x.dtype.itemsize, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+
     def read_mask(self, x: DeviceTensor) -> np.ndarray:
         """Copy a bool [B] gate mask to pinned memory and wait: the one synchronisation per gated segment."""
         n = int(np.prod(x.shape, dtype=np.int64))
@@ -521,10 +562,6 @@ class TensorRTBackend(SegmentBackend):
 
     def synchronize(self) -> None:
         _cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BackendError("this TensorRT runtime was closed; load the bundle again")
 
     def close(self) -> None:
         if self._closed:
@@ -541,6 +578,8 @@ class TensorRTBackend(SegmentBackend):
             for b in pair:
                 b.free()
         self._scratch.free()
+        for p in self._results.values():
+            p.free()
         self._thr_host.free()
         self._mask_host.free()
         self.cudart.cudaStreamDestroy(self.stream)
@@ -548,231 +587,25 @@ class TensorRTBackend(SegmentBackend):
 
 # ------------------------------------------------------------------------------------------- chain
 
-@dataclass
-class _Accumulator:
-    """One run's results while its chunks are processed; becomes a :class:`RunResult`."""
+class TensorRTChain(EarlyExitRunner):
+    """The runner on a :class:`TensorRTBackend`: the one segment loop (:class:`EarlyExitRunner`) with device buffers.
 
-    outputs: dict[str, np.ndarray]
-    exit_index: np.ndarray
-    gpu_ms: np.ndarray  # [K] GPU time per segment (CUDA events), summed over chunks
-    batch_sizes: list[list[int]] = field(default_factory=list)  # rows each segment ran, per chunk
-    per_exit: list[dict[str, np.ndarray]] = field(default_factory=list)  # policy "never": every exit's outputs
-    gates: list[np.ndarray] = field(default_factory=list)  # policy "never": every gate's decisions
-    scores: list[np.ndarray | None] = field(default_factory=list)  # policy "never": gate scores, if the graph has them
-
-
-class TensorRTChain:
-    """The device-resident early-exit loop over a :class:`TensorRTBackend`.
-
-    The generic chain (``chain.py``) drives any backend through ``run_segment``/``to_host``/``gather``, which
-    works here too, but it hands every exit output to the host whole and allocates the model inputs per call.
-    This loop instead uploads into preallocated slots, binds outputs in place, reads back only the mask,
-    copies only the exited rows (async, into pinned memory) and synchronises once per gated segment.
+    Inputs are uploaded into preallocated slots, segment outputs are bound in place as the next segment's inputs,
+    only the gate mask is read back (one synchronisation per gated segment), exited rows are copied asynchronously
+    into pinned host results and the rows still running are gathered on the device. Batches larger than the
+    engines' max batch run in chunks. ``last_batch_sizes``: the rows each segment ran in the last call, per chunk.
     """
 
     def __init__(self, bundle: Bundle | str | Path | TensorRTBackend, **options: Any) -> None:
-        self.backend = bundle if isinstance(bundle, TensorRTBackend) else TensorRTBackend(bundle, **options)
-        be = self.backend
-        m = be.manifest
-        self.manifest = m
-        self.n_segments = len(m.segments)
-        # Which later segments read each tensor: a tensor no later segment reads is dropped, not gathered.
-        self._last_use: dict[str, int] = {}
-        for s in m.segments:
-            for t in s.inputs:
-                self._last_use[t.name] = s.index
-        self._batch_axis: dict[str, int | None] = {}
-        for s in m.segments:
-            for t in [*s.inputs, *s.outputs]:
-                self._batch_axis[t.name] = t.batch_axis
-        for t in m.inputs:
-            self._batch_axis[t.name] = t.batch_axis
-        cudart = be.cudart
-        self._results: dict[str, PinnedBuffer] = {}
-        for t in m.outputs:
-            per_sample = [int(d) for i, d in enumerate(self._exit_max_shape(t.name)) if i != 0]
-            nbytes = be.max_batch * int(np.prod(per_sample, dtype=np.int64)) * np.dtype(t.dtype).itemsize
-            self._results[t.name] = PinnedBuffer(cudart, nbytes)
-        self._events = [(_cuda(cudart.cudaEventCreate(), "cudaEventCreate"),
-                         _cuda(cudart.cudaEventCreate(), "cudaEventCreate")) for _ in m.segments]
+        if isinstance(bundle, TensorRTBackend):
+            backend = bundle
+        else:
+            backend = TensorRTBackend(bundle if isinstance(bundle, Bundle) else Bundle.load(bundle), **options)
+        super().__init__(backend.bundle, backend=backend)
+        self.last_batch_sizes: list[list[int]] = []
 
-    def _exit_max_shape(self, final_name: str) -> tuple[int, ...]:
-        for s in self.manifest.segments:
-            tensor = s.exit.outputs.get(final_name)
-            seg = self.backend.segments[s.index]
-            if tensor in seg.max_shapes:
-                return seg.max_shapes[tensor]
-        raise BackendError(f"final output '{final_name}' is produced by no segment engine; recompile the bundle")
-
-    def run(self, inputs: Mapping[str, np.ndarray], thresholds: Sequence[float | str] | str | None = None,
-            policy: str = "compact") -> RunResult:
-        """Run the chain on ``inputs`` (batch axis 0; split into chunks of the engines' max batch)."""
-        if policy not in POLICIES:
-            raise DataError(f"unknown policy '{policy}'; choose one of {', '.join(POLICIES)}")
-        m = self.manifest
-        missing = [t.name for t in m.inputs if t.name not in inputs]
-        if missing:
-            raise DataError(f"missing model input(s) {missing}; the bundle takes {[t.name for t in m.inputs]}")
-        n = int(np.asarray(inputs[m.inputs[0].name]).shape[0])
-        for t in m.inputs:
-            if np.asarray(inputs[t.name]).shape[0] != n:
-                raise DataError(f"input '{t.name}' has {np.asarray(inputs[t.name]).shape[0]} rows, "
-                                f"'{m.inputs[0].name}' has {n}")
-        thr = resolve_thresholds(m.thresholds, thresholds)
-        outputs = {t.name: np.empty((n, *self._exit_max_shape(t.name)[1:]), np.dtype(t.dtype)) for t in m.outputs}
-        acc = _Accumulator(outputs, np.full(n, -1, np.int64), np.zeros(self.n_segments))
-        step = self.backend.max_batch
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            chunk = {t.name: np.asarray(inputs[t.name])[lo:hi] for t in m.inputs}
-            self._run_chunk(chunk, thr, policy, lo, acc)
-        self.last_batch_sizes = acc.batch_sizes
-        k_all = self.n_segments
-        nonfinite = np.zeros(k_all, np.int64)
-        for arr in acc.outputs.values():
-            bad = ~np.isfinite(arr.reshape(n, -1)).all(axis=1) if np.issubdtype(arr.dtype, np.floating) else None
-            if bad is not None:
-                nonfinite += np.bincount(acc.exit_index[bad], minlength=k_all)
-        result = RunResult(acc.outputs, acc.exit_index, np.bincount(acc.exit_index, minlength=k_all).astype(np.int64),
-                           acc.gpu_ms / 1000.0, nonfinite)
-        if policy == "never":
-            result.all_exits = acc.per_exit
-            result.gate_masks = np.stack(acc.gates[:-1]) if k_all > 1 else np.zeros((0, n), bool)
-            result.gate_scores = np.stack([s if s is not None else np.full(n, np.nan, np.float32)
-                                           for s in acc.scores[:-1]]) if k_all > 1 else np.zeros((0, n), np.float32)
+    def run(self, *args: Any, **kwargs: Any) -> RunResult:
+        """:meth:`EarlyExitRunner.run`; also records :attr:`last_batch_sizes` (not thread-safe)."""
+        result = super().run(*args, **kwargs)
+        self.last_batch_sizes = result.batch_sizes
         return result
-
-    def _run_chunk(self, chunk: Mapping[str, np.ndarray], thr: list[float | str], policy: str, offset: int,
-                   result: _Accumulator) -> None:
-        be, m, cudart = self.backend, self.manifest, self.backend.cudart
-        b = int(next(iter(chunk.values())).shape[0])
-        env: dict[str, DeviceTensor] = {t.name: be.upload(t.name, chunk[t.name]) for t in m.inputs}
-        active = np.arange(b, dtype=np.int64)  # chunk row of each row still running
-        done = np.zeros(b, bool)
-        sizes: list[int] = []
-        for seg in m.segments:
-            k = seg.index
-            gate = seg.exit.gate
-            setting = thr[k] if gate is not None else "always"
-            start, end = self._events[k]
-            _cuda(cudart.cudaEventRecord(start, be.stream), "cudaEventRecord")
-            outs = be.enqueue_segment(k, env, setting if isinstance(setting, float) else None)
-            _cuda(cudart.cudaEventRecord(end, be.stream), "cudaEventRecord")
-            rows_now = int(active.size)
-            sizes.append(rows_now)
-            last = k == self.n_segments - 1
-            if setting == "always" or last:
-                fired = np.ones(rows_now, bool)
-            elif setting == "never":
-                fired = np.zeros(rows_now, bool)
-            else:
-                fired = be.read_mask(outs[gate.output])  # type: ignore[union-attr]
-            if policy == "never":
-                # Calibration: every exit's outputs and decisions for every sample; the first firing exit wins.
-                host = {name: be.to_host(outs[t]) for name, t in seg.exit.outputs.items()}
-                score_name = getattr(gate, "score_output", None) if gate is not None else None
-                score = be.to_host(outs[score_name]).reshape(-1) if score_name else None
-                raw = be.read_mask(outs[gate.output]) if gate is not None else fired
-                _append_exit(result, k, host, raw, score)
-                take = (fired | last) & ~done
-                rows = np.flatnonzero(take)
-                for name, arr in host.items():
-                    result.outputs[name][offset + rows] = arr[rows]
-            else:
-                take = (fired | last) & ~done if policy == "wait-all" else fired
-                rows = np.flatnonzero(take)
-                if rows.size:
-                    self._scatter(seg.exit.outputs, outs, rows, active[rows], b, result.outputs)
-            result.exit_index[offset + active[rows]] = k
-            done[active[rows]] = True
-            if last or (policy != "never" and done.all()):
-                break
-            for name in [*seg.carried_out, *(gate.state_outputs if gate else [])]:
-                env[name] = outs[name]
-            env = {n: t for n, t in env.items() if self._last_use.get(n, -1) > k}
-            if policy == "compact":
-                keep = np.flatnonzero(~take)
-                if keep.size < rows_now:
-                    env = {n: self._gather(t, keep) for n, t in env.items()}
-                    active = active[keep]
-        be.synchronize()  # the result copies were async
-        for name, pinned in self._results.items():
-            per_sample = result.outputs[name].shape[1:]
-            if policy != "never":
-                result.outputs[name][offset:offset + b] = pinned.view(result.outputs[name].dtype, (b, *per_sample))
-        for k, (start, end) in enumerate(self._events[:len(sizes)]):
-            ms = float(_cuda(cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
-            result.gpu_ms[k] += ms
-        result.batch_sizes.append(sizes)
-
-    def _gather(self, t: DeviceTensor, keep: np.ndarray) -> DeviceTensor:
-        axis = self._batch_axis.get(t.name, 0)
-        return t if axis is None else self.backend.gather(t, keep, axis)
-
-    def _scatter(self, exit_outputs: Mapping[str, str], outs: Mapping[str, DeviceTensor], rows: np.ndarray,
-                 dst_rows: np.ndarray, chunk_batch: int, results: Mapping[str, np.ndarray]) -> None:
-        """Exited rows of each exit output -> their samples' rows of the pinned result (async D2H)."""
-        be = self.backend
-        runs = paired_runs(rows, dst_rows)
-        for final_name, tensor in exit_outputs.items():
-            t = outs[tensor]
-            axis = self._batch_axis.get(tensor, 0) or 0
-            if axis != 0:
-                raise BackendError(f"exit output '{tensor}' is stacked along axis {axis}; exit outputs must be "
-                                   f"batch-first (recompile the bundle)")
-            if tuple(t.shape[1:]) != results[final_name].shape[1:]:
-                # The pinned result is laid out for the engine's per-sample shape at max size.
-                raise BackendError(f"exit output '{tensor}' has per-sample shape {tuple(t.shape[1:])}, not the "
-                                   f"engine's {results[final_name].shape[1:]}: dynamic per-sample output shapes "
-                                   f"need the generic chain (eecompile.load(..., backend='tensorrt'))")
-            be.copy_rows(self._results[final_name].ptr, chunk_batch, t.ptr, t.shape[0], runs, t.shape, 0,
-                         t.dtype.itemsize, be.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
-
-    def close(self) -> None:
-        for start, end in self._events:
-            self.backend.cudart.cudaEventDestroy(start)
-            self.backend.cudart.cudaEventDestroy(end)
-        self._events = []
-        for p in self._results.values():
-            p.free()
-        self.backend.close()
-
-    def __enter__(self) -> TensorRTChain:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _append_exit(result: _Accumulator, k: int, host: dict[str, np.ndarray], raw: np.ndarray,
-                 score: np.ndarray | None) -> None:
-    """Policy "never": add one chunk's outputs, gate decisions and scores of exit ``k`` (chunks come in order)."""
-    if len(result.per_exit) <= k:
-        result.per_exit.append(host)
-        result.gates.append(raw.copy())
-        result.scores.append(score)
-        return
-    result.per_exit[k] = {n: np.concatenate([result.per_exit[k][n], a]) for n, a in host.items()}
-    result.gates[k] = np.concatenate([result.gates[k], raw])
-    prev = result.scores[k]
-    result.scores[k] = None if prev is None or score is None else np.concatenate([prev, score])
-
-
-def resolve_thresholds(defaults: Sequence[float], given: Sequence[float | str] | str | None) -> list[float | str]:
-    """Per early exit: a float, "never" or "always". ``given`` None -> the bundle's; a string applies to all."""
-    if given is None:
-        return [float(t) for t in defaults]
-    if isinstance(given, str):
-        given = [given] * len(defaults)
-    if len(given) != len(defaults):
-        raise DataError(f"{len(given)} thresholds given, the bundle has {len(defaults)} early exits")
-    out: list[float | str] = []
-    for i, t in enumerate(given):
-        if isinstance(t, str) and t in ("never", "always"):
-            out.append(t)
-            continue
-        try:
-            out.append(float(t))
-        except (TypeError, ValueError) as e:
-            raise DataError(f"threshold {i} is {t!r}; give a number, 'never' or 'always'") from e
-    return out

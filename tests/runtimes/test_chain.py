@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import threading
@@ -14,7 +15,8 @@ from click.testing import CliRunner
 
 from eecompile.cli import cli
 from eecompile.errors import BackendError, BundleError, DataError, SpecError
-from eecompile.runtimes.chain import EarlyExitRunner, run_file
+from eecompile.io import run_file
+from eecompile.runtimes.chain import EarlyExitRunner
 from eecompile.runtimes.onnxruntime import OnnxRuntimeBackend
 from tests.runtimes.handmade import Handmade, make_bundle
 
@@ -106,8 +108,9 @@ def test_threshold_strings(hm: Handmade, runner: EarlyExitRunner) -> None:
     feeds = hm.inputs(N)
     assert (runner.run(feeds, thresholds="never").exit_index == 2).all()
     assert (runner.run(feeds, thresholds="always").exit_index == 0).all()
-    assert runner.run(feeds, thresholds=[2.0, 2.0]).exit_counts.tolist() == [0, 0, N]
-    for bad in ([0.5], ["sometimes", 0.5], [float("nan"), 0.5]):
+    assert runner.run(feeds, thresholds=[math.inf, math.inf]).exit_counts.tolist() == [0, 0, N]  # a number no
+    # sample reaches: the gates run and are read, none fires
+    for bad in ([0.5], ["sometimes", 0.5], [float("nan"), 0.5], [2.0, 2.0], [-0.5, 0.5], [-math.inf, 0.5]):
         with pytest.raises(SpecError, match="thresholds"):
             runner.run(feeds, thresholds=bad)
     with pytest.raises(SpecError, match="policy"):

@@ -10,8 +10,9 @@ import pytest
 from handmade import make_manifest, write_bundle
 
 from eecompile.build import compute_profiles
-from eecompile.bundle import Bundle, update_bundle
+from eecompile.bundle import Bundle, GateInfo, update_bundle
 from eecompile.errors import BackendError, BundleError, DataError
+from eecompile.runtimes.base import resolve_thresholds
 from eecompile.runtimes.records import (
     EngineRecord,
     check_engine_record,
@@ -21,7 +22,7 @@ from eecompile.runtimes.records import (
     parse_trt_version,
     rebuild_command,
 )
-from eecompile.runtimes.tensorrt import batch_layout, paired_runs, resolve_thresholds
+from eecompile.runtimes.tensorrt import batch_layout, paired_runs
 
 
 # --- versions and targets ----------------------------------------------------------------------------
@@ -184,10 +185,13 @@ def test_batch_layout() -> None:
 
 
 def test_resolve_thresholds() -> None:
-    assert resolve_thresholds([0.9, 0.5], None) == [0.9, 0.5]
-    assert resolve_thresholds([0.9, 0.5], "never") == ["never", "never"]
-    assert resolve_thresholds([0.9, 0.5], ["always", "0.3"]) == ["always", 0.3]
+    def gates(*ts: float) -> list[GateInfo]:
+        return [GateInfo("max_prob", t, f"ee{k}.gate", f"ee{k}.threshold") for k, t in enumerate(ts)]
+
+    assert resolve_thresholds(gates(0.9, 0.5), None).as_list() == [0.9, 0.5]
+    assert resolve_thresholds(gates(0.9, 0.5), "never").as_list() == ["never", "never"]
+    assert resolve_thresholds(gates(0.9, 0.5), ["always", "0.3"]).as_list() == ["always", 0.3]
     with pytest.raises(DataError, match="2 early exits"):
-        resolve_thresholds([0.9, 0.5], [0.1])
-    with pytest.raises(DataError, match="threshold 0"):
-        resolve_thresholds([0.9], ["sometimes"])
+        resolve_thresholds(gates(0.9, 0.5), [0.1])
+    with pytest.raises(DataError, match="sometimes"):
+        resolve_thresholds(gates(0.9), ["sometimes"])

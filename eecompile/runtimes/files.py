@@ -1,0 +1,106 @@
+"""Running a bundle on an ``.npz`` and writing the result atomically: the part of ``eecompile run`` a device needs.
+
+:func:`run_npz` is shared by the CLI (:func:`eecompile.io.run_file`, which adds a progress bar) and the device
+entry point (``eecompile-device run``). numpy and the runtime only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eecompile.errors import DataError
+from eecompile.runtimes.base import resolve_thresholds
+from eecompile.runtimes.chain import EarlyExitRunner, concat_results
+from eecompile.runtimes.data import load_npz
+
+Progress = Callable[[int], AbstractContextManager[Callable[[], None]]]
+
+
+def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: str = "compact",
+            thresholds: str | None = None, batch_size: int = 32, backend: str = "onnxruntime",
+            threads: int | None = None, progress: Progress | None = None, **backend_options: Any) -> str:
+    """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index`` int64 [N]; with policy
+    ``never`` also ``exit{k}.{name}`` for every exit and ``gate_masks`` bool [K-1, N]). Returns a one-line summary.
+
+    ``thresholds``: a comma-separated list (``0.9,never``), checked by
+    :func:`~eecompile.runtimes.base.resolve_thresholds`. ``batch_size``: samples per runner call. ``progress``:
+    called with the number of batches, returns a context manager yielding a per-batch callback. Raises
+    :class:`DataError` for unreadable data or an unwritable output (checked before anything runs), and whatever
+    :meth:`EarlyExitRunner.run` raises."""
+    if batch_size < 1:
+        raise DataError(f"--batch must be >= 1, got {batch_size}")
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise DataError(f"{output.parent}: directory does not exist; create it or choose another -o path")
+    if output.is_dir():
+        raise DataError(f"{output}: is a directory; give a file name for the output .npz")
+    if not os.access(output.parent, os.W_OK):  # say so before running every batch, not after
+        raise DataError(f"{output}: cannot write there ({output.parent} is not writable); choose another -o path")
+    options: dict[str, Any] = dict(backend_options) if threads is None else {**backend_options, "threads": threads}
+    with EarlyExitRunner(bundle, backend=backend, **options) as runner:
+        thr = runner.resolve(None) if thresholds is None else resolve_thresholds(
+            runner.manifest.exits, parse_threshold_list(thresholds), where="--thresholds")
+        dataset = load_npz(data, runner.inputs)
+        results = []
+        n_batches = -(-len(dataset) // batch_size)
+        with (progress(n_batches) if progress is not None else nullcontext(_nothing)) as advance:
+            for feeds in dataset.batches(batch_size):
+                results.append(runner.run(feeds, thresholds=thr, policy=policy))
+                advance()
+        out_axes = {t.name: (t.batch_axis or 0) for t in runner.manifest.outputs}
+        n_exits = runner.n_exits
+    merged = concat_results(results, out_axes)
+
+    arrays: dict[str, np.ndarray] = {**merged.outputs, "exit_index": merged.exit_index}
+    if merged.all_exits is not None and merged.gate_masks is not None:
+        for k, exits in enumerate(merged.all_exits):
+            arrays.update({f"exit{k}.{name}": a for name, a in exits.items()})
+        arrays["gate_masks"] = merged.gate_masks
+    save_npz_atomic(output, arrays)
+
+    n = merged.n_samples
+    shares = ", ".join(
+        f"{'final' if k == n_exits - 1 else f'exit {k}'} {100.0 * c / n:.1f}%"
+        for k, c in enumerate(merged.exit_counts)
+    )
+    return f"{n} samples -> {output}: {shares}"
+
+
+def _nothing() -> None:
+    return None
+
+
+def parse_threshold_list(text: str) -> list[str]:
+    """``"0.9, never,always"`` -> ``["0.9", "never", "always"]`` (checked later, per gate kind)."""
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an .npz to a temporary file beside ``path``, then rename it into place (no half-written
+    output). Raises :class:`DataError` naming ``path`` when it cannot be written."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write the output ({e.strerror or e}); choose another -o path") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot write the output ({e.strerror or e}); choose another -o path") from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["parse_threshold_list", "run_npz", "save_npz_atomic"]

@@ -1,0 +1,171 @@
+"""The runtime's one contract: thresholds per gate kind, extra outputs, on_exit, closed runners, session options."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from eecompile.bundle import GateInfo
+from eecompile.errors import BackendError, DataError, SpecError, ThresholdError
+from eecompile.runtimes.base import POLICIES, GateSetting, resolve_thresholds
+from eecompile.runtimes.chain import EarlyExitRunner
+from eecompile.runtimes.onnxruntime import with_extra_outputs
+from eecompile.runtimes.sessions import session_options
+from tests.runtimes.handmade import Handmade, make_bundle
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def hm(tmp_path_factory: pytest.TempPathFactory) -> Handmade:
+    return make_bundle(tmp_path_factory.mktemp("hm") / "b.eebundle")
+
+
+def _gates(*kinds: str, threshold: float = 0.5) -> list[GateInfo]:
+    return [GateInfo(kind, threshold, f"ee{k}.gate", f"ee{k}.threshold") for k, kind in enumerate(kinds)]
+
+
+# ------------------------------------------------------------------------------------------- thresholds
+
+
+def test_scalar_sequence_strings_and_none_entries() -> None:
+    g = _gates("max_prob", "entropy", threshold=0.4)
+    assert resolve_thresholds(g, 0.5).as_list() == [0.5, 0.5]
+    assert resolve_thresholds(g, np.float32(0.25)).as_list() == [0.25, 0.25]
+    assert resolve_thresholds(g, [None, "0.3"]).as_list() == [0.4, 0.3]  # None: the bundle's own
+    assert resolve_thresholds(g, np.array([0.1, 0.2])).as_list() == [pytest.approx(0.1), pytest.approx(0.2)]
+    r = resolve_thresholds(g, ["always", "never"])
+    assert r[0] == GateSetting(0.4, "always") and r[1] == GateSetting(0.4, "never") and not r.all_never
+    assert resolve_thresholds(g, "never").all_never
+    assert resolve_thresholds(g, r) is r
+
+
+@pytest.mark.parametrize(("kind", "value", "message"), [
+    ("max_prob", -0.5, r"outside \[0, 1\] for gate kind 'max_prob'"),
+    ("max_prob", 2.0, r"outside \[0, 1\]"),
+    ("margin", 1.5, r"outside \[0, 1\]"),
+    ("entropy", -0.1, r"outside \[0, 1\]"),
+    ("entropy", math.inf, r"outside \[0, 1\]"),  # entropy fires below: +inf would fire always
+    ("max_prob", -math.inf, r"outside \[0, 1\]"),
+    ("patience", 0, "outside a finite number >= 1"),
+    ("patience", 2.5, "positive integer"),
+    ("score", math.nan, "NaN"),
+    ("saturation", -math.inf, "finite"),
+])
+def test_range_per_gate_kind(kind: str, value: float, message: str) -> None:
+    with pytest.raises(ThresholdError, match=message) as e:
+        resolve_thresholds(_gates(kind, "max_prob"), [value, 0.5])
+    assert "thresholds[0]" in str(e.value)
+    assert isinstance(e.value, SpecError) and isinstance(e.value, DataError)  # old catch-sites keep working
+
+
+@pytest.mark.parametrize(("kind", "value"), [("max_prob", 1.0), ("max_prob", 0.0), ("entropy", -math.inf),
+                                             ("max_prob", math.inf), ("patience", 3), ("score", -1e30),
+                                             ("saturation", 0.99)])
+def test_accepted_per_gate_kind(kind: str, value: float) -> None:
+    assert resolve_thresholds(_gates(kind), [value]).as_list() == [float(value)]
+
+
+@pytest.mark.parametrize("bad", [True, {"a": 1}, object(), [[0.5]], ["sometimes"], [0.5, 0.5, 0.5]])
+def test_malformed_thresholds_are_one_clear_error(bad: object) -> None:
+    with pytest.raises(ThresholdError, match="thresholds"):
+        resolve_thresholds(_gates("max_prob", "max_prob"), bad)  # type: ignore[arg-type]
+
+
+def test_the_runner_checks_thresholds_once_per_gate_kind(hm: Handmade) -> None:
+    with EarlyExitRunner(hm.path, threads=1) as r:
+        feeds = hm.inputs(N)
+        with pytest.raises(ThresholdError, match="outside"):
+            r.run(feeds, thresholds=[-0.5, 0.5])
+        resolved = r.resolve([0.6, 0.7])
+        np.testing.assert_array_equal(r.run(feeds, thresholds=resolved).exit_index,
+                                      r.run(feeds, thresholds=[0.6, 0.7]).exit_index)
+        assert r.run(feeds, thresholds=0.0).exit_counts.tolist() == [N, 0, 0]  # scalar: every early exit
+    assert POLICIES == ("compact", "wait-all", "never")
+
+
+# ------------------------------------------------------------------------------------------- extra outputs
+
+
+def test_extra_outputs_per_run_and_exposed_up_front(hm: Handmade) -> None:
+    feeds = hm.inputs(N)
+    with EarlyExitRunner(hm.path, threads=1) as r:
+        res = r.run(feeds, policy="never", extra_outputs={0: ["pre0", "h0"], 1: ["u"]})
+        assert set(res.extra) == {0, 1} and set(res.extra[0]) == {"pre0", "h0"}
+        np.testing.assert_allclose(res.extra[0]["h0"], np.maximum(res.extra[0]["pre0"], 0), rtol=0, atol=0)
+        assert res.extra[1]["u"].shape == (N, 8)
+        plain = r.run(feeds, policy="never")  # sessions with extra outputs give the same answers
+        np.testing.assert_array_equal(plain.exit_index, res.exit_index)
+        with pytest.raises(SpecError, match="policy 'never'"):
+            r.run(feeds, extra_outputs={0: ["h0"]})
+        with pytest.raises(BackendError, match="no_such_tensor"):
+            r.run(feeds, policy="never", extra_outputs={0: ["no_such_tensor"]})
+        with pytest.raises(SpecError, match="segment 7"):
+            r.run(feeds, policy="never", extra_outputs={7: ["h0"]})
+    with EarlyExitRunner(hm.path, threads=1, expose={0: ["pre0"]}) as r:
+        res2 = r.run(feeds, policy="never", extra_outputs={0: ["pre0"]})
+        np.testing.assert_allclose(res2.extra[0]["pre0"], res.extra[0]["pre0"], rtol=1e-6)
+
+
+def test_extra_outputs_of_a_per_sample_bundle_stay_in_input_order(tmp_path_factory: pytest.TempPathFactory) -> None:
+    hm1 = make_bundle(tmp_path_factory.mktemp("ps") / "b.eebundle", per_sample=True)
+    feeds = hm1.inputs(5)
+    with EarlyExitRunner(hm1.path, threads=1) as r:
+        res = r.run(feeds, policy="never", extra_outputs={0: ["h0"]})
+        one = r.run({k: v[3:4] for k, v in feeds.items()}, policy="never", extra_outputs={0: ["h0"]})
+    assert res.extra[0]["h0"].shape[0] == 5
+    np.testing.assert_allclose(res.extra[0]["h0"][3:4], one.extra[0]["h0"])
+
+
+def test_appended_outputs_are_a_valid_model(hm: Handmade) -> None:
+    import onnx
+
+    raw = (hm.path / "segments/seg0.onnx").read_bytes()
+    model = onnx.ModelProto.FromString(with_extra_outputs(raw, ["pre0", "mm0"]))
+    assert [o.name for o in model.graph.output][-2:] == ["pre0", "mm0"]
+    assert len(model.graph.node) == len(onnx.ModelProto.FromString(raw).graph.node)
+
+
+# ------------------------------------------------------------------------------------------- on_exit, close
+
+
+@pytest.mark.parametrize("policy", ["compact", "wait-all"])
+def test_on_exit_reports_rows_as_they_leave(hm: Handmade, policy: str) -> None:
+    feeds = hm.inputs(N)
+    seen: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
+    with EarlyExitRunner(hm.path, threads=1) as r:
+        res = r.run(feeds, thresholds=[0.6, 0.7], policy=policy,
+                    on_exit=lambda k, rows, outs: seen.append((k, rows.copy(), outs)))
+    rows_all = np.concatenate([rows for _, rows, _ in seen])
+    assert sorted(rows_all.tolist()) == list(range(N))  # every row reported once
+    for k, rows, outs in seen:
+        assert (res.exit_index[rows] == k).all()
+        np.testing.assert_array_equal(outs["logits"], res.outputs["logits"][rows])
+
+
+def test_a_closed_runner_says_so(hm: Handmade) -> None:
+    r = EarlyExitRunner(hm.path, threads=1)
+    r.close()
+    assert r.closed
+    with pytest.raises(BackendError, match="closed"):
+        r.run(hm.inputs(2))
+    with pytest.raises(BackendError, match="closed"):
+        r.backend.run_segment(0, {"x": hm.inputs(2)["x"]}, 0.5)
+
+
+# ------------------------------------------------------------------------------------------- sessions
+
+
+def test_session_options_factory() -> None:
+    import onnxruntime as ort
+
+    so = session_options(3, optimization="basic", disabled_optimizers=("SkipLayerNormFusion",))
+    assert so.intra_op_num_threads == 3 and so.inter_op_num_threads == 1
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("optimization.disable_specified_optimizers") == "SkipLayerNormFusion"
+    assert session_options(0).intra_op_num_threads == 0  # ONNX Runtime's own default
+    with pytest.raises(BackendError, match="optimization 'fast'"):
+        session_options(1, optimization="fast")
