@@ -1,117 +1,31 @@
-"""``eecompile bench``: latency percentiles, throughput, exit histogram and speedup against the unsplit model.
-
-Method (the machines we run on are shared and noisy, so no figure is a single timing):
-  * every function is warmed up first, then timed in *blocks* of back-to-back calls (never alternating single
-    calls: a sleeping thread pool or a cold cache would be charged to whichever call comes next);
-  * the functions compared take turns, one block each per *round*, the order reversed every other round, so
-    slow drift (a neighbour starting a job) hits all of them alike;
-  * a ratio is computed per round from the blocks of that round (paired), then summarised as the median with
-    the min-max spread over rounds.
-
-The unsplit model is not in the bundle. Two references are timed side by side with the chain:
-  * ``gates-never``: the same runner and sessions with every gate overridden to "never" (every sample runs the
-    whole chain); always available, on every backend;
-  * ``unsplit-model``: an ONNX Runtime session on the source model (``reference_model=``, or
-    ``manifest.source_model.file`` when it lies inside the bundle: a manifest never opens a file outside it), with the chain's thread settings. A model exported with a
-    fixed batch of 1 is made batch-dynamic the way the compiler does it, so it runs at ``batch_size``.
-The report says which reference the headline speedup uses (the unsplit model when found).
+"""``eecompile bench`` on the full install: the runtime's timing (:mod:`eecompile.runtimes.bench`) with the
+compiler's help for the unsplit reference (a fixed-batch source model is made batch-dynamic first).
 
 The timing helpers (:func:`paired_blocks`, :func:`ratio_stats`, :func:`block_calls`) are shared with
-``benchmarks/``.
+``benchmarks/``; they live in the runtime so a device can time a bundle without the compiler.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import statistics
-import tempfile
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from eecompile.bundle import Bundle
-from eecompile.errors import BackendError, DataError
+from eecompile.errors import BackendError
+from eecompile.runtimes import bench as _bench
+from eecompile.runtimes.bench import (
+    PERCENTILES,
+    BenchReport,
+    Blocks,
+    block_calls,
+    paired_blocks,
+    ratio_stats,
+    reference_session,
+    summary,
+)
 
-log = logging.getLogger(__name__)
-
-PERCENTILES = (50, 90, 99)
-
-
-# ------------------------------------------------------------------------------------------- timing
-
-
-@dataclass
-class Blocks:
-    """Per-call seconds of one function, one value per round (wall clock and process CPU time)."""
-
-    wall: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    samples: list[float] = field(default_factory=list)  # single-call wall seconds, when kept
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.wall)
-
-
-def block_calls(fn: Callable[[], object], target_s: float, max_calls: int = 1000) -> int:
-    """How many back-to-back calls of ``fn`` fill about ``target_s`` seconds (at least 1); ``fn`` runs twice."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    return int(min(max(1, round(target_s / one)), max_calls))
-
-
-def paired_blocks(fns: Mapping[str, Callable[[], object]], *, calls: int | Mapping[str, int], rounds: int,
-                  warmup: int = 2, keep_samples: bool = False) -> dict[str, Blocks]:
-    """Time each function in warmed-up blocks of ``calls`` calls, the functions taking turns every round.
-
-    ``calls`` may differ per function (a ratio is per call, so blocks need not be equally long). With
-    ``keep_samples`` every single call's wall time is kept too (for percentiles)."""
-    names = list(fns)
-    per = {n: (calls[n] if isinstance(calls, Mapping) else calls) for n in names}
-    for n in names:
-        for _ in range(warmup):
-            fns[n]()
-    out = {n: Blocks() for n in names}
-    for r in range(rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            fn, k, b = fns[n], per[n], out[n]
-            c0, t0 = time.process_time(), time.perf_counter()
-            if keep_samples:
-                last = t0
-                for _ in range(k):
-                    fn()
-                    now = time.perf_counter()
-                    b.samples.append(now - last)
-                    last = now
-            else:
-                for _ in range(k):
-                    fn()
-            b.wall.append((time.perf_counter() - t0) / k)
-            b.cpu.append((time.process_time() - c0) / k)
-    return out
-
-
-def ratio_stats(num: Sequence[float], den: Sequence[float]) -> dict[str, float | int]:
-    """Median and min-max of the per-round ratios ``num[r] / den[r]`` (paired: same rounds)."""
-    if len(num) != len(den) or not num:
-        raise ValueError("ratio_stats needs two equally long, non-empty series from the same rounds")
-    r = [a / b for a, b in zip(num, den, strict=True)]
-    return {"median": statistics.median(r), "min": min(r), "max": max(r), "rounds": len(r)}
-
-
-def summary(values: Sequence[float], scale: float = 1e3) -> dict[str, float]:
-    """Median and min-max of a series (default: seconds shown as milliseconds)."""
-    return {"median": statistics.median(values) * scale, "min": min(values) * scale, "max": max(values) * scale}
-
-
-# ------------------------------------------------------------------------------------------- reference
+__all__ = ["PERCENTILES", "BenchReport", "Blocks", "bench_bundle", "block_calls", "dynamic_reference",
+           "paired_blocks", "print_report", "ratio_stats", "reference_session", "summary"]
 
 
 def dynamic_reference(source: Path, cache_dir: Path) -> Path:
@@ -138,167 +52,34 @@ def dynamic_reference(source: Path, cache_dir: Path) -> Path:
     return out
 
 
-def reference_session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session on the unsplit model with the chain's thread settings (no spinning)."""
-    import onnxruntime as ort
-
-    from eecompile.calibrate.latency import session_options
-
-    try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT raises its own types; name the file instead
-        raise BackendError(f"{path}: ONNX Runtime cannot load the unsplit model ({e})") from e
+def bench_bundle(bundle: str | Path | Bundle, data: str | Path, **kwargs: Any) -> BenchReport:
+    """:func:`eecompile.runtimes.bench.bench_bundle` with :func:`dynamic_reference` preparing the unsplit model."""
+    kwargs.setdefault("prepare_reference", dynamic_reference)
+    return _bench.bench_bundle(bundle, data, **kwargs)
 
 
-# ------------------------------------------------------------------------------------------- report
+def print_report(report: BenchReport) -> None:
+    """``eecompile bench``'s tables (rich) for a :class:`BenchReport`."""
+    from rich.console import Console
+    from rich.table import Table
 
 
-@dataclass
-class BenchReport:
-    """What ``eecompile bench`` prints (``to_json`` keys are stable: scripts read them)."""
-
-    bundle: str
-    data: str
-    backend: str
-    batch_size: int
-    n_samples: int
-    n_batches: int
-    repeats: int
-    threads: int | None
-    latency_ms: dict[str, float]  # p50, p90, p99 of one batch (the chain, bundle thresholds)
-    throughput: float  # samples / s (median round)
-    exit_histogram: list[dict[str, Any]]  # per exit: index, name, count, share
-    references: list[dict[str, Any]]  # name, description, latency_ms_p50, speedup {median, min, max, rounds}
-    reference: str  # the reference the headline speedup uses
-    speedup: dict[str, float | int]  # chain vs ``reference``: median, min, max, rounds
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))  # plain types only
-
-    def print(self) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        c = Console()
-        c.print(f"[bold]{self.bundle}[/] on {self.data}: {self.n_samples} samples, batch {self.batch_size}, "
-                f"{self.backend}, {self.repeats} rounds")
-        lat = self.latency_ms
-        c.print(f"latency per batch: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms; "
-                f"throughput {self.throughput:.1f} samples/s")
-        t = Table("exit", "name", "samples", "share")
-        for e in self.exit_histogram:
-            t.add_row(str(e["index"]), str(e["name"] or ""), str(e["count"]), f"{e['share']:.1%}")
-        c.print(t)
-        t = Table("reference", "p50 ms / batch", "speedup (median)", "min-max")
-        for r in self.references:
-            s = r["speedup"]
-            t.add_row(r["name"] + (" *" if r["name"] == self.reference else ""), f"{r['latency_ms_p50']:.3f}",
-                      f"{s['median']:.2f}x", f"{s['min']:.2f}-{s['max']:.2f}x")
-        c.print(t)
-        c.print("* headline reference; speedups are per-round ratios of the reference's time to the chain's")
-        for note in self.notes:
-            c.print(f"note: {note}")
-
-
-def _percentiles(samples: Sequence[float]) -> dict[str, float]:
-    a = np.asarray(samples) * 1e3
-    return {f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES}
-
-
-def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: int = 1,
-                 backend: str = "onnxruntime", repeats: int = 20, threads: int | None = None,
-                 reference_model: str | Path | None = None, max_batches: int = 64,
-                 thresholds: Any = None, warmup: int = 1) -> BenchReport:
-    """Benchmark a bundle on the inputs in ``data`` (see the module docstring for the method).
-
-    One round runs up to ``max_batches`` batches of ``batch_size`` through the chain (bundle thresholds,
-    policy compact), then through each reference; ``repeats`` rounds after ``warmup`` rounds."""
-    import eecompile
-    from eecompile.calibrate.latency import find_source_model
-    from eecompile.runtimes.data import load_npz
-    from eecompile.runtimes.onnxruntime import default_threads
-
-    if batch_size < 1:
-        raise DataError(f"--batch must be >= 1, got {batch_size}")
-    if repeats < 1:
-        raise DataError(f"--repeats must be >= 1, got {repeats}")
-    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    m = b.manifest
-    n_threads = threads or default_threads()
-    options: dict[str, Any] = {"threads": n_threads} if backend == "onnxruntime" else {}
-    runner = eecompile.load(b, backend=backend, **options)
-    notes: list[str] = []
-    try:
-        dataset = load_npz(data, m.inputs)
-        batches = [{k: np.ascontiguousarray(v) for k, v in f.items()} for f in dataset.batches(batch_size)]
-        if len(batches) > max_batches:
-            notes.append(f"timed the first {max_batches} of {len(batches)} batches")
-            batches = batches[:max_batches]
-        n = sum(int(next(iter(f.values())).shape[0]) for f in batches)
-
-        hist = np.zeros(len(m.segments), dtype=np.int64)
-        for f in batches:
-            hist += runner.run(f, thresholds=thresholds).exit_counts
-        exit_histogram = [{"index": k, "name": s.exit.name or ("final" if k == len(m.segments) - 1 else None),
-                           "count": int(c), "share": float(c) / n} for k, (s, c) in enumerate(zip(m.segments, hist,
-                                                                                            strict=True))]
-
-        def over_batches(call: Callable[[dict[str, np.ndarray]], object]) -> Callable[[], object]:
-            def one_pass() -> None:
-                for f in batches:
-                    call(f)
-            return one_pass
-
-        chain_samples: list[float] = []
-
-        def chain_pass() -> None:
-            for f in batches:
-                t0 = time.perf_counter()
-                runner.run(f, thresholds=thresholds)
-                chain_samples.append(time.perf_counter() - t0)
-
-        n_early = m.n_early_exits
-        never = ["never"] * n_early
-        fns: dict[str, Callable[[], object]] = {
-            "chain": chain_pass,
-            "gates-never": over_batches(lambda f: runner.run(f, thresholds=never)),
-        }
-        descriptions = {"gates-never": "the same chain with every gate overridden to 'never' (all segments run)"}
-        src = Path(reference_model) if reference_model is not None else find_source_model(b)
-        if src is None:
-            notes.append("unsplit model not timed: pass reference_model= (--reference-model) to compare with it "
-                         "(a source model outside the bundle is not opened because the manifest names it)")
-        elif backend != "onnxruntime":
-            notes.append(f"unsplit model not timed: it runs on ONNX Runtime, the chain on {backend}")
-        else:
-            with tempfile.TemporaryDirectory(prefix="eecompile-bench-") as tmp:
-                path = dynamic_reference(src, Path(tmp)) if m.batch_mode == "dynamic" and batch_size > 1 else src
-                sess = reference_session(path, n_threads)
-            in_names = [i.name for i in sess.get_inputs()]
-            fns["unsplit-model"] = over_batches(lambda f: sess.run(None, {k: f[k] for k in in_names}))
-            descriptions["unsplit-model"] = f"ONNX Runtime session on {src.name}, same threads"
-
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        chain_samples.clear()
-        timed = paired_blocks(fns, calls=1, rounds=repeats, warmup=0)
-    finally:
-        runner.close()
-
-    chain = timed["chain"].wall
-    references: list[dict[str, Any]] = []
-    for name in fns:
-        if name == "chain":
-            continue
-        references.append({"name": name, "description": descriptions[name],
-                           "latency_ms_p50": statistics.median(timed[name].wall) * 1e3 / len(batches),
-                           "speedup": ratio_stats(timed[name].wall, chain)})
-    headline = "unsplit-model" if "unsplit-model" in fns else "gates-never"
-    return BenchReport(
-        bundle=str(b.path), data=str(data), backend=backend, batch_size=batch_size, n_samples=n,
-        n_batches=len(batches), repeats=repeats, threads=n_threads if backend == "onnxruntime" else None,
-        latency_ms=_percentiles(chain_samples), throughput=n / statistics.median(chain),
-        exit_histogram=exit_histogram, references=references, reference=headline,
-        speedup=dict(next(r["speedup"] for r in references if r["name"] == headline)), notes=notes)
+    c = Console()
+    c.print(f"[bold]{report.bundle}[/] on {report.data}: {report.n_samples} samples, batch {report.batch_size}, "
+            f"{report.backend}, {report.repeats} rounds")
+    lat = report.latency_ms
+    c.print(f"latency per batch: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms; "
+            f"throughput {report.throughput:.1f} samples/s")
+    t = Table("exit", "name", "samples", "share")
+    for e in report.exit_histogram:
+        t.add_row(str(e["index"]), str(e["name"] or ""), str(e["count"]), f"{e['share']:.1%}")
+    c.print(t)
+    t = Table("reference", "p50 ms / batch", "speedup (median)", "min-max")
+    for r in report.references:
+        s = r["speedup"]
+        t.add_row(r["name"] + (" *" if r["name"] == report.reference else ""), f"{r['latency_ms_p50']:.3f}",
+                  f"{s['median']:.2f}x", f"{s['min']:.2f}-{s['max']:.2f}x")
+    c.print(t)
+    c.print("* headline reference; speedups are per-round ratios of the reference's time to the chain's")
+    for note in report.notes:
+        c.print(f"note: {note}")

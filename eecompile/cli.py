@@ -405,7 +405,7 @@ def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | N
 def bench(bundle: Path, data: Path, batch: int, backend: str, repeats: int, as_json: bool,
           reference_model: Path | None, public_key: Path | None) -> None:
     """Latency percentiles, throughput, exit histogram and speedup against the unsplit model."""
-    from eecompile.benchmark import bench_bundle
+    from eecompile.benchmark import bench_bundle, print_report
 
     _check_signature(bundle, public_key)
     report = bench_bundle(bundle, data, batch_size=batch, backend=backend, repeats=repeats,
@@ -413,7 +413,7 @@ def bench(bundle: Path, data: Path, batch: int, backend: str, repeats: int, as_j
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        report.print()
+        print_report(report)
 
 
 @cli.command()

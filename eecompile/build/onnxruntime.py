@@ -23,6 +23,7 @@ from eecompile.build.report import BuildReport
 from eecompile.bundle import Manifest, sha256_bytes, update_bundle
 from eecompile.errors import BackendError
 from eecompile.runtimes.records import EngineRecord, ort_engine_file, replace_engine_records
+from eecompile.runtimes.sessions import session_options
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,7 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
     blobs = {k: g.SerializeToString() for k, g in graphs.items()}
 
     # Every engine must load the way the runtime loads it (no optimisers) before it is recorded.
-    so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ENGINE_LOAD_LEVEL)
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
+    so = session_options(1, optimization=ENGINE_LOAD_LEVEL)
     for k, blob in blobs.items():
         try:
             ort.InferenceSession(blob, sess_options=so, providers=["CPUExecutionProvider"])

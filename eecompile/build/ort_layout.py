@@ -86,13 +86,11 @@ def optimise_with_ort(src: Path, dst: Path, disabled_optimizers: Sequence[str] =
     """Save ONNX Runtime's CPU-optimised graph of ``src`` (ORT_ENABLE_ALL, this machine) to ``dst``."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from eecompile.runtimes.sessions import session_options
+
+    # Log level 3 (the default): ORT warns that the saved graph is hardware specific: that is the point.
+    so = session_options(1, optimization="all", disabled_optimizers=tuple(disabled_optimizers or ()))
     so.optimized_model_filepath = str(dst)
-    so.log_severity_level = 3  # ORT warns that the saved graph is hardware specific: that is the point
-    so.intra_op_num_threads = 1
-    if disabled_optimizers:
-        so.add_session_config_entry("optimization.disable_specified_optimizers", ",".join(disabled_optimizers))
     ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
 
 

@@ -6,13 +6,15 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eecompile.bundle import Bundle, sha256_file
-from eecompile.errors import BackendError, BundleError
+from eecompile.bundle import Bundle
+from eecompile.errors import BackendError
+from eecompile.runtimes.bench import find_source_model
+from eecompile.runtimes.sessions import session_options as _session_options
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -21,17 +23,9 @@ if TYPE_CHECKING:
 
 
 def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
-    """ORT options for measuring: no spinning (sessions run one after another and would fight for cores)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.inter_op_num_threads = 1
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return so
+    """ORT options for measuring (:func:`eecompile.runtimes.sessions.session_options`: no spinning, one inter-op
+    thread; ``threads`` None leaves ONNX Runtime's default)."""
+    return _session_options(threads or 0)
 
 
 def time_interleaved(calls: Sequence[Callable[[], Any]], *, rounds: int = 100, warmup: int = 3,
@@ -75,34 +69,6 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], *, rounds: int = 100, w
     ref = np.asarray(times[reference])
     ref_median = float(np.median(ref))
     return [float(np.median(np.asarray(t) / ref)) * ref_median for t in times]
-
-
-def find_source_model(bundle: Bundle) -> Path | None:
-    """The unsplit model the bundle came from, when the manifest's ``source_model.file`` lies inside the bundle
-    (a relative path, no symbolic link, not leaving the bundle) and still has the recorded sha256.
-
-    A source model outside the bundle is never opened because a manifest names it (pass it explicitly,
-    e.g. ``--reference-model``); returns None then, or when the file is missing or changed.
-    """
-    src = bundle.manifest.source_model or {}
-    name = src.get("file") or src.get("path")
-    if not name or not isinstance(name, str):
-        return None
-    rel = PurePosixPath(name)
-    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
-        return None
-    p = bundle.path
-    for part in rel.parts:
-        p = p / part
-        if p.is_symlink():
-            return None
-    try:
-        bundle.file(name)  # the bundle's own confinement rules, where it has them
-    except BundleError:
-        return None
-    if not p.is_file() or (src.get("sha256") and sha256_file(p) != src["sha256"]):
-        return None
-    return p
 
 
 def measure_latency(bundle: Bundle, inputs: Mapping[str, np.ndarray], *, backend: str = "onnxruntime",

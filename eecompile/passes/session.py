@@ -32,10 +32,9 @@ def session_from_model(model: ir.Model, extra_outputs: Sequence[ir.Value] = (), 
     """An InferenceSession on ``model`` with ``extra_outputs`` (typed values of its main graph) exposed."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    from eecompile.runtimes.sessions import session_options
+
+    so = session_options(0, optimization="all" if optimize else "disable")  # 0: ONNX Runtime's own thread count
     graph = model.graph
     saved_outputs = list(graph.outputs)
     present = set(saved_outputs)
