@@ -496,11 +496,10 @@ def check_same_outputs(engine_blobs: Mapping[int, bytes], portable_files: Mappin
     output's scale; raises :class:`MergeRefused` when it passes ``rtol``."""
     import onnxruntime as ort
 
+    from eecompile.runtimes.sessions import session_options
+
     def sessions(srcs: Mapping[int, Any], level: str) -> dict[int, Any]:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        so.intra_op_num_threads = 1
-        so.log_severity_level = 3
+        so = session_options(1, optimization=level)
         return {k: ort.InferenceSession(v if isinstance(v, bytes) else str(v), sess_options=so,
                                         providers=["CPUExecutionProvider"]) for k, v in srcs.items()}
 
