@@ -118,3 +118,10 @@ def test_text_prompt_without_a_tokenizer(lm_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no tokenizer; give token ids"):
         r.generate(["hello"], 3)
     assert len(r.generate([[1, 2, 3]], 3).results[0]["token_ids"]) == 3
+
+
+def test_single_pass_runner_on_a_decoder_bundle(lm_bundle: Path) -> None:
+    from eecompile.runtimes.chain import EarlyExitRunner
+
+    with pytest.raises(BundleError, match="decoder bundle.*eecompile generate"):
+        EarlyExitRunner(lm_bundle)
