@@ -21,15 +21,14 @@ def verify_decoder(bundle_dir: Path, source: Path, seed: int = 0) -> float:
     import onnxruntime as ort
 
     from eecompile.runtimes.lm import DecoderRunner, pad_positions
+    from eecompile.runtimes.sessions import session_options
 
     runner = DecoderRunner(Bundle.load(bundle_dir), threads=1)
     dec = runner.dec
     rng = np.random.default_rng(seed)
     prompts = [list(rng.integers(0, runner.vocab, 5)), list(rng.integers(0, runner.vocab, 3))]
     rows = [runner._new_row(i, p) for i, p in enumerate(prompts)]
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
+    so = session_options(1)
     src = ort.InferenceSession(str(source), so, providers=["CPUExecutionProvider"])
     worst = 0.0
     for _ in range(2):  # prefill, then one decode step

@@ -121,16 +121,10 @@ class DecoderRunner:
         self.exits = list(dec["exits"])
         self.segments = list(dec["segments"])
         self.eos_token_id: int | None = dec.get("eos_token_id")
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise BackendError("onnxruntime is not installed: pip install onnxruntime") from e
-        from eecompile.runtimes.onnxruntime import default_threads
+        from eecompile.runtimes.sessions import import_onnxruntime, session_options
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or default_threads()
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
+        ort = import_onnxruntime()
+        so = session_options(threads)
         prov = list(providers or ["CPUExecutionProvider"])
         files = [s["file"] for s in self.segments] + [dec["head"]["file"]]
         try:
