@@ -347,6 +347,29 @@ class _Schema:
             if dec.get(k) is not None:
                 self.relpath(dec[k], f"decoder.{k}")
 
+    def references(self, seg: dict[str, Any], path: str, available: set[str]) -> None:
+        """Names a segment uses must exist: its inputs come from the model or earlier segments' carried (or
+        gate state) outputs, and its exit and gate name its own outputs. Updates ``available``."""
+        produced = {t["name"] for t in seg["outputs"]}
+        for j, t in enumerate(seg["inputs"]):
+            if t["name"] not in available:
+                raise self.fail(f"{path}.inputs[{j}]", f"'{t['name']}' is neither a model input nor carried out of "
+                                                       f"an earlier segment")
+        ex = seg["exit"]
+        for k, name in ex["outputs"].items():
+            if name not in produced:
+                raise self.fail(f"{path}.exit.outputs.{k}", f"'{name}' is not one of the segment's outputs")
+        gate = ex.get("gate") or {}
+        for k in ("output", "score_output"):
+            if gate.get(k) is not None and gate[k] not in produced:
+                raise self.fail(f"{path}.exit.gate.{k}", f"'{gate[k]}' is not one of the segment's outputs")
+        for j, name in enumerate(gate.get("state_outputs") or []):
+            if name not in produced:
+                raise self.fail(f"{path}.exit.gate.state_outputs[{j}]", f"'{name}' is not one of the segment's "
+                                                                        f"outputs")
+        available.update(seg.get("carried_out") or [])
+        available.update(gate.get("state_outputs") or [])
+
     def relpath(self, v: Any, path: str) -> None:
         self.string(v, path)
         problem = path_problem(v)
@@ -371,8 +394,10 @@ class _Schema:
             self.string(src.get(k), f"source_model.{k}", optional=True)
         self.tensors(self.key(d, "inputs", ""), "inputs")
         self.tensors(self.key(d, "outputs", ""), "outputs")
+        available = {t["name"] for t in d["inputs"]}
         for i, seg in enumerate(self.seq(self.key(d, "segments", ""), "segments")):
             self.segment(seg, f"segments[{i}]", i)
+            self.references(seg, f"segments[{i}]", available)
         mode = d.get("batch_mode", "dynamic")
         if mode not in BATCH_MODES:
             raise self.fail("batch_mode", f"{_kind(mode)} is not one of {', '.join(BATCH_MODES)}")

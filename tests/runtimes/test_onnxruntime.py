@@ -109,7 +109,7 @@ def test_manifest_inputs_must_match_graph(tmp_path: Path) -> None:
     hm = make_bundle(tmp_path / "m.eebundle")
 
     def rename(_root: Path, m) -> None:  # noqa: ANN001
-        m.segments[1].inputs[0].name = "hidden"
+        m.segments[1].inputs[0].name = "x"  # a name the manifest can resolve (a model input), not the graph's
 
     update_bundle(hm.path, rename)
     with pytest.raises(BundleError, match="seg1.onnx: graph inputs"):

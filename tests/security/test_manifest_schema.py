@@ -58,6 +58,14 @@ CASES = [
     ("segments out of order", ["segments", 1, "index"], 5, ["segments[1].index", "expected 1"]),
     ("unknown batch mode", ["batch_mode"], "sometimes", ["batch_mode", "sometimes"]),
     ("bad file hash", ["files", "segments/seg0.onnx"], 12, ["files['segments/seg0.onnx']", "sha256"]),
+    ("carried tensor dropped", ["segments", 1, "carried_out"], [], ["segments[2].inputs[0]", "'h1'",
+                                                                   "carried out"]),
+    ("gate output unknown", ["segments", 0, "exit", "gate", "output"], "zz",
+     ["segments[0].exit.gate.output", "'zz'"]),
+    ("gate score unknown", ["segments", 1, "exit", "gate", "score_output"], "zz",
+     ["segments[1].exit.gate.score_output", "'zz'"]),
+    ("exit output unknown", ["segments", 2, "exit", "outputs", "logits"], "zz",
+     ["segments[2].exit.outputs.logits", "'zz'"]),
 ]
 
 
