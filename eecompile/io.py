@@ -17,11 +17,12 @@ __all__ = ["parse_threshold_list", "run_file", "save_npz_atomic"]
 
 def run_file(bundle: str | Path, data: str | Path, output: str | Path, policy: str = "compact",
              thresholds: str | None = None, batch_size: int = 32, backend: str = "onnxruntime",
-             threads: int | None = None, **backend_options: Any) -> str:
-    """:func:`~eecompile.runtimes.files.run_npz` with a progress bar on stderr when there are many batches and a
-    terminal to draw on. Returns the one-line summary."""
+             threads: int | None = None, max_input_bytes: int | None = None, **backend_options: Any) -> str:
+    """:func:`~eecompile.runtimes.files.run_npz` (streaming, batch by batch) with a progress bar on stderr when
+    there are many batches and a terminal to draw on. Returns the one-line summary."""
     return run_npz(bundle, data, output, policy=policy, thresholds=thresholds, batch_size=batch_size,
-                   backend=backend, threads=threads, progress=_progress, **backend_options)
+                   backend=backend, threads=threads, progress=_progress, max_input_bytes=max_input_bytes,
+                   **backend_options)
 
 
 class _progress:

@@ -380,6 +380,9 @@ class NpzBatches:
             for t in inputs:
                 m = self.members[t.name]
                 check_dtype_and_shape(t, m.dtype, m.shape, self.where, cast=True)
+                if m.dtype != np.dtype(t.dtype):
+                    log.warning("%s: casting array '%s' from %s to %s (batch by batch)", self.where, t.name, m.dtype,
+                                np.dtype(t.dtype))
                 held[t.name] = 0 if (self._streamed(t) or m.stored) else m.nbytes
             _check_budget(self.where, held, max_input_bytes(max_bytes))
             sizes = {t.name: self.members[t.name].shape[t.batch_axis] for t in inputs if t.batch_axis is not None}
@@ -434,7 +437,10 @@ class NpzBatches:
                     else:
                         a = np.take(self._whole[t.name], np.arange(start, stop), axis=t.batch_axis)
                     where = f"{self.where} (samples {start}..{stop - 1})"
-                    feeds[t.name] = check_finite(t, check_array(t, np.asarray(a), where, cast=True), where)
+                    a = np.asarray(a)
+                    if a.dtype != np.dtype(t.dtype):
+                        a = cast_array(t, a, where)
+                    feeds[t.name] = check_finite(t, a, where)
                 yield feeds
         finally:
             for r in readers.values():

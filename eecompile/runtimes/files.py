@@ -17,23 +17,28 @@ import numpy as np
 
 from eecompile.errors import DataError
 from eecompile.runtimes.base import resolve_thresholds
-from eecompile.runtimes.chain import EarlyExitRunner, concat_results
-from eecompile.runtimes.data import load_npz
+from eecompile.runtimes.chain import EarlyExitRunner
+from eecompile.runtimes.data import NpzBatches, NpzWriter
 
 Progress = Callable[[int], AbstractContextManager[Callable[[], None]]]
 
 
 def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: str = "compact",
             thresholds: str | None = None, batch_size: int = 32, backend: str = "onnxruntime",
-            threads: int | None = None, progress: Progress | None = None, **backend_options: Any) -> str:
+            threads: int | None = None, progress: Progress | None = None, max_input_bytes: int | None = None,
+            **backend_options: Any) -> str:
     """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index`` int64 [N]; with policy
     ``never`` also ``exit{k}.{name}`` for every exit and ``gate_masks`` bool [K-1, N]). Returns a one-line summary.
 
+    Streams: each batch is read from the input file, run and appended to the output before the next is read,
+    so memory stays flat in the number of rows (:class:`~eecompile.runtimes.data.NpzBatches`,
+    :class:`~eecompile.runtimes.data.NpzWriter`); the output appears atomically, with the mode the umask gives.
     ``thresholds``: a comma-separated list (``0.9,never``), checked by
     :func:`~eecompile.runtimes.base.resolve_thresholds`. ``batch_size``: samples per runner call. ``progress``:
-    called with the number of batches, returns a context manager yielding a per-batch callback. Raises
-    :class:`DataError` for unreadable data or an unwritable output (checked before anything runs), and whatever
-    :meth:`EarlyExitRunner.run` raises."""
+    called with the number of batches, returns a context manager yielding a per-batch callback.
+    ``max_input_bytes``: cap on input bytes held in memory at once (arrays that cannot be streamed; default
+    ``EECOMPILE_MAX_INPUT_BYTES`` or 8 GiB). Raises :class:`DataError` for unreadable data or an unwritable
+    output (checked before anything runs), and whatever :meth:`EarlyExitRunner.run` raises."""
     if batch_size < 1:
         raise DataError(f"--batch must be >= 1, got {batch_size}")
     output = Path(output)
@@ -47,28 +52,32 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
     with EarlyExitRunner(bundle, backend=backend, **options) as runner:
         thr = runner.resolve(None) if thresholds is None else resolve_thresholds(
             runner.manifest.exits, parse_threshold_list(thresholds), where="--thresholds")
-        dataset = load_npz(data, runner.inputs)
-        results = []
-        n_batches = -(-len(dataset) // batch_size)
-        with (progress(n_batches) if progress is not None else nullcontext(_nothing)) as advance:
-            for feeds in dataset.batches(batch_size):
-                results.append(runner.run(feeds, thresholds=thr, policy=policy))
-                advance()
         out_axes = {t.name: (t.batch_axis or 0) for t in runner.manifest.outputs}
         n_exits = runner.n_exits
-    merged = concat_results(results, out_axes)
-
-    arrays: dict[str, np.ndarray] = {**merged.outputs, "exit_index": merged.exit_index}
-    if merged.all_exits is not None and merged.gate_masks is not None:
-        for k, exits in enumerate(merged.all_exits):
-            arrays.update({f"exit{k}.{name}": a for name, a in exits.items()})
-        arrays["gate_masks"] = merged.gate_masks
-    save_npz_atomic(output, arrays)
-
-    n = merged.n_samples
+        with NpzBatches(data, runner.inputs, max_bytes=max_input_bytes) as dataset:
+            n = len(dataset)
+            counts = np.zeros(n_exits, np.int64)
+            writer = NpzWriter(output, n)
+            try:
+                with (progress(-(-n // batch_size)) if progress is not None else nullcontext(_nothing)) as advance:
+                    for feeds in dataset.batches(batch_size):
+                        r = runner.run(feeds, thresholds=thr, policy=policy)
+                        counts += r.exit_counts
+                        for name, a in r.outputs.items():
+                            writer.append(name, a, out_axes[name])
+                        writer.append("exit_index", r.exit_index)
+                        if r.all_exits is not None and r.gate_masks is not None:
+                            for k, exits in enumerate(r.all_exits):
+                                for name, a in exits.items():
+                                    writer.append(f"exit{k}.{name}", a, out_axes[name])
+                            writer.append("gate_masks", r.gate_masks, axis=1)
+                        advance()
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
     shares = ", ".join(
-        f"{'final' if k == n_exits - 1 else f'exit {k}'} {100.0 * c / n:.1f}%"
-        for k, c in enumerate(merged.exit_counts)
+        f"{'final' if k == n_exits - 1 else f'exit {k}'} {100.0 * c / n:.1f}%" for k, c in enumerate(counts)
     )
     return f"{n} samples -> {output}: {shares}"
 
@@ -94,6 +103,9 @@ def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; an output file is like any other
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
