@@ -473,3 +473,26 @@ def test_time_interleaved_rounds_take_turns() -> None:
     assert sorted(timed[:3]) == [0, 1, 2]
     paired = time_interleaved(calls, rounds=7, warmup=1, reference=2)
     assert len(paired) == 3 and all(m > 0 for m in paired)
+
+
+def test_exit_table_of_a_time_major_model(tmp_path: Path) -> None:
+    """Outputs [T, B, C] (batch on axis 1): one column per sample, correct only when every time step agrees."""
+    import yaml
+
+    import eecompile
+    from eecompile.calibrate import collect_exit_table
+    from tests.graphs.test_batch_axes import _time_major
+
+    _time_major(tmp_path / "model.onnx")
+    spec = {"model": "model.onnx", "exits": [{"at": "r", "head": {"output": "aux"},
+                                               "gate": {"kind": "max_prob", "threshold": 0.5}}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    bundle = eecompile.compile_model(tmp_path / "spec.yaml", tmp_path / "b.eebundle")
+    x = np.random.default_rng(1).standard_normal((9, 4, 6)).astype(np.float32)
+    table = collect_exit_table(bundle, {"x": x}, None, batch_size=4, quiet=True)
+    assert table.scores.shape == (1, 9) and table.correct.shape == (2, 9)
+    res = eecompile.load(bundle).run({"x": x}, thresholds="never", policy="never")
+    assert res.all_exits is not None and res.gate_scores is not None
+    early, final = (a["y"].argmax(-1) for a in res.all_exits)  # [T, B]
+    assert table.correct[0].tolist() == (early == final).all(axis=0).tolist()
+    np.testing.assert_allclose(table.scores[0], res.gate_scores[0])

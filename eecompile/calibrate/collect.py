@@ -141,6 +141,7 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
 
         runner = EarlyExitRunner(bundle)
     out_name = final_output(m)
+    out_axis = m.outputs[0].batch_axis or 0  # time-major outputs ([T, B, C]) have the batch on axis 1
     axes = {t.name: t.batch_axis for t in m.inputs}
     n = next(int(v.shape[axes[k] or 0]) for k, v in inputs.items() if axes.get(k) is not None)
     e = len(m.segments) - 1
@@ -152,7 +153,8 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
             res = runner.run(feeds, thresholds="never", policy="never")
             assert res.all_exits is not None and res.gate_scores is not None
             for k, outs in enumerate(res.all_exits):
-                p = predictions(outs[out_name], m.class_axis)
+                p = _batch_first(predictions(outs[out_name], m.class_axis), out_axis, m.class_axis,
+                                 outs[out_name].ndim)
                 if preds is None:
                     preds = np.empty((e + 1, n, *p.shape[1:]), p.dtype)
                 preds[k, rows] = p
@@ -164,6 +166,13 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
     correct = correctness(preds, labels)
     fires = [GateKind(s.exit.gate.kind).fires_above for s in m.segments[:-1] if s.exit.gate is not None]
     return ExitTable(scores, correct, fires, has_labels=labels is not None)
+
+
+def _batch_first(pred: np.ndarray, batch_axis: int, class_axis: int, ndim: int) -> np.ndarray:
+    """Predictions (the class axis reduced away) with the batch moved to axis 0."""
+    c = class_axis % ndim
+    b = batch_axis if batch_axis < c else batch_axis - 1
+    return np.moveaxis(pred, b, 0) if b else pred
 
 
 def _rows(a: np.ndarray, rows: slice, axis: int | None) -> np.ndarray:
