@@ -1,9 +1,9 @@
 """Exit heads trained on frozen features, by self-distillation from the final exit (labels optional).
 
-1. Features: the bundle's own segments run in ONNX Runtime over the data, batch by batch (policy ``never``),
-   with each trainable exit's cut tensor exposed as an extra output. Features, the final exit's logits and each
-   exit's current predictions are cached once (a memory-mapped file in a temporary directory when large), so
-   memory stays bounded whatever the data size.
+1. Features: the runner (:class:`~eecompile.runtimes.chain.EarlyExitRunner`, ONNX Runtime, policy ``never``)
+   runs over the data batch by batch, with each trainable exit's cut tensor exposed as an extra output.
+   Features, the final exit's logits and each exit's current predictions are cached once (a memory-mapped file
+   in a temporary directory when large), so memory stays bounded whatever the data size.
 2. Heads: each is the torch twin of its ONNX template (:func:`eecompile.heads.head_module`), trained with the
    backbone frozen (the features are fixed arrays). Loss: ``T^2 * KL(softmax(final / T) || softmax(head / T))``
    plus cross-entropy when the data has ``labels`` (and ``use_labels``). 10% of the samples are held out to
@@ -19,21 +19,16 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from eecompile.bundle import Bundle
 from eecompile.calibrate.collect import final_output, iter_batches, load_data
-from eecompile.calibrate.latency import session_options
 from eecompile.errors import BundleError, EECompileError
 from eecompile.heads import head_input_names, head_module, head_onnx, module_weights
-
-if TYPE_CHECKING:
-    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -191,19 +186,25 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                               f"{s.exit.at}; list them all in the spec's `at`")
         head_inputs[s.index] = list(s.exit.at[:n_in])
     extra = {k: [t for t in names if t not in inputs] for k, names in head_inputs.items()}
-    probe = ChainProbe(b, extra)
-    collect_batch = 1 if m.batch_mode == "per_sample" else 256
+    extra = {k: names for k, names in extra.items() if names}
+    from eecompile.runtimes.chain import EarlyExitRunner
+
+    # The runner itself, with every exit recorded (policy never) and the cut tensors exposed as extra outputs.
+    runner = EarlyExitRunner(b, expose=extra)
+    collect_batch = 256
     with tempfile.TemporaryDirectory(prefix="eecompile-features-") as tmp:
         cache = _Cache(n, Path(tmp))
         for rows in iter_batches(n, collect_batch, "computing features", quiet):
             feeds = {k: v[rows] for k, v in inputs.items()}
-            outs = probe.run(feeds)
-            cache.put("final", rows, outs[-1][m.segments[-1].exit.outputs[out_name]])
+            res = runner.run(feeds, thresholds="never", policy="never", extra_outputs=extra)
+            assert res.all_exits is not None
+            cache.put("final", rows, res.all_exits[-1][out_name])
             for s in trainable:
                 k = s.index
                 for j, t in enumerate(head_inputs[k]):
-                    cache.put(f"in{k}.{j}", rows, feeds[t] if t in feeds else outs[k][t])
-                cache.put(f"before{k}", rows, outs[k][s.exit.outputs[out_name]])
+                    cache.put(f"in{k}.{j}", rows, feeds[t] if t in feeds else res.extra[k][t])
+                cache.put(f"before{k}", rows, res.all_exits[k][out_name])
+        runner.close()
         arrays = cache.arrays
         teacher = _class_last(np.asarray(arrays["final"], np.float32), class_axis, n_classes)
         teacher_pred = teacher.argmax(-1)  # [N, P]
@@ -247,7 +248,7 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                 index=k, name=s.exit.name, kind=hs["kind"], agree_before=agreement(before, eval_rows),
                 agree_after=agreement(after, eval_rows), acc_before=accuracy(before, eval_rows),
                 acc_after=accuracy(after, eval_rows), train_agree=agreement(after, tr), loss=loss))
-            opset = _opset(probe.models[k])
+            opset = _segment_opset(b, k)
             new_heads[k] = head_onnx(hs["kind"], hs["feature_shape"], n_classes, hs.get("options"),
                                      weights=module_weights(module), opset=opset)
             hs.update(trained=True, epochs=epochs, temperature=temperature, used_labels=lab is not None,
@@ -259,7 +260,11 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     return report
 
 
-def _opset(model: Any) -> int:
+def _segment_opset(bundle: Bundle, k: int) -> int:
+    """The default-domain opset of segment k's ONNX file (the trained head is written at the same opset)."""
+    import onnx
+
+    model = onnx.load(str(bundle.verify_file(bundle.manifest.segments[k].file)), load_external_data=False)
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
 
@@ -308,82 +313,3 @@ def _predict(torch: Any, module: Any, feats: list[np.ndarray], n: int, n_classes
             logits = module(*xs)
             out.append(logits.reshape(logits.shape[0], -1, n_classes).argmax(-1).numpy())
     return np.concatenate(out)
-
-
-def _add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """Expose internal tensors as graph outputs (a copy; types from shape inference where known)."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    todo = [n for n in names if n not in have]
-    if not todo:
-        return model
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        infos = {v.name: v for v in inferred.graph.value_info}
-    except Exception:  # noqa: BLE001 - shape inference is a nicety here; ORT infers the type anyway
-        infos = {}
-    produced = {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.initializer}
-    for n in todo:
-        if n not in produced:
-            raise BundleError(f"tensor '{n}' is not computed in this segment; recompile the bundle")
-        model.graph.output.append(infos[n] if n in infos else helper.make_empty_tensor_value_info(n))
-    return model
-
-
-class ChainProbe:
-    """Runs a bundle's segments one after another in ONNX Runtime on every row (policy ``never``).
-
-    ``extra[k]`` names internal tensors of segment k to return as well (the features heads train on).
-    Each row's outputs come from every exit: nothing is dropped, so calibration and training see all exits.
-    """
-
-    def __init__(self, bundle: Bundle, extra: Mapping[int, Sequence[str]] | None = None,
-                 threads: int | None = None) -> None:
-        import onnx
-        import onnxruntime as ort
-
-        self.bundle = bundle
-        self.manifest = bundle.manifest
-        self.sessions: list[ort.InferenceSession] = []
-        self.models: list[onnx.ModelProto] = []
-        so = session_options(threads)
-        for seg in self.manifest.segments:
-            path = bundle.verify_file(seg.file)
-            model = onnx.load(str(path))
-            names = list((extra or {}).get(seg.index, []))
-            if names:
-                model = _add_outputs(model, names)
-            self.models.append(model)
-            try:
-                self.sessions.append(ort.InferenceSession(model.SerializeToString(), so,
-                                                          providers=["CPUExecutionProvider"]))
-            except Exception as e:  # noqa: BLE001 - ORT raises its own types; name the file instead
-                raise BundleError(f"{path}: ONNX Runtime cannot load this segment ({e}); recompile the bundle") from e
-
-    def segment_feeds(self, k: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seg = self.manifest.segments[k]
-        feeds: dict[str, np.ndarray] = {}
-        gate = seg.exit.gate
-        for i in self.sessions[k].get_inputs():
-            if gate is not None and i.name == gate.threshold_input:
-                feeds[i.name] = np.asarray(gate.threshold, np.float32)
-            elif i.name in env:
-                feeds[i.name] = env[i.name]
-            else:
-                raise BundleError(f"{seg.file}: input '{i.name}' is produced by no earlier segment; recompile the bundle")
-        return feeds
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Every segment's outputs (by name) for one batch of model inputs."""
-        env: dict[str, np.ndarray] = dict(inputs)
-        outs: list[dict[str, np.ndarray]] = []
-        for k, sess in enumerate(self.sessions):
-            names = [o.name for o in sess.get_outputs()]
-            values = sess.run(names, self.segment_feeds(k, env))
-            out = dict(zip(names, values, strict=True))
-            outs.append(out)
-            env.update(out)
-        return outs
