@@ -126,3 +126,11 @@ def test_old_head_on_a_new_model_is_up_converted(tmp_path: Path) -> None:
     assert _segment_opsets(b.path) == [13, 13]
     ref = with_head_output(model, head, "ReLU32_Output_0", "aux0", tmp_path / "ref.onnx")
     check_bundle(ref, b.path, _feeds(), "Plus214_Output_0", ["aux0"])
+
+
+@pytest.mark.parametrize("opset", [7, 8])
+def test_patience_gate_is_valid_at_old_opsets(opset: int) -> None:
+    sess = ort.InferenceSession(_gate_model(GateKind.PATIENCE, opset), providers=["CPUExecutionProvider"])
+    x = np.array([[9, 0, 0, 0, 0], [1, 1, 1, 1, 1], [np.nan, 0, 0, 0, 0]], np.float32)
+    gate, score = sess.run(None, {"logits": x, "ee0.threshold": np.array(1.0, np.float32)})
+    assert gate.tolist() == [True, True, False] and score[:2].tolist() == [1.0, 1.0]
