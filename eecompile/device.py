@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    delta=args.delta, backend=args.backend, batch_size=args.batch,
                                    repeats=args.repeats, threads=args.threads,
                                    reference_model=args.reference_model, quiet=True)
+            if not cal.deployed:  # nothing met the budget: the bundle was left as it was
+                print("\n".join(cal.summary_lines()), file=sys.stderr)
+                return 1
             thresholds = ", ".join(f"{e['threshold']:g}" for e in cal.exits if e.get("threshold") is not None)
             print(f"{args.bundle}: thresholds {thresholds}; accuracy drop {cal.drop:+.4f} (budget {cal.max_drop}); "
                   f"expected speedup {cal.expected_speedup:.2f}x against the {cal.baseline}")

@@ -64,7 +64,8 @@ CALIBRATE = FENCE + """
 from pathlib import Path
 from eecompile.calibrate import calibrate_bundle
 
-cal = calibrate_bundle(Path(sys.argv[1]), Path(sys.argv[2]), max_drop=0.05, repeats=3, threads=1, quiet=True)
+cal = calibrate_bundle(Path(sys.argv[1]), Path(sys.argv[2]), max_drop=0.1, repeats=3, threads=1, quiet=True)
+assert cal.deployed  # 48 samples bound a drop of 0.1 at 95%: the thresholds are written
 print(cal.drop, sorted(m for m in sys.modules if m.split(".")[0] in FENCED))
 """
 
@@ -132,7 +133,7 @@ def test_device_entry_point_without_the_compiler(compiled: tuple[Path, Path], tm
         bundle = Path(shutil.copytree(bundle, tmp_path / "cal.eebundle"))
     extra = {"run": ["-o", tmp_path / "o.npz", "--thresholds", "0.5,never"],
              "bench": ["--repeats", "2", "--json"],
-             "calibrate": ["--max-drop", "0.05", "--repeats", "3"]}[command]
+             "calibrate": ["--max-drop", "0.1", "--repeats", "3"]}[command]
     out = _python(DEVICE, command, bundle, "--data", data, "--threads", "1", *extra, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     if command == "run":
