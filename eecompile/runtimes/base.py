@@ -265,7 +265,7 @@ class SegmentBackend(ABC):
         """``out[dest] = x[rows]`` along ``x``'s batch ``axis`` (``out`` is batch first). Device backends may copy
         asynchronously; the data is in ``out`` after :meth:`synchronize`."""
         if isinstance(x, np.ndarray):
-            out[dest] = np.take(x, rows, axis=axis) if axis else x[rows]
+            out[dest] = np.moveaxis(np.take(x, rows, axis=axis), axis, 0) if axis else x[rows]
             return
         taken = self.to_host(self.gather(x, rows, axis))
         out[dest] = taken if axis == 0 else np.moveaxis(taken, axis, 0)
