@@ -208,8 +208,9 @@ class EarlyExitRunner:
                 elif name in available:
                     keep.append((name, False, axis_of[name]))
             available = {n for n, _, _ in keep} | set(produced)
-            exits = tuple((n, seg.exit.outputs[n], self._out_axes[n], produced[seg.exit.outputs[n]].dtype)
-                          for n in self.output_names)
+            # Each exit tensor's batch lies on its own axis (a time-major exit may differ from the final output).
+            exits = tuple((n, t, self._out_axes[n] if produced[t].batch_axis is None else produced[t].batch_axis,
+                           produced[t].dtype) for n, t in ((n, seg.exit.outputs[n]) for n in self.output_names))
             steps.append(_Step(index=k, inputs=tuple(t.name for t in seg.inputs),
                                gate=gate.output if gate else None,
                                score=gate.score_output if gate else None,
