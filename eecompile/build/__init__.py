@@ -20,8 +20,9 @@ from eecompile.build.onnxruntime import build_onnxruntime
 from eecompile.build.parity import verify_backend
 from eecompile.build.report import BuildReport, VerifyReport, VerifyRow
 from eecompile.build.tensorrt import build_tensorrt, compute_profiles, default_timing_cache
+from eecompile.bundle import Bundle
 from eecompile.errors import BackendError
-from eecompile.runtimes.base import BACKENDS
+from eecompile.runtimes.base import BACKENDS, check_classifier_bundle
 
 __all__ = ["BACKENDS", "BuildReport", "VerifyReport", "VerifyRow", "build_engines", "compute_profiles",
            "default_timing_cache", "verify_backend"]
@@ -35,6 +36,10 @@ def build_engines(bundle: str | Path, backend: str = "tensorrt", fp16: bool = Fa
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     path = Path(bundle)
+    if max_batch < 1 or (opt_batch is not None and not 1 <= opt_batch <= max_batch):
+        raise BackendError(f"--max-batch must be >= 1 and --opt-batch in [1, --max-batch], got {max_batch} and "
+                           f"{opt_batch}")
+    check_classifier_bundle(Bundle.load(path, verify=False), "eecompile build")
     if backend == "onnxruntime":
         return build_onnxruntime(path, max_batch)
     return build_tensorrt(path, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch, workspace_mb=workspace_mb,

@@ -11,6 +11,7 @@ import numpy as np
 from eecompile.build.report import VerifyReport, VerifyRow
 from eecompile.bundle import Bundle
 from eecompile.errors import BackendError, DataError
+from eecompile.runtimes.base import check_classifier_bundle
 from eecompile.runtimes.chain import EarlyExitRunner, make_backend
 from eecompile.runtimes.records import engine_records, rebuild_command
 
@@ -37,6 +38,7 @@ def verify_backend(bundle: str | Path, backend: str = "tensorrt", data: str | Pa
     chain uses (``set_tensor_address``, shared scratch memory, our copies), not Polygraphy's.
     """
     b = Bundle.load(bundle)
+    check_classifier_bundle(b, "eecompile verify")
     m = b.manifest
     precision = "fp32"
     max_batch = None

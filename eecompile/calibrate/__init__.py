@@ -72,6 +72,7 @@ from eecompile.calibrate.stats import (
     samples_needed_at_rate,
 )
 from eecompile.errors import CalibrationError, DataError
+from eecompile.runtimes.base import check_classifier_bundle
 
 __all__ = [
     "DEFAULT_CONFIDENCE", "METHODS", "PVALUES", "CalibrationReport", "Costs", "Evaluation", "ExitTable",
@@ -143,6 +144,7 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
         raise CalibrationError(f"--batch must be >= 1, got {batch_size}")
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     m = b.manifest
+    check_classifier_bundle(b, "eecompile calibrate")
     if len(m.segments) < 2:
         raise CalibrationError(f"{b.path}: the bundle has no early exit; nothing to calibrate")
     inputs, labels = load_data(data, m)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from eecompile.bundle import Bundle, ExitInfo, GateInfo, TensorInfo
-from eecompile.errors import BackendError, DataError, SpecError, ThresholdError
+from eecompile.errors import BackendError, BundleError, DataError, SpecError, ThresholdError
 from eecompile.runtimes.data import batch_size_of, check_array
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -58,6 +58,15 @@ THRESHOLD_RANGES: dict[str, tuple[float, float]] = {
 }
 INTEGER_THRESHOLDS = frozenset({"patience"})
 FIRES_BELOW = frozenset({"entropy"})  # gates that fire when the score is <= the threshold (the others: >=)
+
+
+def check_classifier_bundle(bundle: Bundle, command: str) -> None:
+    """Raise :class:`BundleError` when ``bundle`` is a decoder bundle (``manifest.decoder`` set): ``command``
+    (e.g. ``"eecompile run"``) runs the segment chain of a classifier-style bundle; a decoder bundle generates
+    text with ``eecompile generate`` (:class:`eecompile.runtimes.lm.DecoderRunner`)."""
+    if bundle.manifest.decoder is not None:
+        raise BundleError(f"{bundle.path}: a decoder bundle (kind: decoder); {command} takes bundles compiled from "
+                          f"a classifier spec: generate text with `eecompile generate {bundle.path} --prompt TEXT`")
 
 
 def check_policy(policy: str) -> None:

@@ -40,6 +40,7 @@ from eecompile.runtimes.base import (
     ResolvedThresholds,
     SegmentBackend,
     Threshold,
+    check_classifier_bundle,
     check_feeds,
     check_policy,
     resolve_thresholds,
@@ -148,9 +149,7 @@ class EarlyExitRunner:
                  expose: ExtraOutputs | None = None, **options: Any) -> None:
         self.bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else Bundle.load(bundle_or_path)
         m = self.manifest = self.bundle.manifest
-        if m.decoder:
-            raise BundleError(f"{self.bundle.path}: a decoder bundle (a language model with a key/value cache) runs "
-                              f"token by token: use `eecompile generate` or eecompile.runtimes.lm.DecoderRunner")
+        check_classifier_bundle(self.bundle, "the segment runner (run, bench, calibrate, /v1/predict)")
         if not m.segments:
             raise BundleError(f"{self.bundle.path}: the manifest lists no segments; recompile the bundle")
         if m.batch_mode not in ("dynamic", "per_sample"):

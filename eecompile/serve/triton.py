@@ -34,6 +34,7 @@ import numpy as np
 
 from eecompile.bundle import Bundle, TensorInfo
 from eecompile.errors import BundleError, DataError
+from eecompile.runtimes.base import check_classifier_bundle
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
                 "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
@@ -157,6 +158,7 @@ def export_triton(bundle_path: str | Path, output: str | Path, *, name: str | No
     if max_batch_size < 0 or queue_delay_us < 0 or instances < 1:
         raise DataError("--max-batch-size and --queue-delay-us must be >= 0, --instances >= 1")
     bundle = Bundle.load(bundle_path)
+    check_classifier_bundle(bundle, "eecompile export triton")
     m = bundle.manifest
     name = name or bundle.path.name.split(".")[0].replace("-", "_") or "eecompile"
     output = Path(output)

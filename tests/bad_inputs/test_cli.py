@@ -52,6 +52,14 @@ def test_batch_of_zero(ws: Path) -> None:
                  DataError, "--batch", ">= 1", workspace=ws)
 
 
+@pytest.mark.parametrize("batches", [["--max-batch", "0"], ["--max-batch", "4", "--opt-batch", "8"],
+                                     ["--opt-batch", "0"]])
+def test_build_with_an_impossible_batch_range(ws: Path, batches: list[str]) -> None:
+    """ORT engines used to record max_batch=0 (or opt > max) without a word."""
+    expect_error(["build", ws / "b.eebundle", "--backend", "onnxruntime", *batches], BackendError,
+                 "--max-batch must be >= 1", "--opt-batch in [1, --max-batch]", workspace=ws)
+
+
 def test_unknown_backend(ws: Path) -> None:
     expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", ws / "o.npz", "--backend", "tpu"],
                  BackendError, "'tpu'", "onnxruntime or tensorrt", workspace=ws)

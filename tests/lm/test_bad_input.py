@@ -125,3 +125,26 @@ def test_single_pass_runner_on_a_decoder_bundle(lm_bundle: Path) -> None:
 
     with pytest.raises(BundleError, match="decoder bundle.*eecompile generate"):
         EarlyExitRunner(lm_bundle)
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "{b}", "--data", "{d}", "-o", "{t}/out.npz"],
+    ["bench", "{b}", "--data", "{d}"],
+    ["calibrate", "{b}", "--data", "{d}", "--max-drop", "0.01"],
+    ["build", "{b}", "--backend", "onnxruntime"],
+    ["verify", "{b}", "--backend", "onnxruntime"],
+    ["export", "triton", "{b}", "-o", "{t}/repo"],
+])
+def test_classifier_commands_on_a_decoder_bundle(lm_bundle: Path, tmp_path: Path, command: list[str]) -> None:
+    """run/bench/calibrate/build/verify/export on a decoder bundle: one line that points at `generate`, and the
+    bundle and the output untouched (before: 'the manifest lists no segments', an internal error in build, a
+    Triton repository without segments)."""
+    from tests.bad_inputs.util import expect_error
+
+    data = tmp_path / "in.npz"
+    np.savez(data, input_ids=np.ones((2, 3), np.int64))
+    args = [a.format(b=lm_bundle, d=data, t=tmp_path) for a in command]
+    err = expect_error(args, BundleError, str(lm_bundle), "a decoder bundle", "eecompile generate",
+                       workspace=lm_bundle)
+    assert "no segments" not in err.message
+    assert not (tmp_path / "out.npz").exists() and not (tmp_path / "repo").exists()
