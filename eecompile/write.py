@@ -9,9 +9,12 @@ A failure anywhere leaves an earlier bundle at the destination untouched.
 from __future__ import annotations
 
 import gc
+import hashlib
 import shutil
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 import onnx_ir as ir
@@ -22,12 +25,114 @@ from eecompile.passes.verify import Reference, SegmentIO, verify_chain
 
 EXTERNAL_DATA_BYTES = 1 << 30  # segments with more weights than this are saved with external data
 INLINE_EXTERNAL_BYTES = 64 << 20  # segments of external-data models with less than this get their weights inline
+SHARED_WEIGHTS = "weights.bin"  # beside the segments: every initializer used by more than one segment, once
+SHARE_MIN_BYTES = 1024  # smaller initializers stay inside each segment that uses them
 
 
-def save_segment(model: ir.Model, path: Path) -> None:
+def _meta(t: ir.TensorProtocol) -> tuple[str, tuple[int, ...], int]:
+    return (str(t.dtype), tuple(int(d) for d in t.shape.numpy()), int(t.nbytes))
+
+
+@dataclass
+class SharedWeights:
+    """Initializers used by several segments (ALBERT-style shared layers, a loop unrolled at export, a tied
+    embedding), stored once in ``weights.bin`` beside the segment files; each segment references them by
+    ``location``/``offset``/``length`` (ONNX external data, which ONNX Runtime reads from the segment's
+    folder). Build it with :meth:`plan` before the segments are saved; :func:`save_segment` writes through it.
+
+    Two in-memory initializers are the same weight when dtype, shape and bytes (sha256) are equal; two
+    memory-mapped ones (a source model with external data) when they are read from the same file and offset
+    (not compared byte by byte, so the compiler does not page the whole model in). Only tensors of at least
+    ``SHARE_MIN_BYTES`` bytes that occur in two segments or more are moved out."""
+
+    digests: dict[tuple[int, str], bytes] = field(default_factory=dict)  # (segment, initializer) -> key
+    offsets: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # key -> (offset, length) in the file
+    file: BinaryIO | None = None
+
+    @classmethod
+    def plan(cls, models: list[ir.Model]) -> SharedWeights:
+        """Find the initializers of ``models`` (one per segment) that more than one segment holds. Only
+        tensors whose dtype and shape occur in two segments are hashed (each read once)."""
+        seen: dict[tuple, set[int]] = defaultdict(set)
+        for k, m in enumerate(models):
+            for v in m.graph.initializers.values():
+                if v.const_value is not None and v.const_value.nbytes >= SHARE_MIN_BYTES:
+                    seen[_meta(v.const_value)].add(k)
+        candidates = {meta for meta, ks in seen.items() if len(ks) > 1}
+        found: dict[tuple[int, str], bytes] = {}
+        users: dict[bytes, set[int]] = defaultdict(set)
+        for k, m in enumerate(models):
+            for v in m.graph.initializers.values():
+                t = v.const_value
+                if t is None or t.nbytes < SHARE_MIN_BYTES or _meta(t) not in candidates:
+                    continue
+                if isinstance(t, ir.ExternalTensor):  # memory-mapped source weights: where they lie, unread
+                    key = repr((str(Path(t.base_dir, t.location).resolve()), t.offset, _meta(t))).encode()
+                else:
+                    key = hashlib.sha256(t.tobytes()).digest() + repr(_meta(t)).encode()
+                found[(k, v.name)] = key
+                users[key].add(k)
+        return cls({ks: key for ks, key in found.items() if len(users[key]) > 1})
+
+    def __bool__(self) -> bool:
+        return bool(self.digests)
+
+    def take(self, k: int, model: ir.Model, folder: Path) -> int:
+        """Point segment ``k``'s shared initializers at ``folder/weights.bin`` (written on first use);
+        returns how many were moved."""
+        moved = 0
+        for v in model.graph.initializers.values():
+            key = self.digests.get((k, v.name))
+            t = v.const_value
+            if key is None or t is None:
+                continue
+            if key not in self.offsets:
+                if self.file is None:
+                    self.file = open(folder / SHARED_WEIGHTS, "wb")  # noqa: SIM115 (closed by close())
+                data = t.tobytes()
+                # Page-aligned for large tensors (ONNX Runtime memory-maps external data), 64 bytes otherwise.
+                align = 4096 if len(data) >= 65536 else 64
+                self.file.write(b"\0" * ((-self.file.tell()) % align))
+                self.offsets[key] = (self.file.tell(), len(data))
+                self.file.write(data)
+                self.file.flush()
+            off, length = self.offsets[key]
+            v.const_value = ir.ExternalTensor(SHARED_WEIGHTS, off, length, t.dtype, shape=ir.Shape(t.shape),
+                                              name=v.name, base_dir=str(folder))
+            moved += 1
+        return moved
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def save_segment(model: ir.Model, path: Path, shared: SharedWeights | None = None, index: int = -1) -> None:
     """Save a segment; weights go to ``seg{k}.onnx.data`` beside it when they are large (over 1 GiB) or came
-    from external data and are over 64 MiB (a segment must never point back at the source model's data file)."""
+    from external data and are over 64 MiB (a segment must never point back at the source model's data file).
+    With ``shared`` (and the segment's ``index``), the initializers it shares with other segments are stored
+    once in ``weights.bin`` beside it; a segment that also needs external data for its own weights then puts
+    them there too."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if shared:
+        if shared.take(index, model, path.parent):
+            own = [v for v in model.graph.initializers.values() if v.const_value is not None
+                   and not (isinstance(v.const_value, ir.ExternalTensor)
+                            and v.const_value.location == SHARED_WEIGHTS)]
+            own_size = sum(int(v.const_value.nbytes) for v in own if v.const_value is not None)
+            big = own_size > EXTERNAL_DATA_BYTES or (own_size > INLINE_EXTERNAL_BYTES and any(
+                isinstance(v.const_value, ir.ExternalTensor) for v in own))
+            for v in own:
+                t = v.const_value
+                if big and t is not None and t.nbytes >= SHARE_MIN_BYTES:
+                    shared.digests[(index, v.name)] = b"own:" + f"{index}/{v.name}".encode()
+                elif isinstance(t, ir.ExternalTensor):
+                    v.const_value = ir.tensor(t.numpy(), name=v.name)
+            if big:
+                shared.take(index, model, path.parent)
+            ir.save(model, path)
+            return
     inits = [v for v in model.graph.initializers.values() if v.const_value is not None]
     size = sum(int(v.const_value.nbytes) for v in inits if v.const_value is not None)
     external = [v for v in inits if isinstance(v.const_value, ir.ExternalTensor)]
@@ -67,10 +172,17 @@ def write_bundle(output: Path, plan: BundlePlan, engines: bool = False) -> None:
         GraphError: a segment is not valid ONNX, or the chain differs from the source model (nothing written).
         BundleError: the destination cannot be written.
     """
+    shared = SharedWeights.plan(plan.models)
     with staged_bundle(output) as tmp:
         for k, model in enumerate(plan.models):
             path = tmp / plan.manifest.segments[k].file
-            save_segment(model, path)
+            try:
+                save_segment(model, path, shared, k)
+            except BaseException:
+                shared.close()
+                raise
+            if k == len(plan.models) - 1:
+                shared.close()
             try:
                 onnx.checker.check_model(str(path))
             except onnx.checker.ValidationError as e:

@@ -28,11 +28,11 @@ def test_chain_that_differs_from_the_model_is_refused(tmp_path: Path, monkeypatc
     ws = make_workspace(tmp_path / "ws", compile_bundle=False)
     real_save = eecompile.write.save_segment
 
-    def tampered(model: ir.Model, path: Path) -> None:
+    def tampered(model: ir.Model, path: Path, *args: object) -> None:
         if path.name == "seg2.onnx":  # the last segment: scale one weight of the final layer
             w = model.graph.initializers["Wo"]
             w.const_value = ir.tensor(w.const_value.numpy() * np.float32(1.01), name="Wo")
-        real_save(model, path)
+        real_save(model, path, *args)
 
     monkeypatch.setattr(eecompile.write, "save_segment", tampered)
     with pytest.raises(GraphError, match=r"verify: with no exit taken, the chain's 'logits' differs from the "

@@ -1,0 +1,91 @@
+"""Initializers used by several segments (an ALBERT-style layer shared across depth) are stored once in the
+bundle's ``segments/weights.bin``: the bundle stays about the model's size, and the chain still equals the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_head, write_spec
+
+import eecompile
+from benchmarks.shared_weights import export_albert, layer_output
+from eecompile.write import SHARED_WEIGHTS
+
+CUTS = [layer_output(k) for k in (0, 2, 4)]
+
+
+def bundle_bytes(path: Path, under: str = "") -> int:
+    return sum(p.stat().st_size for p in (path / under).rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def albert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    d = tmp_path_factory.mktemp("albert")
+    pytest.importorskip("torch")
+    model = export_albert(d / "albert.onnx", width=256, layers=6)
+    exits = [{"at": t, "head": str(make_head(d / f"h{i}.onnx", [1, 16, 256], 5, seed=i, scale=0.5)),
+              "gate": {"kind": "max_prob", "threshold": 0.5}} for i, t in enumerate(CUTS)]
+    spec = write_spec(d, model, exits)
+    return model, d, eecompile.compile_model(spec, d / "b.eebundle").path
+
+
+def test_shared_layer_is_stored_once(albert: tuple[Path, Path, Path]) -> None:
+    model, d, bundle = albert
+    heads = sum((d / f"h{i}.onnx").stat().st_size for i in range(len(CUTS)))
+    segments = bundle_bytes(bundle, "segments")
+    assert (bundle / "segments" / SHARED_WEIGHTS).is_file()
+    # Four segments each use the shared layer; without sharing they would hold ~3x the model.
+    assert segments <= 1.05 * model.stat().st_size + heads, (segments, model.stat().st_size, heads)
+    # Every large shared initializer of every segment references weights.bin; the file is listed and hashed.
+    b = eecompile.Bundle.load(bundle)
+    assert f"segments/{SHARED_WEIGHTS}" in b.manifest.files
+    for seg in b.manifest.segments:
+        proto = onnx.load(str(bundle / seg.file), load_external_data=False)
+        ext = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert ext, f"{seg.file} references no shared weight"
+        assert {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"} \
+            == {SHARED_WEIGHTS}
+
+
+def test_shared_weights_chain_equals_model_and_compacts(albert: tuple[Path, Path, Path]) -> None:
+    import onnxruntime as ort
+
+    model, _, bundle = albert
+    x = np.random.default_rng(1).standard_normal((16, 16, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    runner = eecompile.load(bundle)
+    got = runner.run({"x": x}, thresholds="never").outputs["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    never = runner.run({"x": x}, thresholds="never", policy="never")
+    thr = [float(np.quantile(s, 0.5)) for s in never.gate_scores]
+    compact = runner.run({"x": x}, thresholds=thr, policy="compact")
+    wait = runner.run({"x": x}, thresholds=thr, policy="wait-all")
+    np.testing.assert_array_equal(compact.exit_index, wait.exit_index)
+    # Rows of a smaller batch may take another GEMM kernel: equal to float rounding.
+    np.testing.assert_allclose(compact.outputs["logits"], wait.outputs["logits"], rtol=1e-5, atol=1e-5)
+    assert len(set(compact.exit_index.tolist())) > 1, "thresholds should split the batch"
+    for i in range(len(x)):
+        k = int(compact.exit_index[i])
+        forced = ["never"] * len(CUTS)
+        if k < len(CUTS):
+            forced[k] = "always"
+        one = runner.run({"x": x[i:i + 1]}, thresholds=forced)
+        np.testing.assert_allclose(compact.outputs["logits"][i], one.outputs["logits"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_damaged_shared_weights_are_refused(albert: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from eecompile.errors import BundleError
+
+    _, _, bundle = albert
+    copy = shutil.copytree(bundle, tmp_path / "copy.eebundle")
+    w = copy / "segments" / SHARED_WEIGHTS
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"weights\.bin: sha256 does not match"):
+        eecompile.Bundle.load(copy)
