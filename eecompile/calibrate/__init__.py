@@ -142,6 +142,13 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
         raise CalibrationError(f"method '{method}' is unknown; use one of {', '.join(METHODS)}")
     if batch_size < 1:
         raise CalibrationError(f"--batch must be >= 1, got {batch_size}")
+    if plot is not None:  # checked before anything runs, like every other output path
+        plot = Path(plot)
+        if not plot.parent.is_dir():
+            raise DataError(f"--plot {plot}: directory {plot.parent} does not exist; create it or choose another "
+                            f"--plot path")
+        if plot.is_dir():
+            raise DataError(f"--plot {plot}: is a directory; give a file name for the plot (e.g. pareto.png)")
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     m = b.manifest
     check_classifier_bundle(b, "eecompile calibrate")

@@ -36,7 +36,6 @@ def plot_report(report: CalibrationReport, path: str | Path) -> Path:
     ax2.set_ylabel("share of samples")
     ax2.set_title("where samples exit")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -32,6 +32,15 @@ def read_only_dir(tmp_path: Path) -> Path:
         subprocess.run(["umount", str(d)], check=False)
 
 
+@pytest.mark.parametrize("plot", ["nodir/pareto.png", "."])
+def test_calibrate_plot_path_is_checked_before_calibrating(ws: Path, plot: str) -> None:
+    """The plot used to be written after calibration, creating any missing directories (even at /)."""
+    expect_error(["calibrate", ws / "b.eebundle", "--data", ws / "data.npz", "--max-drop", "0.2",
+                  "--plot", ws / plot], DataError, "--plot", str(ws / plot), "--plot path" if "/" in plot else
+                 "is a directory", workspace=ws)
+    assert not (ws / "nodir").exists()
+
+
 def test_output_is_a_file_with_force(ws: Path) -> None:
     (ws / "out").write_text("keep me")
     expect_error(["compile", ws / "spec.yaml", "-o", ws / "out", "--force"], BundleError, "out", "is a file",
