@@ -48,12 +48,22 @@ class CutPoint:
     problem: str | None = None  # why it cannot be an exit (None: it can)
     feeds_elementwise: bool = False  # read after the cut by an Add/Sum/Mul (a residual join)
     forks: bool = False  # read by two or more nodes after the cut (a block boundary with a residual branch)
+    carried_bytes: int = 0  # bytes per sample handed to the next segment (what compaction gathers)
+    exit_flops: int = 0  # a light exit here (pool + one linear layer to the final output's width) per sample
 
-    def to_json(self) -> dict[str, Any]:
+    def cost(self, total_flops: int) -> dict[str, Any]:
+        """What an exit here costs: its light head's FLOPs as a share of the model's, the bytes per sample the
+        cut carries, and whether a residual join reads the tensor after the cut (ONNX Runtime's per-segment
+        optimisation and TensorRT lose the fused join there; the default ORT CPU engines keep it)."""
+        return {"exit_flops_fraction": round(self.exit_flops / total_flops, 6) if total_flops else 0.0,
+                "carried_bytes_per_sample": self.carried_bytes, "residual_join": self.feeds_elementwise}
+
+    def to_json(self, total_flops: int = 0) -> dict[str, Any]:
         """The entry of ``eecompile analyze --json``'s ``cut_points`` list."""
         return {"tensor": self.tensor, "shape": self.shape, "flops_before": self.flops_before,
                 "fraction": round(self.fraction, 6), "carried": self.carried, "inputs_after": self.inputs_after,
-                "batch_axis": self.batch_axis, "valid": self.problem is None, "problem": self.problem}
+                "batch_axis": self.batch_axis, "valid": self.problem is None, "problem": self.problem,
+                "cost": self.cost(total_flops)}
 
 
 @dataclass
@@ -79,7 +89,7 @@ class AnalysisReport:
         """The document ``eecompile analyze --json`` prints (valid cut points only)."""
         return {"model": self.model, "inputs": self.inputs, "outputs": self.outputs,
                 "total_flops": self.total_flops, "batch_mode": self.batch_mode,
-                "cut_points": [c.to_json() for c in self.valid], "suggested": self.suggested}
+                "cut_points": [c.to_json(self.total_flops) for c in self.valid], "suggested": self.suggested}
 
     def print(self, show_all: bool = False) -> None:
         """Print the suggested cut points (every valid one with ``show_all``) as a table."""
@@ -91,11 +101,15 @@ class AnalysisReport:
         rows = self.valid if show_all else [c for c in self.valid if c.tensor in self.suggested]
         title = "all cut points" if show_all else "suggested cut points (--all lists every one)"
         table = Table(title=title)
-        for col in ("tensor", "shape", "FLOPs before", "fraction", "carried"):
+        for col in ("tensor", "shape", "FLOPs before", "fraction", "carried", "exit cost"):
             table.add_column(col, overflow="fold")
         for c in rows:
             carried = ", ".join(c.carried) + (f" (+ inputs {', '.join(c.inputs_after)})" if c.inputs_after else "")
-            table.add_row(c.tensor, str(c.shape), f"{c.flops_before / 1e6:,.2f}M", f"{c.fraction:.1%}", carried)
+            cost = c.cost(self.total_flops)
+            what = (f"{cost['exit_flops_fraction']:.2%} FLOPs, {c.carried_bytes / 1e3:,.0f} kB carried"
+                    + (", residual join" if c.feeds_elementwise else ""))
+            table.add_row(c.tensor, str(c.shape), f"{c.flops_before / 1e6:,.2f}M", f"{c.fraction:.1%}", carried,
+                          what)
         console.print(table)
         bad = [c for c in self.cut_points if c.problem is not None]
         if bad and show_all:
@@ -109,6 +123,9 @@ def find_cut_points(pm: PreparedModel) -> list[CutPoint]:
     idx, probe = pm.index, pm.probe
     all_nodes = (1 << len(idx.nodes)) - 1
     out: list[CutPoint] = []
+    b0 = probe.batches[0]
+    final = next((probe.facts.get(v.name or "") for v in idx.graph_outputs), None)
+    width = int(final.shapes[b0][-1]) if final is not None and final.shapes.get(b0) else 1
     for i, node in enumerate(idx.nodes):
         if idx.recomputable[i]:
             continue
@@ -131,8 +148,37 @@ def find_cut_points(pm: PreparedModel) -> list[CutPoint]:
             joins = any(idx.nodes[j].op_type in _JOINS for j in users)
             out.append(CutPoint(facts.name, shape, facts.dtype, facts.batch_axis, [c.name or "" for c in carried],
                                 [x.name or "" for x in inputs_after], pm.cum_flops[i], frac, i, problem, joins,
-                                forks=len(users) >= 2))
+                                forks=len(users) >= 2, carried_bytes=_carried_bytes(probe, carried, b0),
+                                exit_flops=_exit_flops(facts, b0, width)))
     return out
+
+
+def _per_sample(shape: tuple[int, ...], batch_axis: int | None, batch: int) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n // batch if batch_axis is not None and batch else n
+
+
+def _carried_bytes(probe: Any, carried: list[ir.Value], batch: int) -> int:
+    import numpy as np
+
+    total = 0
+    for c in carried:
+        f = probe.facts.get(c.name or "")
+        if f is not None and f.shapes.get(batch) is not None:
+            total += _per_sample(f.shapes[batch], f.batch_axis, batch) * np.dtype(f.dtype).itemsize
+    return total
+
+
+def _exit_flops(facts: Any, batch: int, width: int) -> int:
+    """FLOPs per sample of a light exit at this tensor: pooling reads every element once, then one linear layer
+    from its channels (axis 1 of a feature map, the last axis otherwise) to ``width`` outputs (2 per MAC)."""
+    shape = facts.shapes.get(batch)
+    if not shape:
+        return 0
+    channels = int(shape[1]) if len(shape) == 4 else int(shape[-1])
+    return _per_sample(shape, facts.batch_axis, batch) + 2 * channels * width
 
 
 def cut_problem(pm: PreparedModel, v: ir.Value, carried: list[ir.Value]) -> str | None:
@@ -165,8 +211,9 @@ _JOIN_PENALTY = 0.08
 _FORK_BONUS = 0.03
 
 
-def _suggest_distance(c: CutPoint, target: float) -> float:
-    d = abs(c.fraction - target)
+def _suggest_distance(c: CutPoint, target: float, total: int = 0) -> float:
+    # An exit whose head costs x of the model's FLOPs counts x further from the target: cheaper cuts win ties.
+    d = abs(c.fraction - target) + (c.exit_flops / total if total else 0.0)
     if len(c.shape) == 4 and c.feeds_elementwise:
         d += _JOIN_PENALTY
     if len(c.shape) == 3 and c.forks:
@@ -193,7 +240,7 @@ def suggest(cuts: list[CutPoint], total: int, n: int = 4) -> list[str]:
     picked: list[CutPoint] = []
     for k in range(1, n + 1):
         target = k / (n + 1)
-        best = min(clean, key=lambda c: (_suggest_distance(c, target), len(c.carried)))
+        best = min(clean, key=lambda c: (_suggest_distance(c, target, total), len(c.carried)))
         if best not in picked:
             picked.append(best)
     picked.sort(key=lambda c: c.order)

@@ -71,3 +71,18 @@ def test_flops_count_matmuls_that_read_inputs_and_if_outputs_can_be_cut(tmp_path
     assert by_name["h"].flops_before == 32  # the first MatMul reads the model input directly
     assert "inner" not in by_name  # never inside the If body
     assert set(by_name) == {"h", "r", "z"}
+
+
+def test_analyze_says_what_each_cut_costs(torch_model) -> None:  # type: ignore[no-untyped-def]
+    """Every cut point names its exit's FLOPs share, the bytes it carries per sample and a residual join after it."""
+    from eecompile.compiler import analyze_model
+
+    report = analyze_model(torch_model("resnet"))
+    doc = {c["tensor"]: c for c in report.to_json()["cut_points"]}
+    proj, ident = doc["/layers.0/Relu_1_output_0"], doc["/layers.3/Relu_1_output_0"]  # [16,32,32], [64,8,8]
+    assert proj["cost"]["carried_bytes_per_sample"] == 16 * 32 * 32 * 4
+    assert ident["cost"]["carried_bytes_per_sample"] == 64 * 8 * 8 * 4
+    assert proj["cost"]["residual_join"] is False and ident["cost"]["residual_join"] is True
+    # pool over the map + a linear layer to the 10 classes, against the whole model
+    assert proj["cost"]["exit_flops_fraction"] == pytest.approx((16 * 32 * 32 + 2 * 16 * 10) / report.total_flops,
+                                                                abs=1e-6)
