@@ -123,6 +123,26 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{_r(r['other_ms'], '', 2)} | {_r(r['speedup'], 'x', 2)} | {_r(r['cpu_speedup'], 'x', 2)} | "
                          f"{agree:.1%} | {', '.join(f'{v:.0%}' for v in r['exit_shares'])} |")
         lines.append("")
+    if "auto" in f:
+        a = f["auto"]
+        lines += ["### `eecompile auto` on digits vs the demo's hand-placed exits (budget 1%, batch 1)", ""]
+        if a.get("measured") is False:
+            lines += [f"Not measured: {a.get('reason')}", ""]
+        else:
+            lines += ["| placement | exits | measured speedup (calibrate) | drop on calibration data | exit shares |",
+                      "|---|---|---|---|---|"]
+            rows = [("auto (chosen)", a["chosen"])] + [("auto, also compiled", c) for c in a["verified"]
+                                                        if c["exits"] != a["chosen"]["exits"]]
+            if a.get("hand_placed"):
+                rows.append(("hand-placed (demo)", a["hand_placed"]))
+            for tag, c in rows:
+                lines.append(f"| {tag} | {', '.join(c['exits'])} | {c['measured_speedup']:.2f}x | "
+                             f"{c['measured_drop']:+.4f} | {', '.join(f'{v:.0%}' for v in c['exit_shares'] or [])} |")
+            t = a.get("test")
+            if t:
+                lines += ["", f"Test split ({t['samples']} digits) on the bundle auto wrote: accuracy "
+                              f"{t['accuracy']:.4f}, exit shares {', '.join(f'{v:.0%}' for v in t['exit_shares'])}."]
+            lines.append("")
     if results.get("errors"):
         lines += ["### Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()] + [""]
     return "\n".join(lines)

@@ -415,7 +415,13 @@ def _papers(ctx: Context) -> dict[str, Any]:
     return papers(ctx)
 
 
+def _auto(ctx: Context) -> dict[str, Any]:
+    from benchmarks.auto_digits import auto_digits
+
+    return auto_digits(ctx)
+
+
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "overhead": overhead, "speedup": speedup, "compaction": compaction, "compile": compile_cost, "hop": hop_cost,
-    "papers": _papers,
+    "papers": _papers, "auto": _auto,
 }

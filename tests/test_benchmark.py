@@ -112,7 +112,8 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], lis
 def test_quick_suite_writes_every_figure(quick: tuple[dict[str, Any], list[Path]]) -> None:
     results, files = quick
     assert results["errors"] == {}
-    assert set(results["figures"]) == {"overhead", "speedup", "compaction", "compile", "hop", "papers"}
+    assert set(results["figures"]) == {"overhead", "speedup", "compaction", "compile", "hop", "papers",
+                                           "auto"}
     names = {f.name for f in files}
     assert {"results-quick.json", "results-quick.md"} <= names
     on_disk = json.loads(next(f for f in files if f.suffix == ".json").read_text())
