@@ -190,8 +190,9 @@ def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPla
         k, [v.name or "" for v in e.at], final.name or "", final_shape, where=f"exits[{k}].head", head=head_model,
         head_output=e.head_output.name if e.head_output is not None else None,
         head_output_shape=pm.shape_of(e.head_output.name) if e.head_output is not None else None,
-        score_output=e.spec.head.score_output if head_model is not None else
-        (e.score_output.name if e.score_output is not None else None),
+        # A head file's score_output names one of its outputs; for built-in and in-model heads, a model tensor.
+        score_output=e.spec.head.score_output if e.spec.head.file is not None else None,
+        score_tensor=e.score_output.name if e.score_output is not None else None,
         activation=exit_activation(final_act, e, head_model, final.name or "", f"exits[{k}].head"))
     nxt = exits[k + 1].spec.gate.kind if k + 1 < len(exits) else None
     at_shape = pm.shape_of(e.at[0].name)

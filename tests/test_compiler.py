@@ -54,6 +54,26 @@ def test_score_gate_reads_a_head_output(tmp_path: Path) -> None:
     np.testing.assert_allclose(never.gate_scores[0], conf, rtol=1e-5)
 
 
+def test_built_in_head_scored_by_a_model_tensor(tmp_path: Path) -> None:
+    """A built-in head (``kind: linear``) whose ``score_output`` names a model tensor: the head's own graph
+    has one output, the score gate reads the model's ``conf``."""
+    model = _save(tmp_path, SCORED)
+    spec = write_spec(tmp_path, model, [{"at": "r", "head": {"kind": "linear", "score_output": "conf"},
+                                         "gate": {"kind": "score", "threshold": 0.5}}],
+                      {"output": "y", "drop": ["aux"]})
+    runner = eecompile.load(eecompile.compile_model(spec, tmp_path / "b.eebundle").path)
+    x = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    r = np.maximum(x, 0)
+    conf = 1 / (1 + np.exp(-(r @ np.array([1, -1, 0.5, 0], np.float32))))
+    never = runner.run({"x": x}, policy="never")
+    np.testing.assert_allclose(never.gate_scores[0], conf, rtol=1e-5)
+    res = runner.run({"x": x})
+    np.testing.assert_array_equal(res.exit_index == 0, conf >= 0.5)
+    assert 0 < (conf >= 0.5).sum() < 64
+    y = np.tanh(r) @ np.array([[2, 0, 0], [0, 2, 0], [0, 0, 2], [0, 0, 0]], np.float32)
+    np.testing.assert_allclose(res.outputs["y"][conf < 0.5], y[conf < 0.5], rtol=1e-5, atol=1e-6)
+
+
 MIXING = """
 <ir_version: 8, opset_import: ["" : 18]>
 g (float[1, 4] x) => (float[1, 3] y) <float[4, 4] w = {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1},

@@ -244,11 +244,11 @@ class AttachHeadPass(ir.passes.InPlacePass):
     def __init__(self, k: int, at: Sequence[str], final_name: str, final_shape: Dims, *, where: str,
                  head: ir.Model | None = None, head_output: str | None = None,
                  head_output_shape: Dims | None = None, score_output: str | None = None,
-                 activation: FinalActivation | None = None) -> None:
+                 score_tensor: str | None = None, activation: FinalActivation | None = None) -> None:
         super().__init__()
         self.k, self.at, self.final_name, self.final_shape, self.where = k, list(at), final_name, final_shape, where
         self.head, self.head_output, self.head_output_shape = head, head_output, head_output_shape
-        self.score_output, self.activation = score_output, activation
+        self.score_output, self.score_tensor, self.activation = score_output, score_tensor, activation
         self.logits: ir.Value | None = None
         self.output: ir.Value | None = None
         self.score: ir.Value | None = None
@@ -259,6 +259,8 @@ class AttachHeadPass(ir.passes.InPlacePass):
         if self.head is not None:  # cases 1 and 4
             logits, self.score = splice_head(g, self.k, [values[n] for n in self.at], self.head, self.where,
                                              self.score_output)
+            if self.score_tensor is not None:  # a built-in head scored by a model tensor
+                self.score = values[self.score_tensor]
             if logits.shape is not None and len(logits.shape) >= 1:
                 logits_shape: Dims = [d if isinstance(d, int) else "batch" for d in logits.shape]
             else:
@@ -266,7 +268,7 @@ class AttachHeadPass(ir.passes.InPlacePass):
         else:  # case 2
             assert self.head_output is not None and self.head_output_shape is not None
             logits, logits_shape = values[self.head_output], self.head_output_shape
-            self.score = values[self.score_output] if self.score_output is not None else None
+            self.score = values[self.score_tensor] if self.score_tensor is not None else None
         name, act = exit_output(self.k, self.final_name), self.activation
         self.logits = fit_exit_output(g, self.k, logits, logits_shape, self.final_shape,  # case 4
                                       exit_logits(self.k) if act else name, self.where)
