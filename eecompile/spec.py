@@ -73,6 +73,7 @@ _THRESHOLD_RANGE: dict[GateKind, tuple[float, float]] = {
 }
 
 HEAD_KINDS = ("linear", "mlp", "conv", "token")
+HEAD_OPTIONS = ("hidden", "conv_channels", "pool", "seed")  # the options of eecompile.heads (same names)
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,8 @@ def _parse_head(node: _Node, path: str, base: Path) -> HeadSpec:
         raise SpecError(f"{_at(path + '.kind', m['kind'])}: unknown head kind '{_show(kind)}'; {hint}")
     opts: dict[str, Any] = {}
     if "options" in m:
+        _mapping(m["options"], f"{path}.options")
+        _check_keys(m["options"], HEAD_OPTIONS, f"{path}.options")
         opts = {k: v.value for k, v in _mapping(m["options"], f"{path}.options").items()}
     return HeadSpec(kind=kind, options=opts, score_output=score)
 

@@ -162,3 +162,25 @@ def test_list_where_a_string_is_expected_shows_the_values(ws: Path) -> None:
     e = expect_error(_compile(ws, _spec(ws, doc)), SpecError, "model", "expected a non-empty string",
                      "['a.onnx', 'b.onnx']", workspace=ws)
     assert "_Node" not in e.message
+
+
+def test_misspelt_head_option_names_the_yaml_path(ws: Path) -> None:
+    """Before: "head option 'hiden' is unknown for kind 'linear'", without the exit or a suggestion."""
+    doc = spec_doc()
+    doc["exits"][0]["head"] = {"kind": "mlp", "options": {"hiden": 32}}
+    expect_error(_compile(ws, _spec(ws, doc)), SpecError, "exits[0].head.options.hiden", "line",
+                 "did you mean 'hidden'", workspace=ws)
+
+
+def test_head_options_of_the_wrong_type(ws: Path) -> None:
+    doc = spec_doc()
+    doc["exits"][0]["head"] = {"kind": "mlp", "options": [32]}
+    expect_error(_compile(ws, _spec(ws, doc)), SpecError, "exits[0].head.options", "expected a mapping",
+                 workspace=ws)
+
+
+def test_spec_head_options_are_the_heads_options() -> None:
+    from eecompile.heads import _DEFAULTS
+    from eecompile.spec import HEAD_OPTIONS
+
+    assert tuple(_DEFAULTS) == HEAD_OPTIONS
