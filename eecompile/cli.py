@@ -617,7 +617,7 @@ def sign(bundle: Path, private_key: Path) -> None:
               help="The signer's EC public key, PEM (openssl ec -in key.pem -pubout -out pub.pem).")
 @_user_errors
 def verify_signature(bundle: Path, public_key: Path) -> None:
-    """Check BUNDLE's signature against PUBLIC_KEY: exit 0 when it holds, 1 naming what differs."""
+    """Check BUNDLE's signature against --public-key: exit 0 when it holds, 1 naming what differs."""
     from eecompile.signing import verify_bundle
 
     verify_bundle(bundle, public_key)
