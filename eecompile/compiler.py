@@ -70,13 +70,25 @@ class Pipeline(ir.passes.Sequential):
         return ir.passes.PassResult(model, modified)
 
 
+def check_dim_names(model: ir.Model, dims: dict[str, int] | None, path: str | Path) -> None:
+    """Raise SpecError naming each ``dims`` key (``--dim NAME=SIZE``) that is not a symbolic dim of a model input."""
+    names = sorted({d.value for v in model.graph.inputs if v.shape is not None for d in v.shape
+                    if isinstance(d, ir.SymbolicDim) and d.value})
+    unknown = [k for k in (dims or {}) if k not in names]
+    if unknown:
+        have = f"its inputs' symbolic dims are {', '.join(names)}" if names else "its inputs have no named symbolic dim"
+        raise SpecError(f"--dim {', '.join(unknown)}: {Path(path).name} has no input dimension named so; {have}")
+
+
 def prepare(path: str | Path, dims: dict[str, int] | None = None) -> PreparedModel:
     """Stages load, shape inference, batch dynamic and probe: the front half that ``analyze`` shares.
 
     ``dims`` gives sizes to symbolic non-batch input dims (e.g. ``{"seq": 128}``) for probing; unnamed ones
     take 8. Raises GraphError for a file that is missing, not ONNX, has missing external data, or that ONNX
-    Runtime cannot run."""
+    Runtime cannot run; SpecError for a ``dims`` name that no model input's shape has (a typo would otherwise be
+    ignored silently)."""
     model = load_model(path)
+    check_dim_names(model, dims, path)
     batch = BatchDynamicPass(dims)
     model = Pipeline(InferShapesPass(), batch)(model).model
     assert batch.result is not None

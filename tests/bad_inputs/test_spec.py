@@ -184,3 +184,10 @@ def test_spec_head_options_are_the_heads_options() -> None:
     from eecompile.spec import HEAD_OPTIONS
 
     assert tuple(_DEFAULTS) == HEAD_OPTIONS
+
+
+def test_dim_name_the_model_does_not_have(ws: Path) -> None:
+    """``--dim sqe=128`` used to be ignored without a word (the model's dim stayed at the probing default)."""
+    expect_error([*_compile(ws, ws / "spec.yaml"), "--dim", "sqe=128"], SpecError, "--dim sqe", "model.onnx",
+                 "no input dimension named so", workspace=ws)
+    expect_error(["analyze", ws / "model.onnx", "--dim", "sqe=128"], SpecError, "--dim sqe", workspace=ws)
