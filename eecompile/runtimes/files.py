@@ -46,6 +46,9 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
         raise DataError(f"{output.parent}: directory does not exist; create it or choose another -o path")
     if output.is_dir():
         raise DataError(f"{output}: is a directory; give a file name for the output .npz")
+    if output.exists() and Path(data).exists() and os.path.samefile(output, data):
+        raise DataError(f"{output}: is the --data file; writing the outputs there would replace the inputs; choose "
+                        f"another -o path")
     if not os.access(output.parent, os.W_OK):  # say so before running every batch, not after
         raise DataError(f"{output}: cannot write there ({output.parent} is not writable); choose another -o path")
     options: dict[str, Any] = dict(backend_options) if threads is None else {**backend_options, "threads": threads}

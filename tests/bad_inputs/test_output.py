@@ -84,3 +84,12 @@ def test_run_output_directory_missing(ws: Path) -> None:
 def test_run_output_directory_not_writable(ws: Path, read_only_dir: Path) -> None:
     expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", read_only_dir / "out.npz"],
                  DataError, "out.npz", "writable", workspace=ws)
+
+
+@pytest.mark.parametrize("same", ["data.npz", "./data.npz", "link.npz"])
+def test_run_output_is_the_input_file(ws: Path, same: str) -> None:
+    """`run --data in.npz -o in.npz` used to replace the user's inputs with the outputs."""
+    if same == "link.npz":
+        os.link(ws / "data.npz", ws / "link.npz")
+    expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", ws / same], DataError,
+                 str(ws / same), "is the --data file", "choose another -o path", workspace=ws)
