@@ -14,6 +14,7 @@ Example::
         head: {output: aux_logits}
         gate: {kind: entropy, threshold: 0.4}
     final: {output: logits, class_axis: -1}   # drop: [other model outputs the bundle leaves out]
+    # final: {output: eps, task: regression}  # no class axis: only score and saturation gates
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ _THRESHOLD_RANGE: dict[GateKind, tuple[float, float]] = {
 
 HEAD_KINDS = ("linear", "mlp", "conv", "token")
 HEAD_OPTIONS = ("hidden", "conv_channels", "pool", "seed")  # the options of eecompile.heads (same names)
+
+
+# Gates that need no class axis: the only ones accepted on a regression output (``final.task: regression``).
+REGRESSION_GATES = (GateKind.SCORE, GateKind.SATURATION)
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,12 @@ class FinalSpec:
     # Model outputs the bundle leaves out (no exit gives them a value). Every other model output must be the
     # final output or an exit head's output inside the model: compile refuses a spec that leaves one undefined.
     drop: tuple[str, ...] = ()
+    # "classification" (an axis of class scores) or "regression" (no class axis: predicted noise, a depth map,
+    # an embedding): there only gates that need no classes are accepted (see REGRESSION_GATES).
+    task: str = "classification"
+
+
+TASKS = ("classification", "regression")
 
 
 @dataclass(frozen=True)
@@ -372,7 +383,7 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
     final = FinalSpec()
     if "final" in m:
         fm = _mapping(m["final"], "final")
-        _check_keys(m["final"], ("output", "class_axis", "drop"), "final")
+        _check_keys(m["final"], ("output", "class_axis", "drop", "task"), "final")
         out = _string(fm["output"], "final.output") if "output" in fm else None
         drop: tuple[str, ...] = ()
         if "drop" in fm:
@@ -386,7 +397,26 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
             if isinstance(v, bool) or not isinstance(v, int):
                 raise SpecError(f"{_at('final.class_axis', fm['class_axis'])}: expected an integer axis, got {_plain(v)!r}")
             axis = v
-        final = FinalSpec(output=out, class_axis=axis, drop=drop)
+        task = "classification"
+        if "task" in fm:
+            task = _string(fm["task"], "final.task")
+            if task not in TASKS:
+                raise SpecError(f"{_at('final.task', fm['task'])}: unknown task '{_show(task)}'; one of "
+                                f"{', '.join(TASKS)}")
+        if task == "regression":
+            if axis is not None:
+                raise SpecError(f"{_at('final.class_axis', fm['class_axis'])}: a regression output has no class "
+                                f"axis; remove class_axis or set task: classification")
+            for i, node in enumerate(m["exits"].value):
+                kind = exits[i].gate.kind
+                if kind not in REGRESSION_GATES:
+                    gate = _mapping(node, f"exits[{i}]")["gate"]
+                    raise SpecError(
+                        f"{_at(f'exits[{i}].gate.kind', gate)}: '{kind.value}' needs a class axis (class "
+                        f"probabilities or the argmax), and final.task is regression (the final output has no class axis); use "
+                        f"{' or '.join(k.value for k in REGRESSION_GATES)} (a score head's score_output, or the "
+                        f"change between consecutive exits' features)")
+        final = FinalSpec(output=out, class_axis=axis, drop=drop, task=task)
     return Spec(model=model, exits=exits, final=final, source=source)
 
 
