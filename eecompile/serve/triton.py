@@ -162,6 +162,10 @@ def export_triton(bundle_path: str | Path, output: str | Path, *, name: str | No
     m = bundle.manifest
     name = name or bundle.path.name.split(".")[0].replace("-", "_") or "eecompile"
     output = Path(output)
+    out, src = output.resolve(), bundle.path.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise DataError(f"{output}: {'is' if out == src else 'inside' if src in out.parents else 'holds'} the bundle "
+                        f"{bundle.path}; the repository must not overlap it: choose an -o path outside the bundle")
     if output.exists() and not force:
         raise DataError(f"{output}: already exists; pass --force to replace it")
     if not output.parent.is_dir():

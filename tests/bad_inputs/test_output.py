@@ -93,3 +93,11 @@ def test_run_output_is_the_input_file(ws: Path, same: str) -> None:
         os.link(ws / "data.npz", ws / "link.npz")
     expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", ws / same], DataError,
                  str(ws / same), "is the --data file", "choose another -o path", workspace=ws)
+
+
+@pytest.mark.parametrize("where", ["b.eebundle", "b.eebundle/repo", "."])
+def test_export_triton_into_or_over_the_bundle(ws: Path, where: str) -> None:
+    """`-o BUNDLE --force` used to replace the bundle with the repository, `-o BUNDLE/repo` recursed without
+    end, and `-o DIR-HOLDING-THE-BUNDLE --force` would have deleted that directory."""
+    expect_error(["export", "triton", ws / "b.eebundle", "-o", ws / where, "--force"], DataError,
+                 "the bundle", "must not overlap it", "choose an -o path outside the bundle", workspace=ws)
