@@ -299,10 +299,13 @@ def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: boo
 @click.option("--reference-model", type=click.Path(path_type=Path), default=None,
               help="The unsplit .onnx to time as the baseline (a source model outside the bundle is not opened "
                    "because the manifest names it).")
+@click.option("--error-budget", type=float, default=None,
+              help="Regression outputs: a sample is wrong at an exit when its relative L2 error to the final "
+                   "output exceeds this (0.05 = 5%); --max-drop bounds the fraction of such samples.")
 @_user_errors
 def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence: float | None,
               delta: float | None, backend: str, batch: int, plot: Path | None,
-              reference_model: Path | None) -> None:
+              reference_model: Path | None, error_budget: float | None) -> None:
     """Choose thresholds for an accuracy budget, from latencies measured on the backend.
 
     Exits with status 1, leaving the bundle as it was, when no setting meets the budget at the confidence
@@ -310,7 +313,8 @@ def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence
     from eecompile.calibrate import calibrate_bundle
 
     report = calibrate_bundle(bundle, data, max_drop=max_drop, method=method, confidence=confidence, delta=delta,
-                              backend=backend, batch_size=batch, plot=plot, reference_model=reference_model)
+                              backend=backend, batch_size=batch, plot=plot, reference_model=reference_model,
+                              error_budget=error_budget)
     report.print()
     if not report.deployed:
         click.echo(f"error: no thresholds meet drop <= {max_drop:g} at confidence {report.confidence:g} with "

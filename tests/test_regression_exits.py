@@ -96,3 +96,39 @@ def test_denoiser_with_score_and_saturation_exits(tmp_path: Path) -> None:
                     np.where((compact.exit_index == 1)[:, None, None, None], eps2, eps))
     np.testing.assert_allclose(compact.outputs["eps"], want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(wait.outputs["eps"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_error_budget_calibration_holds_on_held_out_samples(tmp_path: Path) -> None:
+    """calibrate with an error budget: per-sample relative L2 error to the final output <= eps counts as right,
+    and the fraction over budget is what --max-drop bounds (search, Clopper-Pearson at 0.95)."""
+    from eecompile.calibrate import calibrate_bundle, collect_exit_table
+
+    model = export_denoiser(tmp_path / "denoiser.onnx")
+    spec = write_spec(tmp_path, model, _exits(), {"output": "eps", "task": "regression"})
+    path = eecompile.compile_model(spec, tmp_path / "b.eebundle").path
+    rng = np.random.default_rng(0)
+    # Inputs of varied scale, so an exit's relative error varies from sample to sample.
+    x = (rng.standard_normal((1200, 3, 16, 16)) * rng.uniform(0.05, 3, (1200, 1, 1, 1))).astype(np.float32)
+    cal, held = x[:800], x[800:]
+    runner = eecompile.load(path)
+    never = runner.run({"x": held}, thresholds="never", policy="never")
+    final = never.outputs["eps"].reshape(len(held), -1)
+
+    def rel(k: int) -> np.ndarray:
+        y = never.all_exits[k]["eps"].reshape(len(held), -1)
+        return np.linalg.norm(y - final, axis=1) / np.linalg.norm(final, axis=1)
+
+    budget = float(np.quantile(rel(1), 0.6))  # about 60% of the samples are within budget at exit 1
+    table = collect_exit_table(eecompile.Bundle.load(path), {"x": held}, None, error_budget=budget)
+    np.testing.assert_array_equal(table.correct[1], rel(1) <= budget)
+    np.testing.assert_array_equal(table.correct[0], rel(0) <= budget)
+    assert table.correct[-1].all()
+    np.savez(tmp_path / "cal.npz", x=cal)
+    report = calibrate_bundle(path, tmp_path / "cal.npz", max_drop=0.2, error_budget=budget, costs=[1, 1, 1],
+                              quiet=True)
+    assert report.deployed, report
+    res = eecompile.load(path).run({"x": held})
+    assert (res.exit_index < 2).any(), "the calibrated thresholds let some samples exit early"
+    out = res.outputs["eps"].reshape(len(held), -1)
+    over = np.linalg.norm(out - final, axis=1) / np.linalg.norm(final, axis=1) > budget
+    assert over.mean() <= 0.2, f"{over.mean():.3f} of held-out samples over the error budget"

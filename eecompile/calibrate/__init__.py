@@ -111,7 +111,8 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
                      delta: float | None = None, confidence: float | None = None, backend: str = "onnxruntime",
                      batch_size: int = 1, plot: str | Path | None = None, repeats: int = 100,
                      threads: int | None = None, reference_model: str | Path | None = None, seed: int = 0,
-                     quiet: bool = False, costs: Sequence[float] | None = None) -> CalibrationReport:
+                     quiet: bool = False, costs: Sequence[float] | None = None,
+                     error_budget: float | None = None) -> CalibrationReport:
     """Choose every early exit's threshold for an accuracy budget and write them into the bundle.
 
     ``data``: an .npz with the model inputs (N samples) and optionally ``labels`` (class indices; without
@@ -128,6 +129,11 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     source model lies inside the bundle. ``costs`` (seconds per segment) skips the measurement (for tests and
     replayed measurements).
 
+    ``error_budget`` (regression outputs: ``final.task: regression``): a sample counts as wrong at an exit when
+    that exit's output is more than ``error_budget`` relative L2 error from the final output
+    (:func:`collect_exit_table`); ``max_drop`` then bounds the fraction of such samples, through the same
+    search or LTT. Labels are ignored.
+
     Returns a :class:`CalibrationReport`. When no setting that lets samples exit meets the budget at this
     confidence, nothing is written (the bundle keeps its thresholds), ``report.deployed`` is False and the
     report gives the sample count the budget needs (the CLI then exits with status 1). Raises
@@ -138,6 +144,8 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     conf = resolve_confidence(confidence, delta)
     dlt = 1.0 - conf
     _check_budget(max_drop)
+    if error_budget is not None and not (math.isfinite(error_budget) and error_budget > 0):
+        raise CalibrationError(f"--error-budget must be a positive relative L2 error (0.05 = 5%), got {error_budget}")
     if method not in METHODS:
         raise CalibrationError(f"method '{method}' is unknown; use one of {', '.join(METHODS)}")
     if batch_size < 1:
@@ -174,7 +182,8 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     runner = EarlyExitRunner(b, backend=backend, **options)
     try:
         collect_batch = 256 if backend == "onnxruntime" else batch_size
-        table = collect_exit_table(b, inputs, labels, quiet=quiet, runner=runner, batch_size=collect_batch)
+        table = collect_exit_table(b, inputs, None if error_budget is not None else labels, quiet=quiet,
+                                   runner=runner, batch_size=collect_batch, error_budget=error_budget)
         if costs is None:
             cum_s, full_s = measure_latency(b, inputs, backend=backend, batch_size=batch_size, repeats=repeats,
                                             threads=threads, reference_model=reference_model, runner=runner)

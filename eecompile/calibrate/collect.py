@@ -117,7 +117,7 @@ def predictions(logits: np.ndarray, class_axis: int) -> np.ndarray:
 
 def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels: np.ndarray | None, *,
                        batch_size: int = 256, quiet: bool = False,
-                       runner: EarlyExitRunner | None = None) -> ExitTable:
+                       runner: EarlyExitRunner | None = None, error_budget: float | None = None) -> ExitTable:
     """Gate scores and per-exit correctness for every sample, from the runner with policy ``never``.
 
     ``inputs``: the model inputs by name, ``N`` samples along each input's batch axis; ``labels``: ``[N, ...]``
@@ -126,6 +126,11 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
     computed); by default one on ONNX Runtime, closed at the end. Returns an :class:`ExitTable` with
     float64 ``scores [E, N]`` and bool ``correct [E + 1, N]``. Raises BundleError when an exit has no gate
     score output, DataError when the labels do not match the predictions.
+
+    ``error_budget`` (regression outputs, no class axis): an exit is "correct" for a sample when its output's
+    relative L2 error to the final output, ``||y_k - y|| / max(||y||, 1e-12)`` over the sample's values, is at
+    most ``error_budget``; labels are not used. The losses stay 0/1, so the search and Learn-then-Test
+    bounds apply unchanged (they bound the fraction of samples over the budget).
     """
     m = bundle.manifest
     for seg in m.segments[:-1]:
@@ -152,6 +157,16 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
             feeds = {k: _rows(v, rows, axes.get(k)) for k, v in inputs.items()}
             res = runner.run(feeds, thresholds="never", policy="never")
             assert res.all_exits is not None and res.gate_scores is not None
+            if error_budget is not None:
+                ys = [np.moveaxis(np.asarray(o[out_name], np.float64), out_axis, 0) for o in res.all_exits]
+                ys = [y.reshape(y.shape[0], -1) for y in ys]
+                ref_norm = np.maximum(np.linalg.norm(ys[-1], axis=1), 1e-12)
+                within = [np.linalg.norm(y - ys[-1], axis=1) / ref_norm <= error_budget for y in ys]
+                if preds is None:
+                    preds = np.empty((e + 1, n), bool)
+                preds[:, rows] = np.stack(within)
+                scores[:, rows] = res.gate_scores
+                continue
             for k, outs in enumerate(res.all_exits):
                 p = _batch_first(predictions(outs[out_name], m.class_axis), out_axis, m.class_axis,
                                  outs[out_name].ndim)
@@ -163,7 +178,7 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
         if own:
             runner.close()
     assert preds is not None
-    correct = correctness(preds, labels)
+    correct = preds if error_budget is not None else correctness(preds, labels)
     fires = [GateKind(s.exit.gate.kind).fires_above for s in m.segments[:-1] if s.exit.gate is not None]
     return ExitTable(scores, correct, fires, has_labels=labels is not None)
 
