@@ -41,7 +41,7 @@ from eecompile.calibrate.collect import (
 )
 from eecompile.calibrate.latency import find_source_model, measure_latency, session_options, time_interleaved
 from eecompile.calibrate.ltt import LTTResult, ltt_thresholds
-from eecompile.calibrate.plot import plot_report
+from eecompile.calibrate.plot import check_plot_path, plot_report
 from eecompile.calibrate.report import CalibrationReport
 from eecompile.calibrate.search import (
     Costs,
@@ -151,12 +151,7 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     if batch_size < 1:
         raise CalibrationError(f"--batch must be >= 1, got {batch_size}")
     if plot is not None:  # checked before anything runs, like every other output path
-        plot = Path(plot)
-        if not plot.parent.is_dir():
-            raise DataError(f"--plot {plot}: directory {plot.parent} does not exist; create it or choose another "
-                            f"--plot path")
-        if plot.is_dir():
-            raise DataError(f"--plot {plot}: is a directory; give a file name for the plot (e.g. pareto.png)")
+        plot = check_plot_path(plot, data)
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     m = b.manifest
     check_classifier_bundle(b, "eecompile calibrate")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from eecompile.calibrate.report import CalibrationReport
-from eecompile.errors import CalibrationError
+from eecompile.errors import CalibrationError, DataError
 
 
-def plot_report(report: CalibrationReport, path: str | Path) -> Path:
-    """Accuracy against speedup (cheapest thresholds per budget) and the exit histogram, in one PNG."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -17,6 +17,31 @@ def plot_report(report: CalibrationReport, path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise CalibrationError("--plot needs matplotlib: pip install 'eecompile[plot]'") from e
+    return plt
+
+
+def check_plot_path(path: str | Path, data: str | Path | None = None) -> Path:
+    """Check ``--plot PATH`` before a calibration runs: matplotlib importable, an existing directory, a file name
+    whose suffix matplotlib writes, not the ``data`` file. Raises DataError (CalibrationError without matplotlib)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise DataError(f"--plot {path}: directory {path.parent} does not exist; create it or choose another "
+                        f"--plot path")
+    if path.is_dir():
+        raise DataError(f"--plot {path}: is a directory; give a file name for the plot (e.g. pareto.png)")
+    if data is not None and path.exists() and Path(data).exists() and path.samefile(data):
+        raise DataError(f"--plot {path}: is the --data file; choose another --plot path")
+    formats = _pyplot().figure().canvas.get_supported_filetypes()
+    _pyplot().close("all")
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise DataError(f"--plot {path}: cannot write a '{path.suffix}' image; end the name in one of "
+                        f"{', '.join('.' + f for f in sorted(formats))} (e.g. pareto.png)")
+    return path
+
+
+def plot_report(report: CalibrationReport, path: str | Path) -> Path:
+    """Accuracy against speedup (cheapest thresholds per budget) and the exit histogram, in one PNG."""
+    plt = _pyplot()
     path = Path(path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     xs = [p["speedup"] for p in report.curve]

@@ -101,3 +101,11 @@ def test_export_triton_into_or_over_the_bundle(ws: Path, where: str) -> None:
     end, and `-o DIR-HOLDING-THE-BUNDLE --force` would have deleted that directory."""
     expect_error(["export", "triton", ws / "b.eebundle", "-o", ws / where, "--force"], DataError,
                  "the bundle", "must not overlap it", "choose an -o path outside the bundle", workspace=ws)
+
+
+@pytest.mark.parametrize("plot", ["pareto.xyz", "data.npz"])
+def test_calibrate_plot_that_cannot_be_written_is_refused_first(ws: Path, plot: str) -> None:
+    """An unknown image suffix used to fail after the thresholds were written (an internal error), and
+    `--plot DATA.npz` would have replaced the calibration data with a picture."""
+    expect_error(["calibrate", ws / "b.eebundle", "--data", ws / "data.npz", "--max-drop", "0.2",
+                  "--plot", ws / plot], DataError, "--plot", str(ws / plot), workspace=ws)
