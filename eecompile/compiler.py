@@ -7,7 +7,8 @@
     validate spec         analysis/exits.py         exits resolved against the graph, every cut checked
     partition             analysis/partition.py     one SegmentPlan per segment: nodes, inputs, outputs, deps
     extract segments      passes/extract_segments.py one graph per segment
-    attach heads          passes/attach_heads.py    AttachHeadPass      } per segment, run as one list:
+    batch-first views     passes/attach_heads.py    BatchFirstPass      } per segment, run as one list:
+    attach heads          passes/attach_heads.py    AttachHeadPass      }
     fuse gates            passes/gates.py           FuseGatePass        } segment_passes()
     tidy                  passes/tidy.py            outputs, unused nodes, topological order, unread inputs
     describe              analysis/records.py       the manifest records
@@ -36,10 +37,12 @@ from eecompile.bundle import Bundle, ExitInfo, _check_destination
 from eecompile.errors import BundleError, EECompileError, SpecError
 from eecompile.passes.attach_heads import (
     AttachHeadPass,
+    BatchFirstPass,
     FinalActivation,
     exit_activation,
     final_activation,
     head_for,
+    head_views,
 )
 from eecompile.passes.batch_dynamic import BatchDynamicPass, InferShapesPass
 from eecompile.passes.extract_segments import ExtractedSegment, extract_segments
@@ -198,8 +201,10 @@ def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPla
         return [SegmentOutputsPass([*seg.carried_out, final.name or ""]), *tidy_passes()], None
     e = exits[k]
     head_model, head_spec = heads[k]
+    # Heads and gates read the `at` tensors batch-first (a Transpose where the probe measured another batch axis).
+    views = head_views(pm, k, [v.name or "" for v in e.at])
     attach = AttachHeadPass(
-        k, [v.name or "" for v in e.at], final.name or "", final_shape, where=f"exits[{k}].head", head=head_model,
+        k, [v.name for v in views], final.name or "", final_shape, where=f"exits[{k}].head", head=head_model,
         head_output=e.head_output.name if e.head_output is not None else None,
         head_output_shape=pm.shape_of(e.head_output.name) if e.head_output is not None else None,
         # A head file's score_output names one of its outputs; for built-in and in-model heads, a model tensor.
@@ -207,14 +212,15 @@ def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPla
         score_tensor=e.score_output.name if e.score_output is not None else None,
         activation=exit_activation(final_act, e, head_model, final.name or "", f"exits[{k}].head"))
     nxt = exits[k + 1].spec.gate.kind if k + 1 < len(exits) else None
-    at_shape = pm.shape_of(e.at[0].name)
+    at_shape = views[0].shape
     gate = FuseGatePass(
         k, e.spec.gate.kind, attach, final_shape if "batch" in final_shape else ["batch", *final_shape[1:]],
         class_axis, opset,
-        hidden=e.at[0].name, hidden_shape=at_shape, prev_k=k - 1 if k > 0 else None,
-        prev_hidden_dim=_pooled_dim(pm.shape_of(exits[k - 1].at[0].name)) if k > 0 else None,
+        hidden=views[0].name, hidden_shape=at_shape, prev_k=k - 1 if k > 0 else None,
+        prev_hidden_dim=_pooled_dim(head_views(pm, k - 1, [exits[k - 1].at[0].name or ""])[0].shape)
+        if k > 0 else None,
         emit_patience_state=nxt == GateKind.PATIENCE, emit_hidden_state=nxt == GateKind.SATURATION)
-    passes = [SegmentOutputsPass(seg.carried_out), attach, gate, *tidy_passes()]
+    passes = [SegmentOutputsPass(seg.carried_out), BatchFirstPass(views), attach, gate, *tidy_passes()]
     return passes, ExitRecord(e, attach, gate, head_spec)
 
 

@@ -85,6 +85,12 @@ def exit_logits(k: int) -> str:
     return f"{exit_prefix(k)}.logits"
 
 
+def head_input(k: int, i: int) -> str:
+    """The batch-first view of exit ``k``'s ``i``-th ``at`` tensor, made where that tensor's batch axis is not 0
+    (a time-major ``[T, B, D]`` cut): ``ee{k}.head_in.{i}``. Heads and trained-head features read it."""
+    return f"{exit_prefix(k)}.head_in.{i}"
+
+
 def head_prefix(k: int) -> str:
     """The prefix of exit ``k``'s head nodes and initializers once spliced into a segment: ``ee{k}.head/``."""
     return f"{exit_prefix(k)}.head/"

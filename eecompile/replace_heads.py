@@ -19,11 +19,11 @@ from eecompile.analysis.probe import random_inputs
 from eecompile.analysis.records import untrained_note
 from eecompile.bundle import Bundle, Manifest, update_bundle
 from eecompile.errors import GraphError, SpecError
-from eecompile.names import exit_logits, head_prefix
+from eecompile.names import exit_logits, head_input, head_prefix
 from eecompile.passes.attach_heads import fit_exit_output, splice_head
 from eecompile.passes.load import opset_of
 from eecompile.passes.opset import convert_model, main_opset
-from eecompile.passes.verify import SegmentIO, run_chain_no_exit
+from eecompile.passes.verify import SegmentIO, check_gate_shapes, run_chain_no_exit
 from eecompile.write import save_segment, segment_ios
 
 
@@ -69,7 +69,9 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
                 g.initializers.pop(name)
             values = {v.name: v for n in g for v in n.outputs}
             values.update({v.name: v for v in g.inputs})
-            logits, _ = splice_head(g, k, [values[n] for n in seg.exit.at], head, f"exits[{k}].head")
+            # The head reads the batch-first views of the `at` tensors where the compiler made them.
+            at = [values.get(head_input(k, i)) or values[n] for i, n in enumerate(seg.exit.at)]
+            logits, _ = splice_head(g, k, at, head, f"exits[{k}].head")
             out_shape = [d if isinstance(d, int) else "batch" for d in (old_out.shape or [])]
             lshape = [d if isinstance(d, int) else "batch" for d in (logits.shape or out_shape)]
             old_out.name = f"{old_out.name}.old"
@@ -91,6 +93,7 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
         b = 1 if manifest.batch_mode != "dynamic" else 3
         feeds = random_inputs(inputs, b, seed=11)
         new_env, old_env = run_chain_no_exit(ios, feeds), run_chain_no_exit(old, feeds)
+        check_gate_shapes(ios, new_env, b)  # one bool per sample from every gate
         for t in manifest.outputs:
             if not np.allclose(new_env[t.name], old_env[t.name], rtol=1e-6, atol=1e-6):
                 raise GraphError(f"replace_heads: final output '{t.name}' changed; this is a bug, nothing was written")

@@ -184,7 +184,8 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
         if len(s.exit.at) < n_in:
             raise BundleError(f"{b.path}: exit {s.index}'s head reads {n_in} tensors but the exit is cut at "
                               f"{s.exit.at}; list them all in the spec's `at`")
-        head_inputs[s.index] = list(s.exit.at[:n_in])
+        # Batch-first views of time-major cut tensors where the compiler made them (heads read those).
+        head_inputs[s.index] = list(hs.get("inputs") or s.exit.at)[:n_in]
     extra = {k: [t for t in names if t not in inputs] for k, names in head_inputs.items()}
     extra = {k: names for k, names in extra.items() if names}
     from eecompile.runtimes.chain import EarlyExitRunner

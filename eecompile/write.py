@@ -150,7 +150,8 @@ def save_segment(model: ir.Model, path: Path, shared: SharedWeights | None = Non
 def segment_ios(root: Path, segments: list[SegmentInfo]) -> list[SegmentIO]:
     """What the verifier needs of each segment file under ``root``."""
     return [SegmentIO(root / s.file, [t.name for t in s.inputs],
-                      s.exit.gate.threshold_input if s.exit.gate else None, [t.name for t in s.outputs])
+                      s.exit.gate.threshold_input if s.exit.gate else None, [t.name for t in s.outputs],
+                      s.exit.gate.output if s.exit.gate else None)
             for s in segments]
 
 

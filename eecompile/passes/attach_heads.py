@@ -13,6 +13,10 @@ Cases:
    ``[B, C, 1, 1]`` is reshaped; a class count that does not fit is an error naming both shapes.
 5. A trained head (``{kind: linear|mlp|pool|token, ...}``): built by :func:`eecompile.heads.head_onnx` with its
    last layer zero (it never fires until ``eecompile train-heads`` fits it), then spliced as in case 1.
+6. Heads read their inputs batch-first. An ``at`` tensor whose measured batch axis is not 0 (an LSTM's
+   time-major ``[T, B, D]`` output) is given to the head (and to the gate) through a Transpose moving the batch
+   axis to 0, ``ee{k}.head_in.{i}`` (:class:`BatchFirstPass`); trained heads are built for, and trained on,
+   that view. An in-model head (case 2) keeps the model's own semantics.
 
 :class:`AttachHeadPass` does this to one segment; :func:`head_for` makes the head model of cases 1 and 5.
 """
@@ -30,10 +34,66 @@ import onnx_ir as ir
 
 from eecompile.analysis.prepared import Dims, PreparedModel, batch_index
 from eecompile.errors import SpecError
-from eecompile.names import exit_logits, exit_output, exit_prefix, head_prefix
+from eecompile.names import exit_logits, exit_output, exit_prefix, head_input, head_prefix
 
 if TYPE_CHECKING:
     from eecompile.analysis.exits import ExitPlan
+
+
+@dataclass(frozen=True)
+class HeadView:
+    """How exit ``k``'s head sees one ``at`` tensor: ``source`` (the tensor), its measured batch ``axis`` (0
+    in per-sample mode or where none was measured), ``name`` (``source`` itself when ``axis`` is 0, else the
+    batch-first view ``ee{k}.head_in.{i}``) and ``shape``, batch-first."""
+
+    source: str
+    axis: int
+    name: str
+    shape: Dims
+
+    @property
+    def perm(self) -> list[int]:
+        """The Transpose permutation from ``source`` to the view: the batch axis first, the others in order."""
+        return [self.axis, *(i for i in range(len(self.shape)) if i != self.axis)]
+
+
+def head_views(pm: PreparedModel, k: int, at: Sequence[str]) -> list[HeadView]:
+    """One :class:`HeadView` per ``at`` tensor of exit ``k`` (case 6), from the probe's batch axes.
+
+    Raises GraphError for a tensor the probe did not see."""
+    views = []
+    for i, name in enumerate(at):
+        _, _, axis = pm.boundary_shape(name)
+        shape = pm.shape_of(name)
+        axis = axis if pm.batch_mode == "dynamic" and axis is not None and 0 < axis < len(shape) else 0
+        if axis:
+            views.append(HeadView(name, axis, head_input(k, i), [shape[axis], *shape[:axis], *shape[axis + 1:]]))
+        else:
+            views.append(HeadView(name, 0, name, shape))
+    return views
+
+
+class BatchFirstPass(ir.passes.InPlacePass):
+    """Add a Transpose ``source -> ee{k}.head_in.{i}`` for each view of ``views`` whose batch axis is not 0
+    (case 6). Views of batch axis 0 add nothing. Raises KeyError for a source the segment does not compute."""
+
+    def __init__(self, views: Sequence[HeadView]) -> None:
+        super().__init__()
+        self.views = list(views)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        g = model.graph
+        values = values_by_name(g)
+        modified = False
+        for v in self.views:
+            if not v.axis:
+                continue
+            src = values[v.source]
+            out = ir.Value(name=v.name, type=src.type,
+                           shape=ir.Shape(list(v.shape)))
+            g.append(ir.node("Transpose", [src], {"perm": v.perm}, outputs=[out], name=f"{v.name}/Transpose"))
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
 
 
 def load_head(path: Path, opset: int, where: str) -> ir.Model:
@@ -293,7 +353,8 @@ def head_for(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
         from eecompile.heads import head_onnx, least_opset
     except ImportError as err:
         raise SpecError(f"exits[{e.index}].head.kind: trained heads need eecompile.heads ({err})") from err
-    feature_shape = pm.shape_of(e.at[0].name)
+    views = head_views(pm, e.index, [v.name or "" for v in e.at])
+    feature_shape = views[0].shape
     n_classes = final_shape[class_axis % len(final_shape)]
     if not isinstance(n_classes, int):
         raise SpecError(f"exits[{e.index}].head.kind: the final output's class axis has no fixed size")
@@ -307,6 +368,8 @@ def head_for(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
     head_spec = {"kind": h.kind, "options": dict(h.options),
                  "feature_shape": [d if isinstance(d, int) else str(d) for d in feature_shape],
                  "n_classes": n_classes, "trained": False}
+    if any(v.axis for v in views):  # the tensors the head reads (and is trained on), batch-first (case 6)
+        head_spec["inputs"] = [v.name for v in views]
     return ir.from_proto(proto), head_spec
 
 

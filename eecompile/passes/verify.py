@@ -1,6 +1,7 @@
 """Verify a chain of segment files against the source model: with no gate firing, the chain's final outputs
 must equal the unsplit model's (ONNX Runtime CPU, max abs error <= tolerance x the output's scale, the
-tolerance following the precision the graph computes in: see :func:`graph_tolerance`).
+tolerance following the precision the graph computes in: see :func:`graph_tolerance`), and every gate output
+must have shape ``[B]``, one bool per sample (:func:`check_gate_shapes`).
 
 The check drives ONNX Runtime sessions directly rather than through the runtime package: it has to run
 before the bundle exists, and it reports which segment diverged.
@@ -30,6 +31,7 @@ class SegmentIO:
     inputs: list[str]  # data inputs (model inputs, carried tensors, state)
     threshold_input: str | None
     outputs: list[str]
+    gate_output: str | None = None  # bool [B]: checked to hold one value per sample
 
 
 def _session(path: Path) -> Any:
@@ -138,6 +140,7 @@ class Reference:
     cases: list[tuple[int, dict[str, np.ndarray]]]  # (batch size, feeds)
     outputs: list[dict[str, np.ndarray]]
     tolerance: Tolerance = field(default_factory=Tolerance)
+    per_sample: bool = False  # each case feeds one sample (of a batch of `batch size`)
 
 
 def reference_outputs(source: ir.Model, batch_sizes: list[int], per_sample: bool,
@@ -167,7 +170,7 @@ def reference_outputs(source: ir.Model, batch_sizes: list[int], per_sample: bool
         want = [v.name or "" for v in extra]
         for (_, row), res in zip(cases, results, strict=True):
             res.update(zip(want, sess.run(want, row), strict=True))
-    return Reference(cases, results, tolerance or Tolerance())
+    return Reference(cases, results, tolerance or Tolerance(), per_sample)
 
 
 def _rel_error(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -208,6 +211,19 @@ def _same_argmax(r: np.ndarray, g: np.ndarray, class_axis: int) -> tuple[int, in
     return int(differ.sum()), int(differ.size)
 
 
+def check_gate_shapes(segments: list[SegmentIO], got: dict[str, np.ndarray], n: int) -> None:
+    """Raise GraphError unless every segment's gate output has shape ``[n]`` (one bool per sample of a batch
+    of ``n``): a gate reducing over another axis (e.g. time of a ``[T, B, D]`` cut) would exit the wrong rows."""
+    for k, seg in enumerate(segments):
+        if seg.gate_output is None or seg.gate_output not in got:
+            continue
+        shape = tuple(np.shape(got[seg.gate_output]))
+        if shape != (n,):
+            raise GraphError(f"verify: segment {k}'s gate '{seg.gate_output}' has shape {list(shape)} for a batch of "
+                             f"{n}, expected [{n}] (one bool per sample); the head or gate does not keep the batch "
+                             f"axis: this is a bug in the split, please report it with the model; nothing was written")
+
+
 def verify_chain(reference: Reference, segments: list[SegmentIO], final_outputs: list[str],
                  tolerance: float | Tolerance | None = None, class_axis: int = -1) -> float:
     """Raise GraphError if the chain differs from the reference; return the worst relative error seen.
@@ -222,6 +238,7 @@ def verify_chain(reference: Reference, segments: list[SegmentIO], final_outputs:
     worst = 0.0
     for (b, row), ref in zip(cases, refs, strict=True):
         got = run_chain_no_exit(segments, row, sessions)
+        check_gate_shapes(segments, got, 1 if reference.per_sample else b)
         for name in final_outputs:
             r, g = np.asarray(ref[name]), np.asarray(got[name])
             if r.shape != g.shape:

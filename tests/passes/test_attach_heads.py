@@ -104,3 +104,52 @@ def test_in_model_head_ending_in_another_activation_is_refused() -> None:
     with pytest.raises(SpecError, match="output of a Sigmoid, the final output 'y' of a Softmax"):
         exit_activation(FinalActivation("Softmax", 1), plan, None, "y", "exits[0].head")
     assert exit_activation(FinalActivation("Sigmoid"), plan, None, "y", "exits[0].head") is None
+
+
+TIME_MAJOR = """
+<ir_version: 8, opset_import: ["" : 17]>
+seg (float[T, N, 2] x) => (float[T, N, 2] h) {
+    h = Relu(x)
+}
+"""
+
+# A batch-first head: mean over time (axis 1 of [N, T, 2]), then the same MatMul + Add as HEAD.
+POOL_HEAD = """
+<ir_version: 8, opset_import: ["" : 17]>
+head (float[N, T, 2] feat) => (float[N, 3] m) <float[2, 3] hw = {1, 2, 3, 4, 5, 6}, float[3] hb = {0, 1, 0}> {
+    p = ReduceMean <axes = [1], keepdims = 0> (feat)
+    t = MatMul(p, hw)
+    m = Add(t, hb)
+}
+"""
+
+
+def test_head_at_a_time_major_tensor_reads_a_batch_first_view() -> None:
+    from eecompile.passes.attach_heads import BatchFirstPass, HeadView
+
+    model = ir.from_onnx_text(TIME_MAJOR)
+    view = HeadView("h", 1, "ee0.head_in.0", ["batch", "T", 2])
+    assert view.perm == [1, 0, 2]
+    assert BatchFirstPass([view])(model).modified
+    p = AttachHeadPass(0, [view.name], "y", ["batch", 3], where="exits[0].head", head=ir.from_onnx_text(POOL_HEAD))
+    assert p(model).modified
+    g = model.graph
+    # Expected: Relu, the Transpose making the view, the head (reading the view), the exit output.
+    assert [n.op_type for n in g] == ["Relu", "Transpose", "ReduceMean", "MatMul", "Add", "Identity"]
+    tr = list(g)[1]
+    assert tr.name == "ee0.head_in.0/Transpose" and tr.inputs[0].name == "h"
+    assert list(tr.attributes["perm"].as_ints()) == [1, 0, 2] and tr.outputs[0].name == "ee0.head_in.0"
+    assert list(g)[2].inputs[0] is tr.outputs[0]
+    x = np.random.default_rng(1).standard_normal((6, 4, 2)).astype(np.float32)  # T=6, N=4
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(["ee0.out.y"], {"x": x})
+    assert y.shape == (4, 3)
+    np.testing.assert_allclose(y, np.maximum(x, 0).mean(axis=0) @ HW + HB, rtol=1e-5)
+
+
+def test_batch_axis_zero_adds_no_view() -> None:
+    from eecompile.passes.attach_heads import BatchFirstPass, HeadView
+
+    model = ir.from_onnx_text(SEGMENT)
+    assert not BatchFirstPass([HeadView("h", 0, "h", ["batch", 2])])(model).modified
+    assert [n.op_type for n in model.graph] == ["MatMul", "Relu", "Neg"]
