@@ -37,9 +37,9 @@ class SegmentIO:
 def _session(path: Path) -> Any:
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from eecompile.runtimes.sessions import session_options
+
+    so = session_options(threads=0, optimization="all", log_severity=3)  # ORT's own thread default, as before
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
