@@ -29,7 +29,14 @@ import onnx_ir as ir
 
 from eecompile import __version__
 from eecompile.analysis.cut_points import AnalysisReport, report_cut_points
-from eecompile.analysis.exits import ExitPlan, check_outputs, check_segments, class_axis, plan_exits, resolve_final
+from eecompile.analysis.exits import (
+    ExitPlan,
+    check_outputs,
+    check_segments,
+    class_axis,
+    plan_exits,
+    resolve_final,
+)
 from eecompile.analysis.partition import plan_segments
 from eecompile.analysis.prepared import Dims, PreparedModel, probe_prepared
 from eecompile.analysis.records import ExitRecord, exit_info, manifest_for, segment_info

@@ -17,8 +17,8 @@ import onnx_ir as ir
 from eecompile.analysis.flops import node_flops
 from eecompile.analysis.partition import GraphIndex, index_graph
 from eecompile.analysis.probe import PROBE_BATCHES, ProbeResult, probe_model
-from eecompile.passes.shape_reads import share_shape_reads
 from eecompile.errors import GraphError
+from eecompile.passes.shape_reads import share_shape_reads
 
 Dims = list[int | str | None]
 """A shape as plain Python: ints for fixed axes, the symbol's name for symbolic ones, None for unknown."""

@@ -111,7 +111,6 @@ def test_old_opset_softmax_over_flattened_axes_is_kept(seg_opset: int) -> None:
 def test_replaced_head_keeps_the_final_activation(tmp_path: Path) -> None:
     """train-heads' path: a new head spliced into a bundle whose model ends in a Softmax still has its rows
     softmaxed, and the gate still reads its logits."""
-    import onnx
 
     from eecompile.replace_heads import replace_heads
 

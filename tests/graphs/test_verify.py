@@ -14,8 +14,8 @@ import yaml
 from click.testing import CliRunner
 
 import eecompile
-from eecompile.compiler import prepare
 from eecompile.cli import cli
+from eecompile.compiler import prepare
 from eecompile.errors import GraphError
 from eecompile.passes.load import load_model
 from eecompile.passes.verify import SegmentIO, graph_tolerance, reference_outputs, verify_chain
