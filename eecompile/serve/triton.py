@@ -143,6 +143,9 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst)
 
 
+REPOSITORY_MARKER = ".eecompile-triton"  # at the repository root (Triton loads only the model directories)
+
+
 def export_triton(bundle_path: str | Path, output: str | Path, *, name: str | None = None,
                   segments: str = "bls", max_batch_size: int = 32, queue_delay_us: int = 1000,
                   instances: int = 1, engines: str = "onnxruntime", threads: int | None = None, force: bool = False) -> TritonExport:
@@ -168,6 +171,11 @@ def export_triton(bundle_path: str | Path, output: str | Path, *, name: str | No
                         f"{bundle.path}; the repository must not overlap it: choose an -o path outside the bundle")
     if output.exists() and not force:
         raise DataError(f"{output}: already exists; pass --force to replace it")
+    if output.exists() and not (output.is_dir() and (output / REPOSITORY_MARKER).is_file()):
+        # --force replaces a repository this command wrote, never an arbitrary file or directory of the user's
+        raise DataError(f"{output}: exists and is not a model repository written by `eecompile export triton` "
+                        f"(no {REPOSITORY_MARKER} in it); --force only replaces those: remove it yourself or "
+                        f"choose another -o path")
     if not output.parent.is_dir():
         raise DataError(f"{output.parent}: directory does not exist; create it or choose another -o path")
     seg_models = [f"{name}_seg{k}" for k in range(len(m.segments))] if segments == "bls" else []
@@ -180,6 +188,7 @@ def export_triton(bundle_path: str | Path, output: str | Path, *, name: str | No
         chain_dir.mkdir(parents=True)
         shutil.copytree(bundle.path, chain_dir / "bundle", copy_function=_link_or_copy)
         (chain_dir / "model.py").write_text(MODEL_PY)
+        (tmp / REPOSITORY_MARKER).write_text(f"written by eecompile export triton from {bundle.path.name}\n")
         (tmp / name / "config.pbtxt").write_text(
             chain_config(bundle, name, segments, seg_models, max_batch_size, queue_delay_us, instances, threads))
         for k, model in enumerate(seg_models):

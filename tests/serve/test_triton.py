@@ -100,7 +100,7 @@ def _same_graph_but_threshold(exported: Path, original: Path, seg) -> None:
 
 def test_in_process_repository_on_tritonserver(env, served_bundle, local, tmp_path) -> None:
     repo = _export(served_bundle, tmp_path / "repo", "in-process")
-    assert sorted(p.name for p in repo.iterdir()) == ["ee"]
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["ee"]
     with TritonServer(env, repo, _ports(), tmp_path / "triton.log") as server:
         _check_answers(server, local)
         import tritonclient.http as httpclient
@@ -130,7 +130,8 @@ def test_bls_repository_structure_and_tritons_parser(served_bundle, tmp_path) ->
     repo = _export(served_bundle, tmp_path / "repo", "bls")
     m = eecompile.Bundle.load(served_bundle).manifest
     names = ["ee", *[f"ee_seg{k}" for k in range(len(m.segments))]]
-    assert sorted(p.name for p in repo.iterdir()) == sorted(names)
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(names)
+    assert (repo / ".eecompile-triton").is_file()  # what lets --force replace it later
     configs = {}
     for name in names:
         cfg = model_config_pb2.ModelConfig()
@@ -157,7 +158,7 @@ def test_bls_repository_structure_and_tritons_parser(served_bundle, tmp_path) ->
 def test_bls_repository_loads_on_tritonserver(env, served_bundle, tmp_path) -> None:
     """The chain model is ready; the segments fail only for want of the onnxruntime backend in this build."""
     repo = _export(served_bundle, tmp_path / "repo", "bls")
-    names = sorted(p.name for p in repo.iterdir())
+    names = sorted(p.name for p in repo.iterdir() if p.is_dir())
     with TritonServer(env, repo, _ports(), tmp_path / "triton.log", exit_on_error=False) as server:
         import tritonclient.http as httpclient
 
@@ -199,3 +200,21 @@ def test_export_refuses_to_overwrite(served_bundle, tmp_path) -> None:
     result = CliRunner().invoke(cli, ["export", "triton", str(served_bundle), "-o", str(repo), "--force",
                                       "--segments", "bls"])
     assert result.exit_code == 0 and (repo / "resnet_seg0" / "1" / "model.onnx").is_file()  # name from the bundle
+
+
+def test_force_never_replaces_a_directory_it_did_not_write(served_bundle, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own work")
+    result = CliRunner().invoke(cli, ["export", "triton", str(served_bundle), "-o", str(mine), "--force"])
+    assert result.exit_code == 1 and "not a model repository written by" in result.output
+    assert (mine / "notes.txt").read_text() == "the user's own work" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    plain = tmp_path / "file.txt"
+    plain.write_text("x")
+    result = CliRunner().invoke(cli, ["export", "triton", str(served_bundle), "-o", str(plain), "--force"])
+    assert result.exit_code == 1 and plain.read_text() == "x"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
