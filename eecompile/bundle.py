@@ -465,6 +465,7 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_bytes(data: bytes) -> str:
+    """The sha256 of ``data`` as 64 lowercase hex digits (the form the manifest's ``files`` map holds)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -506,6 +507,8 @@ class Bundle:
         return p
 
     def verify(self) -> None:
+        """Check every file the manifest lists against its sha256 (and confinement: see :meth:`verify_file`).
+        Raises :class:`BundleError` naming the first file that is missing, changed or outside the bundle."""
         for rel in self.manifest.files:
             self.verify_file(rel)
 

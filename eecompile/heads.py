@@ -253,6 +253,8 @@ def head_module(kind: str, feature_shape: Sequence[Dim], n_classes: int,
     pool = opts["pool"]
 
     class ExitHead(nn.Module):
+        """The trainable twin of the head template ``kind`` (same weights, same ONNX graph once exported)."""
+
         def __init__(self) -> None:
             super().__init__()
             if kind == "mlp":
@@ -265,6 +267,9 @@ def head_module(kind: str, feature_shape: Sequence[Dim], n_classes: int,
                 self.fc = nn.Linear(d, n_classes)
 
         def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            """``x``: float features, batch first (``[B, D]``, ``[B, T, D]`` or ``[B, C, H, W]``); ``mask``:
+            ``[B, T]`` (1 = real token) for ``pool: masked_mean``. Returns logits ``[B, n_classes]`` (``[B, T,
+            n_classes]`` for ``token``). Raises ValueError when ``masked_mean`` gets no mask."""
             if kind == "token":
                 return self.fc(x)
             if kind == "conv":
