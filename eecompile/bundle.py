@@ -731,6 +731,15 @@ def _check_destination(dest: Path) -> None:
         raise BundleError(f"{parent}: not writable; choose another -o path")
 
 
+def check_output_bundle(output: Path, force: bool) -> None:
+    """Before compiling into ``output``: refuse a file, a directory that is not a bundle, a missing or read-only
+    parent, or an existing bundle without ``force`` (BundleError), so nothing is computed for a write that
+    cannot happen."""
+    _check_destination(output.absolute())
+    if output.exists() and not force:
+        raise BundleError(f"{output}: already exists; pass --force to replace it")
+
+
 @contextmanager
 def staged_bundle(dest: str | Path, copy_from: str | Path | None = None) -> Iterator[Path]:
     """Stage a bundle in a temporary directory beside ``dest``; on clean exit it replaces ``dest``.

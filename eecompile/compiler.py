@@ -40,8 +40,8 @@ from eecompile.analysis.exits import (
 from eecompile.analysis.partition import plan_segments
 from eecompile.analysis.prepared import Dims, PreparedModel, probe_prepared
 from eecompile.analysis.records import ExitRecord, exit_info, manifest_for, segment_info
-from eecompile.bundle import Bundle, ExitInfo, _check_destination
-from eecompile.errors import BundleError, EECompileError, SpecError
+from eecompile.bundle import Bundle, ExitInfo, check_output_bundle
+from eecompile.errors import EECompileError, SpecError
 from eecompile.passes.attach_heads import (
     AttachHeadPass,
     BatchFirstPass,
@@ -142,9 +142,7 @@ def compile_model(spec: Spec | str | Path, output: str | Path, *, force: bool = 
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     output = Path(output)
-    _check_destination(output.absolute())
-    if output.exists() and not force:
-        raise BundleError(f"{output}: already exists; pass --force to replace it")
+    check_output_bundle(output, force)
     if spec.model.suffix == ".eebundle" or spec.model.is_dir():
         raise SpecError(f"model: '{spec.model}' is a directory; give the path of an .onnx file")
     write_bundle(output, plan_bundle(spec, dims, verify, tolerance), engines=engines)

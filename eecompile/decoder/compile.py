@@ -33,12 +33,12 @@ from eecompile.bundle import (
     Bundle,
     Manifest,
     TensorInfo,
-    _check_destination,
+    check_output_bundle,
     sha256_file,
     staged_bundle,
     write_manifest,
 )
-from eecompile.errors import BundleError, GraphError, SpecError
+from eecompile.errors import GraphError, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,7 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
     if not isinstance(spec, DecoderSpec):
         spec = parse_decoder_spec(spec)
     output = Path(output)
-    _check_destination(output.absolute())
-    if output.exists() and not force:
-        raise BundleError(f"{output}: already exists; pass --force to replace it")
+    check_output_bundle(output, force)
     if not spec.model.is_file():
         raise SpecError(f"model: '{spec.model}' not found; give the path of the decoder's .onnx file")
     try:

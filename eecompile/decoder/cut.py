@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eecompile.errors import GraphError, SpecError
+from eecompile.passes.extract_segments import extract_subgraph
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 HIDDEN = "hidden"  # the head's input name
@@ -92,17 +93,6 @@ def inspect_decoder(model: ir.Model, where: str = "model") -> DecoderGraph:
                         hidden_size=0, inputs=[n for n in ("input_ids", "attention_mask", "position_ids")])
 
 
-def _extract(g: ir.Graph, inputs: list[ir.Value], outputs: list[ir.Value], where: str) -> ir.Graph:
-    try:
-        seg = ir.convenience.extract(g, inputs, outputs)
-    except ValueError as e:
-        raise GraphError(f"{where}: cannot extract the subgraph ({e})") from e
-    used = [v for v in seg.inputs if v.uses() or v in seg.outputs]
-    seg.inputs.clear()
-    seg.inputs.extend(used)
-    return seg
-
-
 def _past_layers(graph: ir.Graph) -> set[int]:
     return {int(m.group(1)) for v in graph.inputs if (m := PAST.match(v.name or ""))}
 
@@ -130,7 +120,7 @@ def cut_segments(dg: DecoderGraph, cuts: list[str], final_hidden: str) -> list[S
         where = f"exits[{k}].at" if k < len(cuts) else "final.hidden"
         out = values[name]
         # the layers this segment covers: every layer whose past the cut tensor depends on
-        probe = _extract(g, [*model_inputs, *past.values()] + ([hidden_in] if hidden_in is not None else []),
+        probe = extract_subgraph(g, [*model_inputs, *past.values()] + ([hidden_in] if hidden_in is not None else []),
                          [out], where)
         read = _past_layers(probe)
         if hidden_in is None:
@@ -146,7 +136,7 @@ def cut_segments(dg: DecoderGraph, cuts: list[str], final_hidden: str) -> list[S
         if hidden_in is not None:
             ins.append(hidden_in)
         # extract against every past input, so a cut inside a layer shows up as reading an earlier layer's past
-        graph = _extract(g, [*model_inputs, *past.values()] + ([hidden_in] if hidden_in is not None else []),
+        graph = extract_subgraph(g, [*model_inputs, *past.values()] + ([hidden_in] if hidden_in is not None else []),
                          outs, where)
         _own_past_length(graph, first, last)
         stray = sorted(i for i in _past_layers(graph) if not first <= i < last)
@@ -269,7 +259,7 @@ def cut_head(dg: DecoderGraph, final_hidden: str, embedding: ir.Value | None) ->
     g = dg.model.graph
     values = {v.name: v for node in g for v in node.outputs if v.name}
     logits = next(v for v in g.outputs if v.name == "logits")
-    head = _extract(g, [values[final_hidden]], [logits], "final.hidden")
+    head = extract_subgraph(g, [values[final_hidden]], [logits], "final.hidden")
     extra = [v.name for v in head.inputs if v.name != final_hidden]
     if extra:
         raise SpecError(f"final.hidden: the head after '{final_hidden}' also reads {extra}; name the final norm's input")

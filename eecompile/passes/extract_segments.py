@@ -35,6 +35,19 @@ class ExtractedSegment:
     values: dict[str, ir.Value] = field(default_factory=dict)  # by name, inside this segment's graph
 
 
+def extract_subgraph(graph: ir.Graph, inputs: list[ir.Value], outputs: list[ir.Value], where: str) -> ir.Graph:
+    """``onnx_ir.convenience.extract`` of ``graph`` between ``inputs`` and ``outputs``, keeping only the inputs
+    the subgraph reads (or passes through). Raises GraphError naming ``where`` when the cut needs more inputs."""
+    try:
+        seg = ir.convenience.extract(graph, inputs, outputs)
+    except ValueError as e:
+        raise GraphError(f"{where}: cannot extract the subgraph ({e})") from e
+    used = [v for v in seg.inputs if v.uses() or v in seg.outputs]  # drop model inputs the subgraph does not read
+    seg.inputs.clear()
+    seg.inputs.extend(used)
+    return seg
+
+
 def extract_segments(pm: PreparedModel, plans: list[SegmentPlan]) -> list[ExtractedSegment]:
     """One graph per plan of :func:`~eecompile.analysis.partition.plan_segments` (cases 1 and 2).
 
@@ -51,14 +64,8 @@ def extract_segments(pm: PreparedModel, plans: list[SegmentPlan]) -> list[Extrac
             if v not in outputs:
                 outputs.append(v)
         inputs = model_inputs + [v for v in plan.carried_in if v not in model_inputs]
-        try:
-            seg = ir.convenience.extract(graph, inputs, outputs)
-        except ValueError as e:
-            raise GraphError(f"segment {plan.index}: cannot extract the subgraph ({e})") from e
-        # Drop model inputs this segment does not read.
-        used = [v for v in seg.inputs if v.uses() or v in seg.outputs]
-        seg.inputs.clear()
-        seg.inputs.extend(used)
+        seg = extract_subgraph(graph, inputs, outputs, f"segment {plan.index}")
+        used = list(seg.inputs)
         names = {v.name for v in used}
         for v in list(seg.inputs) + list(seg.outputs):
             if v.name in pm.probe.facts:  # measured shapes: symbolic batch and sequence axes, fixed the rest
