@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from eecompile import safe_yaml
+from eecompile import names, safe_yaml
 from eecompile.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,10 @@ class _Schema:
         g = self.mapping(v, path)
         for k in ("kind", "output", "threshold_input"):
             self.string(self.key(g, k, path), f"{path}.{k}")
+        if g["kind"] not in names.GATE_KINDS:
+            raise self.fail(f"{path}.kind", f"{g['kind']!r} is not a gate kind this runtime knows "
+                                            f"({', '.join(names.GATE_KINDS)}); recompile the bundle with this "
+                                            f"eecompile, or upgrade the runtime")
         threshold = self.key(g, "threshold", path)
         self.number(threshold, f"{path}.threshold")
         if threshold != threshold:

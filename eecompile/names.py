@@ -35,6 +35,10 @@ STATE_HIDDEN = "hidden"
 STATE_KINDS = (STATE_ARGMAX, STATE_COUNT, STATE_HIDDEN)
 """The state tensors a gate can hand to the next exit (``ee{k}.state.{kind}``)."""
 
+GATE_KINDS = ("max_prob", "entropy", "margin", "patience", "saturation", "score")
+"""Every gate kind a manifest may name: the values of :class:`eecompile.spec.GateKind` (a test keeps the two
+equal). A bundle naming another kind is refused on load: its runtime would not know the threshold's range."""
+
 GATE_NODE_MARKER = ".gate/"
 """Part of the name of every node of a gate subgraph (``ee{k}.gate/Softmax_1``)."""
 

@@ -64,6 +64,8 @@ CASES = [
      ["segments[0].exit.gate.output", "'zz'"]),
     ("gate score unknown", ["segments", 1, "exit", "gate", "score_output"], "zz",
      ["segments[1].exit.gate.score_output", "'zz'"]),
+    ("misspelt gate kind", ["segments", 0, "exit", "gate", "kind"], "max_porb",
+     ["segments[0].exit.gate.kind", "'max_porb'", "max_prob"]),
     ("exit output unknown", ["segments", 2, "exit", "outputs", "logits"], "zz",
      ["segments[2].exit.outputs.logits", "'zz'"]),
 ]
@@ -86,3 +88,11 @@ def test_malformed_manifest_is_one_clear_error(ws: Path, what: str, keys: list, 
 def test_the_compiled_manifest_passes(ws: Path) -> None:
     m = Bundle.load(ws / "b.eebundle").manifest
     assert [s.inputs[0].batch_axis for s in m.segments] == [0, 0, 0]
+
+
+def test_manifest_gate_kinds_are_the_spec_gate_kinds() -> None:
+    """bundle.py checks gate kinds against names.GATE_KINDS (the runtime may not import spec.py's enum):
+    a kind added to the spec must be added there too, or its bundles would be refused on load."""
+    from eecompile import names
+    from eecompile.spec import GateKind
+    assert set(names.GATE_KINDS) == {k.value for k in GateKind}
