@@ -210,13 +210,13 @@ def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tu
 @click.option("--calib", type=click.Path(path_type=Path), required=True, help="Calibration .npz.")
 @click.option("--max-drop", type=float, required=True, help="Accuracy drop allowed, in (0, 1).")
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True, help="Bundle directory.")
-@click.option("--candidates", type=int, default=6, show_default=True, help="Cut points considered (from analyze).")
-@click.option("--max-exits", type=int, default=3, show_default=True, help="Most early exits kept.")
+@click.option("--candidates", type=click.IntRange(min=1), default=6, show_default=True, help="Cut points considered (from analyze).")
+@click.option("--max-exits", type=click.IntRange(min=1), default=3, show_default=True, help="Most early exits kept.")
 @click.option("--head", default="linear", show_default=True, help="Head kind trained at every candidate.")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Head training epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Head training epochs.")
 @click.option("--final", default=None, help="The model output the exits imitate (default: the only output).")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch size latencies are measured at.")
-@click.option("--verify-top", type=int, default=3, show_default=True,
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size latencies are measured at.")
+@click.option("--verify-top", type=click.IntRange(min=1), default=3, show_default=True,
               help="Best predicted configurations compiled and calibrated for real.")
 @click.option("--compare", type=click.Path(path_type=Path), default=None,
               help="A spec with exits placed by hand, run through the same steps for the report.")
@@ -244,18 +244,18 @@ def auto(model: Path, train: Path, calib: Path, max_drop: float, output: Path, c
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help=".npz with the model inputs (decoder bundles: not used, see --text).")
-@click.option("--epochs", type=int, default=None, help="Default: 30 (decoder bundles: 8).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 30 (decoder bundles: 8).")
 @click.option("--labels/--no-labels", default=True, help="Use `labels` from the data when present.")
 @click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate.")
-@click.option("--batch", type=int, default=64, show_default=True, help="Samples per training step.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Samples per training step.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Random seed (weight initialisation and shuffling).")
 @click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path),
               help="Decoder bundles: text files to distil on (default: the pydoc topics + the model's own text).")
-@click.option("--draft-vocab", type=int, default=4096, show_default=True,
+@click.option("--draft-vocab", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Decoder bundles: tokens in the draft head's sub-vocabulary.")
-@click.option("--max-tokens", type=int, default=6000, show_default=True,
+@click.option("--max-tokens", type=click.IntRange(min=1), default=6000, show_default=True,
               help="Decoder bundles: text positions to distil on.")
 @_user_errors
 def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: bool, temperature: float, lr: float,
@@ -294,7 +294,7 @@ def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: boo
               help="Confidence of the bound (search) or of the guarantee (ltt), in (0, 1)  [default: 0.95]")
 @click.option("--delta", type=float, default=None, help="Allowed failure probability, 1 - confidence.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Backend to measure latency on.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch size for latency measurement.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size for latency measurement.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the accuracy-speedup plot.")
 @click.option("--reference-model", type=click.Path(path_type=Path), default=None,
               help="The unsplit .onnx to time as the baseline (a source model outside the bundle is not opened "
@@ -329,14 +329,14 @@ def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="Engine backend.")
 @click.option("--fp16", is_flag=True, help="Build half-precision engines (gates stay fp32).")
-@click.option("--max-batch", type=int, default=32, show_default=True, help="Largest batch size the engines accept.")
-@click.option("--opt-batch", type=int, default=None, help="Batch size to tune for (default: max-batch).")
-@click.option("--workspace", type=int, default=1024, show_default=True, help="Builder workspace, MB.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True, help="Largest batch size the engines accept.")
+@click.option("--opt-batch", type=click.IntRange(min=1), default=None, help="Batch size to tune for (default: max-batch).")
+@click.option("--workspace", type=click.IntRange(min=1), default=1024, show_default=True, help="Builder workspace, MB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help=".npz whose shapes size the symbolic non-batch dimensions of the optimisation profiles.")
 @_dim_option
-@click.option("--device", "device_id", type=int, default=0, show_default=True, help="CUDA device index.")
+@click.option("--device", "device_id", type=click.IntRange(min=0), default=0, show_default=True, help="CUDA device index.")
 @_user_errors
 def build(bundle: Path, backend: str, fp16: bool, max_batch: int, opt_batch: int | None, workspace: int,
           timing_cache: Path | None, data: Path | None, dims: tuple[str, ...], device_id: int) -> None:
@@ -354,7 +354,7 @@ def build(bundle: Path, backend: str, fp16: bool, max_batch: int, opt_batch: int
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="tensorrt", show_default=True,
               help="Backend whose engines are compared with ONNX Runtime on CPU.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Inputs to compare on (default: random).")
-@click.option("--batch", type=int, default=None, help="Batch size to compare at.")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Batch size to compare at.")
 @_user_errors
 def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> None:
     """Compare each segment on BACKEND with ONNX Runtime on CPU (outputs and gate decisions)."""
@@ -374,9 +374,9 @@ def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> 
               help="compact: exited samples leave the batch; wait-all: every sample runs to the end and keeps its "
                    "first exit's output; never: no early exit fires.")
 @click.option("--thresholds", default=None, help="Per early exit: a number, 'never' or 'always' (e.g. 0.9,never).")
-@click.option("--batch", type=int, default=32, show_default=True, help="Samples per call.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per call.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime device (cuda: CUDA execution provider with IO binding).")
 @click.option("--max-input-bytes", type=click.IntRange(min=1), default=None,
@@ -399,9 +399,9 @@ def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | N
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), required=True, help=".npz named after the model inputs.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Samples per call.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per call.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
-@click.option("--repeats", type=int, default=20, show_default=True,
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed rounds per configuration (medians and ranges are reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--reference-model", type=click.Path(path_type=Path), default=None,
@@ -446,8 +446,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="HTML file to write.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help=".npz to time the segments on (default: random inputs, when every dimension is fixed).")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch size for the latency measurement.")
-@click.option("--repeats", type=int, default=10, show_default=True,
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size for the latency measurement.")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
               help="Runs per segment for the latency figures (medians).")
 @_user_errors
 def report(bundle: Path, output: Path, data: Path | None, batch: int, repeats: int) -> None:
@@ -469,13 +469,13 @@ def export() -> None:
               help="bls: segments as ONNX Runtime/TensorRT models chained by a Python BLS model; in-process: "
                    "the Python model runs the segments itself.")
 @click.option("--name", default=None, help="Name of the chain model (default: from the bundle's name).")
-@click.option("--max-batch-size", type=int, default=32, show_default=True, help="0 turns dynamic batching off.")
-@click.option("--queue-delay-us", type=int, default=1000, show_default=True,
+@click.option("--max-batch-size", type=click.IntRange(min=0), default=32, show_default=True, help="0 turns dynamic batching off.")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Dynamic batching: longest wait for more requests.")
-@click.option("--instances", type=int, default=1, show_default=True, help="Instances of each model.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model.")
 @click.option("--engines", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
               show_default=True, help="bls: segment models on CPU, or on GPU with the TensorRT accelerator.")
-@click.option("--threads", type=int, default=None, help="in-process: ONNX Runtime threads per instance.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="in-process: ONNX Runtime threads per instance.")
 @click.option("--force", is_flag=True, help="Replace an existing repository at OUTPUT.")
 @_public_key_option
 @_user_errors
@@ -509,7 +509,7 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
-@click.option("--port", type=int, default=8000, show_default=True, help="HTTP port.")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True, help="HTTP port.")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="Ray Serve replicas (one runner each).")
 @click.option("--autoscale", default=None, metavar="MIN:MAX", help="Let Serve scale replicas between MIN and MAX.")
@@ -520,7 +520,7 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Larger request bodies get HTTP 413.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per replica.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads per replica.")
 @click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="Ray CPUs each replica holds.")
 @click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto) instead of starting one.")
 @_public_key_option
@@ -562,7 +562,7 @@ def _echo_decoder(output: Path, dec: dict[str, Any]) -> None:
 @click.option("--mode", type=click.Choice(["none", "speculative", "exit"]), default="none", show_default=True,
               help="none: the full model; speculative: an exit drafts tokens, the full model verifies them "
                    "(lossless); exit: each token from the first confident exit.")
-@click.option("--batch", type=int, default=None, help="Rows run together (default: all prompts).")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Rows run together (default: all prompts).")
 @click.option("--thresholds", default=None, help="Per exit: max-prob, 'never' or 'always', comma-separated.")
 @click.option("--draft-tokens", type=int, default=None, help="Speculative: most tokens drafted per verification.")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
@@ -570,7 +570,7 @@ def _echo_decoder(output: Path, dec: dict[str, Any]) -> None:
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="tokenizer.json (default: the bundle's).")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_user_errors
 def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: str, batch: int | None,
@@ -579,8 +579,6 @@ def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: 
     """Generate text with a decoder bundle: plain, self-speculative (lossless) or per-token exits."""
     from eecompile.runtimes.lm import DecoderRunner
 
-    if batch is not None and batch < 1:
-        raise click.BadParameter("give a positive batch size", param_hint="--batch")
     runner = DecoderRunner(bundle, threads=threads, tokenizer=tokenizer)
     thr: Any = None
     if thresholds is not None:

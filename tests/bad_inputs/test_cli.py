@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eecompile.errors import BackendError, DataError, SpecError
+from eecompile.errors import BackendError, SpecError
 from tests.bad_inputs.util import expect_error, expect_usage, snapshot
 
 
@@ -47,17 +47,27 @@ def test_thresholds_that_are_not_numbers(ws: Path) -> None:
                   "--thresholds", "0.9,sometimes"], SpecError, "'sometimes'", "'never'/'always'", workspace=ws)
 
 
-def test_batch_of_zero(ws: Path) -> None:
-    expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", ws / "o.npz", "--batch", "0"],
-                 DataError, "--batch", ">= 1", workspace=ws)
+@pytest.mark.parametrize("argv", [
+    ["run", "{b}", "--data", "{d}", "-o", "{o}", "--batch", "0"],
+    ["run", "{b}", "--data", "{d}", "-o", "{o}", "--threads", "0"],
+    ["verify", "{b}", "--batch", "0"],
+    ["bench", "{b}", "--data", "{d}", "--repeats", "0"],
+    ["build", "{b}", "--backend", "onnxruntime", "--max-batch", "0"],
+    ["build", "{b}", "--backend", "onnxruntime", "--opt-batch", "-3"],
+    ["serve", "{b}", "--port", "70000"],
+], ids=["run-batch", "run-threads", "verify-batch", "bench-repeats", "build-max-batch", "build-opt-batch",
+        "serve-port"])
+def test_a_number_out_of_range_is_a_usage_error(ws: Path, argv: list[str]) -> None:
+    """Every count option is checked by click before anything runs: exit 2, the option named, its range."""
+    paths = {"b": str(ws / "b.eebundle"), "d": str(ws / "data.npz"), "o": str(ws / "o.npz")}
+    argv = [a.format(**paths) for a in argv]
+    expect_usage(argv, argv[-2], "is not in the range", workspace=ws)
 
 
-@pytest.mark.parametrize("batches", [["--max-batch", "0"], ["--max-batch", "4", "--opt-batch", "8"],
-                                     ["--opt-batch", "0"]])
-def test_build_with_an_impossible_batch_range(ws: Path, batches: list[str]) -> None:
-    """ORT engines used to record max_batch=0 (or opt > max) without a word."""
-    expect_error(["build", ws / "b.eebundle", "--backend", "onnxruntime", *batches], BackendError,
-                 "--max-batch must be >= 1", "--opt-batch in [1, --max-batch]", workspace=ws)
+def test_build_with_an_impossible_batch_range(ws: Path) -> None:
+    """ORT engines used to record opt > max without a word."""
+    expect_error(["build", ws / "b.eebundle", "--backend", "onnxruntime", "--max-batch", "4", "--opt-batch", "8"],
+                 BackendError, "--max-batch must be >= 1", "--opt-batch in [1, --max-batch]", workspace=ws)
 
 
 def test_unknown_backend(ws: Path) -> None:
