@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,24 @@ class GenerateResult:
 
 
 @dataclass
+class StepEvent:
+    """What one ``DecodeBatch.step()`` produced for one row.
+
+    ``row``: the id ``DecodeBatch.add`` returned. ``token_ids``: tokens confirmed in this step (0 or more;
+    speculative rows emit several per verification and none while drafting). ``finished``: the row left the
+    batch; ``finish_reason``: "eos" (it emitted its ``eos_token_id``, which is the last of ``token_ids``),
+    "length" (``max_new_tokens`` reached) or None. ``text``: the text these tokens add (incremental decoding
+    of everything generated so far; "" while a multi-byte character is incomplete), None without a tokenizer.
+    """
+
+    row: int
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    text: str | None
+
+
+@dataclass
 class _Row:
     index: int
     seq: list[int]  # prompt + generated (+ drafts while drafting)
@@ -88,6 +107,14 @@ class _Row:
     n_confirmed: int = 0  # len(seq) without drafts
     q: list[np.ndarray] = field(default_factory=list)  # sampling: the draft distribution of each draft
     done: bool = False
+    max_new: int = 1
+    eos: int | None = None
+    sample: bool = False
+    temperature: float = 1.0
+    rng: np.random.Generator | None = None
+    finish_reason: str | None = None
+    reported: int = 0  # generated tokens already returned in a StepEvent
+    text: str = ""  # their text (incremental decoding)
 
     @property
     def generated(self) -> int:
@@ -277,6 +304,7 @@ class DecoderRunner:
                     r.pending[s + 1].extend(o)
         return outs
 
+
     # ------------------------------------------------------------------------------------------ generate
 
     def _thresholds(self, thresholds: Any, mode: str) -> list[float]:
@@ -301,6 +329,17 @@ class DecoderRunner:
                 raise DataError(f"thresholds[{k}]: {v!r} is not a max-prob threshold in [0, 1], 'never' or 'always'")
         return out
 
+    def open_batch(self, mode: str = "none", max_batch: int | None = None, thresholds: Any = None,
+                   draft_tokens: int | None = None, exit: int = 0, *, calibrated: bool = True) -> DecodeBatch:
+        """An iteration-level decoding batch: rows join (``add``) and leave between ``step()`` calls.
+
+        ``mode``, ``thresholds``, ``draft_tokens``, ``exit`` and ``calibrated`` as for ``generate``; they hold
+        for every row of the batch. ``max_batch``: the most rows decoded together (None: no limit); rows added
+        beyond it wait and join as others finish. Raises ``DataError`` for a bad mode, exit, threshold or k.
+        """
+        return DecodeBatch(self, mode=mode, max_batch=max_batch, thresholds=thresholds, draft_tokens=draft_tokens,
+                           exit=exit, calibrated=calibrated)
+
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_new_tokens: int, *,
                  mode: str = "none", thresholds: Any = None, draft_tokens: int | None = None, exit: int = 0,
                  sample: bool = False, temperature: float = 1.0, seed: int | None = None,
@@ -311,88 +350,40 @@ class DecoderRunner:
         ``mode``: "none" | "speculative" | "exit" (see the module docstring). ``thresholds``: per exit, a
         max-prob in [0, 1], "never" or "always" (default: the bundle's). ``draft_tokens``: k, the most tokens
         drafted per verification (default: the exit's). ``exit``: the exit that drafts (speculative).
-        ``sample``: draw from softmax(logits / temperature) with ``numpy.random.default_rng(seed)``, else greedy.
-        ``batch``: rows run together (default: all prompts). Stops a row at ``eos_token_id`` (default: the
-        bundle's) or after ``max_new_tokens``. ``calibrated``: in speculative mode without explicit thresholds
-        and k, use the bundle's calibration for this batch size (``eecompile.decoder.calibrate``), which may
-        switch drafting off where it did not pay (plain decoding; the same tokens).
+        ``sample``: draw from softmax(logits / temperature), else greedy; row i draws from its own generator,
+        ``numpy.random.default_rng(SeedSequence(seed).spawn(n)[i])``. ``batch``: the most rows decoded together
+        (default: all prompts); a row that finishes makes room for the next prompt. Stops a row at
+        ``eos_token_id`` (default: the bundle's) or after ``max_new_tokens``. ``calibrated``: in speculative
+        mode without explicit thresholds and k, use the bundle's calibration for this batch size
+        (``eecompile.decoder.calibrate``), which may switch drafting off where it did not pay (plain decoding;
+        the same tokens). This is a loop over ``open_batch(...).step()``.
 
         Raises ``DataError`` for a bad mode, ``max_new_tokens`` < 1, an empty prompt, a token id outside the
         vocabulary, or a prompt that with ``max_new_tokens`` does not fit the cache (``max_length``).
         """
-        if mode not in MODES:
-            raise DataError(f"mode: '{mode}' is not one of {list(MODES)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise DataError(f"max_new_tokens: {max_new_tokens!r}; give a positive number of tokens to generate")
-        if sample and not temperature > 0:
-            raise DataError(f"temperature: {temperature}; sampling needs a temperature > 0")
-        if mode != "none" and not self.exits:
-            raise DataError("the bundle has no exits; use mode 'none'")
-        if not 0 <= exit < len(self.exits):
-            raise DataError(f"exit: {exit} is not an exit of this bundle (it has {len(self.exits)})")
         if isinstance(prompts, str):
             prompts = [prompts]
-        texts: list[str | None] = []
-        ids_list: list[list[int]] = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                texts.append(p)
-                ids_list.append(self._encode(p))
-            else:
-                texts.append(None)
-                ids_list.append([int(t) for t in cast("Sequence[int]", p)])
-            ids = ids_list[-1]
-            if not ids:
-                raise DataError(f"prompts[{i}]: empty; give at least one token")
-            bad = [t for t in ids if not 0 <= t < self.vocab]
-            if bad:
-                raise DataError(f"prompts[{i}]: token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})")
-            if len(ids) + max_new_tokens > self.max_length:
-                raise DataError(f"prompts[{i}]: {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed the cache "
-                                f"({self.max_length} positions); shorten the prompt, lower max_new_tokens, or "
-                                f"recompile with a larger max_length")
-        size = batch or len(ids_list)
-        off = False
-        choice = choice_for_batch(self.dec.get("calibration"), size) if (
-            mode == "speculative" and calibrated and thresholds is None and draft_tokens is None) else None
-        if choice is not None:
-            off = bool(choice.get("off"))
-            if not off:
-                thresholds = [choice["threshold"] if j == exit else "never" for j in range(len(self.exits))]
-                draft_tokens = int(choice["draft_tokens"])
-        thr = self._thresholds(thresholds, mode)
-        eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        k = int(draft_tokens if draft_tokens is not None else self.exits[exit].get("draft_tokens", 6))
-        if k < 1:
-            raise DataError(f"draft_tokens: {k}; give at least 1")
-        rng = np.random.default_rng(seed)
-        stats: dict[str, Any] = {"drafted": 0, "accepted": 0, "rounds": 0, "emitted": 0,
-                 "exit_counts": [0] * (len(self.exits) + 1)}
-        step = {"none": self._step_none, "speculative": self._step_speculative, "exit": self._step_exit}[mode]
-        if off:
-            step = self._step_none
-            stats["drafting_off"] = True
-        ctx = _Ctx(thr=thr, k=k, exit=exit, sample=sample, temperature=temperature, rng=rng, eos=eos,
-                   max_new=max_new_tokens, stats=stats)
+        if batch is not None and batch < 1:
+            raise DataError(f"batch: {batch}; give a positive number of rows")
+        db = self.open_batch(mode, max_batch=batch or max(len(prompts), 1), thresholds=thresholds,
+                             draft_tokens=draft_tokens, exit=exit, calibrated=calibrated)
+        seeds = np.random.SeedSequence(seed).spawn(len(prompts)) if seed is not None else [None] * len(prompts)
         t0 = time.perf_counter()
-        out_rows: list[_Row] = []
-        for lo in range(0, len(ids_list), size):
-            rows = [self._new_row(lo + i, ids) for i, ids in enumerate(ids_list[lo:lo + size])]
-            self._prefill(rows)
-            active = [r for r in rows if not r.done]
-            while active:
-                step(active, ctx)
-                active = [r for r in active if not r.done]
-            out_rows += rows
+        for i, p in enumerate(prompts):
+            db._add(cast("str | Sequence[int]", p), max_new_tokens, sample=sample, temperature=temperature, rng=np.random.default_rng(seeds[i]),
+                    eos_token_id=eos_token_id, where=f"prompts[{i}]")
+        tokens: list[list[int]] = [[] for _ in prompts]
+        while db.active or db.waiting:
+            for ev in db.step():
+                tokens[ev.row] += ev.token_ids
         wall = time.perf_counter() - t0
         results = []
-        for r in sorted(out_rows, key=lambda r: r.index):
-            gen = r.seq[r.n_prompt:r.n_confirmed]
-            item: dict[str, Any] = {"prompt": texts[r.index] if texts[r.index] is not None else "",
-                                    "token_ids": gen}
-            item["text"] = self._decode(gen) if texts[r.index] is not None or self._has_tokenizer() else ""
-            results.append(item)
-        n_gen = sum(len(x["token_ids"]) for x in results)
+        for i, p in enumerate(prompts):
+            gen = tokens[i]
+            text = self._decode(gen) if isinstance(p, str) or self._has_tokenizer() else ""
+            results.append({"prompt": p if isinstance(p, str) else "", "token_ids": gen, "text": text})
+        n_gen = sum(len(t) for t in tokens)
+        stats = db.stats
         res = GenerateResult(results=results, tokens_per_s=n_gen / wall if wall > 0 else 0.0, stats=stats)
         if mode == "speculative":
             res.acceptance_rate = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
@@ -405,31 +396,32 @@ class DecoderRunner:
     def _has_tokenizer(self) -> bool:
         return self._tokenizer is not None or self.dec.get("tokenizer") is not None
 
-    def _new_row(self, index: int, ids: list[int]) -> _Row:
+    def _new_row(self, index: int, ids: list[int], **kw: Any) -> _Row:
         n_seg = len(self.segments)
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
         return _Row(index=index, seq=list(ids), n_prompt=len(ids), n_confirmed=len(ids),
                     caches=[[empty] * len(self._kv_names[s]) for s in range(n_seg)], lengths=[0] * n_seg,
-                    pending=[[] for _ in range(n_seg)])
+                    pending=[[] for _ in range(n_seg)], **kw)
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def _pick(self, head: dict[str, np.ndarray], i: int, j: int, ctx: _Ctx) -> tuple[int, np.ndarray | None]:
+    def _pick(self, head: dict[str, np.ndarray], i: int, j: int, r: _Row) -> tuple[int, np.ndarray | None]:
         """The token at row i, position j of a head call: argmax, or a draw from softmax(logits / T)."""
-        if not ctx.sample:
+        if not r.sample:
             return int(head["token"][i, j]), None
-        p = softmax(head["logits"][i, j], ctx.temperature)
-        return int(ctx.rng.choice(len(p), p=p)), p
+        assert r.rng is not None
+        p = softmax(head["logits"][i, j], r.temperature)
+        return int(r.rng.choice(len(p), p=p)), p
 
-    def _emit(self, r: _Row, tokens: list[int], ctx: _Ctx) -> None:
+    def _emit(self, r: _Row, tokens: list[int]) -> None:
         """Confirm ``tokens`` after the row's confirmed tokens (dropping its drafts); stop at EOS or the budget."""
         seq = r.seq[:r.n_confirmed]
         for t in tokens:
-            if len(seq) - r.n_prompt >= ctx.max_new:
+            if len(seq) - r.n_prompt >= r.max_new:
                 break
             seq.append(t)
-            if ctx.eos is not None and t == ctx.eos:
-                r.done = True
+            if r.eos is not None and t == r.eos:
+                r.done, r.finish_reason = True, "eos"
                 break
         old = r.seq
         common = 0
@@ -445,8 +437,8 @@ class DecoderRunner:
         r.seq = seq
         r.n_confirmed = len(seq)
         r.q = []
-        if r.generated >= ctx.max_new:
-            r.done = True
+        if not r.done and r.generated >= r.max_new:
+            r.done, r.finish_reason = True, "length"
 
     def _prefill(self, rows: list[_Row]) -> None:
         """Every prompt position but the last through every segment; the mode's first step then takes the last
@@ -465,10 +457,10 @@ class DecoderRunner:
 
     def _step_none(self, rows: list[_Row], ctx: _Ctx) -> None:
         outs = self._stack(rows, 0, len(self.segments) - 1)
-        head = self._run_head(np.stack([o[-1:] for o in outs]), _NEVER, ctx.sample)
+        head = self._run_head(np.stack([o[-1:] for o in outs]), _NEVER, _sampling(rows))
         for i, r in enumerate(rows):
-            t, _ = self._pick(head, i, 0, ctx)
-            self._emit(r, [t], ctx)
+            t, _ = self._pick(head, i, 0, r)
+            self._emit(r, [t])
 
     def _step_exit(self, rows: list[_Row], ctx: _Ctx) -> None:
         """One token per row; a row stops at the first exit whose gate fires on it (CALM/SpecEE)."""
@@ -476,13 +468,13 @@ class DecoderRunner:
         for e, ex in enumerate(self.exits):
             first = 0 if e == 0 else self.exits[e - 1]["segment"] + 1
             outs = self._stack(going, first, ex["segment"])
-            head = self._exit_head(e, np.stack([o[-1:] for o in outs]), ctx.thr[e], ctx.sample)
+            head = self._exit_head(e, np.stack([o[-1:] for o in outs]), ctx.thr[e], _sampling(going))
             deeper = []
             for i, r in enumerate(going):
                 if head["gate"][i, 0]:
-                    t, _ = self._pick(head, i, 0, ctx)
+                    t, _ = self._pick(head, i, 0, r)
                     ctx.stats["exit_counts"][e] += 1
-                    self._emit(r, [t], ctx)
+                    self._emit(r, [t])
                 else:
                     deeper.append(r)
             going = deeper
@@ -490,24 +482,24 @@ class DecoderRunner:
                 return
         first = self.exits[-1]["segment"] + 1
         outs = self._stack(going, first, len(self.segments) - 1)
-        head = self._run_head(np.stack([o[-1:] for o in outs]), _NEVER, ctx.sample)
+        head = self._run_head(np.stack([o[-1:] for o in outs]), _NEVER, _sampling(going))
         for i, r in enumerate(going):
-            t, _ = self._pick(head, i, 0, ctx)
+            t, _ = self._pick(head, i, 0, r)
             ctx.stats["exit_counts"][-1] += 1
-            self._emit(r, [t], ctx)
+            self._emit(r, [t])
 
     def _step_speculative(self, rows: list[_Row], ctx: _Ctx) -> None:
         """One draft step for rows drafting, then one verification for rows whose drafting stopped."""
         e = self.exits[ctx.exit]
         last_draft = e["segment"]
         outs = self._stack(rows, 0, last_draft)
-        head = self._exit_head(ctx.exit, np.stack([o[-1:] for o in outs]), ctx.thr[ctx.exit], ctx.sample)
+        head = self._exit_head(ctx.exit, np.stack([o[-1:] for o in outs]), ctx.thr[ctx.exit], _sampling(rows))
         verify = []
         for i, r in enumerate(rows):
             n_drafts = len(r.seq) - r.n_confirmed
-            room = ctx.max_new - r.generated - 1  # a verification emits up to n_drafts + 1 tokens
+            room = r.max_new - r.generated - 1  # a verification emits up to n_drafts + 1 tokens
             if head["gate"][i, 0] and n_drafts < min(ctx.k, room):
-                t, q = self._pick(head, i, 0, ctx)
+                t, q = self._pick(head, i, 0, r)
                 r.seq.append(t)
                 if q is not None:
                     r.q.append(q)
@@ -517,37 +509,37 @@ class DecoderRunner:
         if not verify:
             return
         outs = self._stack(verify, last_draft + 1, len(self.segments) - 1)
-        head = self._run_head(np.stack(pad_positions(outs)), _NEVER, ctx.sample)
+        head = self._run_head(np.stack(pad_positions(outs)), _NEVER, _sampling(verify))
         for i, r in enumerate(verify):
             drafts = r.seq[r.n_confirmed:]
             n_fed = len(outs[i])  # verified positions: the last confirmed token and the drafts fed
-            emitted = self._accept(head, i, drafts, n_fed, r.q, ctx)
+            emitted = self._accept(head, i, drafts, n_fed, r)
             ctx.stats["drafted"] += len(drafts)
             ctx.stats["accepted"] += _n_accepted(drafts, emitted)
             ctx.stats["rounds"] += 1
             ctx.stats["emitted"] += len(emitted)
-            self._emit(r, emitted, ctx)
+            self._emit(r, emitted)
 
-    def _accept(self, head: dict[str, np.ndarray], i: int, drafts: list[int], n_fed: int, qs: list[np.ndarray],
-                ctx: _Ctx) -> list[int]:
+    def _accept(self, head: dict[str, np.ndarray], i: int, drafts: list[int], n_fed: int, r: _Row) -> list[int]:
         """The tokens a verification emits: the longest accepted prefix of ``drafts`` plus the verifier's token
         (none when every draft was accepted and the last one was not fed)."""
-        if not ctx.sample:
+        if not r.sample:
             v = [int(t) for t in head["token"][i, :n_fed]]
             m = 0
             while m < len(drafts) and m < n_fed and drafts[m] == v[m]:
                 m += 1
             return drafts[:m] + ([v[m]] if m < n_fed else [])
+        assert r.rng is not None
         out: list[int] = []
         for j, d in enumerate(drafts):
-            p = softmax(head["logits"][i, j], ctx.temperature)
-            tok, ok = speculative_accept(p, qs[j], d, ctx.rng)
+            p = softmax(head["logits"][i, j], r.temperature)
+            tok, ok = speculative_accept(p, r.q[j], d, r.rng)
             out.append(tok)
             if not ok:
                 return out
         if len(drafts) < n_fed:
-            p = softmax(head["logits"][i, len(drafts)], ctx.temperature)
-            out.append(int(ctx.rng.choice(len(p), p=p)))
+            p = softmax(head["logits"][i, len(drafts)], r.temperature)
+            out.append(int(r.rng.choice(len(p), p=p)))
         return out
 
 
@@ -556,12 +548,169 @@ class _Ctx:
     thr: list[float]
     k: int
     exit: int
-    sample: bool
-    temperature: float
-    rng: np.random.Generator
-    eos: int | None
-    max_new: int
     stats: dict[str, Any]
+
+
+def _sampling(rows: Sequence[_Row]) -> bool:
+    return any(r.sample for r in rows)
+
+
+class DecodeBatch:
+    """Iteration-level decoding over one ``DecoderRunner``: rows join and leave between steps.
+
+    Made by ``DecoderRunner.open_batch``. ``add`` queues a row (its prefill runs at the next ``step``);
+    ``step`` admits waiting rows up to ``max_batch``, prefills them, and runs one iteration of the mode for all
+    active rows (none/exit: one token per row; speculative: one draft token for rows drafting, one verification
+    for rows whose drafting stopped), returning a ``StepEvent`` per row that confirmed tokens or finished.
+    Every row keeps its own cache, lengths and positions, and its tokens are decided from its own logits only,
+    so greedy tokens do not depend on when a row joined or on the other rows (rows are stacked left-padded
+    with masked slots: the padding changes kernel reduction order at the last float bit at most).
+    ``active``/``waiting``: rows decoding / queued. ``stats``: drafted, accepted, rounds, emitted,
+    exit_counts (per exit, then the final head). Not thread-safe: one caller drives a batch.
+    """
+
+    def __init__(self, runner: DecoderRunner, *, mode: str, max_batch: int | None, thresholds: Any,
+                 draft_tokens: int | None, exit: int, calibrated: bool) -> None:
+        if mode not in MODES:
+            raise DataError(f"mode: '{mode}' is not one of {list(MODES)}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise DataError(f"max_batch: {max_batch!r}; give a positive number of rows (or None: no limit)")
+        if mode != "none" and not runner.exits:
+            raise DataError("the bundle has no exits; use mode 'none'")
+        if runner.exits and not 0 <= exit < len(runner.exits):
+            raise DataError(f"exit: {exit} is not an exit of this bundle (it has {len(runner.exits)})")
+        self.runner = runner
+        self.mode = mode
+        self.max_batch = max_batch
+        self.drafting_off = False
+        choice = choice_for_batch(runner.dec.get("calibration"), max_batch or 1) if (
+            mode == "speculative" and calibrated and thresholds is None and draft_tokens is None) else None
+        if choice is not None:
+            self.drafting_off = bool(choice.get("off"))
+            if not self.drafting_off:
+                thresholds = [choice["threshold"] if j == exit else "never" for j in range(len(runner.exits))]
+                draft_tokens = int(choice["draft_tokens"])
+        thr = runner._thresholds(thresholds, mode)
+        k = int(draft_tokens if draft_tokens is not None else
+                (runner.exits[exit].get("draft_tokens", 6) if runner.exits else 1))
+        if k < 1:
+            raise DataError(f"draft_tokens: {k}; give at least 1")
+        self.stats: dict[str, Any] = {"drafted": 0, "accepted": 0, "rounds": 0, "emitted": 0,
+                                      "exit_counts": [0] * (len(runner.exits) + 1)}
+        if self.drafting_off:
+            self.stats["drafting_off"] = True
+        self._ctx = _Ctx(thr=thr, k=k, exit=exit, stats=self.stats)
+        step = {"none": runner._step_none, "speculative": runner._step_speculative, "exit": runner._step_exit}
+        self._step = runner._step_none if self.drafting_off else step[mode]
+        self._waiting: deque[_Row] = deque()
+        self._active: list[_Row] = []
+        self._next_id = 0
+        self._closed = False
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def add(self, prompt_or_token_ids: str | Sequence[int], max_new_tokens: int, sample: bool = False,
+            temperature: float = 1.0, seed: int | None = None, eos_token_id: int | None = None) -> int:
+        """Queue a row: text (needs a tokenizer) or token ids; it joins (prefill) at the next ``step()``.
+
+        ``sample``: draw from softmax(logits / temperature) with ``numpy.random.default_rng(seed)``, else
+        greedy. ``eos_token_id``: stop token (default: the bundle's). Returns the row id used in ``StepEvent``.
+        Raises ``DataError`` for ``max_new_tokens`` < 1, a temperature ≤ 0 with sampling, an empty prompt, a token
+        id outside the vocabulary, or a prompt that with ``max_new_tokens`` does not fit ``max_length``.
+        """
+        return self._add(prompt_or_token_ids, max_new_tokens, sample=sample, temperature=temperature,
+                         rng=np.random.default_rng(seed), eos_token_id=eos_token_id, where="prompt")
+
+    def _add(self, p: str | Sequence[int], max_new_tokens: int, *, sample: bool, temperature: float,
+             rng: np.random.Generator, eos_token_id: int | None, where: str) -> int:
+        if self._closed:
+            raise DataError("this decoding batch is closed; open a new one with DecoderRunner.open_batch")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise DataError(f"max_new_tokens: {max_new_tokens!r}; give a positive number of tokens to generate")
+        if sample and not temperature > 0:
+            raise DataError(f"temperature: {temperature}; sampling needs a temperature > 0")
+        run = self.runner
+        ids = run._encode(p) if isinstance(p, str) else [int(t) for t in p]
+        if not ids:
+            raise DataError(f"{where}: empty; give at least one token")
+        bad = [t for t in ids if not 0 <= t < run.vocab]
+        if bad:
+            raise DataError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{run.vocab - 1})")
+        if len(ids) + max_new_tokens > run.max_length:
+            raise DataError(f"{where}: {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed the cache "
+                            f"({run.max_length} positions); shorten the prompt, lower max_new_tokens, or "
+                            f"recompile with a larger max_length")
+        row = run._new_row(self._next_id, ids, max_new=max_new_tokens,
+                           eos=run.eos_token_id if eos_token_id is None else eos_token_id,
+                           sample=sample, temperature=temperature, rng=rng)
+        self._next_id += 1
+        self._waiting.append(row)
+        return row.index
+
+    def cancel(self, row: int) -> None:
+        """Drop a waiting or active row (its cache is freed; no further event for it). A finished row: no-op.
+        Raises ``DataError`` for an id this batch never gave."""
+        if not 0 <= row < self._next_id:
+            raise DataError(f"row {row}: no such row in this batch")
+        self._waiting = deque(r for r in self._waiting if r.index != row)
+        self._active = [r for r in self._active if r.index != row]
+
+    def close(self) -> None:
+        """Drop every row; ``add``/``step`` then raise ``DataError``."""
+        self._waiting.clear()
+        self._active = []
+        self._closed = True
+
+    def step(self) -> list[StepEvent]:
+        """One iteration: admit and prefill waiting rows (up to ``max_batch`` active), then one step of the mode
+        for every active row. Returns events for rows that confirmed tokens or finished; finished rows leave.
+        Raises ``BackendError`` when a session fails (the batch is then closed)."""
+        if self._closed:
+            raise DataError("this decoding batch is closed; open a new one with DecoderRunner.open_batch")
+        join: list[_Row] = []
+        while self._waiting and (self.max_batch is None or len(self._active) + len(join) < self.max_batch):
+            join.append(self._waiting.popleft())
+        try:
+            if join:
+                self.runner._prefill(join)
+                self._active += join
+            if not self._active:
+                return []
+            self._step(self._active, self._ctx)
+        except BackendError:
+            self.close()
+            raise
+        events = []
+        for r in self._active:
+            new = r.seq[r.n_prompt + r.reported:r.n_confirmed]
+            if not new and not r.done:
+                continue
+            r.reported += len(new)
+            events.append(StepEvent(row=r.index, token_ids=new, finished=r.done, finish_reason=r.finish_reason,
+                                    text=self._text(r)))
+        self._active = [r for r in self._active if not r.done]
+        return events
+
+    def _text(self, r: _Row) -> str | None:
+        run = self.runner
+        if not run._has_tokenizer():
+            return None
+        full = run._decode(r.seq[r.n_prompt:r.n_prompt + r.reported])
+        if full.endswith("\ufffd") and not r.done:  # a multi-byte character is not complete yet
+            return ""
+        # a tokenizer may rewrite earlier text as more tokens come (byte fallback): the new part is what follows
+        # the longest common prefix with what was returned
+        n = 0
+        while n < min(len(full), len(r.text)) and full[n] == r.text[n]:
+            n += 1
+        r.text = full
+        return full[n:]
 
 
 def choice_for_batch(calibration: dict[str, Any] | None, batch: int) -> dict[str, Any] | None:
