@@ -514,7 +514,7 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
               help="Ray Serve replicas (one runner each).")
 @click.option("--autoscale", default=None, metavar="MIN:MAX", help="Let Serve scale replicas between MIN and MAX.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Samples per runner call (and at most per request).")
+              help="Samples per runner call (and at most per request); decoder bundles: rows decoded together.")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long a batch waits for more requests after its first.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
@@ -528,7 +528,8 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
 def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | None, max_batch_size: int,
           batch_wait_ms: float, max_body_mb: float, backend: str, threads: int | None, cpus_per_replica: float,
           address: str | None, public_key: Path | None) -> None:
-    """Serve BUNDLE over HTTP with Ray Serve: POST /v1/predict, GET /v1/health (until Ctrl-C)."""
+    """Serve BUNDLE over HTTP with Ray Serve: POST /v1/predict (decoder bundles: POST /v1/generate), GET
+    /v1/health (until Ctrl-C)."""
     try:
         from eecompile.serve.ray_app import ServeOptions, serve_bundle
     except ImportError as e:
@@ -541,8 +542,8 @@ def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | No
                            public_key=None if public_key is None else str(public_key.resolve()))
     serve_bundle(options, host=host, port=port, replicas=replicas, autoscaling=_parse_autoscale(autoscale),
                  cpus_per_replica=cpus_per_replica, address=address,
-                 ready=lambda url: click.echo(f"serving {bundle} at {url}/predict (health: {url}/health); "
-                                              f"Ctrl-C stops", err=True))
+                 ready=lambda url, route="predict": click.echo(f"serving {bundle} at {url}/{route} (health: "
+                                                               f"{url}/health); Ctrl-C stops", err=True))
 
 
 def _echo_decoder(output: Path, dec: dict[str, Any]) -> None:

@@ -208,35 +208,42 @@ class GenerateRequest:
     sample: bool = False
     temperature: float = 1.0
     seed: int | None = None
+    stream: bool = False
 
-    def group_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys share one ``generate`` call."""
-        return (isinstance(self.prompt, str), self.max_new_tokens, self.mode, self.thresholds, self.draft_tokens,
-                self.sample, self.temperature, self.seed)
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys decode in the same running batch (batch-wide options; the rest is per row)."""
+        return (self.mode, self.thresholds, self.draft_tokens)
 
 
-GENERATE_FIELDS = ("prompt", "max_new_tokens", "mode", "thresholds", "draft_tokens", "sample", "temperature", "seed")
+GENERATE_FIELDS = ("prompt", "token_ids", "max_new_tokens", "mode", "thresholds", "draft_tokens", "sample",
+                   "temperature", "seed", "stream")
 
 
 def parse_generate(body: bytes, n_exits: int) -> GenerateRequest:
-    """``{"prompt": text or token ids, "max_new_tokens": 32, "mode": "none"|"speculative"|"exit",
-    "thresholds": [...], "draft_tokens": k, "sample": false, "temperature": 1.0, "seed": null}``.
+    """``{"prompt": text | "token_ids": [int], "max_new_tokens": 32, "mode": "none"|"speculative"|"exit",
+    "thresholds": [...], "draft_tokens": k, "sample": false, "temperature": 1.0, "seed": null,
+    "stream": false}`` (``prompt`` may also be a list of token ids).
 
-    Raises DataError / SpecError (HTTP 400) for a malformed body; the decoder checks the values further."""
+    Raises DataError / SpecError (HTTP 400) for a malformed body; the decoder checks the values further
+    (mode, max_new_tokens >= 1, prompt and max_new_tokens within the cache, token ids in the vocabulary)."""
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise DataError(f'{WHERE}: the body is not valid JSON ({e}); send {{"prompt": "...", '
                         f'"max_new_tokens": 32}}') from e
-    if not isinstance(doc, dict) or "prompt" not in doc:
-        raise DataError(f'{WHERE}: expected a JSON object {{"prompt": text or token ids, "max_new_tokens": N}}')
+    if not isinstance(doc, dict) or ("prompt" in doc) == ("token_ids" in doc):
+        raise DataError(f'{WHERE}: expected a JSON object with one of "prompt" (text) or "token_ids" (a list '
+                        f'of ints), and "max_new_tokens"')
     unknown = sorted(set(doc) - set(GENERATE_FIELDS))
     if unknown:
         raise DataError(f"{WHERE}: unknown fields {unknown}; a generate request has {list(GENERATE_FIELDS)}")
-    prompt = doc["prompt"]
+    field_name = "prompt" if "prompt" in doc else "token_ids"
+    prompt = doc[field_name]
     ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or ids) or not prompt:
-        raise DataError(f"{WHERE}: prompt must be a non-empty string or list of token ids")
+        raise DataError(f"{WHERE}: {field_name} must be a non-empty string or list of token ids")
+    if field_name == "token_ids" and not ids:
+        raise DataError(f"{WHERE}: token_ids must be a non-empty list of ints; send text as \"prompt\"")
 
     def typed(name: str, kinds: tuple[type, ...], default: Any) -> Any:
         v = doc.get(name, default)
@@ -249,4 +256,5 @@ def parse_generate(body: bytes, n_exits: int) -> GenerateRequest:
         prompt=prompt, max_new_tokens=int(max_new) if max_new is not None else 32,
         mode=typed("mode", (str,), "none"), thresholds=_thresholds(doc.get("thresholds"), n_exits),
         draft_tokens=typed("draft_tokens", (int,), None), sample=bool(typed("sample", (bool,), False)),
-        temperature=float(typed("temperature", (int, float), 1.0)), seed=typed("seed", (int,), None))
+        temperature=float(typed("temperature", (int, float), 1.0)), seed=typed("seed", (int,), None),
+        stream=bool(typed("stream", (bool,), False)))

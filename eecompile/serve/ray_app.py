@@ -1,4 +1,5 @@
-"""A bundle behind Ray Serve: ``POST /v1/predict`` and ``GET /v1/health``, with dynamic batching.
+"""A bundle behind Ray Serve: ``POST /v1/predict`` (or, for a decoder bundle, ``POST /v1/generate``) and
+``GET /v1/health``, with dynamic batching.
 
 Requests that arrive one by one are gathered by ``@serve.batch`` (up to ``max_batch_size`` samples, waiting
 at most ``batch_wait_ms`` after the first), stacked, and run through the compacting runner in one call. Each
@@ -10,9 +11,15 @@ are Ray actors: ``replicas=N`` fixes the count, ``autoscaling=(min, max)`` lets 
 requests in flight. Ray restarts a replica that dies; requests that were on it fail with HTTP 500 and can be
 retried.
 
+A decoder bundle's replica instead owns a :class:`~eecompile.serve.decoding.DecodeScheduler`: requests join
+its running decode batch between steps and leave it when their row finishes (iteration-level batching), and
+``"stream": true`` answers with server-sent events, one per step that gave the row tokens.
+
 Metrics (Ray's metrics agent, Prometheus format, next to Serve's own): ``eecompile_requests`` (by HTTP
 status), ``eecompile_request_latency_ms`` (histogram: percentiles), ``eecompile_exit_samples`` (by exit),
-``eecompile_batch_samples`` (samples per runner call).
+``eecompile_batch_samples`` (samples per runner call; rows per decode step); decoder bundles also
+``eecompile_generated_tokens``, ``eecompile_decode_tokens_per_s``, ``eecompile_decode_occupancy``,
+``eecompile_decode_waiting``, ``eecompile_time_to_first_token_ms``.
 
 Ray is imported here at module level: import this module only where Ray is wanted (the CLI does, lazily).
 """
@@ -35,13 +42,13 @@ import numpy as np
 from ray import serve
 from ray.serve import metrics
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from eecompile.errors import BackendError, EECompileError
 from eecompile.serve.batching import Answer, group_requests, run_group
+from eecompile.serve.decoding import Busy, DecodeScheduler, RowSink, StepFigures
 from eecompile.serve.protocol import (
     JSON,
-    GenerateRequest,
     PredictRequest,
     RequestTooLarge,
     encode_response,
@@ -55,6 +62,7 @@ log = logging.getLogger(__name__)
 ROUTE_PREFIX = "/v1"
 LATENCY_BOUNDARIES_MS = [1.0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 BATCH_BOUNDARIES = [1.0, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+SSE = "text/event-stream"
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class ServeOptions:
     batch_wait_ms: float = 5.0
     max_body_bytes: int = 64 << 20
     public_key: str | None = None  # PEM: every replica refuses a bundle not signed by its owner
+    max_waiting: int = 256  # decoder bundles: requests waiting for a row beyond the running batch (then 503)
 
 
 def load_runner(options: ServeOptions) -> Any:
@@ -103,10 +112,9 @@ class EarlyExitDeployment:
         self.runner = load_runner(options)
         self.decoder = _is_decoder(self.runner)
         self.n_early_exits = len(self.runner.exits) if self.decoder else self.runner.manifest.n_early_exits
-        handlers: list[Any] = [self.predict, self.generate]
-        for handler in handlers:
-            handler.set_max_batch_size(options.max_batch_size)
-            handler.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
+        batcher: Any = self.predict  # @serve.batch's wrapper
+        batcher.set_max_batch_size(options.max_batch_size)
+        batcher.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eecompile-runner")
         self._busy: asyncio.Future[Any] | None = None
         self._requests = metrics.Counter("eecompile_requests", description="Requests answered, by HTTP status.",
@@ -116,8 +124,46 @@ class EarlyExitDeployment:
         self._exits = metrics.Counter("eecompile_exit_samples", description="Samples answered at each exit.",
                                       tag_keys=("exit",))
         self._batch = metrics.Histogram("eecompile_batch_samples", boundaries=BATCH_BOUNDARIES,
-                                        description="Samples (prompts, for /generate) in each runner call.")
-        self._tokens = metrics.Counter("eecompile_generated_tokens", description="Tokens answered by /generate.")
+                                        description="Samples in each runner call (/predict); rows in each "
+                                                    "decode step (/generate).")
+        self.scheduler: DecodeScheduler | None = None
+        if self.decoder:
+            self._tokens = metrics.Counter("eecompile_generated_tokens", description="Tokens answered by /generate.")
+            self._tps = metrics.Gauge("eecompile_decode_tokens_per_s",
+                                      description="Tokens emitted per second of decoding, over the last second.")
+            self._occupancy = metrics.Gauge("eecompile_decode_occupancy",
+                                            description="Rows in the running batch / its capacity, last step.")
+            self._waiting = metrics.Gauge("eecompile_decode_waiting",
+                                          description="Requests waiting for a row in the running batch.")
+            self._ttft = metrics.Histogram("eecompile_time_to_first_token_ms", boundaries=LATENCY_BOUNDARIES_MS,
+                                           description="From a request's arrival to its first token (ms).")
+            self._window: list[tuple[float, int, float]] = []  # (end, tokens, seconds) of the last second's steps
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self.scheduler = DecodeScheduler(self.runner, max_batch=options.max_batch_size,
+                                             max_waiting=options.max_waiting, on_step=self._on_step,
+                                             on_first_token=self._on_first_token)
+
+    def _on_step(self, f: StepFigures) -> None:  # the scheduler's thread
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._record_step, f)
+
+    def _on_first_token(self, seconds: float) -> None:  # the scheduler's thread
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._ttft.observe, seconds * 1000.0)
+
+    def _record_step(self, f: StepFigures) -> None:
+        now = time.perf_counter()
+        self._window = [w for w in self._window if now - w[0] < 1.0] + [(now, f.tokens, f.seconds)]
+        busy = sum(w[2] for w in self._window)
+        self._tps.set(sum(w[1] for w in self._window) / busy if busy > 0 else 0.0)
+        self._occupancy.set(f.rows / f.max_batch)
+        self._waiting.set(f.waiting)
+        self._batch.observe(f.rows)
+
+    def __del__(self) -> None:
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close(timeout=2.0)
 
     def check_health(self) -> None:
         if self.runner is None:
@@ -131,6 +177,9 @@ class EarlyExitDeployment:
             inputs = ["prompt"] if self.decoder else [t.name for t in self.runner.inputs]
             return self._json(200, {"status": "ok", "bundle": Path(self._cfg.bundle).name, "route": route,
                                     "exits": self.n_early_exits + 1, "inputs": inputs, "pid": os.getpid()})
+        other = "predict" if self.decoder else "generate"
+        if path.endswith(f"/{other}") and request.method == "POST":
+            return self._error(400, self._wrong_kind(other), t0)
         if not path.endswith(f"/{route}"):
             return self._error(404, f"no route {request.url.path}; this bundle answers POST {ROUTE_PREFIX}/{route} "
                                     f"and GET {ROUTE_PREFIX}/health", t0)
@@ -155,51 +204,90 @@ class EarlyExitDeployment:
         self._done(200, t0)
         return Response(content, status_code=200, media_type=media)
 
+    def _wrong_kind(self, asked: str) -> str:
+        """The CLI's message for the same mismatch (``eecompile run`` on a decoder bundle, ``eecompile generate``
+        on a classifier bundle), naming the endpoint."""
+        name = Path(self._cfg.bundle).name
+        if asked == "predict":
+            return (f"{name}: a decoder bundle (kind: decoder); {ROUTE_PREFIX}/predict takes bundles compiled from "
+                    f"a classifier spec: generate text with POST {ROUTE_PREFIX}/generate")
+        return (f"{name}: not a decoder bundle (it has no decoder section); {ROUTE_PREFIX}/generate takes a decoder "
+                f"compiled with a key/value cache from a spec with 'kind: decoder'; this bundle answers POST "
+                f"{ROUTE_PREFIX}/predict")
+
     async def _generate_http(self, request: Request, t0: float) -> Response:
+        """Iteration-level batching: the request's row joins the replica's running batch at the next decode step
+        and leaves it when it finishes; the answer (or, with ``"stream": true``, each step's tokens as a
+        server-sent event) goes out as soon as its own row has it."""
+        assert self.scheduler is not None
+        self._loop = asyncio.get_running_loop()
         try:
             req = parse_generate(await self._read_body(request), self.n_early_exits)
-            ok, result = await self.generate(req)
+            sink = _AsyncSink(self._loop)
+            ticket = self.scheduler.submit(req, sink)
         except RequestTooLarge as e:
             return self._error(413, str(e), t0)
+        except Busy as e:
+            return self._error(503, str(e), t0)
         except EECompileError as e:
             return self._error(400, str(e), t0)
-        if not ok:
-            return self._error(400, result, t0)
-        self._tokens.inc(len(result["token_ids"]))
-        self._done(200, t0)
-        return self._json(200, result)
+        handed_over = False
+        try:
+            kind, payload = await sink.queue.get()  # admitted (the decoder took its values) or failed
+            if kind == "failed":
+                handed_over = True
+                return self._failure(payload, t0)
+            if req.stream:
+                handed_over = True  # the stream owns the row from here
+                return StreamingResponse(self._stream(sink, ticket, t0), media_type=SSE,
+                                         headers={"Cache-Control": "no-cache"})
+            while True:
+                kind, payload = await sink.queue.get()
+                if kind == "finished":
+                    handed_over = True
+                    self._tokens.inc(len(payload["token_ids"]))
+                    self._done(200, t0)
+                    return self._json(200, payload)
+                if kind == "failed":
+                    handed_over = True
+                    return self._failure(payload, t0)
+        finally:
+            if not handed_over:  # the client went away (the handler was cancelled): free its row
+                self.scheduler.cancel(ticket)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def generate(self, requests: list[GenerateRequest]) -> list[tuple[bool, Any]]:
-        """Request-level batching: the prompts of requests with the same options decode together, each
-        stopping at its own end-of-sequence; every request of a call is answered when the call returns."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._generate_batch, requests)
+    async def _stream(self, sink: _AsyncSink, ticket: Any, t0: float) -> Any:
+        """Server-sent events: ``data: {"token_ids": [...], "text": ...}`` for each step with new tokens, then
+        ``data: {...the final object..., "finished": true}`` (or ``data: {"error": "..."}``)."""
+        import json
 
-    def _generate_batch(self, requests: Sequence[GenerateRequest]) -> list[tuple[bool, Any]]:
-        out: list[tuple[bool, Any]] = [(False, "no answer")] * len(requests)
-        groups: dict[Any, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r.group_key(), []).append(i)
-        for members in groups.values():
-            r = requests[members[0]]
-            try:
-                res = self.runner.generate([requests[i].prompt for i in members], r.max_new_tokens, mode=r.mode,
-                                           thresholds=None if r.thresholds is None else list(r.thresholds),
-                                           draft_tokens=r.draft_tokens, sample=r.sample,
-                                           temperature=r.temperature, seed=r.seed)
-            except EECompileError as e:
-                for i in members:
-                    out[i] = (False, str(e))
-                continue
-            stats = {"rows": len(members), "tokens_per_s": res.tokens_per_s, "acceptance_rate": res.acceptance_rate,
-                     "mean_accepted_length": res.mean_accepted_length, "exit_shares": res.exit_shares}
-            self._batch.observe(len(members))
-            for j, i in enumerate(members):
-                row = res.results[j]
-                out[i] = (True, {"token_ids": [int(t) for t in row["token_ids"]], "text": row.get("text"),
-                                 "batch": stats})
-        return out
+        assert self.scheduler is not None
+        done = False
+        try:
+            while True:
+                kind, payload = await sink.queue.get()
+                if kind == "tokens":
+                    ids, text = payload
+                    yield f"data: {json.dumps({'token_ids': ids, 'text': text})}\n\n"
+                elif kind == "finished":
+                    done = True
+                    self._tokens.inc(len(payload["token_ids"]))
+                    self._done(200, t0)
+                    yield f"data: {json.dumps({**payload, 'finished': True})}\n\n"
+                    return
+                elif kind == "failed":
+                    done = True
+                    self._done(500, t0)
+                    yield f"data: {json.dumps({'error': str(payload)})}\n\n"
+                    return
+        finally:
+            if not done:  # the client closed the stream
+                self.scheduler.cancel(ticket)
+
+    def _failure(self, error: BaseException, t0: float) -> Response:
+        """A refused or failed row: 400 for bad values (the decoder's DataError), 500 for a failed step."""
+        if isinstance(error, EECompileError) and not isinstance(error, BackendError):
+            return self._error(400, str(error), t0)
+        return self._error(500, str(error), t0)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self._cfg.max_body_bytes
@@ -258,6 +346,29 @@ class EarlyExitDeployment:
         self._latency.observe((time.perf_counter() - t0) * 1000.0)
 
 
+class _AsyncSink(RowSink):
+    """Forwards the scheduler's callbacks (its loop thread) to a request's asyncio queue, as (kind, payload)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def _put(self, kind: str, payload: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+
+    def admitted(self) -> None:
+        self._put("admitted", None)
+
+    def failed(self, error: BaseException) -> None:
+        self._put("failed", error)
+
+    def tokens(self, token_ids: list[int], text: str | None) -> None:
+        self._put("tokens", (token_ids, text))
+
+    def finished(self, result: dict[str, Any]) -> None:
+        self._put("finished", result)
+
+
 def _resolve(future: asyncio.Future[Answer], answer: Answer) -> None:
     if not future.done():
         future.set_result(answer)
@@ -303,6 +414,7 @@ def serve_bundle(options: ServeOptions, host: str = "127.0.0.1", port: int = 800
     """``eecompile serve``: check the bundle here (its loader's error ends the command), start or join Ray,
     deploy, and serve until SIGINT/SIGTERM; then shut Serve down (and Ray, when it was started here)."""
     runner = load_runner(options)  # fail fast with the loader's own message, before any server starts
+    route = "generate" if _is_decoder(runner) else "predict"
     if hasattr(runner, "close"):
         runner.close()
     import ray
@@ -319,7 +431,7 @@ def serve_bundle(options: ServeOptions, host: str = "127.0.0.1", port: int = 800
     try:
         run_app(options, host, port, replicas, autoscaling, cpus_per_replica)
         if ready is not None:
-            ready(f"http://{host}:{port}{ROUTE_PREFIX}")
+            ready(f"http://{host}:{port}{ROUTE_PREFIX}", route)
         while not stop.wait(0.5):
             pass
     finally:

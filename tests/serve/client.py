@@ -50,6 +50,21 @@ def predict_npz(url: str, inputs: dict[str, np.ndarray], timeout: float = 60.0) 
     return status, json.loads(body)
 
 
+def stream_events(url: str, doc: dict[str, Any], timeout: float = 60.0) -> Any:
+    """POST ``doc`` as JSON and yield each server-sent event's ``data`` (parsed JSON) as it arrives; an HTTP
+    error is yielded once as ``{"status": code, **body}``."""
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            assert r.headers.get("content-type", "").startswith("text/event-stream"), r.headers
+            for line in r:
+                if line.startswith(b"data: "):
+                    yield json.loads(line[6:])
+    except urllib.error.HTTPError as e:
+        yield {"status": e.code, **json.loads(e.read())}
+
+
 def descendants(pid: int) -> list[int]:
     """Live processes below ``pid`` (from /proc; zombies excluded)."""
     parent: dict[int, int] = {}

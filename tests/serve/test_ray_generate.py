@@ -1,16 +1,20 @@
-"""`/v1/generate` for decoder bundles on Ray Serve: concurrent prompts batched into one decode call answer what
-the local DecoderRunner answers for each prompt alone (greedy); bad requests get 400."""
+"""`/v1/generate` for decoder bundles on a real Ray Serve, with iteration-level batching: concurrent requests of
+different lengths each get what the local DecoderRunner greedily generates for that prompt alone; a short request
+that arrives while a long one decodes joins the running batch and is answered first; streaming (server-sent
+events) gives the same tokens; bad requests get 400 with the CLI's message; the decode metrics are exported."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.lm.conftest import lm_bundle, lm_dir  # noqa: F401  (the tiny Llama decoder bundle, built once)
-from tests.serve.client import get, post
+from tests.serve.client import get, post, stream_events
 
 pytestmark = pytest.mark.slow
 
@@ -27,41 +31,121 @@ def lm_endpoint(lm_bundle: Path, ray_serve):  # noqa: F811
     from eecompile.serve.ray_app import ServeOptions, run_app
 
     port = ray_serve["port"]
-    run_app(ServeOptions(bundle=str(lm_bundle), backend_options={"threads": 1}, max_batch_size=8,
-                         batch_wait_ms=100), port=port, name="lm", route_prefix="/lm/v1")
-    yield f"http://127.0.0.1:{port}/lm/v1"
+    run_app(ServeOptions(bundle=str(lm_bundle), backend_options={"threads": 1}, max_batch_size=8),
+            port=port, name="lm", route_prefix="/lm/v1")
+    yield f"http://127.0.0.1:{port}/lm/v1", ray_serve["metrics_port"]
     serve.delete("lm")
 
 
-def test_generate_matches_the_local_decoder(lm_endpoint, lm_bundle) -> None:  # noqa: F811
+@pytest.fixture(scope="module")
+def local(lm_bundle: Path):  # noqa: F811
     from eecompile.runtimes.lm import DecoderRunner
 
-    status, body = get(f"{lm_endpoint}/health")
+    return DecoderRunner(lm_bundle, threads=1)
+
+
+def _alone(local, doc: dict) -> list[int]:  # noqa: ANN001
+    prompt = doc.get("prompt", doc.get("token_ids"))
+    res = local.generate([prompt], doc["max_new_tokens"], mode=doc.get("mode", "none"),
+                         thresholds=doc.get("thresholds"))
+    return [int(t) for t in res.results[0]["token_ids"]]
+
+
+def test_concurrent_requests_of_different_lengths_match_the_local_decoder(lm_endpoint, local) -> None:
+    url, _ = lm_endpoint
+    status, body = get(f"{url}/health")
     assert status == 200 and json.loads(body)["route"] == "generate"
-    prompts = ["hello", "abc", "the cat", [5, 6, 7, 8], "zz", [9, 10]]
-    docs = [{"prompt": p, "max_new_tokens": 6} for p in prompts] + [
-        {"prompt": "hello", "max_new_tokens": 6, "mode": "speculative"},
-        {"prompt": "abc", "max_new_tokens": 6, "mode": "exit", "thresholds": ["always"]}]
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda d: _generate(f"{lm_endpoint}/generate", d), docs))
-    local = DecoderRunner(lm_bundle, threads=1)
-    batched = 0
+    docs = [{"prompt": "hello", "max_new_tokens": 30}, {"prompt": "abc", "max_new_tokens": 3},
+            {"token_ids": [5, 6, 7, 8], "max_new_tokens": 17}, {"prompt": "the cat", "max_new_tokens": 8},
+            {"prompt": [9, 10], "max_new_tokens": 1}, {"prompt": "zz", "max_new_tokens": 22},
+            {"prompt": "hello", "max_new_tokens": 12, "mode": "speculative"},
+            {"prompt": "abc", "max_new_tokens": 10, "mode": "exit", "thresholds": ["always"]}]
+    with ThreadPoolExecutor(len(docs)) as pool:
+        answers = list(pool.map(lambda d: _generate(f"{url}/generate", d), docs))
+    shared = 0.0
     for doc, (status, out) in zip(docs, answers, strict=True):
         assert status == 200, out
-        want = local.generate([doc["prompt"]], doc["max_new_tokens"], mode=doc.get("mode", "none"),
-                              thresholds=doc.get("thresholds")).results[0]
-        assert out["token_ids"] == [int(t) for t in want["token_ids"]], doc
-        batched = max(batched, out["batch"]["rows"])
-    assert batched > 1  # concurrent prompts shared a decode call
+        assert out["token_ids"] == _alone(local, doc), doc
+        assert set(out) >= {"prompt", "token_ids", "text", "finish_reason", "figures"}
+        assert out["finish_reason"] in ("eos", "length")
+        if "prompt" in doc and isinstance(doc["prompt"], str):
+            assert out["prompt"] == doc["prompt"] and out["text"] == local.tokenizer().decode(out["token_ids"])
+        f = out["figures"]
+        assert 0 <= f["queue_ms"] <= f["time_to_first_token_ms"] <= f["total_ms"] and f["tokens_per_s"] > 0
+        shared = max(shared, f["mean_batch_rows"])
+    assert shared > 1  # rows decoded together
 
 
-def test_generate_bad_requests(lm_endpoint) -> None:
-    url = f"{lm_endpoint}/generate"
-    status, out = _generate(url, {"prompt": "hi", "max_new_tokens": 0})
-    assert status == 400 and "max_new_tokens" in out["error"]
-    status, out = _generate(url, {"prompt": "hi", "mode": "fast"})
+def test_a_short_request_started_later_is_answered_before_a_long_one(lm_endpoint, local) -> None:
+    url, _ = lm_endpoint
+    long_doc = {"token_ids": [3], "max_new_tokens": 95, "stream": True}
+    got: dict[str, object] = {}
+    first = threading.Event()
+
+    def read_long() -> None:
+        tokens: list[int] = []
+        for ev in stream_events(f"{url}/generate", long_doc):
+            assert "error" not in ev, ev
+            if ev.get("finished"):
+                got["final"], got["done_at"] = ev, time.perf_counter()
+            else:
+                tokens += ev["token_ids"]
+                first.set()
+        got["streamed"] = tokens
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
+    try:
+        assert first.wait(60), "the long request produced no token"
+        status, short = _generate(f"{url}/generate", {"prompt": "abc", "max_new_tokens": 3})
+        short_at = time.perf_counter()
+    finally:
+        reader.join(120)
+    assert status == 200 and short["token_ids"] == _alone(local, {"prompt": "abc", "max_new_tokens": 3})
+    final = got["final"]
+    assert isinstance(final, dict)
+    assert short_at < got["done_at"], "the short request waited for the long one (request-level batching)"
+    assert short["figures"]["mean_batch_rows"] >= 2  # it joined the running batch
+    want = _alone(local, {"token_ids": [3], "max_new_tokens": 95})
+    assert final["token_ids"] == want == got["streamed"] and final["finish_reason"] in ("eos", "length")
+
+
+def test_bad_requests_get_400_with_the_cli_message(lm_endpoint) -> None:
+    url, _ = lm_endpoint
+    gen = f"{url}/generate"
+    status, out = _generate(gen, {"prompt": "hi", "max_new_tokens": 0})
+    assert status == 400 and out["error"] == "max_new_tokens: 0; give a positive number of tokens to generate"
+    status, out = _generate(gen, {"prompt": "hi", "max_new_tokens": 200})
+    assert status == 400 and out["error"].startswith("prompt: 2 tokens + max_new_tokens 200 exceed the cache (96 "
+                                                     "positions); shorten the prompt")
+    status, out = _generate(gen, {"token_ids": [5, 1000], "max_new_tokens": 2})
+    assert status == 400 and "outside the vocabulary" in out["error"]
+    status, out = _generate(gen, {"prompt": "hi", "mode": "fast"})
     assert status == 400 and "mode" in out["error"]
-    status, out = _generate(url, {"text": "hi"})
+    status, out = _generate(gen, {"text": "hi"})
     assert status == 400 and "prompt" in out["error"]
-    status, body, _ = post(f"{lm_endpoint}/predict", b"{}", "application/json")
-    assert status == 404 and "/generate" in json.loads(body)["error"]
+    events = list(stream_events(gen, {"prompt": "hi", "max_new_tokens": 0, "stream": True}))
+    assert events == [{"status": 400, "error": "max_new_tokens: 0; give a positive number of tokens to generate"}]
+    status, body, _ = post(f"{url}/predict", b"{}", "application/json")
+    err = json.loads(body)["error"]
+    assert status == 400 and "a decoder bundle (kind: decoder)" in err and "/v1/generate" in err
+    status, out = _generate(gen, {"prompt": "hi", "max_new_tokens": 2})
+    assert status == 200  # the batch is still serving
+
+
+def test_decode_metrics(lm_endpoint) -> None:
+    url, metrics_port = lm_endpoint
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: _generate(f"{url}/generate", {"token_ids": [i + 1], "max_new_tokens": 20}),
+                      range(4)))
+    names = ("eecompile_generated_tokens", "eecompile_decode_tokens_per_s", "eecompile_decode_occupancy",
+             "eecompile_time_to_first_token_ms_bucket", "eecompile_batch_samples_bucket")
+    text = ""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        text = get(f"http://127.0.0.1:{metrics_port}/metrics")[1].decode()
+        if all(n in text for n in names):
+            break
+        time.sleep(1)
+    for n in names:
+        assert n in text, n
