@@ -131,7 +131,8 @@ class Manifest:
     ``inputs`` are the model's inputs (batch axis 0; ``"batch"`` in dynamic mode) and ``outputs`` the final
     output every exit produces, one row per sample. ``segments`` are in chain order. ``batch_mode`` is
     ``"dynamic"`` or ``"per_sample"`` (the model only runs at batch 1; runtimes feed one sample at a time).
-    ``class_axis`` is the final output's class axis. ``calibration``, ``engines`` and ``heads`` are written
+    ``class_axis`` is the final output's class axis (``task``: ``"classification"``, or ``"regression"`` for an
+    output without one, where it is unused). ``calibration``, ``engines`` and ``heads`` are written
     by ``calibrate``, ``build`` and ``train-heads``; ``files`` maps each bundle file to its sha256, checked on
     load. Raises nothing itself; :meth:`from_dict` raises BundleError for a manifest it cannot read.
     """
@@ -150,6 +151,9 @@ class Manifest:
     notes: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     decoder: dict[str, Any] | None = None  # decoding bundles: segments with KV caches, the shared head, exits
+    # "classification" (the final output has a class axis) or "regression" (spec final.task: no class axis;
+    # calibrate then counts errors against an error budget). Bundles written before the field: classification.
+    task: str = "classification"
 
     @property
     def exits(self) -> list[ExitInfo]:
@@ -196,6 +200,7 @@ class Manifest:
                 notes=list(d.get("notes") or []),
                 files=dict(d.get("files") or {}),
                 decoder=d.get("decoder"),
+                task=d.get("task", "classification"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where}: manifest is incomplete or malformed ({e!r}); recompile the bundle") from e
@@ -210,6 +215,7 @@ DTYPES = frozenset({
     "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
 })
 BATCH_MODES = ("dynamic", "per_sample")
+TASKS = ("classification", "regression")  # the same as eecompile.spec.TASKS
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -407,6 +413,8 @@ class _Schema:
             raise self.fail("batch_mode", f"{_kind(mode)} is not one of {', '.join(BATCH_MODES)}")
         if "class_axis" in d:
             self.integer(d["class_axis"], "class_axis")
+        if d.get("task", "classification") not in TASKS:
+            raise self.fail("task", f"{_kind(d['task'])} is not one of {', '.join(TASKS)}")
         if d.get("calibration") is not None:
             self.mapping(d["calibration"], "calibration")
         for i, rec in enumerate(self.seq(d.get("engines") or [], "engines")):

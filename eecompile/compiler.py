@@ -42,6 +42,7 @@ from eecompile.analysis.prepared import Dims, PreparedModel, probe_prepared
 from eecompile.analysis.records import ExitRecord, exit_info, manifest_for, segment_info
 from eecompile.bundle import Bundle, ExitInfo, check_output_bundle
 from eecompile.errors import EECompileError, SpecError
+from eecompile.heads import SCORE
 from eecompile.passes.attach_heads import (
     AttachHeadPass,
     BatchFirstPass,
@@ -162,7 +163,7 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
     axis = class_axis(spec, final_shape)
     opset = opset_of(pm.model)
     # Heads first (they can fail on bad input), then the expensive extraction.
-    heads = [head_for(pm, e, final_shape, axis, opset) for e in exits]
+    heads = [head_for(pm, e, final_shape, axis, opset, spec.final.task) for e in exits]
     # A head for a newer opset raises its segment's opset (the model's part is up-converted, never the head down).
     seg_opsets = [max(opset, main_opset(h) or opset) if h is not None else opset for h, _ in heads] + [opset]
     models, infos, notes = [], [], []
@@ -213,18 +214,27 @@ def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPla
         head_output=e.head_output.name if e.head_output is not None else None,
         head_output_shape=pm.shape_of(e.head_output.name) if e.head_output is not None else None,
         # A head file's score_output names one of its outputs; for built-in and in-model heads, a model tensor.
-        score_output=e.spec.head.score_output if e.spec.head.file is not None else None,
+        score_output=(e.spec.head.score_output if e.spec.head.file is not None
+                      else SCORE if e.spec.head.kind and e.spec.head.options.get("score") else None),
         score_tensor=e.score_output.name if e.score_output is not None else None,
         activation=exit_activation(final_act, e, head_model, final.name or "", f"exits[{k}].head"))
     nxt = exits[k + 1].spec.gate.kind if k + 1 < len(exits) else None
+    kind = e.spec.gate.kind
     at_shape = views[0].shape
+    prev_shape = head_views(pm, k - 1, [exits[k - 1].at[0].name or ""])[0].shape if k > 0 else None
     gate = FuseGatePass(
-        k, e.spec.gate.kind, attach, final_shape if "batch" in final_shape else ["batch", *final_shape[1:]],
+        k, kind, attach, final_shape if "batch" in final_shape else ["batch", *final_shape[1:]],
         class_axis, opset,
         hidden=views[0].name, hidden_shape=at_shape, prev_k=k - 1 if k > 0 else None,
-        prev_hidden_dim=_pooled_dim(head_views(pm, k - 1, [exits[k - 1].at[0].name or ""])[0].shape)
-        if k > 0 else None,
-        emit_patience_state=nxt == GateKind.PATIENCE, emit_hidden_state=nxt == GateKind.SATURATION)
+        prev_hidden_dim=_pooled_dim(prev_shape) if prev_shape is not None else None,
+        emit_patience_state=nxt == GateKind.PATIENCE, emit_hidden_state=nxt == GateKind.SATURATION,
+        prev_hidden_shape=prev_shape,
+        against=e.against.name if e.against is not None else None,
+        against_shape=pm.shape_of(e.against.name or "") if e.against is not None else None,
+        emit_output_state=nxt == GateKind.CHANGE,
+        # Q-exit: the halting product runs over consecutive Q-exit gates
+        emit_survival_state=kind == GateKind.Q_EXIT and nxt == GateKind.Q_EXIT,
+        prev_survival=k > 0 and kind == GateKind.Q_EXIT and exits[k - 1].spec.gate.kind == GateKind.Q_EXIT)
     passes = [SegmentOutputsPass(seg.carried_out), BatchFirstPass(views), attach, gate, *tidy_passes()]
     return passes, ExitRecord(e, attach, gate, head_spec)
 

@@ -10,6 +10,8 @@ exit), so it cannot be mistaken for a tensor of the source model's own:
 - ``ee{k}.state.argmax``: int64 [B, P], patience gates: the exit's argmax per position
 - ``ee{k}.state.count``: float32 [B], patience gates: how many consecutive exits agree
 - ``ee{k}.state.hidden``: float32 [B, P, D], saturation gates: the pooled cut tensor
+- ``ee{k}.state.output``: float32 [B, N], change gates: the exit output, flattened per sample
+- ``ee{k}.state.survival``: float32 [B], Q-exit gates: prod_{j<=k} (1 - lambda_j), the chance of not having halted
 - ``ee{k}.logits``: exit k's logits when the model ends in an activation (the exit output is that activation
   of them, the gate reads them); ``ee{k}.act/...``: the nodes applying it
 - ``ee{k}.head/...``: nodes and initializers of the exit head spliced into the segment
@@ -32,7 +34,9 @@ PREFIX = "ee"
 STATE_ARGMAX = "argmax"
 STATE_COUNT = "count"
 STATE_HIDDEN = "hidden"
-STATE_KINDS = (STATE_ARGMAX, STATE_COUNT, STATE_HIDDEN)
+STATE_OUTPUT = "output"
+STATE_SURVIVAL = "survival"
+STATE_KINDS = (STATE_ARGMAX, STATE_COUNT, STATE_HIDDEN, STATE_OUTPUT, STATE_SURVIVAL)
 """The state tensors a gate can hand to the next exit (``ee{k}.state.{kind}``)."""
 
 GATE_KINDS = ("max_prob", "entropy", "margin", "patience", "saturation", "score")

@@ -28,10 +28,13 @@ from eecompile.write import save_segment, segment_ios
 
 
 def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
-                  head_specs: dict[int, dict] | None = None) -> Bundle:
+                  head_specs: dict[int, dict] | None = None,
+                  score_outputs: dict[int, str] | None = None) -> Bundle:
     """Splice new heads (e.g. trained ones) into a bundle's segments, re-verify, rewrite atomically.
 
-    Each head replaces exit k's head: same input (the cut tensor), same output contract. The final outputs
+    Each head replaces exit k's head: same input (the cut tensor), same output contract. A head with a score
+    output (``score_outputs[k]``, its output name; by default ``score`` for a head with two outputs, one of them
+    ``score``: eecompile's templates) takes over the old head's score, which the gate reads. The final outputs
     of the chain with no exit must be unchanged, and every new exit output must be finite on random inputs."""
     bundle = Bundle.load(bundle_path)
     m = bundle.manifest
@@ -63,6 +66,13 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
             old_out = next(v for v in g.outputs if v.name == seg.exit.outputs[final_name])
             # With a final activation the head ends in ee{k}.logits (read by the gate and the activation).
             old_out = next((v for n in g for v in n.outputs if v.name == exit_logits(k)), old_out)
+            score_name = (score_outputs or {}).get(k)
+            if score_name is None and len(proto.graph.output) == 2 and "score" in [o.name for o in proto.graph.output]:
+                score_name = "score"
+            old_score = next((v for n in g for v in n.outputs if v.name == prefix + score_name), None) \
+                if score_name else None
+            if old_score is not None:
+                old_score.name = f"{old_score.name}.old"
             old_nodes = [n for n in g if (n.name or "").startswith(prefix)]
             g.remove(old_nodes, safe=False)
             for name in [n for n in g.initializers if n.startswith(prefix)]:
@@ -71,7 +81,9 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
             values.update({v.name: v for v in g.inputs})
             # The head reads the batch-first views of the `at` tensors where the compiler made them.
             at = [values.get(head_input(k, i)) or values[n] for i, n in enumerate(seg.exit.at)]
-            logits, _ = splice_head(g, k, at, head, f"exits[{k}].head")
+            logits, score = splice_head(g, k, at, head, f"exits[{k}].head", score_name)
+            if old_score is not None and score is not None:
+                old_score.replace_all_uses_with(score, replace_graph_outputs=True)
             out_shape = [d if isinstance(d, int) else "batch" for d in (old_out.shape or [])]
             lshape = [d if isinstance(d, int) else "batch" for d in (logits.shape or out_shape)]
             old_out.name = f"{old_out.name}.old"

@@ -47,7 +47,13 @@ class GateKind(str, enum.Enum):
     - ``saturation``: cosine(h_prev, h_this) >= t between the pooled cut tensors of consecutive exits,
       t in [-1, 1] (CALM's hidden-state saturation; MuE, Tang et al. 2023).
     - ``score``: a head output that is itself the exit score >= t (learned halting or confidence heads such as
-      BERxiT, Xin et al. 2021); any real t.
+      BERxiT, Xin et al. 2021; DeeDiff's uncertainty head, Tang et al. 2023); any real t.
+    - ``change``: the relative L2 change of the exit's output from the previous exit's,
+      ||y_k - y_{k-1}|| / ||y_k|| <= t, t >= 0 (a saturation test on the output itself; needs no class axis).
+      The first exit has nothing to compare with and never fires.
+    - ``q_exit``: PALBERT's Q-exit (Balagansky and Gavrilov 2022): the head's score output is a halting
+      probability lambda_i in [0, 1]; the gate fires when the probability of having halted by this exit,
+      1 - prod_{j<=i} (1 - lambda_j), is >= q, t in [0, 1]; the product rides along from exit to exit.
     """
 
     MAX_PROB = "max_prob"
@@ -56,11 +62,13 @@ class GateKind(str, enum.Enum):
     PATIENCE = "patience"
     SATURATION = "saturation"
     SCORE = "score"
+    CHANGE = "change"
+    Q_EXIT = "q_exit"
 
     @property
     def fires_above(self) -> bool:
         """True when a larger gate value means 'more confident' (the gate fires when value >= t)."""
-        return self is not GateKind.ENTROPY
+        return self not in (GateKind.ENTROPY, GateKind.CHANGE)
 
 
 # Threshold ranges each gate kind accepts (inclusive); patience counts exits.
@@ -71,14 +79,18 @@ _THRESHOLD_RANGE: dict[GateKind, tuple[float, float]] = {
     GateKind.PATIENCE: (1.0, 1e6),
     GateKind.SATURATION: (-1.0, 1.0),
     GateKind.SCORE: (-math.inf, math.inf),
+    GateKind.CHANGE: (0.0, math.inf),
+    GateKind.Q_EXIT: (0.0, 1.0),
 }
 
-HEAD_KINDS = ("linear", "mlp", "conv", "token")
-HEAD_OPTIONS = ("hidden", "conv_channels", "pool", "seed")  # the options of eecompile.heads (same names)
-
+HEAD_KINDS = ("linear", "mlp", "conv", "token", "local", "global")
+HEAD_OPTIONS = ("hidden", "conv_channels", "pool", "seed", "score", "grid", "kernel")  # eecompile.heads' options
+HEAD_SCORES = ("uncertainty", "agreement")  # the `score` option: a second head output that a gate reads
 
 # Gates that need no class axis: the only ones accepted on a regression output (``final.task: regression``).
-REGRESSION_GATES = (GateKind.SCORE, GateKind.SATURATION)
+REGRESSION_GATES = (GateKind.SCORE, GateKind.SATURATION, GateKind.CHANGE, GateKind.Q_EXIT)
+# Gates that read a score output of the head (``score_output``, or a built-in head's ``score`` option).
+SCORE_GATES = (GateKind.SCORE, GateKind.Q_EXIT)
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,9 @@ class GateSpec:
 
     kind: GateKind
     threshold: float
+    # saturation: the tensor the first exit compares its cut tensor with (MuE: the embedding output), where
+    # there is no earlier exit to compare with
+    against: str | None = None
 
     def check_threshold(self, value: float, where: str) -> None:
         """Raise SpecError (naming ``where``) when ``value`` is NaN or outside the kind's range."""
@@ -265,7 +280,7 @@ def _number(node: _Node, path: str) -> float:
 
 def _parse_gate(node: _Node, path: str) -> GateSpec:
     m = _mapping(node, path)
-    _check_keys(node, ("kind", "threshold"), path)
+    _check_keys(node, ("kind", "threshold", "against"), path)
     if "kind" not in m:
         raise SpecError(f"{_at(path, node)}: missing 'kind' (one of {', '.join(k.value for k in GateKind)})")
     kind_s = _string(m["kind"], f"{path}.kind")
@@ -279,7 +294,13 @@ def _parse_gate(node: _Node, path: str) -> GateSpec:
     if "threshold" not in m:
         raise SpecError(f"{_at(path, node)}: missing 'threshold'")
     thr = _number(m["threshold"], f"{path}.threshold")
-    gate = GateSpec(kind, thr)
+    against = None
+    if "against" in m:
+        against = _string(m["against"], f"{path}.against")
+        if kind != GateKind.SATURATION:
+            raise SpecError(f"{_at(path + '.against', m['against'])}: 'against' names the tensor a saturation gate "
+                            f"compares with; gate kind '{kind.value}' compares nothing: remove it")
+    gate = GateSpec(kind, thr, against)
     gate.check_threshold(thr, _at(f"{path}.threshold", m["threshold"]))
     return gate
 
@@ -417,7 +438,26 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
                         f"{' or '.join(k.value for k in REGRESSION_GATES)} (a score head's score_output, or the "
                         f"change between consecutive exits' features)")
         final = FinalSpec(output=out, class_axis=axis, drop=drop, task=task)
+    _check_head_scores(exits, m["exits"].value, final.task)
     return Spec(model=model, exits=exits, final=final, source=source)
+
+
+def _check_head_scores(exits: tuple[ExitSpec, ...], nodes: list[_Node], task: str) -> None:
+    """A built-in head's ``score`` option fits the task (``uncertainty`` predicts a regression exit's error,
+    ``agreement`` whether a classifier exit agrees with the final exit), is not given twice (with
+    ``score_output``), and the gates reading a score have one."""
+    for i, (e, node) in enumerate(zip(exits, nodes, strict=True)):
+        score = e.head.options.get("score") if e.head.kind else None
+        head = _mapping(_mapping(node, f"exits[{i}]")["head"], f"exits[{i}].head") if e.head.kind else {}
+        where = _at(f"exits[{i}].head.options.score", head["options"].value.get("score")) if score is not None else ""
+        if score is not None and score not in HEAD_SCORES:
+            raise SpecError(f"{where}: unknown score '{_show(str(score))}'; one of {', '.join(HEAD_SCORES)}")
+        want = "uncertainty" if task == "regression" else "agreement"
+        if score is not None and score != want:
+            raise SpecError(f"{where}: score '{score}' is for {'regression' if score == 'uncertainty' else 'classification'} "
+                            f"outputs and final.task is {task}; use score: {want}")
+        if score is not None and e.head.score_output is not None:
+            raise SpecError(f"{where}: the head makes its own score; remove score_output or the score option")
 
 
 def load_spec(path: str | Path) -> Spec:

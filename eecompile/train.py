@@ -37,17 +37,24 @@ MEMMAP_BYTES = 256 << 20  # cache features on disk beyond this
 
 @dataclass
 class HeadResult:
-    """One trained head: agreement with the final exit and accuracy (fractions in [0, 1]) before and after."""
+    """One trained head: agreement with the final exit and accuracy (fractions in [0, 1]) before and after; for
+    regression exits the mean relative L2 error to the final output instead; and how well its score (if any)
+    predicts its target on held-out rows."""
 
     index: int
     name: str | None
     kind: str
-    agree_before: float  # held-out agreement with the final exit, before / after training
-    agree_after: float
+    agree_before: float | None  # held-out agreement with the final exit, before / after training (classification)
+    agree_after: float | None
     acc_before: float | None  # held-out accuracy against the labels (when there are labels)
     acc_after: float | None
-    train_agree: float  # agreement on the training rows after training
+    train_agree: float | None  # agreement on the training rows after training (classification)
     loss: float  # last epoch's mean loss
+    error_before: float | None = None  # regression: held-out mean relative L2 error to the final output
+    error_after: float | None = None
+    score: str | None = None  # the head's score option (uncertainty | agreement), when it has one
+    score_loss: float | None = None  # held-out loss of the score: MSE to tanh(error) or cross-entropy to agreement
+    score_baseline: float | None = None  # the same loss of a constant score (the target's mean), for comparison
 
 
 @dataclass
@@ -64,6 +71,7 @@ class TrainReport:
     final_accuracy: float | None  # final exit on the held-out rows (labels only)
     heads: list[HeadResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    task: str = "classification"  # regression: heads distilled with MSE to the final output
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types (for JSON)."""
@@ -76,18 +84,26 @@ class TrainReport:
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(title=f"exit heads trained ({self.n_train} samples, {self.epochs} epochs, T={self.temperature:g}, "
-                        f"{'distillation + labels' if self.used_labels else 'distillation only'}); "
+        regression = self.task == "regression"
+        how = ("MSE to the final output" if regression else
+               f"T={self.temperature:g}, {'distillation + labels' if self.used_labels else 'distillation only'}")
+        t = Table(title=f"exit heads trained ({self.n_train} samples, {self.epochs} epochs, {how}); "
                         f"held-out: {self.n_val} samples")
-        for col in ("exit", "head", "agreement w/ final before", "after", "accuracy before", "after", "train agreement"):
+        cols = (("exit", "head", "rel. L2 error to final before", "after") if regression else
+                ("exit", "head", "agreement w/ final before", "after", "accuracy before", "after", "train agreement"))
+        for col in (*cols, "score", "score loss (constant)"):
             t.add_column(col, justify="right")
 
         def pct(x: float | None) -> str:
             return "-" if x is None else f"{x:.3f}"
 
         for h in self.heads:
-            t.add_row(str(h.name or h.index), h.kind, pct(h.agree_before), pct(h.agree_after), pct(h.acc_before),
-                      pct(h.acc_after), pct(h.train_agree))
+            score = [h.score or "-", "-" if h.score_loss is None else f"{h.score_loss:.4f} ({h.score_baseline:.4f})"]
+            if regression:
+                t.add_row(str(h.name or h.index), h.kind, pct(h.error_before), pct(h.error_after), *score)
+            else:
+                t.add_row(str(h.name or h.index), h.kind, pct(h.agree_before), pct(h.agree_after), pct(h.acc_before),
+                          pct(h.acc_after), pct(h.train_agree), *score)
         c = Console()
         c.print(t)
         if self.final_accuracy is not None:
@@ -171,10 +187,14 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     n = next(iter(inputs.values())).shape[0]
     out_name = final_output(m)
     final_info = m.outputs[0]
-    class_axis = m.class_axis if m.class_axis >= 0 else len(final_info.shape) + m.class_axis
-    n_classes = final_info.shape[class_axis]
-    if not isinstance(n_classes, int):
-        raise BundleError(f"{b.path}: the final output '{out_name}' has no fixed class count; recompile the bundle")
+    regression = m.task == "regression"
+    n_classes: int = 0
+    if not regression:
+        class_axis = m.class_axis if m.class_axis >= 0 else len(final_info.shape) + m.class_axis
+        c = final_info.shape[class_axis]
+        if not isinstance(c, int):
+            raise BundleError(f"{b.path}: the final output '{out_name}' has no fixed class count; recompile the bundle")
+        n_classes = c
 
     # ---- 1. features, cached once
     head_inputs: dict[int, list[str]] = {}
@@ -207,58 +227,150 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                 cache.put(f"before{k}", rows, res.all_exits[k][out_name])
         runner.close()
         arrays = cache.arrays
-        teacher = _class_last(np.asarray(arrays["final"], np.float32), class_axis, n_classes)
-        teacher_pred = teacher.argmax(-1)  # [N, P]
-        lab = None if labels is None else np.asarray(labels).reshape(n, -1).astype(np.int64)
-        if lab is not None and lab.shape[1] != teacher_pred.shape[1]:
-            raise EECompileError(f"{data}: 'labels' has {lab.shape[1]} entries per sample, the model predicts "
-                                 f"{teacher_pred.shape[1]}; give one class index per prediction")
-        if lab is not None and (lab.min() < 0 or lab.max() >= n_classes):
-            raise EECompileError(f"{data}: 'labels' must be class indices in [0, {n_classes}); got "
-                                 f"[{lab.min()}, {lab.max()}]")
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)
         n_val = int(round(val_fraction * n)) if n >= 20 else 0
         val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         eval_rows = val if n_val else tr
-
-        def agreement(pred: np.ndarray, rows: np.ndarray) -> float:
-            return float((pred[rows] == teacher_pred[rows]).all(axis=1).mean())
-
-        def accuracy(pred: np.ndarray, rows: np.ndarray) -> float | None:
-            return None if lab is None else float((pred[rows] == lab[rows]).all(axis=1).mean())
-
+        if regression:
+            target = _Regression(torch, np.asarray(arrays["final"], np.float32).reshape(n, -1))
+        else:
+            target = _Classes(torch, np.asarray(arrays["final"], np.float32), class_axis, n_classes, labels, data,
+                              temperature)
         report = TrainReport(bundle=str(b.path), n_train=len(tr), n_val=n_val, epochs=epochs,
-                             temperature=temperature, used_labels=lab is not None,
-                             final_accuracy=accuracy(teacher_pred, eval_rows), skipped=skipped)
-        t_soft = torch.softmax(torch.from_numpy(teacher) / temperature, dim=-1)
-        t_lab = None if lab is None else torch.from_numpy(lab)
+                             temperature=temperature, used_labels=target.lab is not None,
+                             final_accuracy=target.accuracy(target.teacher_pred, eval_rows), skipped=skipped,
+                             task=m.task)
         new_heads = {}
         new_specs = {}
         for s in trainable:
             k = s.index
             hs = dict(s.exit.head_spec or {})
             feats = [arrays[f"in{k}.{j}"] for j in range(len(head_inputs[k]))]
-            before = _class_last(np.asarray(arrays[f"before{k}"], np.float32), class_axis, n_classes).argmax(-1)
+            nc = int(hs["n_classes"]) if regression else n_classes
+            out_shape = hs.get("out_shape")
+            opts = hs.get("options") or {}
             torch.manual_seed(seed + k)
-            module = head_module(hs["kind"], hs["feature_shape"], n_classes, hs.get("options"))
-            loss = _fit(torch, module, feats, t_soft, t_lab, tr, epochs=epochs, batch_size=batch_size, lr=lr,
-                        weight_decay=weight_decay, temperature=temperature, seed=seed + k)
-            after = _predict(torch, module, feats, n, n_classes)
-            report.heads.append(HeadResult(
-                index=k, name=s.exit.name, kind=hs["kind"], agree_before=agreement(before, eval_rows),
-                agree_after=agreement(after, eval_rows), acc_before=accuracy(before, eval_rows),
-                acc_after=accuracy(after, eval_rows), train_agree=agreement(after, tr), loss=loss))
+            module = head_module(hs["kind"], hs["feature_shape"], nc, opts, out_shape=out_shape)
+            main = [p for name, p in module.named_parameters() if not name.startswith("score_layer.")]
+            loss = _fit(torch, module, main, feats, tr, target.loss, epochs=epochs, batch_size=batch_size, lr=lr,
+                        weight_decay=weight_decay, seed=seed + k)
+            before = target.summary(np.asarray(arrays[f"before{k}"], np.float32))
+            after = target.summary(_predict(torch, module, feats, n), head=True)
+            result = HeadResult(index=k, name=s.exit.name, kind=hs["kind"], agree_before=None, agree_after=None,
+                                acc_before=None, acc_after=None, train_agree=None, loss=loss)
+            if regression:
+                result.error_before = float(before[eval_rows].mean())
+                result.error_after = float(after[eval_rows].mean())
+            else:
+                result.agree_before, result.agree_after = target.agreement(before, eval_rows), target.agreement(after, eval_rows)
+                result.acc_before, result.acc_after = target.accuracy(before, eval_rows), target.accuracy(after, eval_rows)
+                result.train_agree = target.agreement(after, tr)
+            if opts.get("score"):  # the score head, fitted after the exit head, the exit head frozen
+                result.score = opts["score"]
+                result.score_loss, result.score_baseline = _fit_score(
+                    torch, module, feats, target.score_target(after), tr, eval_rows, opts["score"], epochs=epochs,
+                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed + k)
+            report.heads.append(result)
             opset = _segment_opset(b, k)
-            new_heads[k] = head_onnx(hs["kind"], hs["feature_shape"], n_classes, hs.get("options"),
-                                     weights=module_weights(module), opset=opset)
-            hs.update(trained=True, epochs=epochs, temperature=temperature, used_labels=lab is not None,
-                      n_train=len(tr), held_out_agreement=report.heads[-1].agree_after)
+            new_heads[k] = head_onnx(hs["kind"], hs["feature_shape"], nc, opts, weights=module_weights(module),
+                                     opset=opset, out_shape=out_shape)
+            hs.update(trained=True, epochs=epochs, temperature=temperature, used_labels=target.lab is not None,
+                      n_train=len(tr))
+            if regression:
+                hs["held_out_error"] = result.error_after
+            else:
+                hs["held_out_agreement"] = result.agree_after
+            if result.score_loss is not None:
+                hs["held_out_score_loss"] = result.score_loss
             new_specs[k] = hs
     from eecompile.replace_heads import replace_heads
 
     replace_heads(b.path, new_heads, head_specs=new_specs)
     return report
+
+
+class _Classes:
+    """Distillation targets of a classifier: the final exit's logits as [N, P, C] (P predictions per sample),
+    its argmax, the labels; the KD + cross-entropy loss; agreement and accuracy of predictions [N, P]."""
+
+    def __init__(self, torch: Any, final: np.ndarray, class_axis: int, n_classes: int, labels: np.ndarray | None,
+                 data: Any, temperature: float) -> None:
+        n = final.shape[0]
+        self.n_classes, self.class_axis, self.temperature = n_classes, class_axis, temperature
+        teacher = _class_last(final, class_axis, n_classes)
+        self.teacher_pred = teacher.argmax(-1)  # [N, P]
+        lab = None if labels is None else np.asarray(labels).reshape(n, -1).astype(np.int64)
+        if lab is not None and lab.shape[1] != self.teacher_pred.shape[1]:
+            raise EECompileError(f"{data}: 'labels' has {lab.shape[1]} entries per sample, the model predicts "
+                                 f"{self.teacher_pred.shape[1]}; give one class index per prediction")
+        if lab is not None and (lab.min() < 0 or lab.max() >= n_classes):
+            raise EECompileError(f"{data}: 'labels' must be class indices in [0, {n_classes}); got "
+                                 f"[{lab.min()}, {lab.max()}]")
+        self.lab = lab
+        self.torch = torch
+        self.t_soft = torch.softmax(torch.from_numpy(teacher) / temperature, dim=-1)
+        self.t_lab = None if lab is None else torch.from_numpy(lab)
+
+    def loss(self, out: Any, ti: Any) -> Any:
+        """``T^2 * KL(softmax(final / T) || softmax(head / T))`` (+ cross-entropy on the labels) of a batch."""
+        import torch.nn.functional as F
+
+        logits = out.reshape(out.shape[0], -1, out.shape[-1])  # [b, P, C]
+        c, t = logits.shape[-1], self.temperature
+        log_p = F.log_softmax(logits / t, dim=-1).reshape(-1, c)
+        # T^2 keeps the gradient scale of the soft targets comparable across temperatures (Hinton et al.).
+        loss = F.kl_div(log_p, self.t_soft[ti].reshape(-1, c), reduction="batchmean") * t**2
+        if self.t_lab is not None:
+            loss = loss + F.cross_entropy(logits.reshape(-1, c), self.t_lab[ti].reshape(-1))
+        return loss
+
+    def summary(self, out: np.ndarray, head: bool = False) -> np.ndarray:
+        """Predictions [N, P]: of an exit's outputs (the final output's layout), or of a head's logits
+        (``head``: [N, C] or [N, T, C])."""
+        if head:
+            return out.reshape(out.shape[0], -1, self.n_classes).argmax(-1)
+        return _class_last(out, self.class_axis, self.n_classes).argmax(-1)
+
+    def agreement(self, pred: np.ndarray, rows: np.ndarray) -> float:
+        return float((pred[rows] == self.teacher_pred[rows]).all(axis=1).mean())
+
+    def accuracy(self, pred: np.ndarray, rows: np.ndarray) -> float | None:
+        return None if self.lab is None else float((pred[rows] == self.lab[rows]).all(axis=1).mean())
+
+    def score_target(self, pred: np.ndarray) -> np.ndarray:
+        """``score: agreement``: 1 where the exit's argmax equals the final exit's (every position), else 0."""
+        return (pred == self.teacher_pred).all(axis=1).astype(np.float32)
+
+
+class _Regression:
+    """Distillation targets of a regression output: the final output flat per sample [N, F]; MSE; the relative
+    L2 error ``||y_k - y|| / max(||y||, 1e-12)`` per sample (the error calibrate's ``--error-budget`` bounds)."""
+
+    lab = None
+    teacher_pred = None
+
+    def __init__(self, torch: Any, final: np.ndarray) -> None:
+        self.final = final
+        self.t_final = torch.from_numpy(final)
+        self.norm = np.maximum(np.linalg.norm(final, axis=1), 1e-12)
+
+    def loss(self, out: Any, ti: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.mse_loss(out.reshape(out.shape[0], -1), self.t_final[ti])
+
+    def summary(self, out: np.ndarray, head: bool = False) -> np.ndarray:
+        """Relative L2 error to the final output per sample [N] (an exit's output or a head's, flat alike)."""
+        return np.linalg.norm(out.reshape(out.shape[0], -1) - self.final, axis=1) / self.norm
+
+    def accuracy(self, pred: Any, rows: np.ndarray) -> None:
+        return None
+
+    def score_target(self, err: np.ndarray) -> np.ndarray:
+        """``score: uncertainty``: DeeDiff's pseudo uncertainty, tanh of the exit's error (here the relative L2
+        error, so the target does not depend on the output's scale); the score is 1 - that."""
+        return (1.0 - np.tanh(err)).astype(np.float32)
 
 
 def _segment_opset(bundle: Bundle, k: int) -> int:
@@ -269,13 +381,14 @@ def _segment_opset(bundle: Bundle, k: int) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
 
-def _fit(torch: Any, module: Any, feats: list[np.ndarray], t_soft: Any, t_lab: Any, rows: np.ndarray, *,
-         epochs: int, batch_size: int, lr: float, weight_decay: float, temperature: float, seed: int) -> float:
-    """Train ``module`` on ``feats[rows]`` (Adam, cosine learning rate); returns the last epoch's mean loss."""
-    import torch.nn.functional as F
-
+def _fit(torch: Any, module: Any, params: list[Any], feats: list[np.ndarray], rows: np.ndarray, loss_of: Any, *,
+         epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
+         forward: Any = None) -> float:
+    """Train ``params`` of ``module`` on ``feats[rows]`` (AdamW, cosine learning rate) to minimise
+    ``loss_of(forward(module, xs), row_indices)``; returns the last epoch's mean loss."""
     module.train()
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    forward = forward or (lambda mod, xs: mod(*xs))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(rows) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     rng = np.random.default_rng(seed)
@@ -286,15 +399,7 @@ def _fit(torch: Any, module: Any, feats: list[np.ndarray], t_soft: Any, t_lab: A
         for start in range(0, len(order), batch_size):
             idx = np.sort(order[start:start + batch_size])  # sorted: contiguous reads from a memmap
             xs = [torch.from_numpy(np.ascontiguousarray(f[idx])) for f in feats]
-            logits = module(*xs)
-            logits = logits.reshape(logits.shape[0], -1, logits.shape[-1])  # [b, P, C]
-            c = logits.shape[-1]
-            ti = torch.from_numpy(idx)
-            log_p = F.log_softmax(logits / temperature, dim=-1).reshape(-1, c)
-            # T^2 keeps the gradient scale of the soft targets comparable across temperatures (Hinton et al.).
-            loss = F.kl_div(log_p, t_soft[ti].reshape(-1, c), reduction="batchmean") * temperature**2
-            if t_lab is not None:
-                loss = loss + F.cross_entropy(logits.reshape(-1, c), t_lab[ti].reshape(-1))
+            loss = loss_of(forward(module, xs), torch.from_numpy(idx))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -306,11 +411,57 @@ def _fit(torch: Any, module: Any, feats: list[np.ndarray], t_soft: Any, t_lab: A
     return last
 
 
-def _predict(torch: Any, module: Any, feats: list[np.ndarray], n: int, n_classes: int) -> np.ndarray:
+def _fit_score(torch: Any, module: Any, feats: list[np.ndarray], target: np.ndarray, rows: np.ndarray,
+               eval_rows: np.ndarray, kind: str, **fit: Any) -> tuple[float, float]:
+    """Fit the score layer of ``module`` (the rest frozen) to ``target`` [N]: ``uncertainty`` by MSE of the
+    predicted uncertainty (DeeDiff's L_u), ``agreement`` by binary cross-entropy (JEI-DNN, BERxiT). Returns the
+    held-out loss and that of a constant score equal to the training target's mean."""
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(target.astype(np.float32))
+
+    def loss_of(score: Any, ti: Any) -> Any:
+        s = score.reshape(-1)
+        if kind == "agreement":
+            return F.binary_cross_entropy(s.clamp(1e-6, 1 - 1e-6), t[ti])
+        return F.mse_loss(s, t[ti])
+
+    params = list(module.score_layer.parameters())
+    # Start from the constant score that fits the target's mean (the untrained bias saturates the sigmoid).
+    mean = float(np.clip(target[rows].mean(), 1e-3, 1 - 1e-3))
+    u = 1.0 - mean if kind == "uncertainty" else mean  # the sigmoid's value: uncertainty = 1 - score
+    with torch.no_grad():
+        module.score_layer.weight.zero_()
+        module.score_layer.bias.fill_(math.log(u / (1.0 - u)))
+    frozen = [p for p in module.parameters() if all(p is not q for q in params)]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        _fit(torch, module, params, feats, rows, loss_of, forward=lambda mod, xs: mod.score(*xs), **fit)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        got = np.concatenate([module.score(*[torch.from_numpy(np.ascontiguousarray(f[eval_rows[i:i + 1024]]))
+                                             for f in feats]).reshape(-1).numpy()
+                              for i in range(0, len(eval_rows), 1024)])
+    want = target[eval_rows]
+    const = np.full_like(want, float(target[rows].mean()))
+
+    def held(pred: np.ndarray) -> float:
+        if kind == "agreement":
+            p = np.clip(pred, 1e-6, 1 - 1e-6)
+            return float(-(want * np.log(p) + (1 - want) * np.log(1 - p)).mean())
+        return float(((pred - want) ** 2).mean())
+
+    return held(got), held(const)
+
+
+def _predict(torch: Any, module: Any, feats: list[np.ndarray], n: int) -> np.ndarray:
+    """The head's outputs for all N rows (logits, or a regression head's values)."""
     out = []
     with torch.no_grad():
         for start in range(0, n, 1024):
             xs = [torch.from_numpy(np.ascontiguousarray(f[start:start + 1024])) for f in feats]
-            logits = module(*xs)
-            out.append(logits.reshape(logits.shape[0], -1, n_classes).argmax(-1).numpy())
+            out.append(module(*xs).numpy())
     return np.concatenate(out)

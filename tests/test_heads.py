@@ -30,6 +30,20 @@ CASES = [
     ("mlp", [None, 6, 12], {"hidden": 16, "pool": "mean"}),
     ("conv", [None, 8, 5, 5], {"conv_channels": 4}),
     ("token", [None, 6, 12], {}),
+    ("local", [None, 17, 12], {}),  # LGViT local perception: a class token + a 4 x 4 grid
+    ("local", [None, 9, 12], {"kernel": 1}),
+]
+
+# Templates with a score output, a regression output or ops from opset 13 (tested at 13 and 18).
+CASES_13 = [
+    ("global", [None, 6, 12], {}, None),  # LGViT global aggregation (attention pooling)
+    ("global", [None, 6, 12], {"score": "agreement"}, None),
+    ("linear", [None, 8, 5, 5], {"score": "agreement"}, None),
+    ("mlp", [None, 6, 12], {"hidden": 16, "pool": "mean", "score": "agreement"}, None),
+    ("local", [None, 16, 12], {"score": "agreement"}, None),
+    ("conv", [None, 8, 4, 4], {"conv_channels": 6, "score": "uncertainty"}, (3, 8, 8)),  # DeeDiff-style: upsample
+    ("conv", [None, 8, 4, 4], {"conv_channels": 6}, (2, 4, 4)),  # same size: no Resize
+    ("linear", [None, 12], {"score": "uncertainty"}, None),  # an embedding [B, 7]
 ]
 
 
@@ -123,3 +137,52 @@ def test_weights_of_wrong_shape_are_refused() -> None:
     w["fc.weight"] = np.zeros([3, 11], np.float32)
     with pytest.raises(SpecError, match="fc.weight"):
         head_onnx("linear", [None, 12], 3, weights=w)
+
+
+@pytest.mark.parametrize("kind,shape,opts,out_shape", CASES_13)
+@pytest.mark.parametrize("opset", [13, 18])
+def test_scores_regression_and_lgvit_heads_match_their_torch_twin(kind: str, shape: list, opts: dict,
+                                                                  out_shape: tuple | None, opset: int) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    module = head_module(kind, shape, 7, opts, out_shape=out_shape)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    model = head_onnx(kind, shape, 7, opts, weights=module_weights(module), opset=opset, out_shape=out_shape)
+    names = [o.name for o in model.graph.output]
+    assert names == ([LOGITS, "score"] if opts.get("score") else [LOGITS])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = rng.standard_normal([batch, *shape[1:]]).astype(np.float32)
+        got = sess.run(None, {FEATURES: x})
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).numpy()
+            assert got[0].shape == ((batch, *out_shape) if out_shape and kind == "conv" else (batch, 7))
+            np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
+            if opts.get("score"):
+                np.testing.assert_allclose(got[1], module.score(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+                assert got[1].shape == (batch, 1) and ((got[1] >= 0) & (got[1] <= 1)).all()
+
+
+@pytest.mark.parametrize("score", ["uncertainty", "agreement"])
+def test_untrained_score_stays_near_zero(score: str) -> None:
+    model = head_onnx("linear", [None, 12], 4, {"score": score}, opset=17)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(["score"], {FEATURES: np.random.default_rng(0).standard_normal([3, 12]).astype(np.float32)})[0]
+    assert (got < 1e-3).all()
+
+
+@pytest.mark.parametrize(
+    "kind,shape,opts,match",
+    [
+        ("conv", [None, 6, 12], {}, "use kind 'local'"),
+        ("local", [None, 7, 12], {}, "do not make a square grid"),
+        ("local", [None, 16, 12], {"kernel": 2}, "must be odd"),
+        ("token", [None, 6, 12], {"score": "agreement"}, "one prediction per sample"),
+        ("linear", [None, 12], {"score": "halting"}, "must be one of uncertainty, agreement"),
+    ],
+)
+def test_bad_template_options(kind: str, shape: list, opts: dict, match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        head_onnx(kind, shape, 3, opts)

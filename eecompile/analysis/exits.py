@@ -23,7 +23,7 @@ from eecompile.analysis.cut_points import cut_problem
 from eecompile.analysis.partition import SegmentPlan, carried_across
 from eecompile.analysis.prepared import Dims, PreparedModel, batch_index
 from eecompile.errors import SpecError
-from eecompile.spec import ExitSpec, GateKind, Spec
+from eecompile.spec import SCORE_GATES, ExitSpec, GateKind, Spec
 
 
 @dataclass
@@ -38,11 +38,13 @@ class ExitPlan:
     at: list[ir.Value]
     head_output: ir.Value | None = None
     score_output: ir.Value | None = None
+    against: ir.Value | None = None  # saturation gates: the tensor the first exit compares with
 
     def targets(self) -> list[ir.Value]:
-        """What the segment ending at this exit must compute: the ``at`` tensors and in-model head outputs."""
+        """What the segment ending at this exit must compute: the ``at`` tensors, in-model head outputs and
+        the tensor a saturation gate compares with."""
         t = list(self.at)
-        for extra in (self.head_output, self.score_output):
+        for extra in (self.head_output, self.score_output, self.against):
             if extra is not None and extra not in t:
                 t.append(extra)
         return t
@@ -143,9 +145,18 @@ def plan_exits(pm: PreparedModel, spec: Spec) -> list[ExitPlan]:
             plan.head_output = resolve_tensor(pm, e.head.output, f"exits[{k}].head.output")
         if e.head.score_output is not None and e.head.file is None:
             plan.score_output = resolve_tensor(pm, e.head.score_output, f"exits[{k}].head.score_output")
-        if e.gate.kind == GateKind.SCORE and e.head.score_output is None:
-            raise SpecError(f"exits[{k}].head: gate kind 'score' needs the head's score output: "
-                            f"add score_output: NAME to the head")
+        own_score = e.head.kind is not None and e.head.options.get("score") is not None
+        if e.gate.kind in SCORE_GATES and e.head.score_output is None and not own_score:
+            what = ("the head's halting probability lambda (a Q-exit head without a lambda output)"
+                    if e.gate.kind == GateKind.Q_EXIT else "the head's score output")
+            raise SpecError(f"exits[{k}].head: gate kind '{e.gate.kind.value}' needs {what}: add score_output: NAME "
+                            f"to the head (a head output or model tensor), or give a built-in head "
+                            f"options: {{score: ...}}")
+        if e.gate.against is not None:
+            if k > 0:
+                raise SpecError(f"exits[{k}].gate.against: only the first exit names what it compares with; "
+                                f"exit {k} compares with exit {k - 1}'s cut tensor")
+            plan.against = resolve_tensor(pm, e.gate.against, f"exits[{k}].gate.against")
         plans.append(plan)
     return plans
 

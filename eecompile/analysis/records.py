@@ -98,7 +98,7 @@ def manifest_for(pm: PreparedModel, spec: Spec, final: ir.Value, class_axis: int
         inputs=[tensor_info(v, _input_batch_axis(pm, v)) for v in pm.index.graph_inputs],
         outputs=[tensor_info(final, final_batch_axis(pm, final.name or ""))],
         segments=segments, batch_mode=pm.batch_mode, class_axis=class_axis,
-        eecompile_version=version, notes=[pm.batch_note, *(notes or [])],
+        eecompile_version=version, notes=[pm.batch_note, *(notes or [])], task=spec.final.task,
     )
     if pm.batch_mode == "dynamic":
         for t in m.inputs + m.outputs:

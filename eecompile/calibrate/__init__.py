@@ -129,15 +129,16 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     source model lies inside the bundle. ``costs`` (seconds per segment) skips the measurement (for tests and
     replayed measurements).
 
-    ``error_budget`` (regression outputs: ``final.task: regression``): a sample counts as wrong at an exit when
-    that exit's output is more than ``error_budget`` relative L2 error from the final output
-    (:func:`collect_exit_table`); ``max_drop`` then bounds the fraction of such samples, through the same
-    search or LTT. Labels are ignored.
+    ``error_budget``: a sample counts as wrong at an exit when that exit's output is more than ``error_budget``
+    relative L2 error from the final output (:func:`collect_exit_table`); ``max_drop`` then bounds the fraction
+    of such samples, through the same search or LTT. Labels are ignored. Required for a regression bundle
+    (``final.task: regression``, recorded as ``manifest.task``): a budget on agreement means nothing there.
 
     Returns a :class:`CalibrationReport`. When no setting that lets samples exit meets the budget at this
     confidence, nothing is written (the bundle keeps its thresholds), ``report.deployed`` is False and the
     report gives the sample count the budget needs (the CLI then exits with status 1). Raises
-    CalibrationError for budgets, confidences or methods out of range, a bundle without early exits, or
+    CalibrationError for budgets, confidences or methods out of range, a bundle without early exits, a
+    regression bundle without ``error_budget``, or
     (ltt) too few samples to certify anything; DataError for unusable data; BundleError/BackendError from
     loading and running the bundle.
     """
@@ -157,6 +158,11 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     check_classifier_bundle(b, "eecompile calibrate")
     if len(m.segments) < 2:
         raise CalibrationError(f"{b.path}: the bundle has no early exit; nothing to calibrate")
+    if m.task == "regression" and error_budget is None:
+        raise CalibrationError(
+            f"{b.path}: the final output '{m.outputs[0].name}' is a regression output (final.task: regression), "
+            f"which has no class to agree on: give --error-budget EPS, the relative L2 error to the final output "
+            f"a sample may have where it exits (e.g. 0.05); --max-drop then bounds the fraction of samples over it")
     inputs, labels = load_data(data, m)
     n = next(iter(inputs.values())).shape[0]
     if n == 0:
@@ -228,7 +234,7 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     lo, hi = clopper_pearson_interval(ev.errors, n, conf)
     drop_upper = clopper_pearson_upper(ev.errors, n, dlt)
     oracle = oracle_exits(table)
-    ref = "labels" if labels is not None else "final exit"
+    ref = "error budget" if error_budget is not None else "labels" if labels is not None else "final exit"
     exits = []
     for k, seg in enumerate(m.segments):
         here = ev.exit_index == k
@@ -255,7 +261,7 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
         curve=pareto_curve(table, cum, baseline_ms), notes=notes,
         confidence=conf, deployed=deployed, errors=ev.errors, loss=ev.loss, loss_interval=[lo, hi],
         drop_upper=drop_upper, allowed_errors=sr.allowed_errors if sr else None, samples_needed=need,
-        samples_needed_best=need_best,
+        samples_needed_best=need_best, error_budget=error_budget,
     )
     if deployed:
         def change(_root: Path, manifest: Manifest) -> None:

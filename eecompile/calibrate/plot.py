@@ -40,7 +40,8 @@ def check_plot_path(path: str | Path, data: str | Path | None = None) -> Path:
 
 
 def plot_report(report: CalibrationReport, path: str | Path) -> Path:
-    """Accuracy against speedup (cheapest thresholds per budget) and the exit histogram, in one PNG."""
+    """Accuracy against speedup (cheapest thresholds per budget) and the exit histogram, in one PNG; with an
+    error budget (regression) the share of samples within it instead of accuracy."""
     plt = _pyplot()
     path = Path(path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -48,12 +49,14 @@ def plot_report(report: CalibrationReport, path: str | Path) -> Path:
     ys = [p["accuracy"] for p in report.curve]
     ax1.plot(xs, ys, "o-", label="cheapest thresholds per budget")
     ax1.plot([report.expected_speedup], [report.accuracy], "r*", markersize=14, label="chosen")
-    ax1.axhline(report.full_accuracy - report.max_drop, color="gray", ls="--", lw=1, label="budget")
+    ax1.axhline(report.full_accuracy - report.max_drop, color="gray", ls="--", lw=1,
+                label="max share over the error budget" if report.error_budget is not None else "budget")
     ax1.axvline(report.oracle_speedup, color="green", ls=":", lw=1, label="oracle speedup")
-    what = "accuracy" if report.reference == "labels" else "agreement with final exit"
+    what = ("share within the error budget" if report.error_budget is not None
+            else "accuracy" if report.reference == "labels" else "agreement with final exit")
     ax1.set_xlabel(f"speedup vs {report.baseline} ({report.backend}, batch {report.batch_size})")
     ax1.set_ylabel(what)
-    ax1.set_title("accuracy - speedup")
+    ax1.set_title("error budget - speedup" if report.error_budget is not None else "accuracy - speedup")
     ax1.legend(fontsize=8)
     names = [str(e["name"] or (e["index"] if e["gate"] else "final")) for e in report.exits]
     ax2.bar(names, [e["share"] for e in report.exits], color="tab:blue")

@@ -53,6 +53,15 @@ class CalibrationReport:
     allowed_errors: int | None = None  # search only
     samples_needed: int | None = None
     samples_needed_best: int | None = None
+    error_budget: float | None = None  # regression: the relative L2 error to the final output a sample may have
+
+    @property
+    def what(self) -> str:
+        """What the accuracy figures measure: accuracy (labels), agreement with the final exit, or (with an error
+        budget) the share of samples within it."""
+        if self.error_budget is not None:
+            return f"share within the error budget (rel. L2 error <= {self.error_budget:g} of the final output)"
+        return "accuracy" if self.reference == "labels" else "agreement with the final exit"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe types, for ``manifest.calibration``."""
@@ -62,11 +71,15 @@ class CalibrationReport:
 
     def summary_lines(self) -> list[str]:
         """The report's conclusions as plain text lines (the table of exits aside)."""
-        what = "accuracy" if self.reference == "labels" else "agreement with the final exit"
-        out = [f"{what}: full model {self.full_accuracy:.4f}, early-exit chain {self.accuracy:.4f} "
-               f"(drop {self.drop:+.4f}, budget {self.max_drop:g})"]
+        if self.error_budget is not None:
+            out = [f"{self.what}: full model {self.full_accuracy:.4f}, early-exit chain {self.accuracy:.4f} "
+                   f"({1 - self.accuracy:.4f} over budget, at most {self.max_drop:g} allowed)"]
+        else:
+            out = [f"{self.what}: full model {self.full_accuracy:.4f}, early-exit chain {self.accuracy:.4f} "
+                   f"(drop {self.drop:+.4f}, budget {self.max_drop:g})"]
+        errs = "samples over the error budget" if self.error_budget is not None else "errors vs the final exit"
         if self.confidence is not None and self.loss_interval is not None and self.drop_upper is not None:
-            out.append(f"errors vs the final exit: {self.errors} of {self.n_samples} ({self.loss:.4f}, "
+            out.append(f"{errs}: {self.errors} of {self.n_samples} ({self.loss:.4f}, "
                        f"{self.confidence:.0%} interval [{self.loss_interval[0]:.4f}, {self.loss_interval[1]:.4f}]"
                        f"); drop <= {self.drop_upper:.4f} at {self.confidence:.0%} confidence (Clopper-Pearson)"
                        + (f"; a budget of {self.max_drop:g} needs >= {self.samples_needed} samples even with zero "
@@ -75,11 +88,11 @@ class CalibrationReport:
                    f"{self.backend} at batch {self.batch_size}: speedup {self.expected_speedup:.2f}x "
                    f"(oracle {self.oracle_speedup:.2f}x)")
         if self.method == "ltt" and self.ltt is not None and self.certified:
-            out.append(f"certified by Learn-then-Test: drop <= {self.max_drop:g} on new data with probability "
+            out.append(f"certified by Learn-then-Test: {'share over the error budget' if self.error_budget else 'drop'} <= {self.max_drop:g} on new data with probability "
                        f">= {1 - (self.delta or 0):.0%} ({self.ltt['certified_candidates']} of "
                        f"{self.ltt['candidates']} settings on the path certified; p = {self.ltt['p_value']:.3g})")
         if not self.deployed:
-            out.append(f"NOT DEPLOYED: nothing meets drop <= {self.max_drop:g} at {self.confidence or 0:.0%} "
+            out.append(f"NOT DEPLOYED: nothing meets {'a share over the error budget' if self.error_budget else 'drop'} <= {self.max_drop:g} at {self.confidence or 0:.0%} "
                        f"confidence with {self.n_samples} samples; the figures above are for the best setting "
                        f"found, which was not written. Samples needed: {self.samples_needed} with zero errors"
                        + (f", about {self.samples_needed_best} at this setting's error rate"
@@ -89,7 +102,8 @@ class CalibrationReport:
 
     def print(self) -> None:
         """Print the table of exits and the conclusions (rich when installed, plain text otherwise)."""
-        what = "accuracy" if self.reference == "labels" else "agreement w/ final"
+        what = ("within error budget" if self.error_budget is not None
+                else "accuracy" if self.reference == "labels" else "agreement w/ final")
         cols = ("exit", "gate", "threshold", "share exiting", f"{what} of those exiting", "cumulative ms")
         rows = []
         for e in self.exits:
@@ -97,7 +111,9 @@ class CalibrationReport:
             thr = "never" if e["threshold"] is None or not math.isfinite(e["threshold"]) else f"{e['threshold']:.4g}"
             rows.append((str(e["name"] or (e["index"] if e["gate"] else "final")), e["gate"] or "final",
                          thr if e["gate"] else "-", f"{e['share']:.3f}", acc, f"{e['cumulative_ms']:.4f}"))
-        title = (f"calibration ({self.method}, max drop {self.max_drop:g}"
+        budget = (f"error budget {self.error_budget:g}, max share over it {self.max_drop:g}"
+                  if self.error_budget is not None else f"max drop {self.max_drop:g}")
+        title = (f"calibration ({self.method}, {budget}"
                  + (f", confidence {self.confidence:g}" if self.confidence is not None else "")
                  + f", {self.n_samples} samples)" + ("" if self.deployed else " - NOT DEPLOYED"))
         try:

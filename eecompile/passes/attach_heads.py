@@ -11,7 +11,7 @@ Cases:
    that already ends in the same activation is taken as it is; one ending in another activation is refused.
 4. Exit outputs take the final output's per-sample shape: a head giving ``[B, C]`` for a final output
    ``[B, C, 1, 1]`` is reshaped; a class count that does not fit is an error naming both shapes.
-5. A trained head (``{kind: linear|mlp|pool|token, ...}``): built by :func:`eecompile.heads.head_onnx` with its
+5. A trained head (``{kind: linear|mlp|conv|token|local|global, ...}``): built by :func:`eecompile.heads.head_onnx` with its
    last layer zero (it never fires until ``eecompile train-heads`` fits it), then spliced as in case 1.
 6. Heads read their inputs batch-first. An ``at`` tensor whose measured batch axis is not 0 (an LSTM's
    time-major ``[T, B, D]`` output) is given to the head (and to the gate) through a Transpose moving the batch
@@ -339,11 +339,14 @@ class AttachHeadPass(ir.passes.InPlacePass):
 
 
 def head_for(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
-             opset: int) -> tuple[ir.Model | None, dict[str, Any] | None]:
+             opset: int, task: str = "classification") -> tuple[ir.Model | None, dict[str, Any] | None]:
     """Exit ``e``'s head model and, for a trained head, its record for the manifest (``head_spec``).
 
-    Returns ``(None, None)`` for an in-model head (case 2). Raises SpecError for a head file that cannot be
-    read or converted, and for a trained head whose class count is not fixed."""
+    ``task: regression``: a trained head gives the final output's per-sample values (a ``conv`` head on
+    [B, C, h, w] features maps back to a [B, C', H, W] output; the others give them flat, reshaped by
+    :func:`fit_exit_output`). Returns ``(None, None)`` for an in-model head (case 2). Raises SpecError for a
+    head file that cannot be read or converted, and for a trained head whose class count (or, regression,
+    per-sample output shape) is not fixed."""
     h = e.spec.head
     if h.file is not None:
         return load_head(h.file, opset, f"exits[{e.index}].head"), None
@@ -355,7 +358,22 @@ def head_for(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
         raise SpecError(f"exits[{e.index}].head.kind: trained heads need eecompile.heads ({err})") from err
     views = head_views(pm, e.index, [v.name or "" for v in e.at])
     feature_shape = views[0].shape
-    n_classes = final_shape[class_axis % len(final_shape)]
+    out_shape: list[int] | None = None
+    if task == "regression":
+        b = batch_index(list(final_shape))
+        per = [d for i, d in enumerate(final_shape) if i != b]
+        if not all(isinstance(d, int) for d in per):
+            raise SpecError(f"exits[{e.index}].head.kind: a trained head for a regression output needs its "
+                            f"per-sample shape fixed; the final output has {list(final_shape)}")
+        if h.kind == "conv" and len(per) == 3 and len(feature_shape) == 4:
+            out_shape = [int(d) for d in per]  # type: ignore[arg-type]
+            n_classes: int | str | None = out_shape[0]
+        elif h.kind == "token":
+            n_classes = per[-1]
+        else:
+            n_classes = int(np.prod(per))  # type: ignore[arg-type]
+    else:
+        n_classes = final_shape[class_axis % len(final_shape)]
     if not isinstance(n_classes, int):
         raise SpecError(f"exits[{e.index}].head.kind: the final output's class axis has no fixed size")
     mask_dtype = onnx.TensorProto.INT64
@@ -363,11 +381,14 @@ def head_for(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
         facts = pm.probe.facts.get(e.at[1].name or "")
         if facts is not None:
             mask_dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(facts.dtype))
-    opset = max(opset, least_opset(h.kind, feature_shape, dict(h.options)))
-    proto = head_onnx(h.kind, feature_shape, n_classes, dict(h.options), None, opset, mask_dtype=mask_dtype)
+    opset = max(opset, least_opset(h.kind, feature_shape, dict(h.options), out_shape))
+    proto = head_onnx(h.kind, feature_shape, n_classes, dict(h.options), None, opset, mask_dtype=mask_dtype,
+                      out_shape=out_shape)
     head_spec = {"kind": h.kind, "options": dict(h.options),
                  "feature_shape": [d if isinstance(d, int) else str(d) for d in feature_shape],
                  "n_classes": n_classes, "trained": False}
+    if out_shape is not None:
+        head_spec["out_shape"] = out_shape
     if any(v.axis for v in views):  # the tensors the head reads (and is trained on), batch-first (case 6)
         head_spec["inputs"] = [v.name for v in views]
     return ir.from_proto(proto), head_spec

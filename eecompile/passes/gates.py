@@ -11,8 +11,15 @@ Kinds (see GateKind):
 3. margin:     top-1 - top-2 probability >= t        (min over positions)
 4. patience:   count of consecutive exits with the same argmax >= t (PABEE); the argmax and the count ride
                along as state tensors ``ee{k}.state.argmax`` [B, P] and ``ee{k}.state.count`` [B]
-5. saturation: cosine(h_prev, h_this) >= t on the pooled cut tensors (CALM, MuE); ``ee{k}.state.hidden``
+5. saturation: cosine(h_prev, h_this) >= t on the pooled cut tensors (CALM, MuE); ``ee{k}.state.hidden``.
+               The first exit compares with the tensor the spec names (``against``: MuE's embedding output);
+               without one its score is -1. The two tensors must pool to the same positions and width.
 6. score:      a head output that is itself the score >= t (learned halting/confidence heads)
+7. change:     ||y_k - y_{k-1}|| / max(||y_k||, 1e-12) <= t on the exit outputs flattened per sample;
+               ``ee{k}.state.output`` [B, N]. The first exit's score is +inf (never fires).
+8. q_exit:     PALBERT's Q-exit: the head's score is lambda_k (clipped to [0, 1]); the survival
+               s_k = s_{k-1} (1 - lambda_k) (s_{-1} = 1) rides along as ``ee{k}.state.survival`` [B] between
+               consecutive Q-exit gates; fires when 1 - s_k >= q.
 
 NaN or Inf anywhere in a sample's logits makes its score NaN, and a NaN score never fires (the comparisons
 are written so that NaN is False). Nodes use the segment's opset, valid from opset 7: Reduce* take ``axes`` as
@@ -34,7 +41,14 @@ import onnx_ir as ir
 from onnx_ir.tape import Tape
 
 from eecompile.errors import SpecError
-from eecompile.names import STATE_ARGMAX, STATE_COUNT, gate_names, gate_node_prefix
+from eecompile.names import (
+    STATE_ARGMAX,
+    STATE_COUNT,
+    STATE_OUTPUT,
+    STATE_SURVIVAL,
+    gate_names,
+    gate_node_prefix,
+)
 from eecompile.spec import GateKind
 
 if TYPE_CHECKING:
@@ -161,6 +175,31 @@ def _pool_hidden(ops: Ops, h: ir.Value, shape: list[int | str | None]) -> tuple[
     raise SpecError(f"saturation gate: cut tensor '{h.name}' has rank {rank}; supported: 2, 3 or 4")
 
 
+def pooled_shape(shape: list[int | str | None] | None) -> tuple[int | str | None, int | str | None]:
+    """(positions P, width D) a saturation gate compares for a cut tensor shaped ``shape``: [B, C, H, W] and
+    [B, D] pool to one position, [B, T, D] keeps its T tokens."""
+    if not shape:
+        return None, None
+    rank = len(shape)
+    if rank == 3:
+        return shape[1], shape[2]
+    if rank in (2, 4):
+        return 1, shape[1]
+    return None, None
+
+
+def _check_same_pooled(a: list[int | str | None] | None, b: list[int | str | None] | None, where: str,
+                       what_a: str, what_b: str) -> None:
+    """SpecError (naming ``where``) when two tensors a saturation gate compares differ in token axis or width."""
+    (pa, da), (pb, db) = pooled_shape(a), pooled_shape(b)
+    for axis, x, y in (("width", da, db), ("token axis", pa, pb)):
+        if isinstance(x, int) and isinstance(y, int) and x != y:
+            raise SpecError(
+                f"{where}: saturation compares {what_a} {list(a or [])} with {what_b} {list(b or [])}, but their "
+                f"{axis} differs ({x} vs {y}); compare tensors of the same tokens and width (transformer layers) "
+                f"or choose another gate kind")
+
+
 def build_gate(
     tape: Tape,
     k: int,
@@ -177,8 +216,18 @@ def build_gate(
     score_value: ir.Value | None = None,
     emit_patience_state: bool = False,
     emit_hidden_state: bool = False,
+    prev_hidden_shape: list[int | str | None] | None = None,
+    against: ir.Value | None = None,
+    against_shape: list[int | str | None] | None = None,
+    emit_output_state: bool = False,
+    emit_survival_state: bool = False,
+    prev_survival: bool = False,
 ) -> GateResult:
-    """Record exit ``k``'s gate on ``tape``; ``prev_k`` is the previous exit (whose state this gate reads)."""
+    """Record exit ``k``'s gate on ``tape``; ``prev_k`` is the previous exit (whose state this gate reads).
+
+    ``against`` (saturation, first exit): the tensor to compare the cut tensor with. ``emit_output_state`` /
+    ``emit_survival_state``: hand the next exit's change / Q-exit gate its state; ``prev_survival``: the previous
+    exit is a Q-exit gate whose survival this Q-exit gate continues (else the product starts here)."""
     names = gate_names(k)
     ops = Ops(tape, opset, prefix=gate_node_prefix(k))
     thr = ir.Value(name=names["threshold"], shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
@@ -222,19 +271,27 @@ def build_gate(
         if hidden is None or hidden_shape is None:
             raise SpecError(f"exit {k}: saturation gate needs the cut tensor")
         h, dim = _pool_hidden(ops, hidden, hidden_shape)
-        if prev_k is None:
+        if prev_k is None and against is None:
             raw = ops.op("Sub", [ops.op("Mul", [guard, ops.const(np.array(0.0, dtype=np.float32))]),
                                  ops.const(np.array(1.0, dtype=np.float32))])  # -1: nothing to compare with
         else:
-            if prev_hidden_dim is not None and dim is not None and prev_hidden_dim != dim:
-                raise SpecError(
-                    f"exits[{k}].gate: saturation compares hidden states of consecutive exits, but exit {prev_k} "
-                    f"has width {prev_hidden_dim} and exit {k} has {dim}; use it where the widths match "
-                    f"(transformer layers) or choose another gate kind"
-                )
-            prev_h = ir.Value(name=gate_names(prev_k)["hidden"], type=ir.TensorType(ir.DataType.FLOAT),
-                              shape=ir.Shape(["batch", None, dim]))
-            res_state_in.append(prev_h)
+            if prev_k is None:  # the first exit compares with the tensor the spec names (MuE: the embeddings)
+                assert against is not None
+                _check_same_pooled(against_shape, hidden_shape, f"exits[{k}].gate.against",
+                                   f"'{against.name}'", f"the cut tensor '{hidden.name}'")
+                prev_h, _ = _pool_hidden(ops, against, against_shape or [])
+            else:
+                if prev_hidden_dim is not None and dim is not None and prev_hidden_dim != dim:
+                    raise SpecError(
+                        f"exits[{k}].gate: saturation compares hidden states of consecutive exits, but exit {prev_k} "
+                        f"has width {prev_hidden_dim} and exit {k} has {dim}; use it where the widths match "
+                        f"(transformer layers) or choose another gate kind"
+                    )
+                _check_same_pooled(prev_hidden_shape, hidden_shape, f"exits[{k}].gate",
+                                   f"exit {prev_k}'s cut tensor", f"exit {k}'s")
+                prev_h = ir.Value(name=gate_names(prev_k)["hidden"], type=ir.TensorType(ir.DataType.FLOAT),
+                                  shape=ir.Shape(["batch", None, dim]))
+                res_state_in.append(prev_h)
             dot = ops.reduce("ReduceSum", ops.op("Mul", [h, prev_h]), [2])
             n1 = ops.op("Sqrt", [ops.reduce("ReduceSum", ops.op("Mul", [h, h]), [2])])
             n2 = ops.op("Sqrt", [ops.reduce("ReduceSum", ops.op("Mul", [prev_h, prev_h]), [2])])
@@ -247,6 +304,36 @@ def build_gate(
         if score_value is None:
             raise SpecError(f"exits[{k}].head: the score gate needs `score_output` naming the head's score output")
         raw = ops.cast_float(ops.op("Reshape", [score_value, ops.const(np.array([-1], dtype=np.int64))]))
+    elif kind == GateKind.CHANGE:
+        y = ops.cast_float(ops.op("Reshape", [logits, ops.const(np.array([0, -1], dtype=np.int64))]))
+        if prev_k is None:  # nothing to compare with: +inf never fires (<= t is False)
+            raw = ops.op("Add", [ops.op("Mul", [guard, ops.const(np.array(0.0, dtype=np.float32))]),
+                                 ops.const(np.array(np.inf, dtype=np.float32))])
+        else:
+            prev_y = ir.Value(name=gate_names(prev_k)["output"], type=ir.TensorType(ir.DataType.FLOAT),
+                              shape=ir.Shape(["batch", None]))
+            res_state_in.append(prev_y)
+            d = ops.op("Sub", [y, prev_y])
+            num = ops.op("Sqrt", [ops.reduce("ReduceSum", ops.op("Mul", [d, d]), [1])])
+            den = ops.op("Sqrt", [ops.reduce("ReduceSum", ops.op("Mul", [y, y]), [1])])
+            raw = ops.op("Div", [num, ops.op("Max", [den, ops.const(np.array(1e-12, dtype=np.float32))])])
+    elif kind == GateKind.Q_EXIT:
+        if score_value is None:
+            raise SpecError(f"exits[{k}].head: a q_exit gate needs the head's halting probability lambda: name it "
+                            f"with score_output (a head output in [0, 1], e.g. a Sigmoid) or use a built-in head "
+                            f"with options: {{score: agreement}}")
+        lam = ops.cast_float(ops.op("Reshape", [score_value, ops.const(np.array([-1], dtype=np.int64))]))
+        zero, one = ops.const(np.array(0.0, dtype=np.float32)), ops.const(np.array(1.0, dtype=np.float32))
+        lam = ops.op("Min", [ops.op("Max", [lam, zero]), one])
+        stay = ops.op("Sub", [one, lam])
+        if prev_k is not None and prev_survival:
+            prev_s = ir.Value(name=gate_names(prev_k)["survival"], type=ir.TensorType(ir.DataType.FLOAT),
+                              shape=ir.Shape(["batch"]))
+            res_state_in.append(prev_s)
+            stay = ops.op("Mul", [prev_s, stay])
+        raw = ops.op("Sub", [one, stay])
+        if emit_survival_state:
+            res_state_out.append(ops.op("Identity", [stay], out_name=names["survival"]))
     else:  # pragma: no cover - GateKind is closed
         raise SpecError(f"exit {k}: unknown gate kind {kind}")
     score = ops.op("Add", [raw, guard], out_name=names["score"])
@@ -265,6 +352,9 @@ def build_gate(
     if emit_hidden_state and kind != GateKind.SATURATION and hidden is not None and hidden_shape is not None:
         h, _ = _pool_hidden(ops, hidden, hidden_shape)
         res_state_out.append(ops.op("Identity", [h], out_name=names["hidden"]))
+    if emit_output_state:
+        y_out = ops.cast_float(ops.op("Reshape", [logits, ops.const(np.array([0, -1], dtype=np.int64))]))
+        res_state_out.append(ops.op("Identity", [y_out], out_name=names["output"]))
     return GateResult(gate=gate, score=score, threshold=thr, state_inputs=res_state_in, state_outputs=res_state_out)
 
 
@@ -286,12 +376,18 @@ class FuseGatePass(ir.passes.InPlacePass):
                  class_axis: int, opset: int, *, hidden: str | None = None,
                  hidden_shape: list[int | str | None] | None = None, prev_k: int | None = None,
                  prev_hidden_dim: int | str | None = None, emit_patience_state: bool = False,
-                 emit_hidden_state: bool = False) -> None:
+                 emit_hidden_state: bool = False, prev_hidden_shape: list[int | str | None] | None = None,
+                 against: str | None = None, against_shape: list[int | str | None] | None = None,
+                 emit_output_state: bool = False, emit_survival_state: bool = False,
+                 prev_survival: bool = False) -> None:
         super().__init__()
         self.k, self.kind, self.head, self.logits_shape = k, kind, head, logits_shape
         self.class_axis, self.opset, self.hidden, self.hidden_shape = class_axis, opset, hidden, hidden_shape
-        self.prev_k, self.prev_hidden_dim = prev_k, prev_hidden_dim
+        self.prev_k, self.prev_hidden_dim, self.prev_hidden_shape = prev_k, prev_hidden_dim, prev_hidden_shape
         self.emit_patience_state, self.emit_hidden_state = emit_patience_state, emit_hidden_state
+        self.against, self.against_shape = against, against_shape
+        self.emit_output_state, self.emit_survival_state = emit_output_state, emit_survival_state
+        self.prev_survival = prev_survival
         self.result: GateResult | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -300,6 +396,11 @@ class FuseGatePass(ir.passes.InPlacePass):
         hidden = next((v for n in g for v in n.outputs if v.name == self.hidden), None) if self.hidden else None
         if hidden is None and self.hidden:
             hidden = next((v for v in g.inputs if v.name == self.hidden), None)
+        against = next((v for n in g for v in n.outputs if v.name == self.against), None) if self.against else None
+        if self.against and against is None:
+            against = next((v for v in g.inputs if v.name == self.against), None)
+        if self.against and against is None:
+            raise SpecError(f"exits[{self.k}].gate.against: segment {self.k} has no tensor '{self.against}'")
         tape = Tape(g)
         logits, shape, axis = self.head.logits, list(self.logits_shape), self.class_axis
         b = shape.index("batch") if "batch" in shape else 0
@@ -313,7 +414,10 @@ class FuseGatePass(ir.passes.InPlacePass):
         gate = build_gate(tape, self.k, self.kind, logits, shape, axis,
                           self.opset, prev_k=self.prev_k, hidden=hidden, hidden_shape=self.hidden_shape,
                           prev_hidden_dim=self.prev_hidden_dim, score_value=self.head.score,
-                          emit_patience_state=self.emit_patience_state, emit_hidden_state=self.emit_hidden_state)
+                          emit_patience_state=self.emit_patience_state, emit_hidden_state=self.emit_hidden_state,
+                          prev_hidden_shape=self.prev_hidden_shape, against=against, against_shape=self.against_shape,
+                          emit_output_state=self.emit_output_state, emit_survival_state=self.emit_survival_state,
+                          prev_survival=self.prev_survival)
         g.extend(tape.nodes)
         gate.gate.dtype, gate.gate.shape = ir.DataType.BOOL, ir.Shape(["batch"])
         gate.score.dtype, gate.score.shape = ir.DataType.FLOAT, ir.Shape(["batch"])
@@ -322,7 +426,9 @@ class FuseGatePass(ir.passes.InPlacePass):
                 v.dtype, v.shape = ir.DataType.INT64, ir.Shape(["batch", None])
             else:
                 v.dtype = ir.DataType.FLOAT
-                v.shape = (ir.Shape(["batch"]) if (v.name or "").endswith("." + STATE_COUNT)
+                name = v.name or ""
+                v.shape = (ir.Shape(["batch"]) if name.endswith(("." + STATE_COUNT, "." + STATE_SURVIVAL))
+                           else ir.Shape(["batch", None]) if name.endswith("." + STATE_OUTPUT)
                            else ir.Shape(["batch", None, None]))
         g.inputs.extend(gate.state_inputs)
         g.inputs.append(gate.threshold)

@@ -55,9 +55,11 @@ THRESHOLD_RANGES: dict[str, tuple[float, float]] = {
     "patience": (1.0, math.inf),
     "saturation": (-math.inf, math.inf),
     "score": (-math.inf, math.inf),
+    "change": (0.0, math.inf),  # relative L2 change of the exit output from the previous exit's
+    "q_exit": (0.0, 1.0),  # probability of having halted (PALBERT)
 }
 INTEGER_THRESHOLDS = frozenset({"patience"})
-FIRES_BELOW = frozenset({"entropy"})  # gates that fire when the score is <= the threshold (the others: >=)
+FIRES_BELOW = frozenset({"entropy", "change"})  # gates that fire when the score is <= the threshold (the others: >=)
 
 
 def check_classifier_bundle(bundle: Bundle, command: str) -> None:
