@@ -176,7 +176,8 @@ class EarlyExitDeployment:
         if path.endswith("/health") and request.method in ("GET", "HEAD"):
             inputs = ["prompt"] if self.decoder else [t.name for t in self.runner.inputs]
             return self._json(200, {"status": "ok", "bundle": Path(self._cfg.bundle).name, "route": route,
-                                    "exits": self.n_early_exits + 1, "inputs": inputs, "pid": os.getpid()})
+                                    "exits": self.n_early_exits + 1, "inputs": inputs, "pid": os.getpid(),
+                                    "replica": _replica_id()})
         other = "predict" if self.decoder else "generate"
         if path.endswith(f"/{other}") and request.method == "POST":
             return self._error(400, self._wrong_kind(other), t0)
@@ -344,6 +345,15 @@ class EarlyExitDeployment:
     def _done(self, status: int, t0: float) -> None:
         self._requests.inc(tags={"status": str(status)})
         self._latency.observe((time.perf_counter() - t0) * 1000.0)
+
+
+def _replica_id() -> str | None:
+    """``app#deployment#tag`` of this replica (its Ray actor's name ends with it), None outside Serve."""
+    try:
+        ctx = serve.get_replica_context()
+    except Exception:  # RayServeException outside a replica
+        return None
+    return f"{ctx.app_name}#{ctx.deployment}#{ctx.replica_tag}"
 
 
 class _AsyncSink(RowSink):
