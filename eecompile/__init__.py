@@ -59,7 +59,8 @@ def load(bundle: Any, backend: str = "onnxruntime", public_key: Any = None, **op
     carry a signature (``eecompile sign``) made with its private half over exactly these files, checked before
     anything in the bundle is used. Raises BundleError for a missing, damaged or tampered bundle
     (SignatureError, a BundleError, for an unsigned or altered one with ``public_key``) and BackendError when
-    the backend cannot load its segments."""
+    the backend cannot load its segments. A loop bundle (compiled from a spec with ``loop:``) gives a
+    :class:`~eecompile.runtimes.loop.LoopRunner`: ``run(feeds, steps=N, thresholds=None, loop_threshold=None)``."""
     if public_key is not None:
         bundle = Bundle.load(bundle.path if isinstance(bundle, Bundle) else bundle, public_key=public_key)
     if backend == "tensorrt":
@@ -68,7 +69,12 @@ def load(bundle: Any, backend: str = "onnxruntime", public_key: Any = None, **op
         return TensorRTChain(bundle, **options)  # type: ignore[return-value]
     from eecompile.runtimes.chain import EarlyExitRunner
 
-    return EarlyExitRunner(bundle, backend=backend, **options)
+    loaded = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    if loaded.manifest.loop is not None:  # an iterative model: run(feeds, steps=N, ...) drives the loop
+        from eecompile.runtimes.loop import LoopRunner
+
+        return LoopRunner(loaded, backend=backend, **options)  # type: ignore[return-value]  # same run() shape
+    return EarlyExitRunner(loaded, backend=backend, **options)
 
 
 __all__ = [

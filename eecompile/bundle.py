@@ -154,6 +154,7 @@ class Manifest:
     # "classification" (the final output has a class axis) or "regression" (spec final.task: no class axis;
     # calibrate then counts errors against an error budget). Bundles written before the field: classification.
     task: str = "classification"
+    loop: dict[str, Any] | None = None  # iterative bundles: the chain run N times on its own state (see LOOP_KEYS)
 
     @property
     def exits(self) -> list[ExitInfo]:
@@ -201,6 +202,7 @@ class Manifest:
                 files=dict(d.get("files") or {}),
                 decoder=d.get("decoder"),
                 task=d.get("task", "classification"),
+                loop=d.get("loop"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where}: manifest is incomplete or malformed ({e!r}); recompile the bundle") from e
@@ -288,13 +290,13 @@ class _Schema:
         for i, t in enumerate(self.seq(v, path)):
             self.tensor(t, f"{path}[{i}]")
 
-    def gate(self, v: Any, path: str) -> None:
+    def gate(self, v: Any, path: str, kinds: tuple[str, ...] = names.GATE_KINDS) -> None:
         g = self.mapping(v, path)
         for k in ("kind", "output", "threshold_input"):
             self.string(self.key(g, k, path), f"{path}.{k}")
-        if g["kind"] not in names.GATE_KINDS:
+        if g["kind"] not in kinds:
             raise self.fail(f"{path}.kind", f"{g['kind']!r} is not a gate kind this runtime knows "
-                                            f"({', '.join(names.GATE_KINDS)}); recompile the bundle with this "
+                                            f"({', '.join(kinds)}); recompile the bundle with this "
                                             f"eecompile, or upgrade the runtime")
         threshold = self.key(g, "threshold", path)
         self.number(threshold, f"{path}.threshold")
@@ -356,6 +358,76 @@ class _Schema:
         for k in ("tokenizer", "weights"):
             if dec.get(k) is not None:
                 self.relpath(dec[k], f"decoder.{k}")
+
+    def loop(self, v: Any, d: dict[str, Any]) -> None:
+        """Loop bundles (``loop:``): the step graph is confined like a segment; every fed-back output exists and
+        has its input's dtype, rank, fixed sizes and batch axis (else a step would feed the next a tensor it
+        cannot take); step inputs name an input with a known source; the gate names the step graph's outputs."""
+        lp = self.mapping(v, "loop")
+        unknown = set(lp) - set(LOOP_KEYS)
+        if unknown:
+            raise self.fail("loop", f"unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+        self.integer(self.key(lp, "steps", "loop"), "loop.steps", minimum=1)
+        if lp.get("file") is not None:
+            self.relpath(lp["file"], "loop.file")
+        for k in ("inputs", "outputs", "results"):
+            self.tensors(lp.get(k) or [], f"loop.{k}")
+        if lp.get("file") is None and (lp.get("outputs") or lp.get("inputs")):
+            raise self.fail("loop.file", "missing, yet the loop lists step graph inputs or outputs")
+        model_inputs = {t["name"]: t for t in d["inputs"]}
+        produced = {t["name"]: t for t in [*d["outputs"], *(lp.get("outputs") or [])]}
+        per_step = {si.get("input") for si in lp.get("step_inputs") or [] if isinstance(si, dict)}
+        readable = {**model_inputs, **produced}
+        for i, t in enumerate(lp.get("inputs") or []):
+            if t["name"] not in readable and t["name"] not in per_step:
+                raise self.fail(f"loop.inputs[{i}]", f"'{t['name']}' is neither a model input, a chain output nor "
+                                                     f"a step input")
+        fed: set[str] = set()
+        for i, pair in enumerate(self.seq(self.key(lp, "feedback", "loop"), "loop.feedback")):
+            path = f"loop.feedback[{i}]"
+            pair = self.mapping(pair, path)
+            out, inp = self.key(pair, "output", path), self.key(pair, "input", path)
+            self.string(out, f"{path}.output")
+            self.string(inp, f"{path}.input")
+            if out not in produced:
+                raise self.fail(f"{path}.output", f"'{out}' is neither a chain output nor an output of the step graph")
+            if inp not in model_inputs:
+                raise self.fail(f"{path}.input", f"'{inp}' is not a model input")
+            problem = feedback_mismatch(produced[out], model_inputs[inp])
+            if problem:
+                raise self.fail(path, f"fed-back output '{out}' does not fit input '{inp}' ({problem})")
+            fed.add(inp)
+        sources = ("step", "steps", "linspace")
+        for i, si in enumerate(self.seq(lp.get("step_inputs") or [], "loop.step_inputs")):
+            path = f"loop.step_inputs[{i}]"
+            si = self.mapping(si, path)
+            name = self.key(si, "input", path)
+            self.string(name, f"{path}.input")
+            if name not in model_inputs and name not in {t["name"] for t in lp.get("inputs") or []}:
+                raise self.fail(f"{path}.input", f"'{name}' is neither a model input nor a step graph input")
+            if name in fed:
+                raise self.fail(f"{path}.input", f"'{name}' is also fed back")
+            if si.get("source") not in sources:
+                raise self.fail(f"{path}.source", f"{_kind(si.get('source'))} is not one of {', '.join(sources)}")
+            for k in ("start", "end"):
+                if k in si:
+                    self.number(si[k], f"{path}.{k}")
+            if si.get("offset", 0) not in (0, 1):
+                raise self.fail(f"{path}.offset", f"{_kind(si.get('offset'))} is not 0 or 1")
+        if lp.get("gate") is not None:
+            self.gate(lp["gate"], "loop.gate", names.LOOP_GATE_KINDS)
+            outs = {t["name"] for t in lp.get("outputs") or []}
+            for k in ("output", "score_output"):
+                name = lp["gate"].get(k)
+                if name is not None and name not in outs:
+                    raise self.fail(f"loop.gate.{k}", f"'{name}' is not an output of the step graph")
+        self.string(lp.get("commit"), "loop.commit", optional=True)
+        if lp.get("commit") is not None and lp["commit"] not in produced:
+            raise self.fail("loop.commit", f"'{lp['commit']}' is neither a chain output nor an output of the step graph")
+        for i, t in enumerate(lp.get("results") or []):
+            if t["name"] not in produced:
+                raise self.fail(f"loop.results[{i}]", f"'{t['name']}' is neither a chain output nor an output of "
+                                                      f"the step graph")
 
     def references(self, seg: dict[str, Any], path: str, available: set[str]) -> None:
         """Names a segment uses must exist: its inputs come from the model or earlier segments' carried (or
@@ -425,6 +497,8 @@ class _Schema:
             self.mapping(d["heads"], "heads")
         if d.get("decoder") is not None:
             self.decoder(d["decoder"])
+        if d.get("loop") is not None:
+            self.loop(d["loop"], d)
         self.strings(d.get("notes") or [], "notes")
         files = self.mapping(d.get("files") or {}, "files")
         for rel, digest in files.items():
@@ -432,6 +506,26 @@ class _Schema:
             if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
                 raise self.fail(f"files['{_printable(rel)}']", f"expected a sha256 (64 hex digits), got "
                                                                f"{_kind(digest)}")
+
+
+LOOP_KEYS = ("steps", "file", "inputs", "outputs", "feedback", "step_inputs", "gate", "commit", "results")
+"""The keys of a manifest's ``loop:`` (docs/bundle-format.md, "Loops")."""
+
+
+def feedback_mismatch(out: dict[str, Any], inp: dict[str, Any]) -> str | None:
+    """Why tensor record ``out`` (a step output, as a manifest mapping) cannot be fed back as input ``inp``:
+    another dtype, rank, fixed size or batch axis; None when it can (symbolic sizes match anything)."""
+    if out["dtype"] != inp["dtype"]:
+        return f"dtype {out['dtype']} vs {inp['dtype']}"
+    a, b = list(out["shape"]), list(inp["shape"])
+    if len(a) != len(b):
+        return f"shape {a} vs {b}: rank {len(a)} vs {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if isinstance(x, int) and isinstance(y, int) and x != y:
+            return f"shape {a} vs {b}: axis {i} is {x} vs {y}"
+    if out.get("batch_axis") != inp.get("batch_axis"):
+        return f"batch axis {out.get('batch_axis')} vs {inp.get('batch_axis')}"
+    return None
 
 
 def validate_manifest(d: Any, where: str = MANIFEST) -> None:

@@ -382,15 +382,22 @@ def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> 
 @click.option("--max-input-bytes", type=click.IntRange(min=1), default=None,
               help="Input bytes held in memory at once (compressed arrays, casts); default "
                    "EECOMPILE_MAX_INPUT_BYTES or 8 GiB. Uncompressed arrays are streamed and do not count.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Loop bundles: the number of loop steps (default: the bundle's loop.steps).")
+@click.option("--loop-threshold", default=None,
+              help="Loop bundles: the loop gate's threshold, 'never' (run every step) or 'always'.")
 @_public_key_option
 @_user_errors
 def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | None, batch: int, backend: str,
-        threads: int | None, device: str, max_input_bytes: int | None, public_key: Path | None) -> None:
+        threads: int | None, device: str, max_input_bytes: int | None, steps: int | None,
+        loop_threshold: str | None, public_key: Path | None) -> None:
     """Run BUNDLE on the inputs in --data and write the outputs and each sample's exit."""
     from eecompile.io import run_file
 
     _check_signature(bundle, public_key)
-    options = {"device": device} if device != "cpu" else {}
+    options: dict[str, Any] = {"device": device} if device != "cpu" else {}
+    if steps is not None or loop_threshold is not None:
+        options = {**options, "steps": steps, "loop_threshold": loop_threshold}
     summary = run_file(bundle, data, output, policy=policy, thresholds=thresholds, batch_size=batch,
                        backend=backend, threads=threads, max_input_bytes=max_input_bytes, **options)
     click.echo(summary)

@@ -12,6 +12,7 @@
     fuse gates            passes/gates.py           FuseGatePass        } segment_passes()
     tidy                  passes/tidy.py            outputs, unused nodes, topological order, unread inputs
     describe              analysis/records.py       the manifest records
+    loop (spec.loop)      passes/loop.py            the step graph after the chain, with the loop gate
     verify                passes/verify.py          the chain with no exit equals the source model
     write atomically      write.py                  staging directory swapped into place
 
@@ -56,6 +57,7 @@ from eecompile.passes.batch_dynamic import BatchDynamicPass, InferShapesPass
 from eecompile.passes.extract_segments import ExtractedSegment, extract_segments
 from eecompile.passes.gates import FuseGatePass
 from eecompile.passes.load import load_model, opset_of
+from eecompile.passes.loop import LOOP_FILE, plan_loop
 from eecompile.passes.opset import ir_version_for, main_opset, raise_segment
 from eecompile.passes.tidy import SegmentOutputsPass, tidy_passes
 from eecompile.passes.verify import graph_tolerance, reference_outputs
@@ -187,12 +189,18 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
         models.append(model)
         infos.append(segment_info(pm, seg.index, model, info, seg.carried_out, plans[seg.index].nodes))
     manifest = manifest_for(pm, spec, final, axis, infos, __version__, notes)
+    extra = {}
+    if spec.loop is not None:  # an iterative model: the step graph and the loop record (passes/loop.py)
+        loop = plan_loop(spec.loop, manifest.inputs, manifest.outputs)
+        manifest.loop = loop.record
+        if loop.model is not None:
+            extra[LOOP_FILE] = loop.model
     # The reference runs before anything is written, while the source model is loaded anyway.
     carried = list(dict.fromkeys(n for s in infos for n in s.carried_out))
     reference = (reference_outputs(pm.model, [1, 4], per_sample=pm.batch_mode != "dynamic", dims=dims,
                                    carried=carried, tolerance=graph_tolerance(pm.model, len(infos) - 1, tolerance))
                  if verify else None)
-    return BundlePlan(manifest, models, [e.spec.head.file for e in exits], reference)
+    return BundlePlan(manifest, models, [e.spec.head.file for e in exits], reference, extra)
 
 
 def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPlan],

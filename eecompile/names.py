@@ -139,3 +139,19 @@ def is_exit_tensor(name: str | None) -> bool:
     """True for a tensor the compiler adds per sample at an exit: its output, score, gate or state
     (``ee{k}.out.*``, ``ee{k}.score``, ``ee{k}.gate``, ``ee{k}.state.*``; batch axis 0)."""
     return bool(name) and _EXIT_TENSOR.match(name or "") is not None
+
+
+LOOP_GATE_KINDS = ("logit_gap", "change", "score")
+"""Every loop gate kind a manifest's ``loop.gate`` may name (the spec's ``loop.gate.kind``; eecompile.spec)."""
+
+LOOP_GATE = f"{PREFIX}.loop.gate"
+"""Loop bundles: the step graph's output, bool [B], True where the sample's loop ends after this step."""
+
+LOOP_SCORE = f"{PREFIX}.loop.score"
+"""Loop bundles: the step graph's output, float32 [B], the value the loop gate compares with its threshold."""
+
+LOOP_THRESHOLD = f"{PREFIX}.loop.threshold"
+"""Loop bundles: the step graph's input, float32 scalar, the loop gate's threshold (fed at run time)."""
+
+LOOP_NODE_PREFIX = f"{PREFIX}.loop.gate/"
+"""The prefix of the node names of the loop gate in the step graph."""

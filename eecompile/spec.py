@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from eecompile import safe_yaml
+from eecompile import names, safe_yaml
 from eecompile.errors import SpecError
 
 
@@ -178,11 +178,203 @@ class Spec:
     exits: tuple[ExitSpec, ...]
     final: FinalSpec = FinalSpec()
     source: Path | None = None  # the spec file, when loaded from one
+    loop: LoopSpec | None = None  # an iterative model: the chain run repeatedly on its own state
 
     @property
     def thresholds(self) -> list[float]:
         """The default threshold of each early exit, in order."""
         return [e.gate.threshold for e in self.exits]
+
+
+# --------------------------------------------------------------------------------------------- loops
+
+LOOP_GATE_KINDS = names.LOOP_GATE_KINDS
+"""Gates that end a sample's loop after a step (see :class:`LoopGateSpec`)."""
+
+STEP_SOURCES = ("step", "steps", "linspace")
+"""Where the runtime takes a per-step input from (see :class:`StepInputSpec`)."""
+
+# Threshold ranges of the loop gates (inclusive); +inf is accepted as "never stop early".
+_LOOP_THRESHOLD_RANGE = {"logit_gap": (0.0, math.inf), "change": (0.0, math.inf),
+                         "score": (-math.inf, math.inf)}
+
+
+@dataclass(frozen=True)
+class StepInputSpec:
+    """A model (or step graph) input the runtime feeds at every step ``i`` of ``N`` (``N`` chosen at run time):
+
+    - ``step``: ``i`` (0-based);
+    - ``steps``: ``N``;
+    - ``linspace``: ``start + (end - start) * (i + offset) / N`` (``offset`` 0: the step's own time, 1: the next
+      step's), e.g. a diffusion time that goes from ``start`` at the first step to ``end`` after the last.
+
+    Integer inputs get the value rounded to the nearest integer; an input with a batch axis gets the same value
+    in every row."""
+
+    input: str
+    source: str
+    start: float = 0.0
+    end: float = 0.0
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class LoopGateSpec:
+    """The gate after each step that ends a sample's loop (one bool per sample, threshold a graph input):
+
+    - ``logit_gap`` (Prophet, Li et al. 2025, "Diffusion language models know the answer before decoding"): the
+      gap between the top-2 *logits* (not probabilities) of ``logits`` [B, T, V], averaged (``reduce: mean``,
+      default) or its minimum taken (``reduce: min``) over the positions still masked (``tokens`` [B, T] equal
+      to ``mask_id``) >= t; a sample with no masked position left always stops. t >= 0.
+    - ``change``: relative change of a fed-back state, ||new - old|| / ||old|| (L2 over each sample, ``of``
+      names the step output) <= t: the sampler has converged. t >= 0.
+    - ``score``: a step output (``output``, [B] or [B, 1]) that is itself the stopping score >= t.
+
+    NaN scores never stop a sample."""
+
+    kind: str
+    threshold: float
+    logits: str | None = None
+    tokens: str | None = None
+    mask_id: int | None = None
+    reduce: str = "mean"
+    of: str | None = None
+    output: str | None = None
+
+    @property
+    def fires_above(self) -> bool:
+        """True when the gate stops a sample whose score is >= the threshold (``change`` stops at <=)."""
+        return self.kind != "change"
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """An iterative model: the chain compiled from ``model`` (with its layer exits) runs ``steps`` times (the
+    default; chosen at run time), each step feeding ``feedback`` outputs back as inputs (output name -> input
+    name). ``step`` is an optional ONNX graph run after the chain at every step (a sampler's update, a diffusion
+    LM's unmasking), reading chain inputs, chain outputs and step inputs by name. ``inputs`` are fed by the
+    runtime at every step; ``gate`` (optional) ends a sample's loop early; its result is then the ``commit``
+    output of that step when given (e.g. every still-masked token filled at once), else the fed-back outputs."""
+
+    feedback: tuple[tuple[str, str], ...]
+    steps: int
+    step: Path | None = None
+    inputs: tuple[StepInputSpec, ...] = ()
+    gate: LoopGateSpec | None = None
+    commit: str | None = None
+
+
+def _choice(node: _Node, choices: tuple[str, ...], path: str, what: str) -> str:
+    """A string that must be one of ``choices``; SpecError naming ``path`` with the closest one otherwise."""
+    value = _string(node, path)
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(choices)}"
+        raise SpecError(f"{_at(path, node)}: unknown {what} '{_show(value)}'; {hint}")
+    return value
+
+
+def _parse_step_input(name: str, node: _Node, path: str) -> StepInputSpec:
+    if isinstance(node.value, str):
+        node = _Node({"source": node}, node.line)
+    m = _mapping(node, path)
+    _check_keys(node, ("source", "start", "end", "offset"), path)
+    if "source" not in m:
+        raise SpecError(f"{_at(path, node)}: missing 'source' (one of {', '.join(STEP_SOURCES)})")
+    source = _choice(m["source"], STEP_SOURCES, f"{path}.source", "step input source")
+    if source == "linspace":
+        for k in ("start", "end"):
+            if k not in m:
+                raise SpecError(f"{_at(path, node)}: source 'linspace' needs '{k}'")
+    elif any(k in m for k in ("start", "end", "offset")):
+        raise SpecError(f"{_at(path, node)}: 'start', 'end' and 'offset' belong to source 'linspace', not "
+                        f"'{source}'")
+    offset = 0
+    if "offset" in m:
+        v = m["offset"].value
+        if isinstance(v, bool) or v not in (0, 1):
+            raise SpecError(f"{_at(path + '.offset', m['offset'])}: offset is 0 (this step) or 1 (the next step), "
+                            f"got {_plain(v)!r}")
+        offset = int(v)
+    return StepInputSpec(name, source, _number(m["start"], f"{path}.start") if "start" in m else 0.0,
+                         _number(m["end"], f"{path}.end") if "end" in m else 0.0, offset)
+
+
+def _parse_loop_gate(node: _Node, path: str) -> LoopGateSpec:
+    m = _mapping(node, path)
+    _check_keys(node, ("kind", "threshold", "logits", "tokens", "mask_id", "reduce", "of", "output"), path)
+    if "kind" not in m:
+        raise SpecError(f"{_at(path, node)}: missing 'kind' (one of {', '.join(LOOP_GATE_KINDS)})")
+    kind = _choice(m["kind"], LOOP_GATE_KINDS, f"{path}.kind", "loop gate kind")
+    if "threshold" not in m:
+        raise SpecError(f"{_at(path, node)}: missing 'threshold'")
+    thr = _number(m["threshold"], f"{path}.threshold")
+    check_loop_threshold(kind, thr, _at(f"{path}.threshold", m["threshold"]))
+    needs = {"logit_gap": ("logits", "tokens", "mask_id"), "change": ("of",), "score": ("output",)}[kind]
+    for k in needs:
+        if k not in m:
+            raise SpecError(f"{_at(path, node)}: loop gate '{kind}' needs '{k}'")
+    extra = [k for k in ("logits", "tokens", "mask_id", "reduce", "of", "output")
+             if k in m and k not in needs and not (kind == "logit_gap" and k == "reduce")]
+    if extra:
+        raise SpecError(f"{_at(path + '.' + extra[0], m[extra[0]])}: '{extra[0]}' is not an option of loop gate "
+                        f"'{kind}' (it takes {', '.join(needs)})")
+    mask_id = None
+    if "mask_id" in m:
+        v = m["mask_id"].value
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SpecError(f"{_at(path + '.mask_id', m['mask_id'])}: expected the integer id of the mask token, "
+                            f"got {_plain(v)!r}")
+        mask_id = v
+    reduce = _string(m["reduce"], f"{path}.reduce") if "reduce" in m else "mean"
+    if reduce not in ("mean", "min"):
+        raise SpecError(f"{_at(path + '.reduce', m['reduce'])}: reduce is 'mean' or 'min', got '{_show(reduce)}'")
+    names = {k: _string(m[k], f"{path}.{k}") for k in ("logits", "tokens", "of", "output") if k in m}
+    return LoopGateSpec(kind, thr, mask_id=mask_id, reduce=reduce, **names)
+
+
+def check_loop_threshold(kind: str, value: float, where: str) -> None:
+    """Raise SpecError (naming ``where``) when ``value`` is NaN or outside loop gate ``kind``'s range."""
+    lo, hi = _LOOP_THRESHOLD_RANGE[kind]
+    if math.isnan(value) or not (lo <= value <= hi):
+        raise SpecError(f"{where}: threshold {value} is outside [{lo}, {hi}] for loop gate '{kind}'; give a value "
+                        f"in that range")
+
+
+def _parse_loop(node: _Node, base: Path) -> LoopSpec:
+    m = _mapping(node, "loop")
+    _check_keys(node, ("feedback", "steps", "step", "inputs", "gate", "commit"), "loop")
+    for k in ("feedback", "steps"):
+        if k not in m:
+            raise SpecError(f"{_at('loop', node)}: missing '{k}'")
+    fb = _mapping(m["feedback"], "loop.feedback")
+    if not fb:
+        raise SpecError(f"{_at('loop.feedback', m['feedback'])}: name at least one pair 'step output: input it "
+                        f"feeds at the next step'")
+    feedback = tuple((out, _string(v, f"loop.feedback.{_show(out)}")) for out, v in fb.items())
+    seen: dict[str, str] = {}
+    for out, inp in feedback:
+        if inp in seen:
+            raise SpecError(f"{_at(f'loop.feedback.{_show(out)}', fb[out])}: input '{_show(inp)}' is already fed "
+                            f"back from '{_show(seen[inp])}'; each input takes one output")
+        seen[inp] = out
+    steps_v = m["steps"].value
+    if isinstance(steps_v, bool) or not isinstance(steps_v, int) or steps_v < 1:
+        raise SpecError(f"{_at('loop.steps', m['steps'])}: expected a positive integer (the default step count; "
+                        f"`run --steps N` chooses another), got {_plain(steps_v)!r}")
+    step = base / _string(m["step"], "loop.step") if "step" in m else None
+    inputs: tuple[StepInputSpec, ...] = ()
+    if "inputs" in m:
+        im = _mapping(m["inputs"], "loop.inputs")
+        inputs = tuple(_parse_step_input(name, v, f"loop.inputs.{_show(name)}") for name, v in im.items())
+        for si in inputs:
+            if si.input in seen:
+                raise SpecError(f"{_at(f'loop.inputs.{_show(si.input)}', im[si.input])}: '{_show(si.input)}' is "
+                                f"fed back from '{_show(seen[si.input])}'; an input is fed back or fed per step, "
+                                f"not both")
+    gate = _parse_loop_gate(m["gate"], "loop.gate") if "gate" in m else None
+    commit = _string(m["commit"], "loop.commit") if "commit" in m else None
+    return LoopSpec(feedback=feedback, steps=int(steps_v), step=step, inputs=inputs, gate=gate, commit=commit)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -386,11 +578,14 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
         raise SpecError(f"{where}:{line} unsupported YAML ({_show(problem)}); use plain mappings, lists and "
                         f"scalars, without tags") from e
     m = _mapping(top, "spec")
-    _check_keys(top, ("model", "exits", "final"), "")
+    _check_keys(top, ("model", "exits", "final", "loop"), "")
     if "model" not in m:
         raise SpecError(f"{where}: missing 'model' (the path of the ONNX model, relative to the spec)")
     model = base / _string(m["model"], "model")
-    if "exits" not in m or not isinstance(m["exits"].value, list) or not m["exits"].value:
+    loop = _parse_loop(m["loop"], base) if "loop" in m else None
+    if loop is not None and "exits" not in m:
+        m["exits"] = _Node([], top.line)  # a loop needs no layer exits: its gate ends the loop
+    if "exits" not in m or not isinstance(m["exits"].value, list) or (not m["exits"].value and loop is None):
         raise SpecError(f"{_at('exits', m.get('exits'))}: 'exits' must be a non-empty list of exits")
     exits = tuple(_parse_exit(node, f"exits[{i}]", base) for i, node in enumerate(m["exits"].value))
     seen: dict[str, int] = {}
@@ -439,7 +634,7 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
                         f"change between consecutive exits' features)")
         final = FinalSpec(output=out, class_axis=axis, drop=drop, task=task)
     _check_head_scores(exits, m["exits"].value, final.task)
-    return Spec(model=model, exits=exits, final=final, source=source)
+    return Spec(model=model, exits=exits, final=final, source=source, loop=loop)
 
 
 def _check_head_scores(exits: tuple[ExitSpec, ...], nodes: list[_Node], task: str) -> None:

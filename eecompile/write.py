@@ -163,6 +163,7 @@ class BundlePlan:
     models: list[ir.Model]  # one per segment, in order
     head_sources: list[Path | None]  # head files to keep in heads/exit{k}.onnx
     reference: Reference | None  # the unsplit model's outputs, for verify (None: --no-verify)
+    extra: dict[str, ir.Model] = field(default_factory=dict)  # other graphs by bundle path (a loop's step graph)
 
 
 def write_bundle(output: Path, plan: BundlePlan, engines: bool = False) -> None:
@@ -189,6 +190,14 @@ def write_bundle(output: Path, plan: BundlePlan, engines: bool = False) -> None:
             except onnx.checker.ValidationError as e:
                 raise GraphError(f"segment {k} is not a valid ONNX model ({str(e).splitlines()[0]}); "
                                  f"this is a bug in the split, please report it with the model") from e
+        for rel, model in plan.extra.items():
+            save_segment(model, tmp / rel)
+            try:
+                onnx.checker.check_model(str(tmp / rel))
+            except onnx.checker.ValidationError as e:
+                raise GraphError(f"{rel} is not a valid ONNX model ({str(e).splitlines()[0]}); this is a bug, "
+                                 f"please report it with the model") from e
+        plan.extra.clear()
         # The in-memory graphs hold (memory-mapped) source weights: release them before the segments load.
         plan.models.clear()
         gc.collect()

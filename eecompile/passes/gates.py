@@ -358,6 +358,32 @@ def build_gate(
     return GateResult(gate=gate, score=score, threshold=thr, state_inputs=res_state_in, state_outputs=res_state_out)
 
 
+def logit_gap_score(ops: Ops, logits: ir.Value, masked: ir.Value, reduce: str = "mean") -> ir.Value:
+    """Prophet's early-commit score (Li et al. 2025, "Diffusion language models know the answer before
+    decoding"): the gap between the top-2 *logits* (not probabilities) at each position of ``logits``
+    (float [B, T, V]), reduced over the positions where ``masked`` (bool [B, T]) is True: their mean
+    (``reduce="mean"``) or their minimum (``"min"``). Returns float32 [B]; +inf for a sample with no masked
+    position left (nothing remains to decide), NaN where a masked position's logits are NaN/Inf (never fires).
+    A loop gate (``loop.gate.kind: logit_gap``) compares it with its threshold: >= t commits."""
+    x = ops.cast_float(logits)
+    top = ops.topk(x, 2)
+    gap = ops.op("Sub", [ops.op("Gather", [top, ops.const(np.array(0, dtype=np.int64))], {"axis": 2}),
+                         ops.op("Gather", [top, ops.const(np.array(1, dtype=np.int64))], {"axis": 2})])
+    # inf - inf is NaN: a position with non-finite logits poisons its sample's score.
+    nonfinite = ops.op("Mul", [ops.reduce("ReduceSum", x, [2]), ops.const(np.array(0.0, dtype=np.float32))])
+    gap = ops.op("Add", [gap, nonfinite])
+    inf = ops.const(np.array(np.inf, dtype=np.float32))
+    count = ops.reduce("ReduceSum", ops.cast_float(masked), [1])
+    none_left = ops.op("Equal", [count, ops.const(np.array(0.0, dtype=np.float32))])
+    if reduce == "min":
+        raw = ops.reduce("ReduceMin", ops.op("Where", [masked, gap, inf]), [1])
+    else:
+        zero = ops.const(np.array(0.0, dtype=np.float32))
+        total = ops.reduce("ReduceSum", ops.op("Where", [masked, gap, zero]), [1])
+        raw = ops.op("Div", [total, ops.op("Max", [count, ops.const(np.array(1.0, dtype=np.float32))])])
+    return ops.op("Where", [none_left, inf, raw])
+
+
 class FuseGatePass(ir.passes.InPlacePass):
     """Fuse exit ``k``'s gate into its segment, reading the exit logits that ``head`` (the segment's
     :class:`~eecompile.passes.attach_heads.AttachHeadPass`, run before) made.

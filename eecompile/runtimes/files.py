@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from eecompile.bundle import Bundle
 from eecompile.errors import DataError
 from eecompile.runtimes.base import resolve_thresholds
 from eecompile.runtimes.chain import EarlyExitRunner
@@ -26,7 +27,7 @@ Progress = Callable[[int], AbstractContextManager[Callable[[], None]]]
 def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: str = "compact",
             thresholds: str | None = None, batch_size: int = 32, backend: str = "onnxruntime",
             threads: int | None = None, progress: Progress | None = None, max_input_bytes: int | None = None,
-            **backend_options: Any) -> str:
+            steps: int | None = None, loop_threshold: str | None = None, **backend_options: Any) -> str:
     """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index`` int64 [N]; with policy
     ``never`` also ``exit{k}.{name}`` for every exit and ``gate_masks`` bool [K-1, N]). Returns a one-line summary.
 
@@ -37,7 +38,8 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
     :func:`~eecompile.runtimes.base.resolve_thresholds`. ``batch_size``: samples per runner call. ``progress``:
     called with the number of batches, returns a context manager yielding a per-batch callback.
     ``max_input_bytes``: cap on input bytes held in memory at once (arrays that cannot be streamed; default
-    ``EECOMPILE_MAX_INPUT_BYTES`` or 8 GiB). Raises :class:`DataError` for unreadable data or an unwritable
+    ``EECOMPILE_MAX_INPUT_BYTES`` or 8 GiB). A loop bundle (``manifest.loop``) runs through
+    :func:`eecompile.runtimes.loop.run_loop_npz` (``steps``, ``loop_threshold``; its results and ``steps``). Raises :class:`DataError` for unreadable data or an unwritable
     output (checked before anything runs), and whatever :meth:`EarlyExitRunner.run` raises."""
     if batch_size < 1:
         raise DataError(f"--batch must be >= 1, got {batch_size}")
@@ -52,7 +54,17 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
     if not os.access(output.parent, os.W_OK):  # say so before running every batch, not after
         raise DataError(f"{output}: cannot write there ({output.parent} is not writable); choose another -o path")
     options: dict[str, Any] = dict(backend_options) if threads is None else {**backend_options, "threads": threads}
-    with EarlyExitRunner(bundle, backend=backend, **options) as runner:
+    loaded = Bundle.load(bundle) if not isinstance(bundle, Bundle) else bundle
+    if loaded.manifest.loop is not None:
+        from eecompile.runtimes.loop import run_loop_npz
+
+        return run_loop_npz(loaded, data, output, policy=policy, thresholds=thresholds, batch_size=batch_size,
+                            backend=backend, progress=progress, max_input_bytes=max_input_bytes, steps=steps,
+                            loop_threshold=loop_threshold, **options)
+    if steps is not None or loop_threshold is not None:
+        raise DataError(f"{loaded.path}: --steps and --loop-threshold are for loop bundles (compiled from a spec "
+                        f"with 'loop:'); this bundle runs its chain once")
+    with EarlyExitRunner(loaded, backend=backend, **options) as runner:
         thr = runner.resolve(None) if thresholds is None else resolve_thresholds(
             runner.manifest.exits, parse_threshold_list(thresholds), where="--thresholds")
         out_axes = {t.name: (t.batch_axis or 0) for t in runner.manifest.outputs}

@@ -1,0 +1,325 @@
+"""The loop driver: a loop bundle's chain run N times on its own state, each sample stopping on its own.
+
+    runner = LoopRunner("sampler.eebundle")                 # chain sessions and the step graph loaded once
+    res = runner.run({"x": noise}, steps=20)                 # N chosen at run time (default: the manifest's)
+    res.outputs["x_next"], res.steps, res.step_counts, res.exit_counts
+
+One step is the bundle's segment chain (:class:`~eecompile.runtimes.chain.EarlyExitRunner`, with its layer exits
+and compaction), then the step graph (``manifest.loop.file``: the user's update and the loop gate). After each
+step the loop gate says, per sample, that its loop ends: that sample's result is the step's ``commit`` output
+when the loop has one, else its fed-back outputs, and with policy ``compact`` it leaves the batch (every tensor
+of the next step is gathered to the rows still running, exactly as between segments). A sample that never
+stops ends after step N. Fed-back outputs become the next step's inputs; per-step inputs are filled from their
+source (``step``: i, ``steps``: N, ``linspace``: ``start + (end - start) * (i + offset) / N``). The weights are
+those of the one chain whatever N.
+
+Policies: ``compact`` (stopped samples leave; the chain inside compacts too), ``wait-all`` (the batch stays whole
+until every sample has stopped; results are taken at each sample's own stop; the chain runs wait-all), ``never``
+(every sample runs N steps; the loop gate is recorded per step in ``gate_scores``/``gate_masks``; results as
+``compact`` would give them). The step graph runs on ONNX Runtime (CPU); the chain on the runner's backend.
+Imports numpy, the bundle module and the runtime's own modules only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eecompile.bundle import Bundle, TensorInfo
+from eecompile.errors import BackendError, BundleError, DataError
+from eecompile.runtimes.base import (
+    ResolvedThresholds,
+    Threshold,
+    check_feeds,
+    check_policy,
+    check_threshold,
+)
+from eecompile.runtimes.chain import EarlyExitRunner, SegmentBackend
+
+__all__ = ["LoopResult", "LoopRunner", "run_loop_npz", "step_value"]
+
+
+@dataclass
+class LoopResult:
+    """The outcome of one :meth:`LoopRunner.run` call (B samples, N steps, K exits in the chain)."""
+
+    outputs: dict[str, np.ndarray]
+    """``manifest.loop.results`` name -> one row per sample (input order): the fed-back outputs (and the commit
+    output) of the step at which the sample stopped."""
+    steps: np.ndarray
+    """int64 [B]: the steps each sample ran (1..N)."""
+    step_counts: np.ndarray
+    """int64 [N]: samples whose loop ended after step i."""
+    exit_counts: np.ndarray
+    """int64 [N, K]: per step, the samples that left the chain at each of its exits."""
+    batch_sizes: list[int]
+    """Rows each step ran (compaction makes them shrink)."""
+    gate_masks: np.ndarray | None = None
+    """Policy ``never``: bool [N, B], the loop gate's own decision after each step."""
+    gate_scores: np.ndarray | None = None
+    """Policy ``never``: float32 [N, B], the loop gate's score after each step."""
+
+    @property
+    def n_samples(self) -> int:
+        """B, the number of samples of the call."""
+        return int(self.steps.shape[0])
+
+
+def step_value(source: Mapping[str, Any], i: int, n: int) -> float:
+    """The value of per-step input ``source`` (a ``manifest.loop.step_inputs`` record) at step ``i`` of ``n``."""
+    kind = source["source"]
+    if kind == "step":
+        return float(i)
+    if kind == "steps":
+        return float(n)
+    start, end = float(source.get("start", 0.0)), float(source.get("end", 0.0))
+    return start + (end - start) * (i + int(source.get("offset", 0))) / n
+
+
+class LoopRunner:
+    """Runs a loop bundle (``manifest.loop``). Create once, call :meth:`run` many times.
+
+    ``bundle_or_path``: a :class:`~eecompile.bundle.Bundle` or a bundle path. ``backend`` and ``options`` go to
+    the chain's :class:`~eecompile.runtimes.chain.EarlyExitRunner` (``threads`` also sizes the step graph's
+    session). Raises :class:`BundleError` for a bundle without a loop, :class:`BackendError` when a session
+    cannot be made."""
+
+    def __init__(self, bundle_or_path: Bundle | str | Path, backend: str | SegmentBackend = "onnxruntime",
+                 **options: Any) -> None:
+        self.bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else Bundle.load(bundle_or_path)
+        m = self.manifest = self.bundle.manifest
+        if m.loop is None:
+            raise BundleError(f"{self.bundle.path}: not a loop bundle (no 'loop' in the manifest); run it with "
+                              f"eecompile.load(...).run")
+        lp = self.loop = m.loop
+        self.chain = EarlyExitRunner(self.bundle, backend=backend, **options)
+        self.default_steps = int(lp["steps"])
+        self.step_inputs = list(lp.get("step_inputs") or [])
+        fed_by_step = {s["input"] for s in self.step_inputs}
+        self.feedback = [(p["output"], p["input"]) for p in lp["feedback"]]
+        self.inputs: list[TensorInfo] = [t for t in m.inputs if t.name not in fed_by_step]
+        """The inputs a caller gives: model inputs not fed per step (fed-back inputs take their first value)."""
+        self.results = [TensorInfo.from_dict(t) for t in lp.get("results") or []]
+        self.commit: str | None = lp.get("commit")
+        self.gate = lp.get("gate")
+        self._axis: dict[str, int | None] = {t.name: t.batch_axis for t in m.inputs}
+        self._axis.update({t.name: (t.batch_axis or 0) for t in m.outputs})
+        self._step_info = {t["name"]: TensorInfo.from_dict(t) for t in lp.get("inputs") or []}
+        for t in lp.get("outputs") or []:
+            self._axis[t["name"]] = t.get("batch_axis")
+        self._axis.update({name: t.batch_axis for name, t in self._step_info.items()})
+        self._step_outputs: list[str] = [t["name"] for t in lp.get("outputs") or []]
+        self._session = None
+        if lp.get("file"):
+            from eecompile.runtimes.sessions import import_onnxruntime, session_options
+
+            ort = import_onnxruntime()
+            path = self.bundle.verify_file(lp["file"])
+            try:
+                self._session = ort.InferenceSession(str(path), session_options(options.get("threads")),
+                                                     providers=["CPUExecutionProvider"])
+            except Exception as e:
+                raise BackendError(f"{path}: ONNX Runtime cannot load the loop's step graph "
+                                   f"({str(e).splitlines()[0]}); recompile the bundle") from e
+            self._session_inputs = [i.name for i in self._session.get_inputs()]
+
+    # --- arguments ------------------------------------------------------------------------------------
+    def _loop_setting(self, loop_threshold: Threshold | None) -> tuple[float, str | None]:
+        if self.gate is None:
+            if loop_threshold not in (None, "never"):
+                raise DataError("loop_threshold: this loop has no gate (every sample runs every step); leave it "
+                                "unset")
+            return 0.0, "never"
+        if loop_threshold is None:
+            return float(self.gate["threshold"]), None
+        if loop_threshold in ("never", "always"):
+            return float(self.gate["threshold"]), str(loop_threshold)
+        try:
+            v = float(loop_threshold)
+        except (TypeError, ValueError):
+            raise DataError(f"loop_threshold: {loop_threshold!r} is neither a number nor 'never'/'always'") from None
+        return check_threshold(self.gate["kind"], v, "loop_threshold"), None
+
+    def _steps(self, steps: int | None) -> int:
+        n = self.default_steps if steps is None else steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise DataError(f"steps: expected a positive integer (the number of loop steps), got {steps!r}")
+        return int(n)
+
+    def _fill(self, source: Mapping[str, Any], i: int, n: int, m: int) -> np.ndarray:
+        name = source["input"]
+        t = next((t for t in self.manifest.inputs if t.name == name), None) or self._step_info[name]
+        v = step_value(source, i, n)
+        dtype = np.dtype(t.dtype)
+        if dtype.kind in "iu":
+            v = float(np.rint(v))
+        shape = [m if j == t.batch_axis else int(d) for j, d in enumerate(t.shape)]  # type: ignore[arg-type]
+        return np.full(shape, v, dtype=dtype)
+
+    # --- running --------------------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, np.ndarray], steps: int | None = None,
+            thresholds: None | Threshold | Sequence[Threshold | None] | ResolvedThresholds = None,
+            loop_threshold: Threshold | None = None, policy: str = "compact") -> LoopResult:
+        """Run the loop on one batch.
+
+        ``feeds``: the inputs of :attr:`inputs` (the model inputs not fed per step; a fed-back input gets its
+        first step's value, e.g. the initial noise or the all-mask sequence). ``steps``: N (default: the
+        manifest's ``loop.steps``). ``thresholds``: the chain's layer exits, as
+        :meth:`EarlyExitRunner.run` takes them (the same at every step). ``loop_threshold``: None (the bundle's),
+        a number, ``"never"`` (no sample stops before step N) or ``"always"`` (every sample stops after step 1).
+        ``policy``: ``compact``, ``wait-all`` or ``never`` (see the module docstring).
+
+        Returns a :class:`LoopResult`. Raises :class:`DataError` (feeds, steps, loop_threshold),
+        :class:`~eecompile.errors.ThresholdError` (thresholds), :class:`SpecError` (policy),
+        :class:`BackendError` (a session failed)."""
+        check_policy(policy)
+        n_steps = self._steps(steps)
+        thr = self.chain.resolve(thresholds)
+        value, override = self._loop_setting(loop_threshold)
+        state, b = check_feeds(self.inputs, feeds)
+        state = dict(state)
+        k_all = self.chain.n_exits
+        inner = "wait-all" if policy == "wait-all" else "compact"
+        compact = policy == "compact"
+        record = policy == "never"
+        active = np.arange(b)
+        done = np.zeros(b, dtype=bool)
+        taken = np.full(b, n_steps, dtype=np.int64)
+        step_counts = np.zeros(n_steps, dtype=np.int64)
+        exit_counts = np.zeros((n_steps, k_all), dtype=np.int64)
+        masks = np.zeros((n_steps, b), dtype=bool) if record else None
+        scores = np.full((n_steps, b), np.nan, dtype=np.float32) if record else None
+        results: dict[str, np.ndarray] = {}
+        sizes: list[int] = []
+        for i in range(n_steps):
+            m = len(active) if compact else b
+            sizes.append(m)
+            per_step = {s["input"]: self._fill(s, i, n_steps, m) for s in self.step_inputs}
+            chain_feeds = {t.name: (per_step[t.name] if t.name in per_step else state[t.name])
+                           for t in self.manifest.inputs}
+            r = self.chain.run(chain_feeds, thresholds=thr, policy=inner)
+            exit_counts[i] = r.exit_counts
+            tensors: dict[str, np.ndarray] = {**chain_feeds, **per_step, **r.outputs}
+            fire = self._run_step_graph(tensors, value, m)
+            if record and fire is not None:
+                assert masks is not None and scores is not None
+                masks[i] = fire
+                scores[i] = tensors[self.gate["score_output"]]  # type: ignore[index]
+            if override == "never" or fire is None:
+                fire = np.zeros(m, dtype=bool)
+            elif override == "always":
+                fire = np.ones(m, dtype=bool)
+            if i == n_steps - 1:
+                fire = np.ones(m, dtype=bool)
+            if not compact:
+                fire = fire & ~done
+            rows = np.flatnonzero(fire)
+            if rows.size:
+                dest = active[rows] if compact else rows
+                self._scatter(tensors, rows, dest, b, results)
+                taken[dest] = i + 1
+                step_counts[i] = rows.size
+                done[dest] = True
+            if done.all() and not record:
+                break
+            nxt = {inp: tensors[out] for out, inp in self.feedback}
+            state.update(nxt)
+            if compact and rows.size:
+                keep = np.flatnonzero(~fire)
+                active = active[keep]
+                state = {name: (a if self._axis.get(name) is None else np.take(a, keep, axis=self._axis[name]))
+                         for name, a in state.items()}
+        outputs = {t.name: results[t.name] for t in self.results}
+        return LoopResult(outputs, taken, step_counts, exit_counts, sizes, gate_masks=masks, gate_scores=scores)
+
+    def _run_step_graph(self, tensors: dict[str, np.ndarray], value: float, m: int) -> np.ndarray | None:
+        """Run the step graph on this step's tensors (adding its outputs to ``tensors``); the loop gate's mask."""
+        if self._session is None:
+            return None
+        feeds = {name: (np.array(value, dtype=np.float32) if self.gate is not None
+                        and name == self.gate["threshold_input"] else tensors[name])
+                 for name in self._session_inputs}
+        try:
+            outs = self._session.run(self._step_outputs, feeds)
+        except Exception as e:
+            raise BackendError(f"{self.loop['file']}: the loop's step graph failed ({str(e).splitlines()[0]})") from e
+        tensors.update(zip(self._step_outputs, outs, strict=True))
+        if self.gate is None:
+            return None
+        mask = np.asarray(tensors[self.gate["output"]]).astype(bool, copy=False)
+        if mask.shape != (m,):
+            raise BackendError(f"{self.loop['file']}: the loop gate has shape {list(mask.shape)}, expected [{m}]; "
+                               f"recompile the bundle")
+        return mask
+
+    def _scatter(self, tensors: dict[str, np.ndarray], rows: np.ndarray, dest: np.ndarray, b: int,
+                 results: dict[str, np.ndarray]) -> None:
+        """The stopping rows' results into ``results[name][dest]`` (each on its own batch axis)."""
+        for t in self.results:
+            x = tensors[t.name]
+            axis = t.batch_axis or 0
+            out = results.get(t.name)
+            if out is None:
+                shape = list(x.shape)
+                shape[axis] = b
+                out = results[t.name] = np.zeros(shape, dtype=x.dtype)
+            index: list[Any] = [slice(None)] * x.ndim
+            index[axis] = dest
+            out[tuple(index)] = np.take(x, rows, axis=axis)
+
+    def close(self) -> None:
+        """Release the chain's backend; later :meth:`run` calls raise :class:`BackendError`."""
+        self.chain.close()
+        self._session = None
+
+    def __enter__(self) -> LoopRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_loop_npz(bundle: Bundle, data: str | Path, output: str | Path, policy: str = "compact",
+                 thresholds: str | None = None, batch_size: int = 32, backend: str = "onnxruntime",
+                 progress: Any = None, max_input_bytes: int | None = None, steps: int | None = None,
+                 loop_threshold: str | None = None, **options: Any) -> str:
+    """``eecompile run`` on a loop bundle: OUT.npz holds each of ``manifest.loop.results`` (one row per sample)
+    and ``steps`` (int64 [N], the steps each sample ran); batch by batch, written atomically. ``loop_threshold``:
+    a number, ``never`` or ``always`` (text, as the CLI gives it). Returns the one-line summary. Raises what
+    :meth:`LoopRunner.run` and :class:`~eecompile.runtimes.data.NpzBatches` raise."""
+    from contextlib import nullcontext
+
+    from eecompile.runtimes.data import NpzBatches, NpzWriter
+    from eecompile.runtimes.files import parse_threshold_list
+
+    output = Path(output)
+    with LoopRunner(bundle, backend=backend, **options) as runner:
+        thr = runner.chain.resolve(None) if thresholds is None else runner.chain.resolve(
+            parse_threshold_list(thresholds))
+        n_steps = runner._steps(steps)
+        with NpzBatches(data, runner.inputs, max_bytes=max_input_bytes) as dataset:
+            n = len(dataset)
+            taken = np.zeros(n_steps + 1, dtype=np.int64)
+            writer = NpzWriter(output, n)
+            try:
+                ctx = progress(-(-n // batch_size)) if progress is not None else nullcontext(lambda: None)
+                with ctx as advance:
+                    for feeds in dataset.batches(batch_size):
+                        r = runner.run(feeds, steps=n_steps, thresholds=thr, loop_threshold=loop_threshold,
+                                       policy=policy)
+                        for t in runner.results:
+                            writer.append(t.name, r.outputs[t.name], t.batch_axis or 0)
+                        writer.append("steps", r.steps)
+                        taken += np.bincount(r.steps, minlength=n_steps + 1)
+                        advance()
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+    mean = float((np.arange(n_steps + 1) * taken).sum()) / max(n, 1)
+    return (f"{n} samples -> {output}: {mean:.2f} of {n_steps} steps on average, "
+            f"{100.0 * taken[n_steps] / max(n, 1):.1f}% ran every step")
