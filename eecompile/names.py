@@ -39,7 +39,7 @@ STATE_SURVIVAL = "survival"
 STATE_KINDS = (STATE_ARGMAX, STATE_COUNT, STATE_HIDDEN, STATE_OUTPUT, STATE_SURVIVAL)
 """The state tensors a gate can hand to the next exit (``ee{k}.state.{kind}``)."""
 
-GATE_KINDS = ("max_prob", "entropy", "margin", "patience", "saturation", "score")
+GATE_KINDS = ("max_prob", "entropy", "margin", "patience", "saturation", "score", "change", "q_exit")
 """Every gate kind a manifest may name: the values of :class:`eecompile.spec.GateKind` (a test keeps the two
 equal). A bundle naming another kind is refused on load: its runtime would not know the threshold's range."""
 

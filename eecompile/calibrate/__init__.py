@@ -202,6 +202,8 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
                      "manifest's source_model says; onnxruntime backend only): speedups are against running "
                      "every segment")
     never = never_setting(table)
+    if table.shared:
+        notes.append("every gate is a Q-exit: one threshold q, shared by all exits, was searched")
     ltt: LTTResult | None = None
     sr: SearchResult | None = None
     uncertified: list[float] | None = None

@@ -23,13 +23,16 @@ class ExitTable:
 
     ``scores[e, n]``: gate value of early exit ``e`` (E early exits); ``correct[k, n]``: exit ``k``'s answer
     matches the reference (K = E + 1 exits, the final exit last); ``fires_above[e]``: the gate fires on
-    large values; ``has_labels``: the reference is the labels (else the final exit's answer).
+    large values; ``has_labels``: the reference is the labels (else the final exit's answer); ``shared``:
+    every exit takes one threshold (PALBERT's Q-exit: one q for the cumulative halting probability), so the
+    searches move all thresholds together.
     """
 
     scores: np.ndarray
     correct: np.ndarray
     fires_above: list[bool]
     has_labels: bool = False
+    shared: bool = False
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64)
@@ -57,7 +60,8 @@ class ExitTable:
 
     def subset(self, rows: np.ndarray) -> ExitTable:
         """The table restricted to sample ``rows`` (an index or boolean array over N)."""
-        return ExitTable(self.scores[:, rows], self.correct[:, rows], list(self.fires_above), self.has_labels)
+        return ExitTable(self.scores[:, rows], self.correct[:, rows], list(self.fires_above), self.has_labels,
+                         self.shared)
 
 
 def correctness(preds: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
@@ -124,7 +128,7 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
     class indices, or None to compare every exit with the final exit. ``runner``: the
     :class:`~eecompile.runtimes.chain.EarlyExitRunner` to use (its backend decides where the scores are
     computed); by default one on ONNX Runtime, closed at the end. Returns an :class:`ExitTable` with
-    float64 ``scores [E, N]`` and bool ``correct [E + 1, N]``. Raises BundleError when an exit has no gate
+    float64 ``scores [E, N]`` and bool ``correct [E + 1, N]``, ``shared`` when every gate is a Q-exit. Raises BundleError when an exit has no gate
     score output, DataError when the labels do not match the predictions.
 
     ``error_budget`` (regression outputs, no class axis): an exit is "correct" for a sample when its output's
@@ -179,8 +183,9 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
             runner.close()
     assert preds is not None
     correct = preds if error_budget is not None else correctness(preds, labels)
-    fires = [GateKind(s.exit.gate.kind).fires_above for s in m.segments[:-1] if s.exit.gate is not None]
-    return ExitTable(scores, correct, fires, has_labels=labels is not None)
+    kinds = [GateKind(s.exit.gate.kind) for s in m.segments[:-1] if s.exit.gate is not None]
+    shared = len(kinds) > 1 and all(k == GateKind.Q_EXIT for k in kinds)  # one q for every Q-exit (PALBERT)
+    return ExitTable(scores, correct, [k.fires_above for k in kinds], has_labels=labels is not None, shared=shared)
 
 
 def _batch_first(pred: np.ndarray, batch_axis: int, class_axis: int, ndim: int) -> np.ndarray:

@@ -120,6 +120,14 @@ def candidate_thresholds(scores: np.ndarray, above: bool, n: int = 64) -> list[f
     return [never_threshold(above), *[float(q) for q in qs]]
 
 
+def shared_candidates(table: ExitTable, n: int = 64) -> list[float]:
+    """Candidates for one threshold shared by every exit (``table.shared``), strict to loose: quantiles of all
+    exits' scores pooled (the gates must fire the same way)."""
+    if len(set(table.fires_above)) > 1:
+        raise CalibrationError("a shared threshold needs gates that fire the same way (all on large values)")
+    return candidate_thresholds(table.scores.reshape(-1), table.fires_above[0], 2 * n)[1:]
+
+
 def _risk_fn(table: ExitTable, risk: str) -> Callable[[np.ndarray], float]:
     full = table.correct[-1]
     cols = np.arange(table.n_samples)
@@ -139,7 +147,8 @@ def search_thresholds(table: ExitTable, costs: Costs, max_drop: float, *, n_cand
     ``risk``: ``drop`` (final accuracy minus chain accuracy) or ``loss`` (share the final exit gets right and
     the chain wrong; what the bounds certify). Coordinate descent over ``n_candidates`` score quantiles per
     exit, started from "no exit fires" and from the best point of a shared-quantile path; the cheaper result
-    wins. Returns E thresholds (every gate "never" when nothing else fits). Raises CalibrationError when
+    wins. A ``table.shared`` table (Q-exit gates) gets one threshold for every exit: the cheapest of
+    :func:`shared_candidates` within budget. Returns E thresholds (every gate "never" when nothing else fits). Raises CalibrationError when
     ``costs`` does not have E + 1 entries.
     """
     e = table.n_early
@@ -149,6 +158,14 @@ def search_thresholds(table: ExitTable, costs: Costs, max_drop: float, *, n_cand
     if e == 0 or table.n_samples == 0:
         return [never_threshold(a) for a in table.fires_above]
     risk_of = _risk_fn(table, risk)
+    if table.shared:  # one threshold for every exit: the cheapest shared candidate within budget
+        best, best_cost = never_setting(table), float(c[-1])
+        for t in shared_candidates(table, n_candidates):
+            idx = assign_exits(table.scores, [t] * e, table.fires_above)
+            cost = float(c[idx].mean())
+            if risk_of(idx) <= max_drop + 1e-12 and cost < best_cost - 1e-12:
+                best, best_cost = [t] * e, cost
+        return best
     cands = [candidate_thresholds(table.scores[k], table.fires_above[k], n_candidates) for k in range(e)]
     # Every candidate's firing mask is computed once; an evaluation is then an argmax over E + 1 rows.
     masks = [[np.zeros(table.n_samples, bool) if math.isinf(t) else _fires(table.scores[k], t, table.fires_above[k])
@@ -261,7 +278,8 @@ def threshold_path(table: ExitTable, costs: Costs, *, n_candidates: int = 64, ma
     that exit), the exit that saves the most expected cost per loss it adds on ``table``; every threshold only
     ever loosens, so the settings are ordered strict to loose. Stops when every exit is at its loosest or the
     loss on ``table`` passes ``max_loss``; at most ``max_points`` settings (evenly thinned). "No exit fires"
-    itself is not on the path (it is always safe; certifying it says nothing).
+    itself is not on the path (it is always safe; certifying it says nothing). A ``table.shared`` table gets
+    one threshold for every exit, the path running over :func:`shared_candidates`.
     """
     e, n = table.n_early, table.n_samples
     c = np.asarray(costs, dtype=np.float64)
@@ -269,6 +287,16 @@ def threshold_path(table: ExitTable, costs: Costs, *, n_candidates: int = 64, ma
         raise CalibrationError(f"costs has {c.size} entries; it needs one per exit ({e + 1})")
     if e == 0 or n == 0:
         return []
+    if table.shared:  # one threshold for every exit: the shared candidates are already ordered strict to loose
+        path = []
+        for t in shared_candidates(table, n_candidates):
+            path.append([t] * e)
+            if evaluate(table, path[-1], c).loss > max_loss:
+                break
+        if len(path) > max_points:
+            keep = np.unique(np.round(np.linspace(0, len(path) - 1, max_points)).astype(int))
+            path = [path[i] for i in keep]
+        return path
     cands = [candidate_thresholds(table.scores[k], table.fires_above[k], n_candidates) for k in range(e)]
     masks = [[np.zeros(n, bool) if math.isinf(t) else _fires(table.scores[k], t, table.fires_above[k])
               for t in cands[k]] for k in range(e)]
