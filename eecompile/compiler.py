@@ -105,7 +105,7 @@ def prepare(path: str | Path, dims: dict[str, int] | None = None) -> PreparedMod
     batch = BatchDynamicPass(dims)
     model = Pipeline(InferShapesPass(), batch)(model).model
     assert batch.result is not None
-    return probe_prepared(path, model, batch.result.mode, batch.result.note, dims)
+    return probe_prepared(path, model, batch.result.mode, batch.result.note, dims, batch.result.axes)
 
 
 def analyze_model(path: str | Path, dims: dict[str, int] | None = None) -> AnalysisReport:
@@ -197,7 +197,7 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
             extra[LOOP_FILE] = loop.model
     # The reference runs before anything is written, while the source model is loaded anyway.
     carried = list(dict.fromkeys(n for s in infos for n in s.carried_out))
-    reference = (reference_outputs(pm.model, [1, 4], per_sample=pm.batch_mode != "dynamic", dims=dims,
+    reference = (reference_outputs(pm.model, [1, 4], per_sample=pm.batch_mode != "dynamic", dims=dims, axes=pm.input_axes,
                                    carried=carried, tolerance=graph_tolerance(pm.model, len(infos) - 1, tolerance))
                  if verify else None)
     return BundlePlan(manifest, models, [e.spec.head.file for e in exits], reference, extra)

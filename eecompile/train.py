@@ -29,6 +29,7 @@ from eecompile.bundle import Bundle
 from eecompile.calibrate.collect import final_output, iter_batches, load_data
 from eecompile.errors import BundleError, EECompileError
 from eecompile.heads import head_input_names, head_module, head_onnx, module_weights
+from eecompile.runtimes.data import batch_size_of, take_samples
 
 log = logging.getLogger(__name__)
 
@@ -184,17 +185,22 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     inputs, labels = load_data(data, m)
     if not use_labels:
         labels = None
-    n = next(iter(inputs.values())).shape[0]
+    axes = {t.name: t.batch_axis for t in m.inputs}  # a time-major [T, B, F] input has its samples on axis 1
+    n = batch_size_of(inputs, m.inputs, str(data))
     out_name = final_output(m)
     final_info = m.outputs[0]
     regression = m.task == "regression"
     n_classes: int = 0
+    out_axis = final_info.batch_axis or 0
+    class_axis = 0
     if not regression:
         class_axis = m.class_axis if m.class_axis >= 0 else len(final_info.shape) + m.class_axis
         c = final_info.shape[class_axis]
         if not isinstance(c, int):
             raise BundleError(f"{b.path}: the final output '{out_name}' has no fixed class count; recompile the bundle")
         n_classes = c
+        if class_axis < out_axis:  # the cached outputs are batch first
+            class_axis += 1
 
     # ---- 1. features, cached once
     head_inputs: dict[int, list[str]] = {}
@@ -216,15 +222,16 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     with tempfile.TemporaryDirectory(prefix="eecompile-features-") as tmp:
         cache = _Cache(n, Path(tmp))
         for rows in iter_batches(n, collect_batch, "computing features", quiet):
-            feeds = {k: v[rows] for k, v in inputs.items()}
+            feeds = {k: take_samples(v, rows, axes.get(k)) for k, v in inputs.items()}
             res = runner.run(feeds, thresholds="never", policy="never", extra_outputs=extra)
             assert res.all_exits is not None
-            cache.put("final", rows, res.all_exits[-1][out_name])
+            cache.put("final", rows, np.moveaxis(res.all_exits[-1][out_name], out_axis, 0))
             for s in trainable:
                 k = s.index
                 for j, t in enumerate(head_inputs[k]):
-                    cache.put(f"in{k}.{j}", rows, feeds[t] if t in feeds else res.extra[k][t])
-                cache.put(f"before{k}", rows, res.all_exits[k][out_name])
+                    cache.put(f"in{k}.{j}", rows, np.moveaxis(feeds[t], axes[t] or 0, 0) if t in feeds
+                              else res.extra[k][t])
+                cache.put(f"before{k}", rows, np.moveaxis(res.all_exits[k][out_name], out_axis, 0))
         runner.close()
         arrays = cache.arrays
         rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ the batch dynamic (:mod:`eecompile.passes.batch_dynamic`) and changes nothing in
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,8 @@ class PreparedModel:
         node_flops: FLOPs per sample of each node of ``index.nodes`` (a multiply-add counts 2).
         cum_flops: FLOPs per sample of each node's ancestors, itself included.
         total_flops: FLOPs per sample of the whole graph.
+        input_axes: each model input's batch axis as :class:`~eecompile.passes.batch_dynamic.BatchDynamicPass`
+            measured it (None: fed as given); empty: guessed from the shapes.
     """
 
     path: Path
@@ -62,6 +64,7 @@ class PreparedModel:
     node_flops: list[int]
     cum_flops: list[int]
     total_flops: int
+    input_axes: dict[str, int | None] = field(default_factory=dict)
 
     def boundary_shape(self, name: str | None) -> tuple[ir.DataType, ir.Shape, int | None]:
         """Element type, shape and batch axis of the probed tensor ``name``, as a segment boundary declares
@@ -102,12 +105,14 @@ def _sum_bits(bits: int, values: list[int]) -> int:
 
 
 def probe_prepared(path: str | Path, model: ir.Model, batch_mode: str, batch_note: str,
-                   dims: Mapping[str, int] | None = None) -> PreparedModel:
+                   dims: Mapping[str, int] | None = None,
+                   input_axes: Mapping[str, int | None] | None = None) -> PreparedModel:
     """Index ``model``, probe every tensor in ONNX Runtime and count FLOPs per node.
 
     In ``dynamic`` mode the probe runs at batch 2 and 3 (:data:`~eecompile.analysis.probe.PROBE_BATCHES`) and
     a node's FLOPs per sample are the difference between the two runs (so batch-independent work, such as a
-    weight transpose, counts zero); in ``per_sample`` mode it runs once at batch 1.
+    weight transpose, counts zero); in ``per_sample`` mode it runs once at batch 1. ``input_axes``: each
+    input's batch axis (default: guessed from the declared shapes), where the probe puts the batch size.
 
     Raises:
         GraphError: ONNX Runtime cannot load or run the model.
@@ -115,7 +120,7 @@ def probe_prepared(path: str | Path, model: ir.Model, batch_mode: str, batch_not
     idx = index_graph(model)
     names = [v.name for n in idx.nodes for v in n.outputs if v.name]
     batches = PROBE_BATCHES if batch_mode == "dynamic" else (1,)
-    probe = probe_model(model, names, batches, dims)
+    probe = probe_model(model, names, batches, dims, input_axes)
     if share_shape_reads(model, probe):  # Shape(h)[0] of a feature map -> Shape(input)[0]: nothing carried for it
         idx = index_graph(model)
 
@@ -151,7 +156,8 @@ def probe_prepared(path: str | Path, model: ir.Model, batch_mode: str, batch_not
         one = with_inner(1)
         per_node = [node_flops(n, one) for n in idx.nodes]
     cum = [_sum_bits(idx.anc[i], per_node) for i in range(len(idx.nodes))]
-    return PreparedModel(Path(path), model, idx, probe, batch_mode, batch_note, per_node, cum, sum(per_node))
+    return PreparedModel(Path(path), model, idx, probe, batch_mode, batch_note, per_node, cum, sum(per_node),
+                         dict(input_axes or {}))
 
 
 def inner_shapes(model: ir.Model, probe: ProbeResult, batch: int) -> dict[str, tuple[int, ...]]:

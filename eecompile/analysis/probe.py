@@ -15,6 +15,7 @@ needs are read off real runs instead:
 from __future__ import annotations
 
 import hashlib
+import re
 import zlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -59,28 +60,181 @@ class ProbeResult:
         return f.shapes[batch if batch is not None else self.batches[0]]
 
 
+InputAxes = dict[str, int | None]
+"""Each model input's batch axis, by name (None: the input has no batch axis and is fed as given)."""
+
+_BATCH_LIKE = re.compile(r"(?i)^(n|b|bs|batch.*|.*batch|.*batch_size)$")
+INDEPENDENCE_TOLERANCE = 1e-3  # relative to an output's scale: far above float32 reassociation, far below mixing
+
+
 def batched_inputs(inputs: list[ir.Value]) -> set[str]:
-    """The inputs whose axis 0 is symbolic: the batched ones. An input with a fixed axis 0 (a ``bool[1]``
-    flag, a ``[1, T]`` table) or none (a scalar) has no batch axis and is fed as given."""
-    return {v.name or "" for v in inputs if v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)}
+    """The inputs with a batch axis under :func:`guess_batch_axes` (a static guess: nothing is run)."""
+    return {name for name, axis in guess_batch_axes(inputs).items() if axis is not None}
+
+
+def symbol_axes(inputs: list[ir.Value], symbol: str) -> InputAxes:
+    """Each input's axis holding the symbolic dim ``symbol`` (the first, if it holds it twice); None for the
+    inputs without it (a ``bool[1]`` flag, a ``[1, T]`` table, a scalar: fed as given)."""
+    out: InputAxes = {}
+    for v in inputs:
+        axes = [i for i, d in enumerate(v.shape or []) if not isinstance(d, int) and str(d) == symbol]
+        out[v.name or ""] = axes[0] if axes else None
+    return out
+
+
+def guess_batch_axes(inputs: list[ir.Value]) -> InputAxes:
+    """The batch axes read off the declared shapes alone, for inputs nobody measured: the axis of the symbol
+    ``batch`` where an input has it (what the compiler writes in segments and manifests), else axis 0 where it
+    is symbolic, else none."""
+    if any(not isinstance(d, int) and str(d) == "batch" for v in inputs for d in (v.shape or [])):
+        return symbol_axes(inputs, "batch")
+    return {v.name or "": 0 if v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int) else None
+            for v in inputs}
+
+
+def input_symbols(inputs: list[ir.Value]) -> list[str]:
+    """The named symbolic dims of the inputs, in order of first appearance."""
+    return list(dict.fromkeys(str(d) for v in inputs for d in (v.shape or [])
+                              if not isinstance(d, int) and d.value is not None))
+
+
+@dataclass
+class BatchSymbol:
+    """The symbolic input dim measured to be the batch: ``symbol``, each input's axis holding it (``axes``) and
+    what the measurement saw of the other candidates (``rejected``: symbol -> why it is not the batch)."""
+
+    symbol: str
+    axes: InputAxes
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def note(self) -> str:
+        """A few words for the manifest: where the batch is when it is not axis 0 of every batched input."""
+        off = [f"{n} on axis {a}" for n, a in self.axes.items() if a not in (None, 0)]
+        return f"batch axis measured ({', '.join(off)})" if off else ""
+
+
+def measure_batch_symbol(model: ir.Model, dims: Mapping[str, int] | None = None) -> BatchSymbol | None:
+    """Which symbolic dim of the inputs is the batch, measured: the model runs at size 3 along each candidate
+    symbol, then once per sample (size 1, that sample's slice along the same axes), and the candidate is the
+    batch when every output is the per-sample outputs stacked along one axis (within
+    :data:`INDEPENDENCE_TOLERANCE` of the scale), i.e. samples along it never mix. A time axis fails this (an
+    LSTM or a convolution over time mixes steps), so a time-major ``[T, B, F]`` input gets batch axis 1.
+
+    One candidate is taken as is (nothing to tell apart); None when the inputs have no named symbolic dim.
+    Several passing (a model that never mixes along either): a batch-like name (``batch``, ``N``, ``B``...)
+    first, then the symbol on axis 0 of most inputs.
+
+    Raises:
+        GraphError: every candidate runs but mixes samples (no axis along which samples can be dropped).
+    """
+    inputs = list(model.graph.inputs)
+    cands = input_symbols(inputs)
+    if not cands:
+        return None
+    if len(cands) == 1:
+        return BatchSymbol(cands[0], symbol_axes(inputs, cands[0]))
+    from eecompile.passes.session import session_from_model
+
+    sess = session_from_model(model, optimize=False, what="the model")
+    names = [o.name for o in sess.get_outputs()]
+    rejected: dict[str, str] = {}
+    ran: set[str] = set()
+    for s in cands:
+        axes = symbol_axes(inputs, s)
+        problem, did_run = _mixes_samples(sess, names, inputs, axes, s, dims)
+        if did_run:
+            ran.add(s)
+        if problem is not None:
+            rejected[s] = problem
+    passing = [s for s in cands if s not in rejected]
+
+    def at_axis0(s: str) -> int:
+        return sum(1 for v in inputs if v.shape is not None and len(v.shape) and str(v.shape[0]) == s)
+
+    if passing:
+        best = max(passing, key=lambda s: (bool(_BATCH_LIKE.match(s)), at_axis0(s), -cands.index(s)))
+        return BatchSymbol(best, symbol_axes(inputs, best), rejected)
+    guess = max(cands, key=lambda s: (at_axis0(s), bool(_BATCH_LIKE.match(s)), -cands.index(s)))
+    if guess not in ran:  # the model does not run at these sizes: the probe reports that with its own error
+        return BatchSymbol(guess, symbol_axes(inputs, guess), rejected)
+    listed = "; ".join(f"'{s}': {why}" for s, why in rejected.items())
+    raise GraphError(f"no symbolic input dim keeps samples independent ({listed}), so no axis exists along which "
+                     f"samples can be dropped; export the model with a batch axis whose samples do not interact")
+
+
+def _mixes_samples(sess: Any, names: list[str], inputs: list[ir.Value], axes: InputAxes, symbol: str,
+                   dims: Mapping[str, int] | None) -> tuple[str | None, bool]:
+    """(why samples along ``symbol`` are not independent, or None; whether the model ran at all)."""
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a candidate that cannot be sliced fails here by design
+    sizes = {k: v for k, v in (dims or {}).items() if k != symbol}
+    feeds = random_inputs(inputs, 3, sizes, seed=17, batched=axes)
+    try:
+        whole = sess.run(names, feeds, quiet)
+        parts = [sess.run(names, {k: v if axes.get(k) is None else np.take(v, [i], axis=axes[k])
+                                  for k, v in feeds.items()}, quiet) for i in range(3)]
+    except Exception as e:  # noqa: BLE001 - not runnable this way: not the batch
+        return f"the model does not run when it is sliced along it ({str(e).splitlines()[0][:120]})", False
+    for j, out in enumerate(whole):
+        singles = [np.asarray(p[j]) for p in parts]
+        if not _stacked(np.asarray(out), singles):
+            return f"output '{names[j]}' at size 3 is not its per-sample outputs stacked (samples mix)", True
+    return None, True
+
+
+def _stacked(out: np.ndarray, singles: list[np.ndarray]) -> bool:
+    """Whether ``out`` equals ``singles`` stacked along one axis (or, for an output without it, each of them)."""
+    one = singles[0]
+    if any(s.shape != one.shape for s in singles) or out.ndim != one.ndim:
+        return False
+    axes = [a for a in range(out.ndim) if out.shape[a] == len(singles) and one.shape[a] == 1
+            and out.shape[:a] + out.shape[a + 1:] == one.shape[:a] + one.shape[a + 1:]]
+    refs = [np.concatenate(singles, axis=a) for a in axes] if axes else ([one] if out.shape == one.shape else [])
+    if not axes and out.shape == one.shape and not all(_close(s, one) for s in singles[1:]):
+        return False
+    return any(_close(out, r) for r in refs)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind not in "fc":
+        return bool(np.array_equal(a, b))
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if not (np.isfinite(a64).all() and np.isfinite(b64).all()):
+        return bool(np.array_equal(np.isnan(a64), np.isnan(b64))) and bool(
+            np.allclose(np.nan_to_num(a64), np.nan_to_num(b64), rtol=INDEPENDENCE_TOLERANCE, atol=0))
+    scale = max(float(np.max(np.abs(b64))) if b64.size else 0.0, 1e-6)
+    return float(np.max(np.abs(a64 - b64))) <= INDEPENDENCE_TOLERANCE * scale if a64.size else True
 
 
 def random_inputs(inputs: list[ir.Value], batch: int, dims: Mapping[str, int] | None = None,
-                  seed: int = 0, batched: Collection[str] | None = None) -> dict[str, np.ndarray]:
+                  seed: int = 0, batched: Mapping[str, int | None] | Collection[str] | None = None
+                  ) -> dict[str, np.ndarray]:
     """Inputs for probing and verification: N(0,1) floats, ones for integers (ids and masks stay valid),
-    True for booleans. Axis 0 of the ``batched`` inputs (default: :func:`batched_inputs`) is ``batch``; the
-    other inputs keep their declared shape and get the same values whatever ``batch`` and ``seed`` are (they
-    do not depend on the batch). Other symbolic dims take ``dims[name]`` or DEFAULT_DIM."""
+    True for booleans. ``batched``: each input's batch axis (a mapping, e.g. :attr:`BatchSymbol.axes`), or the
+    names of the inputs batched on axis 0, or None for :func:`guess_batch_axes`; that axis has size ``batch``.
+    The other inputs keep their declared shape and get the same values whatever ``batch`` and ``seed`` are
+    (they do not depend on the batch). Other symbolic dims take ``dims[name]`` or DEFAULT_DIM."""
     rng = np.random.default_rng(seed)
-    batched = batched_inputs(inputs) if batched is None else set(batched)
+    if batched is None:
+        axes: Mapping[str, int | None] = guess_batch_axes(inputs)
+    elif isinstance(batched, Mapping):
+        axes = batched
+    else:
+        axes = {name: 0 for name in batched}
     feeds: dict[str, np.ndarray] = {}
     for v in inputs:
         if v.shape is None:
             raise GraphError(f"model input '{v.name}' has no shape; export the model with input shapes")
-        in_batch = (v.name or "") in batched
+        axis = axes.get(v.name or "")
+        in_batch = axis is not None
         shape: list[int] = []
         for i, d in enumerate(v.shape):
-            if i == 0 and in_batch:
+            if i == axis:
                 shape.append(batch)
             elif isinstance(d, int):
                 shape.append(d)
@@ -112,8 +266,9 @@ def _digest(a: np.ndarray) -> str:
 
 
 def probe_model(model: ir.Model, names: list[str], batches: tuple[int, ...] = PROBE_BATCHES,
-                dims: Mapping[str, int] | None = None) -> ProbeResult:
-    """Run ``model`` at each batch size with ``names`` exposed and classify every tensor."""
+                dims: Mapping[str, int] | None = None, axes: Mapping[str, int | None] | None = None) -> ProbeResult:
+    """Run ``model`` at each batch size with ``names`` exposed and classify every tensor. ``axes``: each input's
+    batch axis (:attr:`BatchSymbol.axes`; default :func:`guess_batch_axes`), the axis the batch size is put on."""
     from eecompile.passes.session import session_from_model
 
     if any(v.dtype is None for node in model.graph for v in node.outputs):
@@ -129,9 +284,10 @@ def probe_model(model: ir.Model, names: list[str], batches: tuple[int, ...] = PR
     sess = session_from_model(model, extra, optimize=False)
     out_names = [o.name for o in sess.get_outputs()]
     inputs = list(model.graph.inputs)
+    axes = dict(axes) if axes is not None else guess_batch_axes(inputs)
     result = ProbeResult(batches=batches)
     for b in batches:
-        feeds = random_inputs(inputs, b, dims, seed=b)
+        feeds = random_inputs(inputs, b, dims, seed=b, batched=axes)
         try:
             outs = sess.run(out_names, feeds)
         except Exception as e:
@@ -147,27 +303,28 @@ def probe_model(model: ir.Model, names: list[str], batches: tuple[int, ...] = PR
         del outs
     for f in result.facts.values():
         _classify(f, batches)
-    _find_symbolic_axes(sess, out_names, inputs, batches[0], dims, result)
+    _find_symbolic_axes(sess, out_names, inputs, batches[0], dims, result, axes)
     return result
 
 
-def _symbolic_dims(inputs: list[ir.Value]) -> set[str]:
+def _symbolic_dims(inputs: list[ir.Value], axes: Mapping[str, int | None]) -> set[str]:
     """Names of the symbolic non-batch dims of the inputs (sequence length and the like)."""
     return {str(d) for v in inputs if v.shape is not None for i, d in enumerate(v.shape)
-            if i > 0 and not isinstance(d, int)}
+            if i != axes.get(v.name or "") and not isinstance(d, int)}
 
 
 def _find_symbolic_axes(sess: Any, out_names: list[str], inputs: list[ir.Value], batch: int,
-                        dims: Mapping[str, int] | None, result: ProbeResult) -> None:
+                        dims: Mapping[str, int] | None, result: ProbeResult,
+                        axes: Mapping[str, int | None]) -> None:
     """One more run with every symbolic non-batch input dim one smaller (one larger below 3: a smaller size
     stays within position tables): the axes that follow are symbolic, named after the input dim whose size
     they had (else ``d{axis}``)."""
-    syms = _symbolic_dims(inputs)
+    syms = _symbolic_dims(inputs, axes)
     if not syms:
         return
     base = {s: int((dims or {}).get(s, DEFAULT_DIM)) for s in syms}
     other = {s: n - 1 if n >= 3 else n + 1 for s, n in base.items()}
-    feeds = random_inputs(inputs, batch, other, seed=batch)
+    feeds = random_inputs(inputs, batch, other, seed=batch, batched=axes)
     import onnxruntime as ort
 
     quiet = ort.RunOptions()

@@ -73,6 +73,7 @@ from eecompile.calibrate.stats import (
 )
 from eecompile.errors import CalibrationError, DataError
 from eecompile.runtimes.base import check_classifier_bundle
+from eecompile.runtimes.data import batch_size_of
 
 __all__ = [
     "DEFAULT_CONFIDENCE", "METHODS", "PVALUES", "CalibrationReport", "Costs", "Evaluation", "ExitTable",
@@ -164,7 +165,7 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
             f"which has no class to agree on: give --error-budget EPS, the relative L2 error to the final output "
             f"a sample may have where it exits (e.g. 0.05); --max-drop then bounds the fraction of samples over it")
     inputs, labels = load_data(data, m)
-    n = next(iter(inputs.values())).shape[0]
+    n = batch_size_of(inputs, m.inputs, str(data))  # along each input's batch axis (1 for [T, B, F])
     if n == 0:
         raise DataError(f"{data}: no samples")
     if method == "ltt":

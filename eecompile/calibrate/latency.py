@@ -14,6 +14,7 @@ import numpy as np
 from eecompile.bundle import Bundle
 from eecompile.errors import BackendError
 from eecompile.runtimes.bench import find_source_model
+from eecompile.runtimes.data import batch_size_of, take_samples
 from eecompile.runtimes.sessions import session_options as _session_options
 
 if TYPE_CHECKING:
@@ -89,9 +90,10 @@ def measure_latency(bundle: Bundle, inputs: Mapping[str, np.ndarray], *, backend
     """
     from eecompile.runtimes.chain import EarlyExitRunner
 
-    n = next(iter(inputs.values())).shape[0]
+    axes = {t.name: t.batch_axis for t in bundle.manifest.inputs}
+    n = batch_size_of(dict(inputs), bundle.manifest.inputs, "calibration data")
     b = min(batch_size, n)
-    batch = {k: np.ascontiguousarray(v[:b]) for k, v in inputs.items()}
+    batch = {k: np.ascontiguousarray(take_samples(v, slice(0, b), axes.get(k))) for k, v in inputs.items()}
     own = runner is None
     if runner is None:
         options: dict[str, Any] = {"threads": threads} if threads and backend == "onnxruntime" else {}

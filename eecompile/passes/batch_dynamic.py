@@ -1,9 +1,12 @@
 """Make the batch dimension dynamic, where the graph allows it safely.
 
 Cases:
-1. Inputs already batch-dynamic (axis 0 symbolic): nothing to rewrite; the symbol is kept. Inputs beside them
-   with a fixed axis 0 (a ``bool[1]`` flag, a ``[1, T]`` table) or none (a scalar) have no batch axis: they
-   are fed as given to every segment that reads them and never force per-sample mode.
+1. Inputs already batch-dynamic (a symbolic dim that is not a batch-1 export's sequence length): nothing to
+   rewrite; the symbol is kept. Which symbolic dim is the batch is measured when there are several
+   (:func:`~eecompile.analysis.probe.measure_batch_symbol`: samples along it never mix), so a time-major
+   ``[T, B, F]`` input has its batch on axis 1. Inputs without that dim (a ``bool[1]`` flag, a ``[1, T]``
+   table, a scalar) have no batch axis: they are fed as given to every segment that reads them and never
+   force per-sample mode.
 2. Inputs exported with a fixed batch (model zoos: ``[1, 3, 224, 224]``): axis 0 of every input and output
    becomes the symbol ``batch``, intermediate shapes are cleared and re-inferred, and constant Reshape
    targets that hard-code the old batch (``[1, 2048]``) get ``0`` there ("copy the input's dim").
@@ -22,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from eecompile.analysis.probe import batched_inputs, random_inputs
+from eecompile.analysis.probe import InputAxes, input_symbols, measure_batch_symbol, random_inputs
 from eecompile.errors import GraphError
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ class BatchResult:
     rewritten: bool
     reason: str = ""
     unbatched: list[str] = field(default_factory=list)  # inputs with no batch axis (fed as given)
+    axes: InputAxes = field(default_factory=dict)  # each input's batch axis (None: fed as given)
+    measured: str = ""  # where the batch was measured to be, when not axis 0 of every batched input
 
     @property
     def note(self) -> str:
@@ -47,18 +52,20 @@ class BatchResult:
         if self.mode == "per_sample":
             return f"batch fixed at 1, runs one sample at a time: {self.reason}"
         note = "batch made dynamic (the model was exported with batch 1)" if self.rewritten else "batch-dynamic"
+        if self.measured:
+            note += f"; {self.measured}"
         if self.unbatched:
             note += f"; inputs without a batch axis, fed as given: {', '.join(self.unbatched)}"
         return note
 
 
-def _batch_symbol(inputs: list[ir.Value]) -> str | None:
-    """The one symbol on axis 0 of the inputs that have one (case 1), or None: an input without a shape, no
-    symbolic axis 0, or two different symbols. Scalars and inputs with a fixed axis 0 have no batch axis."""
-    if any(v.shape is None for v in inputs):
-        return None
-    syms = {str(v.shape[0]) for v in inputs if v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)}
-    return syms.pop() if len(syms) == 1 else None
+def _already_dynamic(inputs: list[ir.Value]) -> bool:
+    """Case 1: every input has a shape and some input has a named symbolic dim, unless it is a batch-1 export
+    whose only symbols are non-batch dims (every axis 0 fixed at 1: ``[1, seq]``), which is case 2."""
+    if any(v.shape is None for v in inputs) or not input_symbols(inputs):
+        return False
+    axis0 = [v.shape[0] for v in inputs if v.shape is not None and len(v.shape)]
+    return not all(isinstance(d, int) and d == 1 for d in axis0)
 
 
 def infer_shapes(model: ir.Model) -> ir.Model:
@@ -86,7 +93,8 @@ class BatchDynamicPass(ir.passes.InPlacePass):
     batch 3 after it; an unsafe rewrite is undone in place, so the weights are never held twice.
 
     Raises:
-        GraphError: the model has no inputs, or ONNX Runtime cannot run the untouched model.
+        GraphError: the model has no inputs, ONNX Runtime cannot run the untouched model, or samples mix along
+            every symbolic input dim (:func:`~eecompile.analysis.probe.measure_batch_symbol`).
     """
 
     def __init__(self, dims: Mapping[str, int] | None = None) -> None:
@@ -102,14 +110,18 @@ class BatchDynamicPass(ir.passes.InPlacePass):
         inputs = list(model.graph.inputs)
         if not inputs:
             raise GraphError("the model has no inputs")
-        if _batch_symbol(inputs) is not None:  # case 1
-            unbatched = [v.name or "" for v in inputs if (v.name or "") not in batched_inputs(inputs)]
-            return BatchResult(model, "dynamic", rewritten=False, unbatched=unbatched)
+        if _already_dynamic(inputs):  # case 1
+            sym = measure_batch_symbol(model, self.dims)
+            assert sym is not None
+            unbatched = [name for name, axis in sym.axes.items() if axis is None]
+            return BatchResult(model, "dynamic", rewritten=False, unbatched=unbatched, axes=sym.axes,
+                               measured=sym.note)
+        axes0: InputAxes = {v.name or "": 0 if v.shape is not None and len(v.shape) else None for v in inputs}
         fixed = {v.name: v.shape[0] if v.shape is not None else None for v in inputs
                  if v.shape is None or len(v.shape) > 0}
         if {d for d in fixed.values() if isinstance(d, int)} != {1}:
             return BatchResult(model, "per_sample", rewritten=False,
-                               reason=f"inputs have no common batch axis 0 of size 1 ({fixed})")
+                               reason=f"inputs have no common batch axis 0 of size 1 ({fixed})", axes=axes0)
         feeds = random_inputs(inputs, 3, self.dims, seed=7, batched=[v.name or "" for v in inputs if v.shape])
         singles, single_error = _per_sample_outputs(model, feeds)
         undo = _Undo(model)
@@ -128,8 +140,8 @@ class BatchDynamicPass(ir.passes.InPlacePass):
         if not ok:
             log.info("keeping batch 1: %s", reason)
             undo.restore()
-            return BatchResult(model, "per_sample", rewritten=False, reason=reason)
-        return BatchResult(model, "dynamic", rewritten=True)
+            return BatchResult(model, "per_sample", rewritten=False, reason=reason, axes=axes0)
+        return BatchResult(model, "dynamic", rewritten=True, axes=axes0)
 
 
 def make_batch_dynamic(model: ir.Model, dims: Mapping[str, int] | None = None) -> BatchResult:

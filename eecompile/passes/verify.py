@@ -145,16 +145,19 @@ class Reference:
 
 def reference_outputs(source: ir.Model, batch_sizes: list[int], per_sample: bool,
                       dims: dict[str, int] | None = None, carried: list[str] | None = None,
-                      tolerance: Tolerance | None = None) -> Reference:
+                      tolerance: Tolerance | None = None, axes: dict[str, int | None] | None = None) -> Reference:
     """Run ``source`` on random inputs at each batch size (one sample at a time when ``per_sample``);
-    ``carried``: tensors crossing a boundary, exposed too."""
+    ``carried``: tensors crossing a boundary, exposed too; ``axes``: each input's batch axis (default: guessed
+    from the declared shapes, :func:`~eecompile.analysis.probe.guess_batch_axes`)."""
     from eecompile.passes.session import session_from_model
 
     inputs = list(source.graph.inputs)
     cases: list[tuple[int, dict[str, np.ndarray]]] = []
     for b in batch_sizes:
-        feeds = random_inputs(inputs, b, dims, seed=100 + b, batched=None if not per_sample else
-                              [v.name or "" for v in inputs if v.shape is not None and len(v.shape)])
+        batched = axes or None
+        if per_sample:
+            batched = {v.name or "": 0 if v.shape is not None and len(v.shape) else None for v in inputs}
+        feeds = random_inputs(inputs, b, dims, seed=100 + b, batched=batched)
         rows = [{k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()} for i in range(b)] if per_sample else [feeds]
         cases += [(b, row) for row in rows]
     sess = session_from_model(source, what="the source model")

@@ -223,7 +223,7 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
     ``prepare_reference(source, scratch_dir) -> path``: makes the unsplit model batch-dynamic (the compiler's
     :func:`eecompile.benchmark.dynamic_reference`). Returns a :class:`BenchReport` (times in ms, throughput in
     samples/s). Raises :class:`DataError` (data, batch, repeats) and what the runner raises."""
-    from eecompile.runtimes.data import load_npz
+    from eecompile.runtimes.data import batch_size_of, load_npz
 
     if batch_size < 1:
         raise DataError(f"--batch must be >= 1, got {batch_size}")
@@ -241,7 +241,7 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
         if len(batches) > max_batches:
             notes.append(f"timed the first {max_batches} of {len(batches)} batches")
             batches = batches[:max_batches]
-        n = sum(int(next(iter(f.values())).shape[0]) for f in batches)
+        n = sum(batch_size_of(f, m.inputs, str(data)) for f in batches)
 
         hist = np.zeros(len(m.segments), dtype=np.int64)
         for f in batches:

@@ -126,6 +126,16 @@ def batch_size_of(arrays: dict[str, np.ndarray], inputs: Sequence[TensorInfo], w
     return int(n)
 
 
+def take_samples(a: np.ndarray, rows: slice, axis: int | None) -> np.ndarray:
+    """Samples ``rows`` of one input array along its batch ``axis`` (a view); an input without a batch axis
+    (``None``: a flag, a table) is returned as given."""
+    if axis is None:
+        return a
+    index: list[slice] = [slice(None)] * a.ndim
+    index[axis] = rows
+    return a[tuple(index)]
+
+
 class Dataset:
     """Model inputs (and optional labels) held in memory, checked against the model."""
 
@@ -152,16 +162,7 @@ class Dataset:
 
     def slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Samples ``start:stop`` of every input (views, not copies)."""
-        out: dict[str, np.ndarray] = {}
-        for t in self.inputs:
-            a = self.arrays[t.name]
-            if t.batch_axis is None:
-                out[t.name] = a
-            else:
-                index = [slice(None)] * a.ndim
-                index[t.batch_axis] = slice(start, stop)
-                out[t.name] = a[tuple(index)]
-        return out
+        return {t.name: take_samples(self.arrays[t.name], slice(start, stop), t.batch_axis) for t in self.inputs}
 
 
 # ------------------------------------------------------------------------------------------ reading .npz

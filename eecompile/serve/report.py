@@ -32,7 +32,7 @@ def measure_segments(bundle: Bundle, data: str | Path | None = None, batch: int 
     Inputs come from ``data`` (an .npz named after the model inputs), else random values when every non-batch
     dimension is fixed; None when neither is possible. Raises DataError for a bad .npz or batch."""
     from eecompile import load
-    from eecompile.runtimes.data import load_npz
+    from eecompile.runtimes.data import batch_size_of, load_npz
 
     if batch < 1 or repeats < 1:
         raise DataError(f"--batch and --repeats must be >= 1, got {batch} and {repeats}")
@@ -48,7 +48,7 @@ def measure_segments(bundle: Bundle, data: str | Path | None = None, batch: int 
         runner.run(feeds, policy="never")  # warm-up: first runs allocate
         runs = [runner.run(feeds, policy="never").timings for _ in range(repeats)]
     per_segment = [statistics.median(float(r[k]) for r in runs) for k in range(len(m.segments))]
-    n = int(next(iter(feeds.values())).shape[0]) if feeds else batch
+    n = batch_size_of(feeds, m.inputs, "report") if feeds else batch  # along each input's batch axis
     return {"backend": backend, "batch": n, "repeats": repeats, "inputs": "data" if data else "random",
             "seconds": per_segment}
 

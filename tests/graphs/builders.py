@@ -355,6 +355,16 @@ def yolo_detector(path: Path, seed: int = 4) -> Path:
     return path
 
 
+def _drop_output(path: Path, name: str) -> Path:
+    """``path`` rewritten without the graph output ``name`` (the tensor stays, as an intermediate)."""
+    m = onnx.load(str(path))
+    keep = [o for o in m.graph.output if o.name != name]
+    del m.graph.output[:]
+    m.graph.output.extend(keep)
+    onnx.save(m, path)
+    return path
+
+
 def crnn_time_major(path: Path, seed: int = 11, n_classes: int = 7) -> Path:
     """A CTC text recogniser (conv + two bidirectional LSTMs, exported from torch without ``batch_first``)
     whose outputs are time-major: ``logits`` [T=16, B, 7] and the exit head ``aux0`` [16, B, 7] from ``r1``
@@ -384,12 +394,7 @@ def crnn_time_major(path: Path, seed: int = 11, n_classes: int = 7) -> Path:
                       output_names=["logits", "aux0", "r1"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {1: "batch"}, "aux0": {1: "batch"},
                                     "r1": {1: "batch"}}, opset_version=12, dynamo=False)
-    m = onnx.load(str(path))
-    keep = [o for o in m.graph.output if o.name != "r1"]  # r1 named as an output only to give it that name
-    del m.graph.output[:]
-    m.graph.output.extend(keep)
-    onnx.save(m, path)
-    return path
+    return _drop_output(path, "r1")  # r1 named as an output only to give it that name
 
 
 def flag_if(path: Path, seed: int = 2) -> Path:
@@ -456,3 +461,56 @@ def lstm_classifier(path: Path, seed: int = 7) -> Path:
     torch.onnx.export(M().eval(), (torch.randn(2, 6, 8),), str(path), input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "b", 1: "t"}, "y": {0: "b"}}, opset_version=14, dynamo=False)
     return path
+
+
+def lstm_time_major_input(path: Path, seed: int = 3, time_major_output: bool = False, steps: int = 120) -> Path:
+    """A recogniser that takes its input time-major, ``x`` [time, batch, 6] (both symbolic, the batch on axis 1),
+    as torch code without ``batch_first`` does: Conv1d over time -> bidirectional LSTM (``r1``, named through
+    the output list, [time, batch, 24]) -> LSTM. ``time_major_output``: outputs ``logits`` and the exit head
+    ``aux0`` are per step, [time, batch, 5] (CTC-style); else ``logits`` [batch, 5] from the last step and
+    ``aux0`` [batch, 5] from the mean of ``r1`` over time. Trained for ``steps`` small steps first."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(6, 16, 3, padding=1)
+            self.rnn1 = nn.LSTM(16, 12, bidirectional=True)
+            self.rnn2 = nn.LSTM(24, 12)
+            self.out = nn.Linear(12, 5)
+            self.aux = nn.Linear(24, 5)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            f = torch.relu(self.conv(x.permute(1, 2, 0))).permute(2, 0, 1)  # [T, B, 16]
+            r1, _ = self.rnn1(f)
+            r2, _ = self.rnn2(r1)
+            if time_major_output:
+                return self.out(r2), self.aux(r1), r1
+            return self.out(r2[-1]), self.aux(r1.mean(0)), r1
+
+    # A short training run (random weights give one class for every input): the class is the channel with
+    # the largest sum over time (per step: the largest running sum), so predictions vary and heads can learn.
+    model = M()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(9, 32, 6, generator=gen)
+        y = x[..., :5].cumsum(0).argmax(-1)  # [T, B]
+        logits, aux, _ = model(x)
+        if not time_major_output:
+            y = y[-1]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 5), y.reshape(-1)) + \
+            nn.functional.cross_entropy(aux.reshape(-1, 5), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tb = {0: "time", 1: "batch"}
+    out_axes = tb if time_major_output else {0: "batch"}
+    torch.onnx.export(model.eval(), (torch.randn(9, 2, 6),), str(path), input_names=["x"],
+                      output_names=["logits", "aux0", "r1"],
+                      dynamic_axes={"x": tb, "logits": out_axes, "aux0": out_axes, "r1": tb},
+                      opset_version=14, dynamo=False)
+    return _drop_output(path, "r1")  # r1 named as an output only to give it that name

@@ -146,3 +146,149 @@ def test_time_major_output_keeps_its_batch_axis(tmp_path: Path) -> None:
         r = runner.run({"x": x}, thresholds=mixed, policy=policy)
         rows = np.stack([base.all_exits[int(e)]["y"][:, i] for i, e in enumerate(r.exit_index)], axis=1)
         np.testing.assert_allclose(r.outputs["y"], rows, rtol=1e-6, atol=1e-6)
+
+
+# ---- time-major inputs: [T, B, F] (torch code without batch_first), the batch measured on axis 1
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["last-step-output", "time-major-output"])
+def time_major_input(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from tests.graphs.builders import lstm_time_major_input
+
+    ws = tmp_path_factory.mktemp("tm_input")
+    lstm_time_major_input(ws / "model.onnx", time_major_output=request.param)
+    spec = {"model": "model.onnx", "exits": [{"at": "r1", "head": {"output": "aux0"},
+                                               "gate": {"kind": "max_prob", "threshold": 0.5}}],
+            "final": {"output": "logits"}}
+    (ws / "spec.yaml").write_text(yaml.safe_dump(spec))
+    eecompile.compile_model(ws / "spec.yaml", ws / "b.eebundle")
+    return ws, ws / "b.eebundle"
+
+
+def _tm_feeds(n: int = 7, t: int = 9, seed: int = 5) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((t, n, 6)).astype(np.float32)}
+
+
+def test_time_major_input_has_its_batch_axis_measured(time_major_input: tuple[Path, Path]) -> None:
+    _, bundle = time_major_input
+    m = eecompile.Bundle.load(bundle).manifest
+    assert m.batch_mode == "dynamic"
+    assert [(t.name, t.shape, t.batch_axis) for t in m.inputs] == [("x", ["time", "batch", 6], 1)]
+    assert any("batch axis measured (x on axis 1)" in n for n in m.notes), m.notes
+    seg0 = {t.name: t.batch_axis for t in m.segments[0].inputs}
+    assert seg0 == {"x": 1}
+    carried = next(t for t in m.segments[0].outputs if t.name == "r1")
+    assert (carried.shape, carried.batch_axis) == (["time", "batch", 24], 1)
+
+
+def test_time_major_input_compact_wait_all_never_agree(time_major_input: tuple[Path, Path]) -> None:
+    from tests.graphs.check import check_bundle
+
+    ws, bundle = time_major_input
+    check_bundle(ws / "model.onnx", bundle, _tm_feeds(), "logits", ["aux0"])
+    # A time length other than the one probed, and samples one at a time, give the same rows.
+    feeds = _tm_feeds(n=5, t=13, seed=8)
+    ref = ort.InferenceSession(str(ws / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    runner = eecompile.load(bundle)
+    got = runner.run(feeds, thresholds="never").outputs["logits"]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    ax = runner.manifest.outputs[0].batch_axis or 0
+    for i in range(5):
+        one = runner.run({"x": feeds["x"][:, i:i + 1]}, thresholds="never").outputs["logits"]
+        np.testing.assert_allclose(one, np.take(ref, [i], axis=ax), rtol=1e-5, atol=1e-5)
+
+
+def test_time_major_input_runs_from_an_npz(time_major_input: tuple[Path, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+
+    ws, bundle = time_major_input
+    feeds = _tm_feeds(n=10)
+    np.savez(tmp_path / "in.npz", **feeds)
+    ref = ort.InferenceSession(str(ws / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    runner = eecompile.load(bundle)
+    probe = runner.run(feeds, thresholds=["never"], policy="never")
+    assert probe.gate_scores is not None and probe.all_exits is not None
+    mixed = float(np.median(probe.gate_scores[0]))
+    ax = runner.manifest.outputs[0].batch_axis or 0
+    outs = {}
+    for policy in ("compact", "wait-all", "never"):
+        out = tmp_path / f"{policy}.npz"
+        res = CliRunner().invoke(cli, ["run", str(bundle), "--data", str(tmp_path / "in.npz"), "-o", str(out),
+                                       "--batch", "4", "--policy", policy, "--thresholds", f"{mixed}"])
+        assert res.exit_code == 0, res.output
+        outs[policy] = dict(np.load(out))
+    e = outs["compact"]["exit_index"]
+    assert e.shape == (10,) and 0 < int((e == 0).sum()) < 10
+    for policy in ("wait-all", "never"):
+        np.testing.assert_array_equal(outs[policy]["exit_index"], e)
+        np.testing.assert_allclose(outs[policy]["logits"], outs["compact"]["logits"], rtol=1e-6, atol=1e-6)
+    # each sample's row is the model's output (final exit) or its in-model head's (exit 0), along the batch axis
+    want = np.stack([np.take(ref[1] if k == 0 else ref[0], i, axis=ax) for i, k in enumerate(e)], axis=ax)
+    np.testing.assert_allclose(outs["compact"]["logits"], want, rtol=1e-4, atol=1e-5)
+    never = CliRunner().invoke(cli, ["run", str(bundle), "--data", str(tmp_path / "in.npz"), "-o",
+                                     str(tmp_path / "n.npz"), "--batch", "3", "--thresholds", "never"])
+    assert never.exit_code == 0, never.output
+    np.testing.assert_allclose(np.load(tmp_path / "n.npz")["logits"], ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_time_major_input_trains_and_calibrates(tmp_path: Path) -> None:
+    """train-heads collects features and calibrate collects gate scores along the input's batch axis."""
+    from eecompile.calibrate import calibrate_bundle
+    from eecompile.train import train_heads
+    from tests.graphs.builders import lstm_time_major_input
+
+    lstm_time_major_input(tmp_path / "model.onnx")
+    spec = {"model": "model.onnx", "exits": [{"at": "r1", "head": {"kind": "linear", "options": {"pool": "mean"}},
+                                               "gate": {"kind": "max_prob", "threshold": 0.9}}],
+            "final": {"output": "logits", "drop": ["aux0"]}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    bundle = tmp_path / "b.eebundle"
+    eecompile.compile_model(tmp_path / "spec.yaml", bundle)
+    train = _tm_feeds(n=120, seed=1)
+    np.savez(tmp_path / "train.npz", **train)
+    report = train_heads(bundle, tmp_path / "train.npz", epochs=40, quiet=True)
+    assert report.n_train + report.n_val == 120
+    head = report.heads[0]
+    assert head.agree_after > head.agree_before and head.agree_after >= 0.5, head
+    np.savez(tmp_path / "cal.npz", **_tm_feeds(n=60, seed=2))
+    rep = calibrate_bundle(bundle, tmp_path / "cal.npz", max_drop=0.5, confidence=0.6, repeats=3, quiet=True)
+    assert rep.n_samples == 60
+    # the trained head's rows are what the chain returns for a forced exit, per sample along axis 0 of [B, 5]
+    feeds = _tm_feeds(n=6, seed=3)
+    runner = eecompile.load(bundle)
+    forced = runner.run(feeds, thresholds="always").outputs["logits"]
+    for i in range(6):
+        one = runner.run({"x": feeds["x"][:, i:i + 1]}, thresholds="always").outputs["logits"]
+        np.testing.assert_allclose(one, forced[i:i + 1], rtol=1e-5, atol=1e-6)
+
+
+def _model(text: str, path: Path) -> Path:
+    onnx.save(onnx.parser.parse_model(text), path)
+    return path
+
+
+def test_batch_symbol_is_the_axis_whose_samples_never_mix(tmp_path: Path) -> None:
+    """Measured, not read off the names: a cumulative sum over axis 0 mixes along 'N' (axis 0), so the batch
+    is 'steps' (axis 1) even though 'N' sits on axis 0; a model that mixes along neither is refused."""
+    from eecompile.analysis.probe import measure_batch_symbol
+    from eecompile.errors import GraphError
+    from eecompile.passes.load import load_model
+
+    head = '<ir_version: 8, opset_import: ["" : 14]>\n'
+    p = _model(head + """g (float[N, steps, 4] x) => (float[N, steps, 4] y) <int64 zero = {0}> {
+        y = CumSum(x, zero)
+    }""", tmp_path / "cumsum.onnx")
+    sym = measure_batch_symbol(load_model(p))
+    assert sym is not None and (sym.symbol, sym.axes) == ("steps", {"x": 1}) and "N" in sym.rejected
+    both = _model(head + """g (float[T, batch, 4] x) => (float[T, batch, 4] y) { y = Relu(x) }""",
+                  tmp_path / "relu.onnx")
+    sym = measure_batch_symbol(load_model(both))  # samples independent along both: the batch-like name
+    assert sym is not None and (sym.symbol, sym.axes, sym.rejected) == ("batch", {"x": 1}, {})
+    mix = _model(head + """g (float[T, N, 4] x) => (float[T, N, 4] y) {
+        m = ReduceMean<keepdims = 1>(x)
+        y = Sub(x, m)
+    }""", tmp_path / "mix.onnx")
+    with pytest.raises(GraphError, match="no symbolic input dim keeps samples independent"):
+        measure_batch_symbol(load_model(mix))
