@@ -218,3 +218,48 @@ def test_force_never_replaces_a_directory_it_did_not_write(served_bundle, tmp_pa
     result = CliRunner().invoke(cli, ["export", "triton", str(served_bundle), "-o", str(plain), "--force"])
     assert result.exit_code == 1 and plain.read_text() == "x"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
+
+
+@pytest.mark.parametrize("engines", ["onnxruntime", "tensorrt"])
+def test_explicit_loading_fails_only_for_the_missing_backend(env, served_bundle, tmp_path, engines) -> None:
+    """``--model-control-mode=explicit``: each model is loaded by name, so Triton parses and validates its config
+    on that request and answers why it cannot load. The bls segment models (ONNX Runtime backend; with
+    ``--engines tensorrt`` on GPU instances with its TensorRT accelerator) fail only because this build has no
+    onnxruntime backend; a config with a syntax error, loaded the same way, fails for its syntax (the check
+    can tell the two apart); the chain model loads."""
+    from click.testing import CliRunner
+    from tritonclient.utils import InferenceServerException
+
+    from eecompile.cli import cli
+
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(cli, ["export", "triton", str(served_bundle), "-o", str(repo), "--name", "ee",
+                                      "--engines", engines])
+    assert result.exit_code == 0, result.output
+    segments = sorted(p.name for p in repo.glob("ee_seg*"))
+    broken = repo / "ee_broken"
+    shutil.copytree(repo / segments[0], broken)
+    text = (broken / "config.pbtxt").read_text().replace(f'name: "{segments[0]}"', 'name: "ee_broken"')
+    (broken / "config.pbtxt").write_text(text.replace("max_batch_size: 0", "max_batch_size: zero", 1))
+    import tritonclient.http as httpclient
+
+    with TritonServer(env, repo, _ports(), tmp_path / "triton.log", exit_on_error=False,
+                      extra_args=("--model-control-mode=explicit",)) as server:
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http}")
+        assert c.get_model_repository_index() and not any(e.get("state") == "READY"
+                                                          for e in c.get_model_repository_index())
+        for name in segments:
+            with pytest.raises(InferenceServerException) as err:
+                c.load_model(name)
+            msg = str(err.value)
+            assert "backend" in msg and "onnxruntime" in msg, (name, msg, server.tail())
+            assert "pars" not in msg.lower() and "syntax" not in msg.lower(), msg
+        with pytest.raises(InferenceServerException) as err:
+            c.load_model("ee_broken")
+        assert "onnxruntime" not in str(err.value), str(err.value)
+        log = server.tail(100_000)
+        assert "Error parsing text-format inference.ModelConfig" in log and "ee_broken/config.pbtxt" in log
+        for name in segments:  # Triton's parser read every exported config without complaint
+            assert f"{name}/config.pbtxt" not in log, log
+        c.load_model("ee")
+        assert c.is_model_ready("ee")

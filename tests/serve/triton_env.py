@@ -89,8 +89,9 @@ class TritonServer:
     """``tritonserver`` on free loopback ports for one model repository; a context manager."""
 
     def __init__(self, env: TritonEnv, repository: Path, ports: tuple[int, int, int], log: Path,
-                 exit_on_error: bool = True) -> None:
+                 exit_on_error: bool = True, extra_args: tuple[str, ...] = ()) -> None:
         self.env, self.repository, self.log = env, repository, log
+        self.extra_args = extra_args
         self.http, self.grpc, self.metrics = ports
         self.exit_on_error = exit_on_error
         self.proc: subprocess.Popen | None = None
@@ -101,7 +102,8 @@ class TritonServer:
                f"--backend-directory={s / 'backends'}", f"--cache-directory={s / 'caches'}",
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http}",
                f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}", "--allow-metrics=false",
-               f"--exit-on-error={'true' if self.exit_on_error else 'false'}", "--log-verbose=0", "--exit-timeout-secs=3"]
+               f"--exit-on-error={'true' if self.exit_on_error else 'false'}", "--log-verbose=0", "--exit-timeout-secs=3",
+               *self.extra_args]
         out = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, env=self.env.env(), stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
