@@ -246,6 +246,8 @@ def auto(model: Path, train: Path, calib: Path, max_drop: float, output: Path, c
               help=".npz with the model inputs (decoder bundles: not used, see --text).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 30 (decoder bundles: 8).")
 @click.option("--labels/--no-labels", default=True, help="Use `labels` from the data when present.")
+@click.option("--head-files/--no-head-files", default=True, show_default=True,
+              help="Also train heads given as ONNX files (their weights, in place); off: keep them as they are.")
 @click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate.")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Samples per training step.")
@@ -258,8 +260,9 @@ def auto(model: Path, train: Path, calib: Path, max_drop: float, output: Path, c
 @click.option("--max-tokens", type=click.IntRange(min=1), default=6000, show_default=True,
               help="Decoder bundles: text positions to distil on.")
 @_user_errors
-def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: bool, temperature: float, lr: float,
-                batch: int, seed: int, texts: tuple[Path, ...], draft_vocab: int, max_tokens: int) -> None:
+def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: bool, head_files: bool,
+                temperature: float, lr: float, batch: int, seed: int, texts: tuple[Path, ...], draft_vocab: int,
+                max_tokens: int) -> None:
     """Train the bundle's exit heads on frozen features and splice them in.
 
     Decoder bundles: each exit gets a draft head (adapter + sub-vocabulary LM head) distilled from the model's
@@ -279,7 +282,7 @@ def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: boo
     from eecompile.train import train_heads as run_training
 
     report = run_training(bundle, data, epochs=epochs, use_labels=labels, temperature=temperature, lr=lr,
-                          batch_size=batch, seed=seed)
+                          batch_size=batch, seed=seed, head_files=head_files)
     report.print()
 
 

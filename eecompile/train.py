@@ -149,8 +149,12 @@ def _class_last(x: np.ndarray, class_axis: int, n_classes: int) -> np.ndarray:
 
 def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 30, use_labels: bool = True,
                 temperature: float = 2.0, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
-                val_fraction: float = 0.1, weight_decay: float = 1e-4, quiet: bool = False) -> TrainReport:
-    """Train every exit head the spec asked eecompile to make (``head: {kind: ...}``) and splice it in.
+                val_fraction: float = 0.1, weight_decay: float = 1e-4, quiet: bool = False,
+                head_files: bool = True) -> TrainReport:
+    """Train every exit head the spec asked eecompile to make (``head: {kind: ...}``) and, with ``head_files``,
+    every head given as an ONNX file (``head: FILE``: its float initializers trained in place, the graph run in
+    torch by :mod:`eecompile.onnx_torch`), and splice them in. In-model heads (``head: {output: ...}``) are the
+    model's and are left alone.
 
     ``data``: an .npz with the model inputs (N samples along each input's batch axis) and optionally
     ``labels`` (int class indices, ``[N]`` or ``[N, P]`` for P predictions per sample). The backbone is frozen:
@@ -159,8 +163,14 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     from the final exit: Hinton et al. 2015 for the T^2 scaling, FastBERT, Liu et al. 2020, for exits) plus
     cross-entropy on the labels when present and ``use_labels``. AdamW (``lr``, ``weight_decay``) with a cosine
     schedule over ``epochs`` of mini-batches of ``batch_size``; ``val_fraction`` of the samples (when N >= 20)
-    is held out for the report. The trained weights are written into the head's ONNX template and the bundle
-    is re-verified and rewritten atomically (:func:`eecompile.replace_heads.replace_heads`).
+    is held out for the report. The trained weights are written into the head's ONNX template (a head file:
+    into a copy of the file's graph, same nodes and names) and the bundle is re-verified and rewritten
+    atomically (:func:`eecompile.replace_heads.replace_heads`).
+
+    Regression bundles (``manifest.task``): the loss is the MSE to the final output and the report gives the
+    relative L2 error. A template's ``score`` option is fitted afterwards with the head frozen (see
+    :func:`_fit_score`). A head file with two outputs trains the one shaped like the exit output (the other is
+    its score, left as it is).
 
     Returns a :class:`TrainReport`. Raises EECompileError for non-positive settings or when torch is missing,
     BundleError when no exit has a head eecompile makes or an exit's cut does not list the tensors its head
@@ -174,12 +184,19 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     m = b.manifest
     trainable = [s for s in m.segments[:-1] if s.exit.head_spec and s.exit.head_spec.get("kind")]
-    skipped = [f"exit {s.index} ({s.exit.head}): not a head eecompile makes" for s in m.segments[:-1]
-               if s not in trainable]
+    files: dict[int, Any] = {}
+    for s in m.segments[:-1]:
+        if head_files and s.exit.head.startswith("file:") and f"heads/exit{s.index}.onnx" in m.files:
+            files[s.index] = _load_head_file(b, s.index)
+            trainable.append(s)
+    trainable.sort(key=lambda s: s.index)
+    skipped = [f"exit {s.index} ({s.exit.head}): " + ("a head file, kept as it is (head_files=False)"
+                                                      if s.exit.head.startswith("file:") else "the model's own head")
+               for s in m.segments[:-1] if s not in trainable]
     if not trainable:
         raise BundleError(
             f"{b.path}: no exit has a head to train; in the spec, give an exit `head: {{kind: linear}}` "
-            f"(or mlp|conv|token) and recompile"
+            f"(or mlp|conv|token|local|global) or a head file, and recompile"
         )
     torch = _import_torch()
     inputs, labels = load_data(data, m)
@@ -206,7 +223,8 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     head_inputs: dict[int, list[str]] = {}
     for s in trainable:
         hs = s.exit.head_spec or {}
-        n_in = len(head_input_names(hs["kind"], hs["feature_shape"], hs.get("options")))
+        n_in = (len(files[s.index].inputs) if s.index in files
+                else len(head_input_names(hs["kind"], hs["feature_shape"], hs.get("options"))))
         if len(s.exit.at) < n_in:
             raise BundleError(f"{b.path}: exit {s.index}'s head reads {n_in} tensors but the exit is cut at "
                               f"{s.exit.at}; list them all in the spec's `at`")
@@ -250,21 +268,33 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                              task=m.task)
         new_heads = {}
         new_specs = {}
+        score_outputs: dict[int, str] = {}
         for s in trainable:
             k = s.index
-            hs = dict(s.exit.head_spec or {})
             feats = [arrays[f"in{k}.{j}"] for j in range(len(head_inputs[k]))]
-            nc = int(hs["n_classes"]) if regression else n_classes
-            out_shape = hs.get("out_shape")
-            opts = hs.get("options") or {}
             torch.manual_seed(seed + k)
-            module = head_module(hs["kind"], hs["feature_shape"], nc, opts, out_shape=out_shape)
-            main = [p for name, p in module.named_parameters() if not name.startswith("score_layer.")]
+            if k in files:  # a head file: its own graph, run in torch, its float weights trained
+                hs = {"file": s.exit.head.split(":", 1)[1]}
+                opts, module = {}, files[k].module
+                per_sample = int(np.prod(arrays["final"].shape[1:]))
+                forward = files[k].forward(per_sample)
+                main = list(module.parameters())
+                if files[k].score is not None:
+                    score_outputs[k] = files[k].score
+            else:
+                hs = dict(s.exit.head_spec or {})
+                nc = int(hs["n_classes"]) if regression else n_classes
+                out_shape = hs.get("out_shape")
+                opts = hs.get("options") or {}
+                module = head_module(hs["kind"], hs["feature_shape"], nc, opts, out_shape=out_shape)
+                main = [p for name, p in module.named_parameters() if not name.startswith("score_layer.")]
+                forward = None
             loss = _fit(torch, module, main, feats, tr, target.loss, epochs=epochs, batch_size=batch_size, lr=lr,
-                        weight_decay=weight_decay, seed=seed + k)
+                        weight_decay=weight_decay, seed=seed + k, forward=forward)
             before = target.summary(np.asarray(arrays[f"before{k}"], np.float32))
-            after = target.summary(_predict(torch, module, feats, n), head=True)
-            result = HeadResult(index=k, name=s.exit.name, kind=hs["kind"], agree_before=None, agree_after=None,
+            after = target.summary(_predict(torch, module, feats, n, forward), head=True)
+            result = HeadResult(index=k, name=s.exit.name, kind=hs.get("kind", "file"), agree_before=None,
+                                agree_after=None,
                                 acc_before=None, acc_after=None, train_agree=None, loss=loss)
             if regression:
                 result.error_before = float(before[eval_rows].mean())
@@ -279,9 +309,11 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                     torch, module, feats, target.score_target(after), tr, eval_rows, opts["score"], epochs=epochs,
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed + k)
             report.heads.append(result)
-            opset = _segment_opset(b, k)
-            new_heads[k] = head_onnx(hs["kind"], hs["feature_shape"], nc, opts, weights=module_weights(module),
-                                     opset=opset, out_shape=out_shape)
+            if k in files:
+                new_heads[k] = module.trained_model()
+            else:
+                new_heads[k] = head_onnx(hs["kind"], hs["feature_shape"], nc, opts, weights=module_weights(module),
+                                         opset=_segment_opset(b, k), out_shape=out_shape)
             hs.update(trained=True, epochs=epochs, temperature=temperature, used_labels=target.lab is not None,
                       n_train=len(tr))
             if regression:
@@ -293,8 +325,42 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
             new_specs[k] = hs
     from eecompile.replace_heads import replace_heads
 
-    replace_heads(b.path, new_heads, head_specs=new_specs)
+    replace_heads(b.path, new_heads, head_specs=new_specs, score_outputs=score_outputs)
     return report
+
+
+@dataclass
+class _HeadFile:
+    """A head file of the bundle (``heads/exit{k}.onnx``) as a trainable torch module; ``inputs``: its graph
+    inputs (the exit's ``at`` tensors, in order); ``score``: the name of its score output, if it has two."""
+
+    module: Any
+    inputs: list[str]
+    outputs: list[str]
+    shapes: list[list[Any]]
+    score: str | None = None
+
+    def forward(self, per_sample: int) -> Any:
+        """``forward(module, xs)`` giving the output the exit stands in for: the only one, or of two the one
+        with ``per_sample`` values per sample (the other is the score)."""
+        index = 0
+        if len(self.outputs) == 2:
+            sizes = [int(np.prod([d for d in s[1:] if isinstance(d, int)] or [1])) for s in self.shapes]
+            index = 1 if sizes[1] == per_sample and sizes[0] != per_sample else 0
+            self.score = self.outputs[1 - index]
+        return lambda module, xs: module(*xs)[index]
+
+
+def _load_head_file(bundle: Bundle, k: int) -> _HeadFile:
+    import onnx
+
+    from eecompile.onnx_torch import OnnxModule
+
+    proto = onnx.load(str(bundle.verify_file(f"heads/exit{k}.onnx")))
+    module = OnnxModule(proto, f"exits[{k}].head")
+    shapes = [[d.dim_value if d.HasField("dim_value") else d.dim_param for d in o.type.tensor_type.shape.dim]
+              for o in proto.graph.output]
+    return _HeadFile(module, list(module.inputs), list(module.outputs), shapes)
 
 
 class _Classes:
@@ -323,7 +389,7 @@ class _Classes:
         """``T^2 * KL(softmax(final / T) || softmax(head / T))`` (+ cross-entropy on the labels) of a batch."""
         import torch.nn.functional as F
 
-        logits = out.reshape(out.shape[0], -1, out.shape[-1])  # [b, P, C]
+        logits = out.reshape(out.shape[0], -1, self.n_classes)  # [b, P, C]
         c, t = logits.shape[-1], self.temperature
         log_p = F.log_softmax(logits / t, dim=-1).reshape(-1, c)
         # T^2 keeps the gradient scale of the soft targets comparable across temperatures (Hinton et al.).
@@ -464,11 +530,12 @@ def _fit_score(torch: Any, module: Any, feats: list[np.ndarray], target: np.ndar
     return held(got), held(const)
 
 
-def _predict(torch: Any, module: Any, feats: list[np.ndarray], n: int) -> np.ndarray:
+def _predict(torch: Any, module: Any, feats: list[np.ndarray], n: int, forward: Any = None) -> np.ndarray:
     """The head's outputs for all N rows (logits, or a regression head's values)."""
+    forward = forward or (lambda mod, xs: mod(*xs))
     out = []
     with torch.no_grad():
         for start in range(0, n, 1024):
             xs = [torch.from_numpy(np.ascontiguousarray(f[start:start + 1024])) for f in feats]
-            out.append(module(*xs).numpy())
+            out.append(forward(module, xs).numpy())
     return np.concatenate(out)

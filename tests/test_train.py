@@ -118,4 +118,28 @@ def test_no_trainable_head_is_a_clear_error(tmp_path: Path) -> None:
     from eecompile.train import train_heads
 
     with pytest.raises(BundleError, match="no exit has a head to train"):
-        train_heads(bundle, save_data(tmp_path / "d.npz", 50, seed=0), epochs=1, quiet=True)
+        train_heads(bundle, save_data(tmp_path / "d.npz", 50, seed=0), epochs=1, quiet=True, head_files=False)
+
+
+def test_head_files_are_trained_in_place(tmp_path: Path) -> None:
+    """Heads given as ONNX files: their weights are trained (the graph run in torch), the file's nodes kept."""
+    import onnx
+
+    from eecompile.heads import head_onnx
+    from eecompile.train import train_heads
+
+    onnx.save(head_onnx("mlp", [None, 32], N_CLASSES, {"hidden": 16}), tmp_path / "h.onnx")
+    bundle = make_bundle(tmp_path, heads=("h.onnx", "h.onnx"))
+    report = train_heads(bundle, save_data(tmp_path / "d.npz", 600, seed=2), epochs=15, quiet=True)
+    assert [h.kind for h in report.heads] == ["file", "file"]
+    for h in report.heads:
+        assert h.agree_before < 0.6 and h.agree_after > 0.9, h
+    b = eecompile.Bundle.load(bundle)
+    trained = onnx.load(str(b.verify_file("heads/exit0.onnx")))
+    assert [n.op_type for n in trained.graph.node] == [n.op_type for n in onnx.load(str(tmp_path / "h.onnx")).graph.node]
+    assert b.manifest.segments[0].exit.head_spec["trained"] and not any("untrained" in n for n in b.manifest.notes)
+    x, _ = blobs(200, seed=5)
+    runner = eecompile.load(bundle)
+    final = runner.run({"x": x}, thresholds="never").outputs["logits"].argmax(1)
+    forced = runner.run({"x": x}, thresholds=["always", "never"]).outputs["logits"].argmax(1)
+    assert (forced == final).mean() > 0.9
