@@ -9,6 +9,7 @@ def test_gate_names_of_an_exit():
     assert names.gate_names(2) == {
         "gate": "ee2.gate", "score": "ee2.score", "threshold": "ee2.threshold",
         "argmax": "ee2.state.argmax", "count": "ee2.state.count", "hidden": "ee2.state.hidden",
+        "output": "ee2.state.output", "survival": "ee2.state.survival",
     }
     assert names.exit_output(0, "logits") == "ee0.out.logits"
     assert names.head_prefix(1) == "ee1.head/"
