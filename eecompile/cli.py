@@ -479,7 +479,8 @@ def export() -> None:
               help="bls: segments as ONNX Runtime/TensorRT models chained by a Python BLS model; in-process: "
                    "the Python model runs the segments itself.")
 @click.option("--name", default=None, help="Name of the chain model (default: from the bundle's name).")
-@click.option("--max-batch-size", type=click.IntRange(min=0), default=32, show_default=True, help="0 turns dynamic batching off.")
+@click.option("--max-batch-size", type=click.IntRange(min=0), default=32, show_default=True,
+              help="0 turns dynamic batching off; decoder bundles: rows decoded together.")
 @click.option("--queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Dynamic batching: longest wait for more requests.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model.")

@@ -231,6 +231,11 @@ def parse_generate(body: bytes, n_exits: int) -> GenerateRequest:
     except (UnicodeDecodeError, ValueError) as e:
         raise DataError(f'{WHERE}: the body is not valid JSON ({e}); send {{"prompt": "...", '
                         f'"max_new_tokens": 32}}') from e
+    return generate_request(doc, n_exits)
+
+
+def generate_request(doc: Any, n_exits: int) -> GenerateRequest:
+    """A generate request from its fields (the JSON body, or Triton's tensors and parameters as a dict)."""
     if not isinstance(doc, dict) or ("prompt" in doc) == ("token_ids" in doc):
         raise DataError(f'{WHERE}: expected a JSON object with one of "prompt" (text) or "token_ids" (a list '
                         f'of ints), and "max_new_tokens"')

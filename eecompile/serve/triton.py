@@ -10,6 +10,10 @@ Two layouts (``segments``):
 * ``in-process``: only the Python model ``NAME``, running the segments on ONNX Runtime inside the Python
   backend (hosts whose Triton lacks the ONNX Runtime and TensorRT backends).
 
+A decoder bundle becomes one decoupled Python model ``NAME`` (:func:`decoder_config`): each request's row joins
+the model's running decode batch between steps (:mod:`eecompile.serve.decoding`) and streams a response per
+step that confirmed tokens for it, the last one flagged final.
+
 ``NAME`` takes the model's inputs (batch axis first), and optionally the request parameter ``thresholds``
 (``"0.9,never"``: one per early exit), and answers the final outputs plus ``exit_index`` (INT64, one per sample); Triton's dynamic batcher gathers requests for it (``max_batch_size``,
 ``max_queue_delay_microseconds``), and each model has an instance group. Segment models see whole
@@ -136,6 +140,31 @@ def chain_config(bundle: Bundle, model: str, segments: str, segment_models: list
             f"output [\n{SEP.join(outputs)}\n]\n{_instances(instances, 'KIND_CPU')}{parameters}")
 
 
+def decoder_config(model: str, max_rows: int, instances: int, threads: int | None) -> str:
+    """config.pbtxt of a decoder bundle's model: Python backend, decoupled (a stream of responses per request).
+
+    Inputs (each optional, one of ``prompt`` / ``token_ids`` given): ``prompt`` (BYTES [1], text),
+    ``token_ids`` (INT64 [-1]), ``max_new_tokens`` (INT32 [1]); the other options ride as request parameters.
+    Outputs: ``output_ids`` (INT64 [-1]), ``text`` (BYTES [1]), ``finished`` (BOOL [1]), ``result`` (BYTES [1],
+    the final row object as JSON; empty before)."""
+    def tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
+        opt = "\n    optional: true" if optional else ""
+        return f"  {{\n    name: {json.dumps(name)}\n    data_type: {dtype}\n    dims: [ {dims} ]{opt}\n  }}"
+
+    inputs = [tensor("prompt", "TYPE_STRING", "1", True), tensor("token_ids", "TYPE_INT64", "-1", True),
+              tensor("max_new_tokens", "TYPE_INT32", "1", True)]
+    outputs = [tensor("output_ids", "TYPE_INT64", "-1"), tensor("text", "TYPE_STRING", "1"),
+               tensor("finished", "TYPE_BOOL", "1"), tensor("result", "TYPE_STRING", "1")]
+    params = {"kind": "decoder", "max_rows": str(max_rows)}
+    if threads:
+        params["threads"] = str(threads)
+    parameters = "".join(f"parameters: {{\n  key: {json.dumps(k)}\n  value: {{ string_value: {json.dumps(v)} }}\n}}\n"
+                         for k, v in params.items())
+    return (f"name: {json.dumps(model)}\nbackend: \"python\"\nmax_batch_size: 0\n"
+            f"model_transaction_policy {{\n  decoupled: true\n}}\ninput [\n{SEP.join(inputs)}\n]\n"
+            f"output [\n{SEP.join(outputs)}\n]\n{_instances(instances, 'KIND_CPU')}{parameters}")
+
+
 def _link_or_copy(src: str | Path, dst: str | Path) -> None:
     try:
         os.link(src, dst)
@@ -161,8 +190,15 @@ def export_triton(bundle_path: str | Path, output: str | Path, *, name: str | No
     if max_batch_size < 0 or queue_delay_us < 0 or instances < 1:
         raise DataError("--max-batch-size and --queue-delay-us must be >= 0, --instances >= 1")
     bundle = Bundle.load(bundle_path)
-    check_classifier_bundle(bundle, "eecompile export triton")
     m = bundle.manifest
+    decoder = m.decoder is not None
+    if decoder and engines != "onnxruntime":
+        raise DataError(f"--engines {engines}: a decoder bundle is exported as one Python model decoding on ONNX "
+                        f"Runtime in process (its key/value caches stay in that process); use --engines onnxruntime")
+    if decoder:
+        segments = "in-process"
+    else:
+        check_classifier_bundle(bundle, "eecompile export triton")
     name = name or bundle.path.name.split(".")[0].replace("-", "_") or "eecompile"
     output = Path(output)
     out, src = output.resolve(), bundle.path.resolve()
@@ -179,8 +215,11 @@ def export_triton(bundle_path: str | Path, output: str | Path, *, name: str | No
     if not output.parent.is_dir():
         raise DataError(f"{output.parent}: directory does not exist; create it or choose another -o path")
     seg_models = [f"{name}_seg{k}" for k in range(len(m.segments))] if segments == "bls" else []
-    result = TritonExport(output, name, [name, *seg_models], segments)
-    if not (max_batch_size > 0 and all(t.batch_axis == 0 for t in [*m.inputs, *m.outputs])):
+    result = TritonExport(output, name, [name, *seg_models], "decoupled generate" if decoder else segments)
+    if decoder:
+        result.notes.append(f"decoder bundle: one decoupled Python model; requests join its running batch of at "
+                            f"most {max_batch_size or 1} rows between decode steps and stream their tokens")
+    elif not (max_batch_size > 0 and all(t.batch_axis == 0 for t in [*m.inputs, *m.outputs])):
         result.notes.append("no dynamic batching: an input or output has no batch axis first")
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
@@ -190,6 +229,7 @@ def export_triton(bundle_path: str | Path, output: str | Path, *, name: str | No
         (chain_dir / "model.py").write_text(MODEL_PY)
         (tmp / REPOSITORY_MARKER).write_text(f"written by eecompile export triton from {bundle.path.name}\n")
         (tmp / name / "config.pbtxt").write_text(
+            decoder_config(name, max_batch_size or 1, instances, threads) if decoder else
             chain_config(bundle, name, segments, seg_models, max_batch_size, queue_delay_us, instances, threads))
         for k, model in enumerate(seg_models):
             d = tmp / model / "1"

@@ -24,6 +24,7 @@ from eecompile.bundle import Bundle
 from eecompile.errors import BackendError, EECompileError
 from eecompile.runtimes.base import SegmentBackend
 from eecompile.serve.batching import Answer, group_requests, run_group
+from eecompile.serve.decoding import DecodeScheduler, RowSink
 from eecompile.serve.protocol import PredictRequest, check_arrays, thresholds_of
 
 EXIT_INDEX = "exit_index"
@@ -75,6 +76,11 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         here = Path(args["model_repository"]) / args["model_version"]
         bundle = Bundle.load(here / "bundle")
+        self.decoder: TritonDecoder | None = None
+        if params.get("kind") == "decoder":
+            self.decoder = TritonDecoder(bundle, pb_utils, int(params.get("max_rows", "8")),
+                                         int(params.get("threads", "0")) or None)
+            return
         if params.get("segments") == "bls":
             models = json.loads(params["segment_models"])
             self.runner = EarlyExitRunner(bundle, backend=TritonBLSBackend(bundle, models, pb_utils))
@@ -83,7 +89,10 @@ class TritonPythonModel:
             self.runner = load(bundle.path, backend="onnxruntime", **({"threads": threads} if threads else {}))
         self.outputs = [t.name for t in bundle.manifest.outputs]
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        if self.decoder is not None:
+            self.decoder.execute(requests)
+            return None  # decoupled: the responses go out through each request's response sender
         pb = self.pb
         parsed: list[PredictRequest | None] = []
         errors: list[str | None] = []
@@ -124,4 +133,79 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
+        if self.decoder is not None:
+            self.decoder.scheduler.close()
+            return
         self.runner.close()
+
+
+class TritonDecoder:
+    """A decoder bundle in a decoupled Python model: one :class:`~eecompile.serve.decoding.DecodeScheduler` (its
+    own thread steps the running batch); each request streams ``output_ids``/``text`` of every step that gave
+    it tokens (``finished`` false), then one response with every token, the full text, ``finished`` true and
+    ``result`` (the row object of ``POST /v1/generate`` as JSON), flagged final. Options besides the prompt and
+    ``max_new_tokens`` ride as request parameters (``mode``, ``thresholds``, ``draft_tokens``, ``sample``,
+    ``temperature``, ``seed``). A refused request gets one error response, flagged final."""
+
+    def __init__(self, bundle: Bundle, pb_utils: Any, max_rows: int, threads: int | None) -> None:
+        from eecompile.runtimes.lm import DecoderRunner
+
+        self.pb = pb_utils
+        self.runner = DecoderRunner(bundle, threads=threads)
+        self.scheduler = DecodeScheduler(self.runner, max_batch=max_rows)
+
+    def execute(self, requests: list[Any]) -> None:
+        from eecompile.serve.protocol import generate_request
+
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                doc: dict[str, Any] = json.loads(request.parameters() or "{}")
+                for name in ("prompt", "token_ids", "max_new_tokens"):
+                    t = self.pb.get_input_tensor_by_name(request, name)
+                    if t is None:
+                        continue
+                    a = t.as_numpy().reshape(-1)
+                    if name == "prompt":
+                        doc[name] = a[0].decode() if isinstance(a[0], bytes) else str(a[0])
+                    elif name == "token_ids":
+                        doc[name] = [int(v) for v in a]
+                    else:
+                        doc[name] = int(a[0])
+                doc.pop("stream", None)
+                if isinstance(doc.get("thresholds"), str):  # "0.9,never" as for the chain model
+                    doc["thresholds"] = list(thresholds_of(doc["thresholds"], len(self.runner.exits)) or [])
+                self.scheduler.submit(generate_request(doc, len(self.runner.exits)), _TritonSink(self.pb, sender))
+            except EECompileError as e:
+                sender.send(self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(str(e))),
+                            flags=final)
+
+
+class _TritonSink(RowSink):
+    """Sends a request's tokens through its response sender (called on the scheduler's thread)."""
+
+    def __init__(self, pb: Any, sender: Any) -> None:
+        self.pb, self.sender = pb, sender
+
+    def _send(self, ids: list[int], text: str, finished: bool, result: str, flags: int = 0) -> None:
+        pb = self.pb
+        tensors = [pb.Tensor("output_ids", np.asarray(ids, np.int64)),
+                   pb.Tensor("text", np.array([text.encode()], dtype=np.object_)),
+                   pb.Tensor("finished", np.array([finished])),
+                   pb.Tensor("result", np.array([result.encode()], dtype=np.object_))]
+        self.sender.send(pb.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def admitted(self) -> None:
+        pass
+
+    def tokens(self, token_ids: list[int], text: str | None) -> None:
+        self._send(token_ids, text or "", False, "")
+
+    def finished(self, result: dict[str, Any]) -> None:
+        self._send(result["token_ids"], result["text"], True, json.dumps(result),
+                   flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def failed(self, error: BaseException) -> None:
+        self.sender.send(self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(str(error))),
+                         flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

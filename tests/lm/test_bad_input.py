@@ -133,12 +133,11 @@ def test_single_pass_runner_on_a_decoder_bundle(lm_bundle: Path) -> None:
     ["calibrate", "{b}", "--data", "{d}", "--max-drop", "0.01"],
     ["build", "{b}", "--backend", "onnxruntime"],
     ["verify", "{b}", "--backend", "onnxruntime"],
-    ["export", "triton", "{b}", "-o", "{t}/repo"],
 ])
 def test_classifier_commands_on_a_decoder_bundle(lm_bundle: Path, tmp_path: Path, command: list[str]) -> None:
-    """run/bench/calibrate/build/verify/export on a decoder bundle: one line that points at `generate`, and the
-    bundle and the output untouched (before: 'the manifest lists no segments', an internal error in build, a
-    Triton repository without segments)."""
+    """run/bench/calibrate/build/verify on a decoder bundle: one line that points at `generate`, and the
+    bundle and the output untouched (before: 'the manifest lists no segments', an internal error in build).
+    `export triton` writes a decoupled generate model for it (tests/serve/test_triton_generate.py)."""
     from tests.bad_inputs.util import expect_error
 
     data = tmp_path / "in.npz"

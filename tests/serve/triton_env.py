@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "triton"
-PACKAGES = ["numpy<2", "onnxruntime", "pyyaml"]
+PACKAGES = ["numpy<2", "onnxruntime", "pyyaml", "tokenizers"]
 PYTRITON = "nvidia-pytriton==0.7.0"
 
 
@@ -80,6 +80,11 @@ def triton_env() -> TritonEnv:
             shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub",
                         server / "backends" / "python" / "triton_python_backend_stub")
             ready.touch()
+        if not (site / "tokenizers").is_dir():  # environments built before decoder bundles were served
+            done = subprocess.run([str(python), "-m", "pip", "install", "-q", "tokenizers"], capture_output=True,
+                                  text=True, timeout=600)
+            if done.returncode != 0:
+                pytest.skip(f"cannot install tokenizers in tritonserver's environment: {done.stderr.strip()[-300:]}")
         # eecompile from this checkout, for the Python models that import it
         (site / "eecompile-src.pth").write_text(f"{ROOT}\n")
     return TritonEnv(python, site, venv / "tritonserver")
