@@ -510,6 +510,9 @@ def _fit_score(torch: Any, module: Any, feats: list[np.ndarray], target: np.ndar
     for p in frozen:
         p.requires_grad_(False)
     try:
+        # One linear layer (a logistic regression on the pooled features and softmax statistics): a learning
+        # rate 10x the heads' and no weight decay, so its weights reach the scale the statistics need.
+        fit = {**fit, "lr": 10 * fit["lr"], "weight_decay": 0.0}
         _fit(torch, module, params, feats, rows, loss_of, forward=lambda mod, xs: mod.score(*xs), **fit)
     finally:
         for p in frozen:

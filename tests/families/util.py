@@ -33,3 +33,36 @@ def check_compaction(runner: Any, feeds: dict[str, np.ndarray], thresholds: Sequ
     np.testing.assert_allclose(compact.outputs[output], want, rtol=rtol, atol=atol)
     np.testing.assert_allclose(wait.outputs[output], want, rtol=rtol, atol=atol)
     return compact
+
+
+def blob_images(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Images [n, 3, size, size] of noise with one striped 6 x 6 patch at a random place; the label (0..7) is its
+    colour (one of the three channels, or all of them) times its stripes' orientation (horizontal, vertical):
+    local texture and colour, which pooled features of any depth can see."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, size, size)).astype(np.float32) * 0.5
+    y = rng.integers(0, 8, n)
+    stripes = (np.arange(6) % 2 * 2.0 - 1.0).astype(np.float32) * 1.5
+    for i, c in enumerate(y):
+        colour, vertical = c // 2, c % 2
+        patch = np.tile(stripes, (6, 1)) if vertical else np.tile(stripes[:, None], (1, 6))
+        r0, c0 = rng.integers(0, size - 6, 2)
+        channels = [0, 1, 2] if colour == 3 else [colour]
+        x[i, channels, r0:r0 + 6, c0:c0 + 6] += patch
+    return x, y
+
+
+def fit_classifier(model: Any, data: Any, steps: int, lr: float = 3e-3, batch: int = 64) -> Any:
+    """A few Adam steps of cross-entropy on every logits output of ``model`` (a tuple or one tensor)."""
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for step in range(steps):
+        x, y = (torch.from_numpy(a) for a in data(batch, seed=1000 + step))
+        outs = model(x)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        loss = sum(torch.nn.functional.cross_entropy(o, y) for o in outs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
