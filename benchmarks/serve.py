@@ -133,16 +133,23 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def load_test_args(doc: str, requests: int, quick: tuple[int, int], out: str) -> argparse.Namespace:
+    """The options of a load test: --clients, --requests (per client), --quick (``quick`` clients x requests),
+    --out (default ``benchmarks/results/OUT``); sets OMP_NUM_THREADS=1 unless given."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=40, help="per client")
-    ap.add_argument("--quick", action="store_true", help="4 clients x 8 requests")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "serve.json")
+    ap.add_argument("--requests", type=int, default=requests, help="per client")
+    ap.add_argument("--quick", action="store_true", help=f"{quick[0]} clients x {quick[1]} requests")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / out)
     args = ap.parse_args()
     if args.quick:
-        args.clients, args.requests = 4, 8
+        args.clients, args.requests = quick
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return args
+
+
+def main() -> None:
+    args = load_test_args(__doc__ or "", 40, (4, 8), "serve.json")
 
     import ray
     from ray import serve

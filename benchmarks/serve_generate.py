@@ -16,7 +16,6 @@ Writes benchmarks/results/serve_generate.json; the figures are copied by hand in
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.serve import load_test_args  # noqa: E402
 from tests.serve.client import post  # noqa: E402
 from tests.serve.conftest import free_port  # noqa: E402
 
@@ -103,15 +103,7 @@ def summarize(work: list[list[dict]], answers: list[list[dict | None]], expected
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=6, help="per client")
-    ap.add_argument("--quick", action="store_true", help="4 clients x 3 requests")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "serve_generate.json")
-    args = ap.parse_args()
-    if args.quick:
-        args.clients, args.requests = 4, 3
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = load_test_args(__doc__ or "", 6, (4, 3), "serve_generate.json")
 
     import ray
     from ray import serve
