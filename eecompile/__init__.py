@@ -60,7 +60,8 @@ def load(bundle: Any, backend: str = "onnxruntime", public_key: Any = None, **op
     anything in the bundle is used. Raises BundleError for a missing, damaged or tampered bundle
     (SignatureError, a BundleError, for an unsigned or altered one with ``public_key``) and BackendError when
     the backend cannot load its segments. A loop bundle (compiled from a spec with ``loop:``) gives a
-    :class:`~eecompile.runtimes.loop.LoopRunner`: ``run(feeds, steps=N, thresholds=None, loop_threshold=None)``."""
+    :class:`~eecompile.runtimes.loop.LoopRunner`: ``run(feeds, steps=N, thresholds=None, loop_threshold=None)``;
+    one with jump exits a :class:`~eecompile.runtimes.jumps.JumpRunner` (same ``run`` as the chain's)."""
     if public_key is not None:
         bundle = Bundle.load(bundle.path if isinstance(bundle, Bundle) else bundle, public_key=public_key)
     if backend == "tensorrt":
@@ -74,6 +75,10 @@ def load(bundle: Any, backend: str = "onnxruntime", public_key: Any = None, **op
         from eecompile.runtimes.loop import LoopRunner
 
         return LoopRunner(loaded, backend=backend, **options)  # type: ignore[return-value]  # same run() shape
+    if loaded.manifest.jumps:  # jump exits (MuE): a sample that fires at one continues at a later segment
+        from eecompile.runtimes.jumps import JumpRunner
+
+        return JumpRunner(loaded, backend=backend, **options)  # type: ignore[return-value]  # same run() shape
     return EarlyExitRunner(loaded, backend=backend, **options)
 
 

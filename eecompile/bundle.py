@@ -155,6 +155,7 @@ class Manifest:
     # calibrate then counts errors against an error budget). Bundles written before the field: classification.
     task: str = "classification"
     loop: dict[str, Any] | None = None  # iterative bundles: the chain run N times on its own state (see LOOP_KEYS)
+    jumps: list[dict[str, Any]] | None = None  # jump exits: [{exit, tensor, to}] (a fired sample continues at `to`)
 
     @property
     def exits(self) -> list[ExitInfo]:
@@ -203,6 +204,7 @@ class Manifest:
                 decoder=d.get("decoder"),
                 task=d.get("task", "classification"),
                 loop=d.get("loop"),
+                jumps=d.get("jumps"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where}: manifest is incomplete or malformed ({e!r}); recompile the bundle") from e
@@ -359,6 +361,30 @@ class _Schema:
             if dec.get(k) is not None:
                 self.relpath(dec[k], f"decoder.{k}")
 
+    def jumps(self, v: Any, segments: list[dict[str, Any]]) -> None:
+        """Jump exits: each names a gated segment, goes forward (``to`` > ``exit``: a jump to an earlier segment
+        is refused), to a segment right after a boundary without a gate that hands on the jump tensor, and the
+        exit gives that tensor."""
+        n = len(segments)
+        for i, j in enumerate(self.seq(v, "jumps")):
+            path = f"jumps[{i}]"
+            j = self.mapping(j, path)
+            for key in ("exit", "to"):
+                self.integer(self.key(j, key, path), f"{path}.{key}", minimum=0)
+            tensor = self.key(j, "tensor", path)
+            self.string(tensor, f"{path}.tensor")
+            k, to = j["exit"], j["to"]
+            if k >= n - 1 or not (segments[k]["exit"].get("gate")):
+                raise self.fail(f"{path}.exit", f"segment {k} has no early exit to jump from")
+            if to <= k:
+                raise self.fail(f"{path}.to", f"segment {to} is not after exit {k}: a jump goes to a later segment")
+            if to >= n or segments[to - 1]["exit"].get("gate") or tensor not in (segments[to - 1].get("carried_out")
+                                                                               or []):
+                raise self.fail(f"{path}.to", f"segment {to} does not start at a boundary handing on '{tensor}'")
+            if tensor not in segments[k]["exit"]["outputs"]:
+                raise self.fail(f"{path}.tensor", f"exit {k} does not give '{tensor}' (its outputs: "
+                                                  f"{sorted(segments[k]['exit']['outputs'])})")
+
     def loop(self, v: Any, d: dict[str, Any]) -> None:
         """Loop bundles (``loop:``): the step graph is confined like a segment; every fed-back output exists and
         has its input's dtype, rank, fixed sizes and batch axis (else a step would feed the next a tensor it
@@ -499,6 +525,8 @@ class _Schema:
             self.decoder(d["decoder"])
         if d.get("loop") is not None:
             self.loop(d["loop"], d)
+        if d.get("jumps") is not None:
+            self.jumps(d["jumps"], d["segments"])
         self.strings(d.get("notes") or [], "notes")
         files = self.mapping(d.get("files") or {}, "files")
         for rel, digest in files.items():

@@ -5,6 +5,7 @@
     batch dynamic         passes/batch_dynamic.py   BatchDynamicPass (or per-sample mode where unsafe)
     probe                 analysis/prepared.py      graph index, ORT probe (batch axes, shapes), FLOPs per node
     validate spec         analysis/exits.py         exits resolved against the graph, every cut checked
+    jumps                 passes/jumps.py           jump exits: a boundary at each jump tensor, forward only
     partition             analysis/partition.py     one SegmentPlan per segment: nodes, inputs, outputs, deps
     extract segments      passes/extract_segments.py one graph per segment
     batch-first views     passes/attach_heads.py    BatchFirstPass      } per segment, run as one list:
@@ -56,6 +57,7 @@ from eecompile.passes.attach_heads import (
 from eecompile.passes.batch_dynamic import BatchDynamicPass, InferShapesPass
 from eecompile.passes.extract_segments import ExtractedSegment, extract_segments
 from eecompile.passes.gates import FuseGatePass
+from eecompile.passes.jumps import JumpTarget, check_jump_reads, plan_jumps, target_info
 from eecompile.passes.load import load_model, opset_of
 from eecompile.passes.loop import LOOP_FILE, plan_loop
 from eecompile.passes.opset import ir_version_for, main_opset, raise_segment
@@ -159,8 +161,10 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
     final = resolve_final(pm, spec)
     exits = plan_exits(pm, spec)
     dropped = check_outputs(pm, spec, final, exits)
+    exits, jumps = plan_jumps(pm, exits)  # jump exits (MuE): a boundary at each jump tensor (passes/jumps.py)
     plans = plan_segments(pm.index, [*(e.targets() for e in exits), [final]])
     check_segments(pm, plans, exits)
+    jump_records = check_jump_reads(pm, plans, exits, jumps)
     final_shape = pm.shape_of(final.name)
     axis = class_axis(spec, final_shape)
     opset = opset_of(pm.model)
@@ -185,10 +189,16 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
         passes, rec = segment_passes(pm, seg, exits, heads, final, final_shape, axis, seg_opset, act)
         Pipeline(*passes)(model)
         name = final.name or ""
-        info = exit_info(name, rec) if rec else ExitInfo(seg.index, [], "final", {name: name})
+        if seg.index in jumps:
+            name = jumps[seg.index].name or ""
+        if seg.index < len(exits) and isinstance(exits[seg.index], JumpTarget):
+            info = target_info(seg.index, exits[seg.index].at[0].name or "")
+        else:
+            info = exit_info(name, rec) if rec else ExitInfo(seg.index, [], "final", {name: name})
         models.append(model)
         infos.append(segment_info(pm, seg.index, model, info, seg.carried_out, plans[seg.index].nodes))
     manifest = manifest_for(pm, spec, final, axis, infos, __version__, notes)
+    manifest.jumps = jump_records or None
     extra = {}
     if spec.loop is not None:  # an iterative model: the step graph and the loop record (passes/loop.py)
         loop = plan_loop(spec.loop, manifest.inputs, manifest.outputs)
@@ -214,6 +224,11 @@ def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPla
     if k == len(exits):  # the final segment: the final output is its exit
         return [SegmentOutputsPass([*seg.carried_out, final.name or ""]), *tidy_passes()], None
     e = exits[k]
+    if isinstance(e, JumpTarget):  # a boundary at a jump tensor: no head, no gate
+        return [SegmentOutputsPass(seg.carried_out), *tidy_passes()], None
+    if e.spec.jump is not None:  # a jump exit: the head gives the jump tensor, not the final output
+        target = pm.index.values[e.spec.jump]
+        final, final_shape, class_axis, final_act = target, pm.shape_of(target.name), -1, None
     head_model, head_spec = heads[k]
     # Heads and gates read the `at` tensors batch-first (a Transpose where the probe measured another batch axis).
     views = head_views(pm, k, [v.name or "" for v in e.at])

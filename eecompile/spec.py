@@ -84,6 +84,7 @@ _THRESHOLD_RANGE: dict[GateKind, tuple[float, float]] = {
 }
 
 HEAD_KINDS = ("linear", "mlp", "conv", "token", "local", "global")
+JUMP_GATES = (GateKind.SATURATION, GateKind.SCORE)  # what a jump exit (no class scores) may gate on
 HEAD_OPTIONS = ("hidden", "conv_channels", "pool", "seed", "score", "grid", "kernel")  # eecompile.heads' options
 HEAD_SCORES = ("uncertainty", "agreement")  # the `score` option: a second head output that a gate reads
 
@@ -144,6 +145,9 @@ class ExitSpec:
     head: HeadSpec
     gate: GateSpec
     name: str | None = None
+    # A jump exit (MuE's encoder exits): the head gives this tensor's value (e.g. the encoder output), and a
+    # sample that fires continues at the segment that starts from it instead of ending.
+    jump: str | None = None
 
     @property
     def tensor(self) -> str:
@@ -528,7 +532,7 @@ def _parse_head(node: _Node, path: str, base: Path) -> HeadSpec:
 
 def _parse_exit(node: _Node, path: str, base: Path) -> ExitSpec:
     m = _mapping(node, path)
-    _check_keys(node, ("at", "head", "gate", "name"), path)
+    _check_keys(node, ("at", "head", "gate", "name", "jump"), path)
     for key in ("at", "head", "gate"):
         if key not in m:
             raise SpecError(f"{_at(path, node)}: missing '{key}'")
@@ -540,8 +544,18 @@ def _parse_exit(node: _Node, path: str, base: Path) -> ExitSpec:
     else:
         at = (_string(at_node, f"{path}.at"),)
     name = _string(m["name"], f"{path}.name") if "name" in m else None
-    return ExitSpec(at=at, head=_parse_head(m["head"], f"{path}.head", base),
-                    gate=_parse_gate(m["gate"], f"{path}.gate"), name=name)
+    head, gate = _parse_head(m["head"], f"{path}.head", base), _parse_gate(m["gate"], f"{path}.gate")
+    jump = None
+    if "jump" in m:
+        jump = _string(m["jump"], f"{path}.jump")
+        if gate.kind not in JUMP_GATES:
+            raise SpecError(f"{_at(path + '.gate.kind', m['gate'])}: a jump exit's head gives '{_show(jump)}', not "
+                            f"the final output, so its gate cannot read class scores; use "
+                            f"{' or '.join(k.value for k in JUMP_GATES)}")
+        if head.kind is not None:
+            raise SpecError(f"{_at(path + '.head', m['head'])}: a jump exit takes a head file or an in-model head "
+                            f"(head: {{output: ...}}) giving '{_show(jump)}'; trained heads give the final output")
+    return ExitSpec(at=at, head=head, gate=gate, name=name, jump=jump)
 
 
 def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) -> Spec:

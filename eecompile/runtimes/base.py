@@ -69,6 +69,9 @@ def check_classifier_bundle(bundle: Bundle, command: str) -> None:
     if bundle.manifest.decoder is not None:
         raise BundleError(f"{bundle.path}: a decoder bundle (kind: decoder); {command} takes bundles compiled from "
                           f"a classifier spec: generate text with `eecompile generate {bundle.path} --prompt TEXT`")
+    if bundle.manifest.jumps:
+        raise BundleError(f"{bundle.path}: a bundle with jump exits (exits[].jump); {command} runs a straight chain: "
+                          f"run it with eecompile.load(...) or `eecompile run` (eecompile.runtimes.jumps.JumpRunner)")
 
 
 def check_policy(policy: str) -> None:

@@ -64,7 +64,13 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
     if steps is not None or loop_threshold is not None:
         raise DataError(f"{loaded.path}: --steps and --loop-threshold are for loop bundles (compiled from a spec "
                         f"with 'loop:'); this bundle runs its chain once")
-    with EarlyExitRunner(loaded, backend=backend, **options) as runner:
+    if loaded.manifest.jumps:  # jump exits: the same results through the runner that merges jumped rows
+        from eecompile.runtimes.jumps import JumpRunner
+
+        runner_cm: Any = JumpRunner(loaded, backend=backend, **options)
+    else:
+        runner_cm = EarlyExitRunner(loaded, backend=backend, **options)
+    with runner_cm as runner:
         thr = runner.resolve(None) if thresholds is None else resolve_thresholds(
             runner.manifest.exits, parse_threshold_list(thresholds), where="--thresholds")
         out_axes = {t.name: (t.batch_axis or 0) for t in runner.manifest.outputs}

@@ -155,3 +155,59 @@ def export_unmask_step(path: Path, per_step: int = 2) -> Path:
                       dynamic_axes={n: {0: "batch"} for n in ["tokens", "logits", "tokens_next", "committed"]},
                       opset_version=17, dynamo=False)
     return path
+
+
+def export_encoder_decoder(path: Path):
+    """src[B, S], tgt[B, T] (int64) -> logits[B, T, V]: three encoder layers, the encoder's final LayerNorm
+    (``enc_out``), two decoder layers attending to it, an LM head. MuE's exits as in-model heads: ``enc1``/``enc2``
+    (the final LayerNorm on encoder layers 1 and 2: each stands in for ``enc_out``) and ``logits1`` (the LM head
+    after decoder layer 1). Returns (path, the torch module, names of the layers' output tensors)."""
+    torch = _torch()
+    nn = torch.nn
+    torch.manual_seed(0)
+
+    def enc_layer():
+        return nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+
+    def dec_layer():
+        return nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+
+    class EncoderDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.src_emb, self.tgt_emb = nn.Embedding(VOCAB, 32), nn.Embedding(VOCAB, 32)
+            self.enc1, self.enc2, self.enc3 = enc_layer(), enc_layer(), enc_layer()
+            self.norm = nn.LayerNorm(32)
+            self.dec1, self.dec2 = dec_layer(), dec_layer()
+            self.head = nn.Linear(32, VOCAB)
+
+        def encode(self, src):
+            e = self.src_emb(src) * 2.0
+            h1 = self.enc1(e)
+            h2 = self.enc2(h1)
+            return e, h1, h2, self.norm(self.enc3(h2))
+
+        def decode(self, tgt, memory):
+            d1 = self.dec1(self.tgt_emb(tgt), memory)
+            return self.head(d1), self.head(self.dec2(d1, memory))
+
+        def forward(self, src, tgt):
+            _, h1, h2, enc_out = self.encode(src)
+            logits1, logits = self.decode(tgt, enc_out)
+            return logits, self.norm(h1), self.norm(h2), logits1
+
+    model = EncoderDecoder().eval()
+    outs = ["logits", "enc1", "enc2", "logits1"]
+    torch.onnx.export(model, (torch.randint(0, VOCAB, (2, SEQ)), torch.randint(0, VOCAB, (2, 6))), str(path),
+                      input_names=["src", "tgt"], output_names=outs,
+                      dynamic_axes={n: {0: "batch"} for n in ["src", "tgt", *outs]}, opset_version=17, dynamo=False)
+    import onnx
+
+    nodes = onnx.load(str(path)).graph.node
+
+    def last_output(prefix: str) -> str:
+        return [n.output[0] for n in nodes if n.name.startswith(prefix)][-1]
+
+    names = {k: last_output(f"/{k}/") for k in ("enc1", "enc2", "enc3", "dec1", "norm")}
+    names["emb"] = [n.output[0] for n in nodes if n.op_type == "Mul" and n.input and "src_emb" in n.input[0]][0]
+    return path, model, names

@@ -1,0 +1,172 @@
+"""MuE's encoder–decoder exits: encoder exits whose head (the encoder's final LayerNorm on an early layer) stands in
+for the encoder output and *jump* to the decoder, which may let the sample leave early too."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import eecompile
+from eecompile.errors import BundleError, SpecError
+from eecompile.runtimes.jumps import JumpRunner
+from tests.loops.models import SEQ, VOCAB, export_encoder_decoder
+
+
+def mue_spec(d: Path, model: Path, names: dict, name: str = "spec.yaml", **first: object) -> Path:
+    doc = {"model": str(model), "exits": [
+        {"at": names["enc1"], "head": {"output": "enc1"}, "jump": names["norm"],
+         "gate": {"kind": "saturation", "threshold": 0.9, "against": names["emb"]}, **first},
+        {"at": names["enc2"], "head": {"output": "enc2"}, "jump": names["norm"],
+         "gate": {"kind": "saturation", "threshold": 0.9}},
+        {"at": names["dec1"], "head": {"output": "logits1"}, "gate": {"kind": "max_prob", "threshold": 0.5}},
+    ], "final": {"output": "logits"}}
+    path = d / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mue(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("mue")
+    model, torch_model, names = export_encoder_decoder(d / "encdec.onnx")
+    bundle = eecompile.compile_model(mue_spec(d, model, names), d / "mue.eebundle")
+    rng = np.random.default_rng(0)
+    feeds = {"src": rng.integers(0, VOCAB, (16, SEQ)).astype(np.int64),
+             "tgt": rng.integers(0, VOCAB, (16, 6)).astype(np.int64)}
+    return {"dir": d, "model": model, "torch": torch_model, "names": names, "bundle": bundle, "feeds": feeds,
+            "runner": JumpRunner(bundle)}
+
+
+def _mixed(runner: JumpRunner, feeds: dict) -> list[float]:
+    """Thresholds from the gates' own scores (every gate on every row: jumps overridden to 'never' one by one)."""
+    scores = []
+    be = runner.backend
+    env = dict(feeds)
+    for seg, info in zip(runner._segs, runner.manifest.segments, strict=True):
+        outs = be.run_segment(seg.index, {n: env[n] for n in seg.inputs},
+                              np.inf if info.exit.gate is not None else None)
+        env.update(outs)
+        if info.exit.gate is not None:
+            scores.append(float(np.quantile(outs[info.exit.gate.score_output], 0.6)))
+    return scores
+
+
+def _expected(mue: dict, res) -> np.ndarray:
+    """Each sample's logits written out in torch from the path it took: the encoder output from the jump exit it
+    left at (or the whole encoder), then the decoder up to the exit it left at."""
+    import torch
+
+    m, feeds = mue["torch"], mue["feeds"]
+    with torch.no_grad():
+        src, tgt = torch.from_numpy(feeds["src"]), torch.from_numpy(feeds["tgt"])
+        _, h1, h2, enc_out = m.encode(src)
+        memory = {-1: enc_out, 0: m.norm(h1), 1: m.norm(h2)}
+        out = np.zeros((len(src), tgt.shape[1], VOCAB), np.float32)
+        for b in range(len(src)):
+            logits1, logits = m.decode(tgt[b:b + 1], memory[int(res.jumped[b])][b:b + 1])
+            out[b] = (logits1 if res.exit_index[b] == 3 else logits)[0].numpy()
+    return out
+
+
+def test_jump_exits_feed_the_decoder(mue: dict) -> None:
+    runner, feeds = mue["runner"], mue["feeds"]
+    m = mue["bundle"].manifest
+    assert m.jumps == [{"exit": 0, "tensor": mue["names"]["norm"], "to": 3},
+                       {"exit": 1, "tensor": mue["names"]["norm"], "to": 3}]
+    assert m.segments[2].exit.gate is None and m.segments[2].exit.outputs == {}  # the boundary at enc_out
+    thr = _mixed(runner, feeds)
+    res = runner.run(feeds, thresholds=thr)
+    # Every path is taken: jumps from both encoder exits and none; decoder exit and final exit.
+    assert set(res.jumped.tolist()) == {-1, 0, 1}, res.jumped
+    assert set(res.exit_index.tolist()) == {3, 4}, res.exit_index
+    np.testing.assert_allclose(res.outputs["logits"], _expected(mue, res), rtol=1e-4, atol=1e-4)
+    # Compaction: the remaining encoder ran on fewer rows; the decoder on the merged batch.
+    sizes = res.batch_sizes[0]
+    assert sizes[0] == 16 and sizes[1] < 16 and sizes[2] < sizes[1] and sizes[3] == 16 and sizes[4] < 16
+    never = runner.run(feeds, thresholds="never")
+    assert (never.jumped == -1).all() and (never.exit_index == 4).all()
+    np.testing.assert_allclose(never.outputs["logits"], _expected(mue, never), rtol=1e-4, atol=1e-4)
+
+
+def test_compact_equals_wait_all_equals_one_sample_at_a_time(mue: dict) -> None:
+    runner, feeds = mue["runner"], mue["feeds"]
+    thr = _mixed(runner, feeds)
+    compact = runner.run(feeds, thresholds=thr)
+    wait = runner.run(feeds, thresholds=thr, policy="wait-all")
+    np.testing.assert_array_equal(wait.jumped, compact.jumped)
+    np.testing.assert_array_equal(wait.exit_index, compact.exit_index)
+    np.testing.assert_allclose(wait.outputs["logits"], compact.outputs["logits"], rtol=1e-5, atol=1e-6)
+    assert wait.batch_sizes[0] == [16] * 5
+    for b in range(len(feeds["src"])):
+        one = runner.run({k: v[b:b + 1] for k, v in feeds.items()}, thresholds=thr)
+        assert (one.jumped[0], one.exit_index[0]) == (compact.jumped[b], compact.exit_index[b])
+        np.testing.assert_allclose(one.outputs["logits"][0], compact.outputs["logits"][b], rtol=1e-4, atol=1e-5)
+    # Forced: every sample jumps at the first exit, then runs the whole decoder.
+    forced = runner.run(feeds, thresholds=["always", "never", "never"])
+    assert (forced.jumped == 0).all() and (forced.exit_index == 4).all()
+    np.testing.assert_allclose(forced.outputs["logits"], _expected(mue, forced), rtol=1e-4, atol=1e-4)
+
+
+def test_load_and_run_cli_use_the_jump_runner(mue: dict, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+    from eecompile.runtimes.chain import EarlyExitRunner
+
+    assert isinstance(eecompile.load(mue["bundle"].path), JumpRunner)
+    with pytest.raises(BundleError, match=r"a bundle with jump exits .*run it with eecompile\.load"):
+        EarlyExitRunner(mue["bundle"])
+    np.savez(tmp_path / "in.npz", **mue["feeds"])
+    r = CliRunner().invoke(cli, ["run", str(mue["bundle"].path), "--data", str(tmp_path / "in.npz"), "-o",
+                                 str(tmp_path / "out.npz"), "--thresholds", "always,never,never"])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "out.npz")["logits"].shape == (16, 6, VOCAB)
+
+
+def test_a_jump_to_an_earlier_segment_is_refused(mue: dict, tmp_path: Path) -> None:
+    names = mue["names"]
+    spec = mue_spec(tmp_path, mue["model"], names)
+    doc = yaml.safe_load(spec.read_text())
+    doc["exits"][1]["jump"] = names["enc1"]  # exit 1 (after encoder layer 2) back to encoder layer 1's output
+    spec.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError, match=r"exits\[1\]\.jump: '/enc1/norm2/LayerNormalization_output_0' is computed "
+                                        r"before exits\[1\]\.at .*a jump goes forward only"):
+        eecompile.compile_model(spec, tmp_path / "b.eebundle")
+    doc["exits"][1]["jump"] = names["enc2"]  # its own cut: not a later segment either
+    spec.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError, match=r"exits\[1\]\.jump: .* a jump goes forward only"):
+        eecompile.compile_model(spec, tmp_path / "b.eebundle")
+    assert not (tmp_path / "b.eebundle").exists()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"to": 0}, r"jumps\[0\]\.to: segment 0 is not after exit 0: a jump goes to a later segment"),
+    ({"to": 4}, r"jumps\[0\]\.to: segment 4 does not start at a boundary"),
+    ({"tensor": "nowhere"}, r"jumps\[0\]\.to: segment 3 does not start at a boundary handing on 'nowhere'"),
+])
+def test_a_manifest_with_a_bad_jump_is_refused_on_load(mue: dict, tmp_path: Path, edit: dict, message: str) -> None:
+    b = tmp_path / "b.eebundle"
+    shutil.copytree(mue["bundle"].path, b)
+    doc = yaml.safe_load((b / "manifest.yaml").read_text())
+    doc["jumps"][0].update(edit)
+    (b / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(BundleError, match=message):
+        eecompile.load(b)
+
+
+def test_jump_exit_gates_and_heads_are_checked(mue: dict, tmp_path: Path) -> None:
+    names = mue["names"]
+    spec = mue_spec(tmp_path, mue["model"], names, gate={"kind": "max_prob", "threshold": 0.5})
+    with pytest.raises(SpecError, match=r"exits\[0\]\.gate\.kind .*a jump exit's head gives .* use saturation or score"):
+        eecompile.compile_model(spec, tmp_path / "b.eebundle")
+    spec = mue_spec(tmp_path, mue["model"], names, head={"output": "logits1"})
+    doc = yaml.safe_load(spec.read_text())
+    doc["final"]["drop"] = ["enc1"]
+    spec.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError, match=r"exits\[0\]\.head\.output: 'logits1' has shape .* the head must give the "
+                                        r"tensor it stands in for"):
+        eecompile.compile_model(spec, tmp_path / "b.eebundle")
