@@ -17,7 +17,7 @@ import yaml
 
 import eecompile
 
-from .util import blob_images, check_compaction, export, fit_classifier
+from .util import blob_images, check_compaction, export, fit_classifier, transformer_layer
 
 pytestmark = pytest.mark.slow  # a ViT trained for a few steps, heads trained, calibrated: ~25 s
 
@@ -33,24 +33,13 @@ def make_vit(path: Path) -> Path:
     nn = torch.nn
     torch.manual_seed(0)
 
-    class Layer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
-            self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
-            self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
-
-        def forward(self, h):
-            h = self.ln1(h + self.attn(h, h, h, need_weights=False)[0])
-            return self.ln2(h + self.mlp(h))
-
     class ViT(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.patch = nn.Conv2d(3, D, 4, stride=4)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
             self.pos = nn.Parameter(torch.randn(1, 17, D) * 0.02)
-            self.layers = nn.ModuleList(Layer() for _ in range(4))
+            self.layers = nn.ModuleList(transformer_layer(D, gelu=True) for _ in range(4))
             self.fc = nn.Linear(D, C)
 
         def forward(self, x):

@@ -18,7 +18,7 @@ import yaml
 import eecompile
 from eecompile.errors import SpecError
 
-from .util import check_compaction, export
+from .util import check_compaction, export, transformer_layer
 
 T, F, D, C = 8, 12, 16, 3
 EMB = "/emb_ln/LayerNormalization_output_0"
@@ -35,24 +35,13 @@ def make_mue(path: Path, prune: bool = False) -> tuple[Path, object]:
     nn = torch.nn
     torch.manual_seed(0)
 
-    class Layer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
-            self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
-            self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.ReLU(), nn.Linear(2 * D, D))
-
-        def forward(self, h):
-            h = self.ln1(h + self.attn(h, h, h, need_weights=False)[0])
-            return self.ln2(h + 0.3 * self.mlp(h))
-
     class MuE(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.proj, self.emb_ln = nn.Linear(F, D), nn.LayerNorm(D)
             self.pos = nn.Parameter(torch.randn(1, T + 1, D) * 0.1)
             self.cls_token = nn.Parameter(torch.randn(1, 1, D))
-            self.layers = nn.ModuleList(Layer() for _ in range(4))
+            self.layers = nn.ModuleList(transformer_layer(D, mlp_scale=0.3) for _ in range(4))
             self.fc = nn.Linear(D, C)
 
         def hidden(self, x):

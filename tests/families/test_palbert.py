@@ -19,7 +19,7 @@ import yaml
 import eecompile
 from eecompile.errors import SpecError
 
-from .util import check_compaction, export
+from .util import check_compaction, export, transformer_layer
 
 pytestmark = pytest.mark.slow  # a small ALBERT trained for a few steps, compiled four times: ~35 s
 
@@ -38,21 +38,10 @@ def make_palbert(path: Path) -> tuple[Path, list[str]]:
     nn = torch.nn
     torch.manual_seed(0)
 
-    class Layer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
-            self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
-            self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.ReLU(), nn.Linear(2 * D, D))
-
-        def forward(self, h):
-            h = self.ln1(h + self.attn(h, h, h, need_weights=False)[0])
-            return self.ln2(h + self.mlp(h))
-
     class PALBERT(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.emb, self.layer = nn.Linear(F, D), Layer()
+            self.emb, self.layer = nn.Linear(F, D), transformer_layer(D)
             self.cls = nn.ModuleList(nn.Linear(D, C) for _ in range(3))
             self.lam = nn.ModuleList(nn.Linear(D, 1) for _ in range(2))
 

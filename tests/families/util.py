@@ -35,6 +35,27 @@ def check_compaction(runner: Any, feeds: dict[str, np.ndarray], thresholds: Sequ
     return compact
 
 
+def transformer_layer(width: int, gelu: bool = False, mlp_scale: float = 1.0) -> Any:
+    """A post-norm Transformer layer (2-head self-attention, MLP of twice the width), batch first. Its output is
+    its second LayerNorm's, exported as ``.../ln2/LayerNormalization_output_0``."""
+    import torch
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
+            self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU() if gelu else nn.ReLU(),
+                                     nn.Linear(2 * width, width))
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            h = self.ln1(h + self.attn(h, h, h, need_weights=False)[0])
+            return self.ln2(h + mlp_scale * self.mlp(h))
+
+    return Layer()
+
+
 def blob_images(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Images [n, 3, size, size] of noise with one striped 6 x 6 patch at a random place; the label (0..7) is its
     colour (one of the three channels, or all of them) times its stripes' orientation (horizontal, vertical):
