@@ -46,7 +46,9 @@ def describe_bundle(path: str | Path) -> dict[str, Any]:
                 "at": list(seg.exit.at),
                 "head": seg.exit.head,
                 "outputs": dict(seg.exit.outputs),
-                "final": gate is None,
+                "final": gate is None and seg.index == len(m.segments) - 1,
+                "jump": next(({"tensor": j["tensor"], "to": j["to"]} for j in m.jumps or [] if j["exit"] == seg.index),
+                             None),
             },
             "gate": None if gate is None else {
                 "kind": gate.kind, "threshold": gate.threshold, "output": gate.output,
@@ -73,6 +75,8 @@ def describe_bundle(path: str | Path) -> dict[str, Any]:
         "heads": dict(m.heads),
         "notes": list(m.notes),
         "problems": problems,
+        "loop": m.loop,
+        "jumps": m.jumps,
     }
 
 
@@ -108,11 +112,21 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
                       + ([f"{', '.join(s['model_inputs'])} (model input)"] if s["index"] and s["model_inputs"] else []))
             or "-",
             "\n".join(_shape(t) if "shape" in t else t["name"] for t in s["carried_out"]) or "-",
-            s["exit"]["head"] + (" (final)" if s["exit"]["final"] else ""),
+            s["exit"]["head"] + (" (final)" if s["exit"]["final"] else "")
+            + (f" -> seg {s['exit']['jump']['to']}" if s["exit"].get("jump") else ""),
             gate["kind"] if gate else "-",
             _threshold(gate["threshold"], gate["kind"]) if gate else "-",
         )
     console.print(table)
+    if d["loop"]:
+        lp = d["loop"]
+        gate = lp.get("gate")
+        console.print(f"loop: {lp['steps']} steps by default (run --steps N); fed back: "
+                      + ", ".join(f"{f['output']} -> {f['input']}" for f in lp["feedback"])
+                      + "; per step: " + (", ".join(f"{s['input']} ({s['source']})" for s in lp.get("step_inputs") or [])
+                                          or "-")
+                      + (f"; gate {gate['kind']} {_threshold(gate['threshold'], gate['kind'])}" if gate else "; no gate")
+                      + (f"; commit {lp['commit']}" if lp.get("commit") else ""))
 
     if d["calibration"]:
         _print_calibration(console, d["calibration"])

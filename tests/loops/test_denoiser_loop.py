@@ -15,7 +15,7 @@ from eecompile.errors import BundleError, DataError, SpecError
 from eecompile.runtimes.loop import LoopRunner
 from tests.loops.models import B1, ddim_reference, export_ddim_step, export_denoiser
 
-STEPS = 12
+STEPS = 20  # the default step count; run(steps=N) chooses another
 START = 0.98
 
 
@@ -138,6 +138,10 @@ def test_run_cli_and_api_take_steps(sampler: dict, tmp_path: Path) -> None:
     api = eecompile.load(sampler["bundle"].path).run({"x": x}, steps=5, thresholds="never", loop_threshold="never")
     np.testing.assert_allclose(got["x0"], api.outputs["x0"], rtol=1e-6)
     assert set(got.files) >= {"x_next", "x0", "steps"}
+    from eecompile.inspect import describe_bundle
+
+    loop = describe_bundle(sampler["bundle"].path)["loop"]
+    assert loop["steps"] == STEPS and loop["feedback"] == [{"output": "x_next", "input": "x"}]
 
 
 # ------------------------------------------------------------------------------------------- bad input

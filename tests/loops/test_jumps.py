@@ -115,9 +115,13 @@ def test_load_and_run_cli_use_the_jump_runner(mue: dict, tmp_path: Path) -> None
     from click.testing import CliRunner
 
     from eecompile.cli import cli
+    from eecompile.inspect import describe_bundle
     from eecompile.runtimes.chain import EarlyExitRunner
 
     assert isinstance(eecompile.load(mue["bundle"].path), JumpRunner)
+    d = describe_bundle(mue["bundle"].path)
+    assert [s["exit"]["jump"]["to"] if s["exit"]["jump"] else None for s in d["segments"]] == [3, 3, None, None, None]
+    assert [s["exit"]["final"] for s in d["segments"]] == [False] * 4 + [True]
     with pytest.raises(BundleError, match=r"a bundle with jump exits .*run it with eecompile\.load"):
         EarlyExitRunner(mue["bundle"])
     np.savez(tmp_path / "in.npz", **mue["feeds"])
