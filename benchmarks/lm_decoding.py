@@ -61,7 +61,7 @@ def _costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, float]:
     last = len(runner.segments) - 1
 
     def rows(n_new: int) -> list[Any]:
-        rs = [runner._new_row(i, list(rng.integers(0, runner.vocab, 48 + n_new))) for i in range(batch)]
+        rs = runner._new_rows([list(rng.integers(0, runner.vocab, 48 + n_new)) for _ in range(batch)])
         for r in rs:
             r.seq = r.seq[:48]
         runner._stack(rs, 0, last)

@@ -46,6 +46,7 @@ WEIGHTS = "weights.bin"
 TOKENIZER = "tokenizer.json"
 INLINE_BYTES = 1024  # smaller initializers stay inside their graph
 GATE_KINDS = ("max_prob",)
+KV_CACHE = ("in_place", "concat")  # a preallocated cache written in place (TensorScatter), or the export's Concat
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class DecoderSpec:
     max_length: int | None
     tokenizer: Path | None = None
     eos_token_id: int | None = None
+    kv_cache: str = "in_place"
 
 
 def is_decoder_spec(path: str | Path) -> bool:
@@ -91,7 +93,7 @@ def parse_decoder_spec(path: str | Path) -> DecoderSpec:
         raise SpecError(f"{path}: cannot read the spec ({e})") from e
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a mapping")
-    known = {"kind", "model", "exits", "final", "max_length", "tokenizer", "eos_token_id"}
+    known = {"kind", "model", "exits", "final", "max_length", "tokenizer", "eos_token_id", "kv_cache"}
     extra = sorted(set(raw) - known)
     if extra:
         raise SpecError(f"{path}: unknown key(s) {extra} in a decoder spec; known: {sorted(known)}")
@@ -132,10 +134,13 @@ def parse_decoder_spec(path: str | Path) -> DecoderSpec:
     if tok is not None and not isinstance(tok, str):
         raise SpecError(f"{path}: tokenizer: give the path of a tokenizer.json")
     eos = raw.get("eos_token_id")
+    kv_cache = raw.get("kv_cache", "in_place")
+    if kv_cache not in KV_CACHE:
+        raise SpecError(f"{path}: kv_cache: {kv_cache!r} is not one of {list(KV_CACHE)}")
     return DecoderSpec(model=(path.parent / raw["model"]), exits=tuple(exits), final_hidden=final.get("hidden"),
                        max_length=None if ml is None else _int(ml, "max_length", 2),
                        tokenizer=None if tok is None else path.parent / tok,
-                       eos_token_id=None if eos is None else _int(eos, "eos_token_id", 0))
+                       eos_token_id=None if eos is None else _int(eos, "eos_token_id", 0), kv_cache=kv_cache)
 
 
 def _write_models(root: Path, graphs: dict[str, Any], opsets: dict[str, int]) -> None:
@@ -148,7 +153,8 @@ def _write_models(root: Path, graphs: dict[str, Any], opsets: dict[str, int]) ->
     with open(root / WEIGHTS, "wb") as f:
         for name, graph in graphs.items():
             model = ir.Model(graph, ir_version=10)
-            graph.opset_imports.update(opsets)
+            for domain, version in opsets.items():  # a segment rewritten for an in-place cache keeps its higher opset
+                graph.opset_imports[domain] = max(version, graph.opset_imports.get(domain, 0))
             proto = ir.serde.serialize_model(model)
             for t in proto.graph.initializer:
                 raw = t.raw_data
@@ -228,6 +234,17 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
         out.name = HIDDEN + "_out"
         _typed(out, f32, ["batch", "seq", hidden_size])
     _typed(head.inputs[0], f32, ["batch", "seq", hidden_size])
+    updates = []
+    for s in segments:
+        done = False
+        if spec.kv_cache == "in_place":
+            from eecompile.decoder.kv_inplace import OPSET, UPDATE, rewrite_segment
+
+            done = rewrite_segment(s.graph, s.first, s.last)
+            if done:
+                s.graph.opset_imports[""] = max(OPSET, s.graph.opset_imports.get("", 0))
+                s.model_inputs = [m for m in s.model_inputs if m in {v.name for v in s.graph.inputs}]
+        updates.append(UPDATE if done else "concat")
     opsets = dict(model.opset_imports)
     graphs = {f"segment{s.index}.onnx": s.graph for s in segments}
     graphs["head.onnx"] = head
@@ -238,7 +255,7 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
         "max_length": max_length,
         "segments": [{"file": f"segment{s.index}.onnx", "layers": [s.first, s.last],
                       "hidden_in": HIDDEN if s.hidden_in else None, "hidden_out": HIDDEN + "_out",
-                      "inputs": s.model_inputs} for s in segments],
+                      "inputs": s.model_inputs, "kv_update": u} for s, u in zip(segments, updates, strict=True)],
         "head": {"file": "head.onnx", "input": HIDDEN, "threshold_input": "threshold",
                  "outputs": ["logits", "token", "max_prob", "gate"]},
         "exits": [{"after_layer": segments[k].last - 1, "at": e.at, "segment": k,
@@ -247,6 +264,10 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
         "weights": WEIGHTS,
         "eos_token_id": spec.eos_token_id,
     }
+    if spec.kv_cache == "in_place" and "concat" in updates:
+        log.warning("the key/value cache of segments %s stays the exported Concat (a copy per call): their "
+                    "attention does not have the shape the in-place rewrite needs",
+                    [i for i, u in enumerate(updates) if u == "concat"])
     if spec.tokenizer is not None:
         if not spec.tokenizer.is_file():
             raise SpecError(f"tokenizer: '{spec.tokenizer}' not found; give the path of the model's tokenizer.json")

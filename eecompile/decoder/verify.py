@@ -1,7 +1,8 @@
 """Check a decoder bundle against its source model: the segment chain + shared head must give the model's logits.
 
-Two calls at batch 2 with rows of different lengths (left-padded, as the runtime stacks them): a prefill
-of 5 and 3 tokens, then one decode step on top of the caches the segments wrote.
+Two calls at batch 2 with rows of different lengths (as the runtime stacks them: left-padded for the exported
+Concat cache, each row at its own slots for the in-place cache): a prefill of 5 and 3 tokens, then one decode
+step on top of the caches the segments wrote.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def verify_decoder(bundle_dir: Path, source: Path, seed: int = 0) -> float:
     dec = runner.dec
     rng = np.random.default_rng(seed)
     prompts = [list(rng.integers(0, runner.vocab, 5)), list(rng.integers(0, runner.vocab, 3))]
-    rows = [runner._new_row(i, p) for i, p in enumerate(prompts)]
+    rows = runner._new_rows(prompts)
     so = session_options(1)
     src = ort.InferenceSession(str(source), so, providers=["CPUExecutionProvider"])
     worst = 0.0

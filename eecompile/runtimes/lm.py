@@ -23,13 +23,14 @@ Batches: every row keeps its own lengths (per segment), positions and cache; one
 only the rows that need it (rows drafting, rows verifying and rows going deep are separate sub-batches), so
 no row waits for another's verification, and a row that finishes (EOS, ``max_new_tokens``) simply leaves.
 
-Key/value memory: each row's cache for a segment is a view into the ``present`` output of the last call that
-row took part in; rejected drafts lower the row's length (a narrower view), nothing is copied back. A call
-stacks the rows' caches into one [B, H_kv, T, D] past per layer, T the longest row, shorter rows left-padded
-with masked slots. The source graph appends with ``Concat`` (past -> present), so ONNX Runtime writes a new
-present per call: a copy of the cache per call, the stock graph's cost. Writing in place needs the graph's
-attention rewritten to ``GroupQueryAttention`` or opset-24 ``TensorScatter`` + ``Attention``; bundles do not
-do that yet.
+Key/value memory. Bundles compiled with the in-place cache (the default; ``decoder.segments[].kv_update ==
+"tensor_scatter"``, see ``eecompile.decoder.kv_inplace``): a ``KVPool`` per decoding batch holds one buffer
+[slots, H_kv, L, D] per cached tensor, a row owns a slot, and a call binds an ``OrtValue`` over its rows' slots
+as both past and present, so ONNX Runtime writes only the new positions; rejected drafts lower the row's
+length. Bundles with the exported ``Concat`` cache: each row's cache is a view into the ``present`` of the last
+call it took part in; a call stacks the rows' caches into one past (left-padded with masked slots) and ONNX
+Runtime writes a new present, a copy of the cache per call. ``calls["kv_bytes_copied"]`` counts the bytes of
+cached positions moved again.
 
 Imports: numpy, pyyaml (via the bundle), onnxruntime; ``tokenizers`` only when text is given.
 """
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("none", "speculative", "exit")
 _NEVER = 2.0  # a max-prob threshold no row reaches
+RIDER_POSITIONS = 16  # in-place calls: most positions computed for rows riding along in a slot range
+IN_PLACE = "tensor_scatter"  # decoder.segments[].kv_update of a segment whose cache is written in place
 _ALWAYS = 0.0
 
 
@@ -115,6 +118,8 @@ class _Row:
     finish_reason: str | None = None
     reported: int = 0  # generated tokens already returned in a StepEvent
     text: str = ""  # their text (incremental decoding)
+    pool: KVPool | None = None  # in-place caches: the buffers holding this row's cache, and its slot there
+    slot: int = -1
 
     @property
     def generated(self) -> int:
@@ -151,6 +156,7 @@ class DecoderRunner:
         from eecompile.runtimes.sessions import import_onnxruntime, session_options
 
         ort = import_onnxruntime()
+        self._ort = ort
         so = session_options(threads)
         prov = list(providers or ["CPUExecutionProvider"])
         files = [s["file"] for s in self.segments] + [dec["head"]["file"]]
@@ -175,7 +181,15 @@ class DecoderRunner:
         self._kv_names = [_kv("past_key_values", s["layers"]) for s in self.segments]
         self._present = [_kv("present", s["layers"]) for s in self.segments]
         self._tokenizer = tokenizer
-        self.calls: dict[str, Any] = {"segments": [0] * len(self.segments), "head": 0}  # session runs, for benchmarks
+        self._in_place = [s.get("kv_update") == IN_PLACE for s in self.segments]
+        if any(self._in_place) and not all(self._in_place):
+            raise BundleError(f"{bundle.path}: some segments write their cache in place and some do not; "
+                              f"recompile the bundle")
+        self.in_place = all(self._in_place) and bool(self.segments)
+        # session runs, and key/value bytes: written (new positions) and copied (positions already cached,
+        # moved again: the stock Concat graph's present, stacking rows into one past), for benchmarks
+        self.calls: dict[str, Any] = {"segments": [0] * len(self.segments), "head": 0, "kv_bytes_written": 0,
+                                      "kv_bytes_copied": 0}
 
     # ------------------------------------------------------------------------------------------ tokenizer
 
@@ -219,6 +233,8 @@ class DecoderRunner:
         """Run segment ``s`` on each row's pending positions: ``rows[i].seq[lengths[s]:lengths[s] + n_i]``
         (token ids) with input hidden states ``xs[i]`` [n_i, D] (None for segment 0). Updates the rows'
         caches and lengths; returns the output hidden states per row, [n_i, D] float32."""
+        if self.in_place:
+            return self._run_segment_in_place(s, rows, xs)
         starts = [r.lengths[s] for r in rows]
         ns = [len(x) for x in xs] if xs is not None else [len(r.seq) - r.lengths[s] for r in rows]
         b, n, t = len(rows), max(ns), max(starts)
@@ -251,11 +267,96 @@ class DecoderRunner:
         except Exception as e:  # onnxruntime's own error types
             raise BackendError(f"segment {s} ({self.segments[s]['file']}) failed: {e}") from e
         self.calls["segments"][s] += 1
+        item = 4 * self.kv_heads * self.head_dim
+        self.calls["kv_bytes_copied"] += len(self._kv_names[s]) * item * (
+            b * t + (sum(starts) if b > 1 else 0))  # Concat copies the past; b > 1 stacked it first
+        self.calls["kv_bytes_written"] += len(self._kv_names[s]) * item * b * n
         for i, r in enumerate(rows):
             lo, hi = t - starts[i], t + ns[i]
             r.caches[s] = [p[i:i + 1, :, lo:hi] for p in out[1:]]
             r.lengths[s] = starts[i] + ns[i]
         return [out[0][i, :ns[i]] for i in range(b)]
+
+    def _run_segment_in_place(self, s: int, rows: list[_Row], xs: list[np.ndarray] | None) -> list[np.ndarray]:
+        """``_run_segment`` for segments whose cache is a preallocated buffer written in place (TensorScatter).
+
+        Rows are grouped by pool and split into runs of nearby slots; one call covers a run's contiguous slots
+        ``lo..hi`` (an ``OrtValue`` over that slice of each buffer is bound as both past and present, so
+        nothing is copied). A row of that range that is not in the call rides along with zero inputs at its
+        own length (its outputs are dropped and the slots it writes lie past its length, where the mask never
+        looks); runs are split where such riders would cost more than ``RIDER_POSITIONS`` positions.
+        """
+        ns = [len(x) for x in xs] if xs is not None else [len(r.seq) - r.lengths[s] for r in rows]
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            if r.pool is None:  # a row made outside a DecodeBatch: a pool of its own
+                r.pool = KVPool(self, 1, length=len(r.seq))
+                r.slot = r.pool.acquire(r)
+            groups.setdefault(id(r.pool), []).append(i)
+        n = max(ns) if ns else 0
+        out: list[np.ndarray] = [np.empty(0)] * len(rows)
+        for idx in groups.values():
+            idx.sort(key=lambda i: rows[i].slot)
+            runs = [[idx[0]]]
+            for i in idx[1:]:
+                if (rows[i].slot - rows[runs[-1][-1]].slot - 1) * n > RIDER_POSITIONS:
+                    runs.append([i])
+                else:
+                    runs[-1].append(i)
+            for run in runs:
+                got = self._call_in_place(s, [rows[i] for i in run], [ns[i] for i in run],
+                                          None if xs is None else [xs[i] for i in run])
+                for i, o in zip(run, got, strict=True):
+                    out[i] = o
+        return out
+
+    def _call_in_place(self, s: int, rows: list[_Row], ns: list[int], xs: list[np.ndarray] | None) -> list[np.ndarray]:
+        """One session call over the slots ``rows[0].slot .. rows[-1].slot`` of their pool (rows sorted by slot)."""
+        pool = rows[0].pool
+        assert pool is not None
+        n = max(ns)
+        lo, hi = rows[0].slot, rows[-1].slot + 1
+        width = hi - lo
+        write = np.array([o.lengths[s] if o is not None else 0 for o in pool.rows[lo:hi]], np.int64)
+        if not pool.ensure(int(write.max()) + n):
+            if len(rows) > 1:  # a rider or a padded row would run past the buffer: one call per row
+                return [self._call_in_place(s, [r], [m], None if xs is None else [xs[i]])[0]
+                        for i, (r, m) in enumerate(zip(rows, ns, strict=True))]
+            raise DataError(f"a row needs {int(write.max()) + n} cache positions; the cache holds {pool.length}")
+        ids = np.zeros((width, n), np.int64)
+        pos = write[:, None] + np.arange(n, dtype=np.int64)[None]
+        for i, r in enumerate(rows):
+            start = r.lengths[s]
+            ids[r.slot - lo, :ns[i]] = r.seq[start:start + ns[i]]
+        sess = self._sessions[s]
+        io = sess.io_binding()
+        for k, v in (("input_ids", ids), ("position_ids", pos)):
+            if k in self._inputs[s]:
+                io.bind_cpu_input(k, v)
+        if "attention_mask" in self._inputs[s]:
+            io.bind_cpu_input("attention_mask", np.ones((width, pool.length), np.int64))
+        if xs is not None:
+            h = np.zeros((width, n, self.hidden_size), np.float32)
+            for i, (r, x) in enumerate(zip(rows, xs, strict=True)):
+                h[r.slot - lo, :ns[i]] = x
+            io.bind_cpu_input(self.segments[s]["hidden_in"], h)
+        io.bind_output(self.segments[s]["hidden_out"], "cpu")  # first: get_outputs() keeps the binding order
+        for j, (past, present) in enumerate(zip(self._kv_names[s], self._present[s], strict=True)):
+            ov = self._ort.OrtValue.ortvalue_from_numpy(pool.buffers[s][j][lo:hi])
+            io.bind_ortvalue_input(past, ov)
+            io.bind_ortvalue_output(present, ov)
+        try:
+            sess.run_with_iobinding(io)
+        except Exception as e:  # onnxruntime's own error types
+            raise BackendError(f"segment {s} ({self.segments[s]['file']}) failed: {e}") from e
+        hidden = io.get_outputs()[0].numpy()
+        self.calls["segments"][s] += 1
+        self.calls["kv_bytes_written"] += len(self._kv_names[s]) * 4 * self.kv_heads * self.head_dim * width * n
+        res = []
+        for i, r in enumerate(rows):
+            r.lengths[s] += ns[i]
+            res.append(hidden[r.slot - lo, :ns[i]])
+        return res
 
     def _run_head(self, h: np.ndarray, threshold: float, logits: bool) -> dict[str, np.ndarray]:
         """The shared head on hidden states [B, S, D]: token [B, S] int64, max_prob and gate [B, S] (and logits
@@ -403,6 +504,15 @@ class DecoderRunner:
                     caches=[[empty] * len(self._kv_names[s]) for s in range(n_seg)], lengths=[0] * n_seg,
                     pending=[[] for _ in range(n_seg)], **kw)
 
+    def _new_rows(self, ids_list: Sequence[Sequence[int]]) -> list[_Row]:
+        """Rows outside a DecodeBatch that share one pool (in-place caches), so ``_stack`` runs them together."""
+        rows = [self._new_row(i, list(ids)) for i, ids in enumerate(ids_list)]
+        if self.in_place and rows:
+            pool = KVPool(self, len(rows), length=max(len(r.seq) for r in rows))
+            for r in rows:
+                r.pool, r.slot = pool, pool.acquire(r)
+        return rows
+
     # ------------------------------------------------------------------------------------------ steps
 
     def _pick(self, head: dict[str, np.ndarray], i: int, j: int, r: _Row) -> tuple[int, np.ndarray | None]:
@@ -432,7 +542,8 @@ class DecoderRunner:
         for s in range(len(self.segments)):  # rejected drafts: lower the row's length (a narrower view)
             if r.lengths[s] > common:
                 r.lengths[s] = common
-                r.caches[s] = [c[:, :, :common] for c in r.caches[s]]
+                if r.pool is None:
+                    r.caches[s] = [c[:, :, :common] for c in r.caches[s]]
                 r.pending[s] = []
         r.seq = seq
         r.n_confirmed = len(seq)
@@ -604,6 +715,8 @@ class DecodeBatch:
         self._step = runner._step_none if self.drafting_off else step[mode]
         self._waiting: deque[_Row] = deque()
         self._active: list[_Row] = []
+        # in-place caches: one pool for the batch, a slot per active row (grows by doubling past max_batch)
+        self._pool = KVPool(runner, min(max_batch or 4, 64)) if runner.in_place else None
         self._next_id = 0
         self._closed = False
 
@@ -659,12 +772,16 @@ class DecodeBatch:
         if not 0 <= row < self._next_id:
             raise DataError(f"row {row}: no such row in this batch")
         self._waiting = deque(r for r in self._waiting if r.index != row)
+        for r in self._active:
+            if r.index == row and self._pool is not None:
+                self._pool.release(r)
         self._active = [r for r in self._active if r.index != row]
 
     def close(self) -> None:
         """Drop every row; ``add``/``step`` then raise ``DataError``."""
         self._waiting.clear()
         self._active = []
+        self._pool = None
         self._closed = True
 
     def step(self) -> list[StepEvent]:
@@ -676,6 +793,9 @@ class DecodeBatch:
         join: list[_Row] = []
         while self._waiting and (self.max_batch is None or len(self._active) + len(join) < self.max_batch):
             join.append(self._waiting.popleft())
+        if self._pool is not None:
+            for r in join:
+                r.pool, r.slot = self._pool, self._pool.acquire(r)
         try:
             if join:
                 self.runner._prefill(join)
@@ -694,6 +814,9 @@ class DecodeBatch:
             r.reported += len(new)
             events.append(StepEvent(row=r.index, token_ids=new, finished=r.done, finish_reason=r.finish_reason,
                                     text=self._text(r)))
+        for r in self._active:
+            if r.done and self._pool is not None:
+                self._pool.release(r)
         self._active = [r for r in self._active if not r.done]
         return events
 
@@ -711,6 +834,65 @@ class DecodeBatch:
             n += 1
         r.text = full
         return full[n:]
+
+
+class KVPool:
+    """Preallocated key/value buffers for the in-place cache: per segment, per cached tensor, one float32 array
+    [slots, H_kv, length, D]; a row owns one slot (its cache is ``buffer[slot, :, :row length]``).
+
+    ``length`` starts at ``INITIAL`` (or the longest row asked for) plus ``SPARE`` positions (so the zero-padded
+    positions of a short row in a longer call fit) and doubles, up to ``max_length + SPARE``, when a call needs
+    more: attention reads the whole buffer, so it stays near the longest row rather than ``max_length``. Slots
+    double when all are taken. Each growth copies the buffers once (counted in ``kv_bytes_copied``): a few
+    copies per pool, not one per step. Memory: slots x 2 x layers x H_kv x length x D x 4 bytes.
+    """
+
+    SPARE = 16
+    INITIAL = 64
+
+    def __init__(self, runner: DecoderRunner, slots: int, length: int | None = None) -> None:
+        self.runner = runner
+        self.length = min(max(self.INITIAL, length or 0), max(runner.max_length, length or 0)) + self.SPARE
+        self._cap = max(runner.max_length, length or 0) + self.SPARE
+        self.buffers: list[list[np.ndarray]] = [[self._zeros(slots, self.length) for _ in names]
+                                                for names in runner._kv_names]
+        self.rows: list[_Row | None] = [None] * slots
+
+    def _zeros(self, slots: int, length: int) -> np.ndarray:
+        return np.zeros((slots, self.runner.kv_heads, length, self.runner.head_dim), np.float32)
+
+    def _grow(self, slots: int, length: int) -> None:
+        for bufs in self.buffers:
+            for j, b in enumerate(bufs):
+                new = self._zeros(slots, length)
+                new[:b.shape[0], :, :b.shape[2]] = b
+                self.runner.calls["kv_bytes_copied"] += b.nbytes
+                bufs[j] = new
+        self.rows += [None] * (slots - len(self.rows))
+        self.length = length
+
+    def ensure(self, positions: int) -> bool:
+        """Make room for ``positions`` slots per row (doubling); False when that exceeds the cap."""
+        if positions <= self.length:
+            return True
+        if positions > self._cap:
+            return False
+        self._grow(len(self.rows), min(max(2 * self.length, positions), self._cap))
+        return True
+
+    def acquire(self, row: _Row) -> int:
+        """The lowest free slot for ``row`` (doubling the slots when none is free)."""
+        try:
+            slot = self.rows.index(None)
+        except ValueError:
+            slot = len(self.rows)
+            self._grow(max(1, 2 * len(self.rows)), self.length)
+        self.rows[slot] = row
+        return slot
+
+    def release(self, row: _Row) -> None:
+        if 0 <= row.slot < len(self.rows) and self.rows[row.slot] is row:
+            self.rows[row.slot] = None
 
 
 def choice_for_batch(calibration: dict[str, Any] | None, batch: int) -> dict[str, Any] | None:

@@ -31,9 +31,11 @@ def build(rebuild: bool) -> None:
     if BUNDLE.exists() and not rebuild:
         try:
             dec = Bundle.load(BUNDLE).manifest.decoder
-            if dec and dec["exits"][0].get("draft_head"):
+            in_place = dec and all(seg.get("kv_update") == "tensor_scatter" for seg in dec["segments"])
+            if dec and dec["exits"][0].get("draft_head") and in_place:
                 print(f"using the cached bundle {BUNDLE}")
                 return
+            print("rebuilding: the cached bundle has no trained draft head or an older (Concat) key/value cache")
         except BundleError as e:
             print(f"rebuilding: {e}")
     from eecompile.decoder.train import train_draft_heads

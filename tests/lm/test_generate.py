@@ -137,7 +137,7 @@ def test_speculative_sampling_first_token_follows_the_full_model(runner: Decoder
     prompt, temperature, n = [5, 17, 33], 1.5, 3000
     p = softmax(_source_logits(lm_dir, prompt)[-1], temperature)
     res = runner.generate([prompt] * n, 2, mode="speculative", thresholds="always", draft_tokens=1, sample=True,
-                          temperature=temperature, seed=0)
+                          temperature=temperature, seed=0, batch=250)
     first = np.array([r["token_ids"][0] for r in res.results])
     assert 0.0 < res.acceptance_rate < 1.0  # type: ignore[operator]
     assert _chi2_pvalue(first, p) > 1e-3
