@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True, help="output .npz")
     r.add_argument("--policy", choices=POLICIES, default="compact")
     r.add_argument("--thresholds", default=None, help="per early exit: a number, 'never' or 'always' (0.9,never)")
+    r.add_argument("--steps", type=int, default=None, help="loop bundles: the number of loop steps")
+    r.add_argument("--loop-threshold", default=None, help="loop bundles: the loop gate's threshold, 'never' or 'always'")
 
     b = sub.add_parser("bench", help="latency, throughput, exit histogram, speedup against the unsplit model")
     common(b, 1)
@@ -65,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from eecompile.runtimes.files import run_npz
 
             print(run_npz(args.bundle, args.data, args.output, policy=args.policy, thresholds=args.thresholds,
-                          batch_size=args.batch, backend=args.backend, threads=args.threads))
+                          batch_size=args.batch, backend=args.backend, threads=args.threads, steps=args.steps,
+                          loop_threshold=args.loop_threshold))
         elif args.command == "bench":
             from eecompile.runtimes.bench import bench_bundle
 

@@ -137,6 +137,11 @@ def test_run_cli_and_api_take_steps(sampler: dict, tmp_path: Path) -> None:
     assert got["steps"].tolist() == [5] * 4 and "4 samples" in r.output
     api = eecompile.load(sampler["bundle"].path).run({"x": x}, steps=5, thresholds="never", loop_threshold="never")
     np.testing.assert_allclose(got["x0"], api.outputs["x0"], rtol=1e-6)
+    from eecompile.device import main  # the device entry point (no click) takes the same options
+
+    assert main(["run", str(sampler["bundle"].path), "--data", str(tmp_path / "in.npz"), "-o", str(tmp_path / "d.npz"),
+                 "--steps", "5", "--loop-threshold", "never", "--thresholds", "never"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npz")["x0"], got["x0"])
     assert set(got.files) >= {"x_next", "x0", "steps"}
     from eecompile.inspect import describe_bundle
 
@@ -200,3 +205,35 @@ def test_bad_loop_specs_name_the_yaml_path(sampler: dict, tmp_path: Path, change
     spec = loop_spec(tmp_path, sampler["denoiser"], sampler["step"], **change)
     with pytest.raises(SpecError, match=message):
         eecompile.compile_model(spec, tmp_path / "b.eebundle")
+
+
+def test_a_loop_without_a_step_graph_or_a_gate(tmp_path: Path) -> None:
+    """The chain's own output fed back (y = 0.5 x + 1 converges to 2); with a change gate the graph holds only the
+    gate; without one, every sample runs N steps and the bundle has no step graph."""
+    import onnx
+
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        halve (float[N, 4] x) => (float[N, 4] y) <float[4, 4] w = {0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5},
+                                                 float[4] b = {1, 1, 1, 1}> {
+            h = MatMul(x, w)
+            y = Add(h, b)
+        }""")
+    onnx.save(model, tmp_path / "halve.onnx")
+    doc = {"model": str(tmp_path / "halve.onnx"), "loop": {"steps": 30, "feedback": {"y": "x"},
+                                                             "gate": {"kind": "change", "of": "y", "threshold": 1e-3}}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(doc))
+    runner = eecompile.load(eecompile.compile_model(tmp_path / "g.yaml", tmp_path / "g.eebundle").path)
+    x = np.array([[0, 0, 0, 0], [2, 2, 2, 2.001], [100, -100, 50, 0]], np.float32)
+    res = runner.run({"x": x})
+    assert res.steps[1] == 1 and res.steps[0] < res.steps[2] < 30, res.steps
+    np.testing.assert_allclose(res.outputs["y"], 2.0, atol=5e-3)
+    del doc["loop"]["gate"]
+    (tmp_path / "n.yaml").write_text(yaml.safe_dump(doc))
+    bundle = eecompile.compile_model(tmp_path / "n.yaml", tmp_path / "n.eebundle")
+    assert bundle.manifest.loop is not None and bundle.manifest.loop["file"] is None
+    res = eecompile.load(bundle.path).run({"x": x}, steps=3)
+    np.testing.assert_allclose(res.outputs["y"], 0.125 * x + 1.75, rtol=1e-6)
+    assert res.steps.tolist() == [3, 3, 3]
+    with pytest.raises(DataError, match=r"loop_threshold: this loop has no gate"):
+        eecompile.load(bundle.path).run({"x": x}, loop_threshold=0.5)

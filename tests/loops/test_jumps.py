@@ -174,3 +174,32 @@ def test_jump_exit_gates_and_heads_are_checked(mue: dict, tmp_path: Path) -> Non
     with pytest.raises(SpecError, match=r"exits\[0\]\.head\.output: 'logits1' has shape .* the head must give the "
                                         r"tensor it stands in for"):
         eecompile.compile_model(spec, tmp_path / "b.eebundle")
+
+
+def test_loop_and_jump_bundles_run_where_the_compiler_cannot_be_imported(mue: dict, tmp_path: Path) -> None:
+    """eecompile-device run in an interpreter that refuses onnx, onnx_ir, torch, click, rich and the compiler."""
+    from tests.runtimes.test_fence import DEVICE, _python
+
+    np.savez(tmp_path / "in.npz", **mue["feeds"])
+    r = _python(DEVICE, "run", mue["bundle"].path, "--data", tmp_path / "in.npz", "-o", tmp_path / "out.npz",
+                "--thresholds", "always,never,never", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "out.npz")["logits"].shape == (16, 6, VOCAB)
+    import onnx
+
+    onnx.save(onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        halve (float[N, 4] x) => (float[N, 4] y) <float[4, 4] w = {0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0,
+                                                                    0.5}, float[4] b = {1, 1, 1, 1}> {
+            h = MatMul(x, w)
+            y = Add(h, b)
+        }"""), tmp_path / "halve.onnx")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"model": "halve.onnx", "loop": {
+        "steps": 30, "feedback": {"y": "x"}, "gate": {"kind": "change", "of": "y", "threshold": 1e-3}}}))
+    eecompile.compile_model(tmp_path / "s.yaml", tmp_path / "s.eebundle")
+    np.savez(tmp_path / "x.npz", x=np.zeros((3, 4), np.float32))
+    r = _python(DEVICE, "run", tmp_path / "s.eebundle", "--data", tmp_path / "x.npz", "-o", tmp_path / "y.npz",
+                "--steps", "4", "--loop-threshold", "never", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["y"], 1.875)
+    assert np.load(tmp_path / "y.npz")["steps"].tolist() == [4, 4, 4]
