@@ -128,8 +128,10 @@ class SegmentInfo:
 class Manifest:
     """``manifest.yaml``: everything a runtime needs to chain a bundle's segments, and its provenance.
 
-    ``inputs`` are the model's inputs (batch axis 0; ``"batch"`` in dynamic mode) and ``outputs`` the final
-    output every exit produces, one row per sample. ``segments`` are in chain order. ``batch_mode`` is
+    ``inputs`` are the model's inputs (each with its ``batch_axis``; ``"batch"`` there in dynamic mode) and
+    ``outputs`` the final outputs, one row per sample: the first is the one every exit stands in for and the
+    gates read; every exit gives every output except those in ``end_only``, which only the final exit gives.
+    ``segments`` are in chain order. ``batch_mode`` is
     ``"dynamic"`` or ``"per_sample"`` (the model only runs at batch 1; runtimes feed one sample at a time).
     ``class_axis`` is the final output's class axis (``task``: ``"classification"``, or ``"regression"`` for an
     output without one, where it is unused). ``calibration``, ``engines`` and ``heads`` are written
@@ -139,7 +141,7 @@ class Manifest:
 
     source_model: dict[str, Any]  # {file, sha256}
     inputs: list[TensorInfo]  # the model's inputs (batch axis 0)
-    outputs: list[TensorInfo]  # the final outputs every exit produces, one row per sample
+    outputs: list[TensorInfo]  # the final outputs, one row per sample; the first is the one the gates read
     segments: list[SegmentInfo]
     batch_mode: str = "dynamic"  # "dynamic", or "per_sample" when the model only runs at batch 1
     class_axis: int = -1
@@ -156,6 +158,9 @@ class Manifest:
     task: str = "classification"
     loop: dict[str, Any] | None = None  # iterative bundles: the chain run N times on its own state (see LOOP_KEYS)
     jumps: list[dict[str, Any]] | None = None  # jump exits: [{exit, tensor, to}] (a fired sample continues at `to`)
+    # Final outputs only the final exit gives (spec final.end_only): for samples that leave earlier they are
+    # absent (the runner's RunResult.present[name] is False there; rows are NaN, or 0 for integer outputs).
+    end_only: list[str] = field(default_factory=list)
 
     @property
     def exits(self) -> list[ExitInfo]:
@@ -205,6 +210,7 @@ class Manifest:
                 task=d.get("task", "classification"),
                 loop=d.get("loop"),
                 jumps=d.get("jumps"),
+                end_only=list(d.get("end_only") or []),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where}: manifest is incomplete or malformed ({e!r}); recompile the bundle") from e
@@ -502,6 +508,12 @@ class _Schema:
             self.string(src.get(k), f"source_model.{k}", optional=True)
         self.tensors(self.key(d, "inputs", ""), "inputs")
         self.tensors(self.key(d, "outputs", ""), "outputs")
+        self.strings(d.get("end_only") or [], "end_only")
+        outs = [t["name"] for t in d["outputs"]]
+        for i, name in enumerate(d.get("end_only") or []):
+            if name not in outs[1:]:
+                raise self.fail(f"end_only[{i}]", f"'{_printable(name)}' is not one of the final outputs after the "
+                                                  f"first ({outs[1:]})")
         available = {t["name"] for t in d["inputs"]}
         for i, seg in enumerate(self.seq(self.key(d, "segments", ""), "segments")):
             self.segment(seg, f"segments[{i}]", i)

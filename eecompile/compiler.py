@@ -38,6 +38,7 @@ from eecompile.analysis.exits import (
     class_axis,
     plan_exits,
     resolve_final,
+    resolve_others,
 )
 from eecompile.analysis.partition import plan_segments
 from eecompile.analysis.prepared import Dims, PreparedModel, probe_prepared
@@ -159,10 +160,11 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
     """Every stage up to the files: the segment graphs with heads and gates, the manifest, the reference."""
     pm = prepare(spec.model, dims)
     final = resolve_final(pm, spec)
+    others = resolve_others(pm, spec)  # further final outputs (a detector's boxes beside its scores)
     exits = plan_exits(pm, spec)
-    dropped = check_outputs(pm, spec, final, exits)
+    dropped = check_outputs(pm, spec, final, exits, others)
     exits, jumps = plan_jumps(pm, exits)  # jump exits (MuE): a boundary at each jump tensor (passes/jumps.py)
-    plans = plan_segments(pm.index, [*(e.targets() for e in exits), [final]])
+    plans = plan_segments(pm.index, [*(e.targets() for e in exits), [final, *others]])
     check_segments(pm, plans, exits)
     jump_records = check_jump_reads(pm, plans, exits, jumps)
     final_shape = pm.shape_of(final.name)
@@ -175,6 +177,9 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
     models, infos, notes = [], [], []
     if dropped:
         notes.append(f"model outputs {dropped} are not in the bundle (final.drop)")
+    if spec.final.end_only:
+        notes.append(f"final outputs {list(spec.final.end_only)} are computed only for samples that reach the final "
+                     f"exit; for the others they are absent (present.<name> false, rows NaN or 0)")
     act = final_activation(final, opset, len(final_shape))
     if act is not None and exits:
         notes.append(f"the model ends in a {act.describe()}: exit outputs apply it to the heads' logits "
@@ -186,18 +191,20 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
                           f"export the head with the model's opset {opset}")
             notes.append(f"segment {k} runs at opset {seg_opset} (the model's opset {opset} raised for exit {k}'s head)")
         model = _segment_model(pm, seg, seg_opset)
-        passes, rec = segment_passes(pm, seg, exits, heads, final, final_shape, axis, seg_opset, act)
+        passes, rec = segment_passes(pm, seg, exits, heads, final, final_shape, axis, seg_opset, act,
+                                     others=others, end_only=spec.final.end_only)
         Pipeline(*passes)(model)
         name = final.name or ""
         if seg.index in jumps:
             name = jumps[seg.index].name or ""
+        finals = [name, *(v.name or "" for v in others)]
         if seg.index < len(exits) and isinstance(exits[seg.index], JumpTarget):
             info = target_info(seg.index, exits[seg.index].at[0].name or "")
         else:
-            info = exit_info(name, rec) if rec else ExitInfo(seg.index, [], "final", {name: name})
+            info = exit_info(name, rec) if rec else ExitInfo(seg.index, [], "final", {n: n for n in finals})
         models.append(model)
         infos.append(segment_info(pm, seg.index, model, info, seg.carried_out, plans[seg.index].nodes))
-    manifest = manifest_for(pm, spec, final, axis, infos, __version__, notes)
+    manifest = manifest_for(pm, spec, [final, *others], axis, infos, __version__, notes)
     manifest.jumps = jump_records or None
     extra = {}
     if spec.loop is not None:  # an iterative model: the step graph and the loop record (passes/loop.py)
@@ -215,14 +222,17 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
 
 def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPlan],
                    heads: Sequence[tuple[ir.Model | None, dict | None]], final: ir.Value, final_shape: Dims,
-                   class_axis: int, opset: int, final_act: FinalActivation | None = None,
+                   class_axis: int, opset: int, final_act: FinalActivation | None = None, *,
+                   others: Sequence[ir.Value] = (), end_only: Sequence[str] = (),
                    ) -> tuple[list[ir.passes.PassBase], ExitRecord | None]:
     """The passes that finish segment ``seg``: its outputs, exit head, gate and tidying, in order; and the
     record of the head and gate passes for the manifest (None for the final segment). ``final_act`` is the
-    activation the model's final output ends in (the exits apply it too)."""
+    activation the model's final output ends in (the exits apply it too); ``others``: further final outputs,
+    which early exits give from their head files unless they are ``end_only``."""
     k = seg.index
-    if k == len(exits):  # the final segment: the final output is its exit
-        return [SegmentOutputsPass([*seg.carried_out, final.name or ""]), *tidy_passes()], None
+    if k == len(exits):  # the final segment: the final outputs are its exit
+        return [SegmentOutputsPass([*seg.carried_out, final.name or "", *(v.name or "" for v in others)]),
+                *tidy_passes()], None
     e = exits[k]
     if isinstance(e, JumpTarget):  # a boundary at a jump tensor: no head, no gate
         return [SegmentOutputsPass(seg.carried_out), *tidy_passes()], None
@@ -240,7 +250,9 @@ def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPla
         score_output=(e.spec.head.score_output if e.spec.head.file is not None
                       else SCORE if e.spec.head.kind and e.spec.head.options.get("score") else None),
         score_tensor=e.score_output.name if e.score_output is not None else None,
-        activation=exit_activation(final_act, e, head_model, final.name or "", f"exits[{k}].head"))
+        activation=exit_activation(final_act, e, head_model, final.name or "", f"exits[{k}].head"),
+        others={} if e.spec.jump is not None else
+        {v.name or "": pm.shape_of(v.name) for v in others if v.name not in end_only})
     nxt = exits[k + 1].spec.gate.kind if k + 1 < len(exits) else None
     kind = e.spec.gate.kind
     at_shape = views[0].shape

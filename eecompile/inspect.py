@@ -66,6 +66,7 @@ def describe_bundle(path: str | Path) -> dict[str, Any]:
                   else "one sample at a time (per_sample: the graph only runs at batch 1)"),
         "inputs": [_tensor(t) for t in m.inputs],
         "outputs": [_tensor(t) for t in m.outputs],
+        "end_only": list(m.end_only),  # final outputs absent for samples that leave early
         "class_axis": m.class_axis,
         "n_early_exits": m.n_early_exits,
         "thresholds": m.thresholds,
@@ -99,7 +100,9 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
     console.print(f"source model: {src.get('file', '?')} (sha256 {str(src.get('sha256', '?'))[:12]})")
     console.print(f"batch: {d['batch']}")
     console.print("inputs:  " + ", ".join(f"{_shape(t)} {t['dtype']}" for t in d["inputs"]))
-    console.print("outputs: " + ", ".join(f"{_shape(t)} {t['dtype']}" for t in d["outputs"]))
+    console.print("outputs: " + ", ".join(f"{_shape(t)} {t['dtype']}"
+                                          + (" (final exit only)" if t["name"] in d["end_only"] else "")
+                                          for t in d["outputs"]))
 
     table = Table(title="segments")
     for col in ("seg", "file", "FLOPs", "carried in", "carried out", "exit head", "gate", "threshold"):

@@ -81,7 +81,7 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
             values.update({v.name: v for v in g.inputs})
             # The head reads the batch-first views of the `at` tensors where the compiler made them.
             at = [values.get(head_input(k, i)) or values[n] for i, n in enumerate(seg.exit.at)]
-            logits, score = splice_head(g, k, at, head, f"exits[{k}].head", score_name)
+            logits, score, _ = splice_head(g, k, at, head, f"exits[{k}].head", score_name)
             if old_score is not None and score is not None:
                 old_score.replace_all_uses_with(score, replace_graph_outputs=True)
             out_shape = [d if isinstance(d, int) else "batch" for d in (old_out.shape or [])]

@@ -15,6 +15,7 @@ Example::
         gate: {kind: entropy, threshold: 0.4}
     final: {output: logits, class_axis: -1}   # drop: [other model outputs the bundle leaves out]
     # final: {output: eps, task: regression}  # no class axis: only score and saturation gates
+    # final: {outputs: [scores, boxes], gate_on: scores, end_only: [masks]}   # several model outputs
 """
 
 from __future__ import annotations
@@ -157,14 +158,19 @@ class ExitSpec:
 
 @dataclass(frozen=True)
 class FinalSpec:
-    """The model output every exit stands in for, and the axis that holds its classes (counted with the batch
-    as axis 0; negative from the end)."""
+    """The model outputs the bundle returns: ``output``, the one every exit stands in for and its gate reads
+    (with the axis that holds its classes, counted with the batch as axis 0; negative from the end), then
+    ``others``: further model outputs (YAML ``outputs: [scores, boxes, classes]`` with ``gate_on: scores``,
+    default the first). An exit gives each of ``others`` from its head file (an output named after it) unless
+    it is in ``end_only``: computed for the samples that reach the final exit and absent for the others."""
 
     output: str | None = None  # default: the model's only output
     class_axis: int | None = None  # default: the last axis longer than 1 ([N, C, 1, 1] -> 1, [N, T, C] -> -1)
-    # Model outputs the bundle leaves out (no exit gives them a value). Every other model output must be the
+    # Model outputs the bundle leaves out (no exit gives them a value). Every other model output must be a
     # final output or an exit head's output inside the model: compile refuses a spec that leaves one undefined.
     drop: tuple[str, ...] = ()
+    others: tuple[str, ...] = ()  # further final outputs, in the order given (end_only ones included)
+    end_only: tuple[str, ...] = ()  # final outputs that only the final exit gives (absent for early exits)
     # "classification" (an axis of class scores) or "regression" (no class axis: predicted noise, a depth map,
     # an embedding): there only gates that need no classes are accepted (see REGRESSION_GATES).
     task: str = "classification"
@@ -461,6 +467,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _names(m: Mapping[str, _Node], key: str) -> tuple[str, ...]:
+    """``final.<key>``: a list of model output names (empty when absent); repeats are refused."""
+    if key not in m:
+        return ()
+    node = m[key]
+    if not isinstance(node.value, list):
+        raise SpecError(f"{_at(f'final.{key}', node)}: expected a list of model output names, got {_plain(node.value)!r}")
+    got = tuple(_string(v, f"final.{key}[{i}]") for i, v in enumerate(node.value))
+    twice = sorted({n for n in got if got.count(n) > 1})
+    if twice:
+        raise SpecError(f"{_at(f'final.{key}', node)}: {twice} listed twice")
+    return got
+
+
 def _string(node: _Node, path: str) -> str:
     if not isinstance(node.value, str) or not node.value:
         raise SpecError(f"{_at(path, node)}: expected a non-empty string, got {_plain(node.value)!r}")
@@ -613,14 +633,35 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
     final = FinalSpec()
     if "final" in m:
         fm = _mapping(m["final"], "final")
-        _check_keys(m["final"], ("output", "class_axis", "drop", "task"), "final")
+        _check_keys(m["final"], ("output", "outputs", "gate_on", "end_only", "class_axis", "drop", "task"), "final")
         out = _string(fm["output"], "final.output") if "output" in fm else None
-        drop: tuple[str, ...] = ()
-        if "drop" in fm:
-            dn = fm["drop"]
-            if not isinstance(dn.value, list):
-                raise SpecError(f"{_at('final.drop', dn)}: expected a list of model output names, got {_plain(dn.value)!r}")
-            drop = tuple(_string(v, f"final.drop[{i}]") for i, v in enumerate(dn.value))
+        drop = _names(fm, "drop")
+        listed = _names(fm, "outputs")
+        end_only = _names(fm, "end_only")
+        if "outputs" in fm and "output" in fm:
+            raise SpecError(f"{_at('final.outputs', fm['outputs'])}: give final.output (one output) or final.outputs "
+                            f"(several, with gate_on naming the one the gates read), not both")
+        if "outputs" in fm and not listed:
+            raise SpecError(f"{_at('final.outputs', fm['outputs'])}: list at least one model output")
+        if "gate_on" in fm:
+            if "outputs" not in fm:
+                raise SpecError(f"{_at('final.gate_on', fm['gate_on'])}: gate_on picks one of final.outputs; with one "
+                                f"output use final.output")
+            out = _string(fm["gate_on"], "final.gate_on")
+            if out not in listed:
+                raise SpecError(f"{_at('final.gate_on', fm['gate_on'])}: '{_show(out)}' is not in final.outputs "
+                                f"{list(listed)}")
+        elif listed:
+            out = listed[0]
+        if out is not None and out in end_only:
+            raise SpecError(f"{_at('final.end_only', fm['end_only'])}: '{_show(out)}' is the output the gates read; "
+                            f"every exit gives it, so it cannot be end-only")
+        for key, names_ in (("outputs", listed), ("end_only", end_only)):
+            twice = sorted({n for n in names_ if n in drop})
+            if twice:
+                raise SpecError(f"{_at(f'final.{key}', fm[key])}: {twice} are also in final.drop; an output is either "
+                                f"returned or dropped")
+        others = tuple(dict.fromkeys(n for n in (*listed, *end_only) if n != out))
         axis: int | None = None
         if "class_axis" in fm:
             v = fm["class_axis"].value
@@ -646,7 +687,7 @@ def parse_spec(text: str, base: Path | str = ".", source: Path | None = None) ->
                         f"probabilities or the argmax), and final.task is regression (the final output has no class axis); use "
                         f"{' or '.join(k.value for k in REGRESSION_GATES)} (a score head's score_output, or the "
                         f"change between consecutive exits' features)")
-        final = FinalSpec(output=out, class_axis=axis, drop=drop, task=task)
+        final = FinalSpec(output=out, class_axis=axis, drop=drop, task=task, others=others, end_only=end_only)
     _check_head_scores(exits, m["exits"].value, final.task)
     return Spec(model=model, exits=exits, final=final, source=source, loop=loop)
 

@@ -9,7 +9,9 @@ naming the YAML path and what to do:
 3. exits out of graph order;
 4. a cut that would carry a tensor that cannot be compacted (:func:`~eecompile.analysis.cut_points.cut_problem`);
 5. a ``score`` gate without the head's score output;
-6. a final output that is ambiguous or missing, and a class axis that does not exist or has size 1.
+6. a final output that is ambiguous or missing, and a class axis that does not exist or has size 1;
+7. a model output with no value at an exit (:func:`check_outputs`): neither a final output a head gives (or
+   one the spec declares end-only), nor an in-model head, nor dropped.
 """
 
 from __future__ import annotations
@@ -89,23 +91,61 @@ def resolve_final(pm: PreparedModel, spec: Spec) -> ir.Value:
     raise SpecError(f"final.output: '{spec.final.output}' is not a model output; outputs: {names}")
 
 
-def check_outputs(pm: PreparedModel, spec: Spec, final: ir.Value, exits: list[ExitPlan]) -> list[str]:
-    """No model output is dropped without a word: every model output is the final output, an exit head's output
-    inside the model (``head: {output: ...}`` or its ``score_output``), or listed in ``final.drop``. Returns the
-    dropped names; raises SpecError naming the outputs a spec leaves undefined (an exit gives one value, the
-    final output's: a model output it has no value for would be missing from early-exited rows)."""
+def resolve_others(pm: PreparedModel, spec: Spec) -> list[ir.Value]:
+    """The further final outputs (``final.outputs`` after the gated one, and ``final.end_only``), in order."""
+    outs = {o.name: o for o in pm.index.graph_outputs}
+    listed_outputs = [n for n in spec.final.others if n not in spec.final.end_only]
+    for key, listed in (("end_only", spec.final.end_only), ("outputs", listed_outputs)):
+        missing = [n for n in listed if n not in outs]
+        if missing:
+            raise SpecError(f"final.{key}: {missing} are not model outputs; outputs: {list(outs)}")
+    return [outs[n] for n in spec.final.others]
+
+
+def check_outputs(pm: PreparedModel, spec: Spec, final: ir.Value, exits: list[ExitPlan],
+                  others: list[ir.Value] | None = None) -> list[str]:
+    """No model output is dropped without a word: every model output is a final output (``final.output`` or
+    ``final.outputs``/``final.end_only``: ``others``), an exit head's output inside the model (``head: {output:
+    ...}`` or its ``score_output``), or listed in ``final.drop``; and every exit has a value for every final
+    output that is not end-only (a head file gives it, by an output named after it). Returns the dropped names;
+    raises SpecError naming the outputs a spec leaves undefined (a model output an exit has no value for would
+    be missing from early-exited rows)."""
+    others = others or []
     names = [o.name or "" for o in pm.index.graph_outputs]
-    used = {final.name} | {v.name for e in exits for v in (e.head_output, e.score_output) if v is not None}
+    heads = {v.name: e.index for e in exits for v in (e.head_output, e.score_output) if v is not None}
+    finals = [final.name or "", *(v.name or "" for v in others)]
+    used = set(finals) | set(heads)
     unknown = [n for n in spec.final.drop if n not in names]
     if unknown:
         raise SpecError(f"final.drop: {unknown} are not model outputs; outputs: {names}")
     if final.name in spec.final.drop:
         raise SpecError(f"final.drop: '{final.name}' is final.output; the exits stand in for it, it cannot be dropped")
+    taken = [n for n in finals[1:] if n in heads]
+    if taken:
+        raise SpecError(f"final.outputs: {taken} are in-model exit heads (exits {[heads[n] for n in taken]}), not "
+                        f"outputs of the final exit; list other model outputs")
+    if exits:
+        last = exits[-1].targets()
+        early = pm.index.ancestors_of(last)
+        before = [v.name for v in others if (i := pm.index.producer_index(v)) is not None and (early >> i) & 1]
+        if before:
+            raise SpecError(f"final.outputs: {before} are computed before the last exit's cut "
+                            f"('{exits[-1].at[0].name}'), not by the final segment; cut before them or drop them")
     undefined = [n for n in names if n not in used and n not in spec.final.drop]
     if undefined:
         raise SpecError(
             f"final: the model outputs {undefined} have no value at the exits (each exit gives only "
-            f"'{final.name}'); list them in final: {{drop: [{', '.join(undefined)}]}} to compile without them")
+            f"{finals}); list them in final.outputs (each exit's head file gives them, by output name) or "
+            f"final.end_only (returned for the samples that reach the final exit), or in final: "
+            f"{{drop: [{', '.join(undefined)}]}} to compile without them")
+    required = [n for n in finals[1:] if n not in spec.final.end_only]
+    for e in exits:
+        if required and e.spec.head.file is None and e.spec.jump is None:  # a jump exit gives its own tensor
+            what = "an in-model head" if e.spec.head.output is not None else "a built-in head"
+            raise SpecError(
+                f"exits[{e.index}].head: the final outputs {required} have no value at this exit ({what} gives only "
+                f"'{final.name}'); give a head file with outputs named {required}, or list them in "
+                f"final.end_only (returned for the samples that reach the final exit, absent for the others)")
     return [n for n in names if n in spec.final.drop]
 
 

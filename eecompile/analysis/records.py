@@ -63,8 +63,9 @@ def exit_info(final_name: str, rec: ExitRecord) -> ExitInfo:
     gate, out = rec.gate.result, rec.head.output
     assert gate is not None and out is not None, "the head and gate passes must have run"
     names = gate_names(k)
+    outputs = {final_name: out.name or "", **{n: v.name or "" for n, v in rec.head.other_outputs.items()}}
     return ExitInfo(
-        index=k, at=[v.name or "" for v in rec.plan.at], head=e.head.describe(), outputs={final_name: out.name or ""},
+        index=k, at=[v.name or "" for v in rec.plan.at], head=e.head.describe(), outputs=outputs,
         gate=GateInfo(kind=e.gate.kind.value, threshold=float(e.gate.threshold), output=names["gate"],
                       threshold_input=names["threshold"], score_output=names["score"],
                       state_inputs=[v.name or "" for v in gate.state_inputs],
@@ -87,16 +88,18 @@ def segment_info(pm: PreparedModel, k: int, model: ir.Model, exit: ExitInfo, car
     )
 
 
-def manifest_for(pm: PreparedModel, spec: Spec, final: ir.Value, class_axis: int, segments: list[SegmentInfo],
-                 version: str, notes: list[str] | None = None) -> Manifest:
-    """The bundle manifest: source file and hash, model inputs, the final output, the segments and notes
-    (the batch mode's, then ``notes``, then one for untrained heads).
+def manifest_for(pm: PreparedModel, spec: Spec, finals: list[ir.Value], class_axis: int,
+                 segments: list[SegmentInfo], version: str, notes: list[str] | None = None) -> Manifest:
+    """The bundle manifest: source file and hash, model inputs, the final outputs (the one the gates read
+    first; ``end_only`` names those early exits do not give), the segments and notes (the batch mode's, then
+    ``notes``, then one for untrained heads).
 
     In dynamic mode axis 0 of the model inputs and of the final output is written as ``"batch"``."""
     m = Manifest(
         source_model={"file": spec.model.name, "sha256": sha256_file(spec.model)},
         inputs=[tensor_info(v, _input_batch_axis(pm, v)) for v in pm.index.graph_inputs],
-        outputs=[tensor_info(final, final_batch_axis(pm, final.name or ""))],
+        outputs=[tensor_info(v, final_batch_axis(pm, v.name or "")) for v in finals],
+        end_only=list(spec.final.end_only),
         segments=segments, batch_mode=pm.batch_mode, class_axis=class_axis,
         eecompile_version=version, notes=[pm.batch_note, *(notes or [])], task=spec.final.task,
     )

@@ -17,6 +17,10 @@ Cases:
    time-major ``[T, B, D]`` output) is given to the head (and to the gate) through a Transpose moving the batch
    axis to 0, ``ee{k}.head_in.{i}`` (:class:`BatchFirstPass`); trained heads are built for, and trained on,
    that view. An in-model head (case 2) keeps the model's own semantics.
+7. Several final outputs (``final.outputs``: a detector's scores, boxes and classes): a head file gives each
+   further one by an output named after it, reshaped to that output's per-sample shape and taken as it is (no
+   activation is added: it must mean what the model's output means); outputs declared ``final.end_only`` have
+   no value at early exits.
 
 :class:`AttachHeadPass` does this to one segment; :func:`head_for` makes the head model of cases 1 and 5.
 """
@@ -116,27 +120,41 @@ def load_head(path: Path, opset: int, where: str) -> ir.Model:
 
 
 def splice_head(seg: ir.Graph, k: int, at: Sequence[ir.Value], head: ir.Model, where: str,
-                score_output: str | None = None) -> tuple[ir.Value, ir.Value | None]:
+                score_output: str | None = None, others: Sequence[str] = (), final_name: str = "",
+                ) -> tuple[ir.Value, ir.Value | None, dict[str, ir.Value]]:
     """Move ``head``'s nodes into ``seg``; its inputs read the exit's ``at`` tensors in order (the cut
-    tensor first, then e.g. an attention mask). Returns (logits, score or None)."""
+    tensor first, then e.g. an attention mask). ``others``: further final outputs the head must give, each by an
+    output named after it (a detector head's ``boxes`` beside its ``scores``). Returns (logits, score or None,
+    {final output name: head output} for ``others``)."""
     hg = head.graph
     if not 1 <= len(hg.inputs) <= len(at):
         raise SpecError(f"{where}: the head has inputs {[v.name for v in hg.inputs]}, the exit's `at` lists "
                         f"{[v.name for v in at]}; a head reads the cut tensor (and, in order, the other `at` "
                         f"tensors): list one `at` tensor per head input")
-    n_out = 2 if score_output else 1
-    if len(hg.outputs) != n_out:
-        raise SpecError(f"{where}: the head must have {n_out} output(s) (logits{', score' if score_output else ''}); "
-                        f"it has {[v.name for v in hg.outputs]}")
+    outs = list(hg.outputs)
+    have = [v.name for v in outs]
+    missing = [n for n in others if n not in have]
+    if missing:
+        raise SpecError(f"{where}: the final outputs {missing} need a value at this exit, and the head file has no "
+                        f"output named so (it has {have}); name the head's outputs after the model outputs it "
+                        f"gives, or list {missing} in final.end_only (returned only for samples that reach the end)")
+    n_out = (2 if score_output else 1) + len(others)
+    if len(outs) != n_out:
+        extra = f", {', '.join(others)}" if others else ""
+        raise SpecError(f"{where}: the head must have {n_out} output(s) (logits{', score' if score_output else ''}"
+                        f"{extra}); it has {have}")
     head_inputs = list(hg.inputs)
     _check_head_input(head_inputs[0], at[0], where)
     prefix = head_prefix(k)
-    outs = list(hg.outputs)
     score = next((v for v in outs if v.name == score_output), None) if score_output else None
     if score_output and score is None:
         raise SpecError(f"{where}.score_output: the head has no output '{score_output}' "
-                        f"(it has {[v.name for v in outs]})")
-    logits = next(v for v in outs if v is not score)
+                        f"(it has {have})")
+    named = {v.name or "": v for v in outs if v.name in others}
+    rest = [v for v in outs if v is not score and v.name not in named]
+    if len(rest) != 1:
+        rest = [v for v in rest if v.name == final_name] or rest
+    logits = rest[0]
     # Rename everything first so nothing can clash with the segment's names.
     for i, node in enumerate(hg):
         node.name = prefix + (node.name or f"{node.op_type}_{i}")
@@ -152,10 +170,10 @@ def splice_head(seg: ir.Graph, k: int, at: Sequence[ir.Value], head: ir.Model, w
     nodes = list(hg)
     hg.remove(nodes, safe=False)
     seg.extend(nodes)
-    for out in (logits, score):
+    for out in (logits, score, *named.values()):
         if out is not None and out.dtype is None:
             out.dtype = ir.DataType.FLOAT
-    return logits, score
+    return logits, score, named
 
 
 def _check_head_input(h_in: ir.Value, at: ir.Value, where: str) -> None:
@@ -178,10 +196,10 @@ def _check_head_input(h_in: ir.Value, at: ir.Value, where: str) -> None:
 
 
 def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Sequence[int | str | None],
-                    final_shape: Sequence[int | str | None], out_name: str, where: str) -> ir.Value:
+                    final_shape: Sequence[int | str | None], out_name: str, where: str, tag: str = "") -> ir.Value:
     """Make the exit output ``out_name`` with the final output's per-sample shape (case 4). The batch axis is
     where ``final_shape`` has ``"batch"`` (a time-major ``[T, batch, C]`` output: axis 1), else 0; the head's
-    logits have theirs at the same axis."""
+    logits have theirs at the same axis. ``tag`` tells apart the nodes made for several outputs of one exit."""
     b = batch_index(list(final_shape))
     if b and len(logits_shape) != len(final_shape):
         raise SpecError(f"{where}: the head gives shape {list(logits_shape)}, the final output {list(final_shape)} "
@@ -202,13 +220,14 @@ def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Seque
     out = ir.Value(name=out_name)
     if known and list(per_exit) != list(per_final):
         # An initializer, not a Constant node: Constant holds no int64 before opset 9.
-        shape = ir.tensor(np.array([*per_final[:b], -1, *per_final[b:]], dtype=np.int64), name=f"{prefix}fit_shape")
-        target = ir.Value(name=f"{prefix}fit_shape", shape=ir.Shape([len(per_final) + 1]),
+        shape = ir.tensor(np.array([*per_final[:b], -1, *per_final[b:]], dtype=np.int64),
+                          name=f"{prefix}fit_shape{tag}")
+        target = ir.Value(name=f"{prefix}fit_shape{tag}", shape=ir.Shape([len(per_final) + 1]),
                           type=ir.TensorType(ir.DataType.INT64), const_value=shape)
         seg.register_initializer(target)
-        seg.append(ir.node("Reshape", [logits, target], outputs=[out], name=f"{prefix}fit"))
+        seg.append(ir.node("Reshape", [logits, target], outputs=[out], name=f"{prefix}fit{tag}"))
     else:
-        seg.append(ir.node("Identity", [logits], outputs=[out], name=f"{prefix}out"))
+        seg.append(ir.node("Identity", [logits], outputs=[out], name=f"{prefix}out{tag}"))
     out.dtype = logits.dtype or ir.DataType.FLOAT
     out.shape = ir.Shape([*per_final[:b], "batch", *per_final[b:]])
     return out
@@ -304,21 +323,25 @@ class AttachHeadPass(ir.passes.InPlacePass):
     def __init__(self, k: int, at: Sequence[str], final_name: str, final_shape: Dims, *, where: str,
                  head: ir.Model | None = None, head_output: str | None = None,
                  head_output_shape: Dims | None = None, score_output: str | None = None,
-                 score_tensor: str | None = None, activation: FinalActivation | None = None) -> None:
+                 score_tensor: str | None = None, activation: FinalActivation | None = None,
+                 others: dict[str, Dims] | None = None) -> None:
         super().__init__()
         self.k, self.at, self.final_name, self.final_shape, self.where = k, list(at), final_name, final_shape, where
         self.head, self.head_output, self.head_output_shape = head, head_output, head_output_shape
         self.score_output, self.score_tensor, self.activation = score_output, score_tensor, activation
+        self.others = dict(others or {})  # further final outputs the head file gives, by name -> their shapes
         self.logits: ir.Value | None = None
         self.output: ir.Value | None = None
         self.score: ir.Value | None = None
+        self.other_outputs: dict[str, ir.Value] = {}  # final output name -> this exit's output for it
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = model.graph
         values = values_by_name(g)
+        named: dict[str, ir.Value] = {}
         if self.head is not None:  # cases 1 and 4
-            logits, self.score = splice_head(g, self.k, [values[n] for n in self.at], self.head, self.where,
-                                             self.score_output)
+            logits, self.score, named = splice_head(g, self.k, [values[n] for n in self.at], self.head, self.where,
+                                                    self.score_output, list(self.others), self.final_name)
             if self.score_tensor is not None:  # a built-in head scored by a model tensor
                 self.score = values[self.score_tensor]
             if logits.shape is not None and len(logits.shape) >= 1:
@@ -335,6 +358,13 @@ class AttachHeadPass(ir.passes.InPlacePass):
         # Case 3: the exit output is what the final output is (e.g. probabilities); the gate reads the logits.
         self.output = apply_activation(g, self.k, self.logits, act, self.final_shape, name) if act else self.logits
         g.outputs.append(self.output)
+        for other, v in named.items():  # case 7: taken as the head gives them, in the model output's shape
+            shape: Dims = ([d if isinstance(d, int) else "batch" for d in v.shape] if v.shape is not None
+                           else ["batch", *self.others[other][1:]])
+            out = fit_exit_output(g, self.k, v, shape, self.others[other], exit_output(self.k, other),
+                                  f"{self.where} (output '{other}')", tag=f".{other}")
+            self.other_outputs[other] = out
+            g.outputs.append(out)
         return ir.passes.PassResult(model, modified=True)
 
 

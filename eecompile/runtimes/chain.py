@@ -83,6 +83,9 @@ class RunResult:
     batch on axis 0 as the graph has it."""
     batch_sizes: list[list[int]] = field(default_factory=list)
     """Rows each segment ran, one list per chunk (compaction makes them shrink)."""
+    present: dict[str, np.ndarray] = field(default_factory=dict)
+    """End-only final outputs (``manifest.end_only``): name -> bool [B], True for the samples that reached the
+    final exit and so have a row; the other rows of ``outputs[name]`` are NaN (0 for non-float outputs)."""
 
     @property
     def n_samples(self) -> int:
@@ -159,6 +162,7 @@ class EarlyExitRunner:
             raise BundleError(f"{self.bundle.path}: no model input has a batch axis; recompile the bundle")
         self.output_names = [t.name for t in m.outputs]
         self._out_axes = {t.name: (t.batch_axis or 0) for t in m.outputs}
+        self.end_only = [n for n in self.output_names if n in set(m.end_only)]  # only the final exit gives them
         self.n_exits = len(m.segments)
         self.per_sample = m.batch_mode == "per_sample"
         self._steps = self._plan()
@@ -194,10 +198,12 @@ class EarlyExitRunner:
             for name in seg.exit.outputs.values():
                 if name not in produced:
                     raise BundleError(f"{where}: segment {k} exit output '{name}' is not among its outputs")
-            unknown = set(seg.exit.outputs) ^ set(self.output_names)
-            if unknown:
+            want = set(self.output_names) - (set() if is_last else set(self.end_only))
+            if set(seg.exit.outputs) != want:
                 raise BundleError(f"{where}: exit {k} produces {sorted(seg.exit.outputs)}, the model's outputs "
-                                  f"are {self.output_names}; recompile the bundle")
+                                  f"are {self.output_names}"
+                                  + (f" ({self.end_only} from the final exit only)" if self.end_only else "")
+                                  + "; recompile the bundle")
             carried = set(seg.carried_out) | set(gate.state_outputs if gate else ())
             keep = []
             for name in sorted(reads_after[k]):
@@ -209,7 +215,8 @@ class EarlyExitRunner:
             available = {n for n, _, _ in keep} | set(produced)
             # Each exit tensor's batch lies on its own axis (a time-major exit may differ from the final output).
             exits = tuple((n, t, self._out_axes[n] if produced[t].batch_axis is None else produced[t].batch_axis,
-                           produced[t].dtype) for n, t in ((n, seg.exit.outputs[n]) for n in self.output_names))
+                           produced[t].dtype) for n, t in ((n, seg.exit.outputs[n]) for n in self.output_names
+                                                           if n in seg.exit.outputs))
             steps.append(_Step(index=k, inputs=tuple(t.name for t in seg.inputs),
                                gate=gate.output if gate else None,
                                score=gate.score_output if gate else None,
@@ -358,14 +365,34 @@ class EarlyExitRunner:
         be.synchronize()  # device backends copy the exited rows asynchronously
         copy = be.reuses_result_buffers
         batch_first = {name: (a.copy() if copy else a) for name, a in results.items()}
+        present = self._absent_rows(batch_first, exit_index == k_all - 1, n)
         if deferred:
-            bad = _nonfinite_rows(batch_first, n)
+            bad = _nonfinite_rows({k_: a for k_, a in batch_first.items() if k_ not in present}, n)
+            for name in present:  # end-only outputs: their present rows only
+                a = batch_first[name]
+                if a.dtype.kind == "f" and a.size and not math.isfinite(float(a[present[name]].sum())):
+                    rows = ~np.isfinite(a.reshape(n, -1)).all(axis=1) & present[name]
+                    bad = rows if bad is None else bad | rows
             if bad is not None:
                 per_exit = np.bincount(exit_index[bad], minlength=k_all)
                 nonfinite[deferred] = per_exit[deferred]
         timings[last] += time.perf_counter() - t0
         outputs = {name: _batch_back(batch_first[name], self._out_axes[name]) for name in self.output_names}
-        return RunResult(outputs, exit_index, counts, timings, nonfinite, batch_sizes=[sizes])
+        return RunResult(outputs, exit_index, counts, timings, nonfinite, batch_sizes=[sizes], present=present)
+
+    def _absent_rows(self, results: dict[str, np.ndarray], reached: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """End-only outputs: the rows of samples that left early filled with NaN (0 for non-float dtypes; an
+        array from the manifest's shape, symbolic axes 0 long, when no sample reached the end); the masks."""
+        present: dict[str, np.ndarray] = {}
+        for name in self.end_only:
+            a = results.get(name)
+            if a is None:
+                t = next(t for t in self.manifest.outputs if t.name == name)
+                per = [d if isinstance(d, int) else 0 for i, d in enumerate(t.shape) if i != self._out_axes[name]]
+                a = results[name] = np.empty((n, *per), np.dtype(t.dtype))
+            a[~reached] = np.nan if a.dtype.kind in "fc" else 0
+            present[name] = reached.copy()
+        return present
 
     def _run_never(self, env: dict[str, Any], n: int, thr: ResolvedThresholds, extra: dict[int, tuple[str, ...]],
                    exit_index: np.ndarray, counts: np.ndarray, nonfinite: np.ndarray,
@@ -408,11 +435,13 @@ class EarlyExitRunner:
             res = all_host[-1][name].copy()
             for k in range(self.n_exits - 1):
                 rows = exit_index == k
-                res[rows] = all_host[k][name][rows]
+                res[rows] = all_host[k][name][rows] if name in all_host[k] else (
+                    np.nan if res.dtype.kind in "fc" else 0)
             outputs[name] = _batch_back(res, self._out_axes[name])
+        present = {name: exit_index == self.n_exits - 1 for name in self.end_only}
         all_exits = [{name: _batch_back(a, self._out_axes[name]) for name, a in h.items()} for h in all_host]
         return RunResult(outputs, exit_index, counts, timings, nonfinite, all_exits=all_exits, gate_masks=masks,
-                         gate_scores=scores, extra=extras, batch_sizes=[[n] * self.n_exits])
+                         gate_scores=scores, extra=extras, batch_sizes=[[n] * self.n_exits], present=present)
 
     def _host_exits(self, outs: dict[str, Any], step: _Step) -> dict[str, np.ndarray] | None:
         """This exit's outputs (batch first) when they are host arrays (ORT CPU: reading them costs nothing, so
@@ -544,4 +573,5 @@ def concat_results(parts: Sequence[RunResult], out_axes: Mapping[str, int]) -> R
         nonfinite_counts=np.sum([p.nonfinite_counts for p in parts], axis=0),
         all_exits=all_exits, gate_masks=gate_masks, gate_scores=gate_scores, extra=extra,
         batch_sizes=[s for p in parts for s in p.batch_sizes],
+        present={name: np.concatenate([p.present[name] for p in parts]) for name in first.present},
     )

@@ -28,8 +28,10 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
             thresholds: str | None = None, batch_size: int = 32, backend: str = "onnxruntime",
             threads: int | None = None, progress: Progress | None = None, max_input_bytes: int | None = None,
             steps: int | None = None, loop_threshold: str | None = None, **backend_options: Any) -> str:
-    """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index`` int64 [N]; with policy
-    ``never`` also ``exit{k}.{name}`` for every exit and ``gate_masks`` bool [K-1, N]). Returns a one-line summary.
+    """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index`` int64 [N]; for each end-only
+    output ``present.{name}`` bool [N], False where the sample left early and its rows are NaN or 0; with policy
+    ``never`` also ``exit{k}.{name}`` for every output an exit gives and ``gate_masks`` bool [K-1, N]). Returns a
+    one-line summary.
 
     Streams: each batch is read from the input file, run and appended to the output before the next is read,
     so memory stays flat in the number of rows (:class:`~eecompile.runtimes.data.NpzBatches`,
@@ -87,6 +89,8 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
                         for name, a in r.outputs.items():
                             writer.append(name, a, out_axes[name])
                         writer.append("exit_index", r.exit_index)
+                        for name, mask in r.present.items():  # end-only outputs: which rows have a value
+                            writer.append(f"present.{name}", mask)
                         if r.all_exits is not None and r.gate_masks is not None:
                             for k, exits in enumerate(r.all_exits):
                                 for name, a in exits.items():

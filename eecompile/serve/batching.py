@@ -22,10 +22,13 @@ from eecompile.serve.protocol import PredictRequest
 
 @dataclass
 class Answer:
-    """One request's result: final outputs (model layout, its own rows) and each sample's exit."""
+    """One request's result: final outputs (model layout, its own rows) and each sample's exit; for end-only
+    outputs (``manifest.end_only``) ``present``: name -> (bool [n], True where the sample reached the final exit
+    and so has a row (the others are NaN, 0 for non-float outputs), that output's batch axis)."""
 
     outputs: dict[str, np.ndarray]
     exit_index: np.ndarray  # int64 [n]
+    present: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -40,15 +43,20 @@ class _Pending:
 class RowCollector:
     """Scatters exited rows into per-request buffers; calls ``done(i, answer)`` when request ``i`` is whole.
 
-    ``sizes``: samples per request, in stacking order; ``out_axes``: batch axis of each final output."""
+    ``sizes``: samples per request, in stacking order; ``out_axes``: batch axis of each final output;
+    ``end_only``: outputs only the final exit (index ``final``) gives, name -> (per-sample shape, dtype): for a
+    request's samples that left earlier their rows are NaN (0 for non-float dtypes) and ``Answer.present`` says so."""
 
     def __init__(self, sizes: Sequence[int], out_axes: dict[str, int],
-                 done: Callable[[int, Answer], None]) -> None:
+                 done: Callable[[int, Answer], None],
+                 end_only: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None, final: int = -1) -> None:
         self._starts = np.cumsum([0, *sizes])[:-1]
         self._pending = [_Pending(int(s), int(n), int(n), np.empty(int(n), dtype=np.int64))
                          for s, n in zip(self._starts, sizes, strict=True)]
         self._out_axes = out_axes
         self._done = done
+        self._end_only = dict(end_only or {})
+        self._final = final
 
     def on_exit(self, k: int, rows: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
         """Rows ``rows`` (indices into the stacked batch) left at exit ``k`` with ``outputs`` (batch first)."""
@@ -66,9 +74,21 @@ class RowCollector:
             p.exit_index[local] = k
             p.left -= int(local.size)
             if p.left == 0:
+                present = self._fill_absent(p)
                 outs = {name: (a if self._out_axes[name] == 0 else np.moveaxis(a, 0, self._out_axes[name]))
                         for name, a in p.rows.items()}
-                self._done(int(i), Answer(outs, p.exit_index))
+                self._done(int(i), Answer(outs, p.exit_index, present))
+
+    def _fill_absent(self, p: _Pending) -> dict[str, tuple[np.ndarray, int]]:
+        present = {}
+        for name, (shape, dtype) in self._end_only.items():
+            reached = p.exit_index == self._final
+            a = p.rows.get(name)
+            if a is None:
+                a = p.rows[name] = np.empty((p.n, *shape), dtype)
+            a[~reached] = np.nan if a.dtype.kind in "fc" else 0
+            present[name] = (reached, self._out_axes[name])
+        return present
 
 
 def stack_feeds(requests: Sequence[PredictRequest], inputs: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
@@ -92,8 +112,11 @@ def run_group(runner: Any, requests: Sequence[PredictRequest], done: Callable[[i
     """Run requests that share thresholds in one call; ``done(i, answer)`` for each as it completes.
 
     Returns the runner's RunResult (its ``exit_counts`` and ``timings`` feed the metrics)."""
-    out_axes = {t.name: (t.batch_axis or 0) for t in runner.manifest.outputs}
-    collector = RowCollector([r.n for r in requests], out_axes, done)
+    m = runner.manifest
+    out_axes = {t.name: (t.batch_axis or 0) for t in m.outputs}
+    end_only = {t.name: (tuple(d if isinstance(d, int) else 0 for i, d in enumerate(t.shape) if i != out_axes[t.name]),
+                         np.dtype(t.dtype)) for t in m.outputs if t.name in set(getattr(m, "end_only", ()))}
+    collector = RowCollector([r.n for r in requests], out_axes, done, end_only, final=len(m.segments) - 1)
     feeds = stack_feeds(requests, runner.inputs)
     thresholds = list(requests[0].thresholds) if requests[0].thresholds is not None else None
     if reports_rows(runner):
@@ -102,7 +125,8 @@ def run_group(runner: Any, requests: Sequence[PredictRequest], done: Callable[[i
     for k in range(len(result.exit_counts)):
         rows = np.flatnonzero(result.exit_index == k)
         collector.on_exit(k, rows, {name: np.moveaxis(a, out_axes[name], 0)[rows]
-                                    for name, a in result.outputs.items()})
+                                    for name, a in result.outputs.items()
+                                    if name not in end_only or k == len(m.segments) - 1})
     return result
 
 

@@ -6,7 +6,9 @@ Request, either
   * an ``.npz`` archive (``Content-Type: application/octet-stream``): one array per model input, named after
     it, samples along its batch axis; thresholds may ride along as a ``thresholds`` string array.
 Response: ``{"outputs": {NAME: nested lists}, "exit_index": [int, ...]}`` (JSON), or an ``.npz`` with each
-final output and ``exit_index`` (int64) when the request was an ``.npz``.
+final output and ``exit_index`` (int64) when the request was an ``.npz``. A bundle's end-only outputs
+(``manifest.end_only``) have no row for samples that left early: JSON gives ``null`` in their place and
+``"present": {NAME: [bool, ...]}``; the ``.npz`` has NaN (0 for integers) there and ``present.NAME``.
 
 Arrays are checked exactly as ``eecompile run`` checks an ``.npz`` (:func:`eecompile.runtimes.data.check_array`), so a
 wrong name, dtype or shape gets the same one-line message; JSON numbers have no dtype, so integers are accepted
@@ -182,14 +184,32 @@ def _thresholds(value: Any, n_early_exits: int) -> tuple[float | str, ...] | Non
     return tuple(out)
 
 
-def encode_response(outputs: dict[str, np.ndarray], exit_index: np.ndarray, as_npz: bool) -> tuple[bytes, str]:
-    """The response body and its content type."""
+def encode_response(outputs: dict[str, np.ndarray], exit_index: np.ndarray, as_npz: bool,
+                    present: dict[str, tuple[np.ndarray, int]] | None = None) -> tuple[bytes, str]:
+    """The response body and its content type. ``present``: end-only outputs, name -> (bool [n] mask of the
+    samples that have a row, batch axis): the .npz carries ``present.<name>`` beside NaN rows; JSON gives
+    ``null`` for each absent sample's row and ``"present": {name: [bool, ...]}``."""
+    present = present or {}
     if as_npz:
         buf = io.BytesIO()
-        np.savez(buf, **outputs, exit_index=exit_index.astype(np.int64))  # type: ignore[arg-type]
+        masks = {f"present.{k}": m for k, (m, _) in present.items()}
+        np.savez(buf, **outputs, **masks, exit_index=exit_index.astype(np.int64))  # type: ignore[arg-type]
         return buf.getvalue(), NPZ
-    doc = {"outputs": {k: v.tolist() for k, v in outputs.items()}, "exit_index": exit_index.astype(int).tolist()}
+    doc: dict[str, object] = {"outputs": {k: _rows_or_null(v, present.get(k)) for k, v in outputs.items()},
+                              "exit_index": exit_index.astype(int).tolist()}
+    if present:
+        doc["present"] = {k: m.astype(bool).tolist() for k, (m, _) in present.items()}
     return json.dumps(doc).encode(), JSON
+
+
+def _rows_or_null(a: np.ndarray, present: tuple[np.ndarray, int] | None) -> object:
+    if present is None or present[0].all():
+        return a.tolist()
+    mask, axis = present
+    rows = [np.take(a, i, axis=axis).tolist() if ok else None for i, ok in enumerate(mask)]
+    if axis == 0:
+        return rows
+    return {"batch_axis": axis, "rows": rows}  # rows per sample (batch first) when the batch is not axis 0
 
 
 def error_body(message: str) -> bytes:

@@ -198,7 +198,7 @@ class EarlyExitDeployment:
             return self._error(413, str(e), t0)
         except EECompileError as e:
             return self._error(400, str(e), t0)
-        content, media = encode_response(answer.outputs, answer.exit_index, req.as_npz)
+        content, media = encode_response(answer.outputs, answer.exit_index, req.as_npz, answer.present)
         for k, c in enumerate(np.bincount(answer.exit_index, minlength=self.n_early_exits + 1)):
             if c:
                 self._exits.inc(int(c), tags={"exit": str(k)})
