@@ -10,6 +10,11 @@ the TorchScript exporter) is compiled with five exits. Reported, as ratios to th
   the segments in plain sessions with ONNX Runtime's weight prepacking off (``session.disable_prepacking``):
   prepacking makes a packed copy of each MatMul weight in every session that uses it.
 
+Speed of turning prepacking off (``--speed``): the segment chain (policy never: every segment runs) in plain
+sessions, one thread, with ``session.disable_prepacking=1`` on the segments that read ``weights.bin`` (the only
+ones holding a weight twice), against the same sessions with prepacking on; interleaved rounds of process CPU
+time (one intra-op thread), the median per-round ratio (and its 10th-90th percentile spread), at batch 1 and 8.
+
 ``--cache DIR`` (default ``$TMPDIR/eecompile-bench/shared-weights``), ``--json PATH`` writes the results.
 """
 
@@ -126,10 +131,66 @@ def loaded_memory(kind: str, path: Path) -> tuple[int, int]:
     return int(total), int(anon)
 
 
+def shared_segments(bundle: Path) -> list[int]:
+    """The segments whose ONNX file reads ``segments/weights.bin`` (the weights stored once)."""
+    from eecompile.bundle import Bundle, external_data_files
+
+    m = Bundle.load(bundle).manifest
+    return [s.index for s in m.segments if "segments/weights.bin" in external_data_files(bundle, s.file)]
+
+
+def prepack_speed(bundle: Path, batch: int, rounds: int = 40) -> dict[str, float]:
+    """Median and spread (10th-90th percentile) over ``rounds`` of (chain time with prepacking off on the shared
+    segments) / (chain time with it on), one thread, the chain run with every segment (policy never)."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from eecompile.runtimes.sessions import session_options
+
+    shared = set(shared_segments(bundle))
+    files = sorted((bundle / "segments").glob("seg*.onnx"), key=lambda p: int(p.stem[3:]))
+
+    def chain(off: bool) -> list[Any]:
+        sessions = []
+        for k, f in enumerate(files):
+            so = session_options(1)
+            if off and k in shared:
+                so.add_session_config_entry("session.disable_prepacking", "1")
+            sessions.append(ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"]))
+        return sessions
+
+    x = np.random.default_rng(0).standard_normal((batch, TOKENS, FEATURES)).astype(np.float32)
+
+    def run(sessions: list[Any]) -> float:
+        feeds: dict[str, Any] = {"x": x}
+        t0 = time.process_time()  # CPU time: one thread, so a busy machine's waiting does not count
+        for s in sessions:
+            ins = {i.name: feeds.get(i.name, np.array(np.inf, np.float32)) for i in s.get_inputs()}
+            feeds.update(zip([o.name for o in s.get_outputs()], s.run(None, ins), strict=True))
+        return time.process_time() - t0
+
+    on, off = chain(False), chain(True)
+    for _ in range(3):  # warm-up
+        run(on), run(off)
+    ratios = []
+    for r in range(rounds):
+        if r % 2:  # alternate which goes first
+            a, b = run(on), run(off)
+        else:
+            b, a = run(off), run(on)
+        ratios.append(b / a)
+    q = np.quantile(ratios, [0.1, 0.5, 0.9])
+    return {"batch": batch, "shared_segments": len(shared), "segments": len(files), "median": float(q[1]),
+            "p10": float(q[0]), "p90": float(q[2])}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "eecompile-bench" / "shared-weights")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--speed", action="store_true", help="also time prepacking off vs on (shared segments)")
     args = ap.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
     model = args.cache / "albert.onnx"
@@ -149,6 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res[f"pss_{kind}"], res[f"pss_anon_{kind}"], res[f"pss_{kind}_over_model"] = total, anon, total / ref
         print(f"loaded PSS, {kind}: {total / 2**20:.1f} MiB ({total / ref:.2f}x the unsplit model's "
               f"{ref / 2**20:.1f} MiB; anonymous {anon / 2**20:.1f} MiB)")
+    if args.speed:
+        res["prepack_off_speed"] = []
+        for batch in (1, 8):
+            sp = prepack_speed(bundle, batch)
+            res["prepack_off_speed"].append(sp)
+            print(f"prepacking off on {sp['shared_segments']} of {sp['segments']} segments, batch {batch}: chain time "
+                  f"{sp['median']:.3f}x with it on (p10-p90 {sp['p10']:.3f}-{sp['p90']:.3f})")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return res
