@@ -118,6 +118,13 @@ def test_bad_json_and_thresholds(endpoint) -> None:
     assert status == 400 and "the model expects [B, 3, 32, 32]" in doc["error"]
 
 
+def test_generate_on_a_classifier_bundle_gets_400(endpoint) -> None:
+    url, _ = endpoint
+    status, body, _ = post(f"{url}/generate", b'{"prompt": "hi", "max_new_tokens": 4}', "application/json")
+    err = json.loads(body)["error"]
+    assert status == 400 and "not a decoder bundle" in err and "/v1/predict" in err
+
+
 def test_oversized_body_and_too_many_samples_get_413(endpoint) -> None:
     url, _ = endpoint
     status, body, _ = post(f"{url}/predict", b"0" * (MAX_BODY + 1), "application/octet-stream")
