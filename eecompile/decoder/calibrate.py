@@ -6,6 +6,9 @@ after it (their mean), so a drift in machine load is shared. The best configurat
 least ``min_speedup``; otherwise that batch size is recorded as ``off`` and ``generate(mode="speculative")``
 decodes plainly there (the output is the same token for token; only the speed differs).
 
+``calibrate_exit`` sets exit-mode thresholds for a token-disagreement budget with the Learn-then-Test guarantee
+of the single-pass calibration (``eecompile.calibrate.ltt``).
+
 Results go to the bundle's ``decoder.calibration.speculative``: ``{batch: {threshold, draft_tokens, speedup}}``
 or ``{batch: {off: true, speedup}}``; the runtime uses the entry of the largest calibrated batch size not above
 the batch it runs (the smallest one when it runs below all of them).
@@ -21,7 +24,7 @@ from eecompile.bundle import update_bundle
 from eecompile.errors import CalibrationError
 from eecompile.runtimes.lm import choice_for_batch
 
-__all__ = ["calibrate_speculative", "choice_for_batch"]
+__all__ = ["calibrate_exit", "calibrate_speculative", "choice_for_batch", "exit_table"]
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +87,90 @@ def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] =
     update_bundle(bundle_path, change)
     return table
 
+
+
+def exit_table(runner: Any, prompts: list[Any], tokens: int) -> Any:
+    """The calibration table of exit mode: one sample per generated position of the full model's own greedy
+    continuations of ``prompts``. ``scores[e, n]``: exit e's draft max-prob at position n (given the full model's
+    prefix); ``correct[e, n]``: its top-1 equals the full model's (the final row is all True)."""
+    import numpy as np
+
+    from eecompile.calibrate.collect import ExitTable
+
+    gen = runner.generate(prompts, tokens, mode="none", calibrated=False)
+    n_exits = len(runner.exits)
+    scores: list[list[np.ndarray]] = [[] for _ in range(n_exits)]
+    agree: list[list[np.ndarray]] = [[] for _ in range(n_exits)]
+    last = len(runner.segments) - 1
+    for p, res in zip(prompts, gen.results, strict=True):
+        ids = (runner._encode(p) if isinstance(p, str) else [int(t) for t in p]) + list(res["token_ids"])
+        n_prompt = len(ids) - len(res["token_ids"])
+        where = np.arange(n_prompt - 1, len(ids) - 1)  # the positions that predict the generated tokens
+        if not len(where):
+            continue
+        row = runner._new_row(0, ids)
+        hs = []
+        first = 0
+        for ex in runner.exits:
+            runner._stack([row], first, ex["segment"])
+            hs.append(np.stack(row.pending[ex["segment"] + 1]))  # the exit's hidden states, every position
+            first = ex["segment"] + 1
+        out = runner._stack([row], first, last)[0]
+        final = runner._run_head(out[None, where], 2.0, False)["token"][0]
+        for e in range(n_exits):
+            head = runner._exit_head(e, hs[e][None, where], 2.0, False)
+            scores[e].append(head["max_prob"][0])
+            agree[e].append(head["token"][0] == final)
+    if not scores or not scores[0]:
+        raise CalibrationError("exit calibration: no generated positions; give prompts and tokens > 0")
+    s = np.stack([np.concatenate(x) for x in scores])
+    c = np.vstack([np.stack([np.concatenate(x) for x in agree]), np.ones((1, s.shape[1]), bool)])
+    return ExitTable(scores=s, correct=c, fires_above=[True] * n_exits)
+
+
+def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, delta: float = 0.1,
+                   tokens: int = 64, prompts: list[Any] | None = None, threads: int | None = None,
+                   seed: int = 0) -> dict[str, Any]:
+    """Exit-mode thresholds by Learn-then-Test (``eecompile.calibrate.ltt``), written into the bundle.
+
+    The loss of a position is "the token emitted (at the first exit whose gate fires, else the final head)
+    differs from the full model's top-1 given the same prefix"; LTT certifies thresholds with
+    P(loss rate on new positions <= ``max_disagreement``) >= 1 - ``delta``, choosing the cheapest certified one
+    (cost: layers run). Caveats, in the record: the samples are positions of a few continuations, which are
+    not independent, and the guarantee is per token given the full model's prefix (in exit mode, once a token
+    differs, the continuation itself differs from mode none). Nothing certified: every exit set to "never".
+
+    Writes ``decoder.calibration.exit``: ``{thresholds, certified, max_disagreement, delta, positions,
+    test_disagreement, exit_shares, calibration_disagreement, expected_cost}`` (shares, disagreement and cost on
+    all calibration positions); ``generate(mode="exit")`` without thresholds uses it. Raises
+    ``CalibrationError`` (no exits; too few positions for the budget; see ``ltt_thresholds``).
+    """
+    import numpy as np
+
+    from eecompile.calibrate.ltt import ltt_thresholds
+    from eecompile.calibrate.search import evaluate
+    from eecompile.runtimes.lm import DecoderRunner
+
+    runner = DecoderRunner(bundle_path, threads=threads)
+    if not runner.exits:
+        raise CalibrationError(f"{bundle_path}: the decoder bundle has no exits to calibrate")
+    rows: list[Any] = list(prompts) if prompts is not None else list(PROMPTS)
+    table = exit_table(runner, rows, tokens)
+    n_layers = int(runner.dec["layers"])
+    costs = [(ex["after_layer"] + 1) / n_layers for ex in runner.exits] + [1.0]
+    res = ltt_thresholds(table, costs, max_disagreement, delta, seed=seed)
+    thr = [float(t) if np.isfinite(t) else "never" for t in res.thresholds]
+    ev = evaluate(table, res.thresholds, costs)
+    record = {"thresholds": thr, "certified": bool(res.certified), "max_disagreement": max_disagreement,
+              "delta": delta, "positions": int(table.n_samples), "test_disagreement": res.test_loss,
+              "exit_shares": [float(x) for x in ev.shares], "calibration_disagreement": float(ev.loss),
+              "expected_cost": float(ev.expected_cost)}
+    log.info("exit calibration: %s", record)
+
+    def change(tmp: Path, manifest: Any) -> None:
+        cal = dict(manifest.decoder.get("calibration") or {})
+        cal["exit"] = record
+        manifest.decoder["calibration"] = cal
+
+    update_bundle(bundle_path, change)
+    return record

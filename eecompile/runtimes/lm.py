@@ -457,7 +457,8 @@ class DecoderRunner:
         ``eos_token_id`` (default: the bundle's) or after ``max_new_tokens``. ``calibrated``: in speculative
         mode without explicit thresholds and k, use the bundle's calibration for this batch size
         (``eecompile.decoder.calibrate``), which may switch drafting off where it did not pay (plain decoding;
-        the same tokens). This is a loop over ``open_batch(...).step()``.
+        the same tokens); in exit mode without thresholds, use the bundle's Learn-then-Test exit thresholds
+        (``eecompile.decoder.calibrate.calibrate_exit``) when it has them. This is a loop over ``open_batch(...).step()``.
 
         Raises ``DataError`` for a bad mode, ``max_new_tokens`` < 1, an empty prompt, a token id outside the
         vocabulary, or a prompt that with ``max_new_tokens`` does not fit the cache (``max_length``).
@@ -701,6 +702,9 @@ class DecodeBatch:
             if not self.drafting_off:
                 thresholds = [choice["threshold"] if j == exit else "never" for j in range(len(runner.exits))]
                 draft_tokens = int(choice["draft_tokens"])
+        cal_exit = (runner.dec.get("calibration") or {}).get("exit")
+        if mode == "exit" and calibrated and thresholds is None and cal_exit:
+            thresholds = list(cal_exit["thresholds"])  # Learn-then-Test (eecompile.decoder.calibrate)
         thr = runner._thresholds(thresholds, mode)
         k = int(draft_tokens if draft_tokens is not None else
                 (runner.exits[exit].get("draft_tokens", 6) if runner.exits else 1))

@@ -59,3 +59,43 @@ def test_drafting_off_decodes_plainly(lm_bundle: Path, tmp_path: Path) -> None:
 def test_calibration_needs_a_grid(lm_bundle: Path) -> None:
     with pytest.raises(CalibrationError, match="at least one"):
         calibrate_speculative(lm_bundle, ks=())
+
+
+def test_exit_calibration_certifies_a_disagreement_budget(lm_bundle: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from eecompile.calibrate.search import evaluate
+    from eecompile.decoder.calibrate import calibrate_exit, exit_table
+
+    dest = tmp_path / "b.eebundle"
+    shutil.copytree(lm_bundle, dest)
+    prompts = [[i, (7 * i) % 128, (13 * i + 5) % 128] for i in range(1, 25)]
+    runner = DecoderRunner(dest, threads=1)
+    table = exit_table(runner, prompts, 12)
+    assert table.n_samples == 24 * 12
+    assert 0.0 < table.correct[0].mean() < 1.0 and table.correct[1].all()
+    rec = calibrate_exit(dest, max_disagreement=0.2, delta=0.1, tokens=12, prompts=prompts, threads=1)
+    assert rec["certified"] is True and rec["positions"] == 288
+    t = rec["thresholds"][0]
+    assert isinstance(t, float) and 0.0 <= t <= 1.0
+    # the certified threshold keeps the disagreement within the budget on the positions it was calibrated on,
+    # and a looser one (every token exits) does not
+    ev = evaluate(table, [t], [0.5, 1.0])
+    assert ev.loss <= 0.2 + 0.05 and rec["exit_shares"][0] > 0.0
+    assert evaluate(table, [0.0], [0.5, 1.0]).loss > 0.2
+    # generate(mode="exit") without thresholds uses the certified ones
+    r = DecoderRunner(dest, threads=1)
+    used = r.generate(prompts[:4], 8, mode="exit")
+    explicit = r.generate(prompts[:4], 8, mode="exit", thresholds=[t])
+    assert [x["token_ids"] for x in used.results] == [x["token_ids"] for x in explicit.results]
+    assert np.isclose(sum(used.exit_shares), 1.0)  # type: ignore[arg-type]
+    assert Bundle.load(dest).manifest.decoder["calibration"]["exit"]["delta"] == 0.1  # type: ignore[index]
+
+
+def test_exit_calibration_with_too_few_positions_is_refused(lm_bundle: Path, tmp_path: Path) -> None:
+    from eecompile.decoder.calibrate import calibrate_exit
+
+    dest = tmp_path / "b.eebundle"
+    shutil.copytree(lm_bundle, dest)
+    with pytest.raises(CalibrationError, match="test samples"):
+        calibrate_exit(dest, max_disagreement=0.01, delta=0.01, tokens=2, prompts=PROMPTS, threads=1)
