@@ -93,7 +93,7 @@ def run(quick: bool, only: list[str] | None = None, out: Path | None = None, cac
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, a few seconds (what the tests run)")
-    ap.add_argument("--only", nargs="+", metavar="NAME", help="overhead, speedup, compaction, compile, hop, papers, auto")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="overhead, speedup, compaction, compile, hop, papers, auto, fixed")
     ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     ap.add_argument("--cache", type=Path, default=None, help="where models and bundles are built (reused)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")

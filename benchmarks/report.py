@@ -110,6 +110,33 @@ def markdown(results: dict[str, Any]) -> str:
         for k, v in h["chain_us"].items():
             lines.append(f"| {k.split()[0]} | {_r(v, '', 1)} |")
         lines.append("")
+    if "fixed" in f:
+        fx = f["fixed"]
+        ti = fx["tiny"]
+        load = fx.get("load_average", {})
+        lines += [f"### Runner fixed cost: {ti['model']}, batch {ti['batch']} (load average before "
+                  f"{load.get('before')}, after {load.get('after')})", "",
+                  f"Runner time outside ONNX Runtime's compiled run: **{_r(ti['runner_per_segment_us'], ' us', 1)} per "
+                  f"segment, {_r(ti['runner_per_call_us'], ' us', 1)} per call** (targets 20 / 50 us; "
+                  f"{_ok(ti['holds'])}); chain minus unsplit: {_r(ti['hop_vs_unsplit_us'], ' us', 1)} per segment. "
+                  f"Unsplit model {_r(ti['unsplit_us'], ' us', 1)}.", "",
+                  "| segments | chain us | in ORT us | outside ORT us |", "|---|---|---|---|"]
+        for k, v in ti["chain_us"].items():
+            lines.append(f"| {k.split()[0]} | {_r(v, '', 1)} | {_r(ti['ort_us'][k], '', 1)} | "
+                         f"{_r(ti['outside_ort_us'][k], '', 1)} |")
+        lines.append("")
+        d = fx["digits"]
+        if d.get("measured") is False:
+            lines += [f"Digits never-exit ratio not measured: {d.get('reason')}", ""]
+        else:
+            lines += [f"Digits demo model, batch 1, {d['samples']} samples per block, {d['rounds']} rounds "
+                      f"(no-exit path vs segments: max abs difference {d['max_abs_diff_no_exit_vs_segments']:.1e}):", "",
+                      "| call | us per sample | / unsplit, wall | / unsplit, CPU |", "|---|---|---|---|",
+                      f"| unsplit model | {_r(d['us_per_sample']['unsplit'], '', 1)} | 1 | 1 |"]
+            for k, v in d["vs_unsplit"].items():
+                lines.append(f"| runner, {k} | {_r(d['us_per_sample'][k], '', 1)} | {_r(v)} | "
+                             f"{_r(d['cpu_vs_unsplit'][k])} |")
+            lines += ["", f"Never-exit target <= {d['target']}x: {_ok(d['holds'])}.", ""]
     if "papers" in f:
         pp = f["papers"]
         lines += [f"### eecompile vs the papers' way (PyTorch {pp['torch']} eager, {pp['torch_threads']} threads; "

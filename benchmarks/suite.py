@@ -43,11 +43,12 @@ class Context:
         return 0.02 if self.quick else full
 
 
-def _runner(bundle: Path, threads: int, engines: bool = False) -> Any:
-    """The chain on ORT CPU: the portable segments, or (``engines=True``) the bundle's ORT CPU engines."""
+def _runner(bundle: Path, threads: int, engines: bool = False, no_exit_path: bool = False) -> Any:
+    """The chain on ORT CPU: the portable segments, or (``engines=True``) the bundle's ORT CPU engines. The
+    segments always run (``no_exit_path=False``) unless asked: the figures measure the chain with its gates."""
     from eecompile.runtimes.chain import EarlyExitRunner
 
-    runner = EarlyExitRunner(bundle, threads=threads, engines=engines)
+    runner = EarlyExitRunner(bundle, threads=threads, engines=engines, no_exit_path=no_exit_path)
     if engines and getattr(runner.backend, "engine_target", None) is None:
         raise RuntimeError(f"{bundle}: no ONNX Runtime engines for this machine were loaded")
     return runner
@@ -145,6 +146,26 @@ def _cpu_target() -> str:
 # ------------------------------------------------------------------------------------------- speedup
 
 
+def digits_copy(ctx: Context, name: str) -> Path | None:
+    """A private copy of the digits demo's output (bundle, source model, test split) in the cache, or None when
+    ``make demo`` has not written it. The demo may rewrite its output while we run: figures time the copy."""
+    bundle_dir, test, source = DIGITS_OUT / "digits.eebundle", DIGITS_OUT / "test.npz", DIGITS_OUT / "digits.onnx"
+    if not (bundle_dir / "manifest.yaml").is_file() or not test.is_file() or not source.is_file():
+        return None
+    local = ctx.cache / name
+    shutil.rmtree(local, ignore_errors=True)
+    shutil.copytree(DIGITS_OUT, local, ignore=shutil.ignore_patterns("*.png", "train.npz", "cal.npz"))
+    return local
+
+
+def each_row(rows: list[np.ndarray], call: Callable[[np.ndarray], object]) -> Callable[[], object]:
+    """A function that calls ``call`` on every row in turn (batch 1): one timed pass over a test set."""
+    def one_pass() -> None:
+        for r in rows:
+            call(r)
+    return one_pass
+
+
 def speedup(ctx: Context) -> dict[str, Any]:
     """Digits demo at its calibrated thresholds (<= 1% drop), batch 1: measured vs oracle speedup."""
     import onnxruntime as ort  # noqa: F401 - imported here so a missing ORT fails loudly, not as "not measured"
@@ -152,13 +173,9 @@ def speedup(ctx: Context) -> dict[str, Any]:
     from eecompile.bundle import Bundle
     from eecompile.calibrate import collect_exit_table, oracle_exits
 
-    bundle_dir, test, source = DIGITS_OUT / "digits.eebundle", DIGITS_OUT / "test.npz", DIGITS_OUT / "digits.onnx"
-    if not (bundle_dir / "manifest.yaml").is_file() or not test.is_file() or not source.is_file():
+    local = digits_copy(ctx, "digits")
+    if local is None:
         return {"measured": False, "reason": f"no digits demo output in {DIGITS_OUT}; run `make demo` first"}
-    # The demo may rewrite its output while we run: time a private copy.
-    local = ctx.cache / "digits"
-    shutil.rmtree(local, ignore_errors=True)
-    shutil.copytree(DIGITS_OUT, local, ignore=shutil.ignore_patterns("*.png", "train.npz", "cal.npz"))
     b = Bundle.load(local / "digits.eebundle")
     m = b.manifest
     cal = m.calibration or {}
@@ -174,13 +191,7 @@ def speedup(ctx: Context) -> dict[str, Any]:
     e = m.n_early_exits
     ctx.say(f"speedup: digits, {len(y)} test samples, batch 1")
     rows = [x[i:i + 1] for i in range(len(x))]
-
-    def per_sample(call: Callable[[np.ndarray], object]) -> Callable[[], object]:
-        def one_pass() -> None:
-            for r in rows:
-                call(r)
-        return one_pass
-
+    per_sample = functools.partial(each_row, rows)
     fns: dict[str, Callable[[], object]] = {
         "unsplit": per_sample(lambda r: sess.run([out_name], {"input": r})),
         "chain": per_sample(lambda r: runner.run({"input": r})),
@@ -370,23 +381,32 @@ def compile_cost(ctx: Context) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- hop
 
 
-def hop_cost(ctx: Context) -> dict[str, Any]:
-    """Fixed cost of one segment hop at batch 1 (session call, gate read, bookkeeping) on a tiny MLP: the slope
-    of chain time over segment count, against the unsplit model timed in the same rounds."""
-    layers = 13
-    src = models.mlp(ctx.cache / "mlp13.onnx", layers)
+MLP_LAYERS = 13
+
+
+def mlp_chains(ctx: Context) -> tuple[Any, dict[str, np.ndarray], list[int], list[Any]]:
+    """The tiny model of the fixed-cost figures: a 13-layer MLP (64 wide) and chains of it with 1..12 exits.
+    Returns (unsplit session, a batch-1 input, exit counts, one runner per count; the segments always run)."""
+    src = models.mlp(ctx.cache / "mlp13.onnx", MLP_LAYERS)
     exit_counts = [1, 2, 4] if ctx.quick else [1, 2, 4, 8, 12]
     sess = reference_session(src, ctx.threads)
     x = {"x": np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)}
-    fns: dict[str, Callable[[], object]] = {"unsplit": lambda: sess.run(None, x)}
     runners = []
     for n in exit_counts:
-        idx = np.unique(np.linspace(0, layers - 2, n).round().astype(int))
+        idx = np.unique(np.linspace(0, MLP_LAYERS - 2, n).round().astype(int))
         cuts = [f"h{i}" for i in idx]
         bundle = models.compile_with_exits(src, cuts, ctx.cache / f"mlp13-{n}x.eebundle", n_classes=10, opset=17,
                                            shapes={c: ["batch", 64] for c in cuts})
-        r = _runner(bundle, ctx.threads)
-        runners.append(r)
+        runners.append(_runner(bundle, ctx.threads))
+    return sess, x, exit_counts, runners
+
+
+def hop_cost(ctx: Context) -> dict[str, Any]:
+    """Fixed cost of one segment hop at batch 1 (session call, gate read, bookkeeping) on a tiny MLP: the slope
+    of chain time over segment count, against the unsplit model timed in the same rounds."""
+    sess, x, exit_counts, runners = mlp_chains(ctx)
+    fns: dict[str, Callable[[], object]] = {"unsplit": lambda: sess.run(None, x)}
+    for n, r in zip(exit_counts, runners, strict=True):
         fns[f"{n + 1} segments"] = functools.partial(r.run, x, thresholds=[NEVER_FIRES] * n)
     ctx.say(f"hop: tiny MLP, {exit_counts} exits")
     calls = block_calls(fns["unsplit"], ctx.block_s(0.1))
@@ -402,7 +422,7 @@ def hop_cost(ctx: Context) -> dict[str, Any]:
         slopes.append(float(slope))
         intercepts.append(float(icpt))
     return {
-        "model": f"MLP {layers} x (MatMul 64x64 + Relu)", "batch": 1, "calls_per_block": calls,
+        "model": f"MLP {MLP_LAYERS} x (MatMul 64x64 + Relu)", "batch": 1, "calls_per_block": calls,
         "unsplit_us": summary(t["unsplit"].wall, 1e6),
         "chain_us": {k: summary(t[k].wall, 1e6) for k in names},
         "per_hop_us": summary(slopes, 1e6), "fixed_us": summary(intercepts, 1e6),
@@ -415,6 +435,12 @@ def _papers(ctx: Context) -> dict[str, Any]:
     return papers(ctx)
 
 
+def _fixed(ctx: Context) -> dict[str, Any]:
+    from benchmarks.fixed_cost import fixed_cost
+
+    return fixed_cost(ctx)
+
+
 def _auto(ctx: Context) -> dict[str, Any]:
     from benchmarks.auto_digits import auto_digits
 
@@ -423,5 +449,5 @@ def _auto(ctx: Context) -> dict[str, Any]:
 
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "overhead": overhead, "speedup": speedup, "compaction": compaction, "compile": compile_cost, "hop": hop_cost,
-    "papers": _papers, "auto": _auto,
+    "papers": _papers, "auto": _auto, "fixed": _fixed,
 }

@@ -113,7 +113,7 @@ def test_quick_suite_writes_every_figure(quick: tuple[dict[str, Any], list[Path]
     results, files = quick
     assert results["errors"] == {}
     assert set(results["figures"]) == {"overhead", "speedup", "compaction", "compile", "hop", "papers",
-                                           "auto"}
+                                           "auto", "fixed"}
     names = {f.name for f in files}
     assert {"results-quick.json", "results-quick.md"} <= names
     on_disk = json.loads(next(f for f in files if f.suffix == ".json").read_text())
@@ -156,6 +156,17 @@ def test_quick_suite_fields(quick: tuple[dict[str, Any], list[Path]]) -> None:
         assert r["exits_agree"]["torch_if"] >= 0.9 and r["exits_agree"]["torch_wait_all"] >= 0.9
         assert r["final_max_abs_diff"] < 1e-3
 
+    fx = f["fixed"]
+    ti = fx["tiny"]
+    assert STATS <= set(ti["runner_per_segment_us"]) and STATS <= set(ti["runner_per_call_us"])
+    for k, chain in ti["chain_us"].items():  # ORT's own time is part of the call, measured inside it
+        assert 0 < ti["ort_us"][k]["median"] < chain["median"]
+    d = fx["digits"]
+    if d["measured"]:
+        assert d["max_abs_diff_no_exit_vs_segments"] < 1e-4 and STATS <= set(d["vs_unsplit"]["never"])
+    else:
+        assert d["reason"]
+
     s = f["speedup"]
     if s["measured"]:
         for key in ("speedup", "oracle_speedup", "drop", "exit_share", "oracle_share"):
@@ -168,5 +179,6 @@ def test_markdown_lists_every_figure(quick: tuple[dict[str, Any], list[Path]]) -
     from benchmarks.report import markdown
 
     md = markdown(quick[0])
-    for title in ("Overhead", "Speedup", "Compaction", "Compile", "Segment hop cost", "papers' way"):
+    for title in ("Overhead", "Speedup", "Compaction", "Compile", "Segment hop cost", "papers' way",
+                  "Runner fixed cost"):
         assert title in md

@@ -22,7 +22,7 @@ from typing import Any
 from eecompile.build.report import BuildReport
 from eecompile.bundle import Manifest, sha256_bytes, update_bundle
 from eecompile.errors import BackendError
-from eecompile.runtimes.records import EngineRecord, ort_engine_file, replace_engine_records
+from eecompile.runtimes.records import EngineRecord, ort_engine_file, ort_no_exit_file, replace_engine_records
 from eecompile.runtimes.sessions import session_options
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
     import onnxruntime as ort
 
     from eecompile.build.ort_layout import count_reorders
-    from eecompile.build.ort_merged import MergeRefused, build_merged, check_same_outputs
+    from eecompile.build.ort_merged import MergeRefused, build_merged, check_no_exit, check_same_outputs
     from eecompile.bundle import sha256_file
     from eecompile.runtimes.onnxruntime import (
         DEFAULT_CPU_DISABLED_OPTIMIZERS,
@@ -75,6 +75,8 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
     method, why_not_merged = "merged", ""
     duplicated: dict[int, list[str]] = {}
     fused: dict[str, int] = {}
+    no_exit: bytes | None = None  # the no-exit engine (merged method only)
+    no_exit_outputs: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="eecompile-ort-") as scratch:
         # First choice: the whole chain optimised as one graph and cut again (keeps ORT's fusions across cuts).
         t0 = time.perf_counter()
@@ -86,6 +88,13 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
             check_same_outputs(blobs, files, m.segments, _check_feeds(m), merged.carried, ENGINE_LOAD_LEVEL)
             graphs, carried, skipped, duplicated = merged.graphs, merged.carried, merged.skipped, merged.duplicated
             fused = merged.fused
+            if merged.no_exit is not None:
+                blob = merged.no_exit.SerializeToString()
+                try:
+                    check_no_exit(blob, files, m.segments, _check_feeds(m), merged.no_exit_outputs, ENGINE_LOAD_LEVEL)
+                    no_exit, no_exit_outputs = blob, merged.no_exit_outputs
+                except MergeRefused as e:
+                    log.warning("%s: no no-exit engine (%s)", root, e)
             seconds = [(time.perf_counter() - t0) / max(len(m.segments), 1)] * len(m.segments)
         except MergeRefused as e:
             method, why_not_merged = "per-segment", str(e)
@@ -103,6 +112,7 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
             raise BackendError(f"segment {k}: ONNX Runtime refuses its edited optimised graph ({e}); this is a bug "
                                f"in eecompile's layout pass: report it; the portable segments still run") from e
 
+    no_exit_rel = ort_no_exit_file(target)
     built_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     records: list[EngineRecord] = []
     for seg in m.segments:
@@ -120,6 +130,9 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
             flags["recomputed_ops"] = list(duplicated[k])
         if fused:
             flags["transformer_fusions"] = dict(fused)  # of the whole chain
+        if no_exit is not None and k == m.segments[-1].index:
+            # What the runner runs when no gate can fire: the chain without heads and gates, as one graph.
+            flags["no_exit"] = {"file": no_exit_rel, "sha256": sha256_bytes(no_exit), "outputs": dict(no_exit_outputs)}
         rel = ort_engine_file(k, target)
         records.append(EngineRecord(segment=k, backend="onnxruntime", target=target, file=rel,
                                     sha256=sha256_bytes(blobs[k]), backend_version=ort.__version__, flags=flags,
@@ -128,6 +141,8 @@ def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildRepo
     for r in records:
         assert r.file is not None
         (root / r.file).write_bytes(blobs[r.segment])
+    if no_exit is not None:
+        (root / no_exit_rel).write_bytes(no_exit)
     # The old file-less "check" records go too.
     replace_engine_records(root, m, records, "onnxruntime", target, drop_fileless=True)
     how = ("the chain optimised as one graph and cut again" if method == "merged" else
@@ -203,11 +218,20 @@ def restage_cpu_engines(root: Path, m: Manifest, *, build: bool | None = None) -
         if d.get("backend") == "onnxruntime" and d.get("file"):
             had_here = had_here or d.get("target") == cpu_target()
             if flags.get("segment_sha256") != now.get(int(d.get("segment", -1))):
-                f = root / str(d["file"])
-                if f.is_file():
-                    f.unlink()
+                for rel in (d["file"], (flags.get("no_exit") or {}).get("file")):
+                    f = root / str(rel) if rel else None
+                    if f is not None and f.is_file():
+                        f.unlink()
                 continue
         keep.append(d)
+    dropped = {d.get("target") for d in m.engines if d not in keep}
+    for d in keep:  # a no-exit engine is made of every segment: it goes when any of its target's engines went
+        no_exit = (d.get("flags") or {}).get("no_exit")
+        if d.get("backend") == "onnxruntime" and no_exit and d.get("target") in dropped:
+            f = root / str(no_exit.get("file"))
+            if f.is_file():
+                f.unlink()
+            d["flags"] = {k: v for k, v in d["flags"].items() if k != "no_exit"}
     m.engines = keep
     if build is False or (build is None and not had_here):
         return None

@@ -58,6 +58,8 @@ class MergedEngines:
     skipped: list[Skipped]
     duplicated: dict[int, list[str]] = field(default_factory=dict)  # segment -> op types it recomputes (cheap)
     fused: dict[str, int] = field(default_factory=dict)  # transformer fusions applied (op type -> count)
+    no_exit: onnx.ModelProto | None = None  # ORT's optimised graph of the chain without heads and gates
+    no_exit_outputs: dict[str, str] = field(default_factory=dict)  # model output name -> tensor in no_exit
 
 
 class MergeRefused(Exception):
@@ -179,6 +181,40 @@ def merge_chain(models: Mapping[int, onnx.ModelProto], segments: Sequence[Segmen
     merged = oh.make_model(g, opset_imports=[oh.make_opsetid(d, v) for d, v in sorted(domains.items())])
     merged.ir_version = max(m.ir_version for m in models.values())
     return merged
+
+
+def no_exit_graph(merged: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """The joined chain reduced to what ``outputs`` (the final exit's tensors) need: heads, gates and every exit
+    before the last are dropped, with the inputs (thresholds) and initializers nothing left reads. ORT optimises
+    this graph as it would the unsplit model (no tensor has to stay visible at a cut)."""
+    g = merged.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    need: set[str] = set(outputs)
+    keep: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        n = g.node[i]
+        for x in [*n.input, *_subgraph_refs(n)]:
+            if x and x not in need:
+                need.add(x)
+                stack.append(x)
+    out_info = {v.name: v for v in g.output}
+    missing = [o for o in outputs if o not in out_info]
+    if missing:
+        raise MergeRefused(f"the joined chain does not output {missing}")
+    ng = onnx.GraphProto(name="eecompile_no_exit")
+    ng.node.extend(n for i, n in enumerate(g.node) if i in keep)
+    ng.initializer.extend(t for t in g.initializer if t.name in need)
+    ng.input.extend(v for v in g.input if v.name in need)
+    ng.output.extend(out_info[o] for o in outputs)
+    ng.value_info.extend(v for v in g.value_info if v.name in need)
+    m = oh.make_model(ng, opset_imports=list(merged.opset_import))
+    m.ir_version = merged.ir_version
+    return m
 
 
 # ----------------------------------------------------------------------------------------- cut
@@ -385,6 +421,17 @@ def build_merged(portable: Mapping[int, onnx.ModelProto], segments: Sequence[Seg
     optimised = onnx.load(str(dst))
     engines = cut_chain(optimised, segments, model_inputs, portable, block)
     engines.fused = fused
+    # The no-exit engine: what runs when no gate can fire (the runner picks it by itself). Optional: without
+    # it the segments run.
+    final = dict(segments[-1].exit.outputs)
+    try:
+        ne_src, ne_dst = scratch / "no_exit.onnx", scratch / "no_exit.opt.onnx"
+        onnx.save(no_exit_graph(merged, list(final.values())), str(ne_src))
+        optimise_with_ort(ne_src, ne_dst, disabled_optimizers)
+        engines.no_exit = onnx.load(str(ne_dst))
+        engines.no_exit_outputs = final
+    except Exception as e:  # noqa: BLE001 - MergeRefused or ORT's own exception types: the engines stand alone
+        log.info("no no-exit engine (%s)", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     return engines
 
 
@@ -488,6 +535,50 @@ def reorders(model: onnx.ModelProto) -> dict[str, int]:
     return count_reorders(model)
 
 
+def check_no_exit(blob: bytes, portable_files: Mapping[int, Path], segments: Sequence[SegmentInfo],
+                  feeds: Mapping[str, np.ndarray], outputs: Mapping[str, str], load_level: str,
+                  rtol: float = 1e-4) -> float:
+    """Run the no-exit engine and the portable chain (every segment) on ``feeds`` and compare the final outputs
+    (``outputs``: model output name -> tensor). Returns the largest difference relative to each output's scale;
+    raises :class:`MergeRefused` when it passes ``rtol``."""
+    import onnxruntime as ort
+
+    from eecompile.runtimes.sessions import session_options
+
+    so = session_options(1, optimization="ORT_ENABLE_ALL")
+    env: dict[str, Any] = dict(feeds)
+    for seg in segments:
+        s = ort.InferenceSession(str(portable_files[seg.index]), sess_options=so, providers=["CPUExecutionProvider"])
+        run_feeds = {t.name: env[t.name] for t in seg.inputs}
+        if seg.exit.gate is not None:
+            run_feeds[seg.exit.gate.threshold_input] = np.array(0.5, np.float32)
+        out_names = [o.name for o in s.get_outputs()]
+        env.update(zip(out_names, s.run(out_names, run_feeds), strict=True))
+    ne = ort.InferenceSession(blob, sess_options=session_options(1, optimization=load_level),
+                              providers=["CPUExecutionProvider"])
+    want = {i.name for i in ne.get_inputs()}
+    got = dict(zip(list(outputs.values()), ne.run(list(outputs.values()), {k: v for k, v in feeds.items()
+                                                                            if k in want}), strict=True))
+    return max([_difference(name, env[t], got[t], "the no-exit engine", rtol) for name, t in outputs.items()],
+               default=0.0)
+
+
+def _difference(name: str, ref: Any, got: Any, what: str, rtol: float) -> float:
+    """``got``'s largest difference from ``ref`` relative to ``ref``'s scale (0 for empty or bool tensors); raises
+    :class:`MergeRefused` naming ``what`` when the shapes differ or the difference passes ``rtol``."""
+    a, b = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if a.shape != b.shape:
+        raise MergeRefused(f"'{name}': {what} gives shape {list(b.shape)}, the portable chain {list(a.shape)}")
+    if a.size == 0 or np.asarray(ref).dtype == bool:
+        return 0.0
+    scale = max(1.0, float(np.nanmax(np.abs(a))))
+    diff = float(np.nanmax(np.abs(a - b))) / scale
+    if not diff <= rtol:
+        raise MergeRefused(f"'{name}': {what} differs from the portable chain by {diff:.2e} of its scale "
+                           f"(allowed {rtol:g})")
+    return diff
+
+
 def check_same_outputs(engine_blobs: Mapping[int, bytes], portable_files: Mapping[int, Path],
                        segments: Sequence[SegmentInfo], feeds: Mapping[str, np.ndarray],
                        carried: Sequence[Carried], load_level: str, rtol: float = 1e-4) -> float:
@@ -527,17 +618,6 @@ def check_same_outputs(engine_blobs: Mapping[int, bytes], portable_files: Mappin
             compare.append(seg.exit.gate.score_output)
     compare += [t.name for t in segments[-1].outputs if t.name not in compare]
     for name in dict.fromkeys(compare):
-        if name not in ref or name not in got:
-            continue
-        a, b = np.asarray(ref[name], np.float64), np.asarray(got[name], np.float64)
-        if a.shape != b.shape:
-            raise MergeRefused(f"'{name}': the engines give shape {list(b.shape)}, the portable chain {list(a.shape)}")
-        if a.size == 0 or a.dtype == bool:
-            continue
-        scale = max(1.0, float(np.nanmax(np.abs(a))))
-        diff = float(np.nanmax(np.abs(a - b))) / scale
-        worst = max(worst, diff)
-        if not diff <= rtol:
-            raise MergeRefused(f"'{name}': the engines differ from the portable chain by {diff:.2e} of its scale "
-                               f"(allowed {rtol:g})")
+        if name in ref and name in got:
+            worst = max(worst, _difference(name, ref[name], got[name], "the engines", rtol))
     return worst

@@ -106,7 +106,9 @@ def measure_latency(bundle: Bundle, inputs: Mapping[str, np.ndarray], *, backend
             forced[k] = "always"
 
         def call(f: list[float | str] = forced, r: EarlyExitRunner = runner) -> Any:
-            return r.run(batch, thresholds=f)
+            # The segments, always: reaching the final exit costs every gate on the way (with every gate
+            # "never" the runner would otherwise take its no-exit path, which skips them).
+            return r.run(batch, thresholds=f, no_exit_path=False)
 
         calls.append(call)
     src = Path(reference_model) if reference_model is not None else find_source_model(bundle)

@@ -60,6 +60,9 @@ THRESHOLD_RANGES: dict[str, tuple[float, float]] = {
 }
 INTEGER_THRESHOLDS = frozenset({"patience"})
 FIRES_BELOW = frozenset({"entropy", "change"})  # gates that fire when the score is <= the threshold (the others: >=)
+# Gate kinds whose score is bounded (or a finite count), so that an infinite threshold on the far side can never be
+# reached: such a gate never fires (see ResolvedThresholds.none_fires).
+BOUNDED_SCORES = frozenset({"max_prob", "entropy", "margin", "patience", "saturation", "change", "q_exit"})
 
 
 def check_classifier_bundle(bundle: Bundle, command: str) -> None:
@@ -94,6 +97,8 @@ class ResolvedThresholds:
     """One :class:`GateSetting` per early exit, already checked: pass it to ``run`` to skip parsing per call."""
 
     settings: tuple[GateSetting, ...]
+    kinds: tuple[str, ...] = ()
+    """Each gate's kind (``GateInfo.kind``), when known."""
 
     def __len__(self) -> int:
         return len(self.settings)
@@ -105,6 +110,23 @@ class ResolvedThresholds:
     def all_never(self) -> bool:
         """True when no gate can fire (every sample runs to the final exit)."""
         return all(s.override == "never" for s in self.settings)
+
+    @property
+    def none_fires(self) -> bool:
+        """True when no gate can fire whatever the inputs: every one is overridden to "never", or has a threshold
+        that no score of its kind reaches (+inf for a gate that fires at or above its threshold on a bounded
+        score: probabilities, margins, cosines, patience counts; -inf for entropy). A ``score`` gate's score is
+        a head's raw output, so a threshold of +inf is not taken to mean "never" there."""
+        if len(self.kinds) != len(self.settings):
+            return self.all_never
+        for s, kind in zip(self.settings, self.kinds, strict=True):
+            if s.override == "never":
+                continue
+            if s.override is not None or kind not in BOUNDED_SCORES:
+                return False
+            if s.value != (-math.inf if kind in FIRES_BELOW else math.inf):
+                return False
+        return True
 
     def as_list(self) -> list[float | str]:
         """Per early exit: the number fed, or the override (``"never"``/``"always"``)."""
@@ -193,16 +215,44 @@ def resolve_thresholds(exits: Sequence[ExitInfo | GateInfo | None],
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, (numbers.Real, np.number)):
             raise ThresholdError(f"{at}: {t!r} is not a threshold; give a number, 'never' or 'always'")
         out.append(GateSetting(check_threshold(gate.kind, float(t), at)))
-    return ResolvedThresholds(tuple(out))
+    return ResolvedThresholds(tuple(out), tuple(g.kind for g in gates))
 
 
-def check_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, Any],
-                where: str = "feeds") -> tuple[dict[str, np.ndarray], int]:
+FEED_CACHE_SIZE = 64
+"""Most accepted feed signatures (dtype and shape of every input) a :func:`check_feeds` cache keeps."""
+
+
+def check_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, Any], where: str = "feeds",
+                cache: dict[tuple[Any, ...], int] | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Check the model inputs of one call; return them as arrays (in ``inputs`` order) and the batch size.
 
     ``feeds`` must map exactly the names of ``inputs`` to arrays of their dtype and rank, with fixed dims as
     declared; every input with a batch axis must have the same, non-zero number of samples. Raises
-    :class:`DataError` naming the tensor, what was expected and what was given."""
+    :class:`DataError` naming the tensor, what was expected and what was given.
+
+    ``cache``: a dict the caller keeps for one list of ``inputs`` (the runner has one); feeds that are a plain dict
+    of numpy arrays whose (dtype, shape) signature passed before are accepted without checking again (the checks
+    depend on nothing else), at most :data:`FEED_CACHE_SIZE` signatures."""
+    if cache is not None and type(feeds) is dict and len(feeds) == len(inputs):
+        try:
+            arrays = {t.name: feeds[t.name] for t in inputs}
+        except KeyError:
+            pass
+        else:
+            key = tuple((a.dtype, a.shape) if type(a) is np.ndarray else None for a in arrays.values())
+            n = cache.get(key)
+            if n is not None:
+                return arrays, n
+    out = _check_feeds(inputs, feeds, where)
+    if cache is not None and all(type(a) is np.ndarray for a in out[0].values()):
+        if len(cache) >= FEED_CACHE_SIZE:
+            cache.clear()
+        cache[tuple((a.dtype, a.shape) for a in out[0].values())] = out[1]
+    return out
+
+
+def _check_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, Any],
+                 where: str) -> tuple[dict[str, np.ndarray], int]:
     if not isinstance(feeds, Mapping):
         raise DataError(f"{where} must be a dict of arrays named {sorted(t.name for t in inputs)}")
     names = {t.name for t in inputs}
@@ -283,6 +333,17 @@ class SegmentBackend(ABC):
             return
         taken = self.to_host(self.gather(x, rows, axis))
         out[dest] = taken if axis == 0 else np.moveaxis(taken, axis, 0)
+
+    @property
+    def has_no_exit(self) -> bool:
+        """True when :meth:`run_no_exit` can run (a no-exit graph of the whole chain was loaded)."""
+        return False
+
+    def run_no_exit(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run the chain's no-exit graph (every segment without heads and gates, as one executable) on the model
+        inputs (backend-native, by name); return the final outputs by model output name, laid out as the final
+        segment returns them. Only called when :attr:`has_no_exit` is True."""
+        raise BackendError(f"the {self.name} backend has no no-exit graph for {self.bundle.path}")
 
     def synchronize(self) -> None:  # noqa: B027 - optional hook
         """Wait until every copy and segment enqueued so far has finished (no-op for synchronous backends)."""

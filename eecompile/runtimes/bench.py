@@ -10,8 +10,8 @@ Method (the machines we run on are shared and noisy, so no figure is a single ti
     the min-max spread over rounds.
 
 The unsplit model is not in the bundle. Two references are timed side by side with the chain:
-  * ``gates-never``: the same runner and sessions with every gate overridden to "never" (every sample runs the
-    whole chain); always available, on every backend;
+  * ``gates-never``: the same runner with every gate overridden to "never" (every sample runs the whole chain:
+    on the no-exit engine when the bundle has ORT CPU engines for this machine); always available;
   * ``unsplit-model``: an ONNX Runtime session on the source model (``reference_model=``, or
     ``manifest.source_model.file`` when it lies inside the bundle: a manifest never opens a file outside it),
     with the chain's thread settings. A model exported with a
@@ -270,7 +270,8 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
             "chain": chain_pass,
             "gates-never": over_batches(lambda f: runner.run(f, thresholds=never)),
         }
-        descriptions = {"gates-never": "the same chain with every gate overridden to 'never' (all segments run)"}
+        descriptions = {"gates-never": "the same runner with every gate overridden to 'never' (its no-exit engine "
+                                       "when the bundle has one for this machine, else every segment)"}
         src = Path(reference_model) if reference_model is not None else find_source_model(b)
         if src is None:
             notes.append("unsplit model not timed: pass reference_model= (--reference-model) to compare with it "

@@ -48,7 +48,10 @@ from eecompile.runtimes.base import (
 
 __all__ = ["POLICIES", "EarlyExitRunner", "OnExit", "RunResult", "Threshold", "concat_results", "make_backend"]
 
-_NO_ROWS = np.zeros(0, dtype=np.int64)  # read-only by convention: the rows that exit when none does
+_NO_ROWS = np.zeros(0, dtype=np.int64)  # read-only: the rows that exit when none does
+_NO_ROWS.flags.writeable = False
+_THRESHOLD_CACHE_SIZE = 64  # distinct thresholds arguments a runner remembers parsed (EarlyExitRunner.resolve)
+_ARANGES: dict[int, np.ndarray] = {}
 OnExit = Callable[[int, np.ndarray, dict[str, np.ndarray]], None]
 ExtraOutputs = Mapping[int, Sequence[str]]
 
@@ -86,6 +89,9 @@ class RunResult:
     present: dict[str, np.ndarray] = field(default_factory=dict)
     """End-only final outputs (``manifest.end_only``): name -> bool [B], True for the samples that reached the
     final exit and so have a row; the other rows of ``outputs[name]`` are NaN (0 for non-float outputs)."""
+    path: str = "chain"
+    """``"chain"``: the segments ran one after another; ``"no-exit"``: no gate could fire, so the backend's no-exit
+    graph ran instead (the chain without heads and gates, one session; see :meth:`EarlyExitRunner.run`)."""
 
     @property
     def n_samples(self) -> int:
@@ -141,15 +147,17 @@ class EarlyExitRunner:
     ``bundle_or_path``: a :class:`~eecompile.bundle.Bundle` or the path of a ``.eebundle`` directory (loaded and
     every file's sha256 checked). ``backend``: ``"onnxruntime"`` (default), ``"tensorrt"``, or a ready
     :class:`SegmentBackend`. ``expose``: ``{segment index: [tensor names]}`` of intermediate tensors to return from
-    ``run(..., policy="never")`` (ONNX Runtime only; see ``extra_outputs``). Other keyword arguments are the
-    backend's options (ONNX Runtime: ``threads``, ``thread_pool``, ``device``, ``engines``, ...).
+    ``run(..., policy="never")`` (ONNX Runtime only; see ``extra_outputs``). ``no_exit_path``: when no gate can
+    fire in a call and the backend has a no-exit graph (ONNX Runtime CPU engines built on this machine), run that
+    instead of the segments (default True; the outputs are the final exit's either way). Other keyword arguments
+    are the backend's options (ONNX Runtime: ``threads``, ``thread_pool``, ``device``, ``engines``, ...).
 
     Raises :class:`BundleError` for a malformed manifest (segments that do not chain, a missing gate) and
     :class:`BackendError` when the backend cannot be created. Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, bundle_or_path: Bundle | str | Path, backend: str | SegmentBackend = "onnxruntime", *,
-                 expose: ExtraOutputs | None = None, **options: Any) -> None:
+                 expose: ExtraOutputs | None = None, no_exit_path: bool = True, **options: Any) -> None:
         self.bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else Bundle.load(bundle_or_path)
         m = self.manifest = self.bundle.manifest
         check_classifier_bundle(self.bundle, "the segment runner (run, bench, calibrate, /v1/predict)")
@@ -167,6 +175,9 @@ class EarlyExitRunner:
         self.per_sample = m.batch_mode == "per_sample"
         self._steps = self._plan()
         self._default_thresholds: ResolvedThresholds | None = None
+        self._thr_cache: dict[Any, ResolvedThresholds] = {}  # hashable thresholds argument -> its resolution
+        self._feed_cache: dict[tuple[Any, ...], int] = {}  # feed signatures already checked (check_feeds)
+        self.no_exit_path = bool(no_exit_path)
         self._closed = False
         self._expose_lock = threading.Lock()
         if expose:
@@ -232,7 +243,22 @@ class EarlyExitRunner:
             if self._default_thresholds is None:
                 self._default_thresholds = resolve_thresholds(self.manifest.exits, None)
             return self._default_thresholds
-        return resolve_thresholds(self.manifest.exits, thresholds)
+        if isinstance(thresholds, ResolvedThresholds):
+            return thresholds
+        # The same thresholds are usually passed on every call: parse each distinct value once. The key keeps the
+        # types (True == 1 == 1.0 as dict keys, but only the numbers are thresholds); NaN never hits (it raises).
+        try:
+            key: Any = (tuple((type(t), t) for t in thresholds) if isinstance(thresholds, (list, tuple))
+                        else (type(thresholds), thresholds))
+            hit = self._thr_cache.get(key)
+        except TypeError:  # unhashable entries: parse every time
+            return resolve_thresholds(self.manifest.exits, thresholds)
+        if hit is None:
+            hit = resolve_thresholds(self.manifest.exits, thresholds)
+            if len(self._thr_cache) >= _THRESHOLD_CACHE_SIZE:
+                self._thr_cache.clear()
+            self._thr_cache[key] = hit
+        return hit
 
     def _check_extra(self, extra: ExtraOutputs) -> dict[int, tuple[str, ...]]:
         if not isinstance(extra, Mapping):
@@ -250,7 +276,7 @@ class EarlyExitRunner:
     def run(self, feeds: Mapping[str, np.ndarray],
             thresholds: None | Threshold | Sequence[Threshold | None] | ResolvedThresholds = None,
             policy: str = "compact", extra_outputs: ExtraOutputs | None = None,
-            on_exit: OnExit | None = None) -> RunResult:
+            on_exit: OnExit | None = None, no_exit_path: bool | None = None) -> RunResult:
         """Run one batch through the chain.
 
         ``feeds``: model input name -> array with the dtype and rank of ``self.inputs`` (batch on each input's
@@ -262,7 +288,12 @@ class EarlyExitRunner:
         ``{segment index: [tensor names]}`` of intermediate tensors to return in :attr:`RunResult.extra` (ONNX
         Runtime: the segment's session is re-made once with them as outputs). ``on_exit(k, rows, outputs)``:
         policies ``compact``/``wait-all``, called as soon as rows leave at exit k, with their original indices
-        (int64) and their final outputs (host arrays, batch first, those rows only).
+        (int64) and their final outputs (host arrays, batch first, those rows only). ``no_exit_path``: override
+        the runner's setting for this call (None: the runner's). When no gate can fire (every threshold "never", or
+        one no score of its kind reaches, see :attr:`ResolvedThresholds.none_fires`), policy is not ``never``, and
+        the backend has a no-exit graph, that graph runs instead of the segments: heads and gates are not
+        computed, every sample leaves at the final exit with the outputs the segments would give
+        (``RunResult.path`` says which ran).
 
         Returns a :class:`RunResult`. Raises :class:`~eecompile.errors.DataError` (feeds),
         :class:`~eecompile.errors.ThresholdError` (thresholds), :class:`SpecError` (policy, extra_outputs),
@@ -270,9 +301,10 @@ class EarlyExitRunner:
         if self._closed:
             raise BackendError(f"this runner for {self.bundle.path} was closed; load the bundle again "
                                f"(eecompile.load) to run it")
-        check_policy(policy)
+        if policy not in POLICIES:
+            check_policy(policy)
         thr = self.resolve(thresholds)
-        arrays, n = check_feeds(self.inputs, feeds)
+        arrays, n = check_feeds(self.inputs, feeds, cache=self._feed_cache)
         extra: dict[int, tuple[str, ...]] = {}
         if extra_outputs:
             if policy != "never":
@@ -283,15 +315,20 @@ class EarlyExitRunner:
                 self._expose(extra)
         if on_exit is not None and policy == "never":
             raise SpecError("on_exit reports rows as they leave; policy 'never' runs every row to the end")
+        whole = (policy != "never" and (self.no_exit_path if no_exit_path is None else no_exit_path)
+                 and self.backend.has_no_exit and thr.none_fires)
         chunk = 1 if self.per_sample else self.backend.max_batch
         if chunk is None or n <= chunk:
+            if whole:
+                return self._run_no_exit(arrays, n, on_exit, 0)
             return self._run_batch(arrays, n, thr, policy, extra, on_exit, 0)
         parts = []
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             part = {t.name: (a if t.batch_axis is None else _rows(a, lo, hi, t.batch_axis))
                     for t, a in zip(self.inputs, arrays.values(), strict=True)}
-            parts.append(self._run_batch(part, hi - lo, thr, policy, extra, on_exit, lo))
+            parts.append(self._run_no_exit(part, hi - lo, on_exit, lo) if whole
+                         else self._run_batch(part, hi - lo, thr, policy, extra, on_exit, lo))
         return concat_results(parts, self._out_axes)
 
     def _expose(self, extra: Mapping[int, Sequence[str]]) -> None:
@@ -316,56 +353,80 @@ class EarlyExitRunner:
         deferred: list[int] = []  # exits whose outputs stayed on the device: NaN/Inf counted on the results
         sizes: list[int] = []
         compact = policy == "compact"
-        active = np.arange(n)  # compact: original row of each row still running
-        done = np.zeros(n, dtype=bool)  # wait-all: rows that already exited
+        settings = thr.settings
+        active: np.ndarray | None = None  # compact: original row of each row still running (None: all, in order)
+        done: np.ndarray | None = None  # wait-all: rows that already exited (None: none yet)
+        m = n  # rows running now
         last = 0
+        clock = time.perf_counter
         for step in self._steps:
-            t0 = time.perf_counter()
+            t0 = clock()
             k = last = step.index
-            setting = thr[k] if step.gate is not None else None
+            gated = step.gate is not None
+            setting = settings[k] if gated else None
             outs = be.run_segment(k, {name: env[name] for name in step.inputs},
                                   setting.value if setting is not None else None)
-            m = len(active) if compact else n
             sizes.append(m)
-            fire = self._fire(outs, step, setting, m)
-            if not compact:
-                fire = fire & ~done
-            rows = np.flatnonzero(fire) if fire.any() else _NO_ROWS
+            if setting is None:  # the final exit: every row still running leaves here
+                fire = None
+                rows = _arange(m) if done is None else np.flatnonzero(~done)
+            else:
+                if setting.override is None:
+                    fire = self._gate_mask(outs, step, m)
+                    if done is not None:
+                        fire = fire & ~done
+                    rows = np.flatnonzero(fire) if fire.any() else _NO_ROWS
+                elif setting.override == "never":
+                    fire, rows = None, _NO_ROWS
+                else:  # "always"
+                    fire = None
+                    rows = _arange(m) if done is None else np.flatnonzero(~done)
             host = self._host_exits(outs, step)
             if host is None:
                 deferred.append(k)
             else:
-                nonfinite[k] = _count_nonfinite(host, slice(None) if compact else ~done)
-            if rows.size:
-                dest = active[rows] if compact else rows
-                self._scatter(outs, step, rows, dest, n, results)
+                nonfinite[k] = _count_nonfinite(host, slice(None) if done is None else ~done)
+            nr = rows.size
+            if nr:
+                dest = rows if active is None else active[rows]
+                if nr == n and host is not None and not results:
+                    results.update(host)  # every row leaves here, in order: the outputs are the result
+                else:
+                    self._scatter(outs, step, rows, dest, n, results)
                 exit_index[dest] = k
-                counts[k] = rows.size
+                counts[k] = nr
                 if on_exit is not None:
                     be.synchronize()
-                    on_exit(k, dest + offset, {name: results[name][dest] for name, _, _, _ in step.exits})
+                    on_exit(k, dest + offset, {name: (results[name] if nr == n else results[name][dest])
+                                               for name, _, _, _ in step.exits})
             if compact:
-                finished = rows.size == m
+                finished = nr == m
             else:
-                done |= fire
-                finished = bool(done.all())
+                if nr:
+                    if done is None:
+                        done = np.zeros(n, dtype=bool)
+                    done[rows] = True
+                finished = bool(done is not None and done.all())
             if finished:
-                timings[k] = time.perf_counter() - t0
+                timings[k] = clock() - t0
                 break
             env = {name: (outs[name] if from_out else env[name]) for name, from_out, _ in step.keep}
-            if compact and rows.size:
+            if compact and nr:
                 # Drop the rows that exited from everything later segments read (no gather when none did).
-                keep = np.flatnonzero(~fire)
-                active = active[keep]
+                stay = np.ones(m, dtype=bool)
+                stay[rows] = False
+                keep = np.flatnonzero(stay)
+                active = keep if active is None else active[keep]
+                m = keep.size
                 for name, _, axis in step.keep:
                     if axis is not None:
                         env[name] = be.gather(env[name], keep, axis)
-            timings[k] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+            timings[k] = clock() - t0
+        t0 = clock()
         be.synchronize()  # device backends copy the exited rows asynchronously
         copy = be.reuses_result_buffers
         batch_first = {name: (a.copy() if copy else a) for name, a in results.items()}
-        present = self._absent_rows(batch_first, exit_index == k_all - 1, n)
+        present = self._absent_rows(batch_first, exit_index == k_all - 1, n) if self.end_only else {}
         if deferred:
             bad = _nonfinite_rows({k_: a for k_, a in batch_first.items() if k_ not in present}, n)
             for name in present:  # end-only outputs: their present rows only
@@ -376,7 +437,7 @@ class EarlyExitRunner:
             if bad is not None:
                 per_exit = np.bincount(exit_index[bad], minlength=k_all)
                 nonfinite[deferred] = per_exit[deferred]
-        timings[last] += time.perf_counter() - t0
+        timings[last] += clock() - t0
         outputs = {name: _batch_back(batch_first[name], self._out_axes[name]) for name in self.output_names}
         return RunResult(outputs, exit_index, counts, timings, nonfinite, batch_sizes=[sizes], present=present)
 
@@ -393,6 +454,35 @@ class EarlyExitRunner:
             a[~reached] = np.nan if a.dtype.kind in "fc" else 0
             present[name] = reached.copy()
         return present
+
+    def _run_no_exit(self, feeds: dict[str, np.ndarray], n: int, on_exit: OnExit | None,
+                     offset: int) -> RunResult:
+        """The backend's no-exit graph (the chain without heads and gates) on every row: all leave at the end."""
+        be = self.backend
+        k_all = self.n_exits
+        t0 = time.perf_counter()
+        outs = be.run_no_exit(be.upload(feeds))
+        final = self._steps[-1]
+        host = {}
+        for name, _, axis, _ in final.exits:
+            if name not in outs:
+                raise BackendError(f"the {be.name} backend's no-exit graph did not return '{name}'; rebuild its "
+                                   f"engines (`eecompile build {self.bundle.path} --backend {be.name}`)")
+            host[name] = _batch_first(be.to_host(outs[name]), axis)
+        if be.reuses_result_buffers:
+            host = {name: a.copy() for name, a in host.items()}
+        exit_index = np.full(n, k_all - 1, dtype=np.int64)
+        counts = np.zeros(k_all, dtype=np.int64)
+        counts[-1] = n
+        nonfinite = np.zeros(k_all, dtype=np.int64)
+        nonfinite[-1] = _count_nonfinite(host, slice(None))
+        if on_exit is not None:
+            on_exit(k_all - 1, _arange(n) + offset, host)
+        timings = np.zeros(k_all, dtype=np.float64)
+        timings[-1] = time.perf_counter() - t0
+        outputs = {name: _batch_back(host[name], self._out_axes[name]) for name in self.output_names}
+        return RunResult(outputs, exit_index, counts, timings, nonfinite, batch_sizes=[[n] * k_all],
+                         present={name: np.ones(n, dtype=bool) for name in self.end_only}, path="no-exit")
 
     def _run_never(self, env: dict[str, Any], n: int, thr: ResolvedThresholds, extra: dict[int, tuple[str, ...]],
                    exit_index: np.ndarray, counts: np.ndarray, nonfinite: np.ndarray,
@@ -505,6 +595,17 @@ class EarlyExitRunner:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _arange(n: int) -> np.ndarray:
+    """``np.arange(n)`` (int64), shared and read-only for the small batch sizes a server sees again and again."""
+    a = _ARANGES.get(n)
+    if a is None:
+        a = np.arange(n, dtype=np.int64)
+        a.flags.writeable = False
+        if n <= 4096 and len(_ARANGES) < 256:
+            _ARANGES[n] = a
+    return a
 
 
 def _rows(a: np.ndarray, lo: int, hi: int, axis: int) -> np.ndarray:

@@ -281,6 +281,11 @@ class OnnxRuntimeBackend(SegmentBackend):
         self._blocked_out: list[dict[str, tuple[str, int, int]]] = []
         self.engine_target: str | None = None  # set when engines run
         self._rows = _RowBuffers()  # host buffers for large CPU gathers, reused across calls
+        self._run_fns: list[Any] = []  # per segment: the session's run, without the Python wrapper (see _fast_run)
+        self._thr_arrays: dict[float, np.ndarray] = {}  # threshold value -> the read-only float32 scalar fed
+        self._no_exit: dict[str, Any] | None = None  # the no-exit engine's record entry (flags.no_exit), if any
+        self._no_exit_sess: Any = None  # its session, loaded at first use
+        self._no_exit_lock = threading.Lock()
         self._exposed: list[tuple[str, ...]] = [() for _ in self.manifest.segments]  # extra outputs per segment
         records = self._engine_records() if engines and not expose else None
         if records is not None:
@@ -293,6 +298,7 @@ class OnnxRuntimeBackend(SegmentBackend):
             rec = records[seg.index] if records is not None else None
             sess = self._load(seg, opts) if rec is None else self._load_engine(seg, rec, eopts)
             self._sessions.append(sess)
+            self._run_fns.append(_fast_run(sess))
             self._out_names.append([o.name for o in sess.get_outputs()])
             self._thr_names.append(seg.exit.gate.threshold_input if seg.exit.gate else None)
             self._gate_names.append(seg.exit.gate.output if seg.exit.gate else None)
@@ -301,6 +307,12 @@ class OnnxRuntimeBackend(SegmentBackend):
                                      for name, e in (flags.get("inputs") or {}).items()})
             self._blocked_out.append({str(e["name"]): (name, int(e["block"]), int(e["channels"]))
                                       for name, e in (flags.get("outputs") or {}).items()})
+        self._any_blocked = any(self._blocked_out)  # a Blocked tensor can reach a segment only from an engine
+        if records is not None:
+            no_exit = (records[-1].get("flags") or {}).get("no_exit")
+            if isinstance(no_exit, Mapping) and no_exit.get("file"):
+                self._no_exit = dict(no_exit)
+                self._no_exit_opts = eopts
         if expose:
             self.expose(expose)
 
@@ -325,6 +337,8 @@ class OnnxRuntimeBackend(SegmentBackend):
                 self._set_session(seg.index, self._load(seg, opts, self._exposed[seg.index]))
             self._blocked_in = [{} for _ in self.manifest.segments]
             self._blocked_out = [{} for _ in self.manifest.segments]
+            self._any_blocked = False
+            self._no_exit = self._no_exit_sess = None
             self.engine_target = None
         for k, names in todo.items():
             want = tuple(dict.fromkeys([*self._exposed[k], *names]))
@@ -333,6 +347,7 @@ class OnnxRuntimeBackend(SegmentBackend):
 
     def _set_session(self, index: int, sess: Any) -> None:
         self._sessions[index] = sess
+        self._run_fns[index] = _fast_run(sess)
         self._out_names[index] = [o.name for o in sess.get_outputs()]
 
     # --- construction ---------------------------------------------------------------------------------
@@ -461,25 +476,90 @@ class OnnxRuntimeBackend(SegmentBackend):
             self.check_open()
         thr = self._thr_names[index]
         if thr is not None:
-            # A fresh dict: the caller's feeds may be shared with other threads.
-            feeds = {**feeds, thr: np.array(threshold, dtype=np.float32)}
+            feeds = dict(feeds)  # a copy: the caller's feeds may be shared with other threads
+            feeds[thr] = self._threshold_array(threshold)
         if self.device == "cpu":
             if self._blocked_in[index] or self._blocked_out[index]:
                 return self._run_engine(index, feeds)
             return self._run_cpu(index, feeds)
         return self._run_cuda(index, feeds)
 
+    def _threshold_array(self, value: float | None) -> np.ndarray:
+        """The float32 scalar fed to a threshold input, one read-only array per value (ORT reads it in place)."""
+        a = self._thr_arrays.get(value)  # type: ignore[arg-type]
+        if a is None:
+            a = np.array(value, dtype=np.float32)
+            a.flags.writeable = False
+            if len(self._thr_arrays) >= 256:
+                self._thr_arrays.clear()
+            if value == value:  # NaN never equals itself: not cached
+                self._thr_arrays[value] = a  # type: ignore[index]
+        return a
+
     def _run_cpu(self, index: int, feeds: dict[str, Any]) -> dict[str, Any]:
-        # Plain sess.run: measured against a CPU IO binding (bind_cpu_input + bind_output("cpu") +
+        # Plain run: measured against a CPU IO binding (bind_cpu_input + bind_output("cpu") +
         # copy_outputs_to_cpu) it was as fast or faster at every batch size we tried, because the binding
         # object has to be made per call (a shared one is not thread-safe) and outputs are still copied out.
-        if any(isinstance(v, Blocked) for v in feeds.values()):
+        if self._any_blocked and any(isinstance(v, Blocked) for v in feeds.values()):
             feeds = {k: (self.to_host(v) if isinstance(v, Blocked) else v) for k, v in feeds.items()}
+        names = self._out_names[index]
         try:
-            outs = self._sessions[index].run(self._out_names[index], feeds)
+            outs = self._run_fns[index](names, feeds, None)
         except Exception as e:
             raise self._diagnose(index, feeds, e) from e
-        return dict(zip(self._out_names[index], outs, strict=True))
+        return dict(zip(names, outs, strict=True))
+
+    # --- the no-exit engine -----------------------------------------------------------------------------
+    @property
+    def has_no_exit(self) -> bool:
+        """True when this machine's ORT CPU engines include the no-exit engine (the chain without heads and
+        gates, optimised as one graph: ``flags.no_exit`` of the final segment's record) and they run."""
+        return self._no_exit is not None and not self._closed
+
+    def run_no_exit(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run the no-exit engine on the model inputs; return the final outputs by model output name. The
+        engine's session is made at the first call (its weights are not held unless it is used)."""
+        self.check_open()
+        info = self._no_exit
+        if info is None:
+            return super().run_no_exit(feeds)
+        sess = self._no_exit_sess
+        if sess is None:
+            with self._no_exit_lock:
+                if self._no_exit_sess is None:
+                    self._no_exit_sess = self._load_no_exit(info)
+                sess = self._no_exit_sess
+        run, names, rename = sess
+        if self._any_blocked:
+            feeds = {k: (self.to_host(v) if isinstance(v, Blocked) else v) for k, v in feeds.items()}
+        try:
+            outs = run(names, feeds, None)
+        except Exception as e:
+            raise BackendError(f"{self.bundle.path}: ONNX Runtime failed running the no-exit engine "
+                               f"({_first_line(e)}); run with no_exit_path=False, or rebuild the engines with "
+                               f"`eecompile build {self.bundle.path} --backend onnxruntime`") from e
+        return {rename[n]: v for n, v in zip(names, outs, strict=True)}
+
+    def _load_no_exit(self, info: Mapping[str, Any]) -> tuple[Any, list[str], dict[str, str]]:
+        rel = str(info["file"])
+        path = self.bundle.verify_file(rel)  # refuses a file whose sha256 differs from the manifest's
+        fix = f"rebuild the engines with `eecompile build {self.bundle.path} --backend onnxruntime`"
+        if info.get("sha256") and info["sha256"] != self.manifest.files.get(rel):
+            raise BundleError(f"{path}: sha256 in the engine record differs from the manifest's; {fix}")
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=self._no_exit_opts, providers=self.providers)
+        except Exception as e:
+            raise BundleError(f"{path}: ONNX Runtime cannot load the no-exit engine ({_first_line(e)}); {fix}") from e
+        outputs = dict(info.get("outputs") or {})  # model output name -> tensor name in the engine
+        have_in = {i.name for i in sess.get_inputs()}
+        have_out = {o.name for o in sess.get_outputs()}
+        want_in = {t.name for t in self.manifest.inputs}
+        if not have_in <= want_in or set(outputs.values()) - have_out or set(outputs) != {
+                t.name for t in self.manifest.outputs}:
+            raise BundleError(f"{path}: the no-exit engine's inputs {sorted(have_in)} / outputs {sorted(have_out)} "
+                              f"do not match the manifest's model inputs and outputs; {fix}")
+        names = list(outputs.values())
+        return _fast_run(sess), names, {t: n for n, t in outputs.items()}
 
     def _run_engine(self, index: int, feeds: dict[str, Any]) -> dict[str, Any]:
         """An engine with blocked inputs/outputs: bind manifest names to engine names; blocked tensors travel as
@@ -499,7 +579,7 @@ class OnnxRuntimeBackend(SegmentBackend):
                 run_feeds[engine_name] = to_blocked(np.ascontiguousarray(plain), block)
         names = self._out_names[index]
         try:
-            outs = self._sessions[index].run(names, run_feeds)
+            outs = self._run_fns[index](names, run_feeds, None)
         except Exception as e:
             raise self._diagnose(index, run_feeds, e) from e
         blocked_out = self._blocked_out[index]
@@ -560,6 +640,8 @@ class OnnxRuntimeBackend(SegmentBackend):
     def close(self) -> None:
         super().close()
         self._sessions.clear()
+        self._run_fns.clear()
+        self._no_exit_sess = None
         self._rows.clear()
 
     # --- errors ---------------------------------------------------------------------------------------
@@ -613,6 +695,22 @@ def with_extra_outputs(model: bytes, names: Sequence[str]) -> bytes:
     the new outputs extends the graph's outputs without parsing the model: the runtime needs no onnx package."""
     outputs = b"".join(_field(_GRAPH_OUTPUT, _field(_VALUE_INFO_NAME, n.encode())) for n in names)
     return model + _field(_MODEL_GRAPH, outputs)
+
+
+def _fast_run(sess: Any) -> Any:
+    """``run(output_names, feeds, run_options)`` of an ``InferenceSession`` without its Python wrapper.
+
+    ``InferenceSession.run`` checks, before calling the compiled session, that every input is fed, whether WebGPU
+    graph capture is on and who owns each OrtValue fed, and (on an EP failure) may fall back to other providers:
+    about 13 us per call on a 2-core EPYC, as much as ORT's own run of a small segment. The runner's feeds are
+    checked once against the session's inputs when it is made (``_check_inputs``), they are numpy arrays, and
+    CPU sessions have no fallback, so the compiled ``run`` is called directly when ORT exposes it (``_sess``);
+    otherwise the wrapper runs. ORT's own checks of shapes and types still apply."""
+    inner = getattr(sess, "_sess", None)
+    run = getattr(inner, "run", None)
+    if run is None or not callable(run) or "CPUExecutionProvider" != (sess.get_providers() or [""])[0]:
+        return sess.run
+    return run
 
 
 def _first_line(e: BaseException) -> str:

@@ -89,6 +89,12 @@ def ort_engine_file(segment: int, target: str) -> str:
     return f"engines/seg{segment}.onnxruntime.{target}.onnx"
 
 
+def ort_no_exit_file(target: str) -> str:
+    """Bundle-relative path of the ORT CPU no-exit engine (the chain without heads and gates, one graph):
+    ``engines/noexit.onnxruntime.{target}.onnx``; the final segment's record names it (``flags.no_exit``)."""
+    return f"engines/noexit.onnxruntime.{target}.onnx"
+
+
 
 # ------------------------------------------------------------------------------------------- records
 
@@ -176,11 +182,11 @@ def replace_engine_records(tmp: Path, manifest: Manifest, records: Sequence[Engi
                            target: str, drop_fileless: bool = False) -> None:
     """Swap in ``records`` for ``backend``/``target`` in a staged bundle: engines for other targets stay (one
     bundle can carry engines for several GPUs or CPUs), this target's old records and files go."""
-    new_files = {r.file for r in records}
+    new_files = {r.file for r in records} | {(r.flags.get("no_exit") or {}).get("file") for r in records}
     stale = [d for d in manifest.engines if d.get("backend") == backend
              and (d.get("target") == target or (drop_fileless and not d.get("file")))]
     for d in stale:
-        f = d.get("file")
-        if f and (tmp / f).is_file() and f not in new_files:
-            (tmp / f).unlink()
+        for f in (d.get("file"), ((d.get("flags") or {}).get("no_exit") or {}).get("file")):
+            if f and (tmp / f).is_file() and f not in new_files:
+                (tmp / f).unlink()
     manifest.engines = [d for d in manifest.engines if d not in stale] + [r.to_dict() for r in records]

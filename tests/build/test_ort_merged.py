@@ -114,6 +114,41 @@ def test_merged_engines_match_the_portable_chain(compiled: tuple[Path, Path], po
     assert len(set(a.exit_index.tolist())) > 1
 
 
+@pytest.mark.parametrize("policy", ["compact", "wait-all"])
+def test_no_gate_firing_runs_the_no_exit_engine_with_the_chains_outputs(compiled: tuple[Path, Path],
+                                                                        policy: str) -> None:
+    """When no gate can fire, the runner runs the no-exit engine (the chain without heads and gates, one ORT
+    graph) by itself; its outputs are the final exit's, as the segments give them and as the unsplit model does."""
+    path, model = compiled
+    m = Bundle.load(path).manifest
+    ne = (engine_records(m, "onnxruntime", ortrt.cpu_target())[-1].flags.get("no_exit") or {})
+    assert ne.get("outputs") == dict(m.segments[-1].exit.outputs) and (path / ne["file"]).is_file()
+    graph = onnx.load(str(path / ne["file"]))
+    assert [o.name for o in graph.graph.output] == ["logits"]
+    assert not {i.name for i in graph.graph.input} - {"image"}  # no threshold inputs: no gates in it
+    eng = EarlyExitRunner(path)
+    assert eng.backend.has_no_exit  # type: ignore[attr-defined]
+    x = _x(7, seed=4)
+    unsplit = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    seen: list[tuple[int, list[int]]] = []
+    for thr in ("never", [float("inf")] * 3, ["never", float("inf"), "never"]):
+        a = eng.run(x, thresholds=thr, policy=policy, on_exit=lambda k, rows, _o: seen.append((k, rows.tolist())))
+        b = eng.run(x, thresholds=thr, policy=policy, no_exit_path=False)
+        c = EarlyExitRunner(path, engines=False).run(x, thresholds=thr, policy=policy)
+        assert (a.path, b.path, c.path) == ("no-exit", "chain", "chain")
+        for r in (b, c):
+            np.testing.assert_allclose(a.outputs["logits"], r.outputs["logits"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(a.exit_index, r.exit_index)
+            np.testing.assert_array_equal(a.exit_counts, r.exit_counts)
+            np.testing.assert_array_equal(a.nonfinite_counts, r.nonfinite_counts)
+        np.testing.assert_allclose(a.outputs["logits"], unsplit, rtol=1e-4, atol=1e-5)
+    assert seen == [(3, list(range(7)))] * 3
+    # A gate that can fire, or policy never (every exit's outputs), runs the segments.
+    assert eng.run(x, thresholds=[0.5, "never", "never"], policy=policy).path == "chain"
+    assert eng.run(x, thresholds="never", policy="never").path == "chain"
+    assert EarlyExitRunner(path, no_exit_path=False).run(x, thresholds="never", policy=policy).path == "chain"
+
+
 def test_refused_merge_falls_back_to_per_segment_engines(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_a: object, **_k: object) -> None:
         raise ort_merged.MergeRefused("a reason for the test")
@@ -122,6 +157,9 @@ def test_refused_merge_falls_back_to_per_segment_engines(bundle: Path, monkeypat
     report = build_engines(bundle, "onnxruntime")
     assert {r.flags["method"] for r in report.records} == {"per-segment"}
     assert "a reason for the test" in report.notes[0]
+    assert not any(r.flags.get("no_exit") for r in report.records)
+    assert not list((bundle / "engines").glob("noexit.*"))  # the merged build's no-exit engine went with it
+    assert not EarlyExitRunner(bundle).backend.has_no_exit  # type: ignore[attr-defined]
     x = _x(6)
     got = EarlyExitRunner(bundle).run(x, thresholds=[0.5] * 3).outputs["logits"]
     want = EarlyExitRunner(bundle, engines=False).run(x, thresholds=[0.5] * 3).outputs["logits"]

@@ -86,6 +86,42 @@ def test_the_runner_checks_thresholds_once_per_gate_kind(hm: Handmade) -> None:
     assert POLICIES == ("compact", "wait-all", "never")
 
 
+def test_no_gate_can_fire_per_gate_kind() -> None:
+    """``none_fires``: every gate "never", or a threshold no score of its kind reaches (the no-exit path's test)."""
+    kinds = ("max_prob", "entropy", "margin", "patience", "saturation")
+    inf = math.inf
+    assert resolve_thresholds(_gates(*kinds), "never").none_fires
+    assert resolve_thresholds(_gates(*kinds), [inf, -inf, inf, inf, inf]).none_fires
+    assert resolve_thresholds(_gates(*kinds), ["never", -inf, "never", inf, "never"]).none_fires
+    assert not resolve_thresholds(_gates(*kinds), [inf, -inf, inf, inf, 0.9]).none_fires
+    assert not resolve_thresholds(_gates("max_prob", "max_prob"), ["never", "always"]).none_fires
+    assert not resolve_thresholds(_gates("max_prob"), None).none_fires
+    assert resolve_thresholds(_gates("max_prob", threshold=inf), None).none_fires  # calibrate's "never exit here"
+    # A score gate's score is a head's raw output: +inf is not "never" there (only the override is).
+    assert not resolve_thresholds(_gates("score"), inf).none_fires
+    assert resolve_thresholds(_gates("score"), "never").none_fires
+
+
+def test_thresholds_are_parsed_once_per_distinct_value(hm: Handmade, monkeypatch: pytest.MonkeyPatch) -> None:
+    import eecompile.runtimes.chain as chain
+
+    calls: list[object] = []
+    real = chain.resolve_thresholds
+    monkeypatch.setattr(chain, "resolve_thresholds", lambda e, t: calls.append(t) or real(e, t))
+    with EarlyExitRunner(hm.path, threads=1) as r:
+        a = r.resolve([0.6, 0.7])
+        assert r.resolve([0.6, 0.7]) is a and r.resolve((0.6, 0.7)) is a and len(calls) == 1
+        assert r.resolve([0.6, "never"]) is not a and len(calls) == 2
+        assert r.resolve(1).as_list() == [1.0, 1.0]
+        with pytest.raises(ThresholdError):  # True == 1 as a dict key, but only numbers are thresholds
+            r.resolve(True)
+        with pytest.raises(ThresholdError):
+            r.resolve([math.nan, 0.5])
+        with pytest.raises(ThresholdError):
+            r.resolve([math.nan, 0.5])  # NaN is never a cache hit
+        assert r.resolve(np.array([0.6, 0.7])).as_list() == [0.6, 0.7]  # unhashable: parsed each time
+
+
 # ------------------------------------------------------------------------------------------- extra outputs
 
 
