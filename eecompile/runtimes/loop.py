@@ -113,6 +113,15 @@ class LoopRunner:
             self._axis[t["name"]] = t.get("batch_axis")
         self._axis.update({name: t.batch_axis for name, t in self._step_info.items()})
         self._step_outputs: list[str] = [t["name"] for t in lp.get("outputs") or []]
+        # Per-step inputs: dtype, shape (fixed sizes; the batch axis filled per call) and batch axis, found once.
+        infos = {**self._step_info, **{t.name: t for t in m.inputs}}
+        self._fills = {s["input"]: (np.dtype(infos[s["input"]].dtype),
+                                    [d if isinstance(d, int) else 0 for d in infos[s["input"]].shape],
+                                    infos[s["input"]].batch_axis) for s in self.step_inputs}
+        seg0 = m.segments[0]
+        self._single = (tuple((t.name, seg0.exit.outputs[t.name]) for t in m.outputs)
+                        if len(m.segments) == 1 and m.batch_mode == "dynamic" and self.chain.backend.max_batch is None
+                        else None)
         self._session = None
         if lp.get("file"):
             from eecompile.runtimes.sessions import import_onnxruntime, session_options
@@ -151,13 +160,12 @@ class LoopRunner:
         return int(n)
 
     def _fill(self, source: Mapping[str, Any], i: int, n: int, m: int) -> np.ndarray:
-        name = source["input"]
-        t = next((t for t in self.manifest.inputs if t.name == name), None) or self._step_info[name]
+        dtype, shape, axis = self._fills[source["input"]]
         v = step_value(source, i, n)
-        dtype = np.dtype(t.dtype)
         if dtype.kind in "iu":
             v = float(np.rint(v))
-        shape = [m if j == t.batch_axis else int(d) for j, d in enumerate(t.shape)]  # type: ignore[arg-type]
+        if axis is not None:
+            shape = [*shape[:axis], m, *shape[axis + 1:]]
         return np.full(shape, v, dtype=dtype)
 
     # --- running --------------------------------------------------------------------------------------
@@ -201,9 +209,9 @@ class LoopRunner:
             per_step = {s["input"]: self._fill(s, i, n_steps, m) for s in self.step_inputs}
             chain_feeds = {t.name: (per_step[t.name] if t.name in per_step else state[t.name])
                            for t in self.manifest.inputs}
-            r = self.chain.run(chain_feeds, thresholds=thr, policy=inner)
-            exit_counts[i] = r.exit_counts
-            tensors: dict[str, np.ndarray] = {**chain_feeds, **per_step, **r.outputs}
+            chain_out, counts = self._run_chain(chain_feeds, thr, inner)
+            tensors: dict[str, np.ndarray] = {**chain_feeds, **per_step, **chain_out}
+            exit_counts[i] = counts if counts is not None else m
             fire = self._run_step_graph(tensors, value, m)
             if record and fire is not None:
                 assert masks is not None and scores is not None
@@ -235,6 +243,18 @@ class LoopRunner:
                          for name, a in state.items()}
         outputs = {t.name: results[t.name] for t in self.results}
         return LoopResult(outputs, taken, step_counts, exit_counts, sizes, gate_masks=masks, gate_scores=scores)
+
+    def _run_chain(self, feeds: dict[str, np.ndarray], thr: ResolvedThresholds, policy: str
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """One step's chain: its final outputs (host arrays) for the rows in ``feeds`` and its exit counts (None:
+        every row took the final exit). A chain of one segment (no layer exits) runs on the backend directly:
+        nothing to gate, scatter or compact, and the feeds were checked at the loop's start."""
+        if self._single is not None:
+            be = self.chain.backend
+            outs = be.run_segment(0, feeds, None)
+            return {name: be.to_host(outs[t]) for name, t in self._single}, None
+        r = self.chain.run(feeds, thresholds=thr, policy=policy)
+        return r.outputs, r.exit_counts
 
     def _run_step_graph(self, tensors: dict[str, np.ndarray], value: float, m: int) -> np.ndarray | None:
         """Run the step graph on this step's tensors (adding its outputs to ``tensors``); the loop gate's mask."""
