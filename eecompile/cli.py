@@ -320,10 +320,14 @@ def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence
                               error_budget=error_budget)
     report.print()
     if not report.deployed:
+        need = report.samples_needed_best or report.samples_needed
+        if need > report.n_samples:
+            fix = (f"Give more data (about {need} samples), a larger --max-drop or a lower --confidence")
+        else:  # more samples would not help: the exits disagree with the final exit too often
+            fix = ("Every setting that lets samples exit loses too much on these samples: train the heads "
+                   "(eecompile train-heads) or allow a larger --max-drop")
         click.echo(f"error: no thresholds meet drop <= {max_drop:g} at confidence {report.confidence:g} with "
-                   f"{report.n_samples} calibration samples; the bundle is unchanged. Give more data (about "
-                   f"{report.samples_needed_best or report.samples_needed} samples), a larger --max-drop or a "
-                   f"lower --confidence", err=True)
+                   f"{report.n_samples} calibration samples; the bundle is unchanged. {fix}", err=True)
         sys.exit(1)
 
 

@@ -184,6 +184,29 @@ def test_bounded_search_with_too_few_samples_deploys_nothing() -> None:
     assert all(t == math.inf for t in res.thresholds)
 
 
+def test_bounded_search_when_exiting_does_not_pay_deploys_never() -> None:
+    """Exits that cost more than the whole chain (a tiny model timed under load): "every gate never" is the
+    answer, and a deployable one; it must not read as "nothing meets the budget"."""
+    from eecompile.calibrate import bounded_search
+
+    table = synthetic(2000, np.random.default_rng(11))
+    slow = [COSTS[-1] * 1.5] * (len(COSTS) - 1) + [COSTS[-1]]  # leaving early is dearer than the full chain
+    res = bounded_search(table, slow, 0.02, 0.9)
+    assert res.feasible and not res.exits_pay
+    assert all(t == math.inf for t in res.thresholds)
+    paying = bounded_search(table, COSTS, 0.02, 0.9)
+    assert paying.feasible and paying.exits_pay
+
+
+def test_bounded_search_with_heads_that_always_disagree_is_not_feasible() -> None:
+    from eecompile.calibrate import bounded_search
+
+    table = synthetic(150, np.random.default_rng(11), labels=False)
+    table.correct[:-1] = False  # no early exit ever agrees with the final one
+    res = bounded_search(table, COSTS, 0.02, 0.9)  # 150 samples allow no error at all (114 are needed for that)
+    assert not res.feasible and res.allowed_errors == 0 and res.samples_needed <= 150
+
+
 def test_threshold_path_is_monotone_strict_to_loose() -> None:
     from eecompile.calibrate import threshold_path
 
@@ -329,6 +352,24 @@ def test_each_gate_kind_is_calibrated_and_run(trained_dir: Path, tmp_path: Path,
     np.testing.assert_allclose(shares, [e["share"] for e in report.exits], atol=1e-9)
     acc = (res.outputs["logits"].argmax(1) == data["labels"]).mean()
     assert acc == pytest.approx(report.accuracy)
+
+
+def test_calibrate_where_exiting_does_not_pay_writes_never_and_says_why(trained_dir: Path, tmp_path: Path) -> None:
+    """Measured exit costs above the whole chain's (a tiny bundle timed on a busy machine): the budget is met
+    by "every gate never"; it is written and the report says why, instead of claiming nothing meets it."""
+    import shutil
+
+    from eecompile.bundle import Bundle
+    from eecompile.calibrate import calibrate_bundle
+
+    kind = GATE_CASES[0][0]  # per-segment costs; cumulative 5, 3, 1 ms: leaving at exit 0 is the dearest
+    bundle = tmp_path / "b.eebundle"
+    shutil.copytree(trained_dir / kind / "model.eebundle", bundle)
+    report = calibrate_bundle(bundle, trained_dir / kind / "cal.npz", max_drop=0.02, costs=[5.0, -2.0, -2.0],
+                              quiet=True)
+    assert report.deployed and report.drop == 0.0
+    assert any("exiting does not pay" in n for n in report.notes), report.notes
+    assert all(math.isinf(t) for t in Bundle.load(bundle).manifest.thresholds)
 
 
 def test_calibrate_measures_latency_writes_plot_and_ltt(trained_dir: Path, tmp_path: Path) -> None:

@@ -212,6 +212,10 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
         sr = bounded_search(table, cum, max_drop, conf)
         deployed, thresholds = sr.feasible, sr.thresholds
         need, need_best = sr.samples_needed, sr.samples_needed_best
+        if deployed and not sr.exits_pay:
+            notes.append(f"exiting does not pay on {backend} at batch {batch_size}: settings within the budget "
+                         f"exist, but each is expected to be slower than running every segment, so every gate is "
+                         f"set to never (measure with `eecompile bench`; consider fewer or earlier exits)")
         if not deployed:
             uncertified = sr.best_unbounded if sr.best_unbounded != never else None
             why = (f"{n} samples cannot bound any drop below {max_drop} at confidence {conf:g} (even zero errors "

@@ -213,7 +213,9 @@ class SearchResult:
     """What :func:`bounded_search` chose and how sure it is.
 
     ``feasible``: some setting other than "every gate never" has its upper bound within budget (else
-    ``thresholds`` is every gate never and nothing should be deployed). ``allowed_errors``: the most losses the
+    nothing should be deployed). ``exits_pay``: the cheapest such setting at ``costs`` lets samples exit; when
+    ``feasible`` but not ``exits_pay``, exiting is slower than running the whole chain at these costs and
+    ``thresholds`` is every gate never, a result to deploy (the budget is met, nothing is lost). ``allowed_errors``: the most losses the
     N samples tolerate for the budget at this confidence (-1: even zero are too many). ``drop_upper``: the
     one-sided Clopper-Pearson upper bound of the loss at ``confidence``, an upper bound on the drop.
     ``loss_interval``: two-sided Clopper-Pearson interval of the loss at ``confidence``.
@@ -225,6 +227,7 @@ class SearchResult:
 
     thresholds: list[float]
     feasible: bool
+    exits_pay: bool
     confidence: float
     n_samples: int
     allowed_errors: int
@@ -253,15 +256,21 @@ def bounded_search(table: ExitTable, costs: Costs, max_drop: float, confidence: 
     allowed = max_certified_errors(n, max_drop, delta)
     never = never_setting(table)
     best = search_thresholds(table, costs, max_drop, n_candidates=n_candidates, risk="drop")
+    reachable = False
     if allowed >= 0:
-        thresholds = search_thresholds(table, costs, (allowed + 0.5) / max(n, 1), n_candidates=n_candidates,
-                                       risk="loss")
+        rate = (allowed + 0.5) / max(n, 1)
+        thresholds = search_thresholds(table, costs, rate, n_candidates=n_candidates, risk="loss")
+        # "never" can also be the answer because exiting does not pay at the measured costs; whether some
+        # setting that lets samples exit meets the bound is a question of the losses alone: ask it with costs
+        # that make every earlier exit cheaper.
+        reachable = thresholds != never or search_thresholds(
+            table, np.arange(1.0, len(never) + 2.0), rate, n_candidates=n_candidates, risk="loss") != never
     else:
         thresholds = never
     ev = evaluate(table, thresholds, costs)
     ev_best = evaluate(table, best, costs)
     return SearchResult(
-        thresholds=thresholds, feasible=thresholds != never, confidence=confidence, n_samples=n,
+        thresholds=thresholds, feasible=reachable, exits_pay=thresholds != never, confidence=confidence, n_samples=n,
         allowed_errors=allowed, errors=ev.errors, drop_upper=clopper_pearson_upper(ev.errors, n, delta),
         loss_interval=clopper_pearson_interval(ev.errors, n, confidence),
         samples_needed=samples_needed(max_drop, delta),
