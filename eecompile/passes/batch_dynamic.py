@@ -161,11 +161,15 @@ class _Undo:
         self.values = [(v, v.shape, v.type) for v in values]
         self.consts: list[tuple[ir.Value, ir.TensorProtocol]] = []
 
+        self.attrs: list[tuple[ir.Node, ir.Attr]] = []  # Constant nodes whose value was rewritten
+
     def restore(self) -> None:
         for v, shape, typ in self.values:
             v.shape, v.type = shape, typ
         for v, const in self.consts:
             v.const_value = const
+        for node, attr in self.attrs:
+            node.attributes["value"] = attr
 
 
 def _fix_reshape_target(node: ir.Node, undo: _Undo) -> None:
@@ -174,14 +178,25 @@ def _fix_reshape_target(node: ir.Node, undo: _Undo) -> None:
         return
     target = node.inputs[1]
     assert target is not None
+    if len(target.uses()) != 1:
+        return
     const = target.const_value
-    if const is None or len(target.uses()) != 1:
+    producer = target.producer()
+    attr = None
+    if const is None and producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")  # torch writes Reshape targets as Constant nodes
+        const = attr.as_tensor() if attr is not None and attr.type == ir.AttributeType.TENSOR else None
+    if const is None:
         return
     arr = const.numpy()
     if arr.ndim != 1 or arr.size < 1 or int(arr[0]) != 1:
         return
     new = arr.copy()
     new[0] = 0
+    if attr is not None and producer is not None:
+        undo.attrs.append((producer, attr))
+        producer.attributes["value"] = ir.AttrTensor("value", ir.tensor(new, name=target.name))
+        return
     undo.consts.append((target, const))
     target.const_value = ir.tensor(new, name=target.name)
 

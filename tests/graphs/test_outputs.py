@@ -47,6 +47,8 @@ def test_detector_at_batch_1_with_dropped_outputs(detector: Path, tmp_path: Path
     spec = _spec(tmp_path, detector, {"output": "cls", "drop": ["det_small", "det_big"]})
     b = eecompile.compile_model(spec, tmp_path / "b.eebundle")
     assert any("['det_small', 'det_big'] are not in the bundle" in n for n in b.manifest.notes)
+    # torch wrote the batch-1 Reshape targets as Constant nodes: they get batch 0 ("copy") like initializers do
+    assert b.manifest.batch_mode == "dynamic", b.manifest.notes
     assert [t.name for t in b.manifest.outputs] == ["cls"]
     feeds = {"images": np.random.default_rng(4).standard_normal((5, 3, 32, 32)).astype(np.float32)}
     check_bundle(detector, b.path, feeds, "cls", ["aux0"])
