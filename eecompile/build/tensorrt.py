@@ -136,8 +136,9 @@ def _profile_of(t: TensorInfo, segment: int, max_batch: int, opt: int, known: Ma
 
 def default_timing_cache(target: str) -> Path:
     """Where the timing cache lives between builds when ``--timing-cache`` is not given (per target)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "eecompile" / f"timing-{target}.cache"
+    from eecompile.runtimes.sessions import user_cache_dir
+
+    return user_cache_dir(f"timing-{target}.cache")
 
 
 def _data_shapes(data: str | Path | None) -> dict[str, tuple[int, ...]]:

@@ -12,6 +12,7 @@ Imports numpy and onnxruntime only (no onnx, no torch): this runs on a Jetson.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import threading
@@ -25,7 +26,7 @@ from eecompile.bundle import Bundle, SegmentInfo
 from eecompile.errors import BackendError, BundleError, DataError
 from eecompile.runtimes.base import SegmentBackend
 from eecompile.runtimes.records import rebuild_command
-from eecompile.runtimes.sessions import default_threads, session_options
+from eecompile.runtimes.sessions import default_threads, session_options, user_cache_dir
 
 try:
     import onnxruntime as ort
@@ -226,7 +227,8 @@ class OnnxRuntimeBackend(SegmentBackend):
       ``thread_pool``: ``"per-session"`` (default) or ``"shared"`` (one process-wide pool for all sessions);
       ``device``: ``"cpu"`` (default) or ``"cuda"``; ``device_id``: GPU ordinal;
       ``tensorrt``: put ORT's TensorRT EP in front of CUDA (``device="cuda"`` only), with
-      ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``) and ``fp16``;
+      ``trt_cache_dir`` (default :func:`default_trt_cache_dir`: the user's cache, never inside the bundle) and
+      ``fp16``;
       ``disabled_optimizers``: ORT graph rewrites to skip (default on CPU: ``DEFAULT_CPU_DISABLED_OPTIMIZERS``);
       ``engines``: run the bundle's ORT CPU engines when they were built for this machine (default True; CPU only,
       and only with the disabled optimizers they were built with); ``engines=False`` runs the portable segments;
@@ -369,8 +371,12 @@ class OnnxRuntimeBackend(SegmentBackend):
                 "onnxruntime: tensorrt=True needs the TensorrtExecutionProvider, which this onnxruntime lacks; "
                 "install onnxruntime-gpu built with TensorRT, or use tensorrt=False"
             )
-        cache = Path(trt_cache_dir) if trt_cache_dir else self.bundle.path / "engines" / "ort-trt-cache"
-        cache.mkdir(parents=True, exist_ok=True)
+        cache = Path(trt_cache_dir) if trt_cache_dir else default_trt_cache_dir(self.bundle)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BackendError(f"onnxruntime: cannot create the TensorRT EP cache directory {cache} ({e}); pass "
+                               f"trt_cache_dir= (a writable directory) or set EECOMPILE_CACHE_DIR") from e
         trt = ("TensorrtExecutionProvider", {
             "device_id": self.device_id,
             "trt_engine_cache_enable": True,  # engines are built once per shape profile, then reloaded
@@ -695,6 +701,16 @@ def with_extra_outputs(model: bytes, names: Sequence[str]) -> bytes:
     the new outputs extends the graph's outputs without parsing the model: the runtime needs no onnx package."""
     outputs = b"".join(_field(_GRAPH_OUTPUT, _field(_VALUE_INFO_NAME, n.encode())) for n in names)
     return model + _field(_MODEL_GRAPH, outputs)
+
+
+def default_trt_cache_dir(bundle: Bundle) -> Path:
+    """Where ORT's TensorRT EP keeps the engines and timing cache it builds for ``bundle``: the user's cache
+    (:func:`~eecompile.runtimes.sessions.user_cache_dir`), ``ort-trt/<key>``, the key a digest of the bundle's
+    segment files (their sha256 in the manifest), so that a changed segment gets a fresh directory. Never inside
+    the bundle: writing there would break its signature and its file hashes."""
+    m = bundle.manifest
+    digest = hashlib.sha256("\n".join(f"{s.file}={m.files.get(s.file, '')}" for s in m.segments).encode()).hexdigest()
+    return user_cache_dir("ort-trt", digest[:16])
 
 
 def _fast_run(sess: Any) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from eecompile.errors import BackendError
@@ -29,6 +30,15 @@ def import_onnxruntime() -> Any:
         raise BackendError(f"onnxruntime is not installed ({e}); `pip install onnxruntime` (or onnxruntime-gpu; "
                            f"on a Jetson the wheel from the Jetson AI Lab index)") from e
     return ort
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """eecompile's cache directory for this user, outside every bundle (a bundle is never written at run time: that
+    would break its signature and its sha256 records): ``$EECOMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/eecompile``,
+    else ``~/.cache/eecompile``; ``parts`` are joined below it. Not created here."""
+    env = os.environ.get("EECOMPILE_CACHE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eecompile"
+    return base.joinpath(*parts)
 
 
 def default_threads() -> int:

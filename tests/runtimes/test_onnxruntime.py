@@ -139,3 +139,27 @@ def test_shared_thread_pool_matches(hm: Handmade) -> None:
 def test_shared_pool_after_per_session_is_refused(backend: OnnxRuntimeBackend, hm: Handmade) -> None:
     with pytest.raises(BackendError, match="first ONNX Runtime use"):
         OnnxRuntimeBackend(Bundle.load(hm.path), thread_pool="shared")
+
+
+def test_tensorrt_ep_cache_lives_in_the_user_cache_not_the_bundle(hm: Handmade, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT's TensorRT EP writes engines into its cache directory: by default that is the user's cache, keyed by the
+    bundle's segments, so running a (signed) bundle never writes into it."""
+    from eecompile.runtimes import onnxruntime as ortrt
+
+    monkeypatch.setenv("EECOMPILE_CACHE_DIR", str(tmp_path / "cache"))
+    bundle = Bundle.load(hm.path)
+    where = ortrt.default_trt_cache_dir(bundle)
+    assert where.parent == tmp_path / "cache" / "ort-trt" and hm.path not in where.parents
+    # Another bundle content, another directory.
+    other = Bundle.load(hm.path)
+    other.manifest.files = {**other.manifest.files, other.manifest.segments[0].file: "0" * 64}
+    assert ortrt.default_trt_cache_dir(other) != where
+    be = OnnxRuntimeBackend(bundle, threads=1)
+    be.device = "cuda"
+    monkeypatch.setattr(ortrt.ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    trt = be._providers(True, None, False)[0]
+    assert trt[0] == "TensorrtExecutionProvider"
+    assert trt[1]["trt_engine_cache_path"] == str(where) == trt[1]["trt_timing_cache_path"] and where.is_dir()
+    assert not (hm.path / "engines" / "ort-trt-cache").exists()
