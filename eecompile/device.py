@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--delta", type=float, default=0.05, help="ltt: allowed probability of missing the budget")
     c.add_argument("--repeats", type=int, default=100, help="timed calls per exit (default 100)")
     c.add_argument("--reference-model", default=None, help="the unsplit .onnx (default: beside the bundle)")
+    c.add_argument("--error-budget", type=float, default=None,
+                   help="regression bundles: the relative L2 error to the final output a sample may have where it "
+                        "exits (e.g. 0.05); --max-drop bounds the share of samples over it")
     return p
 
 
@@ -81,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cal = calibrate_bundle(args.bundle, args.data, max_drop=args.max_drop, method=args.method,
                                    delta=args.delta, backend=args.backend, batch_size=args.batch,
                                    repeats=args.repeats, threads=args.threads,
-                                   reference_model=args.reference_model, quiet=True)
+                                   reference_model=args.reference_model, quiet=True,
+                                   error_budget=args.error_budget)
             if not cal.deployed:  # nothing met the budget: the bundle was left as it was
                 print("\n".join(cal.summary_lines()), file=sys.stderr)
                 return 1

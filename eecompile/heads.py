@@ -472,7 +472,8 @@ def head_module(kind: str, feature_shape: Sequence[Dim], n_classes: int,
             else:
                 self.fc = nn.Linear(d, n_classes)
             if opts["score"]:
-                self.score_layer = nn.Linear(*shapes["score.weight"][::-1])
+                out_f, in_f = shapes["score.weight"]
+                self.score_layer = nn.Linear(in_f, out_f)
 
         def body(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             """(output, pooled features the last layer and the score read)."""

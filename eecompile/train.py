@@ -257,6 +257,7 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
         n_val = int(round(val_fraction * n)) if n >= 20 else 0
         val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         eval_rows = val if n_val else tr
+        target: Any
         if regression:
             target = _Regression(torch, np.asarray(arrays["final"], np.float32).reshape(n, -1))
         else:
@@ -275,7 +276,8 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
             torch.manual_seed(seed + k)
             if k in files:  # a head file: its own graph, run in torch, its float weights trained
                 hs = {"file": s.exit.head.split(":", 1)[1]}
-                opts, module = {}, files[k].module
+                opts: dict[str, Any] = {}
+                module = files[k].module
                 per_sample = int(np.prod(arrays["final"].shape[1:]))
                 forward = files[k].forward(per_sample)
                 main = list(module.parameters())
@@ -285,7 +287,7 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                 hs = dict(s.exit.head_spec or {})
                 nc = int(hs["n_classes"]) if regression else n_classes
                 out_shape = hs.get("out_shape")
-                opts = hs.get("options") or {}
+                opts = dict(hs.get("options") or {})
                 module = head_module(hs["kind"], hs["feature_shape"], nc, opts, out_shape=out_shape)
                 main = [p for name, p in module.named_parameters() if not name.startswith("score_layer.")]
                 forward = None
@@ -437,7 +439,7 @@ class _Regression:
         """Relative L2 error to the final output per sample [N] (an exit's output or a head's, flat alike)."""
         return np.linalg.norm(out.reshape(out.shape[0], -1) - self.final, axis=1) / self.norm
 
-    def accuracy(self, pred: Any, rows: np.ndarray) -> None:
+    def accuracy(self, pred: Any, rows: np.ndarray) -> float | None:
         return None
 
     def score_target(self, err: np.ndarray) -> np.ndarray:

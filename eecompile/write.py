@@ -70,7 +70,7 @@ class SharedWeights:
                     key = repr((str(Path(t.base_dir, t.location).resolve()), t.offset, _meta(t))).encode()
                 else:
                     key = hashlib.sha256(t.tobytes()).digest() + repr(_meta(t)).encode()
-                found[(k, v.name)] = key
+                found[(k, v.name or "")] = key
                 users[key].add(k)
         return cls({ks: key for ks, key in found.items() if len(users[key]) > 1})
 
@@ -82,7 +82,7 @@ class SharedWeights:
         returns how many were moved."""
         moved = 0
         for v in model.graph.initializers.values():
-            key = self.digests.get((k, v.name))
+            key = self.digests.get((k, v.name or ""))
             t = v.const_value
             if key is None or t is None:
                 continue
@@ -97,8 +97,9 @@ class SharedWeights:
                 self.file.write(data)
                 self.file.flush()
             off, length = self.offsets[key]
-            v.const_value = ir.ExternalTensor(SHARED_WEIGHTS, off, length, t.dtype, shape=ir.Shape(t.shape),
-                                              name=v.name, base_dir=str(folder))
+            v.const_value = ir.ExternalTensor(SHARED_WEIGHTS, off, length, t.dtype,
+                                              shape=ir.Shape(list(t.shape)),  # type: ignore[arg-type]
+                                              name=v.name or "", base_dir=str(folder))
             moved += 1
         return moved
 
@@ -126,7 +127,7 @@ def save_segment(model: ir.Model, path: Path, shared: SharedWeights | None = Non
             for v in own:
                 t = v.const_value
                 if big and t is not None and t.nbytes >= SHARE_MIN_BYTES:
-                    shared.digests[(index, v.name)] = b"own:" + f"{index}/{v.name}".encode()
+                    shared.digests[(index, v.name or "")] = b"own:" + f"{index}/{v.name}".encode()
                 elif isinstance(t, ir.ExternalTensor):
                     v.const_value = ir.tensor(t.numpy(), name=v.name)
             if big:

@@ -537,3 +537,36 @@ def test_exit_table_of_a_time_major_model(tmp_path: Path) -> None:
     early, final = (a["y"].argmax(-1) for a in res.all_exits)  # [T, B]
     assert table.correct[0].tolist() == (early == final).all(axis=0).tolist()
     np.testing.assert_allclose(table.scores[0], res.gate_scores[0])
+
+
+def _q_exit_table(n: int, rng: np.random.Generator) -> ExitTable:
+    """Q-exit scores: the cumulative halting probability, non-decreasing over exits; a shared threshold."""
+    base = synthetic(n, rng, labels=False)
+    lam = np.clip(base.scores, 0, 1)
+    scores = 1 - np.cumprod(1 - lam, axis=0)
+    return ExitTable(scores, base.correct, [True, True, True], shared=True)
+
+
+@pytest.mark.parametrize("method", ["search", "ltt"])
+def test_shared_threshold_searches_move_every_exit_together(method: str) -> None:
+    from eecompile.calibrate import bounded_search, threshold_path
+
+    table = _q_exit_table(3000, np.random.default_rng(5))
+    if method == "search":
+        thr = bounded_search(table, COSTS, 0.05, 0.95).thresholds
+    else:
+        res = ltt_thresholds(table, COSTS, 0.05, 0.05)
+        assert res.certified
+        thr = res.thresholds
+        path = threshold_path(table.subset(np.arange(1000)), COSTS)
+        assert path and all(len(set(p)) == 1 for p in path)
+        assert all(a[0] >= b[0] for a, b in zip(path, path[1:], strict=False))  # strict to loose
+    assert len(set(thr)) == 1 and math.isfinite(thr[0]), thr
+    assert evaluate(table, thr, COSTS).expected_cost < COSTS[-1]
+    # search_thresholds on a shared table: the cheapest shared candidate within the empirical budget.
+    from eecompile.calibrate.search import shared_candidates
+
+    best = search_thresholds(table, COSTS, 0.05)
+    feasible = [evaluate(table, [t] * 3, COSTS) for t in shared_candidates(table)]
+    cheapest = min(ev.expected_cost for ev in feasible if ev.drop <= 0.05)
+    assert evaluate(table, best, COSTS).expected_cost == pytest.approx(cheapest)

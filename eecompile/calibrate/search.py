@@ -297,15 +297,15 @@ def threshold_path(table: ExitTable, costs: Costs, *, n_candidates: int = 64, ma
     if e == 0 or n == 0:
         return []
     if table.shared:  # one threshold for every exit: the shared candidates are already ordered strict to loose
-        path = []
+        tied: list[list[float]] = []
         for t in shared_candidates(table, n_candidates):
-            path.append([t] * e)
-            if evaluate(table, path[-1], c).loss > max_loss:
+            tied.append([t] * e)
+            if evaluate(table, tied[-1], c).loss > max_loss:
                 break
-        if len(path) > max_points:
-            keep = np.unique(np.round(np.linspace(0, len(path) - 1, max_points)).astype(int))
-            path = [path[i] for i in keep]
-        return path
+        if len(tied) > max_points:
+            keep = np.unique(np.round(np.linspace(0, len(tied) - 1, max_points)).astype(int))
+            tied = [tied[i] for i in keep]
+        return tied
     cands = [candidate_thresholds(table.scores[k], table.fires_above[k], n_candidates) for k in range(e)]
     masks = [[np.zeros(n, bool) if math.isinf(t) else _fires(table.scores[k], t, table.fires_above[k])
               for t in cands[k]] for k in range(e)]

@@ -171,6 +171,10 @@ def test_cli_calibrate_reports_the_error_budget(trained) -> None:
     assert out.exit_code == 0, text
     assert "error budget 0.5, max share over it 0.5" in text and "share within the error budget" in text, text
     assert "agreement" not in text, text
+    from eecompile.device import main as device  # the runtime-only entry point takes the budget too
+
+    assert device(["calibrate", str(bundle), "--data", str(tmp / "cal_cli.npz"), "--max-drop", "0.5",
+                   "--error-budget", "0.5", "--repeats", "3"]) == 0
 
 
 @pytest.mark.parametrize("options,task,match", [
