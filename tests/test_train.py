@@ -143,3 +143,46 @@ def test_head_files_are_trained_in_place(tmp_path: Path) -> None:
     final = runner.run({"x": x}, thresholds="never").outputs["logits"].argmax(1)
     forced = runner.run({"x": x}, thresholds=["always", "never"]).outputs["logits"].argmax(1)
     assert (forced == final).mean() > 0.9
+
+
+def test_a_head_file_with_a_score_output_keeps_feeding_its_gate(tmp_path: Path) -> None:
+    """A head file with two outputs (logits and a score the gate reads): train-heads trains the logits, and the
+    gate reads the trained file's score output afterwards (the old head's score is replaced, not left dangling)."""
+    import onnx
+    import onnxruntime as ort
+
+    from eecompile.heads import head_module, head_onnx, module_weights
+    from eecompile.runtimes.chain import EarlyExitRunner
+    from eecompile.train import train_heads
+
+    module = head_module("linear", [None, 32], N_CLASSES, {"score": "agreement"})
+    with torch.no_grad():
+        module.score_layer.weight.normal_(0, 0.3)
+        module.score_layer.bias.zero_()
+    onnx.save(head_onnx("linear", [None, 32], N_CLASSES, {"score": "agreement"}, weights=module_weights(module)),
+              tmp_path / "hs.onnx")
+    bundle = make_bundle(tmp_path, heads=("{file: hs.onnx, score_output: score}", "{kind: linear}"),
+                         gates=("score", "max_prob"), thresholds=(0.5, 0.9))
+    report = train_heads(bundle, save_data(tmp_path / "d.npz", 600, seed=2), epochs=10, quiet=True)
+    assert report.heads[0].kind == "file" and report.heads[0].agree_after > 0.9
+    b = Bundle.load(bundle)
+    x, _ = blobs(50, seed=6)
+    runner = EarlyExitRunner(b, expose={0: ["h1"]})
+    res = runner.run({"x": x}, thresholds="never", policy="never", extra_outputs={0: ["h1"]})
+    head = ort.InferenceSession(str(b.verify_file("heads/exit0.onnx")), providers=["CPUExecutionProvider"])
+    logits, score = head.run(None, {"features": res.extra[0]["h1"]})
+    np.testing.assert_allclose(res.gate_scores[0], score[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.all_exits[0]["logits"], logits, rtol=1e-5, atol=1e-5)
+    runner.close()
+
+
+def test_the_report_speaks_of_regression_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from eecompile.train import HeadResult, TrainReport
+
+    r = TrainReport(bundle="b", n_train=9, n_val=1, epochs=1, temperature=2.0, used_labels=False, final_accuracy=None,
+                    task="regression",
+                    heads=[HeadResult(0, None, "conv", None, None, None, None, None, 0.1, error_before=1.0,
+                                      error_after=0.2, score="uncertainty", score_loss=0.01, score_baseline=0.05)])
+    r.print()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "MSE to the final output" in out and "rel. L2 error" in out and "agreement" not in out

@@ -155,6 +155,24 @@ def test_error_budget_calibration_and_mixed_thresholds(trained) -> None:
     check_compaction(eecompile.load(bundle), held, thr, "eps")
 
 
+def test_learn_then_test_with_an_error_budget(trained) -> None:
+    """LTT over the bounded 0/1 loss "over the error budget": certified, and held on held-out samples."""
+    from eecompile.calibrate import calibrate_bundle
+
+    bundle, tmp, _ = trained
+    x, t = noisy_batch(1400, seed=5)
+    np.savez(tmp / "cal_ltt.npz", x=x[:1000], t=t[:1000])
+    held = {"x": x[1000:], "t": t[1000:]}
+    final = eecompile.load(bundle).run(held, thresholds="never").outputs["eps"].reshape(400, -1)
+    report = calibrate_bundle(bundle, tmp / "cal_ltt.npz", max_drop=0.2, error_budget=0.5, method="ltt",
+                              costs=[1, 1, 2], quiet=True)
+    assert report.deployed and report.certified, report.summary_lines()
+    assert any("share over the error budget <= 0.2" in line for line in report.summary_lines())
+    out = eecompile.load(bundle).run(held).outputs["eps"].reshape(400, -1)
+    over = np.linalg.norm(out - final, axis=1) / np.linalg.norm(final, axis=1) > 0.5
+    assert over.mean() <= 0.2
+
+
 def test_cli_calibrate_reports_the_error_budget(trained) -> None:
     from click.testing import CliRunner
 
