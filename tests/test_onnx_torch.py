@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from eecompile.errors import SpecError
-from eecompile.heads import head_onnx, head_module, module_weights
+from eecompile.heads import head_module, head_onnx, module_weights
 
 torch = pytest.importorskip("torch")
 
