@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -116,21 +117,34 @@ def run(bundle: Path, batches: list[int], tokens: int, rounds: int, threads: int
                                "threads": threads, "exits": runner.exits, "batches": {}}
     for b in batches:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b * 2)]  # two batches' worth of varied prompts
-        per: dict[str, list[float]] = {"speculative": [], "exit": []}
-        tps: dict[str, list[float]] = {"none": [], "speculative": [], "exit": []}
+        per: dict[str, list[float]] = {"speculative": [], "drafting_on": [], "exit": []}
+        tps: dict[str, list[float]] = {"none": [], "speculative": [], "drafting_on": [], "exit": []}
+        copied: dict[str, float] = {}
         last: dict[str, Any] = {}
-        modes = ["none", "speculative", "exit"]
+        modes = ["none", "speculative", "drafting_on", "exit"]
+        ex0 = runner.exits[0]
+        # speculative: as calibrated for this batch size (drafting may be off); drafting_on: the exit's own
+        # threshold and k, uncalibrated; exit: the bundle's exit-mode thresholds (Learn-then-Test when calibrated)
+        kw = {"none": {"mode": "none"}, "speculative": {"mode": "speculative"}, "exit": {"mode": "exit"},
+              "drafting_on": {"mode": "speculative", "calibrated": False, "draft_tokens": int(ex0["draft_tokens"]),
+                              "thresholds": [e["gate"]["threshold"] if i == 0 else "never"
+                                             for i, e in enumerate(runner.exits)]}}
         runner.generate(prompts[:b], 4, mode="none", batch=b)  # warm-up
+        load = [os.getloadavg()[0]]
         for rnd in range(rounds):
             got = {}
             for m in (modes if rnd % 2 == 0 else modes[::-1]):
-                got[m] = runner.generate(prompts, tokens, mode=m, batch=b)
+                runner.calls["kv_bytes_copied"] = 0
+                got[m] = runner.generate(prompts, tokens, batch=b, **kw[m])  # type: ignore[arg-type]
                 tps[m].append(got[m].tokens_per_s)
-            for m in ("speculative", "exit"):
+                n_gen = sum(len(r["token_ids"]) for r in got[m].results)
+                copied[m] = runner.calls["kv_bytes_copied"] / max(n_gen, 1)
+            for m in ("speculative", "drafting_on", "exit"):
                 per[m].append(got[m].tokens_per_s / got["none"].tokens_per_s)
             last = got
+            load.append(os.getloadavg()[0])
         plain = [r["token_ids"] for r in last["none"].results]
-        spec = last["speculative"]
+        spec = last["drafting_on"]
         ex = last["exit"]
         agree = [a == c for r, p in zip(ex.results, plain, strict=True)
                  for a, c in zip(r["token_ids"], p, strict=False)]
@@ -141,7 +155,10 @@ def run(bundle: Path, batches: list[int], tokens: int, rounds: int, threads: int
         results["batches"][str(b)] = {
             "tokens_per_s": {m: _median(v) for m, v in tps.items()},
             "speedup": {m: _median(v) for m, v in per.items()},
-            "speculative_identical_to_none": [r["token_ids"] for r in spec.results] == plain,
+            "speculative_identical_to_none": all([r["token_ids"] for r in last[m].results] == plain
+                                                 for m in ("speculative", "drafting_on")),
+            "drafting_off_by_calibration": bool(last["speculative"].stats.get("drafting_off")),
+            "kv_bytes_copied_per_token": copied, "load_average_1min": load,
             "acceptance_rate": spec.acceptance_rate, "mean_accepted_length": spec.mean_accepted_length,
             "exit_shares": ex.exit_shares, "exit_token_agreement": sum(agree) / max(len(agree), 1),
             "perplexity": {"none": ppl_none, "exit": ppl_exit},
@@ -152,16 +169,18 @@ def run(bundle: Path, batches: list[int], tokens: int, rounds: int, threads: int
 
 
 def write_md(res: dict[str, Any], path: Path) -> None:
-    lines = ["| batch | none tok/s | speculative | exit | acceptance | tokens/verify | exit agreement | "
-             "ppl none / exit | r | g |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | none tok/s | speculative (calibrated) | drafting on | exit | acceptance | tokens/verify | "
+             "exit agreement | ppl none / exit | r | g | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b, d in res["batches"].items():
-        sp, ex = d["speedup"]["speculative"], d["speedup"]["exit"]
+        sp, on, ex = d["speedup"]["speculative"], d["speedup"]["drafting_on"], d["speedup"]["exit"]
+        off = " (off)" if d["drafting_off_by_calibration"] else ""
         lines.append(
             f"| {b} | {d['tokens_per_s']['none']['median']:.1f} | {sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})"
-            f" | {ex['median']:.2f}x ({ex['min']:.2f}-{ex['max']:.2f}) | {d['acceptance_rate']:.0%} | "
+            f"{off} | {on['median']:.2f}x ({on['min']:.2f}-{on['max']:.2f}) "
+            f"| {ex['median']:.2f}x ({ex['min']:.2f}-{ex['max']:.2f}) | {d['acceptance_rate']:.0%} | "
             f"{d['mean_accepted_length']:.2f} | {d['exit_token_agreement']:.0%} | "
             f"{d['perplexity']['none']:.2f} / {d['perplexity']['exit']:.2f} | {d['costs']['r']:.2f} | "
-            f"{d['costs']['g']:.2f} |")
+            f"{d['costs']['g']:.2f} | {min(d['load_average_1min']):.1f}-{max(d['load_average_1min']):.1f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

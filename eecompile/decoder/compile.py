@@ -257,7 +257,8 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
                       "hidden_in": HIDDEN if s.hidden_in else None, "hidden_out": HIDDEN + "_out",
                       "inputs": s.model_inputs, "kv_update": u} for s, u in zip(segments, updates, strict=True)],
         "head": {"file": "head.onnx", "input": HIDDEN, "threshold_input": "threshold",
-                 "outputs": ["logits", "token", "max_prob", "gate"]},
+                 "acceptance_inputs": ["drafts", "n_fed"],
+                 "outputs": ["logits", "token", "max_prob", "gate", "accepted", "next_token"]},
         "exits": [{"after_layer": segments[k].last - 1, "at": e.at, "segment": k,
                    "gate": {"kind": "max_prob", "threshold": e.threshold}, "draft_tokens": e.draft_tokens}
                   for k, e in enumerate(spec.exits)],

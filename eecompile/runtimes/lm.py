@@ -178,6 +178,9 @@ class DecoderRunner:
                     "hidden": np.zeros((1, 1, self.hidden_size), np.float32),
                     "threshold": np.array(0.0, np.float32)})[0]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self._sessions]
+        # heads compiled with acceptance in the graph (greedy verification reads back 2 ints per row)
+        self._head_accepts = {"drafts", "n_fed"} <= {i.name for i in self._head.get_inputs()}
+        self.in_graph_acceptance = self._head_accepts
         self._kv_names = [_kv("past_key_values", s["layers"]) for s in self.segments]
         self._present = [_kv("present", s["layers"]) for s in self.segments]
         self._tokenizer = tokenizer
@@ -358,13 +361,20 @@ class DecoderRunner:
             res.append(hidden[r.slot - lo, :ns[i]])
         return res
 
-    def _run_head(self, h: np.ndarray, threshold: float, logits: bool) -> dict[str, np.ndarray]:
+    def _run_head(self, h: np.ndarray, threshold: float, logits: bool, *, drafts: np.ndarray | None = None,
+                  n_fed: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The shared head on hidden states [B, S, D]: token [B, S] int64, max_prob and gate [B, S] (and logits
-        [B, S, V] when asked)."""
-        names = ["token", "max_prob", "gate"] + (["logits"] if logits else [])
+        [B, S, V] when asked). With ``drafts`` [B, S] int64 (-1 where none) and ``n_fed`` [B] on a head that
+        computes acceptance in the graph (``in_graph_acceptance``): only accepted [B] and next_token [B]."""
+        accept = drafts is not None and self.in_graph_acceptance
+        names = ["accepted", "next_token"] if accept else ["token", "max_prob", "gate"] + (["logits"] if logits else [])
+        feeds: dict[str, np.ndarray] = {self.dec["head"]["input"]: np.ascontiguousarray(h, np.float32),
+                                        self.dec["head"]["threshold_input"]: np.array(threshold, np.float32)}
+        if self._head_accepts:
+            feeds["drafts"] = drafts if accept else np.full((1, 1), -1, np.int64)  # type: ignore[assignment]
+            feeds["n_fed"] = n_fed if accept else np.zeros(1, np.int64)  # type: ignore[assignment]
         try:
-            out = self._head.run(names, {self.dec["head"]["input"]: np.ascontiguousarray(h, np.float32),
-                                         self.dec["head"]["threshold_input"]: np.array(threshold, np.float32)})
+            out = self._head.run(names, feeds)
         except Exception as e:
             raise BackendError(f"head ({self.dec['head']['file']}) failed: {e}") from e
         self.calls["head"] += 1
@@ -621,11 +631,25 @@ class DecoderRunner:
         if not verify:
             return
         outs = self._stack(verify, last_draft + 1, len(self.segments) - 1)
-        head = self._run_head(np.stack(pad_positions(outs)), _NEVER, _sampling(verify))
+        hidden = np.stack(pad_positions(outs))
+        in_graph = self.in_graph_acceptance and not _sampling(verify)
+        if in_graph:
+            d = np.full(hidden.shape[:2], -1, np.int64)
+            for i, r in enumerate(verify):
+                drafts = r.seq[r.n_confirmed:]
+                d[i, :len(drafts)] = drafts
+            fed = np.array([len(o) for o in outs], np.int64)
+            head = self._run_head(hidden, _NEVER, False, drafts=d, n_fed=fed)
+        else:
+            head = self._run_head(hidden, _NEVER, _sampling(verify))
         for i, r in enumerate(verify):
             drafts = r.seq[r.n_confirmed:]
             n_fed = len(outs[i])  # verified positions: the last confirmed token and the drafts fed
-            emitted = self._accept(head, i, drafts, n_fed, r)
+            if in_graph:
+                m, nxt = int(head["accepted"][i]), int(head["next_token"][i])
+                emitted = drafts[:m] + ([nxt] if nxt >= 0 else [])
+            else:
+                emitted = self._accept(head, i, drafts, n_fed, r)
             ctx.stats["drafted"] += len(drafts)
             ctx.stats["accepted"] += _n_accepted(drafts, emitted)
             ctx.stats["rounds"] += 1

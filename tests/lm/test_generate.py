@@ -175,3 +175,23 @@ def test_sampling_without_drafts_or_exits_is_plain_sampling(runner: DecoderRunne
     plain = runner.generate(PROMPTS, 10, mode="none", sample=True, temperature=0.8, seed=5)
     other = runner.generate(PROMPTS, 10, mode=mode, thresholds="never", sample=True, temperature=0.8, seed=5)
     assert [r["token_ids"] for r in other.results] == [r["token_ids"] for r in plain.results]
+
+
+def test_greedy_acceptance_is_computed_in_the_head(lm_bundle: Path, runner: DecoderRunner,
+                                                  plain: list[list[int]]) -> None:
+    assert runner.in_graph_acceptance
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(3, 5, runner.hidden_size)).astype(np.float32)
+    tok = runner._run_head(h, 2.0, False)["token"]
+    drafts = np.full((3, 5), -1, np.int64)
+    drafts[0, :2] = tok[0, :2]  # 2 agree, then a different one
+    drafts[0, 2] = (tok[0, 2] + 1) % runner.vocab
+    drafts[1, :4] = tok[1, :4]  # all 4 drafts agree: the verifier's token after them comes next
+    drafts[2, :5] = tok[2, :5]  # all 5 agree and 5 positions fed: nothing after them
+    out = runner._run_head(h, 2.0, False, drafts=drafts, n_fed=np.array([5, 5, 5], np.int64))
+    assert out["accepted"].tolist() == [2, 4, 5]
+    assert out["next_token"].tolist() == [tok[0, 2], tok[1, 4], -1]
+    host = DecoderRunner(lm_bundle, threads=1)
+    host.in_graph_acceptance = False  # the host comparison gives the same tokens
+    res = host.generate(PROMPTS, N_NEW, mode="speculative", thresholds="always", draft_tokens=4)
+    assert [r["token_ids"] for r in res.results] == plain
