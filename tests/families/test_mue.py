@@ -18,7 +18,9 @@ import yaml
 import eecompile
 from eecompile.errors import SpecError
 
-from .util import check_compaction, export, transformer_layer
+from .util import check_compaction, export, fit_classifier, transformer_layer
+
+pytestmark = pytest.mark.slow  # a small Transformer trained for a few steps, compiled six times: ~25 s
 
 T, F, D, C = 8, 12, 16, 3
 EMB = "/emb_ln/LayerNormalization_output_0"
@@ -56,8 +58,21 @@ def make_mue(path: Path, prune: bool = False) -> tuple[Path, object]:
         def forward(self, x):
             return self.fc(self.hidden(x)[-1][:, 0])
 
-    model = MuE().eval()
+    model = fit_classifier(MuE(), tokens, steps=60)
     return export(model, (torch.randn(2, T, F),), path, ["x"], ["logits"]), model
+
+
+def tokens(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random tokens; the class is the argmax of a fixed projection of their mean (plus noise)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, T, F)).astype(np.float32)
+    w = np.random.default_rng(7).standard_normal((F, C))
+    return x, np.argmax(x.mean(1) @ w + 0.3 * rng.standard_normal((n, C)), 1)
+
+
+@pytest.fixture(scope="module")
+def mue(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    return make_mue(tmp_path_factory.mktemp("mue") / "mue.onnx")
 
 
 def cosine_min(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -74,10 +89,10 @@ def spec(tmp: Path, model: Path, first: dict | None = None, name: str = "spec.ya
     return tmp / name
 
 
-def test_first_exit_compares_with_the_embeddings_and_can_fire(tmp_path: Path) -> None:
+def test_first_exit_compares_with_the_embeddings_and_can_fire(mue, tmp_path: Path) -> None:
     import torch
 
-    model, module = make_mue(tmp_path / "mue.onnx")
+    model, module = mue
     runner = eecompile.load(eecompile.compile_model(spec(tmp_path, model), tmp_path / "b.eebundle").path)
     x = np.random.default_rng(0).standard_normal((48, T, F)).astype(np.float32)
     with torch.no_grad():
@@ -91,8 +106,30 @@ def test_first_exit_compares_with_the_embeddings_and_can_fire(tmp_path: Path) ->
     assert (res.exit_index == 0).any()
 
 
-def test_without_against_the_first_exit_never_fires(tmp_path: Path) -> None:
-    model, _ = make_mue(tmp_path / "mue.onnx")
+def test_trained_and_calibrated(mue, tmp_path: Path) -> None:
+    """train-heads distils the exits' heads; calibrate picks saturation thresholds within a 10-point budget on
+    agreement with the final exit, and it holds on held-out samples."""
+    from eecompile.calibrate import calibrate_bundle
+    from eecompile.train import train_heads
+
+    model, _ = mue
+    path = eecompile.compile_model(spec(tmp_path, model), tmp_path / "b.eebundle").path
+    x, _ = tokens(2000, seed=1)
+    np.savez(tmp_path / "train.npz", x=x[:800])
+    report = train_heads(path, tmp_path / "train.npz", epochs=15, quiet=True)
+    assert all(h.agree_before < 0.6 and h.agree_after > 0.7 for h in report.heads), report.heads
+    np.savez(tmp_path / "cal.npz", x=x[800:1500])
+    cal = calibrate_bundle(path, tmp_path / "cal.npz", max_drop=0.1, costs=[1, 2, 3, 4], quiet=True)
+    assert cal.deployed, cal.summary_lines()
+    runner = eecompile.load(path)
+    final = runner.run({"x": x[1500:]}, thresholds="never").outputs["logits"].argmax(1)
+    res = runner.run({"x": x[1500:]})
+    assert (res.exit_index < 3).any()
+    assert (res.outputs["logits"].argmax(1) != final).mean() <= 0.1
+
+
+def test_without_against_the_first_exit_never_fires(mue, tmp_path: Path) -> None:
+    model, _ = mue
     runner = eecompile.load(eecompile.compile_model(spec(tmp_path, model, first={}), tmp_path / "b.eebundle").path)
     never = runner.run({"x": np.ones((2, T, F), np.float32)}, thresholds="never", policy="never")
     np.testing.assert_array_equal(never.gate_scores[0], -1.0)
@@ -103,8 +140,9 @@ def test_without_against_the_first_exit_never_fires(tmp_path: Path) -> None:
                               r"tensor .*\[.*9, 16\], but their token axis differs \(8 vs 9\)"),
     ("x", r"exits\[0\]\.gate\.against: .*but their width differs \(12 vs 16\)"),
 ])
-def test_against_a_tensor_of_other_tokens_or_width_is_one_spec_error(tmp_path: Path, against: str, match: str) -> None:
-    model, _ = make_mue(tmp_path / "mue.onnx")
+def test_against_a_tensor_of_other_tokens_or_width_is_one_spec_error(mue, tmp_path: Path, against: str,
+                                                                     match: str) -> None:
+    model, _ = mue
     with pytest.raises(SpecError, match=match):
         eecompile.compile_model(spec(tmp_path, model, first={"against": against}), tmp_path / "b.eebundle")
 
@@ -116,14 +154,14 @@ def test_consecutive_exits_with_different_token_counts_are_one_spec_error(tmp_pa
         eecompile.compile_model(spec(tmp_path, model, first={}, layers=(0, 2, 3)), tmp_path / "b.eebundle")
 
 
-def test_against_on_a_later_exit_or_another_gate_is_refused(tmp_path: Path) -> None:
+def test_against_on_a_later_exit_or_another_gate_is_refused(mue, tmp_path: Path) -> None:
     from eecompile.spec import parse_spec
 
     with pytest.raises(SpecError, match=r"exits\[0\]\.gate\.against \(line \d+\): 'against' names the tensor a "
                                         r"saturation gate compares with; gate kind 'max_prob'"):
         parse_spec("model: m.onnx\nexits:\n- at: a\n  head: {output: o}\n"
                    "  gate: {kind: max_prob, threshold: 0.5, against: e}\n")
-    model, _ = make_mue(tmp_path / "mue.onnx")
+    model, _ = mue
     path = spec(tmp_path, model)
     doc = yaml.safe_load(path.read_text())
     doc["exits"][1]["gate"]["against"] = EMB
