@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -55,60 +54,8 @@ def _perplexity(runner: Any, prompt_ids: list[int], gen: list[int]) -> float:
     return float(np.exp(-np.mean(logp[np.arange(len(gen)), gen])))
 
 
-def _costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, float]:
-    """r and g at ``batch`` rows with 48 cached positions (median of ``reps`` timed calls each)."""
-    rng = np.random.default_rng(0)
-    ex = runner.exits[0]
-    last = len(runner.segments) - 1
-
-    def rows(n_new: int) -> list[Any]:
-        rs = runner._new_rows([list(rng.integers(0, runner.vocab, 48 + n_new)) for _ in range(batch)])
-        for r in rs:
-            r.seq = r.seq[:48]
-        runner._stack(rs, 0, last)
-        for r, full in zip(rs, [list(rng.integers(0, runner.vocab, 48 + n_new)) for _ in rs], strict=True):
-            r.seq = r.seq + full[48:]
-        return rs
-
-    def timed(n_new: int, fn: Any) -> float:
-        ts = []
-        for _ in range(reps):
-            rs = rows(n_new)  # fresh rows with 48 cached positions (not timed)
-            t = time.perf_counter()
-            fn(rs)
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
-
-    def plain(rs: list[Any]) -> None:
-        out = runner._stack(rs, 0, last)
-        runner._run_head(np.stack([o[-1:] for o in out]), 2.0, False)
-
-    def draft(rs: list[Any]) -> None:
-        out = runner._stack(rs, 0, ex["segment"])
-        runner._exit_head(0, np.stack([o[-1:] for o in out]), 2.0, False)
-
-    def verify(rs: list[Any]) -> None:
-        out = runner._stack(rs, ex["segment"] + 1, last)
-        runner._run_head(np.stack(out), 2.0, False)
-
-    def verify_rows(n_new: int) -> list[Any]:
-        rs = rows(n_new)
-        runner._stack(rs, 0, ex["segment"])  # the drafted positions' exit states, as drafting leaves them
-        return rs
-
-    t_plain = timed(1, plain)
-    t_draft = timed(1, draft)
-    vs = []
-    for _ in range(reps):
-        rs = verify_rows(k + 1)
-        t = time.perf_counter()
-        verify(rs)
-        vs.append(time.perf_counter() - t)
-    return {"r": t_draft / t_plain, "g": statistics.median(vs) / t_plain, "plain_step_ms": 1e3 * t_plain,
-            "k": k}
-
-
 def run(bundle: Path, batches: list[int], tokens: int, rounds: int, threads: int | None) -> dict[str, Any]:
+    from eecompile.decoder.calibrate import measure_costs
     from eecompile.runtimes.lm import DecoderRunner
 
     runner = DecoderRunner(bundle, threads=threads)
@@ -162,7 +109,7 @@ def run(bundle: Path, batches: list[int], tokens: int, rounds: int, threads: int
             "acceptance_rate": spec.acceptance_rate, "mean_accepted_length": spec.mean_accepted_length,
             "exit_shares": ex.exit_shares, "exit_token_agreement": sum(agree) / max(len(agree), 1),
             "perplexity": {"none": ppl_none, "exit": ppl_exit},
-            "costs": _costs(runner, b, int(runner.exits[0].get("draft_tokens", 4))),
+            "costs": measure_costs(runner, b, int(runner.exits[0].get("draft_tokens", 4))),
         }
         print(json.dumps({b: results["batches"][str(b)]}, indent=1))
     return results

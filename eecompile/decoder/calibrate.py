@@ -9,8 +9,9 @@ decodes plainly there (the output is the same token for token; only the speed di
 ``calibrate_exit`` sets exit-mode thresholds for a token-disagreement budget with the Learn-then-Test guarantee
 of the single-pass calibration (``eecompile.calibrate.ltt``).
 
-Results go to the bundle's ``decoder.calibration.speculative``: ``{batch: {threshold, draft_tokens, speedup}}``
-or ``{batch: {off: true, speedup}}``; the runtime uses the entry of the largest calibrated batch size not above
+Results go to the bundle's ``decoder.calibration.speculative``: ``{batch: {threshold, draft_tokens, speedup, r, g}}``
+or ``{batch: {off: true, speedup, r, g}}`` (r, g: ``measure_costs``, which the runtime's per-row drafting switch
+uses); the runtime uses the entry of the largest calibrated batch size not above
 the batch it runs (the smallest one when it runs below all of them).
 """
 
@@ -31,6 +32,68 @@ log = logging.getLogger(__name__)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary colors are",
            "Once upon a time, in a small village,", "To make a cup of tea, first", "import numpy as np\n",
            "The theory of relativity says that", "Water boils at a temperature of"]
+
+
+def measure_costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, float]:
+    """Draft cost share r and verification cost ratio g at ``batch`` rows with 48 cached positions.
+
+    r: one draft step (the segments up to exit 0 + its draft head, one position) over one plain step (every
+    segment + the head); g: one verification of k + 1 positions (the remaining segments + the head) over one
+    plain step. Medians of ``reps`` timed calls each; also ``plain_step_ms``."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ex = runner.exits[0]
+    last = len(runner.segments) - 1
+
+    def rows(n_new: int) -> list[Any]:
+        rs = runner._new_rows([list(rng.integers(0, runner.vocab, 48 + n_new)) for _ in range(batch)])
+        for r in rs:
+            r.seq = r.seq[:48]
+        runner._stack(rs, 0, last)
+        for r, full in zip(rs, [list(rng.integers(0, runner.vocab, 48 + n_new)) for _ in rs], strict=True):
+            r.seq = r.seq + full[48:]
+        return rs
+
+    def timed(n_new: int, fn: Any) -> float:
+        ts = []
+        for _ in range(reps):
+            rs = rows(n_new)  # fresh rows with 48 cached positions (not timed)
+            t = time.perf_counter()
+            fn(rs)
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    def plain(rs: list[Any]) -> None:
+        out = runner._stack(rs, 0, last)
+        runner._run_head(np.stack([o[-1:] for o in out]), 2.0, False)
+
+    def draft(rs: list[Any]) -> None:
+        out = runner._stack(rs, 0, ex["segment"])
+        runner._exit_head(0, np.stack([o[-1:] for o in out]), 2.0, False)
+
+    def verify(rs: list[Any]) -> None:
+        out = runner._stack(rs, ex["segment"] + 1, last)
+        runner._run_head(np.stack(out), 2.0, False)
+
+    def verify_rows(n_new: int) -> list[Any]:
+        rs = rows(n_new)
+        runner._stack(rs, 0, ex["segment"])  # the drafted positions' exit states, as drafting leaves them
+        return rs
+
+    t_plain = timed(1, plain)
+    t_draft = timed(1, draft)
+    vs = []
+    for _ in range(reps):
+        rs = verify_rows(k + 1)
+        t = time.perf_counter()
+        verify(rs)
+        vs.append(time.perf_counter() - t)
+    return {"r": t_draft / t_plain, "g": statistics.median(vs) / t_plain, "plain_step_ms": 1e3 * t_plain,
+            "k": k}
 
 
 def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] = (1, 4, 8),
@@ -72,11 +135,13 @@ def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] =
                 if best is None or speedup > best["speedup"]:
                     best = tried[-1]
         assert best is not None
+        costs = measure_costs(runner, b, int(best["draft_tokens"]), reps=3)
+        rg = {"r": costs["r"], "g": costs["g"]}  # for the runtime's per-row drafting switch
         if best["speedup"] >= min_speedup:
             table[str(b)] = {"threshold": best["threshold"], "draft_tokens": best["draft_tokens"],
-                             "speedup": best["speedup"]}
+                             "speedup": best["speedup"], **rg}
         else:
-            table[str(b)] = {"off": True, "speedup": best["speedup"]}
+            table[str(b)] = {"off": True, "speedup": best["speedup"], **rg}
         log.info("batch %d: %s (grid %s)", b, table[str(b)], tried)
 
     def change(tmp: Path, manifest: Any) -> None:

@@ -118,6 +118,9 @@ class _Row:
     finish_reason: str | None = None
     reported: int = 0  # generated tokens already returned in a StepEvent
     text: str = ""  # their text (incremental decoding)
+    spec_tokens: float = 0.0  # speculative: running mean of tokens per verification, and of draft steps per round
+    spec_steps: float = 0.0
+    paused: int = 0  # speculative: steps left decoding plainly (drafting did not pay for this row)
     pool: KVPool | None = None  # in-place caches: the buffers holding this row's cache, and its slot there
     slot: int = -1
 
@@ -441,15 +444,20 @@ class DecoderRunner:
         return out
 
     def open_batch(self, mode: str = "none", max_batch: int | None = None, thresholds: Any = None,
-                   draft_tokens: int | None = None, exit: int = 0, *, calibrated: bool = True) -> DecodeBatch:
+                   draft_tokens: int | None = None, exit: int = 0, *, calibrated: bool = True,
+                   drafting_costs: tuple[float, float] | None = None) -> DecodeBatch:
         """An iteration-level decoding batch: rows join (``add``) and leave between ``step()`` calls.
 
         ``mode``, ``thresholds``, ``draft_tokens``, ``exit`` and ``calibrated`` as for ``generate``; they hold
         for every row of the batch. ``max_batch``: the most rows decoded together (None: no limit); rows added
-        beyond it wait and join as others finish. Raises ``DataError`` for a bad mode, exit, threshold or k.
+        beyond it wait and join as others finish. ``drafting_costs``: (r, g), a draft step's and a verification's
+        cost over a plain step (default: the calibration's for this batch size, when it has them); with them a
+        speculative row whose predicted speedup, tokens / (draft steps * r + g) per round over running means,
+        falls below 1 decodes plainly for ``PAUSE_STEPS`` steps, then drafts again (the tokens do not change).
+        Raises ``DataError`` for a bad mode, exit, threshold or k.
         """
         return DecodeBatch(self, mode=mode, max_batch=max_batch, thresholds=thresholds, draft_tokens=draft_tokens,
-                           exit=exit, calibrated=calibrated)
+                           exit=exit, calibrated=calibrated, drafting_costs=drafting_costs)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_new_tokens: int, *,
                  mode: str = "none", thresholds: Any = None, draft_tokens: int | None = None, exit: int = 0,
@@ -655,6 +663,8 @@ class DecoderRunner:
             ctx.stats["rounds"] += 1
             ctx.stats["emitted"] += len(emitted)
             self._emit(r, emitted)
+            if ctx.costs is not None:
+                _judge(r, len(emitted), n_fed, ctx)
 
     def _accept(self, head: dict[str, np.ndarray], i: int, drafts: list[int], n_fed: int, r: _Row) -> list[int]:
         """The tokens a verification emits: the longest accepted prefix of ``drafts`` plus the verifier's token
@@ -685,6 +695,31 @@ class _Ctx:
     k: int
     exit: int
     stats: dict[str, Any]
+    costs: tuple[float, float] | None = None  # (r, g): a row whose predicted speedup falls below 1 pauses drafting
+
+
+SWITCH_WEIGHT = 0.3  # running means of a row's speculative rounds: weight of the newest round
+SWITCH_WARMUP = 3  # rounds before a row's drafting can be paused
+PAUSE_STEPS = 32  # plain steps of a paused row before it drafts again
+
+
+def _judge(r: _Row, tokens: int, steps: int, ctx: _Ctx) -> None:
+    """Pause a row's drafting when its predicted speedup, tokens / (draft steps * r + g) per round from running
+    means (Leviathan et al. 2023's cost model with the measured r and g), falls below 1."""
+    assert ctx.costs is not None
+    r_cost, g_cost = ctx.costs
+    if r.spec_steps == 0.0:
+        r.spec_tokens, r.spec_steps = float(tokens), float(steps)
+    else:
+        r.spec_tokens += SWITCH_WEIGHT * (tokens - r.spec_tokens)
+        r.spec_steps += SWITCH_WEIGHT * (steps - r.spec_steps)
+    rounds = ctx.stats.setdefault("row_rounds", {})
+    rounds[r.index] = rounds.get(r.index, 0) + 1
+    if rounds[r.index] >= SWITCH_WARMUP and r.spec_tokens < r.spec_steps * r_cost + g_cost:
+        r.paused = PAUSE_STEPS
+        r.spec_tokens = r.spec_steps = 0.0
+        rounds[r.index] = 0
+        ctx.stats["paused"] = ctx.stats.get("paused", 0) + 1
 
 
 def _sampling(rows: Sequence[_Row]) -> bool:
@@ -706,7 +741,8 @@ class DecodeBatch:
     """
 
     def __init__(self, runner: DecoderRunner, *, mode: str, max_batch: int | None, thresholds: Any,
-                 draft_tokens: int | None, exit: int, calibrated: bool) -> None:
+                 draft_tokens: int | None, exit: int, calibrated: bool,
+                 drafting_costs: tuple[float, float] | None = None) -> None:
         if mode not in MODES:
             raise DataError(f"mode: '{mode}' is not one of {list(MODES)}")
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
@@ -721,6 +757,9 @@ class DecodeBatch:
         self.drafting_off = False
         choice = choice_for_batch(runner.dec.get("calibration"), max_batch or 1) if (
             mode == "speculative" and calibrated and thresholds is None and draft_tokens is None) else None
+        costs = drafting_costs
+        if costs is None and choice is not None and "r" in choice and "g" in choice:
+            costs = (float(choice["r"]), float(choice["g"]))
         if choice is not None:
             self.drafting_off = bool(choice.get("off"))
             if not self.drafting_off:
@@ -738,7 +777,7 @@ class DecodeBatch:
                                       "exit_counts": [0] * (len(runner.exits) + 1)}
         if self.drafting_off:
             self.stats["drafting_off"] = True
-        self._ctx = _Ctx(thr=thr, k=k, exit=exit, stats=self.stats)
+        self._ctx = _Ctx(thr=thr, k=k, exit=exit, stats=self.stats, costs=costs)
         step = {"none": runner._step_none, "speculative": runner._step_speculative, "exit": runner._step_exit}
         self._step = runner._step_none if self.drafting_off else step[mode]
         self._waiting: deque[_Row] = deque()
@@ -830,7 +869,16 @@ class DecodeBatch:
                 self._active += join
             if not self._active:
                 return []
-            self._step(self._active, self._ctx)
+            plain = [r for r in self._active if r.paused > 0 and len(r.seq) == r.n_confirmed]
+            if plain and self._step == self.runner._step_speculative:  # rows whose drafting did not pay
+                self.runner._step_none(plain, self._ctx)
+                for r in plain:
+                    r.paused -= 1
+                rest = [r for r in self._active if all(r is not p for p in plain)]
+                if rest:
+                    self._step(rest, self._ctx)
+            else:
+                self._step(self._active, self._ctx)
         except BackendError:
             self.close()
             raise

@@ -153,3 +153,21 @@ def test_bad_use_of_a_batch_is_one_clear_error(runner: DecoderRunner) -> None:
         batch.step()
     with pytest.raises(DataError, match="closed"):
         batch.add([1], 1)
+
+
+def test_rows_whose_drafting_does_not_pay_decode_plainly(runner: DecoderRunner, alone: list[list[int]]) -> None:
+    # drafting that cannot pay (a draft step costs as much as a plain step): every row pauses after its warm-up
+    # rounds, decodes plainly, and its tokens are unchanged
+    costs = (1.0, 1.0)
+    batch = runner.open_batch("speculative", thresholds="always", draft_tokens=2, drafting_costs=costs)
+    rows = [batch.add(p, N_NEW) for p in PROMPTS]
+    tokens: dict[int, list[int]] = {}
+    _drain(batch, tokens)
+    assert [tokens[r] for r in rows] == alone
+    assert batch.stats["paused"] >= len(PROMPTS)
+    free = runner.open_batch("speculative", thresholds="always", draft_tokens=2, drafting_costs=(0.0, 0.0))
+    for p in PROMPTS:
+        free.add(p, N_NEW)
+    _drain(free, {})
+    assert "paused" not in free.stats  # free drafting always pays
+    assert batch.stats["rounds"] < free.stats["rounds"]
