@@ -196,7 +196,7 @@ class DecodeScheduler:
             return
         t.admitted = time.perf_counter()
         self._rows[t.key][t.row] = t
-        t.sink.admitted()
+        _notify(t.sink.admitted)
 
     def _drop(self, t: _Ticket) -> None:
         rows = self._rows.get(t.key, {})
@@ -244,7 +244,9 @@ class DecodeScheduler:
                     if self._on_first_token is not None:
                         self._on_first_token(now - t.submitted)
                 t.token_ids += new
-                t.sink.tokens(new, ev.text)
+                if not _notify(t.sink.tokens, new, ev.text):  # the request cannot take them: drop its row
+                    self._drop(t)
+                    continue
             if ev.finished:
                 del rows[ev.row]
                 self._finish(t, reason=ev.finish_reason, now=now)
@@ -259,9 +261,9 @@ class DecodeScheduler:
         with self._lock:
             self._outstanding -= 1
         if error is not None:
-            t.sink.failed(error)
+            _notify(t.sink.failed, error)
             return
-        t.sink.finished(row_result(self.runner, t, reason, now or time.perf_counter()))
+        _notify(t.sink.finished, row_result(self.runner, t, reason, now or time.perf_counter()))
 
     def _close_batch(self, key: tuple[Any, ...]) -> None:
         batch = self._batches.pop(key, None)
@@ -278,6 +280,17 @@ class DecodeScheduler:
             for t in list(self._rows.get(key, {}).values()):
                 self._finish(t, error=BackendError("the replica is stopping; retry the request"))
             self._close_batch(key)
+
+
+def _notify(callback: Callable[..., None], *args: Any) -> bool:
+    """Call a sink's callback; a failure (a closed connection, a cancelled Triton request) is logged and
+    returned as False, never raised into the loop that serves the other rows."""
+    try:
+        callback(*args)
+    except Exception:
+        log.warning("a request could not take its answer; dropping its row", exc_info=True)
+        return False
+    return True
 
 
 def row_result(runner: Any, t: _Ticket, reason: str | None, now: float) -> dict[str, Any]:

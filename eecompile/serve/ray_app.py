@@ -174,7 +174,7 @@ class EarlyExitDeployment:
         path = request.url.path.rstrip("/")
         route = "generate" if self.decoder else "predict"
         if path.endswith("/health") and request.method in ("GET", "HEAD"):
-            inputs = ["prompt"] if self.decoder else [t.name for t in self.runner.inputs]
+            inputs = ["prompt", "token_ids"] if self.decoder else [t.name for t in self.runner.inputs]
             return self._json(200, {"status": "ok", "bundle": Path(self._cfg.bundle).name, "route": route,
                                     "exits": self.n_early_exits + 1, "inputs": inputs, "pid": os.getpid(),
                                     "replica": _replica_id()})

@@ -176,17 +176,21 @@ class TritonDecoder:
                 doc.pop("stream", None)
                 if isinstance(doc.get("thresholds"), str):  # "0.9,never" as for the chain model
                     doc["thresholds"] = list(thresholds_of(doc["thresholds"], len(self.runner.exits)) or [])
-                self.scheduler.submit(generate_request(doc, len(self.runner.exits)), _TritonSink(self.pb, sender))
+                sink = _TritonSink(self.pb, sender, self.scheduler)
+                sink.ticket = self.scheduler.submit(generate_request(doc, len(self.runner.exits)), sink)
             except EECompileError as e:
                 sender.send(self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(str(e))),
                             flags=final)
 
 
 class _TritonSink(RowSink):
-    """Sends a request's tokens through its response sender (called on the scheduler's thread)."""
+    """Sends a request's tokens through its response sender (called on the scheduler's thread); a request the
+    client cancelled (``response_sender.is_cancelled()``) has its row dropped at the next step."""
 
-    def __init__(self, pb: Any, sender: Any) -> None:
-        self.pb, self.sender = pb, sender
+    def __init__(self, pb: Any, sender: Any, scheduler: DecodeScheduler) -> None:
+        self.pb, self.sender, self.scheduler = pb, sender, scheduler
+        self.ticket: Any = None
+        self.cancelled = False
 
     def _send(self, ids: list[int], text: str, finished: bool, result: str, flags: int = 0) -> None:
         pb = self.pb
@@ -200,6 +204,12 @@ class _TritonSink(RowSink):
         pass
 
     def tokens(self, token_ids: list[int], text: str | None) -> None:
+        if self.cancelled:
+            return
+        if self.ticket is not None and self.sender.is_cancelled():
+            self.cancelled = True
+            self.scheduler.cancel(self.ticket)
+            return
         self._send(token_ids, text or "", False, "")
 
     def finished(self, result: dict[str, Any]) -> None:

@@ -102,3 +102,36 @@ def build_served_bundle(root: Path, model: Path) -> Path:
 
     update_bundle(bundle, change)
     return bundle
+
+
+LONG_LENGTH = 640  # positions of the serving tests' decoder: room for a request long enough to watch others pass it
+
+
+@pytest.fixture(scope="session")
+def long_lm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' tiny random-weight Llama (4 layers, vocabulary 128), compiled with a cache of LONG_LENGTH
+    positions: a request of a few hundred tokens decodes for long enough (hundreds of steps) that a short one
+    sent after it starts can join the running batch and leave before it, whatever the machine's load."""
+    pytest.importorskip("torch")
+    import fcntl
+    import os
+
+    import yaml
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "long_llama"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            from eecompile.decoder.compile import compile_decoder
+            from eecompile.models.lm import char_tokenizer, export_decoder, tiny_llama
+
+            export_decoder(tiny_llama(seed=0, layers=4, vocab=128, max_positions=LONG_LENGTH), root / "tiny.onnx")
+            char_tokenizer(root / "tokenizer.json", 128)
+            spec = {"kind": "decoder", "model": "tiny.onnx", "max_length": LONG_LENGTH, "tokenizer": "tokenizer.json",
+                    "exits": [{"after_layer": 1, "gate": {"kind": "max_prob", "threshold": 0.3}, "draft_tokens": 4}]}
+            (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+            compile_decoder(root / "spec.yaml", root / "tiny.eebundle")
+            (root / "done").write_text("ok")
+    return root / "tiny.eebundle"

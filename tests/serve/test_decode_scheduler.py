@@ -318,3 +318,26 @@ def test_the_real_decoder_behind_the_scheduler(lm_bundle) -> None:  # noqa: F811
         assert s.result["text"] == want["text"]
     assert not gone.done.is_set()
     assert sched.outstanding == 0
+
+
+def test_a_sink_that_raises_loses_only_its_own_row(runner) -> None:
+    class Broken(Collect):
+        def tokens(self, token_ids: list[int], text: str | None) -> None:
+            if len(self.streamed) >= 2:
+                raise ConnectionResetError("the client went away")
+            super().tokens(token_ids, text)
+
+    sched = DecodeScheduler(runner, max_batch=4)
+    broken, ok = Broken(), Collect()
+    try:
+        sched.submit(req([2], 30), broken)
+        sched.submit(req([3], 10), ok)
+        assert ok.done.wait(10)
+        later = Collect()
+        sched.submit(req([4], 3), later)  # the loop still serves
+        assert later.done.wait(10)
+    finally:
+        sched.close()
+    assert ok.result["token_ids"] == alone([3], 10) and later.result["token_ids"] == alone([4], 3)
+    assert broken.streamed == alone([2], 30)[:2] and not broken.done.is_set()
+    assert runner.batches[0].cancelled and sched.outstanding == 0

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.lm.conftest import lm_bundle, lm_dir  # noqa: F401  (the tiny Llama decoder bundle, built once)
 from tests.serve.client import get, post, stream_events
+from tests.serve.conftest import LONG_LENGTH
 
 pytestmark = pytest.mark.slow
 
@@ -25,23 +25,23 @@ def _generate(url: str, doc: dict) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def lm_endpoint(lm_bundle: Path, ray_serve):  # noqa: F811
+def lm_endpoint(long_lm_bundle: Path, ray_serve):
     from ray import serve
 
     from eecompile.serve.ray_app import ServeOptions, run_app
 
     port = ray_serve["port"]
-    run_app(ServeOptions(bundle=str(lm_bundle), backend_options={"threads": 1}, max_batch_size=8),
+    run_app(ServeOptions(bundle=str(long_lm_bundle), backend_options={"threads": 1}, max_batch_size=8),
             port=port, name="lm", route_prefix="/lm/v1")
     yield f"http://127.0.0.1:{port}/lm/v1", ray_serve["metrics_port"]
     serve.delete("lm")
 
 
 @pytest.fixture(scope="module")
-def local(lm_bundle: Path):  # noqa: F811
+def local(long_lm_bundle: Path):
     from eecompile.runtimes.lm import DecoderRunner
 
-    return DecoderRunner(lm_bundle, threads=1)
+    return DecoderRunner(long_lm_bundle, threads=1)
 
 
 def _alone(local, doc: dict) -> list[int]:  # noqa: ANN001
@@ -78,7 +78,7 @@ def test_concurrent_requests_of_different_lengths_match_the_local_decoder(lm_end
 
 def test_a_short_request_started_later_is_answered_before_a_long_one(lm_endpoint, local) -> None:
     url, _ = lm_endpoint
-    long_doc = {"token_ids": [3], "max_new_tokens": 95, "stream": True}
+    long_doc = {"token_ids": [3], "max_new_tokens": 600, "stream": True}
     got: dict[str, object] = {}
     first = threading.Event()
 
@@ -106,7 +106,7 @@ def test_a_short_request_started_later_is_answered_before_a_long_one(lm_endpoint
     assert isinstance(final, dict)
     assert short_at < got["done_at"], "the short request waited for the long one (request-level batching)"
     assert short["figures"]["mean_batch_rows"] >= 2  # it joined the running batch
-    want = _alone(local, {"token_ids": [3], "max_new_tokens": 95})
+    want = _alone(local, {"token_ids": [3], "max_new_tokens": 600})
     assert final["token_ids"] == want == got["streamed"] and final["finish_reason"] in ("eos", "length")
 
 
@@ -115,9 +115,9 @@ def test_bad_requests_get_400_with_the_cli_message(lm_endpoint) -> None:
     gen = f"{url}/generate"
     status, out = _generate(gen, {"prompt": "hi", "max_new_tokens": 0})
     assert status == 400 and out["error"] == "max_new_tokens: 0; give a positive number of tokens to generate"
-    status, out = _generate(gen, {"prompt": "hi", "max_new_tokens": 200})
-    assert status == 400 and out["error"].startswith("prompt: 2 tokens + max_new_tokens 200 exceed the cache (96 "
-                                                     "positions); shorten the prompt")
+    status, out = _generate(gen, {"prompt": "hi", "max_new_tokens": LONG_LENGTH})
+    assert status == 400 and out["error"].startswith(f"prompt: 2 tokens + max_new_tokens {LONG_LENGTH} exceed the "
+                                                     f"cache ({LONG_LENGTH} positions); shorten the prompt")
     status, out = _generate(gen, {"token_ids": [5, 1000], "max_new_tokens": 2})
     assert status == 400 and "outside the vocabulary" in out["error"]
     status, out = _generate(gen, {"prompt": "hi", "mode": "fast"})

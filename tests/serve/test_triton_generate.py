@@ -12,15 +12,14 @@ import time
 import numpy as np
 import pytest
 
-from tests.lm.conftest import lm_bundle, lm_dir  # noqa: F401  (the tiny Llama decoder bundle, built once)
-from tests.serve.conftest import free_port
+from tests.serve.conftest import LONG_LENGTH, free_port
 from tests.serve.triton_env import TritonServer, triton_env
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(lm_bundle, tmp_path_factory):  # noqa: F811
+def server(long_lm_bundle, tmp_path_factory):
     from click.testing import CliRunner
 
     from eecompile.cli import cli
@@ -28,7 +27,7 @@ def server(lm_bundle, tmp_path_factory):  # noqa: F811
     env = triton_env()
     tmp = tmp_path_factory.mktemp("triton_lm")
     repo = tmp / "repo"
-    result = CliRunner().invoke(cli, ["export", "triton", str(lm_bundle), "-o", str(repo), "--name", "lm",
+    result = CliRunner().invoke(cli, ["export", "triton", str(long_lm_bundle), "-o", str(repo), "--name", "lm",
                                       "--max-batch-size", "4", "--threads", "1"])
     assert result.exit_code == 0 and "decoupled" in result.output, result.output
     cfg = (repo / "lm" / "config.pbtxt").read_text()
@@ -42,10 +41,10 @@ def server(lm_bundle, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def local(lm_bundle):  # noqa: F811
+def local(long_lm_bundle):
     from eecompile.runtimes.lm import DecoderRunner
 
-    return DecoderRunner(lm_bundle, threads=1)
+    return DecoderRunner(long_lm_bundle, threads=1)
 
 
 def _inputs(grpcclient, prompt, max_new: int) -> list:  # noqa: ANN001
@@ -125,7 +124,7 @@ def test_concurrent_streams_match_the_local_decoder(server, local) -> None:
 def test_a_short_request_sent_later_finishes_first(server, local) -> None:
     s = Streams(server)
     try:
-        s.send("long", [3], 95)
+        s.send("long", [3], 600)
         first = s.events.get(timeout=60)  # the long one is decoding
         assert first[1] is None and not first[0].as_numpy("finished")[0]
         s.send("short", "abc", 3)
@@ -135,15 +134,34 @@ def test_a_short_request_sent_later_finishes_first(server, local) -> None:
     got["long"]["streamed"] = first[0].as_numpy("output_ids").tolist() + got["long"]["streamed"]
     assert got["short"]["at"] < got["long"]["at"]
     assert got["short"]["final"] == local.generate(["abc"], 3).results[0]["token_ids"]
-    assert got["long"]["final"] == local.generate([[3]], 95).results[0]["token_ids"] == got["long"]["streamed"]
+    assert got["long"]["final"] == local.generate([[3]], 600).results[0]["token_ids"] == got["long"]["streamed"]
+
+
+def test_a_cancelled_stream_frees_its_row(server) -> None:
+    """The client cancels a long request after its first tokens; a request sent next decodes alone (had the
+    long row stayed, the two would share every step)."""
+    s = Streams(server)
+    s.send("long", [3], 600)
+    first = s.events.get(timeout=60)
+    assert first[1] is None and not first[0].as_numpy("finished")[0]
+    s.client.stop_stream(cancel_requests=True)
+    s.client.close()
+    s = Streams(server)
+    try:
+        s.send("next", [4], 24)
+        got = s.collect(1)
+    finally:
+        s.close()
+    # dropped at a step boundary: at most a step or two shared with the long row, not all 24
+    assert got["next"]["result"]["figures"]["mean_batch_rows"] < 1.5, got["next"]["result"]
 
 
 def test_bad_request_gets_one_error(server) -> None:
     s = Streams(server)
     try:
-        s.send("bad", "hi", 500)
+        s.send("bad", "hi", LONG_LENGTH)
         got = s.collect(1, timeout=30)
     finally:
         s.close()
     (row,) = got.values()
-    assert "exceed the cache (96 positions)" in row["error"], row
+    assert f"exceed the cache ({LONG_LENGTH} positions)" in row["error"], row
