@@ -344,15 +344,18 @@ def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence
               help=".npz whose shapes size the symbolic non-batch dimensions of the optimisation profiles.")
 @_dim_option
 @click.option("--device", "device_id", type=click.IntRange(min=0), default=0, show_default=True, help="CUDA device index.")
+@click.option("--cache", is_flag=True,
+              help="onnxruntime: keep the engines in your cache directory, not in the bundle (which, and whose "
+                   "signature, stays unchanged); the runner finds them there.")
 @_user_errors
 def build(bundle: Path, backend: str, fp16: bool, max_batch: int, opt_batch: int | None, workspace: int,
-          timing_cache: Path | None, data: Path | None, dims: tuple[str, ...], device_id: int) -> None:
+          timing_cache: Path | None, data: Path | None, dims: tuple[str, ...], device_id: int, cache: bool) -> None:
     """Build one engine per segment for a backend."""
     from eecompile.build import build_engines
 
     report = build_engines(bundle, backend=backend, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,
                            workspace_mb=workspace, timing_cache=timing_cache, data=data,
-                           dim_sizes=_parse_dims(dims), device=device_id)
+                           dim_sizes=_parse_dims(dims), device=device_id, cache=cache)
     report.print()
 
 

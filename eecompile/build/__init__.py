@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from eecompile.build.onnxruntime import build_onnxruntime
+from eecompile.build.onnxruntime import build_onnxruntime, build_onnxruntime_cache
 from eecompile.build.parity import verify_backend
 from eecompile.build.report import BuildReport, VerifyReport, VerifyRow
 from eecompile.build.tensorrt import build_tensorrt, compute_profiles, default_timing_cache
@@ -31,8 +31,10 @@ __all__ = ["BACKENDS", "BuildReport", "VerifyReport", "VerifyRow", "build_engine
 def build_engines(bundle: str | Path, backend: str = "tensorrt", fp16: bool = False, max_batch: int = 32,
                   opt_batch: int | None = None, workspace_mb: int = 1024, timing_cache: str | Path | None = None,
                   data: str | Path | None = None, dim_sizes: Mapping[str, int | Sequence[int]] | None = None,
-                  device: int = 0) -> BuildReport:
-    """Build one engine per segment for ``backend`` and record them in the bundle (atomic update)."""
+                  device: int = 0, cache: bool = False) -> BuildReport:
+    """Build one engine per segment for ``backend`` and record them in the bundle (atomic update). ``cache``
+    (ONNX Runtime only): write them into the user's engine cache instead and leave the bundle untouched
+    (:func:`eecompile.build.onnxruntime.build_onnxruntime_cache`)."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     path = Path(bundle)
@@ -41,6 +43,9 @@ def build_engines(bundle: str | Path, backend: str = "tensorrt", fp16: bool = Fa
                            f"{opt_batch}")
     check_classifier_bundle(Bundle.load(path, verify=False), "eecompile build")
     if backend == "onnxruntime":
-        return build_onnxruntime(path, max_batch)
+        return build_onnxruntime_cache(path, max_batch) if cache else build_onnxruntime(path, max_batch)
+    if cache:
+        raise BackendError("--cache keeps ONNX Runtime CPU engines outside the bundle; TensorRT engines are "
+                           "recorded in the bundle (build them on the device that runs it)")
     return build_tensorrt(path, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch, workspace_mb=workspace_mb,
                            timing_cache=timing_cache, data=data, dim_sizes=dim_sizes, device=device)

@@ -41,6 +41,49 @@ def build_onnxruntime(path: Path, max_batch: int) -> BuildReport:
     return report
 
 
+def build_onnxruntime_cache(path: Path, max_batch: int) -> BuildReport:
+    """This machine's ORT CPU engines for the bundle at ``path``, written into the user's engine cache
+    (:func:`eecompile.runtimes.onnxruntime.engine_cache_dir`) instead of the bundle: the bundle (and its signature)
+    stays as it is, and the runner finds the engines there, checking each file's sha256 against ``records.json``.
+    The cache entry is replaced atomically. Raises BackendError as :func:`stage_cpu_engines` does."""
+    import copy
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from eecompile.bundle import Bundle, confined_path
+    from eecompile.runtimes.onnxruntime import ENGINE_CACHE_INDEX, cpu_target, engine_cache_dir
+
+    b = Bundle.load(path)  # every file's sha256 checked
+    m = copy.deepcopy(b.manifest)
+    m.engines = [d for d in m.engines if d.get("backend") != "onnxruntime"]
+    dest = engine_cache_dir(m, cpu_target())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=dest.parent) as tmp:
+        stage, out = Path(tmp) / "stage", Path(tmp) / "out"
+        for rel in m.files:  # the segments (and their external data) as the bundle holds them
+            if not rel.startswith("engines/"):
+                (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(confined_path(b.path, rel), stage / rel)
+        report = stage_cpu_engines(stage, m, max_batch)
+        records = [r.to_dict() for r in report.records]
+        (out / "engines").mkdir(parents=True)
+        for d in records:
+            for rel in (d["file"], (d["flags"].get("no_exit") or {}).get("file")):
+                if rel:
+                    os.replace(stage / rel, out / rel)
+        index = {"format": 1, "target": report.target, "bundle": str(b.path),
+                 "segments": {s.file: b.manifest.files.get(s.file) for s in m.segments}, "records": records}
+        (out / ENGINE_CACHE_INDEX).write_text(json.dumps(index, indent=1))
+        if dest.exists():
+            os.replace(dest, Path(tmp) / "old")  # the previous entry goes when the temporary directory does
+        os.replace(out, dest)
+    report.bundle = Path(path)
+    report.notes.append(f"engines kept in {dest} (outside the bundle, which is unchanged)")
+    return report
+
+
 def stage_cpu_engines(root: Path, m: Manifest, max_batch: int = 32) -> BuildReport:
     """Build this machine's ORT CPU engines for the bundle staged at ``root`` (its segment files as ``m`` names
     them): write ``engines/seg{k}.onnxruntime.{target}.onnx`` there and swap this target's records in ``m``.

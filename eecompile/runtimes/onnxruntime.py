@@ -13,6 +13,7 @@ Imports numpy and onnxruntime only (no onnx, no torch): this runs on a Jetson.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from eecompile.bundle import Bundle, SegmentInfo
+from eecompile.bundle import Bundle, SegmentInfo, sha256_file
 from eecompile.errors import BackendError, BundleError, DataError
 from eecompile.runtimes.base import SegmentBackend
 from eecompile.runtimes.records import rebuild_command
@@ -102,7 +103,9 @@ def nchwc_block_size() -> int:
     global _block_size
     if _block_size is None:
         try:
-            so = session_options(1, optimization="disable", log_severity=4)
+            # In a process whose sessions use ORT's global pools (thread_pool="shared"), every session must.
+            so = session_options(1, optimization="disable", log_severity=4,
+                                 shared_pool=_shared_pool_threads is not None)
             sess = ort.InferenceSession(_NCHWC_PROBE, so, providers=["CPUExecutionProvider"])
             x = np.zeros((1, 64, 1, 2), np.float32)
             x[0, :, 0, 1] = 1.0
@@ -289,7 +292,10 @@ class OnnxRuntimeBackend(SegmentBackend):
         self._no_exit_sess: Any = None  # its session, loaded at first use
         self._no_exit_lock = threading.Lock()
         self._exposed: list[tuple[str, ...]] = [() for _ in self.manifest.segments]  # extra outputs per segment
+        self._engine_root: Path | None = None  # engines from the user's cache (None: from the bundle)
         records = self._engine_records() if engines and not expose else None
+        if records is None and engines and not expose and self.device == "cpu":
+            records = self._cached_engine_records()
         if records is not None:
             eopts = self._session_options(shared=self._shared)
             # The graph is ORT's own optimised graph: running the optimisers again would redo the layout pass on
@@ -410,10 +416,13 @@ class OnnxRuntimeBackend(SegmentBackend):
         target = cpu_target()
         mine = {int(d["segment"]): d for d in mine_all if d.get("target") == target}
         if not mine:
+            if (engine_cache_dir(self.manifest, target) / ENGINE_CACHE_INDEX).is_file():
+                return None  # this machine's engines are in the user's cache (_cached_engine_records)
             others = sorted({str(d.get("target")) for d in mine_all})
             log.warning("%s: ONNX Runtime engines were built for %s, this machine is %s (ONNX Runtime %s); running "
-                        "the portable segments instead (slower); %s", self.bundle.path, ", ".join(others), target,
-                        ort.__version__, fix)
+                        "the portable segments instead (slower); %s, or keep the bundle as it is and build them "
+                        "into your cache with `eecompile build %s --backend onnxruntime --cache`", self.bundle.path,
+                        ", ".join(others), target, ort.__version__, fix, self.bundle.path)
             return None
         missing = [s.index for s in self.manifest.segments if s.index not in mine]
         if missing:
@@ -436,12 +445,61 @@ class OnnxRuntimeBackend(SegmentBackend):
             return None
         return [mine[s.index] for s in self.manifest.segments]
 
-    def _load_engine(self, seg: SegmentInfo, rec: dict[str, Any], opts: Any) -> Any:
-        rel = str(rec["file"])
+    def _cached_engine_records(self) -> list[dict[str, Any]] | None:
+        """This machine's ORT CPU engine records from the user's cache (:func:`engine_cache_dir`), each engine
+        file's sha256 checked against its record first; None (portable segments, with a warning when a cache entry
+        exists but does not hold) when there are none."""
+        root = engine_cache_dir(self.manifest)
+        index = root / ENGINE_CACHE_INDEX
+        if not index.is_file():
+            return None
+        fix = (f"delete {root} and build them again with `eecompile build {self.bundle.path} --backend onnxruntime "
+               f"--cache`")
+        try:
+            doc = json.loads(index.read_text())
+            recs = {int(d["segment"]): dict(d) for d in doc["records"]}
+            built_from = dict(doc["segments"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: cannot read the engine cache (%s); running the portable segments; %s", index, e, fix)
+            return None
+        files = self.manifest.files
+        if built_from != {s.file: files.get(s.file) for s in self.manifest.segments} or sorted(recs) != [
+                s.index for s in self.manifest.segments]:
+            log.warning("%s: the cached engines were built from other segments; running the portable segments; %s",
+                        root, fix)
+            return None
+        if {tuple((d.get("flags") or {}).get("disabled_optimizers") or ()) for d in recs.values()} != {
+                tuple(self.disabled_optimizers)}:
+            return None
+        for d in recs.values():
+            for rel, sha in ((d.get("file"), d.get("sha256")),
+                             (((d.get("flags") or {}).get("no_exit") or {}).get("file"),
+                              ((d.get("flags") or {}).get("no_exit") or {}).get("sha256"))):
+                if rel is None:
+                    continue
+                p = root / str(rel)
+                if (not sha or ".." in Path(str(rel)).parts or p.is_symlink() or not p.is_file()
+                        or sha256_file(p) != sha):
+                    log.warning("%s: cached engine file missing or changed (sha256 differs from its record); running "
+                                "the portable segments; %s", p, fix)
+                    return None
+        self._engine_root = root
+        log.info("%s: running the ONNX Runtime engines cached in %s", self.bundle.path, root)
+        return [recs[s.index] for s in self.manifest.segments]
+
+    def _engine_file(self, rel: str, sha: str | None) -> Path:
+        """An engine file's path, checked: in the bundle (listed, confined, sha256 as the manifest says and as the
+        record says), or in the engine cache (checked by :meth:`_cached_engine_records`)."""
+        if self._engine_root is not None:
+            return self._engine_root / rel
         path = self.bundle.verify_file(rel)  # refuses a file whose sha256 differs from the manifest's
-        if rec.get("sha256") and rec["sha256"] != self.manifest.files.get(rel):
+        if sha and sha != self.manifest.files.get(rel):
             raise BundleError(f"{path}: sha256 in the engine record differs from the manifest's; rebuild the "
                               f"engines with `eecompile build {self.bundle.path} --backend onnxruntime`")
+        return path
+
+    def _load_engine(self, seg: SegmentInfo, rec: dict[str, Any], opts: Any) -> Any:
+        path = self._engine_file(str(rec["file"]), rec.get("sha256"))
         try:
             sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         except Exception as e:
@@ -547,11 +605,8 @@ class OnnxRuntimeBackend(SegmentBackend):
         return {rename[n]: v for n, v in zip(names, outs, strict=True)}
 
     def _load_no_exit(self, info: Mapping[str, Any]) -> tuple[Any, list[str], dict[str, str]]:
-        rel = str(info["file"])
-        path = self.bundle.verify_file(rel)  # refuses a file whose sha256 differs from the manifest's
+        path = self._engine_file(str(info["file"]), info.get("sha256"))
         fix = f"rebuild the engines with `eecompile build {self.bundle.path} --backend onnxruntime`"
-        if info.get("sha256") and info["sha256"] != self.manifest.files.get(rel):
-            raise BundleError(f"{path}: sha256 in the engine record differs from the manifest's; {fix}")
         try:
             sess = ort.InferenceSession(str(path), sess_options=self._no_exit_opts, providers=self.providers)
         except Exception as e:
@@ -703,14 +758,30 @@ def with_extra_outputs(model: bytes, names: Sequence[str]) -> bytes:
     return model + _field(_MODEL_GRAPH, outputs)
 
 
+ENGINE_CACHE_INDEX = "records.json"
+"""The file of an engine cache directory that lists its engines (their records, as ``manifest.engines`` holds them)
+and the segments they were built from."""
+
+
+def _segment_digest(manifest: Any) -> str:
+    return hashlib.sha256("\n".join(f"{s.file}={manifest.files.get(s.file, '')}"
+                                     for s in manifest.segments).encode()).hexdigest()
+
+
+def engine_cache_dir(manifest: Any, target: str | None = None) -> Path:
+    """Where ORT CPU engines for a bundle's segments live when they are kept OUTSIDE the bundle (``eecompile build
+    BUNDLE --backend onnxruntime --cache``: a bundle built elsewhere, or a signed one, stays untouched): the user's
+    cache, ``ort-engines/<target>/<digest of the segments' sha256>``. The runner looks there when the bundle has no
+    engines for this machine, and checks every file's sha256 before loading it."""
+    return user_cache_dir("ort-engines", target or cpu_target(), _segment_digest(manifest)[:24])
+
+
 def default_trt_cache_dir(bundle: Bundle) -> Path:
     """Where ORT's TensorRT EP keeps the engines and timing cache it builds for ``bundle``: the user's cache
     (:func:`~eecompile.runtimes.sessions.user_cache_dir`), ``ort-trt/<key>``, the key a digest of the bundle's
     segment files (their sha256 in the manifest), so that a changed segment gets a fresh directory. Never inside
     the bundle: writing there would break its signature and its file hashes."""
-    m = bundle.manifest
-    digest = hashlib.sha256("\n".join(f"{s.file}={m.files.get(s.file, '')}" for s in m.segments).encode()).hexdigest()
-    return user_cache_dir("ort-trt", digest[:16])
+    return user_cache_dir("ort-trt", _segment_digest(bundle.manifest)[:16])
 
 
 def _fast_run(sess: Any) -> Any:

@@ -270,3 +270,34 @@ def test_encoder_engines_run_on_fused_attention(tmp_path: Path) -> None:
     assert a.all_exits is not None and b.all_exits is not None
     for ea, eb in zip(a.all_exits, b.all_exits, strict=True):
         np.testing.assert_allclose(ea["logits"], eb["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_engines_built_into_the_user_cache_leave_the_bundle_untouched(bundle: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`build --cache`: this machine's engines go to the user's cache (keyed by target and segment hashes); the
+    bundle's files and manifest stay byte for byte; the runner finds them, checks their sha256, and runs them."""
+    monkeypatch.setenv("EECOMPILE_CACHE_DIR", str(tmp_path / "cache"))
+    doc = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    doc["engines"] = []  # as if built elsewhere: no engines for this machine in the bundle
+    for f in [f for f in doc["files"] if f.startswith("engines/")]:
+        (bundle / f).unlink()
+        del doc["files"][f]
+    (bundle / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    before = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    assert EarlyExitRunner(bundle).backend.engine_target is None  # type: ignore[attr-defined]
+    res = CliRunner().invoke(cli, ["build", str(bundle), "--backend", "onnxruntime", "--cache"])
+    assert res.exit_code == 0, res.output
+    assert {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+    where = ortrt.engine_cache_dir(Bundle.load(bundle).manifest)
+    assert (where / ortrt.ENGINE_CACHE_INDEX).is_file() and tmp_path / "cache" in where.parents
+    eng = EarlyExitRunner(bundle)
+    assert eng.backend.engine_target == ortrt.cpu_target() and eng.backend.has_no_exit  # type: ignore[attr-defined]
+    x = _x(5, seed=2)
+    port = EarlyExitRunner(bundle, engines=False)
+    for thr in ([0.5] * 3, "never"):
+        np.testing.assert_allclose(eng.run(x, thresholds=thr).outputs["logits"],
+                                   port.run(x, thresholds=thr).outputs["logits"], rtol=1e-5, atol=1e-6)
+    # A changed cached file is refused (sha256 checked before loading): the portable segments run.
+    victim = next((where / "engines").glob("seg1.*"))
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    assert EarlyExitRunner(bundle).backend.engine_target is None  # type: ignore[attr-defined]
