@@ -4,6 +4,7 @@ and thresholds set from the gates' own scores so that samples leave at every exi
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,25 +54,29 @@ def mixed_inputs(n: int, seed: int = 0) -> np.ndarray:
     return (rng.standard_normal((n, 3, 32, 32)).astype(np.float32) * scale).astype(np.float32)
 
 
-@pytest.fixture(scope="session")
-def served_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Built once per test run: xdist workers share their parent directory (pytest-xdist's recipe)."""
-    pytest.importorskip("torch")
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """``build(root)`` once per test run, in a directory the xdist workers share (pytest-xdist's recipe: their
+    parent directory), under a file lock; returns what it returned (the same path for every caller)."""
     import fcntl
     import os
 
-    from torch_models import export
-
     base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "served_resnet"
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     root.mkdir(exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        bundle = root / "resnet.eebundle"
-        if not (root / "done").exists():
-            build_served_bundle(root, export("resnet", root))
-            (root / "done").write_text("ok")
-    return bundle
+        done = root / "done"
+        if not done.exists():
+            done.write_text(str(build(root)))
+    return Path(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def served_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    from torch_models import export
+
+    return built_once(tmp_path_factory, "served_resnet", lambda root: build_served_bundle(root, export("resnet", root)))
 
 
 def build_served_bundle(root: Path, model: Path) -> Path:
@@ -113,25 +118,19 @@ def long_lm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     positions: a request of a few hundred tokens decodes for long enough (hundreds of steps) that a short one
     sent after it starts can join the running batch and leave before it, whatever the machine's load."""
     pytest.importorskip("torch")
-    import fcntl
-    import os
+    return built_once(tmp_path_factory, "long_llama", build_long_lm_bundle)
 
+
+def build_long_lm_bundle(root: Path) -> Path:
     import yaml
 
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "long_llama"
-    root.mkdir(exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "done").exists():
-            from eecompile.decoder.compile import compile_decoder
-            from eecompile.models.lm import char_tokenizer, export_decoder, tiny_llama
+    from eecompile.decoder.compile import compile_decoder
+    from eecompile.models.lm import char_tokenizer, export_decoder, tiny_llama
 
-            export_decoder(tiny_llama(seed=0, layers=4, vocab=128, max_positions=LONG_LENGTH), root / "tiny.onnx")
-            char_tokenizer(root / "tokenizer.json", 128)
-            spec = {"kind": "decoder", "model": "tiny.onnx", "max_length": LONG_LENGTH, "tokenizer": "tokenizer.json",
-                    "exits": [{"after_layer": 1, "gate": {"kind": "max_prob", "threshold": 0.3}, "draft_tokens": 4}]}
-            (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-            compile_decoder(root / "spec.yaml", root / "tiny.eebundle")
-            (root / "done").write_text("ok")
+    export_decoder(tiny_llama(seed=0, layers=4, vocab=128, max_positions=LONG_LENGTH), root / "tiny.onnx")
+    char_tokenizer(root / "tokenizer.json", 128)
+    spec = {"kind": "decoder", "model": "tiny.onnx", "max_length": LONG_LENGTH, "tokenizer": "tokenizer.json",
+            "exits": [{"after_layer": 1, "gate": {"kind": "max_prob", "threshold": 0.3}, "draft_tokens": 4}]}
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    compile_decoder(root / "spec.yaml", root / "tiny.eebundle")
     return root / "tiny.eebundle"
