@@ -68,6 +68,7 @@ def describe_bundle(path: str | Path) -> dict[str, Any]:
         "outputs": [_tensor(t) for t in m.outputs],
         "end_only": list(m.end_only),  # final outputs absent for samples that leave early
         "class_axis": m.class_axis,
+        "task": m.task,
         "n_early_exits": m.n_early_exits,
         "thresholds": m.thresholds,
         "segments": segments,
@@ -99,6 +100,9 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
     src = d["source_model"]
     console.print(f"source model: {src.get('file', '?')} (sha256 {str(src.get('sha256', '?'))[:12]})")
     console.print(f"batch: {d['batch']}")
+    if d["task"] == "regression":
+        console.print("task: regression (no class axis: gates score/saturation/change/q_exit; calibrate with "
+                      "--error-budget)")
     console.print("inputs:  " + ", ".join(f"{_shape(t)} {t['dtype']}" for t in d["inputs"]))
     console.print("outputs: " + ", ".join(f"{_shape(t)} {t['dtype']}"
                                           + (" (final exit only)" if t["name"] in d["end_only"] else "")

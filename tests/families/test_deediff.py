@@ -111,6 +111,9 @@ def test_manifest_records_the_task_and_old_bundles_read_as_classification(traine
     d = m.to_dict()
     d.pop("task")  # a bundle written before the field
     assert Manifest.from_dict(d).task == "classification"
+    from eecompile.inspect import describe_bundle
+
+    assert describe_bundle(bundle)["task"] == "regression"
 
 
 def test_train_heads_distils_regression_heads_and_the_uncertainty_module(trained) -> None:
