@@ -52,6 +52,7 @@ _NO_ROWS = np.zeros(0, dtype=np.int64)  # read-only: the rows that exit when non
 _NO_ROWS.flags.writeable = False
 _THRESHOLD_CACHE_SIZE = 64  # distinct thresholds arguments a runner remembers parsed (EarlyExitRunner.resolve)
 _ARANGES: dict[int, np.ndarray] = {}
+_sum = np.add.reduce  # the ufunc itself: ndarray.sum() adds a Python layer, measurable on [1, C] exit outputs
 OnExit = Callable[[int, np.ndarray, dict[str, np.ndarray]], None]
 ExtraOutputs = Mapping[int, Sequence[str]]
 
@@ -369,18 +370,19 @@ class EarlyExitRunner:
             sizes.append(m)
             if setting is None:  # the final exit: every row still running leaves here
                 fire = None
-                rows = _arange(m) if done is None else np.flatnonzero(~done)
+                rows = _arange(m) if done is None else (~done).nonzero()[0]
             else:
                 if setting.override is None:
                     fire = self._gate_mask(outs, step, m)
                     if done is not None:
                         fire = fire & ~done
-                    rows = np.flatnonzero(fire) if fire.any() else _NO_ROWS
+                    # count_nonzero and .nonzero() are C calls; .any() and flatnonzero go through Python layers
+                    rows = fire.nonzero()[0] if np.count_nonzero(fire) else _NO_ROWS
                 elif setting.override == "never":
                     fire, rows = None, _NO_ROWS
                 else:  # "always"
                     fire = None
-                    rows = _arange(m) if done is None else np.flatnonzero(~done)
+                    rows = _arange(m) if done is None else (~done).nonzero()[0]
             host = self._host_exits(outs, step)
             if host is None:
                 deferred.append(k)
@@ -415,7 +417,7 @@ class EarlyExitRunner:
                 # Drop the rows that exited from everything later segments read (no gather when none did).
                 stay = np.ones(m, dtype=bool)
                 stay[rows] = False
-                keep = np.flatnonzero(stay)
+                keep = stay.nonzero()[0]
                 active = keep if active is None else active[keep]
                 m = keep.size
                 for name, _, axis in step.keep:
@@ -564,7 +566,7 @@ class EarlyExitRunner:
         if mask.shape != (m,):
             raise BackendError(f"segment {step.index}: gate '{step.gate}' has shape {list(mask.shape)}, "
                                f"expected [{m}] (one bool per sample); recompile the bundle")
-        return mask.astype(bool, copy=False)
+        return mask if mask.dtype == np.bool_ else mask.astype(bool)
 
     def _fire(self, outs: dict[str, Any], step: _Step, setting: GateSetting | None, m: int,
               raw: np.ndarray | None = None) -> np.ndarray:
@@ -626,7 +628,7 @@ def _count_nonfinite(host: dict[str, np.ndarray], rows: slice | np.ndarray) -> i
     """Samples (among ``rows``) with a NaN/Inf in any float exit output (batch on axis 0)."""
     bad: np.ndarray | None = None
     for a in host.values():
-        if a.dtype.kind != "f" or a.size == 0 or math.isfinite(a.sum()):
+        if a.dtype.kind != "f" or a.size == 0 or math.isfinite(_sum(a, None)):
             continue  # a finite sum means every value is finite (NaN/Inf propagate; overflow lands below)
         sel = a[rows]
         b = ~np.isfinite(sel).reshape(sel.shape[0], -1).all(axis=1)
