@@ -347,9 +347,9 @@ def _find_symbolic_axes(sess: Any, out_names: list[str], inputs: list[ir.Value],
 
 
 def _classify(f: TensorFacts, batches: tuple[int, ...]) -> None:
-    if len(batches) == 1:  # per-sample mode: nothing is ever compacted
+    if len(batches) == 1:  # per-sample mode: nothing is ever compacted; the batch of one is the first axis of 1
         shape = f.shapes[batches[0]]
-        f.batch_axis = 0 if shape and shape[0] == 1 else None
+        f.batch_axis = next((i for i, d in enumerate(shape) if d == 1), None)  # a time-major [T, 1, C]: axis 1
         return
     b0, b1 = batches[0], batches[1]
     s0, s1 = f.shapes[b0], f.shapes[b1]

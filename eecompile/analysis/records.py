@@ -117,7 +117,7 @@ def final_batch_axis(pm: PreparedModel, name: str) -> int:
     """The batch axis the probe measured on the final output ``name`` (1 for a time-major ``[T, B, C]``);
     0 in per-sample mode or where it was not measured."""
     facts = pm.probe.facts.get(name)
-    if pm.batch_mode != "dynamic" or facts is None or facts.batch_axis is None:
+    if facts is None or facts.batch_axis is None:
         return 0
     return facts.batch_axis
 
@@ -128,7 +128,9 @@ def _input_batch_axis(pm: PreparedModel, v: ir.Value) -> int | None:
     if v.shape is None or not len(v.shape):
         return None
     facts = pm.probe.facts.get(v.name or "")
-    if facts is None or pm.batch_mode != "dynamic":
+    if pm.batch_mode != "dynamic":
+        return pm.input_axes.get(v.name or "", 0)
+    if facts is None:
         return 0
     return facts.batch_axis
 

@@ -59,6 +59,29 @@ class BatchResult:
         return note
 
 
+def _sample_axes(inputs: list[ir.Value]) -> InputAxes:
+    """Per-sample mode with a fixed shape whose axis 0 is not 1 (a time-major ``[T, 1, F]`` export at batch 1):
+    each input's batch axis is its first axis of size 1 (0 where axis 0 is 1 or not fixed), None for an input
+    without one (fed as given).
+
+    Raises:
+        GraphError: no input has such an axis (no batch of one to feed samples along)."""
+    axes: InputAxes = {}
+    for v in inputs:
+        dims = list(v.shape) if v.shape is not None else []
+        if not dims:
+            axes[v.name or ""] = None if v.shape is not None else 0
+            continue
+        ones = [i for i, d in enumerate(dims) if not isinstance(d, int) or d == 1]
+        axes[v.name or ""] = 0 if 0 in ones else (ones[0] if ones else None)
+    if all(a is None for a in axes.values()):
+        shapes = {v.name: list(v.shape) if v.shape is not None else None for v in inputs}
+        raise GraphError(f"no model input has a batch axis (an axis of size 1 or a symbolic one): {shapes}; export "
+                         f"the model with a batch axis (e.g. torch.onnx.export(..., dynamic_axes={{NAME: {{0: "
+                         f"'batch'}}}}))")
+    return axes
+
+
 def _already_dynamic(inputs: list[ir.Value]) -> bool:
     """Case 1: every input has a shape and some input has a named symbolic dim, unless it is a batch-1 export
     whose only symbols are non-batch dims (every axis 0 fixed at 1: ``[1, seq]``), which is case 2."""
@@ -121,7 +144,8 @@ class BatchDynamicPass(ir.passes.InPlacePass):
                  if v.shape is None or len(v.shape) > 0}
         if {d for d in fixed.values() if isinstance(d, int)} != {1}:
             return BatchResult(model, "per_sample", rewritten=False,
-                               reason=f"inputs have no common batch axis 0 of size 1 ({fixed})", axes=axes0)
+                               reason=f"inputs have no common batch axis 0 of size 1 ({fixed})",
+                               axes=_sample_axes(inputs))
         feeds = random_inputs(inputs, 3, self.dims, seed=7, batched=[v.name or "" for v in inputs if v.shape])
         singles, single_error = _per_sample_outputs(model, feeds)
         undo = _Undo(model)

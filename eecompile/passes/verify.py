@@ -155,10 +155,13 @@ def reference_outputs(source: ir.Model, batch_sizes: list[int], per_sample: bool
     cases: list[tuple[int, dict[str, np.ndarray]]] = []
     for b in batch_sizes:
         batched = axes or None
-        if per_sample:
+        if per_sample and not axes:
             batched = {v.name or "": 0 if v.shape is not None and len(v.shape) else None for v in inputs}
+        assert batched is None or isinstance(batched, dict)
         feeds = random_inputs(inputs, b, dims, seed=100 + b, batched=batched)
-        rows = [{k: v[i:i + 1] if v.ndim else v for k, v in feeds.items()} for i in range(b)] if per_sample else [feeds]
+        along = batched or {}
+        rows = ([{k: v if along.get(k) is None else np.take(v, [i], axis=along[k]) for k, v in feeds.items()}
+                 for i in range(b)] if per_sample else [feeds])
         cases += [(b, row) for row in rows]
     sess = session_from_model(source, what="the source model")
     names = [o.name for o in sess.get_outputs()]
