@@ -61,15 +61,10 @@ def load(bundle: Any, backend: str = "onnxruntime", public_key: Any = None, **op
     (SignatureError, a BundleError, for an unsigned or altered one with ``public_key``) and BackendError when
     the backend cannot load its segments. A loop bundle (compiled from a spec with ``loop:``) gives a
     :class:`~eecompile.runtimes.loop.LoopRunner`: ``run(feeds, steps=N, thresholds=None, loop_threshold=None)``;
-    one with jump exits a :class:`~eecompile.runtimes.jumps.JumpRunner` (same ``run`` as the chain's)."""
+    one with jump exits a :class:`~eecompile.runtimes.jumps.JumpRunner` (same ``run`` as the chain's); both take
+    ``backend="tensorrt"`` for their segments."""
     if public_key is not None:
         bundle = Bundle.load(bundle.path if isinstance(bundle, Bundle) else bundle, public_key=public_key)
-    if backend == "tensorrt":
-        from eecompile.runtimes.tensorrt import TensorRTChain
-
-        return TensorRTChain(bundle, **options)  # type: ignore[return-value]
-    from eecompile.runtimes.chain import EarlyExitRunner
-
     loaded = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     if loaded.manifest.loop is not None:  # an iterative model: run(feeds, steps=N, ...) drives the loop
         from eecompile.runtimes.loop import LoopRunner
@@ -79,6 +74,12 @@ def load(bundle: Any, backend: str = "onnxruntime", public_key: Any = None, **op
         from eecompile.runtimes.jumps import JumpRunner
 
         return JumpRunner(loaded, backend=backend, **options)  # type: ignore[return-value]  # same run() shape
+    if backend == "tensorrt":
+        from eecompile.runtimes.tensorrt import TensorRTChain
+
+        return TensorRTChain(loaded, **options)
+    from eecompile.runtimes.chain import EarlyExitRunner
+
     return EarlyExitRunner(loaded, backend=backend, **options)
 
 

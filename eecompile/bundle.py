@@ -429,7 +429,7 @@ class _Schema:
             if problem:
                 raise self.fail(path, f"fed-back output '{out}' does not fit input '{inp}' ({problem})")
             fed.add(inp)
-        sources = ("step", "steps", "linspace")
+        sources = ("step", "steps", "linspace", "table")
         for i, si in enumerate(self.seq(lp.get("step_inputs") or [], "loop.step_inputs")):
             path = f"loop.step_inputs[{i}]"
             si = self.mapping(si, path)
@@ -446,6 +446,12 @@ class _Schema:
                     self.number(si[k], f"{path}.{k}")
             if si.get("offset", 0) not in (0, 1):
                 raise self.fail(f"{path}.offset", f"{_kind(si.get('offset'))} is not 0 or 1")
+            if si["source"] == "table":
+                values = self.seq(self.key(si, "values", path), f"{path}.values")
+                if not values:
+                    raise self.fail(f"{path}.values", "is empty")
+                for j, x in enumerate(values):
+                    self.number(x, f"{path}.values[{j}]")
         if lp.get("gate") is not None:
             self.gate(lp["gate"], "loop.gate", names.LOOP_GATE_KINDS)
             outs = {t["name"] for t in lp.get("outputs") or []}

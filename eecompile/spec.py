@@ -201,7 +201,7 @@ class Spec:
 LOOP_GATE_KINDS = names.LOOP_GATE_KINDS
 """Gates that end a sample's loop after a step (see :class:`LoopGateSpec`)."""
 
-STEP_SOURCES = ("step", "steps", "linspace")
+STEP_SOURCES = ("step", "steps", "linspace", "table")
 """Where the runtime takes a per-step input from (see :class:`StepInputSpec`)."""
 
 # Threshold ranges of the loop gates (inclusive); +inf is accepted as "never stop early".
@@ -216,7 +216,9 @@ class StepInputSpec:
     - ``step``: ``i`` (0-based);
     - ``steps``: ``N``;
     - ``linspace``: ``start + (end - start) * (i + offset) / N`` (``offset`` 0: the step's own time, 1: the next
-      step's), e.g. a diffusion time that goes from ``start`` at the first step to ``end`` after the last.
+      step's), e.g. a diffusion time that goes from ``start`` at the first step to ``end`` after the last;
+    - ``table``: a schedule stored in the bundle, read at the same position: ``values[round((i + offset) / N *
+      (len(values) - 1))]`` (a table of N + 1 entries is read entry by entry; another N resamples it).
 
     Integer inputs get the value rounded to the nearest integer; an input with a batch axis gets the same value
     in every row."""
@@ -226,6 +228,7 @@ class StepInputSpec:
     start: float = 0.0
     end: float = 0.0
     offset: int = 0
+    values: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -288,7 +291,7 @@ def _parse_step_input(name: str, node: _Node, path: str) -> StepInputSpec:
     if isinstance(node.value, str):
         node = _Node({"source": node}, node.line)
     m = _mapping(node, path)
-    _check_keys(node, ("source", "start", "end", "offset"), path)
+    _check_keys(node, ("source", "start", "end", "offset", "values"), path)
     if "source" not in m:
         raise SpecError(f"{_at(path, node)}: missing 'source' (one of {', '.join(STEP_SOURCES)})")
     source = _choice(m["source"], STEP_SOURCES, f"{path}.source", "step input source")
@@ -296,9 +299,17 @@ def _parse_step_input(name: str, node: _Node, path: str) -> StepInputSpec:
         for k in ("start", "end"):
             if k not in m:
                 raise SpecError(f"{_at(path, node)}: source 'linspace' needs '{k}'")
-    elif any(k in m for k in ("start", "end", "offset")):
-        raise SpecError(f"{_at(path, node)}: 'start', 'end' and 'offset' belong to source 'linspace', not "
-                        f"'{source}'")
+    elif any(k in m for k in ("start", "end")) or ("offset" in m and source != "table"):
+        raise SpecError(f"{_at(path, node)}: 'start', 'end' and 'offset' belong to source 'linspace' ('offset' to "
+                        f"'table' too), not '{source}'")
+    values: tuple[float, ...] = ()
+    if source == "table":
+        vn = m.get("values")
+        if vn is None or not isinstance(vn.value, list) or not vn.value:
+            raise SpecError(f"{_at(path, vn or node)}: source 'table' needs 'values', a non-empty list of numbers")
+        values = tuple(_number(v, f"{path}.values[{j}]") for j, v in enumerate(vn.value))
+    elif "values" in m:
+        raise SpecError(f"{_at(path + '.values', m['values'])}: 'values' belongs to source 'table', not '{source}'")
     offset = 0
     if "offset" in m:
         v = m["offset"].value
@@ -307,7 +318,7 @@ def _parse_step_input(name: str, node: _Node, path: str) -> StepInputSpec:
                             f"got {_plain(v)!r}")
         offset = int(v)
     return StepInputSpec(name, source, _number(m["start"], f"{path}.start") if "start" in m else 0.0,
-                         _number(m["end"], f"{path}.end") if "end" in m else 0.0, offset)
+                         _number(m["end"], f"{path}.end") if "end" in m else 0.0, offset, values)
 
 
 def _parse_loop_gate(node: _Node, path: str) -> LoopGateSpec:

@@ -108,7 +108,8 @@ def plan_loop(loop: LoopSpec, inputs: list[TensorInfo], outputs: list[TensorInfo
         "outputs": [asdict(t) for t in records.get("outputs", {}).values()],
         "feedback": [{"output": out, "input": inp} for out, inp in loop.feedback],
         "step_inputs": [{"input": s.input, "source": s.source,
-                         **({"start": s.start, "end": s.end, "offset": s.offset} if s.source == "linspace" else {})}
+                         **({"start": s.start, "end": s.end, "offset": s.offset} if s.source == "linspace" else {}),
+                         **({"values": list(s.values), "offset": s.offset} if s.source == "table" else {})}
                         for s in loop.inputs],
         "gate": gate,
         "commit": loop.commit,

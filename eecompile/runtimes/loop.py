@@ -10,7 +10,8 @@ step the loop gate says, per sample, that its loop ends: that sample's result is
 when the loop has one, else its fed-back outputs, and with policy ``compact`` it leaves the batch (every tensor
 of the next step is gathered to the rows still running, exactly as between segments). A sample that never
 stops ends after step N. Fed-back outputs become the next step's inputs; per-step inputs are filled from their
-source (``step``: i, ``steps``: N, ``linspace``: ``start + (end - start) * (i + offset) / N``). The weights are
+source (``step``: i, ``steps``: N, ``linspace``: ``start + (end - start) * (i + offset) / N``, ``table``: a
+schedule stored in the manifest, read at the same position). The weights are
 those of the one chain whatever N.
 
 Policies: ``compact`` (stopped samples leave; the chain inside compacts too), ``wait-all`` (the batch stays whole
@@ -76,8 +77,12 @@ def step_value(source: Mapping[str, Any], i: int, n: int) -> float:
         return float(i)
     if kind == "steps":
         return float(n)
+    position = (i + int(source.get("offset", 0))) / n  # 0 at the first step, 1 after the last
+    if kind == "table":
+        values = source["values"]
+        return float(values[int(round(position * (len(values) - 1)))])
     start, end = float(source.get("start", 0.0)), float(source.get("end", 0.0))
-    return start + (end - start) * (i + int(source.get("offset", 0))) / n
+    return start + (end - start) * position
 
 
 class LoopRunner:

@@ -105,6 +105,26 @@ def test_steps_are_chosen_at_run_time(sampler: dict) -> None:
         runner.run({"x": x}, steps=0)
 
 
+def test_a_schedule_table_in_the_bundle(sampler: dict, tmp_path: Path) -> None:
+    """The times as a table of N + 1 entries (read entry by entry at N steps, resampled at another N) give the
+    same sampler as the linspace source."""
+    n = 10
+    table = [START * (1 - j / n) for j in range(n + 1)]
+    spec = loop_spec(tmp_path, sampler["denoiser"], sampler["step"], steps=n,
+                     inputs={"t": {"source": "table", "values": table},
+                             "t_next": {"source": "table", "values": table, "offset": 1}})
+    runner = LoopRunner(eecompile.compile_model(spec, tmp_path / "table.eebundle"))
+    x, off = sampler["x"][:4], {"thresholds": "never", "loop_threshold": "never"}
+    for steps in (n, 5):
+        got = runner.run({"x": x}, steps=steps, **off).outputs["x0"]
+        want = sampler["runner"].run({"x": x}, steps=steps, **off).outputs["x0"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    bad = loop_spec(tmp_path, sampler["denoiser"], sampler["step"], name="bad.yaml",
+                    inputs={"t": {"source": "table"}, "t_next": {"source": "step"}})
+    with pytest.raises(SpecError, match=r"loop\.inputs\.t \(line \d+\): source 'table' needs 'values'"):
+        eecompile.compile_model(bad, tmp_path / "bad.eebundle")
+
+
 def test_bundle_size_does_not_depend_on_the_step_count(sampler: dict) -> None:
     d = sampler["dir"]
 
