@@ -229,7 +229,8 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
             raise BundleError(f"{b.path}: exit {s.index}'s head reads {n_in} tensors but the exit is cut at "
                               f"{s.exit.at}; list them all in the spec's `at`")
         # Batch-first views of time-major cut tensors where the compiler made them (heads read those).
-        head_inputs[s.index] = list(hs.get("inputs") or s.exit.at)[:n_in]
+        views = hs.get("inputs") or (_view_names(b, s.index, list(s.exit.at)) if s.index in files else s.exit.at)
+        head_inputs[s.index] = list(views)[:n_in]
     extra = {k: [t for t in names if t not in inputs] for k, names in head_inputs.items()}
     extra = {k: names for k, names in extra.items() if names}
     from eecompile.runtimes.chain import EarlyExitRunner
@@ -351,6 +352,18 @@ class _HeadFile:
             index = 1 if sizes[1] == per_sample and sizes[0] != per_sample else 0
             self.score = self.outputs[1 - index]
         return lambda module, xs: module(*xs)[index]
+
+
+def _view_names(bundle: Bundle, k: int, at: list[str]) -> list[str]:
+    """What exit ``k``'s head file reads for each ``at`` tensor: the tensor itself, or the compiler's batch-first
+    view ``ee{k}.head_in.{i}`` where segment ``k`` has one (a time-major cut; passes/attach_heads.py case 6)."""
+    import onnx
+
+    from eecompile.names import head_input
+
+    model = onnx.load(str(bundle.verify_file(bundle.manifest.segments[k].file)), load_external_data=False)
+    made = {o for n in model.graph.node for o in n.output}
+    return [head_input(k, i) if head_input(k, i) in made else t for i, t in enumerate(at)]
 
 
 def _load_head_file(bundle: Bundle, k: int) -> _HeadFile:

@@ -124,3 +124,23 @@ def test_verify_refuses_a_gate_that_is_not_one_bool_per_sample(lstm: Path, tmp_p
                                          r"expected \[1\] \(one bool per sample\)"):
         eecompile.compile_model(spec, tmp_path / "b.eebundle")
     assert not (tmp_path / "b.eebundle").exists()
+
+
+@pytest.mark.slow
+def test_train_heads_trains_a_head_file_on_the_batch_first_view(lstm: Path, tmp_path: Path) -> None:
+    """A head file at a time-major cut is trained on what it reads in the graph: the batch-first view."""
+    from eecompile.train import train_heads
+
+    head = onnx.load(_head_file(tmp_path / "head.onnx"))  # plus a bias (the untrained LSTM favours one class),
+    w = head.graph.initializer[0]  # and small weights: the LSTM's logits differ by ~0.1 between classes
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 0.01, w.name))
+    head.graph.node[1].output[0] = "mm"
+    head.graph.node.append(helper.make_node("Add", ["mm", "bias"], ["logits"]))
+    head.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(5, np.float32), "bias"))
+    onnx.save(head, tmp_path / "head_b.onnx")
+    b = eecompile.compile_model(_spec(tmp_path, lstm, {"file": str(tmp_path / "head_b.onnx")}), tmp_path / "b.eebundle")
+    x = np.random.default_rng(0).standard_normal((200, 6, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    (h,) = train_heads(b.path, tmp_path / "d.npz", epochs=20, quiet=True).heads
+    assert h.kind == "file" and h.agree_after > max(h.agree_before, 0.5), h
+    _check_policies(b.path, x[:9])
