@@ -72,6 +72,10 @@ def check_classifier_bundle(bundle: Bundle, command: str) -> None:
     if bundle.manifest.decoder is not None:
         raise BundleError(f"{bundle.path}: a decoder bundle (kind: decoder); {command} takes bundles compiled from "
                           f"a classifier spec: generate text with `eecompile generate {bundle.path} --prompt TEXT`")
+    if bundle.manifest.loop is not None:
+        raise BundleError(f"{bundle.path}: a loop bundle (loop: in its spec); {command} would run one step of it: "
+                          f"run the loop with eecompile.load(...).run(feeds, steps=N) or `eecompile run --steps N` "
+                          f"(eecompile.runtimes.loop.LoopRunner)")
     if bundle.manifest.jumps:
         raise BundleError(f"{bundle.path}: a bundle with jump exits (exits[].jump); {command} runs a straight chain: "
                           f"run it with eecompile.load(...) or `eecompile run` (eecompile.runtimes.jumps.JumpRunner)")

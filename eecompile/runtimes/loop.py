@@ -24,7 +24,7 @@ Imports numpy, the bundle module and the runtime's own modules only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,9 @@ class LoopRunner:
             raise BundleError(f"{self.bundle.path}: not a loop bundle (no 'loop' in the manifest); run it with "
                               f"eecompile.load(...).run")
         lp = self.loop = m.loop
-        self.chain = EarlyExitRunner(self.bundle, backend=backend, **options)
+        # The chain is one step: the segment runner sees the bundle without its loop (it refuses loop bundles, so
+        # that bench, calibrate and serve do not run one step as if it were the model).
+        self.chain = EarlyExitRunner(Bundle(self.bundle.path, replace(m, loop=None)), backend=backend, **options)
         self.default_steps = int(lp["steps"])
         self.step_inputs = list(lp.get("step_inputs") or [])
         fed_by_step = {s["input"] for s in self.step_inputs}

@@ -164,7 +164,10 @@ def test_run_cli_and_api_take_steps(sampler: dict, tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.load(tmp_path / "d.npz")["x0"], got["x0"])
     assert set(got.files) >= {"x_next", "x0", "steps"}
     from eecompile.inspect import describe_bundle
+    from eecompile.runtimes.chain import EarlyExitRunner
 
+    with pytest.raises(BundleError, match=r"a loop bundle .*would run one step of it: run the loop with"):
+        EarlyExitRunner(sampler["bundle"])  # so bench, calibrate and serve refuse it too
     loop = describe_bundle(sampler["bundle"].path)["loop"]
     assert loop["steps"] == STEPS and loop["feedback"] == [{"output": "x_next", "input": "x"}]
 
