@@ -209,3 +209,45 @@ def test_a_score_that_does_not_fit_the_task_is_refused(options: dict, task: str,
         {"at": B1, "head": {"kind": "conv", "options": options}, "gate": {"kind": "score", "threshold": 0.5}}]}
     with pytest.raises(SpecError, match=match):
         parse_spec(yaml.safe_dump(doc))
+
+
+def test_a_conv_head_on_a_coarser_map_upsamples_to_the_output(tmp_path: Path) -> None:
+    """An exit at a stride-2 feature map ([B, 16, 8, 8]) of a U-Net-like denoiser: the conv head maps it back to
+    eps [B, 3, 16, 16] (1x1 convs, bilinear upsampling), train-heads distils it, compaction holds."""
+    torch = pytest.importorskip("torch")
+    from eecompile.train import train_heads
+
+    nn = torch.nn
+    torch.manual_seed(0)
+
+    class UNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.mid = nn.Conv2d(16, 16, 3, padding=1)
+            self.out = nn.Conv2d(16, 3, 3, padding=1)
+
+        def forward(self, x, t):
+            h = torch.relu(self.down(x)) * (1 + t[:, None, None, None])
+            h = torch.relu(self.mid(h)) + h
+            return self.out(torch.nn.functional.interpolate(h, scale_factor=2.0, mode="bilinear"))
+
+    model = export(UNet(), (torch.randn(2, 3, 16, 16), torch.rand(2)), tmp_path / "unet.onnx", ["x", "t"], ["eps"])
+    doc = {"model": str(model), "final": {"output": "eps", "task": "regression"}, "exits": [
+        {"at": "/Mul_output_0", "head": {"kind": "conv", "options": {"conv_channels": 16}},
+         "gate": {"kind": "change", "threshold": 0.1}},
+        {"at": "/Add_1_output_0", "head": {"kind": "conv", "options": {"conv_channels": 16}},
+         "gate": {"kind": "change", "threshold": 0.1}}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    b = eecompile.compile_model(tmp_path / "spec.yaml", tmp_path / "b.eebundle")
+    assert b.manifest.segments[0].exit.head_spec["feature_shape"][2:] == [8, 8]
+    x, t = noisy_batch(400, seed=1)
+    np.savez(tmp_path / "train.npz", x=x, t=t)
+    report = train_heads(b.path, tmp_path / "train.npz", epochs=15, quiet=True)
+    for h in report.heads:
+        assert h.error_after < 0.75 * h.error_before, h
+    runner = eecompile.load(b.path)
+    never = runner.run({"x": x[:64], "t": t[:64]}, thresholds="never", policy="never")
+    assert never.all_exits[0]["eps"].shape == (64, 3, 16, 16)
+    assert np.isinf(never.gate_scores[0]).all()  # the first change gate has nothing to compare with
+    check_compaction(runner, {"x": x[:64], "t": t[:64]}, ["never", float(np.median(never.gate_scores[1]))], "eps")
