@@ -117,7 +117,22 @@ class JumpRunner:
         arrays, n = check_feeds(self.inputs, feeds)
         settings = iter(thr)
         per_seg = {s.index: next(settings) for s in self._segs if s.gate is not None}
-        return (self._compact if policy == "compact" else self._wait_all)(arrays, n, per_seg)
+        run = self._compact if policy == "compact" else self._wait_all
+        # Batches larger than the backend takes (engines' max batch; per_sample bundles: 1) run in chunks.
+        chunk = 1 if self.manifest.batch_mode == "per_sample" else self.backend.max_batch
+        if chunk is None or n <= chunk:
+            return run(arrays, n, per_seg)
+        parts = []
+        for lo in range(0, n, chunk):
+            rows = np.arange(lo, min(lo + chunk, n))
+            part = {t.name: (a if t.batch_axis is None else np.take(a, rows, axis=t.batch_axis))
+                    for t, a in zip(self.inputs, arrays.values(), strict=True)}
+            parts.append(run(part, len(rows), per_seg))
+        return JumpResult(
+            {name: np.concatenate([p.outputs[name] for p in parts], axis=self._out_axes[name]) for name in parts[0].outputs},
+            np.concatenate([p.exit_index for p in parts]), np.sum([p.exit_counts for p in parts], axis=0),
+            np.sum([p.timings for p in parts], axis=0), np.sum([p.nonfinite_counts for p in parts], axis=0),
+            batch_sizes=[s for p in parts for s in p.batch_sizes], jumped=np.concatenate([p.jumped for p in parts]))
 
     def _fire(self, outs: dict[str, Any], seg: _Seg, setting: Any, m: int) -> np.ndarray:
         if seg.gate is None:

@@ -105,6 +105,15 @@ def test_compact_equals_wait_all_equals_one_sample_at_a_time(mue: dict) -> None:
         one = runner.run({k: v[b:b + 1] for k, v in feeds.items()}, thresholds=thr)
         assert (one.jumped[0], one.exit_index[0]) == (compact.jumped[b], compact.exit_index[b])
         np.testing.assert_allclose(one.outputs["logits"][0], compact.outputs["logits"][b], rtol=1e-4, atol=1e-5)
+    # Chunks (an engine's max batch): the same rows, in input order.
+    runner.backend.max_batch = 5
+    try:
+        chunked = runner.run(feeds, thresholds=thr)
+    finally:
+        runner.backend.max_batch = None
+    assert len(chunked.batch_sizes) == 4 and chunked.batch_sizes[0][0] == 5
+    np.testing.assert_array_equal(chunked.jumped, compact.jumped)
+    np.testing.assert_allclose(chunked.outputs["logits"], compact.outputs["logits"], rtol=1e-4, atol=1e-5)
     # Forced: every sample jumps at the first exit, then runs the whole decoder.
     forced = runner.run(feeds, thresholds=["always", "never", "never"])
     assert (forced.jumped == 0).all() and (forced.exit_index == 4).all()
