@@ -84,11 +84,15 @@ def replace_heads(bundle_path: str | Path, heads: dict[int, onnx.ModelProto], *,
             logits, score, _ = splice_head(g, k, at, head, f"exits[{k}].head", score_name)
             if old_score is not None and score is not None:
                 old_score.replace_all_uses_with(score, replace_graph_outputs=True)
-            out_shape = [d if isinstance(d, int) else "batch" for d in (old_out.shape or [])]
+            # The exit output's own layout (a time-major [T, batch, C] keeps its batch on axis 1); the trained
+            # head gives its logits batch-first.
+            out_shape = [d if isinstance(d, int) else str(d) for d in (old_out.shape or [])]
+            if "batch" not in out_shape and out_shape:
+                out_shape[0] = "batch"
             lshape = [d if isinstance(d, int) else "batch" for d in (logits.shape or out_shape)]
             old_out.name = f"{old_out.name}.old"
             new_out = fit_exit_output(g, k, logits, lshape, out_shape, old_out.name[:-len(".old")],
-                                      f"exits[{k}].head")
+                                      f"exits[{k}].head", batch_first=True)
             old_out.replace_all_uses_with(new_out, replace_graph_outputs=True)
             TopologicalSortPass()(RemoveUnusedNodesPass()(model).model)
             save_segment(model, path)

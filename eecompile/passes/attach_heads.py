@@ -196,14 +196,24 @@ def _check_head_input(h_in: ir.Value, at: ir.Value, where: str) -> None:
 
 
 def fit_exit_output(seg: ir.Graph, k: int, logits: ir.Value, logits_shape: Sequence[int | str | None],
-                    final_shape: Sequence[int | str | None], out_name: str, where: str, tag: str = "") -> ir.Value:
+                    final_shape: Sequence[int | str | None], out_name: str, where: str, tag: str = "",
+                    batch_first: bool = False) -> ir.Value:
     """Make the exit output ``out_name`` with the final output's per-sample shape (case 4). The batch axis is
     where ``final_shape`` has ``"batch"`` (a time-major ``[T, batch, C]`` output: axis 1), else 0; the head's
-    logits have theirs at the same axis. ``tag`` tells apart the nodes made for several outputs of one exit."""
+    logits have theirs at the same axis, or at axis 0 when ``batch_first`` (head files and trained heads, which
+    read and give batch-first tensors: a Transpose moves it to the final output's axis). ``tag`` tells apart the
+    nodes made for several outputs of one exit."""
     b = batch_index(list(final_shape))
     if b and len(logits_shape) != len(final_shape):
         raise SpecError(f"{where}: the head gives shape {list(logits_shape)}, the final output {list(final_shape)} "
                         f"has its batch on axis {b}; the head must give the final output's shape")
+    if b and batch_first:  # [B, T, C] from the head -> [T, B, C] like the final output
+        perm = [*range(1, b + 1), 0, *range(b + 1, len(logits_shape))]
+        moved = ir.Value(name=f"{head_prefix(k)}batch_back{tag}", type=logits.type,
+                         shape=ir.Shape([logits_shape[i] for i in perm]))
+        seg.append(ir.node("Transpose", [logits], {"perm": perm}, outputs=[moved],
+                           name=f"{head_prefix(k)}batch_back{tag}/Transpose"))
+        logits, logits_shape = moved, [logits_shape[i] for i in perm]
     per_exit = [d for i, d in enumerate(logits_shape) if i != b]
     per_final = [d for i, d in enumerate(final_shape) if i != b]
     prefix = head_prefix(k)
@@ -354,7 +364,8 @@ class AttachHeadPass(ir.passes.InPlacePass):
             self.score = values[self.score_tensor] if self.score_tensor is not None else None
         name, act = exit_output(self.k, self.final_name), self.activation
         self.logits = fit_exit_output(g, self.k, logits, logits_shape, self.final_shape,  # case 4
-                                      exit_logits(self.k) if act else name, self.where)
+                                      exit_logits(self.k) if act else name, self.where,
+                                      batch_first=self.head is not None)
         # Case 3: the exit output is what the final output is (e.g. probabilities); the gate reads the logits.
         self.output = apply_activation(g, self.k, self.logits, act, self.final_shape, name) if act else self.logits
         g.outputs.append(self.output)
@@ -362,7 +373,7 @@ class AttachHeadPass(ir.passes.InPlacePass):
             shape: Dims = ([d if isinstance(d, int) else "batch" for d in v.shape] if v.shape is not None
                            else ["batch", *self.others[other][1:]])
             out = fit_exit_output(g, self.k, v, shape, self.others[other], exit_output(self.k, other),
-                                  f"{self.where} (output '{other}')", tag=f".{other}")
+                                  f"{self.where} (output '{other}')", tag=f".{other}", batch_first=True)
             self.other_outputs[other] = out
             g.outputs.append(out)
         return ir.passes.PassResult(model, modified=True)

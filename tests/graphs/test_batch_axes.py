@@ -335,3 +335,31 @@ def test_time_major_input_exported_at_batch_1_runs_per_sample(tmp_path: Path) ->
         assert 0 < int((r.exit_index == 0).sum()) < 6
         want = np.where((r.exit_index == 0)[:, None], aux, ref)
         np.testing.assert_allclose(r.outputs["logits"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_trained_token_head_for_a_time_major_output(tmp_path: Path) -> None:
+    """A head eecompile makes reads and gives batch-first tensors ([B, T, C]); for a time-major final output
+    ([T, B, C]) the exit moves the batch back to axis 1, before and after train-heads, so each sample's rows are
+    its own (before the fix the gate reduced over the time axis and verify refused the bundle)."""
+    from eecompile.train import train_heads
+    from tests.graphs.builders import lstm_time_major_input
+
+    lstm_time_major_input(tmp_path / "model.onnx", time_major_output=True)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "model": "model.onnx", "final": {"output": "logits", "drop": ["aux0"]},
+        "exits": [{"at": "r1", "head": {"kind": "token"}, "gate": {"kind": "max_prob", "threshold": 0.9}}]}))
+    b = eecompile.compile_model(tmp_path / "spec.yaml", tmp_path / "b.eebundle")
+    out = next(t for t in b.manifest.segments[0].outputs if t.name == "ee0.out.logits")
+    assert (out.shape, out.batch_axis) == (["time", "batch", 5], 1)
+    np.savez(tmp_path / "train.npz", **_tm_feeds(n=120, seed=1))
+    report = train_heads(b.path, tmp_path / "train.npz", epochs=30, quiet=True)
+    assert report.heads[0].train_agree > report.heads[0].agree_before
+    x = _tm_feeds(n=6, seed=3)["x"]
+    runner = eecompile.load(b.path)
+    forced = runner.run({"x": x}, thresholds="always").outputs["logits"]
+    assert forced.shape == (9, 6, 5)
+    for i in range(6):
+        one = runner.run({"x": x[:, i:i + 1]}, thresholds="always").outputs["logits"]
+        np.testing.assert_allclose(one, forced[:, i:i + 1], rtol=1e-5, atol=1e-6)
+    steps = x[..., :5].cumsum(0).argmax(-1)  # the rule the model was trained on; the head learnt it too
+    assert float((forced.argmax(-1) == steps).mean()) > 0.5
