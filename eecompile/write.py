@@ -114,7 +114,8 @@ def save_segment(model: ir.Model, path: Path, shared: SharedWeights | None = Non
     from external data and are over 64 MiB (a segment must never point back at the source model's data file).
     With ``shared`` (and the segment's ``index``), the initializers it shares with other segments are stored
     once in ``weights.bin`` beside it; a segment that also needs external data for its own weights then puts
-    them there too."""
+    them there too. Without ``shared``, references a segment already holds into ``weights.bin`` in its own folder
+    (a segment loaded, edited and saved back in place) are kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if shared:
         if shared.take(index, model, path.parent):
@@ -135,6 +136,10 @@ def save_segment(model: ir.Model, path: Path, shared: SharedWeights | None = Non
             ir.save(model, path)
             return
     inits = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    # A segment rewritten in place (replace_heads) keeps its references into weights.bin as they are.
+    refs = [v for v in inits if isinstance(v.const_value, ir.ExternalTensor)
+            and v.const_value.location == SHARED_WEIGHTS and Path(v.const_value.base_dir) == path.parent]
+    inits = [v for v in inits if v not in refs]
     size = sum(int(v.const_value.nbytes) for v in inits if v.const_value is not None)
     external = [v for v in inits if isinstance(v.const_value, ir.ExternalTensor)]
     if external and size <= INLINE_EXTERNAL_BYTES:
@@ -142,9 +147,11 @@ def save_segment(model: ir.Model, path: Path, shared: SharedWeights | None = Non
         for v in external:
             v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)  # type: ignore[union-attr]
         external = []
-    if size > EXTERNAL_DATA_BYTES or external:
+    if (size > EXTERNAL_DATA_BYTES or external) and not refs:
         ir.save(model, path, external_data=path.name + ".data")
-    else:
+    else:  # (a segment with references into weights.bin and large weights of its own keeps the latter inline)
+        for v in external:
+            v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)  # type: ignore[union-attr]
         ir.save(model, path)
 
 

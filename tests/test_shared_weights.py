@@ -89,3 +89,31 @@ def test_damaged_shared_weights_are_refused(albert: tuple[Path, Path, Path], tmp
     w.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"weights\.bin: sha256 does not match"):
         eecompile.Bundle.load(copy)
+
+
+def test_train_heads_keeps_the_shared_weights_once(tmp_path: Path) -> None:
+    """Segments rewritten by train-heads keep referencing weights.bin (they used to get their own copy each)."""
+    import yaml
+
+    from benchmarks.shared_weights import FEATURES, TOKENS
+    from eecompile.train import train_heads
+
+    model = export_albert(tmp_path / "a.onnx", width=128, layers=4)
+    exits = [{"at": layer_output(i), "head": {"kind": "linear", "options": {"pool": "first"}},
+              "gate": {"kind": "max_prob", "threshold": 0.9}} for i in (0, 2)]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"model": str(model), "exits": exits}))
+    bundle = eecompile.compile_model(tmp_path / "s.yaml", tmp_path / "b.eebundle").path
+    before = bundle_bytes(bundle, "segments")
+    x = np.random.default_rng(0).standard_normal((64, TOKENS, FEATURES)).astype(np.float32)
+    np.savez(tmp_path / "t.npz", x=x)
+    train_heads(bundle, tmp_path / "t.npz", epochs=1, quiet=True)
+    assert bundle_bytes(bundle, "segments") <= 1.02 * before
+    b = eecompile.Bundle.load(bundle)  # hashes checked
+    for seg in b.manifest.segments:
+        proto = onnx.load(str(bundle / seg.file), load_external_data=False)
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer), seg.file
+    never = eecompile.load(bundle).run({"x": x}, thresholds="never")
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(never.outputs["logits"], want, rtol=1e-4, atol=1e-4)
