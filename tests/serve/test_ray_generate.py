@@ -110,6 +110,22 @@ def test_a_short_request_started_later_is_answered_before_a_long_one(lm_endpoint
     assert final["token_ids"] == want == got["streamed"] and final["finish_reason"] in ("eos", "length")
 
 
+def test_a_client_that_closes_its_stream_frees_its_row(lm_endpoint) -> None:
+    """The client of a long streamed request disconnects after its first tokens; a request sent next decodes
+    alone (had the long row stayed, the two would share every step)."""
+    import urllib.request
+
+    url, _ = lm_endpoint
+    req = urllib.request.Request(f"{url}/generate", method="POST", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"token_ids": [3], "max_new_tokens": 600, "stream": True}).encode())
+    r = urllib.request.urlopen(req, timeout=60)
+    assert r.readline().startswith(b"data: ")
+    r.close()
+    time.sleep(0.5)  # the proxy sees the disconnect and cancels the replica's stream
+    status, out = _generate(f"{url}/generate", {"token_ids": [4], "max_new_tokens": 24})
+    assert status == 200 and out["figures"]["mean_batch_rows"] < 1.5, out["figures"]
+
+
 def test_bad_requests_get_400_with_the_cli_message(lm_endpoint) -> None:
     url, _ = lm_endpoint
     gen = f"{url}/generate"
