@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,52 @@ def run(bundle: Path, batches: list[int], tokens: int, rounds: int, threads: int
     return results
 
 
+def genai_plain(model_dir: Path, bundle: Path, batches: list[int], tokens: int, rounds: int,
+                threads: int) -> dict[str, Any]:
+    """Plain greedy decoding in onnxruntime-genai (a model built by its builder from the same weights:
+    ``python -m onnxruntime_genai.models.builder -i HF_DIR -o DIR -p fp32 -e cpu``) against eecompile's ``none``,
+    each round one right after the other; tokens/s over the generation's wall time, prefill included."""
+    import onnxruntime_genai as og
+
+    from eecompile.runtimes.lm import DecoderRunner
+
+    cfg_path = model_dir / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    model = og.Model(str(model_dir))
+    tok = og.Tokenizer(model)
+    ours = DecoderRunner(bundle, threads=threads)
+    eos = ours.eos_token_id
+
+    def genai(prompts: list[str]) -> float:
+        longest = max(len(tok.encode(p)) for p in prompts)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=longest + tokens, do_sample=False, batch_size=len(prompts))
+        t = time.perf_counter()
+        g = og.Generator(model, params)
+        g.append_tokens(tok.encode_batch(prompts))
+        while not g.is_done():
+            g.generate_next_token()
+        wall = time.perf_counter() - t
+        n = 0
+        for i in range(len(prompts)):
+            gen = list(g.get_sequence(i))[longest:]  # prompts are padded to the longest
+            n += gen.index(eos) + 1 if eos in gen else len(gen)
+        return n / wall
+
+    out: dict[str, Any] = {}
+    for b in batches:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
+        genai(prompts)
+        ours.generate(prompts, 4, batch=b)
+        pairs = [(genai(prompts), ours.generate(prompts, tokens, batch=b).tokens_per_s) for _ in range(rounds)]
+        out[str(b)] = {"genai_tokens_per_s": [a for a, _ in pairs], "none_tokens_per_s": [c for _, c in pairs],
+                       "none_over_genai": [c / a for a, c in pairs], "load_average_1min": os.getloadavg()[0]}
+        print(json.dumps({b: out[str(b)]}))
+    return out
+
+
 def write_md(res: dict[str, Any], path: Path) -> None:
     lines = ["| batch | none tok/s | speculative (calibrated) | drafting on | exit | acceptance | tokens/verify | "
              "exit agreement | ppl none / exit | r | g | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -139,7 +186,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--genai", type=Path, default=None,
+                    help="Only compare plain decoding with this onnxruntime-genai model directory.")
     args = ap.parse_args()
+    if args.genai is not None:
+        res = genai_plain(args.genai, args.bundle, args.batches, args.tokens, args.rounds, args.threads)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "lm_genai.json").write_text(json.dumps(res, indent=1))
+        return
     res = run(args.bundle, args.batches, args.tokens, args.rounds, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lm.json").write_text(json.dumps(res, indent=1))
