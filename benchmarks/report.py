@@ -116,14 +116,15 @@ def markdown(results: dict[str, Any]) -> str:
         load = fx.get("load_average", {})
         lines += [f"### Runner fixed cost: {ti['model']}, batch {ti['batch']} (load average before "
                   f"{load.get('before')}, after {load.get('after')})", "",
-                  f"Runner time outside ONNX Runtime's compiled run: **{_r(ti['runner_per_segment_us'], ' us', 1)} per "
+                  f"CPU time, ORT on one thread. Runner time outside ONNX Runtime's compiled run: "
+                  f"**{_r(ti['runner_per_segment_us'], ' us', 1)} per "
                   f"segment, {_r(ti['runner_per_call_us'], ' us', 1)} per call** (targets 20 / 50 us; "
                   f"{_ok(ti['holds'])}); chain minus unsplit: {_r(ti['hop_vs_unsplit_us'], ' us', 1)} per segment. "
                   f"Unsplit model {_r(ti['unsplit_us'], ' us', 1)}.", "",
-                  "| segments | chain us | in ORT us | outside ORT us |", "|---|---|---|---|"]
+                  "| segments | chain us (CPU) | in ORT us | outside ORT us | chain us (wall) |", "|---|---|---|---|---|"]
         for k, v in ti["chain_us"].items():
             lines.append(f"| {k.split()[0]} | {_r(v, '', 1)} | {_r(ti['ort_us'][k], '', 1)} | "
-                         f"{_r(ti['outside_ort_us'][k], '', 1)} |")
+                         f"{_r(ti['outside_ort_us'][k], '', 1)} | {_r(ti['chain_wall_us'][k], '', 1)} |")
         lines.append("")
         d = fx["digits"]
         if d.get("measured") is False:

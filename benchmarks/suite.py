@@ -384,12 +384,14 @@ def compile_cost(ctx: Context) -> dict[str, Any]:
 MLP_LAYERS = 13
 
 
-def mlp_chains(ctx: Context) -> tuple[Any, dict[str, np.ndarray], list[int], list[Any]]:
+def mlp_chains(ctx: Context, threads: int | None = None) -> tuple[Any, dict[str, np.ndarray], list[int], list[Any]]:
     """The tiny model of the fixed-cost figures: a 13-layer MLP (64 wide) and chains of it with 1..12 exits.
-    Returns (unsplit session, a batch-1 input, exit counts, one runner per count; the segments always run)."""
+    Returns (unsplit session, a batch-1 input, exit counts, one runner per count; the segments always run).
+    ``threads``: ONNX Runtime intra-op threads (default: the context's)."""
+    threads = threads or ctx.threads
     src = models.mlp(ctx.cache / "mlp13.onnx", MLP_LAYERS)
     exit_counts = [1, 2, 4] if ctx.quick else [1, 2, 4, 8, 12]
-    sess = reference_session(src, ctx.threads)
+    sess = reference_session(src, threads)
     x = {"x": np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)}
     runners = []
     for n in exit_counts:
@@ -397,7 +399,7 @@ def mlp_chains(ctx: Context) -> tuple[Any, dict[str, np.ndarray], list[int], lis
         cuts = [f"h{i}" for i in idx]
         bundle = models.compile_with_exits(src, cuts, ctx.cache / f"mlp13-{n}x.eebundle", n_classes=10, opset=17,
                                            shapes={c: ["batch", 64] for c in cuts})
-        runners.append(_runner(bundle, ctx.threads))
+        runners.append(_runner(bundle, threads))
     return sess, x, exit_counts, runners
 
 
