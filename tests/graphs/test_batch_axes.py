@@ -294,9 +294,12 @@ def test_batch_symbol_is_the_axis_whose_samples_never_mix(tmp_path: Path) -> Non
         measure_batch_symbol(load_model(mix))
 
 
-def test_time_major_input_exported_at_batch_1_runs_per_sample(tmp_path: Path) -> None:
+@pytest.mark.parametrize("time_major_output", [False, True], ids=["last-step-output", "time-major-output"])
+def test_time_major_input_exported_at_batch_1_runs_per_sample(tmp_path: Path, time_major_output: bool) -> None:
     """A static ``[T=9, 1, 6]`` export (no dynamic axes): one sample at a time, fed along axis 1 (the axis of
-    size 1), not axis 0; rows agree across policies with the model run on each sample."""
+    size 1), not axis 0; rows agree across policies with the model run on each sample. With a time-major output
+    (``[9, 1, 5]``) the batch of one is axis 1 of the output too, so the exit's gate gives one bool per sample
+    (it used to reduce over time, give shape [9], and verify called it a bug in the split)."""
     torch = pytest.importorskip("torch")
     from torch import nn
 
@@ -311,6 +314,8 @@ def test_time_major_input_exported_at_batch_1_runs_per_sample(tmp_path: Path) ->
         def forward(self, x):  # noqa: ANN001, ANN202
             r1, _ = self.rnn1(x)
             r2, _ = self.rnn2(torch.relu(r1))
+            if time_major_output:
+                return self.out(r2) * 4.0, self.aux(r1) * 4.0
             return self.out(r2[-1]) * 4.0, self.aux(r1[-1]) * 4.0
 
     torch.onnx.export(M().eval(), (torch.randn(9, 1, 6),), str(tmp_path / "model.onnx"), input_names=["x"],
@@ -322,54 +327,13 @@ def test_time_major_input_exported_at_batch_1_runs_per_sample(tmp_path: Path) ->
     b = eecompile.compile_model(tmp_path / "spec.yaml", tmp_path / "b.eebundle")
     assert b.manifest.batch_mode == "per_sample"
     assert [(t.shape, t.batch_axis) for t in b.manifest.inputs] == [([9, 1, 6], 1)]
+    row_axis = 1 if time_major_output else 0
+    assert [(t.shape, t.batch_axis) for t in b.manifest.outputs] == [([9, 1, 5] if time_major_output else [1, 5],
+                                                                      row_axis)]
     x = _tm_feeds(n=6)["x"]
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    ref, aux = (np.concatenate(p) for p in zip(*[sess.run(None, {"x": x[:, i:i + 1]}) for i in range(6)],
-                                                strict=True))
-    runner = eecompile.load(b.path)
-    probe = runner.run({"x": x}, thresholds=["never"], policy="never")
-    assert probe.gate_scores is not None
-    mixed = [float(np.median(probe.gate_scores[0]))]
-    for policy in ("compact", "wait-all", "never"):
-        r = runner.run({"x": x}, thresholds=mixed, policy=policy)
-        assert 0 < int((r.exit_index == 0).sum()) < 6
-        want = np.where((r.exit_index == 0)[:, None], aux, ref)
-        np.testing.assert_allclose(r.outputs["logits"], want, rtol=1e-5, atol=1e-6)
-
-
-def test_time_major_output_exported_at_batch_1_runs_per_sample(tmp_path: Path) -> None:
-    """A static export whose input and output are both time-major (``[9, 1, 6]`` -> ``[9, 1, 5]``): the batch of
-    one is axis 1 of the output too, so the exit's gate gives one bool per sample (it used to reduce over time,
-    give shape [9], and verify called it a bug in the split); rows agree across policies with the model."""
-    torch = pytest.importorskip("torch")
-    from torch import nn
-
-    torch.manual_seed(4)
-
-    class M(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn1, self.rnn2 = nn.LSTM(6, 12), nn.LSTM(12, 12)
-            self.out, self.aux = nn.Linear(12, 5), nn.Linear(12, 5)
-
-        def forward(self, x):  # noqa: ANN001, ANN202
-            r1, _ = self.rnn1(x)
-            r2, _ = self.rnn2(torch.relu(r1))
-            return self.out(r2) * 4.0, self.aux(r1) * 4.0
-
-    torch.onnx.export(M().eval(), (torch.randn(9, 1, 6),), str(tmp_path / "model.onnx"), input_names=["x"],
-                      output_names=["logits", "aux0"], opset_version=14, dynamo=False)
-    relu = next(n.output[0] for n in onnx.load(str(tmp_path / "model.onnx")).graph.node if n.op_type == "Relu")
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
-        "model": "model.onnx", "final": {"output": "logits"},
-        "exits": [{"at": relu, "head": {"output": "aux0"}, "gate": {"kind": "max_prob", "threshold": 0.5}}]}))
-    b = eecompile.compile_model(tmp_path / "spec.yaml", tmp_path / "b.eebundle")
-    assert b.manifest.batch_mode == "per_sample"
-    assert [(t.shape, t.batch_axis) for t in b.manifest.outputs] == [([9, 1, 5], 1)]
-    x = _tm_feeds(n=6)["x"]
-    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    ref, aux = (np.concatenate(p, axis=1) for p in zip(*[sess.run(None, {"x": x[:, i:i + 1]}) for i in range(6)],
-                                                        strict=True))
+    ref, aux = (np.concatenate(p, axis=row_axis)
+                for p in zip(*[sess.run(None, {"x": x[:, i:i + 1]}) for i in range(6)], strict=True))
     runner = eecompile.load(b.path)
     probe = runner.run({"x": x}, thresholds=["never"], policy="never")
     assert probe.gate_scores is not None and probe.gate_scores[0].shape == (6,)
@@ -377,7 +341,8 @@ def test_time_major_output_exported_at_batch_1_runs_per_sample(tmp_path: Path) -
     for policy in ("compact", "wait-all", "never"):
         r = runner.run({"x": x}, thresholds=mixed, policy=policy)
         assert 0 < int((r.exit_index == 0).sum()) < 6
-        want = np.where((r.exit_index == 0)[None, :, None], aux, ref)
+        left = r.exit_index == 0
+        want = np.where(left[None, :, None] if time_major_output else left[:, None], aux, ref)
         np.testing.assert_allclose(r.outputs["logits"], want, rtol=1e-5, atol=1e-6)
 
 
