@@ -19,6 +19,7 @@ Imports: numpy, the bundle module and the errors only (no onnx, no torch): this 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -115,7 +116,7 @@ class ResolvedThresholds:
         """True when no gate can fire (every sample runs to the final exit)."""
         return all(s.override == "never" for s in self.settings)
 
-    @property
+    @functools.cached_property
     def none_fires(self) -> bool:
         """True when no gate can fire whatever the inputs: every one is overridden to "never", or has a threshold
         that no score of its kind reaches (+inf for a gate that fires at or above its threshold on a bounded
