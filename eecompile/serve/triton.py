@@ -128,7 +128,8 @@ def chain_config(bundle: Bundle, model: str, segments: str, segment_models: list
     batched = max_batch_size > 0 and all(t.batch_axis == 0 for t in [*m.inputs, *m.outputs])
     inputs = [_tensor(t, "model input", drop_batch=batched) for t in m.inputs]
     exit_index = TensorInfo("exit_index", "int64", ["batch", 1], 0)
-    outputs = [_tensor(t, "model output", drop_batch=batched) for t in [*m.outputs, exit_index]]
+    present = [TensorInfo(f"present.{name}", "bool", ["batch", 1], 0) for name in m.end_only]  # rows it has
+    outputs = [_tensor(t, "model output", drop_batch=batched) for t in [*m.outputs, exit_index, *present]]
     params = {"segments": segments, "segment_models": json.dumps(segment_models)}
     if threads:
         params["threads"] = str(threads)

@@ -88,6 +88,7 @@ class TritonPythonModel:
             threads = int(params.get("threads", "0")) or None
             self.runner = load(bundle.path, backend="onnxruntime", **({"threads": threads} if threads else {}))
         self.outputs = [t.name for t in bundle.manifest.outputs]
+        self.end_only = list(bundle.manifest.end_only)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         if self.decoder is not None:
@@ -129,6 +130,9 @@ class TritonPythonModel:
             a = answers[i]
             tensors = [pb.Tensor(name, np.ascontiguousarray(a.outputs[name])) for name in self.outputs]
             tensors.append(pb.Tensor(EXIT_INDEX, a.exit_index.reshape(-1, 1).astype(np.int64)))
+            for name in self.end_only:  # BOOL [n, 1]: True where the sample reached the final exit (else NaN rows)
+                mask = a.present[name][0] if name in a.present else np.ones(len(a.exit_index), bool)
+                tensors.append(pb.Tensor(f"present.{name}", mask.reshape(-1, 1).astype(bool)))
             responses.append(pb.InferenceResponse(output_tensors=tensors))
         return responses
 

@@ -263,3 +263,41 @@ def test_explicit_loading_fails_only_for_the_missing_backend(env, served_bundle,
             assert f"{name}/config.pbtxt" not in log, log
         c.load_model("ee")
         assert c.is_model_ready("ee")
+
+
+def test_end_only_outputs_come_with_their_present_masks(env, tmp_path) -> None:
+    """A detector whose boxes only the final exit gives (``final.end_only``): Triton's answer has NaN rows for
+    the samples that left early and ``present.<name>`` (BOOL [B, 1]) saying which rows are real, as the local
+    runner's ``RunResult.present`` does."""
+    pytest.importorskip("torch")
+    import tritonclient.http as httpclient
+    import yaml
+
+    import eecompile
+    from tests.graphs.builders import yolo_detector
+
+    model = yolo_detector(tmp_path / "model.onnx")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "model": str(model), "final": {"output": "cls", "end_only": ["det_small", "det_big"]},
+        "exits": [{"at": "/c1/c1.1/LeakyRelu_output_0", "head": {"output": "aux0"},
+                   "gate": {"kind": "max_prob", "threshold": 0.6}}]}))
+    bundle = eecompile.compile_model(tmp_path / "spec.yaml", tmp_path / "b.eebundle").path
+    x = np.random.default_rng(4).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    with eecompile.load(bundle) as r:
+        probe = r.run({"images": x}, thresholds="never", policy="never")
+        mixed = [float(np.median(probe.gate_scores[0]))]
+        want = r.run({"images": x}, thresholds=mixed)
+    assert 0 < int(want.present["det_big"].sum()) < 6
+    repo = _export(bundle, tmp_path / "repo", "in-process")
+    with TritonServer(env, repo, _ports(), tmp_path / "triton.log") as server:
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http}")
+        inp = httpclient.InferInput("images", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        got = c.infer("ee", [inp], parameters={"thresholds": f"{mixed[0]!r}"})
+    for name in ("det_small", "det_big"):
+        mask = got.as_numpy(f"present.{name}").reshape(-1)
+        np.testing.assert_array_equal(mask, want.present[name])
+        rows = got.as_numpy(name)
+        assert np.isnan(rows[~mask]).all()
+        np.testing.assert_allclose(rows[mask], want.outputs[name][mask], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got.as_numpy("exit_index").reshape(-1), want.exit_index)
