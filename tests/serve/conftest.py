@@ -14,9 +14,20 @@ from tests.conftest import make_head, write_spec
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> tuple[int, ...]:
+    """``n`` distinct free loopback ports: every socket stays bound until all are chosen (ports picked one at
+    a time can repeat, and a server given the same port for HTTP and gRPC refuses to start)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return tuple(int(s.getsockname()[1]) for s in socks)
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +43,7 @@ def ray_serve():
     from tests.serve.client import own_descendants
 
     before = set(own_descendants())
-    metrics_port, port = free_port(), free_port()
+    metrics_port, port = free_ports(2)
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 500})
     try:

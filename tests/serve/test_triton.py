@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.serve.conftest import free_port, mixed_inputs
+from tests.serve.conftest import free_ports, mixed_inputs
 from tests.serve.triton_env import TritonServer, triton_env
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def _export(bundle: Path, out: Path, segments: str) -> Path:
 
 
 def _ports() -> tuple[int, int, int]:
-    return free_port(), free_port(), free_port()
+    return free_ports(3)
 
 
 def _check_answers(server: TritonServer, local) -> None:

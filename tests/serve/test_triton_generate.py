@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.serve.conftest import LONG_LENGTH, free_port
+from tests.serve.conftest import LONG_LENGTH, free_ports
 from tests.serve.triton_env import TritonServer, triton_env
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def server(long_lm_bundle, tmp_path_factory):
 
     parsed = text_format.Parse(cfg, model_config_pb2.ModelConfig())  # Triton's own schema
     assert parsed.model_transaction_policy.decoupled and parsed.backend == "python"
-    with TritonServer(env, repo, (free_port(), free_port(), free_port()), tmp / "triton.log") as s:
+    with TritonServer(env, repo, free_ports(3), tmp / "triton.log") as s:
         yield s
 
 
