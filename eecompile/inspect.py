@@ -74,12 +74,22 @@ def describe_bundle(path: str | Path) -> dict[str, Any]:
         "segments": segments,
         "calibration": m.calibration,
         "engines": list(m.engines),
+        "engine_cache": _engine_cache(m),  # engines kept outside the bundle for this machine, or None
         "heads": dict(m.heads),
         "notes": list(m.notes),
         "problems": problems,
         "loop": m.loop,
         "jumps": m.jumps,
     }
+
+
+def _engine_cache(manifest: Any) -> str | None:
+    """The user-cache directory holding ONNX Runtime CPU engines for this bundle's segments on this machine
+    (``eecompile build BUNDLE --cache``), or None when there is none."""
+    from eecompile.runtimes.onnxruntime import ENGINE_CACHE_INDEX, engine_cache_dir
+
+    root = engine_cache_dir(manifest)
+    return str(root) if (root / ENGINE_CACHE_INDEX).is_file() else None
 
 
 def _shape(t: dict[str, Any]) -> str:
@@ -149,8 +159,11 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
                         str(e.get("gpu_name") or "cpu"), str(e.get("file") or "-"),
                         str(e.get("sha256") or "")[:12], simple)
         console.print(eng)
-    else:
+    elif not d["engine_cache"]:
         console.print("engines: none built (ONNX Runtime runs the portable segments)")
+    if d["engine_cache"]:
+        console.print(f"engines outside the bundle (`build --cache`) for this machine: {d['engine_cache']} (used when "
+                      "the bundle has none for this machine, after their sha256 is checked)")
     for note in d["notes"]:
         console.print(f"note: {note}")
     for problem in d["problems"]:

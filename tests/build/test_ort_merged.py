@@ -22,6 +22,7 @@ import eecompile
 from eecompile.build import build_engines, ort_merged
 from eecompile.bundle import Bundle
 from eecompile.cli import cli
+from eecompile.inspect import describe_bundle
 from eecompile.runtimes import onnxruntime as ortrt
 from eecompile.runtimes.chain import EarlyExitRunner
 from eecompile.runtimes.records import engine_records
@@ -285,11 +286,16 @@ def test_engines_built_into_the_user_cache_leave_the_bundle_untouched(bundle: Pa
     (bundle / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     before = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
     assert EarlyExitRunner(bundle).backend.engine_target is None  # type: ignore[attr-defined]
+    assert describe_bundle(bundle)["engine_cache"] is None
     res = CliRunner().invoke(cli, ["build", str(bundle), "--backend", "onnxruntime", "--cache"])
     assert res.exit_code == 0, res.output
     assert {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
     where = ortrt.engine_cache_dir(Bundle.load(bundle).manifest)
     assert (where / ortrt.ENGINE_CACHE_INDEX).is_file() and tmp_path / "cache" in where.parents
+    # `inspect` says where they are instead of "none built".
+    assert describe_bundle(bundle)["engine_cache"] == str(where)
+    shown = CliRunner().invoke(cli, ["inspect", str(bundle)])
+    assert "engines outside the bundle (`build --cache`)" in shown.output and "none built" not in shown.output
     eng = EarlyExitRunner(bundle)
     assert eng.backend.engine_target == ortrt.cpu_target() and eng.backend.has_no_exit  # type: ignore[attr-defined]
     x = _x(5, seed=2)
