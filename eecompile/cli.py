@@ -598,6 +598,12 @@ def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: 
     """Generate text with a decoder bundle: plain, self-speculative (lossless) or per-token exits."""
     from eecompile.runtimes.lm import DecoderRunner
 
+    given = [f"--{name}" for name in ("temperature", "seed")
+             if click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given and not sample:
+        raise click.UsageError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to sampling: add --sample (without it decoding is "
+                               "greedy and they would be ignored).")
+
     runner = DecoderRunner(bundle, threads=threads, tokenizer=tokenizer)
     thr: Any = None
     if thresholds is not None:

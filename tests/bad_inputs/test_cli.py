@@ -64,6 +64,17 @@ def test_a_number_out_of_range_is_a_usage_error(ws: Path, argv: list[str]) -> No
     expect_usage(argv, argv[-2], "is not in the range", workspace=ws)
 
 
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--temperature", "0.5"], "--temperature only applies to sampling"),
+    (["--seed", "3"], "--seed only applies to sampling"),
+    (["--temperature", "0.5", "--seed", "3"], "--temperature and --seed only apply to sampling"),
+], ids=["temperature", "seed", "both"])
+def test_sampling_options_without_sample_are_a_usage_error(ws: Path, extra: list[str], named: str) -> None:
+    """`generate --temperature T` without --sample used to decode greedily without a word."""
+    expect_usage(["generate", ws / "b.eebundle", "--prompt", "hi", "--max-new-tokens", "3", *extra], named,
+                 "add --sample", workspace=ws)
+
+
 def test_build_with_an_impossible_batch_range(ws: Path) -> None:
     """ORT engines used to record opt > max without a word."""
     expect_error(["build", ws / "b.eebundle", "--backend", "onnxruntime", "--max-batch", "4", "--opt-batch", "8"],
