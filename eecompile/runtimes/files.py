@@ -28,7 +28,8 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
             thresholds: str | None = None, batch_size: int = 32, backend: str = "onnxruntime",
             threads: int | None = None, progress: Progress | None = None, max_input_bytes: int | None = None,
             steps: int | None = None, loop_threshold: str | None = None, **backend_options: Any) -> str:
-    """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index`` int64 [N]; for each end-only
+    """Run a bundle on an .npz and write OUT.npz (each final output + ``exit_index`` int64 [N]; with jump exits
+    ``jumped`` int64 [N] (the jump exit each sample took, -1 for none); for each end-only
     output ``present.{name}`` bool [N], False where the sample left early and its rows are NaN or 0; with policy
     ``never`` also ``exit{k}.{name}`` for every output an exit gives and ``gate_masks`` bool [K-1, N]). Returns a
     one-line summary.
@@ -80,6 +81,8 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
         with NpzBatches(data, runner.inputs, max_bytes=max_input_bytes) as dataset:
             n = len(dataset)
             counts = np.zeros(n_exits, np.int64)
+            jump_exits = {int(j["exit"]) for j in runner.manifest.jumps or ()}
+            jumped = np.zeros(n_exits, np.int64)
             writer = NpzWriter(output, n)
             try:
                 with (progress(-(-n // batch_size)) if progress is not None else nullcontext(_nothing)) as advance:
@@ -89,6 +92,9 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
                         for name, a in r.outputs.items():
                             writer.append(name, a, out_axes[name])
                         writer.append("exit_index", r.exit_index)
+                        if jump_exits:  # the jump exit each sample took (segment index), -1 for none
+                            jumped += np.bincount(r.jumped[r.jumped >= 0], minlength=n_exits)
+                            writer.append("jumped", r.jumped)
                         for name, mask in r.present.items():  # end-only outputs: which rows have a value
                             writer.append(f"present.{name}", mask)
                         if r.all_exits is not None and r.gate_masks is not None:
@@ -101,9 +107,12 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
             except BaseException:
                 writer.abort()
                 raise
-    shares = ", ".join(
-        f"{'final' if k == n_exits - 1 else f'exit {k}'} {100.0 * c / n:.1f}%" for k, c in enumerate(counts)
-    )
+    # A jump exit or a jump target (no gate) ends no sample: its share is shown as the samples that jumped.
+    ends = [k for k, e in enumerate(runner.manifest.exits)
+            if k == n_exits - 1 or (k not in jump_exits and e.gate is not None)]
+    shares = ", ".join(f"{'final' if k == n_exits - 1 else f'exit {k}'} {100.0 * counts[k] / n:.1f}%" for k in ends)
+    if jump_exits:
+        shares += "; jumped at " + ", ".join(f"exit {k} {100.0 * jumped[k] / n:.1f}%" for k in sorted(jump_exits))
     return f"{n} samples -> {output}: {shares}"
 
 

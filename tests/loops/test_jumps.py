@@ -138,6 +138,10 @@ def test_load_and_run_cli_use_the_jump_runner(mue: dict, tmp_path: Path) -> None
                                  str(tmp_path / "out.npz"), "--thresholds", "always,never,never"])
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "out.npz")["logits"].shape == (16, 6, VOCAB)
+    # Which samples jumped is in the file and the summary (they end at the decoder, so exit 0 ends none); the
+    # jump exits and the jump target are not listed as exits a sample can end at.
+    assert np.load(tmp_path / "out.npz")["jumped"].tolist() == [0] * 16
+    assert "exit 3 0.0%, final 100.0%; jumped at exit 0 100.0%, exit 1 0.0%" in r.output, r.output
 
 
 def test_a_jump_to_an_earlier_segment_is_refused(mue: dict, tmp_path: Path) -> None:
