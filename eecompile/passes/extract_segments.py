@@ -45,6 +45,13 @@ def extract_subgraph(graph: ir.Graph, inputs: list[ir.Value], outputs: list[ir.V
     used = [v for v in seg.inputs if v.uses() or v in seg.outputs]  # drop model inputs the subgraph does not read
     seg.inputs.clear()
     seg.inputs.extend(used)
+    # onnx-ir collects the initializers in a set of values (ordered by object address): put them back in the
+    # source graph's order, so a segment's bytes do not change from one process to the next.
+    rank = {name: i for i, name in enumerate(graph.initializers)}
+    inits = sorted(seg.initializers.values(), key=lambda v: (rank.get(v.name or "", len(rank)), v.name or ""))
+    seg.initializers.clear()
+    for v in inits:
+        seg.initializers.add(v)
     return seg
 
 
