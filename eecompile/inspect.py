@@ -103,10 +103,11 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
     from rich.table import Table
 
     d = describe_bundle(path)
-    console = Console()
+    # No console markup: tensor names and shapes such as "[time, B, 24]" would be read as style tags and vanish.
+    console = Console(markup=False)
     if not console.is_terminal:
-        console = Console(width=160)  # piped or captured: don't squeeze the tables into 80 columns
-    console.print(f"[bold]{d['path']}[/bold]  format v{d['format_version']}, eecompile {d['eecompile_version'] or '?'}")
+        console = Console(width=160, markup=False)  # piped or captured: don't squeeze the tables into 80 columns
+    console.print(f"{d['path']}  format v{d['format_version']}, eecompile {d['eecompile_version'] or '?'}")
     src = d["source_model"]
     console.print(f"source model: {src.get('file', '?')} (sha256 {str(src.get('sha256', '?'))[:12]})")
     console.print(f"batch: {d['batch']}")
@@ -167,7 +168,7 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
     for note in d["notes"]:
         console.print(f"note: {note}")
     for problem in d["problems"]:
-        console.print(f"[red]problem:[/red] {problem}")
+        console.print(f"problem: {problem}", style="red")
     return d
 
 

@@ -57,3 +57,17 @@ def test_print(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     print_bundle(make_bundle(tmp_path / "b.eebundle").path)
     out = capsys.readouterr().out
     assert "segments" in out and "max_prob" in out and "hT" in out and "no batch axis" in out
+
+
+def test_print_shows_shapes_that_look_like_console_markup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A symbolic dim such as `time` made "[time, B, 4]" read as a rich style tag: the shape vanished."""
+    import yaml
+
+    hm = make_bundle(tmp_path / "b.eebundle")
+    doc = yaml.safe_load((hm.path / "manifest.yaml").read_text())
+    doc["inputs"][0]["shape"] = ["time", "B", 4]
+    doc["inputs"][0]["batch_axis"] = 1
+    (hm.path / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    print_bundle(hm.path)
+    out = capsys.readouterr().out
+    assert "x [time, B, 4] float32" in out and "hT [2, B, 4]" in out, out
