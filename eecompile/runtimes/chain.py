@@ -677,4 +677,5 @@ def concat_results(parts: Sequence[RunResult], out_axes: Mapping[str, int]) -> R
         all_exits=all_exits, gate_masks=gate_masks, gate_scores=gate_scores, extra=extra,
         batch_sizes=[s for p in parts for s in p.batch_sizes],
         present={name: np.concatenate([p.present[name] for p in parts]) for name in first.present},
+        path=first.path if all(p.path == first.path for p in parts) else "chain",
     )
