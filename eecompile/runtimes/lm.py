@@ -129,6 +129,14 @@ class _Row:
         return self.n_confirmed - self.n_prompt
 
 
+
+def _seed(seed: Any) -> int | None:
+    """``seed`` for ``numpy.random.default_rng``/``SeedSequence``: None or an int >= 0, else ``DataError`` (numpy's
+    own "expected non-negative integer" named no option)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise DataError(f"seed: {seed!r}; give a non-negative integer (or none)")
+    return None if seed is None else int(seed)
+
 class DecoderRunner:
     """Generates with a decoder bundle on ONNX Runtime (CPU unless ``providers`` say otherwise).
 
@@ -478,7 +486,8 @@ class DecoderRunner:
         the same tokens); in exit mode without thresholds, use the bundle's Learn-then-Test exit thresholds
         (``eecompile.decoder.calibrate.calibrate_exit``) when it has them. This is a loop over ``open_batch(...).step()``.
 
-        Raises ``DataError`` for a bad mode, ``max_new_tokens`` < 1, an empty prompt, a token id outside the
+        Raises ``DataError`` for a bad mode, ``max_new_tokens`` < 1, a seed that is not a non-negative integer, an
+        empty prompt, a token id outside the
         vocabulary, or a prompt that with ``max_new_tokens`` does not fit the cache (``max_length``).
         """
         if isinstance(prompts, str):
@@ -487,7 +496,7 @@ class DecoderRunner:
             raise DataError(f"batch: {batch}; give a positive number of rows")
         db = self.open_batch(mode, max_batch=batch or max(len(prompts), 1), thresholds=thresholds,
                              draft_tokens=draft_tokens, exit=exit, calibrated=calibrated)
-        seeds = np.random.SeedSequence(seed).spawn(len(prompts)) if seed is not None else [None] * len(prompts)
+        seeds = np.random.SeedSequence(_seed(seed)).spawn(len(prompts)) if seed is not None else [None] * len(prompts)
         t0 = time.perf_counter()
         for i, p in enumerate(prompts):
             db._add(cast("str | Sequence[int]", p), max_new_tokens, sample=sample, temperature=temperature, rng=np.random.default_rng(seeds[i]),
@@ -801,11 +810,12 @@ class DecodeBatch:
 
         ``sample``: draw from softmax(logits / temperature) with ``numpy.random.default_rng(seed)``, else
         greedy. ``eos_token_id``: stop token (default: the bundle's). Returns the row id used in ``StepEvent``.
-        Raises ``DataError`` for ``max_new_tokens`` < 1, a temperature ≤ 0 with sampling, an empty prompt, a token
-        id outside the vocabulary, or a prompt that with ``max_new_tokens`` does not fit ``max_length``.
+        Raises ``DataError`` for ``max_new_tokens`` < 1, a temperature ≤ 0 with sampling, a seed that is not a
+        non-negative integer, an empty prompt, a token id outside the vocabulary, or a prompt that with
+        ``max_new_tokens`` does not fit ``max_length``.
         """
         return self._add(prompt_or_token_ids, max_new_tokens, sample=sample, temperature=temperature,
-                         rng=np.random.default_rng(seed), eos_token_id=eos_token_id, where="prompt")
+                         rng=np.random.default_rng(_seed(seed)), eos_token_id=eos_token_id, where="prompt")
 
     def _add(self, p: str | Sequence[int], max_new_tokens: int, *, sample: bool, temperature: float,
              rng: np.random.Generator, eos_token_id: int | None, where: str) -> int:

@@ -81,6 +81,17 @@ def test_bad_generate_options(runner: DecoderRunner, kwargs: dict, match: str) -
         runner.generate([[1, 2]], 3, **kwargs)
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, "7"])
+def test_a_seed_that_is_not_a_non_negative_integer(runner: DecoderRunner, seed: object) -> None:
+    """numpy's own error ("expected non-negative integer") was an internal error in `generate` and HTTP 500."""
+    with pytest.raises(DataError, match=r"seed: .*give a non-negative integer"):
+        runner.generate([[1, 2]], 3, sample=True, seed=seed)  # type: ignore[arg-type]
+    batch = runner.open_batch("none")
+    with pytest.raises(DataError, match=r"seed: .*give a non-negative integer"):
+        batch.add([1, 2], 3, sample=True, seed=seed)  # type: ignore[arg-type]
+    batch.close()
+
+
 def test_token_ids_outside_the_vocabulary(runner: DecoderRunner) -> None:
     with pytest.raises(DataError, match=r"prompts\[0\]: token id 128 is outside the vocabulary"):
         runner.generate([[1, 128]], 3)
