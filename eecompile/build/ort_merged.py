@@ -571,8 +571,14 @@ def _difference(name: str, ref: Any, got: Any, what: str, rtol: float) -> float:
         raise MergeRefused(f"'{name}': {what} gives shape {list(b.shape)}, the portable chain {list(a.shape)}")
     if a.size == 0 or np.asarray(ref).dtype == bool:
         return 0.0
-    scale = max(1.0, float(np.nanmax(np.abs(a))))
-    diff = float(np.nanmax(np.abs(a - b))) / scale
+    # Non-finite values (a gate score of 0/0, say) must be the same ones in both; the rest is compared to scale.
+    finite = np.isfinite(a)
+    if not (np.array_equal(finite, np.isfinite(b)) and np.array_equal(a[~finite], b[~finite], equal_nan=True)):
+        raise MergeRefused(f"'{name}': {what} gives NaN or Inf where the portable chain does not (or other ones)")
+    if not finite.any():
+        return 0.0
+    scale = max(1.0, float(np.max(np.abs(a[finite]))))
+    diff = float(np.max(np.abs(a[finite] - b[finite]))) / scale
     if not diff <= rtol:
         raise MergeRefused(f"'{name}': {what} differs from the portable chain by {diff:.2e} of its scale "
                            f"(allowed {rtol:g})")

@@ -307,3 +307,28 @@ def test_engines_built_into_the_user_cache_leave_the_bundle_untouched(bundle: Pa
     victim = next((where / "engines").glob("seg1.*"))
     victim.write_bytes(victim.read_bytes() + b"\0")
     assert EarlyExitRunner(bundle).backend.engine_target is None  # type: ignore[attr-defined]
+
+
+def test_a_gate_score_that_is_nan_in_both_chains_still_merges(tmp_path: Path) -> None:
+    """A head file of zeros makes a change gate's score 0/0 = NaN on every row, in the engines and the portable
+    chain alike; the comparison took that for a difference of NaN and built each segment on its own."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        net (float[N, 8] x) => (float[N, 8] y) <float[8, 8] w1 = {""" + ", ".join(["0.1"] * 64) + """},
+                                                float[8, 8] w2 = {""" + ", ".join(["0.2"] * 64) + """}> {
+            m = MatMul(x, w1)
+            h = Relu(m)
+            y = MatMul(h, w2)
+        }""")
+    onnx.save(model, tmp_path / "model.onnx")
+    head = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        zero (float[N, 8] f) => (float[N, 8] out) <float[8, 8] w = {""" + ", ".join(["0"] * 64) + """}> {
+            out = MatMul(f, w)
+        }""")
+    onnx.save(head, tmp_path / "head.onnx")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "model": "model.onnx", "final": {"output": "y", "task": "regression"},
+        "exits": [{"at": "h", "head": "head.onnx", "gate": {"kind": "change", "threshold": 0.1}}]}))
+    b = eecompile.compile_model(tmp_path / "spec.yaml", tmp_path / "b.eebundle", engines=True)
+    assert b.manifest.engines and all(e["flags"]["method"] == "merged" for e in b.manifest.engines), b.manifest.notes
