@@ -121,8 +121,8 @@ def measure_batch_symbol(model: ir.Model, dims: Mapping[str, int] | None = None)
     :data:`INDEPENDENCE_TOLERANCE` of the scale), i.e. samples along it never mix. A time axis fails this (an
     LSTM or a convolution over time mixes steps), so a time-major ``[T, B, F]`` input gets batch axis 1.
 
-    One candidate is taken as is (nothing to tell apart); None when the inputs have no named symbolic dim.
-    Several passing (a model that never mixes along either): a batch-like name (``batch``, ``N``, ``B``...)
+    One candidate is checked the same way (a lone symbolic dim can be a time axis: a ``[T, F]`` sequence
+    model has no batch at all); None when the inputs have no named symbolic dim. Several passing (a model that never mixes along either): a batch-like name (``batch``, ``N``, ``B``...)
     first, then the symbol on axis 0 of most inputs.
 
     Raises:
@@ -132,8 +132,6 @@ def measure_batch_symbol(model: ir.Model, dims: Mapping[str, int] | None = None)
     cands = input_symbols(inputs)
     if not cands:
         return None
-    if len(cands) == 1:
-        return BatchSymbol(cands[0], symbol_axes(inputs, cands[0]))
     from eecompile.passes.session import session_from_model
 
     sess = session_from_model(model, optimize=False, what="the model")

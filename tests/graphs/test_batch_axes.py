@@ -294,6 +294,31 @@ def test_batch_symbol_is_the_axis_whose_samples_never_mix(tmp_path: Path) -> Non
         measure_batch_symbol(load_model(mix))
 
 
+def test_a_lone_symbolic_dim_is_measured_too(tmp_path: Path) -> None:
+    """A ``[T, F]`` sequence model (no batch at all): its only symbolic dim is time, along which a cumulative
+    sum mixes steps; it used to be taken as the batch (rows compacted along time). Compile refuses it, naming
+    the dim and why; a lone dim along which samples never mix is still the batch."""
+    from eecompile.errors import GraphError
+
+    head = '<ir_version: 8, opset_import: ["" : 14]>\n'
+    seq = _model(head + """g (float[T, 4] x) => (float[T, 4] y, float[T, 4] aux) <int64 zero = {0}> {
+        h = Relu(x)
+        aux = Neg(h)
+        y = CumSum(h, zero)
+    }""", tmp_path / "seq.onnx")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"model": str(seq), "final": {"output": "y"}, "exits": [
+        {"at": "h", "head": {"output": "aux"}, "gate": {"kind": "max_prob", "threshold": 0.5}}]}))
+    with pytest.raises(GraphError, match=r"no symbolic input dim keeps samples independent \('T': .*samples mix"):
+        eecompile.compile_model(tmp_path / "spec.yaml", tmp_path / "b.eebundle")
+    assert not (tmp_path / "b.eebundle").exists()
+    from eecompile.analysis.probe import measure_batch_symbol
+    from eecompile.passes.load import load_model
+
+    rows = _model(head + """g (float[N, 4] x) => (float[N, 4] y) { y = Relu(x) }""", tmp_path / "rows.onnx")
+    sym = measure_batch_symbol(load_model(rows))
+    assert sym is not None and (sym.symbol, sym.axes, sym.rejected) == ("N", {"x": 0}, {})
+
+
 @pytest.mark.parametrize("time_major_output", [False, True], ids=["last-step-output", "time-major-output"])
 def test_time_major_input_exported_at_batch_1_runs_per_sample(tmp_path: Path, time_major_output: bool) -> None:
     """A static ``[T=9, 1, 6]`` export (no dynamic axes): one sample at a time, fed along axis 1 (the axis of
