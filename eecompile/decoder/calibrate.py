@@ -144,12 +144,7 @@ def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] =
             table[str(b)] = {"off": True, "speedup": best["speedup"], **rg}
         log.info("batch %d: %s (grid %s)", b, table[str(b)], tried)
 
-    def change(tmp: Path, manifest: Any) -> None:
-        cal = dict(manifest.decoder.get("calibration") or {})
-        cal["speculative"] = table
-        manifest.decoder["calibration"] = cal
-
-    update_bundle(bundle_path, change)
+    _write_calibration(bundle_path, "speculative", table)
     return table
 
 
@@ -232,10 +227,16 @@ def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, d
               "expected_cost": float(ev.expected_cost)}
     log.info("exit calibration: %s", record)
 
+    _write_calibration(bundle_path, "exit", record)
+    return record
+
+
+def _write_calibration(bundle_path: str | Path, mode: str, record: dict[str, Any]) -> None:
+    """Store ``record`` as the decoder bundle's calibration for ``mode`` (atomic rewrite, other modes kept)."""
+
     def change(tmp: Path, manifest: Any) -> None:
         cal = dict(manifest.decoder.get("calibration") or {})
-        cal["exit"] = record
+        cal[mode] = record
         manifest.decoder["calibration"] = cal
 
     update_bundle(bundle_path, change)
-    return record
