@@ -277,7 +277,7 @@ def markdown(res: dict[str, Any]) -> str:
                         else "-")
                 drop = _fmt(m["test_drop"], "", 4)
                 worst = "-" if m["worst_test_drop"] is None else f"{m['worst_test_drop']:.4f}"
-                why = f"; otherwise {m['not_deployed_because'][0]}" if m["not_deployed_because"] else ""
+                why = f" (not deployed: {m['not_deployed_because'][0]})" if m["not_deployed_because"] else ""
                 lines.append(f"| {name} ({d['n_pool']}) | {float(budget):g} | {method} | {m['deployed']}/"
                              f"{m['splits']}{why} | {held} | {drop} | {worst} | {_fmt(m['speedup'])} |")
     lines.append("")
