@@ -70,6 +70,8 @@ def print_report(report: BenchReport) -> None:
     lat = report.latency_ms
     c.print(f"latency per batch: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms; "
             f"throughput {report.throughput:.1f} samples/s")
+    if report.loop is not None:
+        c.print(report.loop_line())
     t = Table("exit", "name", "samples", "share")
     for e in report.exit_histogram:
         t.add_row(str(e["index"]), str(e["name"] or ""), str(e["count"]), f"{e['share']:.1%}")

@@ -453,7 +453,18 @@ class _Schema:
                 for j, x in enumerate(values):
                     self.number(x, f"{path}.values[{j}]")
         if lp.get("gate") is not None:
-            self.gate(lp["gate"], "loop.gate", names.LOOP_GATE_KINDS)
+            gate = self.mapping(lp["gate"], "loop.gate")
+            staged = gate.get("threshold")
+            if isinstance(staged, list):  # a staged threshold: one number per stage of the loop's progress
+                if not staged:
+                    raise self.fail("loop.gate.threshold", "is an empty list (a staged threshold needs a value per "
+                                                           "stage)")
+                for j, x in enumerate(staged):
+                    self.number(x, f"loop.gate.threshold[{j}]")
+                    if x != x:
+                        raise self.fail(f"loop.gate.threshold[{j}]", "is NaN")
+                gate = {**gate, "threshold": staged[0]}
+            self.gate(gate, "loop.gate", names.LOOP_GATE_KINDS)
             outs = {t["name"] for t in lp.get("outputs") or []}
             for k in ("output", "score_output"):
                 name = lp["gate"].get(k)

@@ -305,19 +305,26 @@ def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: boo
 @click.option("--error-budget", type=float, default=None,
               help="Regression outputs: a sample is wrong at an exit when its relative L2 error to the final "
                    "output exceeds this (0.05 = 5%); --max-drop bounds the fraction of such samples.")
+@click.option("--steps", type=click.IntRange(min=2), default=None,
+              help="Loop bundles: the step count to calibrate the loop gate for (written as the bundle's default).")
+@click.option("--stages", default=None,
+              help="Loop bundles: a staged profile (e.g. 7.5,5,2.5) whose scale is searched (default: the bundle's).")
 @_user_errors
 def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence: float | None,
               delta: float | None, backend: str, batch: int, plot: Path | None,
-              reference_model: Path | None, error_budget: float | None) -> None:
+              reference_model: Path | None, error_budget: float | None, steps: int | None,
+              stages: str | None) -> None:
     """Choose thresholds for an accuracy budget, from latencies measured on the backend.
 
     Exits with status 1, leaving the bundle as it was, when no setting meets the budget at the confidence
     asked for; the report then says how many calibration samples the budget needs."""
     from eecompile.calibrate import calibrate_bundle
+    from eecompile.runtimes.loop import parse_loop_threshold
 
     report = calibrate_bundle(bundle, data, max_drop=max_drop, method=method, confidence=confidence, delta=delta,
                               backend=backend, batch_size=batch, plot=plot, reference_model=reference_model,
-                              error_budget=error_budget)
+                              error_budget=error_budget, steps=steps,
+                              stages=parse_loop_threshold(stages, "--stages", staged=True))
     report.print()
     if not report.deployed:
         need = report.samples_needed_best or report.samples_needed
@@ -395,7 +402,8 @@ def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> 
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Loop bundles: the number of loop steps (default: the bundle's loop.steps).")
 @click.option("--loop-threshold", default=None,
-              help="Loop bundles: the loop gate's threshold, 'never' (run every step) or 'always'.")
+              help="Loop bundles: the loop gate's threshold, comma-separated stage thresholds (e.g. 7.5,5,2.5), "
+                   "'never' (run every step) or 'always'.")
 @_public_key_option
 @_user_errors
 def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | None, batch: int, backend: str,

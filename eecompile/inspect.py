@@ -143,7 +143,7 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
                       + ", ".join(f"{f['output']} -> {f['input']}" for f in lp["feedback"])
                       + "; per step: " + (", ".join(f"{s['input']} ({s['source']})" for s in lp.get("step_inputs") or [])
                                           or "-")
-                      + (f"; gate {gate['kind']} {_threshold(gate['threshold'], gate['kind'])}" if gate else "; no gate")
+                      + (f"; gate {gate['kind']} {_loop_threshold(gate)}" if gate else "; no gate")
                       + (f"; commit {lp['commit']}" if lp.get("commit") else ""))
 
     if d["calibration"]:
@@ -178,6 +178,14 @@ def _threshold(value: float, kind: str) -> str:
         fires_above = kind != "entropy"
         return "never" if (value > 0) == fires_above else "always"
     return f"{value:.4g}"
+
+
+def _loop_threshold(gate: dict[str, Any]) -> str:
+    """A loop gate's threshold; a staged one as ``[early, ..., late] (staged)``."""
+    t = gate["threshold"]
+    if isinstance(t, list):
+        return "[" + ", ".join(_threshold(v, gate["kind"]) for v in t) + "] (staged)"
+    return _threshold(t, gate["kind"])
 
 
 def _print_calibration(console: Any, cal: dict[str, Any]) -> None:

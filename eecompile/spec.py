@@ -243,10 +243,12 @@ class LoopGateSpec:
       names the step output) <= t: the sampler has converged. t >= 0.
     - ``score``: a step output (``output``, [B] or [B, 1]) that is itself the stopping score >= t.
 
-    NaN scores never stop a sample."""
+    NaN scores never stop a sample. ``threshold``: one number for every step, or a tuple of S numbers, a *staged*
+    threshold (Prophet's: a stricter one early in decoding, a looser one late): step i of N uses stage
+    ``min(S - 1, i * S // N)`` (the steps split evenly into S stages; :func:`eecompile.runtimes.loop.stage_of`)."""
 
     kind: str
-    threshold: float
+    threshold: float | tuple[float, ...]
     logits: str | None = None
     tokens: str | None = None
     mask_id: int | None = None
@@ -329,8 +331,18 @@ def _parse_loop_gate(node: _Node, path: str) -> LoopGateSpec:
     kind = _choice(m["kind"], LOOP_GATE_KINDS, f"{path}.kind", "loop gate kind")
     if "threshold" not in m:
         raise SpecError(f"{_at(path, node)}: missing 'threshold'")
-    thr = _number(m["threshold"], f"{path}.threshold")
-    check_loop_threshold(kind, thr, _at(f"{path}.threshold", m["threshold"]))
+    thr: float | tuple[float, ...]
+    tn = m["threshold"]
+    if isinstance(tn.value, list):  # a staged threshold: one value per stage of the loop's progress
+        if not tn.value:
+            raise SpecError(f"{_at(f'{path}.threshold', tn)}: a staged threshold needs at least one value "
+                            f"(e.g. [7.5, 5.0, 2.5]: early, middle and late steps)")
+        thr = tuple(_number(v, f"{path}.threshold[{j}]") for j, v in enumerate(tn.value))
+        for j, (v, vn) in enumerate(zip(thr, tn.value, strict=True)):
+            check_loop_threshold(kind, v, _at(f"{path}.threshold[{j}]", vn))
+    else:
+        thr = _number(tn, f"{path}.threshold")
+        check_loop_threshold(kind, thr, _at(f"{path}.threshold", tn))
     needs = {"logit_gap": ("logits", "tokens", "mask_id"), "change": ("of",), "score": ("output",)}[kind]
     for k in needs:
         if k not in m:

@@ -113,7 +113,8 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
                      batch_size: int = 1, plot: str | Path | None = None, repeats: int = 100,
                      threads: int | None = None, reference_model: str | Path | None = None, seed: int = 0,
                      quiet: bool = False, costs: Sequence[float] | None = None,
-                     error_budget: float | None = None) -> CalibrationReport:
+                     error_budget: float | None = None, steps: int | None = None,
+                     stages: Sequence[float] | None = None) -> CalibrationReport:
     """Choose every early exit's threshold for an accuracy budget and write them into the bundle.
 
     ``data``: an .npz with the model inputs (N samples) and optionally ``labels`` (class indices; without
@@ -134,6 +135,9 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     relative L2 error from the final output (:func:`collect_exit_table`); ``max_drop`` then bounds the fraction
     of such samples, through the same search or LTT. Labels are ignored. Required for a regression bundle
     (``final.task: regression``, recorded as ``manifest.task``): a budget on agreement means nothing there.
+
+    A loop bundle (``manifest.loop``) gets its loop gate's threshold instead, for a budget against all N steps
+    (``steps``: N; ``stages``: a staged profile to scale): :func:`eecompile.calibrate.loop.calibrate_loop`.
 
     Returns a :class:`CalibrationReport`. When no setting that lets samples exit meets the budget at this
     confidence, nothing is written (the bundle keeps its thresholds), ``report.deployed`` is False and the
@@ -156,6 +160,15 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
         plot = check_plot_path(plot, data)
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     m = b.manifest
+    if m.loop is not None or steps is not None or stages is not None:  # the loop gate (eecompile.calibrate.loop)
+        from eecompile.calibrate.loop import calibrate_loop
+
+        if m.loop is None:
+            raise CalibrationError(f"{b.path}: --steps and --stages are for loop bundles (compiled from a spec with "
+                                   f"'loop:'); this bundle runs its chain once")
+        return calibrate_loop(b, data, max_drop=max_drop, confidence=conf, method=method, backend=backend,
+                              batch_size=batch_size, repeats=repeats, threads=threads, seed=seed,
+                              error_budget=error_budget, steps=steps, stages=stages, plot=plot, costs=costs)
     check_classifier_bundle(b, "eecompile calibrate")
     if len(m.segments) < 2:
         raise CalibrationError(f"{b.path}: the bundle has no early exit; nothing to calibrate")

@@ -100,11 +100,15 @@ class CalibrationReport:
         out.extend(f"note: {note}" for note in self.notes)
         return out
 
-    def print(self) -> None:
-        """Print the table of exits and the conclusions (rich when installed, plain text otherwise)."""
+    def columns(self) -> tuple[str, ...]:
+        """The headers of the printed table (one row per exit)."""
         what = ("within error budget" if self.error_budget is not None
                 else "accuracy" if self.reference == "labels" else "agreement w/ final")
-        cols = ("exit", "gate", "threshold", "share exiting", f"{what} of those exiting", "cumulative ms")
+        return ("exit", "gate", "threshold", "share exiting", f"{what} of those exiting", "cumulative ms")
+
+    def print(self) -> None:
+        """Print the table of exits and the conclusions (rich when installed, plain text otherwise)."""
+        cols = self.columns()
         rows = []
         for e in self.exits:
             acc = "-" if e["accuracy"] is None else f"{e['accuracy']:.4f}"

@@ -99,7 +99,8 @@ def plan_loop(loop: LoopSpec, inputs: list[TensorInfo], outputs: list[TensorInfo
         results.append(produced[loop.commit])
     gate = None
     if loop.gate is not None:
-        gate = {"kind": loop.gate.kind, "threshold": float(loop.gate.threshold), "output": LOOP_GATE,
+        gate = {"kind": loop.gate.kind, "threshold": (float(loop.gate.threshold) if isinstance(loop.gate.threshold, (int, float))
+                                                 else [float(v) for v in loop.gate.threshold]), "output": LOOP_GATE,
                 "threshold_input": LOOP_THRESHOLD, "score_output": LOOP_SCORE}
     record = {
         "steps": loop.steps,

@@ -179,6 +179,20 @@ class BenchReport:
     reference: str  # the reference the headline speedup uses
     speedup: dict[str, float | int]  # chain vs ``reference``: median, min, max, rounds
     notes: list[str] = field(default_factory=list)
+    loop: dict[str, Any] | None = None
+    """Loop bundles: ``steps`` (N), ``mean_steps``, ``step_histogram`` (samples stopping after each step),
+    ``loop_threshold``; the exit histogram then counts sample-steps (eecompile.runtimes.loop_bench)."""
+
+    def loop_line(self) -> str | None:
+        """The loop's line of the report (None for a bundle without a loop)."""
+        if self.loop is None:
+            return None
+        lp, n = self.loop, max(self.n_samples, 1)
+        t = lp["loop_threshold"]
+        shown = ("none" if t is None else "[" + ", ".join(f"{v:.4g}" for v in t) + "] (staged)" if isinstance(t, list)
+                 else f"{t:.4g}")
+        return (f"loop: {lp['mean_steps']:.2f} of {lp['steps']} steps on average, {lp['step_histogram'][-1] / n:.1%} "
+                f"ran every step (loop threshold {shown})")
 
     def to_json(self) -> dict[str, Any]:
         """The report as plain JSON types (the keys ``eecompile bench --json`` prints)."""
@@ -191,6 +205,7 @@ class BenchReport:
                f"{self.repeats} rounds",
                f"latency per batch: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms; "
                f"throughput {self.throughput:.1f} samples/s"]
+        out += [line for line in [self.loop_line()] if line]
         out += [f"exit {e['index']} {e['name'] or ''}: {e['count']} samples ({e['share']:.1%})"
                 for e in self.exit_histogram]
         for r in self.references:
@@ -231,6 +246,11 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
         raise DataError(f"--repeats must be >= 1, got {repeats}")
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     m = b.manifest
+    if m.loop is not None:  # the loop with its gate against all N steps (eecompile.runtimes.loop_bench)
+        from eecompile.runtimes.loop_bench import bench_loop
+
+        return bench_loop(b, data, batch_size=batch_size, backend=backend, repeats=repeats, threads=threads,
+                          max_batches=max_batches, thresholds=thresholds, warmup=warmup)
     n_threads = threads or default_threads()
     options: dict[str, Any] = {"threads": n_threads} if backend == "onnxruntime" else {}
     runner = _load_runner(b, backend, options)

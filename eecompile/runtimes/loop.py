@@ -16,8 +16,13 @@ those of the one chain whatever N.
 
 Policies: ``compact`` (stopped samples leave; the chain inside compacts too), ``wait-all`` (the batch stays whole
 until every sample has stopped; results are taken at each sample's own stop; the chain runs wait-all), ``never``
-(every sample runs N steps; the loop gate is recorded per step in ``gate_scores``/``gate_masks``; results as
-``compact`` would give them). The step graph runs on ONNX Runtime (CPU); the chain on the runner's backend.
+(every sample runs N steps; the loop gate is recorded per step in ``gate_scores``/``gate_masks`` and every step's
+results in ``all_steps``, as calibration needs them; results as ``compact`` would give them). The step graph runs on
+ONNX Runtime (CPU); the chain on the runner's backend.
+
+The loop gate's threshold is one number, or a *staged* threshold: S numbers, step i of N comparing with stage
+:func:`stage_of` ``(i, N, S)`` (the steps split evenly into S stages: Prophet's stricter threshold early in
+decoding and looser one late, Li et al. 2025), fed per step as the step graph's threshold input.
 Imports numpy, the bundle module and the runtime's own modules only.
 """
 
@@ -41,7 +46,10 @@ from eecompile.runtimes.base import (
 )
 from eecompile.runtimes.chain import EarlyExitRunner, SegmentBackend
 
-__all__ = ["LoopResult", "LoopRunner", "run_loop_npz", "step_value"]
+__all__ = ["LoopResult", "LoopRunner", "parse_loop_threshold", "run_loop_npz", "stage_of", "step_value"]
+
+LoopThreshold = Threshold | Sequence[float]
+"""A loop gate setting: a number, ``"never"``, ``"always"``, or a staged threshold (one number per stage)."""
 
 
 @dataclass
@@ -63,6 +71,9 @@ class LoopResult:
     """Policy ``never``: bool [N, B], the loop gate's own decision after each step."""
     gate_scores: np.ndarray | None = None
     """Policy ``never``: float32 [N, B], the loop gate's score after each step."""
+    all_steps: list[dict[str, np.ndarray]] | None = None
+    """Policy ``never``: per step, the results (``manifest.loop.results``, every sample, input order) a sample
+    stopping after that step would return."""
 
     @property
     def n_samples(self) -> int:
@@ -83,6 +94,27 @@ def step_value(source: Mapping[str, Any], i: int, n: int) -> float:
         return float(values[int(round(position * (len(values) - 1)))])
     start, end = float(source.get("start", 0.0)), float(source.get("end", 0.0))
     return start + (end - start) * position
+
+
+def stage_of(i: int, n: int, stages: int) -> int:
+    """The stage of step ``i`` (0-based) of ``n`` under a staged threshold of ``stages`` values:
+    ``min(stages - 1, i * stages // n)``, i.e. the steps split evenly (the first ``n / stages`` steps take stage 0).
+    With ``stages`` > ``n`` the later stages are not reached."""
+    return min(stages - 1, i * stages // n)
+
+
+def parse_loop_threshold(text: str | None, option: str = "--loop-threshold", staged: bool = False
+                         ) -> LoopThreshold | None:
+    """``--loop-threshold`` as text: ``"never"``, ``"always"``, a number, or comma-separated numbers (a staged
+    threshold, ``"7.5,5,2.5"``; always a list with ``staged``). Values are checked later, per gate kind; raises
+    :class:`DataError` naming ``option`` for a list holding something other than numbers."""
+    if text is None or ("," not in text and not staged):
+        return text
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise DataError(f"{option} {text!r}: a staged threshold is comma-separated numbers, one per stage "
+                        f"(e.g. 7.5,5,2.5)") from None
 
 
 class LoopRunner:
@@ -144,21 +176,49 @@ class LoopRunner:
             self._session_inputs = [i.name for i in self._session.get_inputs()]
 
     # --- arguments ------------------------------------------------------------------------------------
-    def _loop_setting(self, loop_threshold: Threshold | None) -> tuple[float, str | None]:
+    @property
+    def loop_threshold(self) -> list[float] | None:
+        """The bundle's loop gate threshold as stages (one value: the same at every step); None without a gate."""
+        if self.gate is None:
+            return None
+        t = self.gate["threshold"]
+        return [float(v) for v in t] if isinstance(t, list) else [float(t)]
+
+    def _loop_setting(self, loop_threshold: LoopThreshold | None) -> tuple[tuple[float, ...], str | None]:
+        """The stage values fed as the gate's threshold, and the override (None, ``never``, ``always``)."""
         if self.gate is None:
             if loop_threshold not in (None, "never"):
                 raise DataError("loop_threshold: this loop has no gate (every sample runs every step); leave it "
                                 "unset")
-            return 0.0, "never"
+            return (0.0,), "never"
+        bundle_values = tuple(self.loop_threshold or ())
         if loop_threshold is None:
-            return float(self.gate["threshold"]), None
-        if loop_threshold in ("never", "always"):
-            return float(self.gate["threshold"]), str(loop_threshold)
-        try:
-            v = float(loop_threshold)
-        except (TypeError, ValueError):
-            raise DataError(f"loop_threshold: {loop_threshold!r} is neither a number nor 'never'/'always'") from None
-        return check_threshold(self.gate["kind"], v, "loop_threshold"), None
+            return bundle_values, None
+        if isinstance(loop_threshold, str) and loop_threshold in ("never", "always"):
+            return bundle_values, loop_threshold
+        staged = isinstance(loop_threshold, (list, tuple, np.ndarray))
+        values = list(loop_threshold) if staged else [loop_threshold]  # type: ignore[list-item]
+        if not values:
+            raise DataError("loop_threshold: a staged threshold needs at least one value (one per stage)")
+        out = []
+        for j, v in enumerate(values):
+            where = f"loop_threshold[{j}]" if staged else "loop_threshold"
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: {v!r} is neither a number nor 'never'/'always'") from None
+            out.append(check_threshold(self.gate["kind"], f, where))
+        return tuple(out), None
+
+    def refuse_step_inputs(self, names: Sequence[str], where: str) -> None:
+        """Raise :class:`DataError` when ``names`` (a call's feeds, a data file's arrays) hold a per-step input:
+        the runtime fills it at every step from its source, so a value given with the data would be ignored."""
+        for s in self.step_inputs:
+            if s["input"] in names:
+                raise DataError(f"{where}: '{s['input']}' is a per-step input of the loop (loop.inputs."
+                                f"{s['input']}, source '{s['source']}'): the runtime fills it at every step, so the "
+                                f"value given would be ignored; leave it out (give only "
+                                f"{', '.join(repr(t.name) for t in self.inputs)}) or change its source in the spec")
 
     def _steps(self, steps: int | None) -> int:
         n = self.default_steps if steps is None else steps
@@ -178,23 +238,27 @@ class LoopRunner:
     # --- running --------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray], steps: int | None = None,
             thresholds: None | Threshold | Sequence[Threshold | None] | ResolvedThresholds = None,
-            loop_threshold: Threshold | None = None, policy: str = "compact") -> LoopResult:
+            loop_threshold: LoopThreshold | None = None, policy: str = "compact") -> LoopResult:
         """Run the loop on one batch.
 
         ``feeds``: the inputs of :attr:`inputs` (the model inputs not fed per step; a fed-back input gets its
         first step's value, e.g. the initial noise or the all-mask sequence). ``steps``: N (default: the
         manifest's ``loop.steps``). ``thresholds``: the chain's layer exits, as
         :meth:`EarlyExitRunner.run` takes them (the same at every step). ``loop_threshold``: None (the bundle's),
-        a number, ``"never"`` (no sample stops before step N) or ``"always"`` (every sample stops after step 1).
+        a number, a staged threshold (a sequence of S numbers; step i compares with stage :func:`stage_of`),
+        ``"never"`` (no sample stops before step N) or ``"always"`` (every sample stops after step 1).
         ``policy``: ``compact``, ``wait-all`` or ``never`` (see the module docstring).
 
-        Returns a :class:`LoopResult`. Raises :class:`DataError` (feeds, steps, loop_threshold),
+        Returns a :class:`LoopResult`. Raises :class:`DataError` (feeds, a per-step input among them, steps,
+        loop_threshold),
         :class:`~eecompile.errors.ThresholdError` (thresholds), :class:`SpecError` (policy),
         :class:`BackendError` (a session failed)."""
         check_policy(policy)
         n_steps = self._steps(steps)
         thr = self.chain.resolve(thresholds)
-        value, override = self._loop_setting(loop_threshold)
+        values, override = self._loop_setting(loop_threshold)
+        if isinstance(feeds, Mapping):
+            self.refuse_step_inputs(list(feeds), "feeds")
         state, b = check_feeds(self.inputs, feeds)
         state = dict(state)
         k_all = self.chain.n_exits
@@ -209,6 +273,7 @@ class LoopRunner:
         masks = np.zeros((n_steps, b), dtype=bool) if record else None
         scores = np.full((n_steps, b), np.nan, dtype=np.float32) if record else None
         results: dict[str, np.ndarray] = {}
+        all_steps: list[dict[str, np.ndarray]] | None = [] if record else None
         sizes: list[int] = []
         for i in range(n_steps):
             m = len(active) if compact else b
@@ -219,7 +284,9 @@ class LoopRunner:
             chain_out, counts = self._run_chain(chain_feeds, thr, inner)
             tensors: dict[str, np.ndarray] = {**chain_feeds, **per_step, **chain_out}
             exit_counts[i] = counts if counts is not None else m
-            fire = self._run_step_graph(tensors, value, m)
+            fire = self._run_step_graph(tensors, values[stage_of(i, n_steps, len(values))], m)
+            if all_steps is not None:
+                all_steps.append({t.name: np.array(tensors[t.name]) for t in self.results})
             if record and fire is not None:
                 assert masks is not None and scores is not None
                 masks[i] = fire
@@ -249,7 +316,8 @@ class LoopRunner:
                 state = {name: (a if self._axis.get(name) is None else np.take(a, keep, axis=self._axis[name]))
                          for name, a in state.items()}
         outputs = {t.name: results[t.name] for t in self.results}
-        return LoopResult(outputs, taken, step_counts, exit_counts, sizes, gate_masks=masks, gate_scores=scores)
+        return LoopResult(outputs, taken, step_counts, exit_counts, sizes, gate_masks=masks, gate_scores=scores,
+                          all_steps=all_steps)
 
     def _run_chain(self, feeds: dict[str, np.ndarray], thr: ResolvedThresholds, policy: str
                    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -316,11 +384,12 @@ def run_loop_npz(bundle: Bundle, data: str | Path, output: str | Path, policy: s
                  loop_threshold: str | None = None, **options: Any) -> str:
     """``eecompile run`` on a loop bundle: OUT.npz holds each of ``manifest.loop.results`` (one row per sample)
     and ``steps`` (int64 [N], the steps each sample ran); batch by batch, written atomically. ``loop_threshold``:
-    a number, ``never`` or ``always`` (text, as the CLI gives it). Returns the one-line summary. Raises what
-    :meth:`LoopRunner.run` and :class:`~eecompile.runtimes.data.NpzBatches` raise."""
+    a number, comma-separated numbers (staged), ``never`` or ``always`` (text, as the CLI gives it). Returns the
+    one-line summary. Raises what :meth:`LoopRunner.run` and :class:`~eecompile.runtimes.data.NpzBatches` raise,
+    and :class:`DataError` when the file holds an array named after a per-step input."""
     from contextlib import nullcontext
 
-    from eecompile.runtimes.data import NpzBatches, NpzWriter
+    from eecompile.runtimes.data import NpzWriter
     from eecompile.runtimes.files import parse_threshold_list
 
     output = Path(output)
@@ -328,7 +397,8 @@ def run_loop_npz(bundle: Bundle, data: str | Path, output: str | Path, policy: s
         thr = runner.chain.resolve(None) if thresholds is None else runner.chain.resolve(
             parse_threshold_list(thresholds))
         n_steps = runner._steps(steps)
-        with NpzBatches(data, runner.inputs, max_bytes=max_input_bytes) as dataset:
+        setting = parse_loop_threshold(loop_threshold)
+        with open_loop_data(runner, data, max_input_bytes) as dataset:
             n = len(dataset)
             taken = np.zeros(n_steps + 1, dtype=np.int64)
             writer = NpzWriter(output, n)
@@ -336,7 +406,7 @@ def run_loop_npz(bundle: Bundle, data: str | Path, output: str | Path, policy: s
                 ctx = progress(-(-n // batch_size)) if progress is not None else nullcontext(lambda: None)
                 with ctx as advance:
                     for feeds in dataset.batches(batch_size):
-                        r = runner.run(feeds, steps=n_steps, thresholds=thr, loop_threshold=loop_threshold,
+                        r = runner.run(feeds, steps=n_steps, thresholds=thr, loop_threshold=setting,
                                        policy=policy)
                         for t in runner.results:
                             writer.append(t.name, r.outputs[t.name], t.batch_axis or 0)
@@ -350,3 +420,15 @@ def run_loop_npz(bundle: Bundle, data: str | Path, output: str | Path, policy: s
     mean = float((np.arange(n_steps + 1) * taken).sum()) / max(n, 1)
     return (f"{n} samples -> {output}: {mean:.2f} of {n_steps} steps on average, "
             f"{100.0 * taken[n_steps] / max(n, 1):.1f}% ran every step")
+
+
+def open_loop_data(runner: LoopRunner, data: str | Path, max_input_bytes: int | None = None) -> Any:
+    """The loop inputs of an .npz, batch by batch (:class:`~eecompile.runtimes.data.NpzBatches` over
+    :attr:`LoopRunner.inputs`). Raises :class:`DataError` for a missing input (naming it) and for an array named
+    after a per-step input (:meth:`LoopRunner.refuse_step_inputs`), which would otherwise be ignored."""
+    from eecompile.runtimes.data import NpzBatches, open_npz
+
+    zf, members = open_npz(data, runner.inputs)
+    zf.close()
+    runner.refuse_step_inputs(list(members), str(data))
+    return NpzBatches(data, runner.inputs, max_bytes=max_input_bytes)

@@ -4,6 +4,7 @@
   in-model exit after its first block (``eps1`` with DeeDiff's uncertainty score ``conf1``), and
   :func:`export_ddim_step`: the deterministic DDIM update (Song et al. 2021, eta = 0) on a cosine schedule
   (alpha_bar(t) = cos(pi t / 2)^2, Nichol & Dhariwal 2021), ``x_next, x0 = step(x, eps, t, t_next)``.
+- :func:`export_halve`: ``y = 0.5 x + 1`` in ONNX text, a loop on the chain's own output.
 - :func:`export_masked_lm`: a bidirectional transformer over tokens ``[B, T]`` giving ``logits [B, T, V]`` (a
   masked diffusion LM's denoiser), and :func:`export_unmask_step`: one step of its sampler (the ``per_step``
   most confident masked positions take their argmax; ``committed`` fills every masked position at once,
@@ -108,6 +109,21 @@ def ddim_reference(denoiser: Path, step: Path, x: np.ndarray, n: int, threshold:
                 break
             xb = x_next
     return out, steps
+
+
+def export_halve(path: Path) -> Path:
+    """x[N, 4] -> y = 0.5 x + 1 (fed back as x, it converges to 2): a loop that needs no step graph."""
+    import onnx
+
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        halve (float[N, 4] x) => (float[N, 4] y) <float[4, 4] w = {0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5},
+                                                 float[4] b = {1, 1, 1, 1}> {
+            h = MatMul(x, w)
+            y = Add(h, b)
+        }""")
+    onnx.save(model, path)
+    return path
 
 
 def export_masked_lm(path: Path) -> Path:

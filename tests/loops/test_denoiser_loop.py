@@ -13,7 +13,7 @@ import yaml
 import eecompile
 from eecompile.errors import BundleError, DataError, SpecError
 from eecompile.runtimes.loop import LoopRunner
-from tests.loops.models import B1, ddim_reference, export_ddim_step, export_denoiser
+from tests.loops.models import B1, ddim_reference, export_ddim_step, export_denoiser, export_halve
 
 STEPS = 20  # the default step count; run(steps=N) chooses another
 START = 0.98
@@ -233,16 +233,7 @@ def test_bad_loop_specs_name_the_yaml_path(sampler: dict, tmp_path: Path, change
 def test_a_loop_without_a_step_graph_or_a_gate(tmp_path: Path) -> None:
     """The chain's own output fed back (y = 0.5 x + 1 converges to 2); with a change gate the graph holds only the
     gate; without one, every sample runs N steps and the bundle has no step graph."""
-    import onnx
-
-    model = onnx.parser.parse_model("""
-        <ir_version: 8, opset_import: ["" : 17]>
-        halve (float[N, 4] x) => (float[N, 4] y) <float[4, 4] w = {0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5},
-                                                 float[4] b = {1, 1, 1, 1}> {
-            h = MatMul(x, w)
-            y = Add(h, b)
-        }""")
-    onnx.save(model, tmp_path / "halve.onnx")
+    export_halve(tmp_path / "halve.onnx")
     doc = {"model": str(tmp_path / "halve.onnx"), "loop": {"steps": 30, "feedback": {"y": "x"},
                                                              "gate": {"kind": "change", "of": "y", "threshold": 1e-3}}}
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(doc))

@@ -49,9 +49,10 @@ def _gap(logits: np.ndarray, masked: np.ndarray, reduce: str) -> float:
     return float(gaps.mean() if reduce == "mean" else gaps.min())
 
 
-def reference(lm: Path, step: Path, tokens: np.ndarray, threshold: float, reduce: str = "mean"
+def reference(lm: Path, step: Path, tokens: np.ndarray, threshold: float | list[float], reduce: str = "mean"
               ) -> tuple[np.ndarray, np.ndarray, list[list[float]]]:
-    """Prophet written out by hand on the unsplit LM, one sample at a time: (results, steps, scores per sample)."""
+    """Prophet written out by hand on the unsplit LM, one sample at a time: (results, steps, scores per sample).
+    ``threshold``: one for every step, or a list with each step's own."""
     import onnxruntime as ort
 
     lm_s = ort.InferenceSession(str(lm), providers=["CPUExecutionProvider"])
@@ -65,7 +66,7 @@ def reference(lm: Path, step: Path, tokens: np.ndarray, threshold: float, reduce
             nxt, committed = st_s.run(None, {"tokens": t, "logits": logits})
             gap = _gap(logits[0], t[0] == MASK, reduce)
             scores[-1].append(gap)
-            if gap >= threshold or i == STEPS - 1:
+            if gap >= (threshold[i] if isinstance(threshold, list) else threshold) or i == STEPS - 1:
                 out[b], steps[b] = committed[0], i + 1
                 break
             t = nxt
