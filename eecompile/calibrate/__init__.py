@@ -168,7 +168,8 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
                                    f"'loop:'); this bundle runs its chain once")
         return calibrate_loop(b, data, max_drop=max_drop, confidence=conf, method=method, backend=backend,
                               batch_size=batch_size, repeats=repeats, threads=threads, seed=seed,
-                              error_budget=error_budget, steps=steps, stages=stages, plot=plot, costs=costs)
+                              error_budget=error_budget, steps=steps, stages=stages, plot=plot, costs=costs,
+                              reference_model=reference_model)
     check_classifier_bundle(b, "eecompile calibrate")
     if len(m.segments) < 2:
         raise CalibrationError(f"{b.path}: the bundle has no early exit; nothing to calibrate")

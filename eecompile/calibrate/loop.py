@@ -151,7 +151,8 @@ def calibrate_loop(bundle: Bundle, data: str | Path, *, max_drop: float, confide
                    backend: str = "onnxruntime", batch_size: int = 1, repeats: int = 100, threads: int | None = None,
                    seed: int = 0, error_budget: float | None = None, steps: int | None = None,
                    stages: Sequence[float] | None = None, costs: Sequence[float] | None = None,
-                   plot: Path | None = None, collect_batch: int = 64) -> LoopCalibrationReport:
+                   plot: Path | None = None, collect_batch: int = 64,
+                   reference_model: str | Path | None = None) -> LoopCalibrationReport:
     """Choose a loop bundle's gate threshold for a quality budget and write it into the bundle (see the module
     docstring); :func:`eecompile.calibrate.calibrate_bundle` calls it for a loop bundle, after checking the budget,
     confidence, method and batch.
@@ -161,13 +162,17 @@ def calibrate_loop(bundle: Bundle, data: str | Path, *, max_drop: float, confide
     over ``error_budget`` (relative L2, float results). ``steps``: N (default: the bundle's ``loop.steps``; when
     given it is written as the bundle's new default, the threshold being chosen for it). ``stages``: a staged
     profile to scale (default: the bundle's staged threshold, if it has one). ``costs``: seconds per step (N
-    values) instead of measuring. The thresholds of layer exits inside the step are kept as they are.
+    values) instead of measuring. The thresholds of layer exits inside the step are kept as they are. A
+    ``reference_model`` (the unsplit model to time) is refused: the loop is timed against itself at N steps.
 
     Returns a :class:`LoopCalibrationReport`; when nothing meets the budget at ``confidence`` the bundle is left as
     it was and ``report.deployed`` is False. Raises CalibrationError (a loop without a gate, N < 2, float results
     without ``error_budget``, an error budget on integer results, a profile that is not positive, too few samples
     for ltt, ``costs`` of the wrong length), DataError (a missing loop input, an array named after a per-step
     input, unusable data) and what :class:`LoopRunner` raises."""
+    if reference_model is not None:
+        raise CalibrationError(f"--reference-model {reference_model}: a loop bundle's speedup is against its own loop "
+                               f"run for all N steps (the unsplit model is one step of it); leave the option out")
     options: dict[str, Any] = {"threads": threads} if threads and backend == "onnxruntime" else {}
     with LoopRunner(bundle, backend=backend, **options) as runner:
         if runner.gate is None:

@@ -167,7 +167,7 @@ def test_run_cli_and_api_take_steps(sampler: dict, tmp_path: Path) -> None:
     from eecompile.runtimes.chain import EarlyExitRunner
 
     with pytest.raises(BundleError, match=r"a loop bundle .*would run one step of it: run the loop with"):
-        EarlyExitRunner(sampler["bundle"])  # so bench, calibrate and serve refuse it too
+        EarlyExitRunner(sampler["bundle"])  # so serve refuses it too (run, bench and calibrate drive the loop)
     loop = describe_bundle(sampler["bundle"].path)["loop"]
     assert loop["steps"] == STEPS and loop["feedback"] == [{"output": "x_next", "input": "x"}]
 

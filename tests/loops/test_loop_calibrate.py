@@ -100,6 +100,8 @@ def test_calibrate_prophet_scales_its_staged_threshold_and_holds_the_budget(buil
     assert m.loop is not None and m.loop["gate"]["threshold"] == pytest.approx(report.loop_threshold)
     runner = LoopRunner(bundle)
     tokens = built["tokens"][built["n"] // 2:]
+    # The stage thresholds written (float32 in the step graph) decide as the search did on the calibration half.
+    assert runner.run({"tokens": built["tokens"][: built["n"] // 2]}).steps.mean() == pytest.approx(report.mean_steps)
     got, full = runner.run({"tokens": tokens}), runner.run({"tokens": tokens}, loop_threshold="never")
     differ = int((got.outputs["committed"] != full.outputs["committed"]).any(axis=1).sum())
     low, _ = clopper_pearson_interval(differ, len(tokens), 0.95)
@@ -163,6 +165,18 @@ def test_calibrate_refuses_bad_loop_input_with_one_clear_error(built: dict, tmp_
         calibrate_bundle(prophet, d / "tok_cal.npz", max_drop=0.1, steps=1, costs=[1e-3])
     with pytest.raises(CalibrationError, match=r"costs has 3 entries; it needs one per step \(5\)"):
         calibrate_bundle(prophet, d / "tok_cal.npz", max_drop=0.1, costs=[1e-3] * 3)
+    with pytest.raises(CalibrationError, match=r"--reference-model m\.onnx: a loop bundle's speedup is against its own"):
+        calibrate_bundle(prophet, d / "tok_cal.npz", max_drop=0.1, reference_model="m.onnx")
+
+
+def test_loop_options_on_a_bundle_without_a_loop_are_refused(built: dict, tmp_path: Path) -> None:
+    doc = yaml.safe_load(loop_spec(tmp_path, built["dir"] / "denoiser.onnx", built["dir"] / "ddim.onnx").read_text())
+    del doc["loop"]
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(doc))
+    bundle = eecompile.compile_model(tmp_path / "plain.yaml", tmp_path / "plain.eebundle")
+    np.savez(tmp_path / "in.npz", x=built["x"][:8], t=np.zeros(8, np.float32))
+    with pytest.raises(CalibrationError, match=r"--steps and --stages are for loop bundles"):
+        calibrate_bundle(bundle.path, tmp_path / "in.npz", max_drop=0.1, error_budget=0.05, steps=5)
 
 
 def test_calibrate_refuses_a_loop_without_a_gate(tmp_path: Path) -> None:
