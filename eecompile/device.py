@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", choices=POLICIES, default="compact")
     r.add_argument("--thresholds", default=None, help="per early exit: a number, 'never' or 'always' (0.9,never)")
     r.add_argument("--steps", type=int, default=None, help="loop bundles: the number of loop steps")
-    r.add_argument("--loop-threshold", default=None, help="loop bundles: the loop gate's threshold, 'never' or 'always'")
+    r.add_argument("--loop-threshold", default=None, help="loop bundles: the loop gate's threshold (comma-separated: staged), 'never' or 'always'")
 
     b = sub.add_parser("bench", help="latency, throughput, exit histogram, speedup against the unsplit model")
     common(b, 1)

@@ -220,6 +220,7 @@ def calibrate_loop(bundle: Bundle, data: str | Path, *, max_drop: float, confide
                 start += r.n_samples
                 first = first if first is not None else feeds
         table = loop_table(scores, correct, above, profile)
+        cum: np.ndarray
         if costs is not None:
             c = np.asarray(costs, np.float64)
             if c.shape != (n_steps,):

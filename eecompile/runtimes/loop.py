@@ -138,7 +138,7 @@ class LoopRunner:
         self.chain = EarlyExitRunner(Bundle(self.bundle.path, replace(m, loop=None)), backend=backend, **options)
         self.default_steps = int(lp["steps"])
         self.step_inputs = list(lp.get("step_inputs") or [])
-        fed_by_step = {s["input"] for s in self.step_inputs}
+        fed_by_step = self._fed_by_step = {s["input"] for s in self.step_inputs}
         self.feedback = [(p["output"], p["input"]) for p in lp["feedback"]]
         self.inputs: list[TensorInfo] = [t for t in m.inputs if t.name not in fed_by_step]
         """The inputs a caller gives: model inputs not fed per step (fed-back inputs take their first value)."""
@@ -197,7 +197,8 @@ class LoopRunner:
         if isinstance(loop_threshold, str) and loop_threshold in ("never", "always"):
             return bundle_values, loop_threshold
         staged = isinstance(loop_threshold, (list, tuple, np.ndarray))
-        values = list(loop_threshold) if staged else [loop_threshold]  # type: ignore[list-item]
+        values: list[Any] = list(loop_threshold) if isinstance(loop_threshold, (list, tuple, np.ndarray)) else [
+            loop_threshold]
         if not values:
             raise DataError("loop_threshold: a staged threshold needs at least one value (one per stage)")
         out = []
@@ -250,14 +251,13 @@ class LoopRunner:
         ``policy``: ``compact``, ``wait-all`` or ``never`` (see the module docstring).
 
         Returns a :class:`LoopResult`. Raises :class:`DataError` (feeds, a per-step input among them, steps,
-        loop_threshold),
-        :class:`~eecompile.errors.ThresholdError` (thresholds), :class:`SpecError` (policy),
+        loop_threshold), :class:`~eecompile.errors.ThresholdError` (thresholds), :class:`SpecError` (policy),
         :class:`BackendError` (a session failed)."""
         check_policy(policy)
         n_steps = self._steps(steps)
         thr = self.chain.resolve(thresholds)
         values, override = self._loop_setting(loop_threshold)
-        if isinstance(feeds, Mapping):
+        if isinstance(feeds, Mapping) and not self._fed_by_step.isdisjoint(feeds):
             self.refuse_step_inputs(list(feeds), "feeds")
         state, b = check_feeds(self.inputs, feeds)
         state = dict(state)

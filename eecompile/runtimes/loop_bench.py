@@ -54,7 +54,7 @@ def bench_loop(bundle: Bundle, data: str | Path, *, batch_size: int = 1, backend
     with LoopRunner(bundle, backend=backend, **options) as runner:
         n_steps = runner.default_steps
         with open_loop_data(runner, data) as dataset:
-            batches = []
+            batches: list[dict[str, np.ndarray]] = []
             for f in dataset.batches(batch_size):
                 if len(batches) == max_batches:
                     notes.append(f"timed the first {max_batches} batches of {-(-len(dataset) // batch_size)}")
@@ -104,7 +104,7 @@ def bench_loop(bundle: Bundle, data: str | Path, *, batch_size: int = 1, backend
         loop_samples.clear()
         timed = paired_blocks(fns, calls=1, rounds=repeats, warmup=0)
     wall = timed["loop"].wall
-    references = [{"name": name, "description": descriptions[name],
+    references: list[dict[str, Any]] = [{"name": name, "description": descriptions[name],
                    "latency_ms_p50": statistics.median(timed[name].wall) * 1e3 / len(batches),
                    "speedup": ratio_stats(timed[name].wall, wall)} for name in fns if name != "loop"]
     return BenchReport(
