@@ -116,8 +116,9 @@ def test_calibrate_cli_measures_the_loop_and_writes_the_step_count(built: dict, 
 
     bundle, d = _copy(built, "prophet", tmp_path), built["dir"]
     r = CliRunner().invoke(cli, ["calibrate", str(bundle), "--data", str(d / "tok_cal.npz"), "--max-drop", "0.2",
-                                 "--steps", "4", "--stages", "3,1"])
+                                 "--steps", "4", "--stages", "3,1", "--plot", str(tmp_path / "loop.png")])
     assert r.exit_code == 0, r.output
+    assert (tmp_path / "loop.png").stat().st_size > 0
     assert "stop after" in r.output and "of 4 steps on average" in r.output and "ms per step" in r.output
     m = Bundle.load(bundle).manifest
     assert m.loop is not None and m.loop["steps"] == 4 and len(m.loop["gate"]["threshold"]) == 2
