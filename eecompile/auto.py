@@ -67,10 +67,11 @@ class AutoReport:
         return d
 
     def print(self) -> None:
-        from rich.console import Console
         from rich.table import Table
 
-        c = Console()
+        from eecompile.console import report_console
+
+        c = report_console()
         t = Table(title=f"candidate exits ({len(self.candidates)})")
         for col in ("tensor", "FLOPs before", "head agreement with final (held out)"):
             t.add_column(col)

@@ -60,13 +60,14 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, **kwargs: Any) -
 
 def print_report(report: BenchReport) -> None:
     """``eecompile bench``'s tables (rich) for a :class:`BenchReport`."""
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from eecompile.console import report_console
 
-    c = Console()
-    c.print(f"[bold]{report.bundle}[/] on {report.data}: {report.n_samples} samples, batch {report.batch_size}, "
-            f"{report.backend}, {report.repeats} rounds")
+    c = report_console()
+    c.print(Text.assemble((str(report.bundle), "bold"), f" on {report.data}: {report.n_samples} samples, batch "
+                          f"{report.batch_size}, {report.backend}, {report.repeats} rounds"))
     lat = report.latency_ms
     c.print(f"latency per batch: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms; "
             f"throughput {report.throughput:.1f} samples/s")

@@ -99,14 +99,14 @@ def _shape(t: dict[str, Any]) -> str:
 
 def print_bundle(path: str | Path) -> dict[str, Any]:
     """Print :func:`describe_bundle` as tables; returns the description."""
-    from rich.console import Console
     from rich.table import Table
 
+    from eecompile.console import report_console
+
     d = describe_bundle(path)
-    # No console markup: tensor names and shapes such as "[time, B, 24]" would be read as style tags and vanish.
-    console = Console(markup=False)
+    console = report_console()
     if not console.is_terminal:
-        console = Console(width=160, markup=False)  # piped or captured: don't squeeze the tables into 80 columns
+        console = report_console(width=160)  # piped or captured: don't squeeze the tables into 80 columns
     console.print(f"{d['path']}  format v{d['format_version']}, eecompile {d['eecompile_version'] or '?'}")
     src = d["source_model"]
     console.print(f"source model: {src.get('file', '?')} (sha256 {str(src.get('sha256', '?'))[:12]})")

@@ -82,8 +82,9 @@ class TrainReport:
 
     def print(self) -> None:
         """A table of the heads on the terminal (needs rich, part of the CLI install)."""
-        from rich.console import Console
         from rich.table import Table
+
+        from eecompile.console import report_console
 
         regression = self.task == "regression"
         how = ("MSE to the final output" if regression else
@@ -105,7 +106,7 @@ class TrainReport:
             else:
                 t.add_row(str(h.name or h.index), h.kind, pct(h.agree_before), pct(h.agree_after), pct(h.acc_before),
                           pct(h.acc_after), pct(h.train_agree), *score)
-        c = Console()
+        c = report_console()
         c.print(t)
         if self.final_accuracy is not None:
             c.print(f"final exit accuracy (held-out): {self.final_accuracy:.3f}")

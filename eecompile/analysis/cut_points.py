@@ -93,11 +93,14 @@ class AnalysisReport:
 
     def print(self, show_all: bool = False) -> None:
         """Print the suggested cut points (every valid one with ``show_all``) as a table."""
-        from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        console = Console()
-        console.print(f"[bold]{self.model}[/bold]: {self.total_flops / 1e6:,.1f} MFLOPs per sample; {self.batch_note}")
+        from eecompile.console import report_console
+
+        console = report_console()
+        console.print(Text.assemble((self.model, "bold"), f": {self.total_flops / 1e6:,.1f} MFLOPs per sample; "
+                                                          f"{self.batch_note}"))
         rows = self.valid if show_all else [c for c in self.valid if c.tensor in self.suggested]
         title = "all cut points" if show_all else "suggested cut points (--all lists every one)"
         table = Table(title=title)

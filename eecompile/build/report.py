@@ -22,8 +22,9 @@ class BuildReport:
     notes: list[str] = field(default_factory=list)
 
     def print(self) -> None:
-        from rich.console import Console
         from rich.table import Table
+
+        from eecompile.console import report_console
 
         table = Table(title=f"{self.bundle}: {self.backend} engines for {self.target}")
         for col in ("segment", "file", "size", "build s", "flags"):
@@ -35,7 +36,7 @@ class BuildReport:
                                                    for c in r.flags["rewritten"])
             table.add_row(str(r.segment), r.file or "(none stored)", f"{n / 1e6:.1f} MB" if n else "-",
                           f"{s:.1f}", flags)
-        console = Console()
+        console = report_console()
         console.print(table)
         if self.timing_cache:
             console.print(f"timing cache: {self.timing_cache}")
@@ -72,17 +73,19 @@ class VerifyReport:
         return all(r.ok for r in self.rows)
 
     def print(self) -> None:
-        from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
+
+        from eecompile.console import report_console
 
         table = Table(title=f"{self.bundle}: {self.backend} vs ONNX Runtime CPU, batch {self.batch}")
         for col in ("segment", "output", "check", "error", "tolerance", "", "detail"):
             table.add_column(col)
         for r in self.rows:
             table.add_row(str(r.segment), r.tensor, r.kind, f"{r.error:.3g}", f"{r.tolerance:.3g}",
-                          "ok" if r.ok else "[red]FAIL[/red]", r.detail)
-        console = Console()
+                          "ok" if r.ok else Text("FAIL", style="red"), r.detail)
+        console = report_console()
         console.print(table)
         for note in self.notes:
             console.print(note)
-        console.print("parity ok" if self.ok else "[red]parity FAILED[/red]")
+        console.print("parity ok" if self.ok else "parity FAILED", style=None if self.ok else "red")

@@ -121,9 +121,9 @@ class CalibrationReport:
                  + (f", confidence {self.confidence:g}" if self.confidence is not None else "")
                  + f", {self.n_samples} samples)" + ("" if self.deployed else " - NOT DEPLOYED"))
         try:
-            from rich.console import Console
-            from rich.markup import escape
             from rich.table import Table
+
+            from eecompile.console import report_console
         except ImportError:
             print(title)
             for r in [cols, *rows]:
@@ -136,10 +136,10 @@ class CalibrationReport:
             t.add_column(col, justify="right")
         for r in rows:
             t.add_row(*r)
-        c = Console()
+        c = report_console()
         c.print(t)
         for line in self.summary_lines():
-            c.print(f"[bold red]{escape(line)}[/]" if line.startswith("NOT DEPLOYED") else escape(line))
+            c.print(line, style="bold red" if line.startswith("NOT DEPLOYED") else None)
 
 
 def _plain(x: Any) -> Any:
