@@ -33,6 +33,8 @@ from eecompile.runtimes.data import batch_size_of, take_samples
 
 log = logging.getLogger(__name__)
 
+MIN_HELD_OUT_SAMPLES = 20  # below this many samples, train-heads holds none out (all train the heads)
+
 MEMMAP_BYTES = 256 << 20  # cache features on disk beyond this
 
 
@@ -40,7 +42,7 @@ MEMMAP_BYTES = 256 << 20  # cache features on disk beyond this
 class HeadResult:
     """One trained head: agreement with the final exit and accuracy (fractions in [0, 1]) before and after; for
     regression exits the mean relative L2 error to the final output instead; and how well its score (if any)
-    predicts its target on held-out rows."""
+    predicts its target on held-out rows. The held-out figures are None when no sample was held out."""
 
     index: int
     name: str | None
@@ -90,7 +92,7 @@ class TrainReport:
         how = ("MSE to the final output" if regression else
                f"T={self.temperature:g}, {'distillation + labels' if self.used_labels else 'distillation only'}")
         t = Table(title=f"exit heads trained ({self.n_train} samples, {self.epochs} epochs, {how}); "
-                        f"held-out: {self.n_val} samples")
+                        + (f"held-out: {self.n_val} samples" if self.n_val else "no held-out samples"))
         cols = (("exit", "head", "rel. L2 error to final before", "after") if regression else
                 ("exit", "head", "agreement w/ final before", "after", "accuracy before", "after", "train agreement"))
         for col in (*cols, "score", "score loss (constant)"):
@@ -100,7 +102,8 @@ class TrainReport:
             return "-" if x is None else f"{x:.3f}"
 
         for h in self.heads:
-            score = [h.score or "-", "-" if h.score_loss is None else f"{h.score_loss:.4f} ({h.score_baseline:.4f})"]
+            score = [h.score or "-", "-" if h.score_loss is None or h.score_baseline is None
+                     else f"{h.score_loss:.4f} ({h.score_baseline:.4f})"]
             if regression:
                 t.add_row(str(h.name or h.index), h.kind, pct(h.error_before), pct(h.error_after), *score)
             else:
@@ -110,6 +113,10 @@ class TrainReport:
         c.print(t)
         if self.final_accuracy is not None:
             c.print(f"final exit accuracy (held-out): {self.final_accuracy:.3f}")
+        if not self.n_val:
+            c.print(f"note: no samples were held out (train-heads holds out val_fraction of the data from "
+                    f"{MIN_HELD_OUT_SAMPLES} samples on): the held-out columns show -"
+                    + ("" if self.task == "regression" else "; train agreement is measured on the training samples"))
         for s in self.skipped:
             c.print(f"skipped: {s}")
 
@@ -164,7 +171,7 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     from the final exit: Hinton et al. 2015 for the T^2 scaling, FastBERT, Liu et al. 2020, for exits) plus
     cross-entropy on the labels when present and ``use_labels``. AdamW (``lr``, ``weight_decay``) with a cosine
     schedule over ``epochs`` of mini-batches of ``batch_size``; ``val_fraction`` of the samples (when N >= 20)
-    is held out for the report. The trained weights are written into the head's ONNX template (a head file:
+    is held out for the report (with none held out, its held-out figures are None). The trained weights are written into the head's ONNX template (a head file:
     into a copy of the file's graph, same nodes and names) and the bundle is re-verified and rewritten
     atomically (:func:`eecompile.replace_heads.replace_heads`).
 
@@ -173,7 +180,8 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     :func:`_fit_score`). A head file with two outputs trains the one shaped like the exit output (the other is
     its score, left as it is).
 
-    Returns a :class:`TrainReport`. Raises EECompileError for non-positive settings or when torch is missing,
+    Returns a :class:`TrainReport`. Raises EECompileError for non-positive settings, a ``val_fraction`` that
+    leaves no sample to train on, or when torch is missing,
     BundleError when no exit has a head eecompile makes or an exit's cut does not list the tensors its head
     reads, DataError for unusable data, and EECompileError for labels that do not match the predictions.
     """
@@ -256,9 +264,12 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
         arrays = cache.arrays
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)
-        n_val = int(round(val_fraction * n)) if n >= 20 else 0
+        n_val = int(round(val_fraction * n)) if n >= MIN_HELD_OUT_SAMPLES else 0
+        if n_val >= n:
+            raise EECompileError(f"train-heads: val_fraction {val_fraction} holds out all {n} samples and leaves "
+                                 f"none to train on; lower it")
+        # No held-out rows (small data): the held-out figures stay None ("-"), not numbers of the training rows.
         val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        eval_rows = val if n_val else tr
         target: Any
         if regression:
             target = _Regression(torch, np.asarray(arrays["final"], np.float32).reshape(n, -1))
@@ -267,7 +278,8 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                               temperature)
         report = TrainReport(bundle=str(b.path), n_train=len(tr), n_val=n_val, epochs=epochs,
                              temperature=temperature, used_labels=target.lab is not None,
-                             final_accuracy=target.accuracy(target.teacher_pred, eval_rows), skipped=skipped,
+                             final_accuracy=target.accuracy(target.teacher_pred, val) if n_val else None,
+                             skipped=skipped,
                              task=m.task)
         new_heads = {}
         new_specs = {}
@@ -300,17 +312,18 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
             result = HeadResult(index=k, name=s.exit.name, kind=hs.get("kind", "file"), agree_before=None,
                                 agree_after=None,
                                 acc_before=None, acc_after=None, train_agree=None, loss=loss)
-            if regression:
-                result.error_before = float(before[eval_rows].mean())
-                result.error_after = float(after[eval_rows].mean())
-            else:
-                result.agree_before, result.agree_after = target.agreement(before, eval_rows), target.agreement(after, eval_rows)
-                result.acc_before, result.acc_after = target.accuracy(before, eval_rows), target.accuracy(after, eval_rows)
+            if regression and n_val:
+                result.error_before = float(before[val].mean())
+                result.error_after = float(after[val].mean())
+            elif not regression:
+                if n_val:
+                    result.agree_before, result.agree_after = target.agreement(before, val), target.agreement(after, val)
+                    result.acc_before, result.acc_after = target.accuracy(before, val), target.accuracy(after, val)
                 result.train_agree = target.agreement(after, tr)
             if opts.get("score"):  # the score head, fitted after the exit head, the exit head frozen
                 result.score = opts["score"]
                 result.score_loss, result.score_baseline = _fit_score(
-                    torch, module, feats, target.score_target(after), tr, eval_rows, opts["score"], epochs=epochs,
+                    torch, module, feats, target.score_target(after), tr, val, opts["score"], epochs=epochs,
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed + k)
             report.heads.append(result)
             if k in files:
@@ -320,9 +333,9 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                                          opset=_segment_opset(b, k), out_shape=out_shape)
             hs.update(trained=True, epochs=epochs, temperature=temperature, used_labels=target.lab is not None,
                       n_train=len(tr))
-            if regression:
+            if regression and result.error_after is not None:
                 hs["held_out_error"] = result.error_after
-            else:
+            elif result.agree_after is not None:
                 hs["held_out_agreement"] = result.agree_after
             if result.score_loss is not None:
                 hs["held_out_score_loss"] = result.score_loss
@@ -501,10 +514,11 @@ def _fit(torch: Any, module: Any, params: list[Any], feats: list[np.ndarray], ro
 
 
 def _fit_score(torch: Any, module: Any, feats: list[np.ndarray], target: np.ndarray, rows: np.ndarray,
-               eval_rows: np.ndarray, kind: str, **fit: Any) -> tuple[float, float]:
+               eval_rows: np.ndarray, kind: str, **fit: Any) -> tuple[float | None, float | None]:
     """Fit the score layer of ``module`` (the rest frozen) to ``target`` [N]: ``uncertainty`` by MSE of the
     predicted uncertainty (DeeDiff's L_u), ``agreement`` by binary cross-entropy (JEI-DNN, BERxiT). Returns the
-    held-out loss and that of a constant score equal to the training target's mean."""
+    loss on ``eval_rows`` (the held-out rows) and that of a constant score equal to the training target's mean;
+    both None when ``eval_rows`` is empty."""
     import torch.nn.functional as F
 
     t = torch.from_numpy(target.astype(np.float32))
@@ -533,6 +547,8 @@ def _fit_score(torch: Any, module: Any, feats: list[np.ndarray], target: np.ndar
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    if not len(eval_rows):
+        return None, None
     with torch.no_grad():
         got = np.concatenate([module.score(*[torch.from_numpy(np.ascontiguousarray(f[eval_rows[i:i + 1024]]))
                                              for f in feats]).reshape(-1).numpy()

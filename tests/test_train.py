@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 import eecompile  # noqa: E402
 from eecompile.bundle import Bundle  # noqa: E402
-from eecompile.errors import BundleError  # noqa: E402
+from eecompile.errors import BundleError, EECompileError  # noqa: E402
 
 N_CLASSES = 4
 
@@ -186,3 +186,31 @@ def test_the_report_speaks_of_regression_errors(capsys: pytest.CaptureFixture[st
     r.print()
     out = " ".join(capsys.readouterr().out.split())
     assert "MSE to the final output" in out and "rel. L2 error" in out and "agreement" not in out
+
+
+def test_small_data_reports_no_held_out_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Below 20 samples none is held out: the held-out columns are '-', not figures of the training rows (or of
+    no rows at all), and nothing warns about a mean of an empty slice."""
+    import warnings
+
+    from eecompile.train import train_heads
+
+    bundle = make_bundle(tmp_path, heads=("{kind: linear, options: {score: agreement}}", "{kind: linear}"),
+                         gates=("score", "max_prob"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report = train_heads(bundle, save_data(tmp_path / "d.npz", 12, seed=2), epochs=2, quiet=True)
+    assert report.n_val == 0 and report.n_train == 12 and report.final_accuracy is None
+    for h in report.heads:
+        assert (h.agree_before, h.agree_after, h.acc_before, h.acc_after) == (None, None, None, None), h
+        assert h.train_agree is not None and 0.0 <= h.train_agree <= 1.0
+    assert report.heads[0].score == "agreement" and report.heads[0].score_loss is None
+    specs = [s.exit.head_spec or {} for s in Bundle.load(bundle).manifest.segments[:-1]]
+    assert all(s["trained"] and "held_out_agreement" not in s and "held_out_score_loss" not in s for s in specs)
+    report.print()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no held-out samples" in out and "no samples were held out" in out and "held-out): " not in out
+
+    # Holding out every sample leaves nothing to train on: one clear error, not heads fitted to nothing.
+    with pytest.raises(EECompileError, match="val_fraction 0.99 holds out all 40 samples"):
+        train_heads(bundle, save_data(tmp_path / "e.npz", 40, seed=2), epochs=1, quiet=True, val_fraction=0.99)
