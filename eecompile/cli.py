@@ -604,13 +604,12 @@ def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: 
              thresholds: str | None, draft_tokens: int | None, sample: bool, temperature: float, seed: int | None,
              tokenizer: Path | None, threads: int | None, as_json: bool) -> None:
     """Generate text with a decoder bundle: plain, self-speculative (lossless) or per-token exits."""
-    from eecompile.runtimes.lm import DecoderRunner
+    from eecompile.runtimes.lm import SAMPLING_OPTIONS, DecoderRunner, unused_sampling_options
 
-    given = [f"--{name}" for name in ("temperature", "seed")
+    given = [f"--{name}" for name in SAMPLING_OPTIONS
              if click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
-    if given and not sample:
-        raise click.UsageError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to sampling: add --sample (without it decoding is "
-                               "greedy and they would be ignored).")
+    if (unused := unused_sampling_options(given, sample, "--sample")) is not None:
+        raise click.UsageError(unused)
 
     runner = DecoderRunner(bundle, threads=threads, tokenizer=tokenizer)
     thr: Any = None

@@ -1009,6 +1009,23 @@ def pad_positions(outs: list[np.ndarray]) -> list[np.ndarray]:
     return [np.concatenate([o, np.zeros((n - len(o), o.shape[1]), o.dtype)]) if len(o) < n else o for o in outs]
 
 
+SAMPLING_OPTIONS = ("temperature", "seed")  # options that only change a sampled row's draws
+
+
+def unused_sampling_options(given: Sequence[str], sample: bool, how_to_sample: str) -> str | None:
+    """The one message for sampling options given without sampling, or None when there is nothing to say.
+
+    ``given``: the :data:`SAMPLING_OPTIONS` the caller was given, spelled as it spells them (``--temperature``,
+    ``temperature``); ``how_to_sample``: how its user asks for sampling (``--sample``, ``"sample": true``).
+    Without sampling, decoding is greedy and they would be ignored: ``eecompile generate`` refuses them
+    (a usage error), ``POST /v1/generate`` and the Triton model answer 400 with the same message."""
+    if sample or not given:
+        return None
+    one = len(given) == 1
+    return (f"{' and '.join(given)} only appl{'ies' if one else 'y'} to sampling: add {how_to_sample} (without it "
+            f"decoding is greedy and {'it' if one else 'they'} would be ignored).")
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / temperature) in float64 (sums to 1 for ``Generator.choice``)."""
     z = np.asarray(logits, np.float64) / temperature

@@ -30,6 +30,7 @@ import numpy as np
 from eecompile.bundle import TensorInfo
 from eecompile.errors import DataError, SpecError
 from eecompile.runtimes.data import batch_size_of, check_array, check_finite
+from eecompile.runtimes.lm import SAMPLING_OPTIONS, unused_sampling_options
 
 JSON = "application/json"
 NPZ = "application/octet-stream"
@@ -242,9 +243,11 @@ GENERATE_FIELDS = ("prompt", "token_ids", "max_new_tokens", "mode", "thresholds"
 def parse_generate(body: bytes, n_exits: int) -> GenerateRequest:
     """``{"prompt": text | "token_ids": [int], "max_new_tokens": 32, "mode": "none"|"speculative"|"exit",
     "thresholds": [...], "draft_tokens": k, "sample": false, "temperature": 1.0, "seed": null,
-    "stream": false}`` (``prompt`` may also be a list of token ids).
+    "stream": false}`` (``prompt`` may also be a list of token ids; ``temperature`` and ``seed`` only with
+    ``"sample": true``, as ``eecompile generate`` takes them only with ``--sample``).
 
-    Raises DataError / SpecError (HTTP 400) for a malformed body; the decoder checks the values further
+    Raises DataError / SpecError (HTTP 400) for a malformed body or sampling options without sampling (the
+    CLI's message, :func:`eecompile.runtimes.lm.unused_sampling_options`); the decoder checks the values further
     (mode, max_new_tokens >= 1, prompt and max_new_tokens within the cache, token ids in the vocabulary)."""
     try:
         doc = json.loads(body)
@@ -277,9 +280,14 @@ def generate_request(doc: Any, n_exits: int) -> GenerateRequest:
         return v
 
     max_new = typed("max_new_tokens", (int,), 32)
+    sample = bool(typed("sample", (bool,), False))
+    temperature = typed("temperature", (int, float), None)  # null: the default, as if not given
+    given = [name for name in SAMPLING_OPTIONS if doc.get(name) is not None]
+    if (unused := unused_sampling_options(given, sample, '"sample": true')) is not None:
+        raise DataError(f"{WHERE}: {unused}")
     return GenerateRequest(
         prompt=prompt, max_new_tokens=int(max_new) if max_new is not None else 32,
         mode=typed("mode", (str,), "none"), thresholds=_thresholds(doc.get("thresholds"), n_exits),
-        draft_tokens=typed("draft_tokens", (int,), None), sample=bool(typed("sample", (bool,), False)),
-        temperature=float(typed("temperature", (int, float), 1.0)), seed=typed("seed", (int,), None),
+        draft_tokens=typed("draft_tokens", (int,), None), sample=sample,
+        temperature=1.0 if temperature is None else float(temperature), seed=typed("seed", (int,), None),
         stream=bool(typed("stream", (bool,), False)))

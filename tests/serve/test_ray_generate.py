@@ -15,6 +15,7 @@ import pytest
 
 from tests.serve.client import get, post, stream_events
 from tests.serve.conftest import LONG_LENGTH
+from tests.serve.test_protocol import GREEDY_TEMPERATURE
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +141,8 @@ def test_bad_requests_get_400_with_the_cli_message(lm_endpoint) -> None:
     assert status == 400 and "mode" in out["error"]
     status, out = _generate(gen, {"text": "hi"})
     assert status == 400 and "prompt" in out["error"]
+    status, out = _generate(gen, {"prompt": "hi", "max_new_tokens": 2, "temperature": 0.5})  # greedy: refused
+    assert status == 400 and out["error"] == GREEDY_TEMPERATURE
     events = list(stream_events(gen, {"prompt": "hi", "max_new_tokens": 0, "stream": True}))
     assert events == [{"status": 400, "error": "max_new_tokens: 0; give a positive number of tokens to generate"}]
     status, body, _ = post(f"{url}/predict", b"{}", "application/json")
