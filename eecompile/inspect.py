@@ -80,7 +80,43 @@ def describe_bundle(path: str | Path) -> dict[str, Any]:
         "problems": problems,
         "loop": m.loop,
         "jumps": m.jumps,
+        "decoder": None if m.decoder is None else _describe_decoder(bundle, m.decoder),
     }
+
+
+def _describe_decoder(bundle: Bundle, dec: dict[str, Any]) -> dict[str, Any]:
+    """A decoder bundle's (``kind: decoder``) segments, shared head and exits. Each segment: its layers (the
+    half-open range ``[first, last)``), its key/value cache tensors as its graph reads (``kv_inputs``) and writes
+    (``kv_outputs``) them, and how the cache is updated: ``in-place`` (``kv_update: tensor_scatter``, ONNX
+    Runtime writes only the new positions into the runner's buffers) or ``concat`` (the exported ``Concat``
+    cache, a new copy per call). Each exit: where it is, its gate, its draft length and its trained draft head
+    (None while untrained)."""
+    import onnx
+
+    from eecompile.runtimes.lm import IN_PLACE
+
+    segments = []
+    for i, seg in enumerate(dec.get("segments") or []):
+        kv_in: list[str] | None = None
+        kv_out: list[str] | None = None
+        try:  # the graph's own names; a damaged file is listed under problems, not described here
+            g = onnx.load(str(bundle.path / seg["file"]), load_external_data=False).graph
+            plain = {*seg.get("inputs", []), seg.get("hidden_in"), seg.get("hidden_out")}
+            kv_in = [t.name for t in g.input if t.name not in plain]
+            kv_out = [t.name for t in g.output if t.name not in plain]
+        except Exception:  # noqa: BLE001  (onnx raises DecodeError, OSError, ...: any means unreadable)
+            pass
+        segments.append({"index": i, "file": seg["file"], "layers": list(seg["layers"]),
+                         "hidden_in": seg.get("hidden_in"), "hidden_out": seg.get("hidden_out"),
+                         "inputs": list(seg.get("inputs") or []), "kv_inputs": kv_in, "kv_outputs": kv_out,
+                         "kv_cache": "in-place" if seg.get("kv_update") == IN_PLACE else "concat"})
+    exits = [{"index": k, "after_layer": e.get("after_layer"), "at": e.get("at"), "segment": e.get("segment"),
+              "gate": dict(e.get("gate") or {}), "draft_tokens": e.get("draft_tokens"),
+              "draft_head": e.get("draft_head")} for k, e in enumerate(dec.get("exits") or [])]
+    return {"layers": dec.get("layers"), "vocab": dec.get("vocab"), "hidden_size": dec.get("hidden_size"),
+            "max_length": dec.get("max_length"), "kv": dict(dec.get("kv") or {}), "segments": segments,
+            "head": dict(dec.get("head") or {}), "exits": exits, "eos_token_id": dec.get("eos_token_id"),
+            "tokenizer": dec.get("tokenizer"), "calibration": sorted((dec.get("calibration") or {}).keys())}
 
 
 def _engine_cache(manifest: Any) -> str | None:
@@ -119,23 +155,10 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
                                           + (" (final exit only)" if t["name"] in d["end_only"] else "")
                                           for t in d["outputs"]))
 
-    table = Table(title="segments")
-    for col in ("seg", "file", "FLOPs", "carried in", "carried out", "exit head", "gate", "threshold"):
-        table.add_column(col, justify="right" if col in ("seg", "FLOPs", "threshold") else "left")
-    for s in d["segments"]:
-        gate = s["gate"]
-        table.add_row(
-            str(s["index"]), s["file"], f"{100 * s['flops_fraction']:.1f}%",
-            "\n".join([_shape(t) for t in s["carried_in"]]
-                      + ([f"{', '.join(s['model_inputs'])} (model input)"] if s["index"] and s["model_inputs"] else []))
-            or "-",
-            "\n".join(_shape(t) if "shape" in t else t["name"] for t in s["carried_out"]) or "-",
-            s["exit"]["head"] + (" (final)" if s["exit"]["final"] else "")
-            + (f" -> seg {s['exit']['jump']['to']}" if s["exit"].get("jump") else ""),
-            gate["kind"] if gate else "-",
-            _threshold(gate["threshold"], gate["kind"]) if gate else "-",
-        )
-    console.print(table)
+    if d["decoder"] is not None:
+        _print_decoder(console, d["decoder"])
+    else:
+        _print_segments(console, d)
     if d["loop"]:
         lp = d["loop"]
         gate = lp.get("gate")
@@ -170,6 +193,79 @@ def print_bundle(path: str | Path) -> dict[str, Any]:
     for problem in d["problems"]:
         console.print(f"problem: {problem}", style="red")
     return d
+
+
+def _layers(r: list[int]) -> str:
+    """A half-open layer range [first, last) as the layers it holds ("0-1")."""
+    return f"{r[0]}-{r[1] - 1}" if r[1] - r[0] > 1 else str(r[0])
+
+
+def _names(names: list[str] | None) -> str:
+    if names is None:
+        return "? (file unreadable)"
+    if len(names) <= 4:
+        return "\n".join(names) or "-"
+    return f"{len(names)}: {names[0]}\n... {names[-1]}"
+
+
+def _print_decoder(console: Any, dec: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    kv = dec["kv"]
+    console.print(f"decoder: {dec['layers']} layers, vocabulary {dec['vocab']}, hidden {dec['hidden_size']}, "
+                  f"cache of {dec['max_length']} positions ({kv.get('heads')} KV heads x {kv.get('head_dim')}, "
+                  f"{kv.get('dtype')}); generate with `eecompile generate`")
+    table = Table(title="decoder segments (each owns the KV cache of its layers)")
+    for col in ("seg", "file", "layers", "hidden in -> out", "KV cache in", "KV cache out", "cache update"):
+        table.add_column(col, justify="right" if col == "seg" else "left")
+    for s in dec["segments"]:
+        table.add_row(str(s["index"]), s["file"], _layers(s["layers"]),
+                      f"{s['hidden_in'] or ', '.join(s['inputs'])} -> {s['hidden_out']}",
+                      _names(s["kv_inputs"]), _names(s["kv_outputs"]),
+                      "in place (TensorScatter)" if s["kv_cache"] == "in-place" else "Concat (copy per call)")
+    console.print(table)
+    head = dec["head"]
+    console.print(f"head: {head.get('file')} ({head.get('input')} -> {', '.join(head.get('outputs') or [])}; "
+                  f"shared by every exit and the final layer)")
+    if dec["exits"]:
+        ex = Table(title="exits")
+        for col in ("exit", "after layer", "seg", "at", "gate", "threshold", "draft tokens", "draft head"):
+            ex.add_column(col)
+        for e in dec["exits"]:
+            gate, dh = e["gate"], e["draft_head"]
+            thr = gate.get("threshold")
+            ex.add_row(str(e["index"]), str(e["after_layer"]), str(e["segment"]), str(e["at"]),
+                       str(gate.get("kind", "-")), f"{thr:.4g}" if isinstance(thr, (int, float)) else "-",
+                       str(e["draft_tokens"] or "-"),
+                       "untrained (the shared head drafts)" if not dh else
+                       f"{dh.get('file')}: {dh.get('vocab')} tokens, agreement {dh.get('agreement', 0):.1%}")
+        console.print(ex)
+    else:
+        console.print("exits: none (the full model only)")
+    if dec["calibration"]:
+        console.print("decoder calibration: " + ", ".join(dec["calibration"]))
+
+
+def _print_segments(console: Any, d: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="segments")
+    for col in ("seg", "file", "FLOPs", "carried in", "carried out", "exit head", "gate", "threshold"):
+        table.add_column(col, justify="right" if col in ("seg", "FLOPs", "threshold") else "left")
+    for s in d["segments"]:
+        gate = s["gate"]
+        table.add_row(
+            str(s["index"]), s["file"], f"{100 * s['flops_fraction']:.1f}%",
+            "\n".join([_shape(t) for t in s["carried_in"]]
+                      + ([f"{', '.join(s['model_inputs'])} (model input)"] if s["index"] and s["model_inputs"] else []))
+            or "-",
+            "\n".join(_shape(t) if "shape" in t else t["name"] for t in s["carried_out"]) or "-",
+            s["exit"]["head"] + (" (final)" if s["exit"]["final"] else "")
+            + (f" -> seg {s['exit']['jump']['to']}" if s["exit"].get("jump") else ""),
+            gate["kind"] if gate else "-",
+            _threshold(gate["threshold"], gate["kind"]) if gate else "-",
+        )
+    console.print(table)
 
 
 def _threshold(value: float, kind: str) -> str:

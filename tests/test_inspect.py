@@ -1,4 +1,4 @@
-"""describe_bundle / print_bundle on a handmade bundle."""
+"""describe_bundle / print_bundle on a handmade bundle and on the tests' tiny decoder bundle."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from eecompile.errors import BundleError
 from eecompile.inspect import describe_bundle, print_bundle
+from tests.lm.conftest import lm_bundle, lm_dir  # noqa: F401  (the tiny Llama decoder bundle, built once)
 from tests.runtimes.handmade import make_bundle
 
 
@@ -71,3 +72,48 @@ def test_print_shows_shapes_that_look_like_console_markup(tmp_path: Path, capsys
     print_bundle(hm.path)
     out = capsys.readouterr().out
     assert "x [time, B, 4] float32" in out and "hT [2, B, 4]" in out, out
+
+
+def _decoder_bundle(source: Path, tmp: Path, kv_cache: str) -> Path:
+    """The tiny Llama of tests/lm (in ``source``) compiled again with ``kv_cache``."""
+    import yaml
+
+    from eecompile.decoder.compile import compile_decoder
+
+    spec = yaml.safe_load((source / "spec.yaml").read_text())
+    spec.update(model=str(source / "tiny.onnx"), tokenizer=str(source / "tokenizer.json"), kv_cache=kv_cache)
+    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    compile_decoder(tmp / "spec.yaml", tmp / f"{kv_cache}.eebundle")
+    return tmp / f"{kv_cache}.eebundle"
+
+
+def test_a_decoder_bundle_shows_its_segments_caches_and_exits(lm_bundle: Path, lm_dir: Path,  # noqa: F811
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """inspect used to print an empty segments table for a decoder bundle (its segments are manifest.decoder's)."""
+    d = describe_bundle(lm_bundle)["decoder"]
+    assert d["layers"] == 4 and d["max_length"] == 96
+    s0, s1 = d["segments"]
+    assert (s0["layers"], s1["layers"]) == ([0, 2], [2, 4]) and s0["kv_cache"] == s1["kv_cache"] == "in-place"
+    # the cache tensors each segment's graph reads and writes: its own layers' only
+    assert s1["kv_inputs"] == [f"past_key_values.{i}.{t}" for i in (2, 3) for t in ("key", "value")]
+    assert s1["kv_outputs"] == [f"present.{i}.{t}" for i in (2, 3) for t in ("key", "value")]
+    assert s1["hidden_in"] == "hidden" and s0["hidden_in"] is None
+    (e,) = d["exits"]
+    assert (e["after_layer"], e["segment"], e["gate"]["kind"], e["draft_tokens"], e["draft_head"]) == \
+        (1, 0, "max_prob", 4, None)
+
+    print_bundle(lm_bundle)
+    out = capsys.readouterr().out
+    for shown in ("decoder segments", "segment0.onnx", "segment1.onnx", "past_key_values.3.value", "present.0.key",
+                  "in place (TensorScatter)", "layers.1.output", "untrained", "head.onnx"):
+        assert shown in out, shown
+
+    concat = _decoder_bundle(lm_dir, tmp_path, "concat")
+    assert {s["kv_cache"] for s in describe_bundle(concat)["decoder"]["segments"]} == {"concat"}
+    print_bundle(concat)
+    assert "Concat (copy per call)" in capsys.readouterr().out
+
+
+def test_a_chain_bundle_has_no_decoder_section(tmp_path: Path) -> None:
+    assert describe_bundle(make_bundle(tmp_path / "b.eebundle").path)["decoder"] is None

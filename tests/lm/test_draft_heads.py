@@ -34,6 +34,15 @@ def test_draft_head_is_in_the_bundle(trained: Path) -> None:
     assert info["agreement"] >= info["agreement_before"] - 0.05
 
 
+def test_inspect_shows_the_draft_head(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from eecompile.inspect import describe_bundle, print_bundle
+
+    (e,) = describe_bundle(trained)["decoder"]["exits"]
+    assert e["draft_head"]["file"] == "draft0.onnx" and e["draft_head"]["vocab"] == 48
+    print_bundle(trained)
+    assert "draft0.onnx: 48 tokens, agreement" in capsys.readouterr().out
+
+
 def test_greedy_speculative_with_a_draft_head_equals_none(trained: Path) -> None:
     r = DecoderRunner(trained, threads=1)
     plain = [x["token_ids"] for x in r.generate(PROMPTS, 12).results]
