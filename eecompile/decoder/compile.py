@@ -238,11 +238,10 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
     for s in segments:
         done = False
         if spec.kv_cache == "in_place":
-            from eecompile.decoder.kv_inplace import OPSET, UPDATE, rewrite_segment
+            from eecompile.decoder.kv_inplace import UPDATE, rewrite_segment
 
             done = rewrite_segment(s.graph, s.first, s.last)
             if done:
-                s.graph.opset_imports[""] = max(OPSET, s.graph.opset_imports.get("", 0))
                 s.model_inputs = [m for m in s.model_inputs if m in {v.name for v in s.graph.inputs}]
         updates.append(UPDATE if done else "concat")
     opsets = dict(model.opset_imports)

@@ -154,7 +154,8 @@ def _attention_core(softmax: ir.Node, add: ir.Node, mask_index: int, presents: l
 
 
 def rewrite_segment(graph: ir.Graph, first: int, last: int) -> bool:
-    """Rewrite layers ``first..last-1`` of a segment graph in place (see the module docstring); True when done."""
+    """Rewrite layers ``first..last-1`` of a segment graph in place (see the module docstring); True when done
+    (the graph's default opset is then at least :data:`OPSET`)."""
     inputs = {v.name: v for v in graph.inputs}
     outputs = {v.name: v for v in graph.outputs}
     pos = inputs.get("position_ids")
@@ -252,6 +253,9 @@ def rewrite_segment(graph: ir.Graph, first: int, last: int) -> bool:
             add.replace_input_with(j, mask)
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+    # The graph now holds opset-24 ops: declare that first, or the pass looks TensorScatter and Attention up at
+    # the export's opset, finds no schema and logs a stack trace per node.
+    graph.opset_imports[""] = max(OPSET, graph.opset_imports.get("", 0))
     RemoveUnusedNodesPass()(ir.Model(graph, ir_version=10))
     for v in list(graph.inputs):
         if v.name == "attention_mask" and not v.uses():
