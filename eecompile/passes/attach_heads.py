@@ -260,6 +260,11 @@ class FinalActivation:
     def describe(self) -> str:
         return self.op if self.axis is None else f"{self.op} over axis {self.axis}{' on' if self.flattened else ''}"
 
+    def per_axis(self, shape: Sequence[int | str | None]) -> bool:
+        """Whether the op normalises over ``axis`` alone for a tensor shaped ``shape`` (flattened semantics
+        over trailing axes of size 1 amount to the same)."""
+        return self.axis is not None and (not self.flattened or all(d == 1 for d in shape[self.axis + 1:]))
+
 
 def _through_identity(v: ir.Value) -> ir.Node | None:
     node = v.producer()
@@ -293,10 +298,9 @@ def apply_activation(seg: ir.Graph, k: int, x: ir.Value, act: FinalActivation, s
     axes (Flatten, Softmax over axis 1, Reshape back) where the model's opset flattens."""
     prefix = f"{exit_prefix(k)}.act/"
     out = ir.Value(name=out_name)
-    trailing = list(shape[(act.axis or 0) + 1:])
     if act.op == "Sigmoid":
         seg.append(ir.node("Sigmoid", [x], outputs=[out], name=f"{prefix}Sigmoid"))
-    elif act.flattened and not all(d == 1 for d in trailing):
+    elif not act.per_axis(shape):
         flat, norm, shp = (ir.Value(name=f"{prefix}{n}") for n in ("flat", "norm", "shape"))
         seg.extend([
             ir.node("Flatten", [x], {"axis": act.axis}, outputs=[flat], name=f"{prefix}Flatten"),
@@ -308,6 +312,11 @@ def apply_activation(seg: ir.Graph, k: int, x: ir.Value, act: FinalActivation, s
         seg.append(ir.node(act.op, [x], {"axis": act.axis}, outputs=[out], name=f"{prefix}{act.op}"))
     out.dtype, out.shape = x.dtype or ir.DataType.FLOAT, x.shape
     return out
+
+
+def _same_layout(a: Sequence[int | str | None], b: Sequence[int | str | None]) -> bool:
+    """Same rank, and no axis where both sizes are known and differ (the exit output is the head output as is)."""
+    return len(a) == len(b) and all(x == y or not isinstance(x, int) or not isinstance(y, int) for x, y in zip(a, b, strict=True))
 
 
 def values_by_name(g: ir.Graph) -> dict[str, ir.Value]:
@@ -324,7 +333,11 @@ class AttachHeadPass(ir.passes.InPlacePass):
     with its shape ``head_output_shape``), and ``activation``, the final output's activation the exit output
     must apply (case 3; see :func:`exit_activation`). After the pass, :attr:`logits` is what the gate reads,
     :attr:`output` the exit output (appended to the graph outputs; the activation of the logits, or the logits
-    themselves) and :attr:`score` the head's score output, if it has one (for ``score`` gates).
+    themselves) and :attr:`score` the head's score output, if it has one (for ``score`` gates). :attr:`probs` is
+    the softmax of :attr:`logits` over axis :attr:`probs_axis` (of the final output's layout) where the segment
+    already computes it, else None: the exit output of case 3 with a final Softmax, or an in-model head that
+    ends in a Softmax, whose output then is both :attr:`logits` and :attr:`probs` (the gate gets no logits);
+    gates read it instead of computing a second Softmax.
 
     Raises:
         SpecError: the head does not fit the cut tensor or the final output (the message names ``where``).
@@ -343,6 +356,8 @@ class AttachHeadPass(ir.passes.InPlacePass):
         self.logits: ir.Value | None = None
         self.output: ir.Value | None = None
         self.score: ir.Value | None = None
+        self.probs: ir.Value | None = None
+        self.probs_axis: int | None = None
         self.other_outputs: dict[str, ir.Value] = {}  # final output name -> this exit's output for it
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -368,6 +383,12 @@ class AttachHeadPass(ir.passes.InPlacePass):
                                       batch_first=self.head is not None)
         # Case 3: the exit output is what the final output is (e.g. probabilities); the gate reads the logits.
         self.output = apply_activation(g, self.k, self.logits, act, self.final_shape, name) if act else self.logits
+        softmax = act
+        if act is None and self.head_output is not None and _same_layout(logits_shape, self.final_shape):
+            # an in-model head that is already a softmax (of logits the segment does not expose)
+            softmax = final_activation(values[self.head_output], g.opset_imports.get("", 13), len(logits_shape))
+        if softmax is not None and softmax.op == "Softmax" and softmax.per_axis(self.final_shape):
+            self.probs, self.probs_axis = self.output, softmax.axis
         g.outputs.append(self.output)
         for other, v in named.items():  # case 7: taken as the head gives them, in the model output's shape
             shape: Dims = ([d if isinstance(d, int) else "batch" for d in v.shape] if v.shape is not None

@@ -21,6 +21,11 @@ Kinds (see GateKind):
                s_k = s_{k-1} (1 - lambda_k) (s_{-1} = 1) rides along as ``ee{k}.state.survival`` [B] between
                consecutive Q-exit gates; fires when 1 - s_k >= q.
 
+Where the segment already computes the softmax of the exit's logits (the exit output of a model ending in a
+Softmax, or an in-model head that is one: ``AttachHeadPass.probs``), gates read it instead of a second Softmax:
+max_prob is its max over the class axis; a head that gives only probabilities has its entropy from them
+(``p log max(p, 1e-30)``, 0 at p = 0) and its non-finite guard on them.
+
 NaN or Inf anywhere in a sample's logits makes its score NaN, and a NaN score never fires (the comparisons
 are written so that NaN is False). Nodes use the segment's opset, valid from opset 7: Reduce* take ``axes`` as
 an attribute before opset 18 (ReduceSum before 13), TopK takes ``k`` as an attribute before 10,
@@ -157,6 +162,16 @@ def _to_bpc(ops: Ops, logits: ir.Value, shape: list[int | str | None], class_axi
     return x, c
 
 
+def _least_max_prob(ops: Ops, probs: ir.Value, rank: int, class_axis: int, cast: bool = True) -> ir.Value:
+    """float32 [B]: the max of ``probs`` (batch first, rank ``rank``) over ``class_axis``, then the min over the
+    other non-batch axes (the least confident position). ``cast=False``: ``probs`` is known to be float32."""
+    axis = class_axis % rank
+    top = ops.reduce("ReduceMax", probs, [axis])
+    if rank > 2:
+        top = ops.reduce("ReduceMin", top, list(range(1, rank - 1)))
+    return ops.cast_float(top) if cast else top
+
+
 def _nonfinite_guard(ops: Ops, x_bpc: ir.Value) -> ir.Value:
     zero = ops.const(np.array(0.0, dtype=np.float32))
     return ops.reduce("ReduceSum", ops.op("Mul", [x_bpc, zero]), [1, 2], keepdims=0)
@@ -222,8 +237,12 @@ def build_gate(
     emit_output_state: bool = False,
     emit_survival_state: bool = False,
     prev_survival: bool = False,
+    probs: ir.Value | None = None,
 ) -> GateResult:
     """Record exit ``k``'s gate on ``tape``; ``prev_k`` is the previous exit (whose state this gate reads).
+
+    ``probs``: the softmax of ``logits`` over ``class_axis`` (same layout) where the graph computes it already;
+    ``probs is logits`` when the exit gives probabilities only (an in-model head ending in a Softmax).
 
     ``against`` (saturation, first exit): the tensor to compare the cut tensor with. ``emit_output_state`` /
     ``emit_survival_state``: hand the next exit's change / Q-exit gate its state; ``prev_survival``: the previous
@@ -236,8 +255,13 @@ def build_gate(
     x, c = _to_bpc(ops, logits, logits_shape, class_axis)
     guard = _nonfinite_guard(ops, x)
     argmax: ir.Value | None = None
-    if kind in (GateKind.MAX_PROB, GateKind.MARGIN, GateKind.ENTROPY):
-        p = ops.op("Softmax", [x], {"axis": -1 if opset >= 13 else 2})
+    only_probs = probs is logits  # x holds probabilities: no Softmax of them
+    if kind == GateKind.MAX_PROB and probs is not None and not only_probs:
+        # max softmax = the max of the exit's own Softmax over the class axis; least confident position
+        known = probs.dtype == logits.dtype == ir.DataType.FLOAT
+        raw = _least_max_prob(ops, probs, len(logits_shape), class_axis, cast=not known)
+    elif kind in (GateKind.MAX_PROB, GateKind.MARGIN, GateKind.ENTROPY):
+        p = x if only_probs else ops.op("Softmax", [x], {"axis": -1 if opset >= 13 else 2})
         if kind == GateKind.MAX_PROB:
             per_pos = ops.reduce("ReduceMax", p, [-1 if opset >= 13 else 2])
             raw = ops.reduce("ReduceMin", per_pos, [1])
@@ -249,7 +273,10 @@ def build_gate(
             t2 = ops.op("Gather", [top, ops.const(np.array(1, dtype=np.int64))], {"axis": 2})
             raw = ops.reduce("ReduceMin", ops.op("Sub", [t1, t2]), [1])
         else:
-            logp = ops.op("LogSoftmax", [x], {"axis": -1 if opset >= 13 else 2})
+            if only_probs:  # log p, with p log p = 0 where p = 0
+                logp = ops.op("Log", [ops.op("Max", [p, ops.const(np.array(1e-30, dtype=np.float32))])])
+            else:
+                logp = ops.op("LogSoftmax", [x], {"axis": -1 if opset >= 13 else 2})
             ent = ops.op("Neg", [ops.reduce("ReduceSum", ops.op("Mul", [p, logp]), [2])])
             norm = ops.const(np.array(1.0 / math.log(c) if c > 1 else 1.0, dtype=np.float32))
             raw = ops.reduce("ReduceMax", ops.op("Mul", [ent, norm]), [1])
@@ -429,11 +456,18 @@ class FuseGatePass(ir.passes.InPlacePass):
             raise SpecError(f"exits[{self.k}].gate.against: segment {self.k} has no tensor '{self.against}'")
         tape = Tape(g)
         logits, shape, axis = self.head.logits, list(self.logits_shape), self.class_axis
+        # the exit's own softmax, where it normalises over the class axis the gate reads
+        probs = self.head.probs if self.head.probs_axis == axis % len(shape) else None
         b = shape.index("batch") if "batch" in shape else 0
         if b:  # a time-major exit ([T, batch, C]): the gate works batch first
             perm = [b, *(i for i in range(len(shape)) if i != b)]
+            only_probs = probs is logits
             logits = tape.op("Transpose", [logits], {"perm": perm}, name=f"{gate_node_prefix(self.k)}batch_first",
                              output=ir.Value(name=f"{gate_node_prefix(self.k)}batch_first:0"))
+            if probs is not None:
+                probs = logits if only_probs else tape.op(
+                    "Transpose", [probs], {"perm": perm}, name=f"{gate_node_prefix(self.k)}probs_batch_first",
+                    output=ir.Value(name=f"{gate_node_prefix(self.k)}probs_batch_first:0"))
             c = axis % len(shape)
             axis = perm.index(c) - len(shape)
             shape = [shape[i] for i in perm]
@@ -443,7 +477,7 @@ class FuseGatePass(ir.passes.InPlacePass):
                           emit_patience_state=self.emit_patience_state, emit_hidden_state=self.emit_hidden_state,
                           prev_hidden_shape=self.prev_hidden_shape, against=against, against_shape=self.against_shape,
                           emit_output_state=self.emit_output_state, emit_survival_state=self.emit_survival_state,
-                          prev_survival=self.prev_survival)
+                          prev_survival=self.prev_survival, probs=probs)
         g.extend(tape.nodes)
         gate.gate.dtype, gate.gate.shape = ir.DataType.BOOL, ir.Shape(["batch"])
         gate.score.dtype, gate.score.shape = ir.DataType.FLOAT, ir.Shape(["batch"])

@@ -61,6 +61,9 @@ def test_head_file_gets_the_final_activation(act: str, opset: int, tmp_path: Pat
     forced = runner.run(feeds, thresholds="always").outputs["probs"]
     if act == "Softmax":
         np.testing.assert_allclose(forced.sum(-1), 1.0, rtol=1e-5)  # rows sum to one like the final ones
+        # the max_prob gate takes the max of the exit's own Softmax: one Softmax in the segment, not two
+        seg0 = onnx.load(str(b.path / b.manifest.segments[0].file))
+        assert [n.op_type for n in seg0.graph.node].count("Softmax") == 1
 
 
 def test_in_model_head_logits_get_the_final_softmax(tmp_path: Path) -> None:
@@ -72,7 +75,10 @@ def test_in_model_head_logits_get_the_final_softmax(tmp_path: Path) -> None:
 def test_in_model_head_already_softmaxed_is_taken_as_it_is(tmp_path: Path) -> None:
     model = small_cnn(tmp_path / "m.onnx", activation="Softmax", aux_activation="Softmax")
     b = eecompile.compile_model(_spec(tmp_path, model, {"output": "aux"}), tmp_path / "b.eebundle")
-    check_bundle(model, b.path, _feeds(), "probs", ["aux"])
+    ref = check_bundle(model, b.path, _feeds(), "probs", ["aux"])
+    # The gate reads probabilities: its max_prob is their max (it was the max of a softmax of them).
+    r = eecompile.load(b.path).run(_feeds(), thresholds="never", policy="never")
+    np.testing.assert_allclose(r.gate_scores[0], ref["aux"].max(-1), rtol=1e-5)
 
 
 def test_in_model_head_with_another_activation_is_refused(tmp_path: Path) -> None:
