@@ -226,13 +226,15 @@ class EarlyExitRunner:
                     keep.append((name, False, axis_of[name]))
             available = {n for n, _, _ in keep} | set(produced)
             # Each exit tensor's batch lies on its own axis (a time-major exit may differ from the final output).
-            exits = tuple((n, t, self._out_axes[n] if produced[t].batch_axis is None else produced[t].batch_axis,
-                           produced[t].dtype) for n, t in ((n, seg.exit.outputs[n]) for n in self.output_names
-                                                           if n in seg.exit.outputs))
+            exits = []
+            for n in self.output_names:
+                if n in seg.exit.outputs:
+                    t = produced[seg.exit.outputs[n]]
+                    exits.append((n, t.name, self._out_axes[n] if t.batch_axis is None else t.batch_axis, t.dtype))
             steps.append(_Step(index=k, inputs=tuple(t.name for t in seg.inputs),
                                gate=gate.output if gate else None,
                                score=gate.score_output if gate else None,
-                               exits=exits, keep=tuple(keep)))
+                               exits=tuple(exits), keep=tuple(keep)))
         return tuple(steps)
 
     # --- argument checks ------------------------------------------------------------------------------

@@ -296,6 +296,7 @@ class TensorRTBackend(SegmentBackend):
 
     name = "tensorrt"
     reuses_result_buffers = True  # exited rows land in pinned buffers reused by the next call
+    max_batch: int  # engines are built for a max batch: the smallest over the segments (never unlimited)
 
     def __init__(self, bundle: Bundle | str | Path, **options: Any) -> None:
         if not isinstance(bundle, Bundle):
