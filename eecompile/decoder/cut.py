@@ -109,12 +109,7 @@ def cut_segments(dg: DecoderGraph, cuts: list[str], final_hidden: str) -> list[S
     model_inputs = [v for v in g.inputs if not PAST.match(v.name or "")]
     past = {v.name: v for v in g.inputs if PAST.match(v.name or "")}
     present = {v.name: v for v in g.outputs}
-    bounds = [*cuts, final_hidden]
-    for k, name in enumerate(bounds):
-        if name not in values:
-            where = f"exits[{k}].at" if k < len(cuts) else "final.hidden"
-            raise SpecError(f"{where}: the model has no tensor '{name}'; name a layer's output "
-                            f"(models exported by eecompile.models.lm call it 'layers.N.output')")
+    bounds = check_cuts(values, cuts, final_hidden)
     segments: list[Segment] = []
     first = 0
     hidden_in: ir.Value | None = None
@@ -163,6 +158,18 @@ def cut_segments(dg: DecoderGraph, cuts: list[str], final_hidden: str) -> list[S
         raise SpecError(f"final.hidden: '{final_hidden}' is the output of layer {first - 1}, not of the last layer "
                         f"({dg.n_layers - 1}); name the final norm's input")
     return segments
+
+
+def check_cuts(values: dict[str, ir.Value], cuts: list[str], final_hidden: str) -> list[str]:
+    """The segment bounds ``[*cuts, final_hidden]``, each checked to be a tensor of the graph (``values``: name
+    -> value); raises ``SpecError`` naming the YAML path (``exits[k].at`` or ``final.hidden``) of one that is not."""
+    bounds = [*cuts, final_hidden]
+    for k, name in enumerate(bounds):
+        if name not in values:
+            where = f"exits[{k}].at" if k < len(cuts) else "final.hidden"
+            raise SpecError(f"{where}: the model has no tensor '{name}'; name a layer's output "
+                            f"(models exported by eecompile.models.lm and .mamba call it 'layers.N.output')")
+    return bounds
 
 
 def _own_past_length(graph: ir.Graph, first: int, last: int) -> None:

@@ -8,6 +8,7 @@ step on top of the caches the segments wrote.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,15 +18,17 @@ from eecompile.errors import BundleError
 TOLERANCE = 1e-3  # max |logit difference|, relative to the logits' scale
 
 
-def verify_decoder(bundle_dir: Path, source: Path, seed: int = 0) -> float:
-    """Return the largest relative logit difference; raise ``BundleError`` above ``TOLERANCE``."""
+def verify_decoder(bundle_dir: Path, source: Path, seed: int = 0, source_feeds: Any = None) -> float:
+    """Return the largest relative logit difference; raise ``BundleError`` above ``TOLERANCE``.
+
+    ``source_feeds(runner, ids)``: the source model's inputs for a whole sequence ``ids`` [1, S] from an empty
+    cache (default: the KV layout's: attention mask, positions, empty past key/values)."""
     import onnxruntime as ort
 
     from eecompile.runtimes.lm import DecoderRunner, pad_positions
     from eecompile.runtimes.sessions import session_options
 
     runner = DecoderRunner(Bundle.load(bundle_dir), threads=1)
-    dec = runner.dec
     rng = np.random.default_rng(seed)
     prompts = [list(rng.integers(0, runner.vocab, 5)), list(rng.integers(0, runner.vocab, 3))]
     rows = runner._new_rows(prompts)
@@ -38,12 +41,7 @@ def verify_decoder(bundle_dir: Path, source: Path, seed: int = 0) -> float:
         for i, r in enumerate(rows):
             n = len(outs[i])
             ids = np.array([r.seq], np.int64)
-            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                     "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
-            for layer in range(dec["layers"]):
-                for t in ("key", "value"):
-                    feeds[f"past_key_values.{layer}.{t}"] = np.zeros((1, runner.kv_heads, 0, runner.head_dim),
-                                                                     np.float32)
+            feeds = (source_feeds or _kv_feeds)(runner, ids)
             want = src.run(["logits"], feeds)[0][0, -n:]
             scale = max(float(np.abs(want).max()), 1.0)
             worst = max(worst, float(np.abs(got[i, :n] - want).max()) / scale)
@@ -54,3 +52,11 @@ def verify_decoder(bundle_dir: Path, source: Path, seed: int = 0) -> float:
                           f"report it with the model")
     return worst
 
+
+def _kv_feeds(runner: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+    for layer in range(runner.dec["layers"]):
+        for t in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{t}"] = np.zeros((1, runner.kv_heads, 0, runner.head_dim), np.float32)
+    return feeds

@@ -64,7 +64,6 @@ def export_decoder(model: Any, path: str | Path, *, opset: int = 18) -> Path:
 
     Raises ``GraphError`` when the model has no ``config.num_hidden_layers`` or the exporter fails.
     """
-    import onnx
     import torch
 
     path = Path(path)
@@ -96,15 +95,23 @@ def export_decoder(model: Any, path: str | Path, *, opset: int = 18) -> Path:
                           input_names=["input_ids", "attention_mask", "position_ids", *kv_in],
                           output_names=["logits", *kv_out, *taps], dynamic_axes=axes, opset_version=opset,
                           dynamo=False, do_constant_folding=True)
-    proto = onnx.load(str(path), load_external_data=False)
-    keep = [o for o in proto.graph.output if o.name not in set(taps)]
-    tap_info = [o for o in proto.graph.output if o.name in set(taps)]
-    del proto.graph.output[:]
-    proto.graph.output.extend(keep)
-    proto.graph.value_info.extend(tap_info)
-    onnx.save(proto, str(path))
+    outputs_to_value_info(path, taps)
     log.info("exported %s (%d layers, KV cache)", path, n_layers)
     return path
+
+
+def outputs_to_value_info(path: str | Path, names: list[str]) -> None:
+    """Turn the graph outputs ``names`` of the ONNX file at ``path`` into value_info entries (kept, typed, named
+    tensors a spec can cut at), rewriting the file. The exporters keep a tensor's name only as an output."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    keep = [o for o in proto.graph.output if o.name not in set(names)]
+    info = [o for o in proto.graph.output if o.name in set(names)]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    proto.graph.value_info.extend(info)
+    onnx.save(proto, str(path))
 
 
 def tiny_llama(seed: int = 0, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
