@@ -190,12 +190,14 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
                     verify: bool = True) -> Bundle:
     """Compile a decoder spec into a bundle at ``output`` (atomically); return the loaded bundle.
 
-    Raises ``SpecError`` (bad spec, exit not at a layer output), ``GraphError`` (not a KV-cache decoder) and
-    ``BundleError`` (destination exists without ``force``; the chain does not reproduce the model).
+    A model whose layers carry a recurrent state (``past_state.*`` inputs) is compiled by
+    ``eecompile.decoder.recurrent``. Raises ``SpecError`` (bad spec, exit not at a layer output), ``GraphError``
+    (neither a KV-cache nor a recurrent-state decoder) and ``BundleError`` (destination exists without
+    ``force``; the chain does not reproduce the model).
     """
     import onnx_ir as ir
 
-    from eecompile.decoder.cut import HIDDEN, cut_head, cut_segments, embedding_of, inspect_decoder
+    from eecompile.decoder.cut import cut_head, cut_segments, embedding_of, inspect_decoder
 
     if not isinstance(spec, DecoderSpec):
         spec = parse_decoder_spec(spec)
@@ -207,6 +209,10 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
         model = ir.load(spec.model)
     except Exception as e:  # onnx raises several types for a damaged file
         raise GraphError(f"{spec.model}: cannot load the ONNX model ({e})") from e
+    from eecompile.decoder.recurrent import compile_recurrent, is_recurrent
+
+    if is_recurrent(model):  # layers carry a recurrent state (past_state.*) instead of a key/value cache
+        return compile_recurrent(spec, model, output, verify=verify)
     dg = inspect_decoder(model, str(spec.model))
     from eecompile.models.lm import layer_output_name
 
@@ -224,16 +230,7 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
         if not isinstance(d, int):
             raise GraphError(f"'{final_hidden}': the hidden size is not fixed; export with static hidden size")
         hidden_size = d
-    f32 = ir.DataType.FLOAT
-    for s in segments:
-        for v in s.graph.inputs:
-            if v.name == s.hidden_in:
-                v.name = HIDDEN
-                _typed(v, f32, ["batch", "seq", hidden_size])
-        out = s.graph.outputs[0]
-        out.name = HIDDEN + "_out"
-        _typed(out, f32, ["batch", "seq", hidden_size])
-    _typed(head.inputs[0], f32, ["batch", "seq", hidden_size])
+    name_hidden(segments, head, hidden_size)
     updates = []
     for s in segments:
         done = False
@@ -247,14 +244,56 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
     opsets = dict(model.opset_imports)
     graphs = {f"segment{s.index}.onnx": s.graph for s in segments}
     graphs["head.onnx"] = head
-    max_length = spec.max_length or 2048
-    decoder = {
-        "layers": dg.n_layers, "vocab": dg.vocab, "hidden_size": hidden_size,
-        "kv": {"heads": dg.kv_heads, "head_dim": dg.head_dim, "dtype": "float32"},
-        "max_length": max_length,
+    decoder = decoder_section(spec, segments, dg.n_layers, dg.vocab, hidden_size,
+                              kv={"heads": dg.kv_heads, "head_dim": dg.head_dim, "dtype": "float32"})
+    for seg, u in zip(decoder["segments"], updates, strict=True):
+        seg["kv_update"] = u
+    if spec.kv_cache == "in_place" and "concat" in updates:
+        log.warning("the key/value cache of segments %s stays the exported Concat (a copy per call): their "
+                    "attention does not have the shape the in-place rewrite needs",
+                    [i for i, u in enumerate(updates) if u == "concat"])
+    del head, segments
+
+    def check(tmp: Path) -> None:
+        from eecompile.decoder.verify import verify_decoder
+
+        verify_decoder(tmp, spec.model)
+
+    return write_decoder_bundle(spec, output, graphs, opsets, decoder, check if verify else None)
+
+
+def name_hidden(segments: list[Any], head: Any, hidden_size: int) -> None:
+    """Name and type the hidden states a decoder bundle's files pass on: a segment's input ``hidden`` and
+    output ``hidden_out``, the head's input ``hidden``, all float32 [batch, seq, hidden_size]."""
+    import onnx_ir as ir
+
+    from eecompile.decoder.cut import HIDDEN
+
+    f32 = ir.DataType.FLOAT
+    for s in segments:
+        for v in s.graph.inputs:
+            if v.name == s.hidden_in:
+                v.name = HIDDEN
+                _typed(v, f32, ["batch", "seq", hidden_size])
+        out = s.graph.outputs[0]
+        out.name = HIDDEN + "_out"
+        _typed(out, f32, ["batch", "seq", hidden_size])
+    _typed(head.inputs[0], f32, ["batch", "seq", hidden_size])
+
+
+def decoder_section(spec: DecoderSpec, segments: list[Any], n_layers: int, vocab: int, hidden_size: int,
+                    **extra: Any) -> dict[str, Any]:
+    """The manifest's ``decoder`` section for ``segments`` (``segment{k}.onnx``) and the shared ``head.onnx``;
+    ``extra`` entries (the cache layout) are added as given. Raises ``SpecError`` for a missing tokenizer file
+    or an ``eos_token_id`` outside the vocabulary."""
+    from eecompile.decoder.cut import HIDDEN
+
+    decoder: dict[str, Any] = {
+        "layers": n_layers, "vocab": vocab, "hidden_size": hidden_size, **extra,
+        "max_length": spec.max_length or 2048,
         "segments": [{"file": f"segment{s.index}.onnx", "layers": [s.first, s.last],
                       "hidden_in": HIDDEN if s.hidden_in else None, "hidden_out": HIDDEN + "_out",
-                      "inputs": s.model_inputs, "kv_update": u} for s, u in zip(segments, updates, strict=True)],
+                      "inputs": s.model_inputs} for s in segments],
         "head": {"file": "head.onnx", "input": HIDDEN, "threshold_input": "threshold",
                  "acceptance_inputs": ["drafts", "n_fed"],
                  "outputs": ["logits", "token", "max_prob", "gate", "accepted", "next_token"]},
@@ -264,33 +303,36 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
         "weights": WEIGHTS,
         "eos_token_id": spec.eos_token_id,
     }
-    if spec.kv_cache == "in_place" and "concat" in updates:
-        log.warning("the key/value cache of segments %s stays the exported Concat (a copy per call): their "
-                    "attention does not have the shape the in-place rewrite needs",
-                    [i for i, u in enumerate(updates) if u == "concat"])
     if spec.tokenizer is not None:
         if not spec.tokenizer.is_file():
             raise SpecError(f"tokenizer: '{spec.tokenizer}' not found; give the path of the model's tokenizer.json")
         decoder["tokenizer"] = TOKENIZER
-    if spec.eos_token_id is not None and not 0 <= spec.eos_token_id < dg.vocab:
-        raise SpecError(f"eos_token_id: {spec.eos_token_id} is outside the vocabulary (0..{dg.vocab - 1})")
-    src_hash = sha256_file(spec.model)
-    manifest = Manifest(source_model={"file": spec.model.name, "sha256": src_hash},
+    if spec.eos_token_id is not None and not 0 <= spec.eos_token_id < vocab:
+        raise SpecError(f"eos_token_id: {spec.eos_token_id} is outside the vocabulary (0..{vocab - 1})")
+    return decoder
+
+
+def write_decoder_bundle(spec: DecoderSpec, output: Path, graphs: dict[str, Any], opsets: dict[str, int],
+                         decoder: dict[str, Any], verify: Any = None) -> Bundle:
+    """Write ``graphs`` (file name -> onnx-ir graph), the tokenizer and the manifest to ``output`` atomically;
+    ``verify(tmp_dir)`` (raising ``BundleError``) checks the staged bundle before it is moved into place.
+    ``graphs`` is emptied once written (the graphs' memory is freed before the check)."""
+    n_seg = len(decoder["segments"])
+    manifest = Manifest(source_model={"file": spec.model.name, "sha256": sha256_file(spec.model)},
                         inputs=[TensorInfo(name="input_ids", dtype="int64", shape=["batch", "seq"], batch_axis=0)],
-                        outputs=[TensorInfo(name="logits", dtype="float32", shape=["batch", "seq", dg.vocab],
+                        outputs=[TensorInfo(name="logits", dtype="float32", shape=["batch", "seq", decoder["vocab"]],
                                             batch_axis=0)],
                         segments=[], eecompile_version=__version__, decoder=decoder,
-                        notes=[f"decoder: {len(segments)} segments at layers "
-                               f"{[s.last - 1 for s in segments[:-1]]}; generate with `eecompile generate`"])
+                        notes=[f"decoder: {n_seg} segments at layers "
+                               f"{[s['layers'][1] - 1 for s in decoder['segments'][:-1]]}; "
+                               f"generate with `eecompile generate`"])
     with staged_bundle(output) as tmp:
         _write_models(tmp, graphs, opsets)
         if spec.tokenizer is not None:
             shutil.copyfile(spec.tokenizer, tmp / TOKENIZER)
-        del graphs, head, segments
+        graphs.clear()
         write_manifest(tmp, manifest)
-        if verify:
-            from eecompile.decoder.verify import verify_decoder
-
-            verify_decoder(tmp, spec.model)
+        if verify is not None:
+            verify(tmp)
     log.info("wrote decoder bundle %s", output)
     return Bundle.load(output)

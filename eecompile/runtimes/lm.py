@@ -146,10 +146,25 @@ class DecoderRunner:
     is not a decoder bundle, ``BackendError`` when onnxruntime is missing or a session fails to load.
     """
 
+    _loaded: Bundle | None = None  # the bundle __new__ loaded to choose the class
+
+    def __new__(cls, bundle: Bundle | str | Path, *args: Any, **kwargs: Any) -> DecoderRunner:
+        # a bundle whose layers carry a recurrent state (decoder.state) gets the runner that keeps per-row states
+        if cls is DecoderRunner:
+            if not isinstance(bundle, Bundle):
+                bundle = Bundle.load(bundle)
+            if (bundle.manifest.decoder or {}).get("state"):
+                from eecompile.runtimes.recurrent import RecurrentDecoderRunner
+
+                cls = RecurrentDecoderRunner
+        runner = super().__new__(cls)
+        runner._loaded = bundle if isinstance(bundle, Bundle) else None  # __init__ does not load it twice
+        return runner
+
     def __init__(self, bundle: Bundle | str | Path, *, threads: int | None = None, tokenizer: Any = None,
                  providers: Sequence[str] | None = None) -> None:
         if not isinstance(bundle, Bundle):
-            bundle = Bundle.load(bundle)
+            bundle = self._loaded or Bundle.load(bundle)
         dec = bundle.manifest.decoder
         if not dec:
             raise BundleError(f"{bundle.path}: not a decoder bundle (it has no decoder section); compile a "
@@ -159,8 +174,9 @@ class DecoderRunner:
         self.vocab = int(dec["vocab"])
         self.hidden_size = int(dec["hidden_size"])
         self.max_length = int(dec["max_length"])
-        self.kv_heads = int(dec["kv"]["heads"])
-        self.head_dim = int(dec["kv"]["head_dim"])
+        kv = dec.get("kv") or {"heads": 0, "head_dim": 0}  # none in a recurrent-state bundle
+        self.kv_heads = int(kv["heads"])
+        self.head_dim = int(kv["head_dim"])
         self.exits = list(dec["exits"])
         self.segments = list(dec["segments"])
         self.eos_token_id: int | None = dec.get("eos_token_id")
@@ -567,17 +583,21 @@ class DecoderRunner:
             if a != b:
                 break
             common += 1
-        for s in range(len(self.segments)):  # rejected drafts: lower the row's length (a narrower view)
-            if r.lengths[s] > common:
-                r.lengths[s] = common
-                if r.pool is None:
-                    r.caches[s] = [c[:, :, :common] for c in r.caches[s]]
-                r.pending[s] = []
+        self._rewind(r, common)
         r.seq = seq
         r.n_confirmed = len(seq)
         r.q = []
         if not r.done and r.generated >= r.max_new:
             r.done, r.finish_reason = True, "length"
+
+    def _rewind(self, r: _Row, common: int) -> None:
+        """Forget what the segments computed past the first ``common`` positions (rejected drafts)."""
+        for s in range(len(self.segments)):  # lower the row's length (a narrower view)
+            if r.lengths[s] > common:
+                r.lengths[s] = common
+                if r.pool is None:
+                    r.caches[s] = [c[:, :, :common] for c in r.caches[s]]
+                r.pending[s] = []
 
     def _prefill(self, rows: list[_Row]) -> None:
         """Every prompt position but the last through every segment; the mode's first step then takes the last
