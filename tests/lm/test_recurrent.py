@@ -212,3 +212,22 @@ def test_exit_inside_a_layer_is_refused(root: Path) -> None:
     inner = next(i for i in add.input if i != "layers.1.output")  # the mixer's output, before the residual sum
     with pytest.raises(SpecError, match="inside a layer"):
         _compile(root, "mamba.onnx", "inner.eebundle", exits=[{"at": inner}])
+
+
+def test_trained_draft_head_keeps_speculative_lossless(root: Path, tmp_path: Path) -> None:
+    from eecompile.decoder.train import train_draft_heads
+
+    char_tokenizer(root / "tokenizer.json", 128)
+    spec = yaml.safe_load((root / "mamba.eebundle.yaml").read_text())
+    spec["tokenizer"] = "tokenizer.json"
+    (root / "tok.yaml").write_text(yaml.safe_dump(spec))
+    compile_decoder(root / "tok.yaml", tmp_path / "tok.eebundle")
+    train_draft_heads(tmp_path / "tok.eebundle", texts=["The quick brown fox jumps over the lazy dog. " * 8],
+                      vocab=64, hidden=64, epochs=1, max_tokens=300, chunk=64, generate_tokens=8, threads=1)
+    run = DecoderRunner(tmp_path / "tok.eebundle", threads=1)
+    assert run.exits[0].get("draft_head")
+    prompts = ["Hello there", "A", "The lazy dog"]
+    plain = run.generate(prompts, N_NEW, mode="none")
+    spec_res = run.generate(prompts, N_NEW, mode="speculative", thresholds="always", draft_tokens=3)
+    assert [r["token_ids"] for r in spec_res.results] == [r["token_ids"] for r in plain.results]
+    assert 0.0 < spec_res.acceptance_rate < 1.0  # type: ignore[operator]
