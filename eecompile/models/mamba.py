@@ -1,10 +1,12 @@
 """A small Mamba-style recurrent decoder in PyTorch and its ONNX export with per-layer state inputs and outputs.
 
-Each block is Mamba's (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
-the ``mamba_simple.Mamba`` mixer, pre-norm residual): RMSNorm, ``in_proj`` to (x, z), a causal depthwise
-convolution of width K over x, a selective scan over x with input-dependent ``dt``, B, C and a diagonal
-A = -exp(A_log), the gate ``y * silu(z)``, ``out_proj`` and the residual sum. The model: an embedding, N blocks,
-a final RMSNorm and the LM head tied to the embedding.
+Each block is a Mamba block (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
+Spaces", the ``mamba_simple.Mamba`` mixer, pre-norm residual): RMSNorm, ``in_proj`` to (x, z), a causal
+depthwise convolution of width K over x, a selective scan over x with input-dependent ``dt``, B and C, the gate
+``y * silu(z)``, ``out_proj`` and the residual sum. The decay is Mamba-2's (Dao & Gu 2024, "Transformers are
+SSMs"): one rate per channel, A = -exp(A_log) [D_inner] (Mamba-2's scalar A per head, with heads of one channel),
+rather than Mamba-1's [D_inner, S]; that keeps the scan's closed form below O(T^2 D_inner) instead of
+O(T^2 D_inner S). The model: an embedding, N blocks, a final RMSNorm and the LM head tied to the embedding.
 
 Per layer i the recurrent state is two tensors (Hugging Face's ``MambaCache`` has the same two):
 ``past_state.{i}.ssm`` [B, D_inner, S] (the scan state) and ``past_state.{i}.conv`` [B, D_inner, K-1] (the last
@@ -16,13 +18,14 @@ share one call) and the states; outputs ``logits`` [B, T, V] and the present sta
 graph serves prefill, one-token decoding and multi-token verification. Each block's output is named
 ``layers.{i}.output`` (kept in value_info) so a decoder spec can cut there.
 
-The scan is exported in its closed (parallel) form rather than as an ONNX ``Loop``: with a_t = exp(dt_t A)
-and L_t = sum_{j<=t} dt_j A (a CumSum), s_t = exp(L_t) s_0 + sum_{i<=t} exp(L_t - L_i) dt_i B_i x_i — the
-T x T causal form of a diagonal linear recurrence, as Mamba-2's SSD writes it (Dao & Gu 2024). It exports
-with standard ops (CumSum, Exp, Where, ReduceSum) and a dynamic T through the TorchScript exporter, needs no
-subgraph (the cut and extraction passes see one flat graph, ONNX Runtime fuses it as any other), and every
-exponent is <= 0 (stable). Its memory is O(T^2 D_inner S) per row, so the runtime feeds long prompts in
-chunks (``eecompile.runtimes.recurrent.CHUNK`` positions): the state carries over, the result is the same.
+The scan is exported in its closed (parallel) form rather than as an ONNX ``Loop``: with L_t = sum_{j<=t} dt_j A
+(a CumSum) and u_t = dt_t x_t, s_t = exp(L_t) s_0 + sum_{i<=t} exp(L_t - L_i) u_i B_i, so
+y_t = C_t . s_t = exp(L_t) (C_t . s_0) + sum_{i<=t} exp(L_t - L_i) (C_t . B_i) u_i — the T x T causal form
+of a diagonal linear recurrence, as Mamba-2's SSD writes it. It exports with standard ops (CumSum, Exp, Where,
+MatMul, ReduceSum) and a dynamic T through the TorchScript exporter, needs no subgraph (the cut and extraction
+passes see one flat graph, ONNX Runtime optimises it as any other), and every exponent is <= 0 (stable). Its
+memory is O(T^2 D_inner) per row, so the runtime feeds long prompts in chunks
+(``eecompile.runtimes.recurrent.CHUNK`` positions): the state carries over, the result is the same.
 ``TinyMamba.forward`` with T = 1, step by step, is the sequential recurrence the closed form must equal.
 
 torch is imported lazily (inside the functions).
@@ -81,8 +84,8 @@ def _modules() -> Any:
             self.conv_bias = nn.Parameter(torch.zeros(d_inner))
             self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
             self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-            # Mamba's initialisation: A_n = -(n + 1), dt in [1e-3, 1e-1] through softplus's inverse
-            self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+            # Mamba-2's initialisation: A in [-16, -1], dt in [1e-3, 1e-1] through softplus's inverse
+            self.A_log = nn.Parameter(torch.log(torch.empty(d_inner).uniform_(1.0, 16.0)))
             dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
             with torch.no_grad():
                 self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
@@ -102,19 +105,22 @@ def _modules() -> Any:
             xc = F.silu(xc.transpose(1, 2))  # [B, T, Di]
             dt, bm, cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
             dt = F.softplus(self.dt_proj(dt)) * mask[..., None]  # [B, T, Di]; 0 at padding: the state passes
-            a = -torch.exp(self.A_log)  # [Di, S]
-            log_a = dt[..., None] * a  # [B, T, Di, S]: log of the per-step decay
-            u = (dt * xc)[..., None] * bm[:, :, None, :]  # [B, T, Di, S]: the per-step input
-            cum = torch.cumsum(log_a, dim=1)
+            a = -torch.exp(self.A_log)  # [Di]: one decay rate per channel
+            cum = torch.cumsum(dt * a, dim=1)  # [B, T, Di]: L_t, the log of the decay from the start to t
+            u = dt * xc  # [B, T, Di]: the per-step input (times B_t, per state entry)
             t = x.shape[1]
             pos = torch.arange(t, device=x.device)
-            causal = (pos[:, None] >= pos[None, :])[None, :, :, None, None]  # [1, T(t), T(i), 1, 1]
+            causal = (pos[:, None] >= pos[None, :])[None, :, :, None]  # [1, T(t), T(i), 1]
             diff = cum[:, :, None] - cum[:, None, :]  # L_t - L_i: <= 0 where i <= t
-            w = torch.exp(torch.where(causal, diff, torch.full_like(diff, -math.inf)))
-            states = torch.exp(cum) * ssm[:, None] + (w * u[:, None]).sum(2)  # [B, T, Di, S]: s_t
-            y = (states * cm[:, :, None, :]).sum(-1) + self.D * xc
+            w = torch.exp(torch.where(causal, diff, torch.full_like(diff, -math.inf)))  # [B, T, T, Di]
+            g = cm @ bm.transpose(1, 2)  # [B, T(t), T(i)]: C_t . B_i
+            # y_t = C_t . s_t + D x_t, with s_t = exp(L_t) s_0 + sum_{i<=t} exp(L_t - L_i) u_i B_i
+            y = (torch.exp(cum) * (cm @ ssm.transpose(1, 2)) + (w * g[..., None] * u[:, None]).sum(2)
+                 + self.D * xc)
+            last = torch.exp(cum[:, -1:] - cum) * u  # [B, T, Di]: each position's weight in the last state
+            ssm_out = torch.exp(cum[:, -1])[..., None] * ssm + last.transpose(1, 2) @ bm  # [B, Di, S]
             y = y * F.silu(z)
-            return x + self.out_proj(y), states[:, -1], conv_out
+            return x + self.out_proj(y), ssm_out, conv_out
 
     class TinyMamba(nn.Module):
         """Embedding, ``layers`` Mamba blocks, final RMSNorm, LM head tied to the embedding.

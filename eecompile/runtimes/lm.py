@@ -143,14 +143,17 @@ class DecoderRunner:
     ``threads``: intra-op threads per session (default: the cores this process may use).
     ``tokenizer``: a ``tokenizers.Tokenizer``, a path to a ``tokenizer.json``, or None for the bundle's own
     (``tokenizer.json`` in the bundle, when it was compiled with one). Raises ``BundleError`` for a bundle that
-    is not a decoder bundle, ``BackendError`` when onnxruntime is missing or a session fails to load.
+    is not a decoder bundle, ``BackendError`` when onnxruntime is missing or a session fails to load. For a
+    bundle whose layers carry a recurrent state instead of a cache (``decoder.state``), ``DecoderRunner(bundle)``
+    returns an ``eecompile.runtimes.recurrent.RecurrentDecoderRunner`` (the same interface).
     """
 
     _loaded: Bundle | None = None  # the bundle __new__ loaded to choose the class
 
-    def __new__(cls, bundle: Bundle | str | Path, *args: Any, **kwargs: Any) -> DecoderRunner:
+    def __new__(cls, bundle: Bundle | str | Path | None = None, *args: Any, **kwargs: Any) -> DecoderRunner:
         # a bundle whose layers carry a recurrent state (decoder.state) gets the runner that keeps per-row states
-        if cls is DecoderRunner:
+        # (bundle None: copy/pickle make an instance without arguments)
+        if cls is DecoderRunner and bundle is not None:
             if not isinstance(bundle, Bundle):
                 bundle = Bundle.load(bundle)
             if (bundle.manifest.decoder or {}).get("state"):

@@ -161,9 +161,11 @@ def _decoder_table(dec: dict[str, Any]) -> str:
                     f"<td>{_e((e.get('gate') or {}).get('kind'))}</td>"
                     f"<td>{_e((e.get('gate') or {}).get('threshold'))}</td><td>{_e(e.get('draft_tokens'))}</td></tr>"
                     for i, e in enumerate(dec.get("exits", [])))
-    facts = (f"{dec.get('layers')} layers, hidden size {dec.get('hidden_size')}, vocabulary {dec.get('vocab')}, "
+    cache = (f"recurrent state per layer {(dec.get('state') or {}).get('parts')} (no cache)" if dec.get("state") else
              f"key/value cache of {dec.get('max_length')} positions ({(dec.get('kv') or {}).get('heads')} heads x "
-             f"{(dec.get('kv') or {}).get('head_dim')}); shared head {_e((dec.get('head') or {}).get('file'))}")
+             f"{(dec.get('kv') or {}).get('head_dim')})")
+    facts = (f"{dec.get('layers')} layers, hidden size {dec.get('hidden_size')}, vocabulary {dec.get('vocab')}, "
+             f"{cache}; shared head {_e((dec.get('head') or {}).get('file'))}")
     return (f"<section id='decoder'><h2>Decoder: layer segments and exits</h2><p>{_e(facts)}</p>"
             f"<table>{head}{''.join(rows)}</table><table><tr><th>exit</th><th>where</th><th>tensor</th>"
             f"<th>gate</th><th>threshold</th><th>draft tokens</th></tr>{exits}</table>"
