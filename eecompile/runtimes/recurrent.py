@@ -17,11 +17,15 @@ KV runner's (``eecompile.runtimes.lm``), with the state kept per row and per seg
   segment, the latest checkpoint at or before the positions still valid there and puts the inputs between it
   and them back as pending; the next call runs them again with the new positions. The draft segments run one
   position per call while drafting, so they restore exactly; the deep segments restore the state from before
-  the verification and the accepted positions' exit hidden states ride along with the next verification as
-  part of its scan (their outputs are not returned again: the verification sees only its own positions). We chose this over returning per-position states from the verification (a [B, T, ...] state
-  output per layer, a graph rewrite of every scan) because it needs no change to the exported graph and costs
-  only the accepted positions again in a call that runs anyway; when every draft is accepted (the common case
-  for a good draft) nothing is recomputed.
+  the verification, and the accepted positions' exit hidden states run through them again before the next
+  verification's positions, as their own short scan (in the same call as other rows' positions when the model
+  takes a mask), so the state at the confirmed tokens is a checkpoint again; their outputs are not returned
+  again (the verification sees only its own positions). Without that separate piece a rejecting round would
+  leave no checkpoint at its confirmed tokens, and consecutive rejecting rounds would feed an ever longer span
+  again. We chose this over returning per-position states from the verification (a [B, T, ...] state output
+  per layer, a rewrite of every scan in the graph) because it needs nothing from the exported graph; it costs
+  the accepted positions once more and, at batch 1, one more short call per rejecting round. When every draft
+  is accepted nothing runs again.
 - **Exit mode.** A token that exits early leaves its exit hidden state pending for the deeper segments; when the
   row's next token goes deep, the pending positions go through them as a short scan (the same call).
 
@@ -111,7 +115,13 @@ class RecurrentDecoderRunner(DecoderRunner):
         done = [0] * len(rows)
         outs: list[list[np.ndarray]] = [[] for _ in rows]
         while True:
-            take = {i: min(ns[i] - done[i], self.chunk) for i in range(len(rows)) if done[i] < ns[i]}
+            take = {}
+            for i, r in enumerate(rows):
+                if done[i] < ns[i]:
+                    # positions fed again after a rewind run as their own piece, so the state where they end
+                    # (the row's confirmed tokens) is a checkpoint for the next rewind
+                    replay = r.seen[s] - r.lengths[s]  # type: ignore[attr-defined]
+                    take[i] = min(ns[i] - done[i], self.chunk, replay if replay > 0 else self.chunk)
             if not take:
                 break
             groups: dict[int, list[int]] = {}

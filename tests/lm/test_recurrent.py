@@ -231,3 +231,18 @@ def test_trained_draft_head_keeps_speculative_lossless(root: Path, tmp_path: Pat
     spec_res = run.generate(prompts, N_NEW, mode="speculative", thresholds="always", draft_tokens=3)
     assert [r["token_ids"] for r in spec_res.results] == [r["token_ids"] for r in plain.results]
     assert 0.0 < spec_res.acceptance_rate < 1.0  # type: ignore[operator]
+
+
+def test_positions_fed_again_after_rejected_drafts_stay_within_one_round(runner: DecoderRunner) -> None:
+    # after a rejecting round the deep segments feed the accepted positions again as their own scan, so the
+    # state at the confirmed tokens is a checkpoint: what runs again never exceeds one round (k + 1 positions)
+    k = 4
+    batch = runner.open_batch("speculative", thresholds="always", draft_tokens=k)
+    for p in PROMPTS:
+        batch.add(p, 32)
+    worst = 0
+    while batch.active or batch.waiting:
+        batch.step()
+        for r in batch._active:
+            worst = max(worst, *(seen - n for seen, n in zip(r.seen, r.lengths, strict=True)))  # type: ignore[attr-defined]
+    assert 0 < worst <= k + 1
