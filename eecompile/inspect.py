@@ -109,12 +109,14 @@ def _describe_decoder(bundle: Bundle, dec: dict[str, Any]) -> dict[str, Any]:
         segments.append({"index": i, "file": seg["file"], "layers": list(seg["layers"]),
                          "hidden_in": seg.get("hidden_in"), "hidden_out": seg.get("hidden_out"),
                          "inputs": list(seg.get("inputs") or []), "kv_inputs": kv_in, "kv_outputs": kv_out,
-                         "kv_cache": "in-place" if seg.get("kv_update") == IN_PLACE else "concat"})
+                         "kv_cache": "in-place" if seg.get("kv_update") == IN_PLACE else
+                         "recurrent" if seg.get("kv_update") == "recurrent" else "concat"})
     exits = [{"index": k, "after_layer": e.get("after_layer"), "at": e.get("at"), "segment": e.get("segment"),
               "gate": dict(e.get("gate") or {}), "draft_tokens": e.get("draft_tokens"),
               "draft_head": e.get("draft_head")} for k, e in enumerate(dec.get("exits") or [])]
     return {"layers": dec.get("layers"), "vocab": dec.get("vocab"), "hidden_size": dec.get("hidden_size"),
-            "max_length": dec.get("max_length"), "kv": dict(dec.get("kv") or {}), "segments": segments,
+            "max_length": dec.get("max_length"), "kv": dict(dec.get("kv") or {}),
+            "state": dict(dec["state"]) if dec.get("state") else None, "segments": segments,
             "head": dict(dec.get("head") or {}), "exits": exits, "eos_token_id": dec.get("eos_token_id"),
             "tokenizer": dec.get("tokenizer"), "calibration": sorted((dec.get("calibration") or {}).keys())}
 
@@ -211,18 +213,23 @@ def _names(names: list[str] | None) -> str:
 def _print_decoder(console: Any, dec: dict[str, Any]) -> None:
     from rich.table import Table
 
-    kv = dec["kv"]
+    kv, state = dec["kv"], dec.get("state")
+    what = (f"a recurrent state per layer {state.get('parts')} ({state.get('dtype')}; no cache), at most "
+            f"{dec['max_length']} positions" if state else
+            f"cache of {dec['max_length']} positions ({kv.get('heads')} KV heads x {kv.get('head_dim')}, "
+            f"{kv.get('dtype')})")
     console.print(f"decoder: {dec['layers']} layers, vocabulary {dec['vocab']}, hidden {dec['hidden_size']}, "
-                  f"cache of {dec['max_length']} positions ({kv.get('heads')} KV heads x {kv.get('head_dim')}, "
-                  f"{kv.get('dtype')}); generate with `eecompile generate`")
-    table = Table(title="decoder segments (each owns the KV cache of its layers)")
-    for col in ("seg", "file", "layers", "hidden in -> out", "KV cache in", "KV cache out", "cache update"):
+                  f"{what}; generate with `eecompile generate`")
+    owns = "recurrent state" if state else "KV cache"
+    table = Table(title=f"decoder segments (each owns the {owns} of its layers)")
+    for col in ("seg", "file", "layers", "hidden in -> out", f"{owns} in", f"{owns} out",
+                "update" if state else "cache update"):
         table.add_column(col, justify="right" if col == "seg" else "left")
+    updates = {"in-place": "in place (TensorScatter)", "recurrent": "state per row", "concat": "Concat (copy per call)"}
     for s in dec["segments"]:
         table.add_row(str(s["index"]), s["file"], _layers(s["layers"]),
                       f"{s['hidden_in'] or ', '.join(s['inputs'])} -> {s['hidden_out']}",
-                      _names(s["kv_inputs"]), _names(s["kv_outputs"]),
-                      "in place (TensorScatter)" if s["kv_cache"] == "in-place" else "Concat (copy per call)")
+                      _names(s["kv_inputs"]), _names(s["kv_outputs"]), updates[s["kv_cache"]])
     console.print(table)
     head = dec["head"]
     console.print(f"head: {head.get('file')} ({head.get('input')} -> {', '.join(head.get('outputs') or [])}; "

@@ -113,6 +113,11 @@ def test_segments_own_their_layers_states(root: Path, runner: DecoderRunner) -> 
                                                                       for p in ("ssm", "conv")}
         assert {n for n in outs if n.startswith("present_state.")} == {f"present_state.{i}.{p}" for i in layers
                                                                         for p in ("ssm", "conv")}
+    shown = CliRunner().invoke(cli, ["inspect", str(root / "mamba.eebundle"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    described = json.loads(shown.output)["decoder"]
+    assert described["state"]["parts"] == dec["state"]["parts"]
+    assert {s["kv_cache"] for s in described["segments"]} == {"recurrent"}
     # the tied embedding is stored once: segment 0's Gather and the head's Gemm read the same bytes
     emb = 128 * 32 * 4
     assert (root / "mamba.eebundle" / "weights.bin").stat().st_size < 2 * emb + 4 * 64 * 1024
