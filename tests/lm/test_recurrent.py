@@ -251,3 +251,13 @@ def test_positions_fed_again_after_rejected_drafts_stay_within_one_round(runner:
         for r in batch._active:
             worst = max(worst, *(seen - n for seen, n in zip(r.seen, r.lengths, strict=True)))  # type: ignore[attr-defined]
     assert 0 < worst <= k + 1
+
+
+def test_state_output_without_matching_input_is_refused(root: Path) -> None:
+    proto = onnx.load(str(root / "mamba.onnx"))
+    proto.graph.node.append(onnx.helper.make_node("Identity", ["present_state.3.ssm"], ["present_state.4.ssm"]))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("present_state.4.ssm", onnx.TensorProto.FLOAT,
+                                                                 ["batch", 64, 8]))
+    onnx.save(proto, str(root / "extra.onnx"))
+    with pytest.raises(GraphError, match=r"'present_state\.4\.ssm' has no matching input 'past_state\.4\.ssm'"):
+        _compile(root, "extra.onnx", "extra.eebundle")
