@@ -39,6 +39,7 @@ from eecompile.calibrate.collect import (
     load_data,
     predictions,
 )
+from eecompile.calibrate.jumps import JumpTable, collect_jump_table, end_settings, jump_exit_rows
 from eecompile.calibrate.latency import find_source_model, measure_latency, session_options, time_interleaved
 from eecompile.calibrate.ltt import LTTResult, ltt_thresholds
 from eecompile.calibrate.plot import check_plot_path, plot_report
@@ -170,7 +171,7 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
                               batch_size=batch_size, repeats=repeats, threads=threads, seed=seed,
                               error_budget=error_budget, steps=steps, stages=stages, plot=plot, costs=costs,
                               reference_model=reference_model)
-    check_classifier_bundle(b, "eecompile calibrate")
+    check_classifier_bundle(b, "eecompile calibrate", jumps=True)
     if len(m.segments) < 2:
         raise CalibrationError(f"{b.path}: the bundle has no early exit; nothing to calibrate")
     if m.task == "regression" and error_budget is None:
@@ -192,19 +193,24 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
                 f"learning); got {n}. Give more data, a larger --max-drop or --delta, or use --method search"
             )
     from eecompile.runtimes.chain import EarlyExitRunner
+    from eecompile.runtimes.jumps import JumpRunner
 
     # One runner (the backend being calibrated) for the scores and the timings.
     options: dict[str, Any] = {"threads": threads} if threads and backend == "onnxruntime" else {}
-    runner = EarlyExitRunner(b, backend=backend, **options)
+    runner = (JumpRunner if m.jumps else EarlyExitRunner)(b, backend=backend, **options)
     try:
         collect_batch = 256 if backend == "onnxruntime" else batch_size
-        table = collect_exit_table(b, inputs, None if error_budget is not None else labels, quiet=quiet,
-                                   runner=runner, batch_size=collect_batch, error_budget=error_budget)
+        collect = collect_jump_table if m.jumps else collect_exit_table  # jumps: one "exit" per path's end
+        table = collect(b, inputs, None if error_budget is not None else labels, quiet=quiet,
+                        runner=runner, batch_size=collect_batch, error_budget=error_budget)
+        jumps = table if isinstance(table, JumpTable) else None
         if costs is None:
             cum_s, full_s = measure_latency(b, inputs, backend=backend, batch_size=batch_size, repeats=repeats,
-                                            threads=threads, reference_model=reference_model, runner=runner)
+                                            threads=threads, reference_model=reference_model, runner=runner,
+                                            settings=end_settings(jumps, m) if jumps else None)
         else:
-            cum_s, full_s = list(np.cumsum(np.asarray(costs, np.float64))), None
+            cum_s = jumps.end_costs(costs) if jumps else list(np.cumsum(np.asarray(costs, np.float64)))
+            full_s = None
     finally:
         runner.close()
     notes: list[str] = []
@@ -254,10 +260,13 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     ev = evaluate(table, shown, cum)
     lo, hi = clopper_pearson_interval(ev.errors, n, conf)
     drop_upper = clopper_pearson_upper(ev.errors, n, dlt)
-    oracle = oracle_exits(table)
+    oracle = oracle_exits(table, cum)
     ref = "error budget" if error_budget is not None else "labels" if labels is not None else "final exit"
     exits = []
-    for k, seg in enumerate(m.segments):
+    if jumps is not None:
+        exits, jumped = jump_exit_rows(jumps, m, ev.exit_index, shown, cum)
+        notes.append(jumped)
+    for k, seg in enumerate(m.segments if jumps is None else ()):
         here = ev.exit_index == k
         gate = seg.exit.gate
         exits.append({
@@ -286,9 +295,9 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     )
     if deployed:
         def change(_root: Path, manifest: Manifest) -> None:
-            for k, seg in enumerate(manifest.segments):
-                if seg.exit.gate is not None:
-                    seg.exit.gate.threshold = float(thresholds[k])
+            gated = [seg.exit.gate for seg in manifest.segments if seg.exit.gate is not None]
+            for gate, t in zip(gated, thresholds, strict=True):  # one per gated exit (jump bundles: not every one)
+                gate.threshold = float(t)
             manifest.calibration = report.to_dict()
 
         update_bundle(b.path, change)

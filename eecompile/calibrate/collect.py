@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,6 +57,18 @@ class ExitTable:
     def n_early(self) -> int:
         """E, the number of early exits (the final exit not counted)."""
         return int(self.scores.shape[0])
+
+    @property
+    def n_exits(self) -> int:
+        """Exits a sample can end at (rows of ``correct``): E + 1 on a chain."""
+        return self.n_early + 1
+
+    def exits_for(self, masks: Sequence[np.ndarray]) -> np.ndarray:
+        """The exit each sample ends at (int64 [N], a row of ``correct``), given where each gate fires (``masks[e]``:
+        bool, shaped like ``scores[e]``): on a chain, the first early exit whose gate fires, else the final exit.
+        A table of another shape of network (jump exits: :class:`~eecompile.calibrate.jumps.JumpTable`) says
+        otherwise; the searches only go through this."""
+        return np.argmax(np.vstack([*masks, np.ones(self.n_samples, bool)]), axis=0)
 
     def subset(self, rows: np.ndarray) -> ExitTable:
         """The table restricted to sample ``rows`` (an index or boolean array over N)."""
@@ -162,10 +174,7 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
             res = runner.run(feeds, thresholds="never", policy="never")
             assert res.all_exits is not None and res.gate_scores is not None
             if error_budget is not None:
-                ys = [np.moveaxis(np.asarray(o[out_name], np.float64), out_axis, 0) for o in res.all_exits]
-                ys = [y.reshape(y.shape[0], -1) for y in ys]
-                ref_norm = np.maximum(np.linalg.norm(ys[-1], axis=1), 1e-12)
-                within = [np.linalg.norm(y - ys[-1], axis=1) / ref_norm <= error_budget for y in ys]
+                within = within_error_budget([o[out_name] for o in res.all_exits], out_axis, error_budget)
                 if preds is None:
                     preds = np.empty((e + 1, n), bool)
                 preds[:, rows] = np.stack(within)
@@ -186,6 +195,15 @@ def collect_exit_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
     kinds = [GateKind(s.exit.gate.kind) for s in m.segments[:-1] if s.exit.gate is not None]
     shared = len(kinds) > 1 and all(k == GateKind.Q_EXIT for k in kinds)  # one q for every Q-exit (PALBERT)
     return ExitTable(scores, correct, [k.fires_above for k in kinds], has_labels=labels is not None, shared=shared)
+
+
+def within_error_budget(ys: Sequence[np.ndarray], batch_axis: int, error_budget: float) -> list[np.ndarray]:
+    """Per output in ``ys`` (one per exit, the reference last; batch on ``batch_axis``): bool [B], its relative L2
+    error to the reference, ``||y_k - y|| / max(||y||, 1e-12)`` over each sample's values, is <= ``error_budget``."""
+    flat = [np.moveaxis(np.asarray(y, np.float64), batch_axis, 0) for y in ys]
+    flat = [y.reshape(y.shape[0], -1) for y in flat]
+    ref_norm = np.maximum(np.linalg.norm(flat[-1], axis=1), 1e-12)
+    return [np.linalg.norm(y - flat[-1], axis=1) / ref_norm <= error_budget for y in flat]
 
 
 def _batch_first(pred: np.ndarray, batch_axis: int, class_axis: int, ndim: int) -> np.ndarray:

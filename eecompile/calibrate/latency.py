@@ -75,7 +75,8 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], *, rounds: int = 100, w
 def measure_latency(bundle: Bundle, inputs: Mapping[str, np.ndarray], *, backend: str = "onnxruntime",
                     batch_size: int = 1, repeats: int = 100, threads: int | None = None,
                     reference_model: str | Path | None = None,
-                    runner: EarlyExitRunner | None = None) -> tuple[list[float], float | None]:
+                    runner: EarlyExitRunner | None = None,
+                    settings: Sequence[Sequence[float | str]] | None = None) -> tuple[list[float], float | None]:
     """Median seconds to leave at each exit at ``batch_size`` on ``backend``, and of the unsplit model.
 
     Exit k is timed through the runtime itself (``EarlyExitRunner.run`` with exit k forced: earlier gates
@@ -83,7 +84,9 @@ def measure_latency(bundle: Bundle, inputs: Mapping[str, np.ndarray], *, backend
     segment up to k, gate read-back, scatter. The unsplit model (ONNX Runtime only: ``reference_model``, or
     :func:`find_source_model`) is timed in the same interleaved rounds (:func:`time_interleaved`, up to
     ``repeats`` rounds) with the same thread settings, so the ratio is fair. ``runner``: reuse this runner
-    (its backend) instead of creating one.
+    (its backend) instead of creating one. ``settings``: thresholds to time instead, one list per path (a bundle
+    with jump exits times each of its ends: :func:`eecompile.calibrate.jumps.end_settings`, through its
+    :class:`~eecompile.runtimes.jumps.JumpRunner` given as ``runner``); their costs are returned as measured.
 
     Returns (cumulative seconds to leave at each exit, one per exit, non-decreasing; seconds of the unsplit
     model or None when it was not timed). Raises BackendError when the unsplit model cannot be loaded.
@@ -99,16 +102,16 @@ def measure_latency(bundle: Bundle, inputs: Mapping[str, np.ndarray], *, backend
         options: dict[str, Any] = {"threads": threads} if threads and backend == "onnxruntime" else {}
         runner = EarlyExitRunner(bundle, backend=backend, **options)
     e = len(bundle.manifest.segments) - 1
+    chain = settings is None
+    if settings is None:
+        settings = [["always" if j == k else "never" for j in range(e)] for k in range(e + 1)]
     calls: list[Callable[[], Any]] = []
-    for k in range(e + 1):
-        forced: list[float | str] = ["never"] * e
-        if k < e:
-            forced[k] = "always"
+    for forced in settings:
 
-        def call(f: list[float | str] = forced, r: EarlyExitRunner = runner) -> Any:
+        def call(f: Sequence[float | str] = forced, r: EarlyExitRunner = runner) -> Any:
             # The segments, always: reaching the final exit costs every gate on the way (with every gate
             # "never" the runner would otherwise take its no-exit path, which skips them).
-            return r.run(batch, thresholds=f, no_exit_path=False)
+            return r.run(batch, thresholds=list(f), no_exit_path=False) if chain else r.run(batch, thresholds=list(f))
 
         calls.append(call)
     src = Path(reference_model) if reference_model is not None else find_source_model(bundle)
@@ -130,6 +133,7 @@ def measure_latency(bundle: Bundle, inputs: Mapping[str, np.ndarray], *, backend
     finally:
         if own:
             runner.close()
-    cum, full = med[: e + 1], (med[e + 1] if len(med) > e + 1 else None)
+    k = len(settings)
+    cum, full = med[:k], (med[k] if len(med) > k else None)
     # A later exit never costs less than an earlier one (timing noise can say otherwise at tiny sizes).
-    return list(np.maximum.accumulate(np.asarray(cum))), full
+    return (list(np.maximum.accumulate(np.asarray(cum))) if chain else list(cum)), full

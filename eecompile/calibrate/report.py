@@ -113,7 +113,11 @@ class CalibrationReport:
         for e in self.exits:
             acc = "-" if e["accuracy"] is None else f"{e['accuracy']:.4f}"
             thr = "never" if e["threshold"] is None or not math.isfinite(e["threshold"]) else f"{e['threshold']:.4g}"
-            rows.append((str(e["name"] or (e["index"] if e["gate"] else "final")), e["gate"] or "final",
+            final = e is self.exits[-1]  # a segment without a gate elsewhere: the boundary before a jump target
+            gate = e["gate"] or ("final" if final else "-")
+            if "jump_to" in e:
+                gate += f" (jump -> {e['jump_to']}: {e['jumped']:.3f})"
+            rows.append((str(e["name"] or (e["index"] if e["gate"] or not final else "final")), gate,
                          thr if e["gate"] else "-", f"{e['share']:.3f}", acc, f"{e['cumulative_ms']:.4f}"))
         budget = (f"error budget {self.error_budget:g}, max share over it {self.max_drop:g}"
                   if self.error_budget is not None else f"max drop {self.max_drop:g}")

@@ -54,6 +54,14 @@ def _fires(scores: np.ndarray, threshold: float, above: bool) -> np.ndarray:
         return scores >= threshold if above else scores <= threshold
 
 
+def _gate_mask(scores: np.ndarray, threshold: float, above: bool) -> np.ndarray:
+    """Where one gate fires at ``threshold`` (never at the threshold that means "never exit here")."""
+    t = float(threshold)
+    if math.isinf(t) and (t > 0) == bool(above):
+        return np.zeros(np.shape(scores), dtype=bool)
+    return _fires(scores, t, above)
+
+
 def assign_exits(scores: np.ndarray, thresholds: Sequence[float], fires_above: Sequence[bool]) -> np.ndarray:
     """Exit taken by each sample: the first early exit whose gate fires, else the final exit (= E).
 
@@ -63,9 +71,14 @@ def assign_exits(scores: np.ndarray, thresholds: Sequence[float], fires_above: S
     e, n = scores.shape
     fires = np.ones((e + 1, n), dtype=bool)
     for k in range(e):
-        t = float(thresholds[k])
-        fires[k] = False if math.isinf(t) and (t > 0) == bool(fires_above[k]) else _fires(scores[k], t, fires_above[k])
+        fires[k] = _gate_mask(scores[k], thresholds[k], fires_above[k])
     return np.argmax(fires, axis=0)
+
+
+def table_exits(table: ExitTable, thresholds: Sequence[float]) -> np.ndarray:
+    """Exit (column of ``table.correct``) each sample of ``table`` takes at ``thresholds`` (one per gate)."""
+    return table.exits_for([_gate_mask(table.scores[k], thresholds[k], table.fires_above[k])
+                            for k in range(table.n_early)])
 
 
 @dataclass
@@ -85,7 +98,7 @@ class Evaluation:
 def evaluate(table: ExitTable, thresholds: Sequence[float], costs: Costs) -> Evaluation:
     """Accuracy, drop, loss and expected cost of ``thresholds`` on ``table``; ``costs[k]`` = cost of leaving at
     exit k (cumulative, one per exit)."""
-    idx = assign_exits(table.scores, thresholds, table.fires_above)
+    idx = table_exits(table, thresholds)
     n = table.n_samples
     cols = np.arange(n)
     ok = table.correct[idx, cols]
@@ -98,14 +111,18 @@ def evaluate(table: ExitTable, thresholds: Sequence[float], costs: Costs) -> Eva
         drop=float(full.mean() - ok.mean()) if n else 0.0,
         loss=float((full & ~ok).mean()) if n else 0.0,
         expected_cost=float(c[idx].mean()) if n else float(c[-1]),
-        shares=(np.bincount(idx, minlength=table.n_early + 1) / max(n, 1)).tolist(),
+        shares=(np.bincount(idx, minlength=table.n_exits) / max(n, 1)).tolist(),
         errors=int((full & ~ok).sum()),
     )
 
 
-def oracle_exits(table: ExitTable) -> np.ndarray:
-    """Each sample's first exit that already matches the reference (the final exit when none does)."""
-    return np.argmax(np.vstack([table.correct[:-1], np.ones((1, table.n_samples), bool)]), axis=0)
+def oracle_exits(table: ExitTable, costs: Costs | None = None) -> np.ndarray:
+    """Each sample's first exit that already matches the reference (the final exit when none does); with
+    ``costs`` (one per exit), its cheapest such exit (exits whose costs do not grow in order: paths of jumps)."""
+    ok = np.vstack([table.correct[:-1], np.ones((1, table.n_samples), bool)])
+    if costs is None:
+        return np.argmax(ok, axis=0)
+    return np.argmin(np.where(ok, np.asarray(costs, np.float64)[:, None], np.inf), axis=0)
 
 
 def candidate_thresholds(scores: np.ndarray, above: bool, n: int = 64) -> list[float]:
@@ -153,27 +170,25 @@ def search_thresholds(table: ExitTable, costs: Costs, max_drop: float, *, n_cand
     """
     e = table.n_early
     c = np.asarray(costs, dtype=np.float64)
-    if c.shape != (e + 1,):
-        raise CalibrationError(f"costs has {c.size} entries; it needs one per exit ({e + 1})")
+    if c.shape != (table.n_exits,):
+        raise CalibrationError(f"costs has {c.size} entries; it needs one per exit ({table.n_exits})")
     if e == 0 or table.n_samples == 0:
         return [never_threshold(a) for a in table.fires_above]
     risk_of = _risk_fn(table, risk)
     if table.shared:  # one threshold for every exit: the cheapest shared candidate within budget
         best, best_cost = never_setting(table), float(c[-1])
         for t in shared_candidates(table, n_candidates):
-            idx = assign_exits(table.scores, [t] * e, table.fires_above)
+            idx = table_exits(table, [t] * e)
             cost = float(c[idx].mean())
             if risk_of(idx) <= max_drop + 1e-12 and cost < best_cost - 1e-12:
                 best, best_cost = [t] * e, cost
         return best
     cands = [candidate_thresholds(table.scores[k], table.fires_above[k], n_candidates) for k in range(e)]
     # Every candidate's firing mask is computed once; an evaluation is then an argmax over E + 1 rows.
-    masks = [[np.zeros(table.n_samples, bool) if math.isinf(t) else _fires(table.scores[k], t, table.fires_above[k])
-              for t in cands[k]] for k in range(e)]
-    last = np.ones(table.n_samples, bool)
+    masks = [[_gate_mask(table.scores[k], t, table.fires_above[k]) for t in cands[k]] for k in range(e)]
 
     def score(choice: list[int]) -> tuple[float, float]:
-        idx = np.argmax(np.vstack([*(masks[k][choice[k]] for k in range(e)), last]), axis=0)
+        idx = table.exits_for([masks[k][choice[k]] for k in range(e)])
         return risk_of(idx), float(c[idx].mean())
 
     def descend(choice: list[int]) -> tuple[list[int], float]:
@@ -264,7 +279,7 @@ def bounded_search(table: ExitTable, costs: Costs, max_drop: float, confidence: 
         # setting that lets samples exit meets the bound is a question of the losses alone: ask it with costs
         # that make every earlier exit cheaper.
         reachable = thresholds != never or search_thresholds(
-            table, np.arange(1.0, len(never) + 2.0), rate, n_candidates=n_candidates, risk="loss") != never
+            table, np.arange(1.0, table.n_exits + 1.0), rate, n_candidates=n_candidates, risk="loss") != never
     else:
         thresholds = never
     ev = evaluate(table, thresholds, costs)
@@ -292,8 +307,8 @@ def threshold_path(table: ExitTable, costs: Costs, *, n_candidates: int = 64, ma
     """
     e, n = table.n_early, table.n_samples
     c = np.asarray(costs, dtype=np.float64)
-    if c.shape != (e + 1,):
-        raise CalibrationError(f"costs has {c.size} entries; it needs one per exit ({e + 1})")
+    if c.shape != (table.n_exits,):
+        raise CalibrationError(f"costs has {c.size} entries; it needs one per exit ({table.n_exits})")
     if e == 0 or n == 0:
         return []
     if table.shared:  # one threshold for every exit: the shared candidates are already ordered strict to loose
@@ -307,14 +322,12 @@ def threshold_path(table: ExitTable, costs: Costs, *, n_candidates: int = 64, ma
             tied = [tied[i] for i in keep]
         return tied
     cands = [candidate_thresholds(table.scores[k], table.fires_above[k], n_candidates) for k in range(e)]
-    masks = [[np.zeros(n, bool) if math.isinf(t) else _fires(table.scores[k], t, table.fires_above[k])
-              for t in cands[k]] for k in range(e)]
-    last = np.ones(n, bool)
+    masks = [[_gate_mask(table.scores[k], t, table.fires_above[k]) for t in cands[k]] for k in range(e)]
     full = table.correct[-1]
     cols = np.arange(n)
 
     def score(choice: list[int]) -> tuple[int, float]:
-        idx = np.argmax(np.vstack([*(masks[k][choice[k]] for k in range(e)), last]), axis=0)
+        idx = table.exits_for([masks[k][choice[k]] for k in range(e)])
         return int((full & ~table.correct[idx, cols]).sum()), float(c[idx].mean())
 
     choice = [0] * e

@@ -66,10 +66,11 @@ FIRES_BELOW = frozenset({"entropy", "change"})  # gates that fire when the score
 BOUNDED_SCORES = frozenset({"max_prob", "entropy", "margin", "patience", "saturation", "change", "q_exit"})
 
 
-def check_classifier_bundle(bundle: Bundle, command: str) -> None:
+def check_classifier_bundle(bundle: Bundle, command: str, jumps: bool = False) -> None:
     """Raise :class:`BundleError` when ``bundle`` is a decoder bundle (``manifest.decoder`` set): ``command``
     (e.g. ``"eecompile run"``) runs the segment chain of a classifier-style bundle; a decoder bundle generates
-    text with ``eecompile generate`` (:class:`eecompile.runtimes.lm.DecoderRunner`)."""
+    text with ``eecompile generate`` (:class:`eecompile.runtimes.lm.DecoderRunner`). ``jumps``: ``command`` also
+    takes a bundle with jump exits (through :class:`eecompile.runtimes.jumps.JumpRunner`)."""
     if bundle.manifest.decoder is not None:
         raise BundleError(f"{bundle.path}: a decoder bundle (kind: decoder); {command} takes bundles compiled from "
                           f"a classifier spec: generate text with `eecompile generate {bundle.path} --prompt TEXT`")
@@ -77,7 +78,7 @@ def check_classifier_bundle(bundle: Bundle, command: str) -> None:
         raise BundleError(f"{bundle.path}: a loop bundle (loop: in its spec); {command} would run one step of it: "
                           f"run the loop with eecompile.load(...).run(feeds, steps=N) or `eecompile run --steps N` "
                           f"(eecompile.runtimes.loop.LoopRunner)")
-    if bundle.manifest.jumps:
+    if bundle.manifest.jumps and not jumps:
         raise BundleError(f"{bundle.path}: a bundle with jump exits (exits[].jump); {command} runs a straight chain: "
                           f"run it with eecompile.load(...) or `eecompile run` (eecompile.runtimes.jumps.JumpRunner)")
 

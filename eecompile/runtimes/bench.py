@@ -264,11 +264,21 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
         n = sum(batch_size_of(f, m.inputs, str(data)) for f in batches)
 
         hist = np.zeros(len(m.segments), dtype=np.int64)
+        jumped = np.zeros(len(m.segments), dtype=np.int64)  # jump exits (MuE): samples that jumped at each
         for f in batches:
-            hist += runner.run(f, thresholds=thresholds).exit_counts
+            res = runner.run(f, thresholds=thresholds)
+            hist += res.exit_counts
+            if m.jumps:
+                jumped += np.bincount(res.jumped[res.jumped >= 0], minlength=len(m.segments))
         exit_histogram = [{"index": k, "name": s.exit.name or ("final" if k == len(m.segments) - 1 else None),
                            "count": int(c), "share": float(c) / n} for k, (s, c) in enumerate(zip(m.segments, hist,
                                                                                             strict=True))]
+        if m.jumps:
+            from eecompile.runtimes.jumps import exit_shares
+
+            for j in m.jumps:
+                exit_histogram[int(j["exit"])]["jumped"] = int(jumped[int(j["exit"])])
+            notes.append(f"samples ending at each exit and jumping: {exit_shares(m, hist, jumped, n)}")
 
         def over_batches(call: Callable[[dict[str, np.ndarray]], object]) -> Callable[[], object]:
             def one_pass() -> None:
@@ -284,8 +294,7 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
                 runner.run(f, thresholds=thresholds)
                 chain_samples.append(time.perf_counter() - t0)
 
-        n_early = m.n_early_exits
-        never = ["never"] * n_early
+        never = "never"  # every gate (a jump bundle has fewer gates than early segments)
         fns: dict[str, Callable[[], object]] = {
             "chain": chain_pass,
             "gates-never": over_batches(lambda f: runner.run(f, thresholds=never)),
@@ -340,6 +349,10 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
 
 
 def _load_runner(b: Bundle, backend: str, options: dict[str, Any]) -> Any:
+    if b.manifest.jumps:  # jump exits: the runner that merges the rows that jumped back in at their target
+        from eecompile.runtimes.jumps import JumpRunner
+
+        return JumpRunner(b, backend=backend, **options)
     if backend == "tensorrt":
         from eecompile.runtimes.tensorrt import TensorRTChain
 

@@ -107,13 +107,9 @@ def run_npz(bundle: str | Path, data: str | Path, output: str | Path, policy: st
             except BaseException:
                 writer.abort()
                 raise
-    # A jump exit or a jump target (no gate) ends no sample: its share is shown as the samples that jumped.
-    ends = [k for k, e in enumerate(runner.manifest.exits)
-            if k == n_exits - 1 or (k not in jump_exits and e.gate is not None)]
-    shares = ", ".join(f"{'final' if k == n_exits - 1 else f'exit {k}'} {100.0 * counts[k] / n:.1f}%" for k in ends)
-    if jump_exits:
-        shares += "; jumped at " + ", ".join(f"exit {k} {100.0 * jumped[k] / n:.1f}%" for k in sorted(jump_exits))
-    return f"{n} samples -> {output}: {shares}"
+    from eecompile.runtimes.jumps import exit_shares
+
+    return f"{n} samples -> {output}: {exit_shares(runner.manifest, counts, jumped, n)}"
 
 
 def _nothing() -> None:

@@ -13,6 +13,9 @@ Policies:
   at an exit leave for good, as in :class:`~eecompile.runtimes.chain.EarlyExitRunner`.
 - ``wait-all``: every segment runs on the whole batch; a row that jumped has the jump tensor replaced by its exit's
   output when its target segment starts, and gates only count rows still running (same results).
+- ``never`` (calibration): as ``wait-all``, but a row goes on past the exit where it ends, so every exit on its path
+  records its outputs and gate score (``all_exits``, ``gate_scores``, ``gate_masks``; NaN, 0 or False for the rows
+  whose path skips that segment). Jumps still follow their gates: force a path with ``"always"``/``"never"``.
 
 ``manifest.jumps`` lists ``{exit, tensor, to}``; the segment before ``to`` is a boundary without a gate. Backends
 are the runner's (:func:`~eecompile.runtimes.chain.make_backend`); the merge happens on host arrays. Imports numpy,
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +41,23 @@ from eecompile.runtimes.base import (
     check_feeds,
     resolve_thresholds,
 )
-from eecompile.runtimes.chain import RunResult, make_backend
+from eecompile.runtimes.chain import RunResult, concat_results, make_backend
 
-__all__ = ["JumpResult", "JumpRunner"]
+__all__ = ["JumpResult", "JumpRunner", "exit_shares"]
+
+
+def exit_shares(manifest: Any, counts: np.ndarray, jumped: np.ndarray, n: int) -> str:
+    """``"exit 3 10.0%, final 90.0%; jumped at exit 0 40.0%, exit 1 0.0%"``: the share of ``n`` samples ending at
+    each exit a sample can end at (``counts``: per segment), then, for a bundle with jump exits, the share that
+    jumped at each (``jumped``: per segment). A jump exit or the boundary before a jump target ends no sample."""
+    k_final = len(manifest.segments) - 1
+    jump_exits = sorted(int(j["exit"]) for j in manifest.jumps or ())
+    ends = [k for k, s in enumerate(manifest.segments)
+            if k == k_final or (k not in jump_exits and s.exit.gate is not None)]
+    shares = ", ".join(f"{'final' if k == k_final else f'exit {k}'} {100.0 * counts[k] / n:.1f}%" for k in ends)
+    if jump_exits:
+        shares += "; jumped at " + ", ".join(f"exit {k} {100.0 * jumped[k] / n:.1f}%" for k in jump_exits)
+    return shares
 
 
 @dataclass
@@ -106,18 +123,18 @@ class JumpRunner:
     def run(self, feeds: Mapping[str, np.ndarray],
             thresholds: None | Threshold | Sequence[Threshold | None] | ResolvedThresholds = None,
             policy: str = "compact") -> JumpResult:
-        """Run one batch. ``feeds`` and ``thresholds`` as for :meth:`EarlyExitRunner.run`; ``policy``: ``compact``
-        or ``wait-all``. Raises :class:`~eecompile.errors.DataError`, :class:`~eecompile.errors.ThresholdError`,
+        """Run one batch. ``feeds`` and ``thresholds`` as for :meth:`EarlyExitRunner.run`; ``policy``: ``compact``,
+        ``wait-all`` or ``never`` (see the module docstring). Raises :class:`~eecompile.errors.DataError`, :class:`~eecompile.errors.ThresholdError`,
         :class:`SpecError` (another policy), :class:`BackendError` (closed, or a segment failed)."""
         if self._closed:
             raise BackendError(f"this runner for {self.bundle.path} was closed; load the bundle again")
-        if policy not in ("compact", "wait-all"):
-            raise SpecError(f"policy '{policy}': a bundle with jump exits runs with policy compact or wait-all")
+        if policy not in ("compact", "wait-all", "never"):
+            raise SpecError(f"policy '{policy}': a bundle with jump exits runs with policy compact, wait-all or never")
         thr = self.resolve(thresholds)
         arrays, n = check_feeds(self.inputs, feeds)
         settings = iter(thr)
         per_seg = {s.index: next(settings) for s in self._segs if s.gate is not None}
-        run = self._compact if policy == "compact" else self._wait_all
+        run = self._compact if policy == "compact" else self._record if policy == "never" else self._wait_all
         # Batches larger than the backend takes (engines' max batch; per_sample bundles: 1) run in chunks.
         chunk = 1 if self.manifest.batch_mode == "per_sample" else self.backend.max_batch
         if chunk is None or n <= chunk:
@@ -128,11 +145,9 @@ class JumpRunner:
             part = {t.name: (a if t.batch_axis is None else np.take(a, rows, axis=t.batch_axis))
                     for t, a in zip(self.inputs, arrays.values(), strict=True)}
             parts.append(run(part, len(rows), per_seg))
-        return JumpResult(
-            {name: np.concatenate([p.outputs[name] for p in parts], axis=self._out_axes[name]) for name in parts[0].outputs},
-            np.concatenate([p.exit_index for p in parts]), np.sum([p.exit_counts for p in parts], axis=0),
-            np.sum([p.timings for p in parts], axis=0), np.sum([p.nonfinite_counts for p in parts], axis=0),
-            batch_sizes=[s for p in parts for s in p.batch_sizes], jumped=np.concatenate([p.jumped for p in parts]))
+        whole = concat_results(parts, self._out_axes)
+        return JumpResult(**{f.name: getattr(whole, f.name) for f in fields(RunResult)},
+                          jumped=np.concatenate([p.jumped for p in parts]))
 
     def _fire(self, outs: dict[str, Any], seg: _Seg, setting: Any, m: int) -> np.ndarray:
         if seg.gate is None:
@@ -222,10 +237,19 @@ class JumpRunner:
             merged[name] = be.from_host(a if axis is None else np.ascontiguousarray(np.take(a, rows, axis=axis)))
         return merged, rows
 
-    def _wait_all(self, arrays: dict[str, np.ndarray], n: int, per_seg: dict[int, Any]) -> JumpResult:
+    def _record(self, arrays: dict[str, np.ndarray], n: int, per_seg: dict[int, Any]) -> JumpResult:
+        return self._wait_all(arrays, n, per_seg, record=True)
+
+    def _wait_all(self, arrays: dict[str, np.ndarray], n: int, per_seg: dict[int, Any],
+                  record: bool = False) -> JumpResult:
         be = self.backend
         env, results, exit_index, jumped, timings, sizes = self._start(arrays, n)
-        running = np.ones(n, dtype=bool)
+        running = np.ones(n, dtype=bool)  # on its path at this segment (and, unless recording, not ended)
+        ended = np.zeros(n, dtype=bool)
+        k_all = len(self._segs)
+        all_exits: list[dict[str, np.ndarray]] = [{} for _ in self._segs]
+        scores = np.full((k_all - 1, n), np.nan, np.float32)
+        masks = np.zeros((k_all - 1, n), dtype=bool)
         stored: dict[int, np.ndarray] = {}  # target segment -> jump tensor rows (host, batch first, all n rows)
         to_of = np.full(n, -1, dtype=np.int64)
         for seg in self._segs:
@@ -246,6 +270,8 @@ class JumpRunner:
             outs = be.run_segment(k, {name: env[name] for name in seg.inputs},
                                   setting.value if setting is not None else None)
             fire = self._fire(outs, seg, setting, n) & running
+            if record:
+                self._record_exit(all_exits, scores, masks, outs, seg, running)
             rows = np.flatnonzero(fire)
             if rows.size and seg.jump is not None:
                 tensor, t, to = seg.jump
@@ -253,14 +279,37 @@ class JumpRunner:
                 buf = stored.setdefault(to, np.zeros_like(host))
                 buf[rows] = host[rows]
                 to_of[rows], jumped[rows] = to, k
+                running &= ~fire
             elif rows.size:
+                rows = np.flatnonzero(fire & ~ended)
                 self._result(results, outs, seg, rows, rows, n)
                 exit_index[rows] = k
-            running &= ~fire
+                ended |= fire
+                if not record:
+                    running &= ~fire
             env = {name: outs[name] if name in outs else env[name] for name in seg.keep if name in outs or name in env}
             timings[k] = time.perf_counter() - t0
         be.synchronize()
-        return self._finish(results, exit_index, jumped, timings, sizes)
+        res = self._finish(results, exit_index, jumped, timings, sizes)
+        if record:
+            res.all_exits, res.gate_scores, res.gate_masks = all_exits, scores, masks
+        return res
+
+    def _record_exit(self, all_exits: list[dict[str, np.ndarray]], scores: np.ndarray, masks: np.ndarray,
+                     outs: dict[str, Any], seg: _Seg, on_path: np.ndarray) -> None:
+        """Policy ``never``: segment ``seg``'s exit outputs (model layout), gate score and own gate decision for
+        the rows on their path here; the others get NaN (0 for integer outputs), NaN and False."""
+        be, k = self.backend, seg.index
+        gate = self.manifest.segments[k].exit.gate
+        if gate is not None:
+            if gate.score_output and gate.score_output in outs:
+                scores[k] = np.where(on_path, be.to_host(outs[gate.score_output]).reshape(-1), np.nan)
+            masks[k] = be.read_mask(outs[seg.gate]).astype(bool) & on_path
+        for name, t in seg.outputs:
+            axis = self._out_axes[name]
+            x = np.moveaxis(be.to_host(outs[t]), axis, 0).copy() if axis else be.to_host(outs[t]).copy()
+            x[~on_path] = np.nan if x.dtype.kind in "fc" else 0
+            all_exits[k][name] = np.moveaxis(x, 0, axis) if axis else x
 
     def close(self) -> None:
         """Release the backend; later :meth:`run` calls raise :class:`BackendError`."""

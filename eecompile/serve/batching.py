@@ -24,11 +24,13 @@ from eecompile.serve.protocol import PredictRequest
 class Answer:
     """One request's result: final outputs (model layout, its own rows) and each sample's exit; for end-only
     outputs (``manifest.end_only``) ``present``: name -> (bool [n], True where the sample reached the final exit
-    and so has a row (the others are NaN, 0 for non-float outputs), that output's batch axis)."""
+    and so has a row (the others are NaN, 0 for non-float outputs), that output's batch axis); for a bundle with
+    jump exits ``jumped``: int64 [n], the jump exit each sample took (-1 for none), else None."""
 
     outputs: dict[str, np.ndarray]
     exit_index: np.ndarray  # int64 [n]
     present: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
+    jumped: np.ndarray | None = None
 
 
 @dataclass
@@ -57,6 +59,7 @@ class RowCollector:
         self._done = done
         self._end_only = dict(end_only or {})
         self._final = final
+        self.jumped: np.ndarray | None = None  # jump bundles: the stacked batch's RunResult.jumped, once known
 
     def on_exit(self, k: int, rows: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
         """Rows ``rows`` (indices into the stacked batch) left at exit ``k`` with ``outputs`` (batch first)."""
@@ -77,7 +80,8 @@ class RowCollector:
                 present = self._fill_absent(p)
                 outs = {name: (a if self._out_axes[name] == 0 else np.moveaxis(a, 0, self._out_axes[name]))
                         for name, a in p.rows.items()}
-                self._done(int(i), Answer(outs, p.exit_index, present))
+                jumped = None if self.jumped is None else self.jumped[p.start:p.start + p.n]
+                self._done(int(i), Answer(outs, p.exit_index, present, jumped))
 
     def _fill_absent(self, p: _Pending) -> dict[str, tuple[np.ndarray, int]]:
         present = {}
@@ -122,6 +126,7 @@ def run_group(runner: Any, requests: Sequence[PredictRequest], done: Callable[[i
     if reports_rows(runner):
         return runner.run(feeds, thresholds=thresholds, policy="compact", on_exit=collector.on_exit)
     result = runner.run(feeds, thresholds=thresholds, policy="compact")
+    collector.jumped = getattr(result, "jumped", None)  # JumpRunner (it answers when the call returns)
     for k in range(len(result.exit_counts)):
         rows = np.flatnonzero(result.exit_index == k)
         collector.on_exit(k, rows, {name: np.moveaxis(a, out_axes[name], 0)[rows]

@@ -186,18 +186,22 @@ def _thresholds(value: Any, n_early_exits: int) -> tuple[float | str, ...] | Non
 
 
 def encode_response(outputs: dict[str, np.ndarray], exit_index: np.ndarray, as_npz: bool,
-                    present: dict[str, tuple[np.ndarray, int]] | None = None) -> tuple[bytes, str]:
+                    present: dict[str, tuple[np.ndarray, int]] | None = None,
+                    jumped: np.ndarray | None = None) -> tuple[bytes, str]:
     """The response body and its content type. ``present``: end-only outputs, name -> (bool [n] mask of the
     samples that have a row, batch axis): the .npz carries ``present.<name>`` beside NaN rows; JSON gives
-    ``null`` for each absent sample's row and ``"present": {name: [bool, ...]}``."""
+    ``null`` for each absent sample's row and ``"present": {name: [bool, ...]}``. ``jumped`` (bundles with jump
+    exits): each sample's jump exit, -1 for none, as ``jumped`` beside ``exit_index``."""
     present = present or {}
+    extra = {} if jumped is None else {"jumped": np.asarray(jumped, np.int64)}
     if as_npz:
         buf = io.BytesIO()
         masks = {f"present.{k}": m for k, (m, _) in present.items()}
-        np.savez(buf, **outputs, **masks, exit_index=exit_index.astype(np.int64))  # type: ignore[arg-type]
+        np.savez(buf, **outputs, **masks, exit_index=exit_index.astype(np.int64), **extra)  # type: ignore[arg-type]
         return buf.getvalue(), NPZ
     doc: dict[str, object] = {"outputs": {k: _rows_or_null(v, present.get(k)) for k, v in outputs.items()},
-                              "exit_index": exit_index.astype(int).tolist()}
+                              "exit_index": exit_index.astype(int).tolist(),
+                              **{k: v.astype(int).tolist() for k, v in extra.items()}}
     if present:
         doc["present"] = {k: m.astype(bool).tolist() for k, (m, _) in present.items()}
     return json.dumps(doc).encode(), JSON

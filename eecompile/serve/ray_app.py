@@ -112,6 +112,8 @@ class EarlyExitDeployment:
         self.runner = load_runner(options)
         self.decoder = _is_decoder(self.runner)
         self.n_early_exits = len(self.runner.exits) if self.decoder else self.runner.manifest.n_early_exits
+        # Thresholds a request gives: one per gate (a bundle with jump exits has a boundary segment without one).
+        self.n_thresholds = self.n_early_exits if self.decoder else len(self.runner.manifest.thresholds)
         batcher: Any = self.predict  # @serve.batch's wrapper
         batcher.set_max_batch_size(options.max_batch_size)
         batcher.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
@@ -191,14 +193,15 @@ class EarlyExitDeployment:
         try:
             body = await self._read_body(request)
             req = parse_request(body, request.headers.get("content-type"), self.runner.inputs,
-                                self.n_early_exits, max_samples=self._cfg.max_batch_size)
+                                self.n_thresholds, max_samples=self._cfg.max_batch_size)
             holder = await self.predict(req)
             answer: Answer = await holder[0]
         except RequestTooLarge as e:
             return self._error(413, str(e), t0)
         except EECompileError as e:
             return self._error(400, str(e), t0)
-        content, media = encode_response(answer.outputs, answer.exit_index, req.as_npz, answer.present)
+        content, media = encode_response(answer.outputs, answer.exit_index, req.as_npz, answer.present,
+                                         answer.jumped)
         for k, c in enumerate(np.bincount(answer.exit_index, minlength=self.n_early_exits + 1)):
             if c:
                 self._exits.inc(int(c), tags={"exit": str(k)})

@@ -14,6 +14,7 @@ import eecompile
 from eecompile.errors import BundleError, SpecError
 from eecompile.runtimes.jumps import JumpRunner
 from tests.loops.models import SEQ, VOCAB, export_encoder_decoder
+from tests.serve.conftest import ray_serve  # noqa: F401 - the Ray Serve fixture
 
 
 def mue_spec(d: Path, model: Path, names: dict, name: str = "spec.yaml", **first: object) -> Path:
@@ -34,9 +35,7 @@ def mue(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("mue")
     model, torch_model, names = export_encoder_decoder(d / "encdec.onnx")
     bundle = eecompile.compile_model(mue_spec(d, model, names), d / "mue.eebundle")
-    rng = np.random.default_rng(0)
-    feeds = {"src": rng.integers(0, VOCAB, (16, SEQ)).astype(np.int64),
-             "tgt": rng.integers(0, VOCAB, (16, 6)).astype(np.int64)}
+    feeds = _feeds(16, seed=0)
     return {"dir": d, "model": model, "torch": torch_model, "names": names, "bundle": bundle, "feeds": feeds,
             "runner": JumpRunner(bundle)}
 
@@ -96,11 +95,12 @@ def test_compact_equals_wait_all_equals_one_sample_at_a_time(mue: dict) -> None:
     runner, feeds = mue["runner"], mue["feeds"]
     thr = _mixed(runner, feeds)
     compact = runner.run(feeds, thresholds=thr)
-    wait = runner.run(feeds, thresholds=thr, policy="wait-all")
-    np.testing.assert_array_equal(wait.jumped, compact.jumped)
-    np.testing.assert_array_equal(wait.exit_index, compact.exit_index)
-    np.testing.assert_allclose(wait.outputs["logits"], compact.outputs["logits"], rtol=1e-5, atol=1e-6)
-    assert wait.batch_sizes[0] == [16] * 5
+    for policy in ("wait-all", "never"):  # never: every sample also runs past the exit where it ends
+        wait = runner.run(feeds, thresholds=thr, policy=policy)
+        np.testing.assert_array_equal(wait.jumped, compact.jumped)
+        np.testing.assert_array_equal(wait.exit_index, compact.exit_index)
+        np.testing.assert_allclose(wait.outputs["logits"], compact.outputs["logits"], rtol=1e-5, atol=1e-6)
+        assert wait.batch_sizes[0] == [16] * 5
     for b in range(len(feeds["src"])):
         one = runner.run({k: v[b:b + 1] for k, v in feeds.items()}, thresholds=thr)
         assert (one.jumped[0], one.exit_index[0]) == (compact.jumped[b], compact.exit_index[b])
@@ -216,3 +216,123 @@ def test_loop_and_jump_bundles_run_where_the_compiler_cannot_be_imported(mue: di
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(np.load(tmp_path / "y.npz")["y"], 1.875)
     assert np.load(tmp_path / "y.npz")["steps"].tolist() == [4, 4, 4]
+
+
+def _feeds(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"src": rng.integers(0, VOCAB, (n, SEQ)).astype(np.int64),
+            "tgt": rng.integers(0, VOCAB, (n, 6)).astype(np.int64)}
+
+
+def test_policy_never_records_every_exit_on_each_samples_path(mue: dict) -> None:
+    from types import SimpleNamespace
+
+    runner, feeds = mue["runner"], mue["feeds"]
+    never = runner.run(feeds, thresholds=_mixed(runner, feeds), policy="never")
+    # The decoder exit and the final exit are both recorded for every sample, on its own path (the encoder output
+    # it jumped with), whichever it ended at.
+    for k in (3, 4):
+        want = _expected(mue, SimpleNamespace(jumped=never.jumped, exit_index=np.full(16, k)))
+        np.testing.assert_allclose(never.all_exits[k]["logits"], want, rtol=1e-4, atol=1e-4)
+    # A sample that jumped at exit 0 skipped exit 1 and the boundary: no score there; the decoder's gate has one.
+    j0 = never.jumped == 0
+    assert j0.any() and np.isnan(never.gate_scores[1][j0]).all() and np.isnan(never.gate_scores[2]).all()
+    assert np.isfinite(never.gate_scores[[0, 3]]).all() and not never.gate_masks[1][j0].any()
+
+
+@pytest.mark.parametrize("method", ["search", "ltt"])
+def test_calibrate_holds_its_budget_on_held_out_samples(mue: dict, tmp_path: Path, method: str) -> None:
+    """calibrate on a jump bundle: the quality of a sample is its final output (after the decoder, on the encoder
+    output it jumped with) agreeing with the run without exits; the thresholds hold the budget on samples that
+    calibration did not see, and a jump saves the segments between its exit and its target."""
+    from eecompile.calibrate import calibrate_bundle, clopper_pearson_interval
+    from eecompile.calibrate.jumps import JumpTable, collect_jump_table
+
+    path = tmp_path / "cal.eebundle"
+    shutil.copytree(mue["bundle"].path, path)
+    cal, held = _feeds(400, seed=1), _feeds(300, seed=2)
+    np.savez(tmp_path / "cal.npz", **cal)
+    costs = [1.0, 1.0, 1.0, 2.0, 2.0]  # per segment: the decoder layers cost twice an encoder layer
+    report = calibrate_bundle(path, tmp_path / "cal.npz", max_drop=0.1, method=method, costs=costs, quiet=True)
+    assert report.deployed, report.summary_lines()
+    runner = JumpRunner(path)
+    m = runner.manifest
+    assert len(m.thresholds) == 3 and np.isfinite(m.thresholds[0])  # one per gate: the boundary has none
+    got, full = runner.run(held), runner.run(held, thresholds="never")
+    assert (got.jumped >= 0).mean() > 0.05, got.jumped
+    disagree = (got.outputs["logits"].argmax(-1) != full.outputs["logits"].argmax(-1)).any(axis=1)
+    # Within the budget up to the sampling noise of 300 samples (the 95% interval of the held-out rate reaches it);
+    # exits that jump on wrong paths would disagree far more often (a jump at exit 0 agrees on about 1 in 4).
+    assert clopper_pearson_interval(int(disagree.sum()), len(disagree), 0.95)[0] <= 0.1, disagree.mean()
+    assert disagree.mean() <= 0.13, disagree.mean()
+    rows = {e["index"]: e for e in report.exits}
+    assert rows[0]["jump_to"] == 3 and rows[0]["jumped"] > 0 and rows[2]["gate"] is None and rows[4]["share"] > 0
+    # Jumping at exit 0 runs segments 0, 3, 4; leaving at the decoder exit without a jump 0-3.
+    assert rows[0]["cumulative_ms"] == 5000.0 and rows[3]["cumulative_ms"] == 5000.0 and rows[4]["cumulative_ms"] == 7000.0
+    assert any(n.startswith("jumped (went on at the jump target") for n in report.notes)
+    # The table's model of the network is the runner's: at mixed thresholds it sends each sample down the path
+    # and to the exit the runner takes.
+    table = collect_jump_table(mue["bundle"], held, None, runner=runner, quiet=True)
+    assert isinstance(table, JumpTable) and len(table.routes) == 3 and table.n_exits == 6
+    thr = _mixed(runner, held)
+    from eecompile.calibrate.search import table_exits
+
+    ends = table_exits(table, thr)
+    res = runner.run(held, thresholds=thr)
+    np.testing.assert_array_equal(table.end_segment[ends], res.exit_index)
+    np.testing.assert_array_equal(table.end_jump[ends], res.jumped)
+    assert len(set(ends.tolist())) >= 4, np.bincount(ends)
+    ok = table.correct[ends, np.arange(len(ends))]
+    np.testing.assert_array_equal(ok, (res.outputs["logits"].argmax(-1) == full.outputs["logits"].argmax(-1)).all(1))
+
+
+def test_calibrate_times_each_path_through_the_runner(mue: dict, tmp_path: Path) -> None:
+    from eecompile.calibrate import calibrate_bundle
+
+    path = tmp_path / "cal.eebundle"
+    shutil.copytree(mue["bundle"].path, path)
+    np.savez(tmp_path / "cal.npz", **_feeds(200, seed=3))
+    report = calibrate_bundle(path, tmp_path / "cal.npz", max_drop=0.2, repeats=3, quiet=True,
+                              reference_model=mue["model"])
+    assert report.baseline == "unsplit model" and report.baseline_ms > 0
+    assert all(e["cumulative_ms"] > 0 for e in report.exits) and report.expected_ms > 0
+
+
+def test_bench_reports_a_jump_bundle_against_the_unsplit_model(mue: dict, tmp_path: Path) -> None:
+    from eecompile.benchmark import bench_bundle
+
+    feeds = _feeds(32, seed=4)
+    np.savez(tmp_path / "in.npz", **feeds)
+    thr = _mixed(mue["runner"], feeds)
+    report = bench_bundle(mue["bundle"].path, tmp_path / "in.npz", batch_size=8, repeats=2, thresholds=thr,
+                          reference_model=mue["model"])
+    res = mue["runner"].run(feeds, thresholds=thr)
+    assert [e["count"] for e in report.exit_histogram] == res.exit_counts.tolist()
+    assert [report.exit_histogram[k]["jumped"] for k in (0, 1)] == [int((res.jumped == k).sum()) for k in (0, 1)]
+    assert {r["name"] for r in report.references} == {"gates-never", "unsplit-model"}
+    assert report.reference == "unsplit-model" and report.speedup["median"] > 0
+    assert any("jumped at exit 0" in n for n in report.notes), report.notes
+
+
+@pytest.mark.slow
+def test_serve_answers_predict_with_each_samples_jump(mue: dict, ray_serve) -> None:  # noqa: F811
+    from ray import serve
+
+    from eecompile.serve.ray_app import ServeOptions, run_app
+    from tests.serve.client import predict_json, predict_npz
+
+    port = ray_serve["port"]
+    run_app(ServeOptions(bundle=str(mue["bundle"].path), max_batch_size=16), port=port, name="jumps",
+            route_prefix="/jumps")
+    try:
+        feeds = mue["feeds"]
+        thr = _mixed(mue["runner"], feeds)
+        local = mue["runner"].run(feeds, thresholds=thr)
+        status, doc = predict_json(f"http://127.0.0.1:{port}/jumps/predict", feeds, thresholds=thr)
+        assert status == 200, doc
+        assert doc["jumped"] == local.jumped.tolist() and doc["exit_index"] == local.exit_index.tolist()
+        np.testing.assert_allclose(np.array(doc["outputs"]["logits"]), local.outputs["logits"], rtol=1e-4, atol=1e-5)
+        status, npz = predict_npz(f"http://127.0.0.1:{port}/jumps/predict", feeds)
+        assert status == 200 and npz["jumped"].tolist() == mue["runner"].run(feeds).jumped.tolist()
+    finally:
+        serve.delete("jumps")
