@@ -259,10 +259,14 @@ def auto(model: Path, train: Path, calib: Path, max_drop: float, output: Path, c
               help="Decoder bundles: tokens in the draft head's sub-vocabulary.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=6000, show_default=True,
               help="Decoder bundles: text positions to distil on.")
+@click.option("--halting-beta", type=float, default=0.1, show_default=True,
+              help="score: halting heads (PALBERT): weight of the KL to the geometric prior (a loss scale, nats).")
+@click.option("--halting-prior", type=float, default=0.5, show_default=True,
+              help="score: halting heads (PALBERT): the geometric prior's halting probability per exit.")
 @_user_errors
 def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: bool, head_files: bool,
                 temperature: float, lr: float, batch: int, seed: int, texts: tuple[Path, ...], draft_vocab: int,
-                max_tokens: int) -> None:
+                max_tokens: int, halting_beta: float, halting_prior: float) -> None:
     """Train the bundle's exit heads on frozen features and splice them in.
 
     Decoder bundles: each exit gets a draft head (adapter + sub-vocabulary LM head) distilled from the model's
@@ -282,7 +286,8 @@ def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: boo
     from eecompile.train import train_heads as run_training
 
     report = run_training(bundle, data, epochs=epochs, use_labels=labels, temperature=temperature, lr=lr,
-                          batch_size=batch, seed=seed, head_files=head_files)
+                          batch_size=batch, seed=seed, head_files=head_files, halting_beta=halting_beta,
+                          halting_prior=halting_prior)
     report.print()
 
 

@@ -34,6 +34,9 @@ gate reads):
   Xin et al. 2021): ``score = sigmoid(w . [pooled, max p, normalised entropy, top-1 - top-2] + b)``, from the
   pooled features and the exit's softmax statistics; ``train-heads`` fits it (cross-entropy) to whether the
   exit's argmax equals the final exit's. As a Q-exit's lambda it is a halting probability.
+- ``score: halting`` (classification exits with a ``q_exit`` gate; PALBERT, Balagansky and Gavrilov 2022): the
+  same graph as ``agreement``, read as the exit's halting probability lambda; ``train-heads`` trains the lambdas of
+  all such exits jointly with PALBERT's objective (:mod:`eecompile.halting`).
 
 Regression outputs (``final.task: regression``): a ``conv`` head on [B, C, h, w] features for a final output
 [B, C', H, W] maps back to the output's shape (``out_shape``): 1x1 Conv -> Relu -> 1x1 Conv to C' channels ->
@@ -76,7 +79,8 @@ Dim = int | str | None
 _DEFAULTS: dict[str, Any] = {"hidden": 128, "conv_channels": 64, "pool": "first", "seed": 0, "score": None,
                              "grid": None, "kernel": 3}
 _POOLS = ("first", "mean", "masked_mean")
-_SCORES = ("uncertainty", "agreement")
+_SCORES = ("uncertainty", "agreement", "halting")
+_STAT_SCORES = ("agreement", "halting")  # scores read from the pooled features and the exit's softmax statistics
 _RANKS = {"linear": (2, 3, 4), "mlp": (2, 3, 4), "conv": (4,), "token": (3,), "local": (3,), "global": (3,)}
 
 
@@ -112,8 +116,8 @@ def _options(kind: str, feature_shape: Sequence[Dim], options: Mapping[str, Any]
         raise SpecError(f"head option 'pool' must be one of {', '.join(_POOLS)}, got {opts['pool']!r}")
     if opts["score"] is not None and opts["score"] not in _SCORES:
         raise SpecError(f"head option 'score' must be one of {', '.join(_SCORES)}, got {opts['score']!r}")
-    if opts["score"] == "agreement" and kind == "token":
-        raise SpecError("head option 'score: agreement' needs one prediction per sample; kind 'token' has one per "
+    if opts["score"] in _STAT_SCORES and kind == "token":
+        raise SpecError(f"head option 'score: {opts['score']}' needs one prediction per sample; kind 'token' has one per "
                         "token")
     channels = feature_shape[1] if rank == 4 else feature_shape[-1]
     if not isinstance(channels, int) or channels < 1:
@@ -217,7 +221,7 @@ def weight_shapes(kind: str, feature_shape: Sequence[Dim], n_classes: int,
     else:
         shapes = {"fc.weight": (n_classes, d), "fc.bias": (n_classes,)}
     if opts["score"]:
-        extra = 3 if opts["score"] == "agreement" else 0  # max p, normalised entropy, margin
+        extra = 3 if opts["score"] in _STAT_SCORES else 0  # max p, normalised entropy, margin
         shapes.update({"score.weight": (1, _pooled_width(kind, feature_shape, opts) + extra), "score.bias": (1,)})
     return shapes
 
@@ -392,7 +396,7 @@ def head_onnx(kind: str, feature_shape: Sequence[Dim], n_classes: int, options: 
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, out_dims)]
     if opts["score"]:
         feats = pooled
-        if opts["score"] == "agreement":  # the exit's softmax statistics (JEI-DNN, BERxiT)
+        if opts["score"] in _STAT_SCORES:  # the exit's softmax statistics (JEI-DNN, BERxiT)
             p = node("Softmax", [LOGITS], "score_p", axis=-1)
             maxp = reduce("ReduceMax", p, -1, "score_maxp", keepdims=1)
             logp = node("LogSoftmax", [LOGITS], "score_logp", axis=-1)
@@ -526,7 +530,7 @@ def head_module(kind: str, feature_shape: Sequence[Dim], n_classes: int,
                 raise ValueError(f"head '{kind}' has no score option")
             logits, pooled = self.body(x, mask)
             feats = pooled
-            if opts["score"] == "agreement":
+            if opts["score"] in _STAT_SCORES:
                 p = torch.softmax(logits, -1)
                 ent = -(p * torch.log_softmax(logits, -1)).sum(-1, keepdim=True)
                 ent = ent * (1.0 / math.log(n_classes) if n_classes > 1 else 1.0)

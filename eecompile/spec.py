@@ -87,7 +87,7 @@ _THRESHOLD_RANGE: dict[GateKind, tuple[float, float]] = {
 HEAD_KINDS = ("linear", "mlp", "conv", "token", "local", "global")
 JUMP_GATES = (GateKind.SATURATION, GateKind.SCORE)  # what a jump exit (no class scores) may gate on
 HEAD_OPTIONS = ("hidden", "conv_channels", "pool", "seed", "score", "grid", "kernel")  # eecompile.heads' options
-HEAD_SCORES = ("uncertainty", "agreement")  # the `score` option: a second head output that a gate reads
+HEAD_SCORES = ("uncertainty", "agreement", "halting")  # the `score` option: a second head output that a gate reads
 
 # Gates that need no class axis: the only ones accepted on a regression output (``final.task: regression``).
 REGRESSION_GATES = (GateKind.SCORE, GateKind.SATURATION, GateKind.CHANGE, GateKind.Q_EXIT)
@@ -726,9 +726,13 @@ def _check_head_scores(exits: tuple[ExitSpec, ...], nodes: list[_Node], task: st
         if score is not None and score not in HEAD_SCORES:
             raise SpecError(f"{where}: unknown score '{_show(str(score))}'; one of {', '.join(HEAD_SCORES)}")
         want = "uncertainty" if task == "regression" else "agreement"
-        if score is not None and score != want:
+        if score is not None and score != want and not (score == "halting" and task != "regression"):
             raise SpecError(f"{where}: score '{score}' is for {'regression' if score == 'uncertainty' else 'classification'} "
                             f"outputs and final.task is {task}; use score: {want}")
+        if score == "halting" and e.gate.kind != GateKind.Q_EXIT:
+            raise SpecError(f"{where}: score 'halting' is PALBERT's halting probability lambda, which a q_exit gate "
+                            f"reads; this exit's gate is '{e.gate.kind.value}' (use score: agreement for a learned "
+                            f"confidence)")
         if score is not None and e.head.score_output is not None:
             raise SpecError(f"{where}: the head makes its own score; remove score_output or the score option")
 

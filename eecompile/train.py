@@ -28,6 +28,7 @@ import numpy as np
 from eecompile.bundle import Bundle
 from eecompile.calibrate.collect import final_output, iter_batches, load_data
 from eecompile.errors import BundleError, EECompileError
+from eecompile.halting import DEFAULT_BETA, DEFAULT_HAZARD, check_halting, geometric_prior, palbert_loss
 from eecompile.heads import head_input_names, head_module, head_onnx, module_weights
 from eecompile.runtimes.data import batch_size_of, take_samples
 
@@ -55,9 +56,12 @@ class HeadResult:
     loss: float  # last epoch's mean loss
     error_before: float | None = None  # regression: held-out mean relative L2 error to the final output
     error_after: float | None = None
-    score: str | None = None  # the head's score option (uncertainty | agreement), when it has one
-    score_loss: float | None = None  # held-out loss of the score: MSE to tanh(error) or cross-entropy to agreement
-    score_baseline: float | None = None  # the same loss of a constant score (the target's mean), for comparison
+    score: str | None = None  # the head's score option (uncertainty | agreement | halting), when it has one
+    # Held-out loss of the score: MSE to tanh(error), cross-entropy to agreement, or (halting) PALBERT's objective
+    # over every halting exit (the same figure on each); and the same loss of a constant score (the target's mean;
+    # halting: the prior's hazard at every exit), for comparison.
+    score_loss: float | None = None
+    score_baseline: float | None = None
 
 
 @dataclass
@@ -158,7 +162,8 @@ def _class_last(x: np.ndarray, class_axis: int, n_classes: int) -> np.ndarray:
 def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 30, use_labels: bool = True,
                 temperature: float = 2.0, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
                 val_fraction: float = 0.1, weight_decay: float = 1e-4, quiet: bool = False,
-                head_files: bool = True) -> TrainReport:
+                head_files: bool = True, halting_beta: float = DEFAULT_BETA,
+                halting_prior: float = DEFAULT_HAZARD) -> TrainReport:
     """Train every exit head the spec asked eecompile to make (``head: {kind: ...}``) and, with ``head_files``,
     every head given as an ONNX file (``head: FILE``: its float initializers trained in place, the graph run in
     torch by :mod:`eecompile.onnx_torch`), and splice them in. In-model heads (``head: {output: ...}``) are the
@@ -177,8 +182,12 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
 
     Regression bundles (``manifest.task``): the loss is the MSE to the final output and the report gives the
     relative L2 error. A template's ``score`` option is fitted afterwards with the head frozen (see
-    :func:`_fit_score`). A head file with two outputs trains the one shaped like the exit output (the other is
-    its score, left as it is).
+    :func:`_fit_score`), except ``score: halting`` (PALBERT's lambda on q_exit gates): the lambdas of all such exits
+    are trained together, in one optimiser, with PALBERT's objective (expected exit loss under the halting
+    distribution plus ``halting_beta`` times its KL to a geometric prior of hazard ``halting_prior``;
+    :mod:`eecompile.halting`), each exit's loss being its trained head's distillation (+ label) loss and the final
+    exit's its cross-entropy with the labels (0 without). A head file with two outputs trains the one shaped like
+    the exit output (the other is its score, left as it is).
 
     Returns a :class:`TrainReport`. Raises EECompileError for non-positive settings, a ``val_fraction`` that
     leaves no sample to train on, or when torch is missing,
@@ -190,6 +199,7 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                              f"({temperature}) must be positive")
     if not 0.0 <= val_fraction < 1.0:
         raise EECompileError(f"train-heads: val_fraction must be in [0, 1), got {val_fraction}")
+    check_halting(halting_beta, halting_prior)
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     m = b.manifest
     trainable = [s for s in m.segments[:-1] if s.exit.head_spec and s.exit.head_spec.get("kind")]
@@ -284,6 +294,9 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
         new_heads = {}
         new_specs = {}
         score_outputs: dict[int, str] = {}
+        done: list[tuple[Any, ...]] = []  # trained heads, written once every score is fitted
+        halting: list[tuple[Any, ...]] = []  # (module, features, per-sample losses, result): PALBERT's lambdas
+        _check_halting_run(b, trainable)
         for s in trainable:
             k = s.index
             feats = [arrays[f"in{k}.{j}"] for j in range(len(head_inputs[k]))]
@@ -291,6 +304,7 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
             if k in files:  # a head file: its own graph, run in torch, its float weights trained
                 hs = {"file": s.exit.head.split(":", 1)[1]}
                 opts: dict[str, Any] = {}
+                nc, out_shape = 0, None
                 module = files[k].module
                 per_sample = int(np.prod(arrays["final"].shape[1:]))
                 forward = files[k].forward(per_sample)
@@ -308,7 +322,8 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
             loss = _fit(torch, module, main, feats, tr, target.loss, epochs=epochs, batch_size=batch_size, lr=lr,
                         weight_decay=weight_decay, seed=seed + k, forward=forward)
             before = target.summary(np.asarray(arrays[f"before{k}"], np.float32))
-            after = target.summary(_predict(torch, module, feats, n, forward), head=True)
+            after_out = _predict(torch, module, feats, n, forward)
+            after = target.summary(after_out, head=True)
             result = HeadResult(index=k, name=s.exit.name, kind=hs.get("kind", "file"), agree_before=None,
                                 agree_after=None,
                                 acc_before=None, acc_after=None, train_agree=None, loss=loss)
@@ -320,12 +335,25 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                     result.agree_before, result.agree_after = target.agreement(before, val), target.agreement(after, val)
                     result.acc_before, result.acc_after = target.accuracy(before, val), target.accuracy(after, val)
                 result.train_agree = target.agreement(after, tr)
-            if opts.get("score"):  # the score head, fitted after the exit head, the exit head frozen
+            if opts.get("score") == "halting":  # PALBERT's lambda: fitted below, jointly over the exits
+                result.score = "halting"
+                halting.append((module, feats, target.sample_losses(after_out), result))
+            elif opts.get("score"):  # the score head, fitted after the exit head, the exit head frozen
                 result.score = opts["score"]
                 result.score_loss, result.score_baseline = _fit_score(
                     torch, module, feats, target.score_target(after), tr, val, opts["score"], epochs=epochs,
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed + k)
             report.heads.append(result)
+            done.append((s, module, hs, opts, nc, out_shape, result))
+        if halting:
+            losses = np.stack([h[2] for h in halting] + [target.sample_losses(None)], axis=1)
+            held, baseline = _fit_halting(torch, [(h[0], h[1]) for h in halting], losses, tr, val,
+                                          beta=halting_beta, hazard=halting_prior, epochs=epochs,
+                                          batch_size=batch_size, lr=lr, seed=seed)
+            for h in halting:
+                h[3].score_loss, h[3].score_baseline = held, baseline
+        for s, module, hs, opts, nc, out_shape, result in done:
+            k = s.index
             if k in files:
                 new_heads[k] = module.trained_model()
             else:
@@ -402,6 +430,7 @@ class _Classes:
         self.n_classes, self.class_axis, self.temperature = n_classes, class_axis, temperature
         teacher = _class_last(final, class_axis, n_classes)
         self.teacher_pred = teacher.argmax(-1)  # [N, P]
+        self.teacher_logits = np.ascontiguousarray(teacher, np.float32)
         lab = None if labels is None else np.asarray(labels).reshape(n, -1).astype(np.int64)
         if lab is not None and lab.shape[1] != self.teacher_pred.shape[1]:
             raise EECompileError(f"{data}: 'labels' has {lab.shape[1]} entries per sample, the model predicts "
@@ -439,6 +468,27 @@ class _Classes:
 
     def accuracy(self, pred: np.ndarray, rows: np.ndarray) -> float | None:
         return None if self.lab is None else float((pred[rows] == self.lab[rows]).all(axis=1).mean())
+
+    def sample_losses(self, out: np.ndarray | None) -> np.ndarray:
+        """Per sample [N] (mean over its P predictions): a head's ``T^2 KL`` to the final exit (+ cross-entropy on
+        the labels), as :meth:`loss`; ``out`` None: the final exit's own loss (its cross-entropy, 0 without labels)."""
+        import torch.nn.functional as F
+
+        torch = self.torch
+        n, c, t = self.t_soft.shape[0], self.n_classes, self.temperature
+        total = torch.zeros(n)
+        with torch.no_grad():
+            if out is not None:
+                logits = torch.from_numpy(np.asarray(out, np.float32)).reshape(n, -1, c)
+                log_p = F.log_softmax(logits / t, dim=-1)
+                kl = (self.t_soft * (torch.log(self.t_soft.clamp_min(1e-12)) - log_p)).sum(-1)
+                total = kl.mean(1) * t**2
+            else:
+                logits = torch.from_numpy(self.teacher_logits)
+            if self.t_lab is not None:
+                ce = F.cross_entropy(logits.reshape(-1, c), self.t_lab.reshape(-1), reduction="none")
+                total = total + ce.reshape(n, -1).mean(1)
+        return total.numpy().astype(np.float64)
 
     def score_target(self, pred: np.ndarray) -> np.ndarray:
         """``score: agreement``: 1 where the exit's argmax equals the final exit's (every position), else 0."""
@@ -529,30 +579,13 @@ def _fit_score(torch: Any, module: Any, feats: list[np.ndarray], target: np.ndar
             return F.binary_cross_entropy(s.clamp(1e-6, 1 - 1e-6), t[ti])
         return F.mse_loss(s, t[ti])
 
-    params = list(module.score_layer.parameters())
     # Start from the constant score that fits the target's mean (the untrained bias saturates the sigmoid).
     mean = float(np.clip(target[rows].mean(), 1e-3, 1 - 1e-3))
-    u = 1.0 - mean if kind == "uncertainty" else mean  # the sigmoid's value: uncertainty = 1 - score
-    with torch.no_grad():
-        module.score_layer.weight.zero_()
-        module.score_layer.bias.fill_(math.log(u / (1.0 - u)))
-    frozen = [p for p in module.parameters() if all(p is not q for q in params)]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        # One linear layer (a logistic regression on the pooled features and softmax statistics): a learning
-        # rate 10x the heads' and no weight decay, so its weights reach the scale the statistics need.
-        fit = {**fit, "lr": 10 * fit["lr"], "weight_decay": 0.0}
-        _fit(torch, module, params, feats, rows, loss_of, forward=lambda mod, xs: mod.score(*xs), **fit)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    params = _start_constant(torch, module, 1.0 - mean if kind == "uncertainty" else mean)  # uncertainty = 1 - score
+    _fit_score_layers(torch, module, params, feats, rows, loss_of, forward=lambda mod, xs: mod.score(*xs), **fit)
     if not len(eval_rows):
         return None, None
-    with torch.no_grad():
-        got = np.concatenate([module.score(*[torch.from_numpy(np.ascontiguousarray(f[eval_rows[i:i + 1024]]))
-                                             for f in feats]).reshape(-1).numpy()
-                              for i in range(0, len(eval_rows), 1024)])
+    got = _on_rows(torch, lambda *xs: module.score(*xs).reshape(-1), feats, eval_rows)
     want = target[eval_rows]
     const = np.full_like(want, float(target[rows].mean()))
 
@@ -563,6 +596,92 @@ def _fit_score(torch: Any, module: Any, feats: list[np.ndarray], target: np.ndar
         return float(((pred - want) ** 2).mean())
 
     return held(got), held(const)
+
+
+def _start_constant(torch: Any, module: Any, value: float) -> list[Any]:
+    """Set ``module``'s score layer to the constant sigmoid ``value`` (zero weights, the bias its logit); return
+    that layer's parameters."""
+    with torch.no_grad():
+        module.score_layer.weight.zero_()
+        module.score_layer.bias.fill_(math.log(value / (1.0 - value)))
+    return list(module.score_layer.parameters())
+
+
+def _fit_score_layers(torch: Any, module: Any, params: list[Any], feats: list[np.ndarray], rows: np.ndarray,
+                      loss_of: Any, **fit: Any) -> float:
+    """:func:`_fit` of the score layers ``params`` only (the rest of ``module`` frozen): one linear layer each (a
+    logistic regression on the pooled features and softmax statistics), so a learning rate 10x the heads' and no
+    weight decay, for its weights to reach the scale the statistics need."""
+    frozen = [p for p in module.parameters() if all(p is not q for q in params)]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return _fit(torch, module, params, feats, rows, loss_of, **{**fit, "lr": 10 * fit["lr"], "weight_decay": 0.0})
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _on_rows(torch: Any, fn: Any, feats: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """``fn(*features)`` on ``rows`` in chunks, without gradients, as one numpy array."""
+    with torch.no_grad():
+        return np.concatenate([fn(*[torch.from_numpy(np.ascontiguousarray(f[rows[i:i + 1024]])) for f in feats]).numpy()
+                               for i in range(0, len(rows), 1024)])
+
+
+def _check_halting_run(bundle: Bundle, trainable: list[Any]) -> None:
+    """The exits with ``score: halting`` must be one run of q_exit exits (the gate's survival product runs over
+    consecutive Q-exits only), all of them trained here: their lambdas share one halting distribution."""
+    idx = [s.index for s in trainable if ((s.exit.head_spec or {}).get("options") or {}).get("score") == "halting"]
+    if not idx:
+        return
+    for s in bundle.manifest.segments[idx[0]:idx[-1] + 1]:
+        if s.index not in idx:
+            raise BundleError(f"{bundle.path}: exit {s.index} lies between exits with score: halting ({idx}) and "
+                              f"has no halting head; PALBERT's lambdas are trained over one run of exits: give it "
+                              f"a built-in head with options {{score: halting}} and a q_exit gate, or move it")
+
+
+def _fit_halting(torch: Any, heads: list[tuple[Any, list[np.ndarray]]], losses: np.ndarray, rows: np.ndarray,
+                 eval_rows: np.ndarray, *, beta: float, hazard: float,
+                 **fit: Any) -> tuple[float | None, float | None]:
+    """Train the lambda (score) layers of ``heads`` (module, features), in exit order, jointly with PALBERT's
+    objective (:func:`eecompile.halting.palbert_loss`) for per-sample exit losses ``losses`` [N, E + 1] (the final
+    exit last); the exit heads stay frozen. Starts every lambda at the prior's ``hazard`` (where the KL is 0).
+    Returns the objective on ``eval_rows`` (the held-out rows) and that of the prior's constant lambdas; both None
+    when ``eval_rows`` is empty."""
+    nn = torch.nn
+    modules = [m for m, _ in heads]
+    counts = [len(f) for _, f in heads]
+
+    class Lambdas(nn.Module):
+        """Every halting exit's lambda [B, E] from the features of each, concatenated in exit order."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = nn.ModuleList(modules)
+
+        def forward(self, *xs: Any) -> Any:
+            out, i = [], 0
+            for m, c in zip(self.heads, counts, strict=True):
+                out.append(m.score(*xs[i:i + c]).reshape(-1))
+                i += c
+            return torch.stack(out, 1)
+
+    whole = Lambdas()
+    feats = [f for _, fs in heads for f in fs]
+    prior = torch.from_numpy(geometric_prior(hazard, len(heads)).astype(np.float32))
+    t_losses = torch.from_numpy(losses.astype(np.float32))
+    params = [p for m in modules for p in _start_constant(torch, m, hazard)]
+    _fit_score_layers(torch, whole, params, feats, rows, lambda lam, ti: palbert_loss(torch, lam, t_losses[ti], prior,
+                                                                                     beta), **fit)
+    if not len(eval_rows):
+        return None, None
+    lams = torch.from_numpy(_on_rows(torch, whole, feats, eval_rows))
+    with torch.no_grad():
+        held = palbert_loss(torch, lams, t_losses[eval_rows], prior, beta)
+        const = palbert_loss(torch, torch.full_like(lams, hazard), t_losses[eval_rows], prior, beta)
+    return float(held), float(const)
 
 
 def _predict(torch: Any, module: Any, feats: list[np.ndarray], n: int, forward: Any = None) -> np.ndarray:

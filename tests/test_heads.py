@@ -180,7 +180,7 @@ def test_untrained_score_stays_near_zero(score: str) -> None:
         ("local", [None, 7, 12], {}, "do not make a square grid"),
         ("local", [None, 16, 12], {"kernel": 2}, "must be odd"),
         ("token", [None, 6, 12], {"score": "agreement"}, "one prediction per sample"),
-        ("linear", [None, 12], {"score": "halting"}, "must be one of uncertainty, agreement"),
+        ("linear", [None, 12], {"score": "confidence"}, "must be one of uncertainty, agreement, halting"),
     ],
 )
 def test_bad_template_options(kind: str, shape: list, opts: dict, match: str) -> None:

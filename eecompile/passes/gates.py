@@ -348,7 +348,7 @@ def build_gate(
         if score_value is None:
             raise SpecError(f"exits[{k}].head: a q_exit gate needs the head's halting probability lambda: name it "
                             f"with score_output (a head output in [0, 1], e.g. a Sigmoid) or use a built-in head "
-                            f"with options: {{score: agreement}}")
+                            f"with options: {{score: halting}} (PALBERT's lambda, trained by train-heads)")
         lam = ops.cast_float(ops.op("Reshape", [score_value, ops.const(np.array([-1], dtype=np.int64))]))
         zero, one = ops.const(np.array(0.0, dtype=np.float32)), ops.const(np.array(1.0, dtype=np.float32))
         lam = ops.op("Min", [ops.op("Max", [lam, zero]), one])

@@ -146,6 +146,17 @@ def test_q_exit_head_without_a_lambda_output_is_refused(palbert, tmp_path: Path)
         eecompile.compile_model(tmp_path / "s.yaml", tmp_path / "b.eebundle")
 
 
+def test_a_halting_score_on_another_gate_is_refused(palbert, tmp_path: Path) -> None:
+    model, layers, _ = palbert
+    exits = [{"at": layers[1], "head": {"kind": "linear", "options": {"pool": "first", "score": "halting"}},
+              "gate": {"kind": "max_prob", "threshold": 0.5}}]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"model": str(model), "exits": exits, "final": {
+        "output": "logits", "drop": ["logits1", "lam1", "logits2", "lam2"]}}))
+    with pytest.raises(SpecError, match=r"exits\[0\]\.head\.options\.score.*: score 'halting' is PALBERT's halting "
+                                        r"probability lambda, which a q_exit gate reads; this exit's gate is 'max_prob'"):
+        eecompile.compile_model(tmp_path / "s.yaml", tmp_path / "b.eebundle")
+
+
 def test_built_in_heads_with_a_learned_lambda(palbert) -> None:
     """Built-in linear heads with ``score: agreement`` as lambda, trained by train-heads, Q-exit gates."""
     from eecompile.train import train_heads
@@ -165,3 +176,38 @@ def test_built_in_heads_with_a_learned_lambda(palbert) -> None:
     assert (never.gate_scores[1] >= never.gate_scores[0] - 1e-6).all()  # the halting probability only grows
     q = float(np.median(never.gate_scores[1]))
     check_compaction(eecompile.load(path), {"x": x[:64]}, [q, q], "logits")
+
+
+def test_train_heads_trains_palberts_lambdas_jointly(palbert) -> None:
+    """Built-in heads with ``score: halting`` on Q-exit gates: train-heads fits the lambdas with PALBERT's objective
+    (self-distillation, no labels), calibrate searches one q, and the bundle runs with it. The trained lambda is
+    larger where the exit agrees with the final exit (held-out samples) and beats the prior's constant lambda."""
+    from eecompile.calibrate import calibrate_bundle
+    from eecompile.train import train_heads
+
+    model, layers, tmp = palbert
+    exits = [{"at": layers[k], "head": {"kind": "linear", "options": {"pool": "first", "score": "halting"}},
+              "gate": {"kind": "q_exit", "threshold": 0.9}} for k in (1, 3)]
+    (tmp / "halting.yaml").write_text(yaml.safe_dump({"model": str(model), "exits": exits, "final": {
+        "output": "logits", "drop": ["logits1", "lam1", "logits2", "lam2"]}}))
+    path = eecompile.compile_model(tmp / "halting.yaml", tmp / "halting.eebundle").path
+    x, _ = data(1400, seed=5)
+    np.savez(tmp / "halting-train.npz", x=x[:800])
+    report = train_heads(path, tmp / "halting-train.npz", epochs=20, quiet=True)
+    assert [h.score for h in report.heads] == ["halting", "halting"]
+    assert report.heads[0].score_loss < report.heads[0].score_baseline, report.heads[0]
+    runner = eecompile.load(path)
+    held = runner.run({"x": x[1000:]}, thresholds="never", policy="never")
+    final = held.all_exits[-1]["logits"].argmax(1)
+    agree = held.all_exits[0]["logits"].argmax(1) == final
+    lam1 = held.gate_scores[0]
+    assert 0 < agree.sum() < len(agree) and lam1.std() > 0.01
+    assert lam1[agree].mean() > lam1[~agree].mean() + 0.03, (lam1[agree].mean(), lam1[~agree].mean())
+    # One shared q, calibrated; the Q-exit gates leave samples at both exits with it.
+    np.savez(tmp / "halting-cal.npz", x=x[800:1000])
+    cal = calibrate_bundle(path, tmp / "halting-cal.npz", max_drop=0.05, costs=[1, 1, 1], quiet=True)
+    assert cal.deployed, cal.summary_lines()
+    q = eecompile.Bundle.load(path).manifest.thresholds
+    assert q[0] == q[1] and 0 < q[0] < 1, q
+    res = check_compaction(eecompile.load(path), {"x": x[1000:1064]}, q, "logits")
+    assert (res.exit_index < 2).any()
