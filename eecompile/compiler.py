@@ -191,9 +191,10 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
     for seg in extract_segments(pm, plans):
         k, seg_opset = seg.index, seg_opsets[seg.index]
         if seg_opset > opset:
-            raise_segment(seg, seg_opset, f"exits[{k}].head: segment {k} (raised to the head's opset {seg_opset})",
+            raise_segment(seg, seg_opset, f"{exits[k].where}.head: segment {k} (raised to the head's opset {seg_opset})",
                           f"export the head with the model's opset {opset}")
-            notes.append(f"segment {k} runs at opset {seg_opset} (the model's opset {opset} raised for exit {k}'s head)")
+            notes.append(f"segment {k} runs at opset {seg_opset} (the model's opset {opset} raised for exit "
+                         f"{exits[k].number}'s head)")
         model = _segment_model(pm, seg, seg_opset)
         passes, rec = segment_passes(pm, seg, exits, heads, final, final_shape, axis, seg_opset, act,
                                      others=others, end_only=spec.final.end_only)
@@ -244,17 +245,18 @@ def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPla
         target = pm.index.values[e.spec.jump]
         final, final_shape, class_axis, final_act = target, pm.shape_of(target.name), -1, None
     head_model, head_spec = heads[k]
+    where = e.where  # the spec's exits[i]: after a jump target's boundary segment, i is less than k
     # Heads and gates read the `at` tensors batch-first (a Transpose where the probe measured another batch axis).
     views = head_views(pm, k, [v.name or "" for v in e.at])
     attach = AttachHeadPass(
-        k, [v.name for v in views], final.name or "", final_shape, where=f"exits[{k}].head", head=head_model,
+        k, [v.name for v in views], final.name or "", final_shape, where=f"{where}.head", head=head_model,
         head_output=e.head_output.name if e.head_output is not None else None,
         head_output_shape=pm.shape_of(e.head_output.name) if e.head_output is not None else None,
         # A head file's score_output names one of its outputs; for built-in and in-model heads, a model tensor.
         score_output=(e.spec.head.score_output if e.spec.head.file is not None
                       else SCORE if e.spec.head.kind and e.spec.head.options.get("score") else None),
         score_tensor=e.score_output.name if e.score_output is not None else None,
-        activation=exit_activation(final_act, e, head_model, final.name or "", f"exits[{k}].head"),
+        activation=exit_activation(final_act, e, head_model, final.name or "", f"{where}.head"),
         others={} if e.spec.jump is not None else
         {v.name or "": pm.shape_of(v.name) for v in others if v.name not in end_only})
     nxt = exits[k + 1].spec.gate.kind if k + 1 < len(exits) else None
@@ -272,7 +274,7 @@ def segment_passes(pm: PreparedModel, seg: ExtractedSegment, exits: list[ExitPla
         against_shape=pm.shape_of(e.against.name or "") if e.against is not None else None,
         emit_output_state=nxt == GateKind.CHANGE,
         # Q-exit: the halting product runs over consecutive Q-exit gates
-        emit_survival_state=kind == GateKind.Q_EXIT and nxt == GateKind.Q_EXIT,
+        emit_survival_state=kind == GateKind.Q_EXIT and nxt == GateKind.Q_EXIT, spec_index=e.number,
         prev_survival=k > 0 and kind == GateKind.Q_EXIT and exits[k - 1].spec.gate.kind == GateKind.Q_EXIT)
     passes = [SegmentOutputsPass(seg.carried_out), BatchFirstPass(views), attach, gate, *tidy_passes()]
     return passes, ExitRecord(e, attach, gate, head_spec)

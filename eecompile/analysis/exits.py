@@ -41,6 +41,19 @@ class ExitPlan:
     head_output: ir.Value | None = None
     score_output: ir.Value | None = None
     against: ir.Value | None = None  # saturation gates: the tensor the first exit compares with
+    # The exit's index in the spec where ``index`` counts segments instead (after a jump target's boundary segment,
+    # passes/jumps.py); messages name the spec's.
+    spec_index: int | None = None
+
+    @property
+    def number(self) -> int:
+        """The exit's index in the spec (``exits[number]``)."""
+        return self.index if self.spec_index is None else self.spec_index
+
+    @property
+    def where(self) -> str:
+        """The exit's path in the spec, for messages: ``exits[i]``."""
+        return f"exits[{self.number}]"
 
     def targets(self) -> list[ir.Value]:
         """What the segment ending at this exit must compute: the ``at`` tensors, in-model head outputs and
@@ -205,9 +218,9 @@ def check_segments(pm: PreparedModel, plans: list[SegmentPlan], exits: list[Exit
     """Refuse empty segments and, in dynamic mode, carried tensors that cannot be compacted (case 4)."""
     for k, plan in enumerate(plans[:-1]):
         if plan.node_count() == 0:
-            raise SpecError(f"exits[{k}].at: segment {k} would be empty (its cut adds no computation)")
+            raise SpecError(f"{exits[k].where}.at: segment {k} would be empty (its cut adds no computation)")
     if plans[-1].node_count() == 0:
-        raise SpecError(f"exits[{len(exits) - 1}].at: nothing is left after the last exit; cut earlier")
+        raise SpecError(f"{exits[-1].where}.at: nothing is left after the last exit; cut earlier")
     if pm.batch_mode != "dynamic":
         return
     for plan in plans[:-1]:
@@ -217,7 +230,7 @@ def check_segments(pm: PreparedModel, plans: list[SegmentPlan], exits: list[Exit
             if problem:
                 at = exits[plan.index].at[0].name
                 raise SpecError(
-                    f"exits[{plan.index}].at: cutting at '{at}' would carry '{v.name}' to a later segment, and "
+                    f"{exits[plan.index].where}.at: cutting at '{at}' would carry '{v.name}' to a later segment, and "
                     f"{problem}; choose another cut (`eecompile analyze {pm.path}` lists the clean ones)")
 
 

@@ -411,13 +411,13 @@ def head_for(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
     per-sample output shape) is not fixed."""
     h = e.spec.head
     if h.file is not None:
-        return load_head(h.file, opset, f"exits[{e.index}].head"), None
+        return load_head(h.file, opset, f"{e.where}.head"), None
     if h.kind is None:
         return None, None
     try:
         from eecompile.heads import head_onnx, least_opset
     except ImportError as err:
-        raise SpecError(f"exits[{e.index}].head.kind: trained heads need eecompile.heads ({err})") from err
+        raise SpecError(f"{e.where}.head.kind: trained heads need eecompile.heads ({err})") from err
     views = head_views(pm, e.index, [v.name or "" for v in e.at])
     feature_shape = views[0].shape
     out_shape: list[int] | None = None
@@ -425,7 +425,7 @@ def head_for(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
         b = batch_index(list(final_shape))
         per = [d for i, d in enumerate(final_shape) if i != b]
         if not all(isinstance(d, int) for d in per):
-            raise SpecError(f"exits[{e.index}].head.kind: a trained head for a regression output needs its "
+            raise SpecError(f"{e.where}.head.kind: a trained head for a regression output needs its "
                             f"per-sample shape fixed; the final output has {list(final_shape)}")
         if h.kind == "conv" and len(per) == 3 and len(feature_shape) == 4:
             out_shape = [int(d) for d in per]  # type: ignore[arg-type]
@@ -437,7 +437,7 @@ def head_for(pm: PreparedModel, e: ExitPlan, final_shape: Dims, class_axis: int,
     else:
         n_classes = final_shape[class_axis % len(final_shape)]
     if not isinstance(n_classes, int):
-        raise SpecError(f"exits[{e.index}].head.kind: the final output's class axis has no fixed size")
+        raise SpecError(f"{e.where}.head.kind: the final output's class axis has no fixed size")
     mask_dtype = onnx.TensorProto.INT64
     if len(e.at) > 1:  # e.g. pool: masked_mean reads the attention mask listed second in `at`
         facts = pm.probe.facts.get(e.at[1].name or "")

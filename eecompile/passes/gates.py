@@ -238,8 +238,11 @@ def build_gate(
     emit_survival_state: bool = False,
     prev_survival: bool = False,
     probs: ir.Value | None = None,
+    spec_index: int | None = None,
 ) -> GateResult:
     """Record exit ``k``'s gate on ``tape``; ``prev_k`` is the previous exit (whose state this gate reads).
+    ``spec_index``: the exit's index in the spec, which messages name (segment ``k`` when None; they differ after
+    a jump target's boundary segment).
 
     ``probs``: the softmax of ``logits`` over ``class_axis`` (same layout) where the graph computes it already;
     ``probs is logits`` when the exit gives probabilities only (an in-model head ending in a Softmax).
@@ -249,6 +252,8 @@ def build_gate(
     exit is a Q-exit gate whose survival this Q-exit gate continues (else the product starts here)."""
     names = gate_names(k)
     ops = Ops(tape, opset, prefix=gate_node_prefix(k))
+    w = k if spec_index is None else spec_index  # exits[w] in the spec
+    pw = w - 1  # the exit before it (a gate after a jump target never reads the exit before: passes/jumps.py)
     thr = ir.Value(name=names["threshold"], shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
     res_state_in: list[ir.Value] = []
     res_state_out: list[ir.Value] = []
@@ -267,7 +272,7 @@ def build_gate(
             raw = ops.reduce("ReduceMin", per_pos, [1])
         elif kind == GateKind.MARGIN:
             if c < 2:
-                raise SpecError(f"exit {k}: margin gate needs at least 2 classes, the logits have {c}")
+                raise SpecError(f"exits[{w}]: margin gate needs at least 2 classes, the logits have {c}")
             top = ops.topk(p, 2)
             t1 = ops.op("Gather", [top, ops.const(np.array(0, dtype=np.int64))], {"axis": 2})
             t2 = ops.op("Gather", [top, ops.const(np.array(1, dtype=np.int64))], {"axis": 2})
@@ -296,7 +301,7 @@ def build_gate(
             raw = ops.op("Add", [ops.op("Mul", [same, prev_cnt]), one])
     elif kind == GateKind.SATURATION:
         if hidden is None or hidden_shape is None:
-            raise SpecError(f"exit {k}: saturation gate needs the cut tensor")
+            raise SpecError(f"exits[{w}]: saturation gate needs the cut tensor")
         h, dim = _pool_hidden(ops, hidden, hidden_shape)
         if prev_k is None and against is None:
             raw = ops.op("Sub", [ops.op("Mul", [guard, ops.const(np.array(0.0, dtype=np.float32))]),
@@ -304,18 +309,18 @@ def build_gate(
         else:
             if prev_k is None:  # the first exit compares with the tensor the spec names (MuE: the embeddings)
                 assert against is not None
-                _check_same_pooled(against_shape, hidden_shape, f"exits[{k}].gate.against",
+                _check_same_pooled(against_shape, hidden_shape, f"exits[{w}].gate.against",
                                    f"'{against.name}'", f"the cut tensor '{hidden.name}'")
                 prev_h, _ = _pool_hidden(ops, against, against_shape or [])
             else:
                 if prev_hidden_dim is not None and dim is not None and prev_hidden_dim != dim:
                     raise SpecError(
-                        f"exits[{k}].gate: saturation compares hidden states of consecutive exits, but exit {prev_k} "
-                        f"has width {prev_hidden_dim} and exit {k} has {dim}; use it where the widths match "
+                        f"exits[{w}].gate: saturation compares hidden states of consecutive exits, but exit {pw} "
+                        f"has width {prev_hidden_dim} and exit {w} has {dim}; use it where the widths match "
                         f"(transformer layers) or choose another gate kind"
                     )
-                _check_same_pooled(prev_hidden_shape, hidden_shape, f"exits[{k}].gate",
-                                   f"exit {prev_k}'s cut tensor", f"exit {k}'s")
+                _check_same_pooled(prev_hidden_shape, hidden_shape, f"exits[{w}].gate",
+                                   f"exit {pw}'s cut tensor", f"exit {w}'s")
                 prev_h = ir.Value(name=gate_names(prev_k)["hidden"], type=ir.TensorType(ir.DataType.FLOAT),
                                   shape=ir.Shape(["batch", None, dim]))
                 res_state_in.append(prev_h)
@@ -329,7 +334,7 @@ def build_gate(
             res_state_out.append(ops.op("Identity", [h], out_name=names["hidden"]))
     elif kind == GateKind.SCORE:
         if score_value is None:
-            raise SpecError(f"exits[{k}].head: the score gate needs `score_output` naming the head's score output")
+            raise SpecError(f"exits[{w}].head: the score gate needs `score_output` naming the head's score output")
         raw = ops.cast_float(ops.op("Reshape", [score_value, ops.const(np.array([-1], dtype=np.int64))]))
     elif kind == GateKind.CHANGE:
         y = ops.cast_float(ops.op("Reshape", [logits, ops.const(np.array([0, -1], dtype=np.int64))]))
@@ -346,7 +351,7 @@ def build_gate(
             raw = ops.op("Div", [num, ops.op("Max", [den, ops.const(np.array(1e-12, dtype=np.float32))])])
     elif kind == GateKind.Q_EXIT:
         if score_value is None:
-            raise SpecError(f"exits[{k}].head: a q_exit gate needs the head's halting probability lambda: name it "
+            raise SpecError(f"exits[{w}].head: a q_exit gate needs the head's halting probability lambda: name it "
                             f"with score_output (a head output in [0, 1], e.g. a Sigmoid) or use a built-in head "
                             f"with options: {{score: halting}} (PALBERT's lambda, trained by train-heads)")
         lam = ops.cast_float(ops.op("Reshape", [score_value, ops.const(np.array([-1], dtype=np.int64))]))
@@ -362,7 +367,7 @@ def build_gate(
         if emit_survival_state:
             res_state_out.append(ops.op("Identity", [stay], out_name=names["survival"]))
     else:  # pragma: no cover - GateKind is closed
-        raise SpecError(f"exit {k}: unknown gate kind {kind}")
+        raise SpecError(f"exits[{w}]: unknown gate kind {kind}")
     score = ops.op("Add", [raw, guard], out_name=names["score"])
     if kind.fires_above:
         gate = ops.ge(score, thr, names["gate"])
@@ -432,7 +437,7 @@ class FuseGatePass(ir.passes.InPlacePass):
                  emit_hidden_state: bool = False, prev_hidden_shape: list[int | str | None] | None = None,
                  against: str | None = None, against_shape: list[int | str | None] | None = None,
                  emit_output_state: bool = False, emit_survival_state: bool = False,
-                 prev_survival: bool = False) -> None:
+                 prev_survival: bool = False, spec_index: int | None = None) -> None:
         super().__init__()
         self.k, self.kind, self.head, self.logits_shape = k, kind, head, logits_shape
         self.class_axis, self.opset, self.hidden, self.hidden_shape = class_axis, opset, hidden, hidden_shape
@@ -441,6 +446,7 @@ class FuseGatePass(ir.passes.InPlacePass):
         self.against, self.against_shape = against, against_shape
         self.emit_output_state, self.emit_survival_state = emit_output_state, emit_survival_state
         self.prev_survival = prev_survival
+        self.spec_index = k if spec_index is None else spec_index
         self.result: GateResult | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -453,7 +459,7 @@ class FuseGatePass(ir.passes.InPlacePass):
         if self.against and against is None:
             against = next((v for v in g.inputs if v.name == self.against), None)
         if self.against and against is None:
-            raise SpecError(f"exits[{self.k}].gate.against: segment {self.k} has no tensor '{self.against}'")
+            raise SpecError(f"exits[{self.spec_index}].gate.against: segment {self.k} has no tensor '{self.against}'")
         tape = Tape(g)
         logits, shape, axis = self.head.logits, list(self.logits_shape), self.class_axis
         # the exit's own softmax, where it normalises over the class axis the gate reads
@@ -477,7 +483,7 @@ class FuseGatePass(ir.passes.InPlacePass):
                           emit_patience_state=self.emit_patience_state, emit_hidden_state=self.emit_hidden_state,
                           prev_hidden_shape=self.prev_hidden_shape, against=against, against_shape=self.against_shape,
                           emit_output_state=self.emit_output_state, emit_survival_state=self.emit_survival_state,
-                          prev_survival=self.prev_survival, probs=probs)
+                          prev_survival=self.prev_survival, probs=probs, spec_index=self.spec_index)
         g.extend(tape.nodes)
         gate.gate.dtype, gate.gate.shape = ir.DataType.BOOL, ir.Shape(["batch"])
         gate.score.dtype, gate.score.shape = ir.DataType.FLOAT, ir.Shape(["batch"])

@@ -43,6 +43,10 @@ _STATEFUL = (GateKind.PATIENCE, GateKind.SATURATION, GateKind.Q_EXIT, GateKind.C
 class JumpTarget(ExitPlan):
     """A segment boundary at a jump tensor, with no exit: every sample reaching it continues."""
 
+    @property
+    def where(self) -> str:
+        return f"the boundary at the jump tensor '{self.at[0].name}'"
+
 
 def plan_jumps(pm: PreparedModel, exits: list[ExitPlan]) -> tuple[list[ExitPlan], dict[int, ir.Value]]:
     """The exit list with a :class:`JumpTarget` inserted at each jump tensor no exit cuts at (cases 1, 2, 4), and
@@ -92,8 +96,10 @@ def plan_jumps(pm: PreparedModel, exits: list[ExitPlan]) -> tuple[list[ExitPlan]
             raise SpecError(f"exits[{e.index}].gate.kind: '{e.spec.gate.kind.value}' compares with the exit before "
                             f"it, and samples reach exits[{e.index}] by a jump too (without that exit's state); use "
                             f"a gate that decides alone (max_prob, entropy, margin, score)")
-    # From here on an exit's index is its segment's (the names ee{k}.* follow the segments).
-    return [replace(e, index=k) for k, e in enumerate(out)], positions
+    # From here on an exit's index is its segment's (the names ee{k}.* follow the segments); messages name the
+    # spec's (ExitPlan.where).
+    return [replace(e, index=k, spec_index=None if isinstance(e, JumpTarget) else e.number)
+            for k, e in enumerate(out)], positions
 
 
 def _per_sample(shape: list[Any]) -> list[Any]:
@@ -120,7 +126,7 @@ def check_jump_reads(pm: PreparedModel, plans: list[SegmentPlan], exits: list[Ex
             for v in plans[j].carried_in:
                 name = value_name(v)
                 if name != value_name(t) and name not in inputs and name not in later:
-                    raise SpecError(f"exits[{exits[k].index}].jump: segment {j} reads '{name}', computed before "
+                    raise SpecError(f"{exits[k].where}.jump: segment {j} reads '{name}', computed before "
                                     f"'{t.name}', which a sample that jumped there never computed; jump to a tensor "
                                     f"that carries everything the later layers read (the encoder output)")
     return records

@@ -336,3 +336,25 @@ def test_serve_answers_predict_with_each_samples_jump(mue: dict, ray_serve) -> N
         assert status == 200 and npz["jumped"].tolist() == mue["runner"].run(feeds).jumped.tolist()
     finally:
         serve.delete("jumps")
+
+
+def test_errors_after_the_jump_boundary_name_the_spec_exit(mue: dict, tmp_path: Path) -> None:
+    """The decoder exit is exits[2] of the spec but segment 3 of the bundle (the boundary before the decoder is
+    segment 2): a head error there names exits[2], as the spec does."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((32, 5), np.float32), "w")
+    head = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["features", "w"], ["logits"])], "narrow_head",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 6, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 6, 5])], [w]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(head, tmp_path / "narrow.onnx")
+    spec = mue_spec(tmp_path, mue["model"], mue["names"])
+    doc = yaml.safe_load(spec.read_text())
+    doc["exits"][2]["head"] = str(tmp_path / "narrow.onnx")  # 5 classes where the final output has VOCAB
+    doc["final"]["drop"] = ["logits1"]
+    spec.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError, match=r"^exits\[2\]\.head: the head gives"):
+        eecompile.compile_model(spec, tmp_path / "b.eebundle")
