@@ -653,8 +653,9 @@ def _fit_halting(torch: Any, heads: list[tuple[Any, list[np.ndarray]]], losses: 
     nn = torch.nn
     modules = [m for m, _ in heads]
     counts = [len(f) for _, f in heads]
+    base: Any = nn.Module
 
-    class Lambdas(nn.Module):
+    class Lambdas(base):
         """Every halting exit's lambda [B, E] from the features of each, concatenated in exit order."""
 
         def __init__(self) -> None:

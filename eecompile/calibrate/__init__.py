@@ -197,7 +197,7 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
 
     # One runner (the backend being calibrated) for the scores and the timings.
     options: dict[str, Any] = {"threads": threads} if threads and backend == "onnxruntime" else {}
-    runner = (JumpRunner if m.jumps else EarlyExitRunner)(b, backend=backend, **options)
+    runner: Any = (JumpRunner if m.jumps else EarlyExitRunner)(b, backend=backend, **options)
     try:
         collect_batch = 256 if backend == "onnxruntime" else batch_size
         collect = collect_jump_table if m.jumps else collect_exit_table  # jumps: one "exit" per path's end
@@ -262,7 +262,7 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     drop_upper = clopper_pearson_upper(ev.errors, n, dlt)
     oracle = oracle_exits(table, cum)
     ref = "error budget" if error_budget is not None else "labels" if labels is not None else "final exit"
-    exits = []
+    exits: list[dict[str, Any]] = []
     if jumps is not None:
         exits, jumped = jump_exit_rows(jumps, m, ev.exit_index, shown, cum)
         notes.append(jumped)

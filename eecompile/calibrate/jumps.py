@@ -230,7 +230,7 @@ def collect_jump_table(bundle: Bundle, inputs: Mapping[str, np.ndarray], labels:
 
 
 def jump_exit_rows(table: JumpTable, manifest: Manifest, ends: np.ndarray, thresholds: Sequence[float],
-                   costs: Sequence[float]) -> tuple[list[dict[str, Any]], str]:
+                   costs: Sequence[float] | np.ndarray) -> tuple[list[dict[str, Any]], str]:
     """The calibration report's rows per exit (segment) for a jump bundle, and a note on the jumps.
 
     ``ends``: the end each sample takes (:meth:`JumpTable.exits_for`); ``thresholds``: one per gated exit;

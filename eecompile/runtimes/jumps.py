@@ -301,7 +301,7 @@ class JumpRunner:
         the rows on their path here; the others get NaN (0 for integer outputs), NaN and False."""
         be, k = self.backend, seg.index
         gate = self.manifest.segments[k].exit.gate
-        if gate is not None:
+        if gate is not None and seg.gate is not None:
             if gate.score_output and gate.score_output in outs:
                 scores[k] = np.where(on_path, be.to_host(outs[gate.score_output]).reshape(-1), np.nan)
             masks[k] = be.read_mask(outs[seg.gate]).astype(bool) & on_path
