@@ -73,9 +73,11 @@ def print_report(report: BenchReport) -> None:
             f"throughput {report.throughput:.1f} samples/s")
     if report.loop is not None:
         c.print(report.loop_line())
-    t = Table("exit", "name", "samples", "share")
+    jumps = any("jumped" in e for e in report.exit_histogram)  # a bundle with jump exits: who jumped where
+    t = Table("exit", "name", "samples", "share", *(["jumped"] if jumps else []))
     for e in report.exit_histogram:
-        t.add_row(str(e["index"]), str(e["name"] or ""), str(e["count"]), f"{e['share']:.1%}")
+        t.add_row(str(e["index"]), str(e["name"] or ""), str(e["count"]), f"{e['share']:.1%}",
+                  *([str(e.get("jumped", "-"))] if jumps else []))
     c.print(t)
     t = Table("reference", "p50 ms / batch", "speedup (median)", "min-max")
     for r in report.references:

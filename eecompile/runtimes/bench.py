@@ -207,7 +207,7 @@ class BenchReport:
                f"throughput {self.throughput:.1f} samples/s"]
         out += [line for line in [self.loop_line()] if line]
         out += [f"exit {e['index']} {e['name'] or ''}: {e['count']} samples ({e['share']:.1%})"
-                for e in self.exit_histogram]
+                + (f", {e['jumped']} jumped" if "jumped" in e else "") for e in self.exit_histogram]
         for r in self.references:
             s = r["speedup"]
             out.append(f"vs {r['name']}{' *' if r['name'] == self.reference else ''}: p50 {r['latency_ms_p50']:.3f} ms"

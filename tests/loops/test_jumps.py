@@ -312,6 +312,7 @@ def test_bench_reports_a_jump_bundle_against_the_unsplit_model(mue: dict, tmp_pa
     assert {r["name"] for r in report.references} == {"gates-never", "unsplit-model"}
     assert report.reference == "unsplit-model" and report.speedup["median"] > 0
     assert any("jumped at exit 0" in n for n in report.notes), report.notes
+    assert f"exit 0 : 0 samples (0.0%), {int((res.jumped == 0).sum())} jumped" in report.lines()
 
 
 @pytest.mark.slow
