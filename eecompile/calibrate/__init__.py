@@ -12,7 +12,9 @@ Two layers:
 * **Bundle** (:func:`calibrate_bundle`): runs the runner with policy ``never`` (every exit recorded),
   measures the latency of leaving at each exit on the backend, picks thresholds, writes them and the report
   into the manifest atomically; or, when no setting meets the budget at the stated confidence, leaves the
-  bundle as it was and says how many samples the budget needs.
+  bundle as it was and says how many samples the budget needs. A bundle with jump exits (MuE) is calibrated
+  over its paths (:mod:`.jumps`: a :class:`~eecompile.calibrate.jumps.JumpTable` whose "exits" are each route's
+  ends, timed one by one), through the same searches.
 
 Conventions: a gate fires when ``score >= t`` (``score <= t`` for ``entropy``; see ``GateKind.fires_above``);
 a NaN score never fires; a threshold of +inf (-inf for entropy) means "never exit here".

@@ -15,7 +15,9 @@ class CalibrationReport:
 
     Rates are fractions of the ``n_samples`` calibration samples; times are milliseconds per call of
     ``batch_size`` rows on ``backend``. ``exits``: per exit ``index, name, gate, threshold, share, accuracy``
-    (of the samples leaving there) and ``cumulative_ms`` (to leave there). ``drop``: final accuracy minus the
+    (of the samples leaving there) and ``cumulative_ms`` (to leave there); a bundle with jump exits adds
+    ``jump_to`` and ``jumped`` (share that jumped) to its jump exits (:func:`eecompile.calibrate.jumps.jump_exit_rows`).
+    ``drop``: final accuracy minus the
     chain's; ``loss``/``errors``: the samples the final exit gets right and the chain wrong, with their
     two-sided Clopper-Pearson ``loss_interval`` at ``confidence``; ``drop_upper``: the one-sided bound at
     ``confidence`` (the drop is at most the loss). ``deployed``: the thresholds were written into the bundle;
