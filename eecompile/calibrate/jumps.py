@@ -101,12 +101,15 @@ class JumpTable(ExitTable):
     ``scores[e, r, n]``: gated exit ``e``'s score (thresholds order) for sample n on route r (NaN where the route
     does not pass the exit); ``correct[j, n]``: end j's answer matches the reference, ends in route order and
     within a route in exit order, so the last end is the no-jump route's final exit (the run without exits);
-    ``routes``: :func:`jump_routes`; ``gates``: the segment of each gated exit."""
+    ``routes``: :func:`jump_routes`; ``gates``: the segment of each gated exit; ``jumps_to``: jump exit (segment)
+    -> the segment it continues at. Set from those: ``end_segment`` and ``end_jump`` (int64 [ends]), the segment
+    each end leaves at and the (last) jump exit its route takes, -1 for none (the runner's ``exit_index`` and
+    ``jumped``)."""
 
     routes: list[Route] = field(default_factory=list)
     gates: list[int] = field(default_factory=list)
     jumps_to: dict[int, int] = field(default_factory=dict)
-    """Jump exit (segment) -> the segment it continues at."""
+
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64)
         self.correct = np.asarray(self.correct, dtype=bool)
@@ -121,10 +124,8 @@ class JumpTable(ExitTable):
             raise CalibrationError(f"fires_above has {len(self.fires_above)} entries for {len(self.gates)} gates")
         self._gate = {k: g for g, k in enumerate(self.gates)}
         self.end_segment = np.array([k for r in self.routes for k in r.ends], np.int64)
-        """The segment each end leaves at."""
         self.end_jump = np.array([r.taken[-1] if r.taken else -1 for r in self.routes for _ in r.ends], np.int64)
-        """The (last) jump exit each end's route takes, -1 for none (the runner's ``jumped``)."""
-        self._first = np.cumsum([0, *(len(r.ends) for r in self.routes)])[:-1]
+        self._first = np.cumsum([0, *(len(r.ends) for r in self.routes)])[:-1]  # each route's first end
 
     @property
     def n_samples(self) -> int:
