@@ -219,8 +219,11 @@ def check_segments(pm: PreparedModel, plans: list[SegmentPlan], exits: list[Exit
     for k, plan in enumerate(plans[:-1]):
         if plan.node_count() == 0:
             raise SpecError(f"{exits[k].where}.at: segment {k} would be empty (its cut adds no computation)")
-    if plans[-1].node_count() == 0:
-        raise SpecError(f"{exits[-1].where}.at: nothing is left after the last exit; cut earlier")
+    if exits and plans[-1].node_count() == 0:  # without exits the one segment is the whole model, however cheap
+        last = exits[-1]
+        raise SpecError(f"{last.where}.at: nothing is left after the last exit: the final output "
+                        f"'{plans[-1].targets[0].name}' is computed before '{last.at[0].name}' (no layer is left to run after "
+                        f"the exit); cut before the final output's last layer")
     if pm.batch_mode != "dynamic":
         return
     for plan in plans[:-1]:

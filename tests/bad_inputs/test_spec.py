@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import TensorProto
+from onnx import helper as oh
+
 from eecompile.errors import SpecError
 from tests.bad_inputs.util import expect_error, spec_doc, write_yaml
 
@@ -82,6 +87,21 @@ def test_two_exits_at_the_same_tensor(ws: Path) -> None:
     doc["exits"][1]["at"] = "h0"
     expect_error(_compile(ws, _spec(ws, doc)), SpecError, "exits[1].at", "'h0'", "already the cut of exits[0]",
                  "its own cut tensor", workspace=ws)
+
+
+def test_an_exit_after_the_final_output_names_both(ws: Path) -> None:
+    """The final output y is computed before the cut r (r feeds only the exit's in-model head z): the message
+    names the exit and both tensors, not a segment number or exits[-1]."""
+    w = oh.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist())
+    g = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["y"]), oh.make_node("Relu", ["y"], ["r"]),
+                       oh.make_node("MatMul", ["r", "w"], ["z"])], "late",
+                      [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                      [oh.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("y", "z")], [w])
+    onnx.save(oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), ws / "late.onnx")
+    doc = {"model": "late.onnx", "final": {"output": "y"},
+           "exits": [{"at": "r", "head": {"output": "z"}, "gate": {"kind": "max_prob", "threshold": 0.9}}]}
+    expect_error(_compile(ws, _spec(ws, doc)), SpecError, "exits[0].at", "nothing is left after the last exit",
+                 "'y' is computed before 'r'", "cut before", workspace=ws)
 
 
 def test_cut_tensor_not_in_the_model_suggests_names(ws: Path) -> None:

@@ -4,7 +4,8 @@
   in-model exit after its first block (``eps1`` with DeeDiff's uncertainty score ``conf1``), and
   :func:`export_ddim_step`: the deterministic DDIM update (Song et al. 2021, eta = 0) on a cosine schedule
   (alpha_bar(t) = cos(pi t / 2)^2, Nichol & Dhariwal 2021), ``x_next, x0 = step(x, eps, t, t_next)``.
-- :func:`export_halve`: ``y = 0.5 x + 1`` in ONNX text, a loop on the chain's own output.
+- :func:`export_halve`: ``y = 0.5 x + 1`` in ONNX text, a loop on the chain's own output;
+  :func:`export_scale_shift`: the same with element-wise ops only.
 - :func:`export_masked_lm`: a bidirectional transformer over tokens ``[B, T]`` giving ``logits [B, T, V]`` (a
   masked diffusion LM's denoiser), and :func:`export_unmask_step`: one step of its sampler (the ``per_step``
   most confident masked positions take their argmax; ``committed`` fills every masked position at once,
@@ -122,6 +123,24 @@ def export_halve(path: Path) -> Path:
             h = MatMul(x, w)
             y = Add(h, b)
         }""")
+    onnx.save(model, path)
+    return path
+
+
+def export_scale_shift(path: Path) -> Path:
+    """x[N, 4] -> y = x * h + b with h = 0.5, b = 1 (element-wise only, built with onnx.helper): the same loop as
+    :func:`export_halve` with no MatMul, so the partition finds no node it counts as compute."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    g = oh.make_graph([oh.make_node("Mul", ["x", "h"], ["t"]), oh.make_node("Add", ["t", "b"], ["y"])], "scale_shift",
+                      [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                      [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                      [nh.from_array(np.full(4, 0.5, np.float32), "h"), nh.from_array(np.ones(4, np.float32), "b")])
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
     onnx.save(model, path)
     return path
 

@@ -4,6 +4,7 @@ per-sample ``change`` gate that stops a sample's loop (its result: the step's pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,14 @@ import yaml
 import eecompile
 from eecompile.errors import BundleError, DataError, SpecError
 from eecompile.runtimes.loop import LoopRunner
-from tests.loops.models import B1, ddim_reference, export_ddim_step, export_denoiser, export_halve
+from tests.loops.models import (
+    B1,
+    ddim_reference,
+    export_ddim_step,
+    export_denoiser,
+    export_halve,
+    export_scale_shift,
+)
 
 STEPS = 20  # the default step count; run(steps=N) chooses another
 START = 0.98
@@ -230,12 +238,18 @@ def test_bad_loop_specs_name_the_yaml_path(sampler: dict, tmp_path: Path, change
         eecompile.compile_model(spec, tmp_path / "b.eebundle")
 
 
-def test_a_loop_without_a_step_graph_or_a_gate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("export, exits", [(export_halve, None), (export_scale_shift, None), (export_scale_shift, [])])
+def test_a_loop_without_a_step_graph_or_a_gate(tmp_path: Path, export: Callable[[Path], Path], exits: list | None
+                                               ) -> None:
     """The chain's own output fed back (y = 0.5 x + 1 converges to 2); with a change gate the graph holds only the
-    gate; without one, every sample runs N steps and the bundle has no step graph."""
-    export_halve(tmp_path / "halve.onnx")
-    doc = {"model": str(tmp_path / "halve.onnx"), "loop": {"steps": 30, "feedback": {"y": "x"},
-                                                             "gate": {"kind": "change", "of": "y", "threshold": 1e-3}}}
+    gate; without one, every sample runs N steps and the bundle has no step graph. ``export_scale_shift`` has no op
+    the partition counts as compute: its one segment is the whole model (it was refused as "nothing left after the
+    last exit", with no exit in the spec)."""
+    export(tmp_path / "halve.onnx")
+    doc: dict = {"model": str(tmp_path / "halve.onnx"),
+                 "loop": {"steps": 30, "feedback": {"y": "x"}, "gate": {"kind": "change", "of": "y", "threshold": 1e-3}}}
+    if exits is not None:
+        doc["exits"] = exits
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(doc))
     runner = eecompile.load(eecompile.compile_model(tmp_path / "g.yaml", tmp_path / "g.eebundle").path)
     x = np.array([[0, 0, 0, 0], [2, 2, 2, 2.001], [100, -100, 50, 0]], np.float32)
@@ -251,3 +265,4 @@ def test_a_loop_without_a_step_graph_or_a_gate(tmp_path: Path) -> None:
     assert res.steps.tolist() == [3, 3, 3]
     with pytest.raises(DataError, match=r"loop_threshold: this loop has no gate"):
         eecompile.load(bundle.path).run({"x": x}, loop_threshold=0.5)
+
