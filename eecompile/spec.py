@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import difflib
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,15 @@ import yaml
 
 from eecompile import names, safe_yaml
 from eecompile.errors import SpecError
+from eecompile.runtimes.base import threshold_problem
 
 
 class GateKind(str, enum.Enum):
     """How an exit decides, per sample, that it is confident enough; p = softmax of the exit's logits over
     the class axis, C the number of classes. For outputs with several positions (tokens) the least confident
-    position decides. Threshold ranges are checked by :meth:`GateSpec.check_threshold`.
+    position decides. Threshold ranges are checked by :meth:`GateSpec.check_threshold`, with the runtime's check
+    (:func:`eecompile.runtimes.base.threshold_problem`); the infinity where a gate never fires (+inf; -inf for
+    ``entropy`` and ``change``) is accepted too: "never exit here".
 
     - ``max_prob``: max_c p >= t, t in [0, 1] (the confidence of Shallow-Deep Networks, Kaya et al. 2019).
     - ``entropy``: -sum_c p log p / log C <= t, t in [0, 1] (BranchyNet, Teerapittayanon et al. 2016; DeeBERT,
@@ -46,11 +48,12 @@ class GateKind(str, enum.Enum):
       al. 2022).
     - ``patience``: the argmax has stayed the same for t consecutive exits, t >= 1 (PABEE, Zhou et al. 2020).
     - ``saturation``: cosine(h_prev, h_this) >= t between the pooled cut tensors of consecutive exits,
-      t in [-1, 1] (CALM's hidden-state saturation; MuE, Tang et al. 2023).
+      any number t (the cosine lies in [-1, 1]; float rounding can put an observed one a hair above 1) (CALM's
+      hidden-state saturation; MuE, Tang et al. 2023).
     - ``score``: a head output that is itself the exit score >= t (learned halting or confidence heads such as
       BERxiT, Xin et al. 2021; DeeDiff's uncertainty head, Tang et al. 2023); any real t.
     - ``change``: the relative L2 change of the exit's output from the previous exit's,
-      ||y_k - y_{k-1}|| / ||y_k|| <= t, t >= 0 (a saturation test on the output itself; needs no class axis).
+      ||y_k - y_{k-1}|| / ||y_k|| <= t, t in [0, inf] (a saturation test on the output itself; needs no class axis).
       The first exit has nothing to compare with and never fires.
     - ``q_exit``: PALBERT's Q-exit (Balagansky and Gavrilov 2022): the head's score output is a halting
       probability lambda_i in [0, 1]; the gate fires when the probability of having halted by this exit,
@@ -71,18 +74,6 @@ class GateKind(str, enum.Enum):
         """True when a larger gate value means 'more confident' (the gate fires when value >= t)."""
         return self not in (GateKind.ENTROPY, GateKind.CHANGE)
 
-
-# Threshold ranges each gate kind accepts (inclusive); patience counts exits.
-_THRESHOLD_RANGE: dict[GateKind, tuple[float, float]] = {
-    GateKind.MAX_PROB: (0.0, 1.0),
-    GateKind.ENTROPY: (0.0, 1.0),
-    GateKind.MARGIN: (0.0, 1.0),
-    GateKind.PATIENCE: (1.0, 1e6),
-    GateKind.SATURATION: (-1.0, 1.0),
-    GateKind.SCORE: (-math.inf, math.inf),
-    GateKind.CHANGE: (0.0, math.inf),
-    GateKind.Q_EXIT: (0.0, 1.0),
-}
 
 HEAD_KINDS = ("linear", "mlp", "conv", "token", "local", "global")
 JUMP_GATES = (GateKind.SATURATION, GateKind.SCORE)  # what a jump exit (no class scores) may gate on
@@ -108,13 +99,11 @@ class GateSpec:
     against: str | None = None
 
     def check_threshold(self, value: float, where: str) -> None:
-        """Raise SpecError (naming ``where``) when ``value`` is NaN or outside the kind's range."""
-        lo, hi = _THRESHOLD_RANGE[self.kind]
-        if not (lo <= value <= hi) or math.isnan(value):
-            raise SpecError(
-                f"{where}: threshold {value} is outside [{lo}, {hi}] for gate kind '{self.kind.value}'; "
-                f"give a value in that range"
-            )
+        """Raise SpecError (naming ``where``) when ``value`` is not a threshold of the kind: NaN, outside its range,
+        or a non-integer patience (:func:`eecompile.runtimes.base.threshold_problem`, the runtime's own check)."""
+        problem = threshold_problem(self.kind.value, value)
+        if problem is not None:
+            raise SpecError(f"{where}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -203,10 +192,6 @@ LOOP_GATE_KINDS = names.LOOP_GATE_KINDS
 
 STEP_SOURCES = ("step", "steps", "linspace", "table")
 """Where the runtime takes a per-step input from (see :class:`StepInputSpec`)."""
-
-# Threshold ranges of the loop gates (inclusive); +inf is accepted as "never stop early".
-_LOOP_THRESHOLD_RANGE = {"logit_gap": (0.0, math.inf), "change": (0.0, math.inf),
-                         "score": (-math.inf, math.inf)}
 
 
 @dataclass(frozen=True)
@@ -367,11 +352,11 @@ def _parse_loop_gate(node: _Node, path: str) -> LoopGateSpec:
 
 
 def check_loop_threshold(kind: str, value: float, where: str) -> None:
-    """Raise SpecError (naming ``where``) when ``value`` is NaN or outside loop gate ``kind``'s range."""
-    lo, hi = _LOOP_THRESHOLD_RANGE[kind]
-    if math.isnan(value) or not (lo <= value <= hi):
-        raise SpecError(f"{where}: threshold {value} is outside [{lo}, {hi}] for loop gate '{kind}'; give a value "
-                        f"in that range")
+    """Raise SpecError (naming ``where``) when ``value`` is not a threshold of loop gate ``kind``
+    (:func:`eecompile.runtimes.base.threshold_problem`, the runtime's own check)."""
+    problem = threshold_problem(kind, value)
+    if problem is not None:
+        raise SpecError(f"{where}: {problem}")
 
 
 def _parse_loop(node: _Node, base: Path) -> LoopSpec:

@@ -46,9 +46,12 @@ OVERRIDES = ("never", "always")
 
 Threshold = float | str  # a number, "never" or "always"
 
-# Inclusive range of the threshold each gate kind accepts (the value compared with the gate's score):
-# probabilities and normalised entropy lie in [0, 1]; patience counts consecutive agreeing exits (a positive
-# integer); score and saturation (cosine of hidden states; or a head's raw score) only need to be finite.
+# Inclusive range of the threshold each gate kind accepts (the value compared with the gate's score), for the
+# exit gates (names.GATE_KINDS) and the loop gates (names.LOOP_GATE_KINDS; `change` and `score` mean the same in
+# both): probabilities and normalised entropy lie in [0, 1]; patience counts consecutive agreeing exits (a positive
+# integer); a relative change and a top-2 logit gap are >= 0; score (a head's raw score) and saturation (a cosine,
+# which float rounding can put a hair above 1 in a calibrated threshold) only need to be numbers. The spec checks
+# its thresholds with the same function (threshold_problem), so the two cannot disagree.
 THRESHOLD_RANGES: dict[str, tuple[float, float]] = {
     "max_prob": (0.0, 1.0),
     "entropy": (0.0, 1.0),
@@ -56,8 +59,9 @@ THRESHOLD_RANGES: dict[str, tuple[float, float]] = {
     "patience": (1.0, math.inf),
     "saturation": (-math.inf, math.inf),
     "score": (-math.inf, math.inf),
-    "change": (0.0, math.inf),  # relative L2 change of the exit output from the previous exit's
+    "change": (0.0, math.inf),  # relative L2 change of the output from the previous exit's (or step's); +inf fires
     "q_exit": (0.0, 1.0),  # probability of having halted (PALBERT)
+    "logit_gap": (0.0, math.inf),  # loop gate: mean (or min) top-1 minus top-2 logit over masked positions (Prophet)
 }
 INTEGER_THRESHOLDS = frozenset({"patience"})
 FIRES_BELOW = frozenset({"entropy", "change"})  # gates that fire when the score is <= the threshold (the others: >=)
@@ -148,27 +152,39 @@ def _gates(exits: Sequence[ExitInfo | GateInfo | None]) -> list[GateInfo]:
     return gates
 
 
-def check_threshold(kind: str, value: float, where: str) -> float:
-    """Return ``value`` as a float after checking it against gate kind ``kind``'s range (NaN always refused).
+def threshold_problem(kind: str, value: float, overrides: bool = False) -> str | None:
+    """Why ``value`` is not a threshold of gate kind ``kind`` (an exit or a loop gate), or None when it is one; the
+    one check of the spec (``eecompile.spec``) and the runtime alike.
 
-    An infinite threshold on the side where the gate never fires (+inf; -inf for ``entropy``, which fires below
-    its threshold) is accepted: calibration stores it to mean "never exit here", and the gate still runs. Raises
-    :class:`ThresholdError` naming ``where`` and the range. Kinds not in :data:`THRESHOLD_RANGES` only need a
-    finite value."""
+    Accepted: a number in :data:`THRESHOLD_RANGES` (inclusive; an infinite end is included where the range has one,
+    like ``change``'s +inf, which fires on every finite score), and the infinity on the side where the gate never
+    fires (+inf; -inf for ``entropy`` and ``change``, which fire below their threshold): calibration stores it to
+    mean "never exit here", and the gate still runs. Refused: NaN, a value outside the range, -inf elsewhere, and a
+    non-integer ``patience``. ``overrides``: the fix offers ``never``/``always`` too (run-time thresholds). Kinds
+    not in the table only need a number."""
     v = float(value)
+    alt = ", or 'never'/'always' to override the gate" if overrides else ""
     if math.isnan(v):
-        raise ThresholdError(f"{where}: NaN is not a threshold; give a number, 'never' or 'always'")
-    if math.isinf(v) and (v > 0) == (kind not in FIRES_BELOW):
-        return v
+        return f"NaN is not a threshold; give a number{alt}"
+    below = kind in FIRES_BELOW
+    if (v == -math.inf and below) or (v == math.inf and not below):
+        return None
     lo, hi = THRESHOLD_RANGES.get(kind, (-math.inf, math.inf))
-    if not math.isfinite(v) or not lo <= v <= hi:
-        shown = f"[{lo:g}, {hi:g}]" if math.isfinite(lo) and math.isfinite(hi) else (
-            f"a finite number >= {lo:g}" if math.isfinite(lo) else "a finite number")
-        raise ThresholdError(f"{where}: threshold {v:g} is outside {shown} for gate kind '{kind}'; give a value in "
-                             f"that range, or 'never'/'always' to override the gate")
-    if kind in INTEGER_THRESHOLDS and not v.is_integer():
-        raise ThresholdError(f"{where}: a '{kind}' threshold counts exits; give a positive integer, not {v:g}")
-    return v
+    if v == -math.inf or not lo <= v <= hi:
+        shown = f"[{lo:g}, {hi:g}]" if math.isfinite(lo) else "the finite numbers and +inf"
+        return f"threshold {v:g} is outside {shown} for gate kind '{kind}'; give a value in that range{alt}"
+    if kind in INTEGER_THRESHOLDS and math.isfinite(v) and not v.is_integer():
+        return f"a '{kind}' threshold counts exits; give a positive integer, not {v:g}"
+    return None
+
+
+def check_threshold(kind: str, value: float, where: str) -> float:
+    """Return ``value`` as a float after checking it against gate kind ``kind``'s range (:func:`threshold_problem`).
+    Raises :class:`ThresholdError` naming ``where``, the range and the fix (a value in it, or an override)."""
+    problem = threshold_problem(kind, value, overrides=True)
+    if problem is not None:
+        raise ThresholdError(f"{where}: {problem}")
+    return float(value)
 
 
 def resolve_thresholds(exits: Sequence[ExitInfo | GateInfo | None],

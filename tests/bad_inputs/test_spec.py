@@ -65,7 +65,7 @@ def test_unknown_gate_kind_suggests_the_right_one(ws: Path) -> None:
 
 def test_threshold_out_of_range(ws: Path) -> None:
     doc = spec_doc(thresholds=(0.5, 1.5))
-    expect_error(_compile(ws, _spec(ws, doc)), SpecError, "exits[1].gate.threshold", "1.5", "[0.0, 1.0]",
+    expect_error(_compile(ws, _spec(ws, doc)), SpecError, "exits[1].gate.threshold", "1.5", "[0, 1]",
                  "give a value in that range", workspace=ws)
 
 

@@ -5,6 +5,7 @@ between the top-2 logits, averaged over the positions still masked) commits a sa
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 import eecompile
-from eecompile.errors import SpecError
+from eecompile.errors import SpecError, ThresholdError
 from eecompile.runtimes.loop import LoopRunner
 from tests.loops.models import MASK, SEQ, VOCAB, export_masked_lm, export_unmask_step
 
@@ -110,6 +111,12 @@ def test_prophet_compact_equals_wait_all_equals_one_sample_at_a_time(prophet: di
         np.testing.assert_array_equal(one.outputs["committed"][0], compact.outputs["committed"][b])
     always = runner.run({"tokens": tokens}, loop_threshold="always")
     assert always.steps.tolist() == [1] * len(tokens)  # every sample commits after the first step
+    never = runner.run({"tokens": tokens}, loop_threshold=math.inf)  # a gap no sample reaches (masked left)
+    assert never.steps.tolist() == [STEPS] * len(tokens)
+    for bad in (-1.0, [4.0, -0.5], -math.inf):  # a gap is >= 0: the spec refuses these, and so does the runtime
+        with pytest.raises(ThresholdError, match=r"loop_threshold(\[1\])?: threshold -(1|0\.5|inf) is outside "
+                                                 r"\[0, inf\] for gate kind 'logit_gap'"):
+            runner.run({"tokens": tokens}, loop_threshold=bad)
 
 
 def test_a_sample_with_nothing_left_to_unmask_commits(prophet: dict) -> None:

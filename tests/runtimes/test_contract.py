@@ -6,13 +6,16 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 
+from eecompile import names
 from eecompile.bundle import GateInfo
 from eecompile.errors import BackendError, DataError, SpecError, ThresholdError
-from eecompile.runtimes.base import POLICIES, GateSetting, resolve_thresholds
+from eecompile.runtimes.base import POLICIES, GateSetting, check_threshold, resolve_thresholds
 from eecompile.runtimes.chain import EarlyExitRunner
 from eecompile.runtimes.onnxruntime import with_extra_outputs
 from eecompile.runtimes.sessions import session_options
+from eecompile.spec import parse_spec
 from tests.runtimes.handmade import Handmade, make_bundle
 
 N = 40
@@ -49,10 +52,10 @@ def test_scalar_sequence_strings_and_none_entries() -> None:
     ("entropy", -0.1, r"outside \[0, 1\]"),
     ("entropy", math.inf, r"outside \[0, 1\]"),  # entropy fires below: +inf would fire always
     ("max_prob", -math.inf, r"outside \[0, 1\]"),
-    ("patience", 0, "outside a finite number >= 1"),
+    ("patience", 0, r"outside \[1, inf\]"),
     ("patience", 2.5, "positive integer"),
     ("score", math.nan, "NaN"),
-    ("saturation", -math.inf, "finite"),
+    ("saturation", -math.inf, "the finite numbers and \\+inf"),
 ])
 def test_range_per_gate_kind(kind: str, value: float, message: str) -> None:
     with pytest.raises(ThresholdError, match=message) as e:
@@ -66,6 +69,70 @@ def test_range_per_gate_kind(kind: str, value: float, message: str) -> None:
                                              ("saturation", 0.99)])
 def test_accepted_per_gate_kind(kind: str, value: float) -> None:
     assert resolve_thresholds(_gates(kind), [value]).as_list() == [float(value)]
+
+
+PROBES = (-math.inf, -1e7, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 1e6, 1e7, math.inf, math.nan)
+LOOP_GATE_NEEDS = {"logit_gap": {"logits": "y", "tokens": "x", "mask_id": 0}, "change": {"of": "y"},
+                   "score": {"output": "y"}}
+
+
+def _spec_accepts(kind: str, value: float, loop: bool) -> bool:
+    """Whether a spec with this gate (an exit's, or the loop's) and threshold parses."""
+    if loop:
+        doc = {"model": "m.onnx", "loop": {"feedback": {"y": "x"}, "steps": 4,
+                                           "gate": {"kind": kind, "threshold": value, **LOOP_GATE_NEEDS[kind]}}}
+    else:
+        doc = {"model": "m.onnx", "exits": [{"at": "h", "head": "h.onnx", "gate": {"kind": kind, "threshold": value}}]}
+    try:
+        parse_spec(yaml.safe_dump(doc))
+    except SpecError as e:
+        assert "threshold" in str(e), e  # refused for its threshold, not for the spec around it
+        return False
+    return True
+
+
+def _runtime_accepts(kind: str, value: float) -> bool:
+    """Whether the runtime takes the threshold: ``resolve_thresholds`` for exits (given at run time or read from a
+    manifest) and ``LoopRunner`` for the loop gate both go through ``check_threshold``."""
+    try:
+        check_threshold(kind, value, "t")
+    except ThresholdError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("kind", "loop"), [(k, False) for k in names.GATE_KINDS]
+                         + [(k, True) for k in names.LOOP_GATE_KINDS])
+def test_the_spec_and_the_runtime_accept_the_same_thresholds(kind: str, loop: bool) -> None:
+    """Every exit and loop gate kind, from -inf to +inf and NaN: a threshold the spec takes, the runtime takes, and
+    the other way round (the spec once took +inf for ``change`` and the runtime refused it at run time; the runtime
+    took a negative ``logit_gap`` the spec refuses)."""
+    spec = [_spec_accepts(kind, v, loop) for v in PROBES]
+    runtime = [_runtime_accepts(kind, v) for v in PROBES]
+    assert spec == runtime, [(v, s, r) for v, s, r in zip(PROBES, spec, runtime, strict=True) if s != r]
+    if not loop:
+        gate_runtime = []
+        for v in PROBES:
+            try:
+                resolve_thresholds(_gates(kind), [v])
+                gate_runtime.append(True)
+            except ThresholdError:
+                gate_runtime.append(False)
+        assert gate_runtime == runtime
+    assert not runtime[PROBES.index(math.nan)]
+
+
+@pytest.mark.parametrize(("kind", "accepted", "refused"), [
+    ("change", [0.0, 2.5, math.inf, -math.inf], [-0.5]),  # +inf fires on every finite change; -inf never fires
+    ("logit_gap", [0.0, 4.0, math.inf], [-0.5, -math.inf]),
+    ("score", [-1e7, 1e7, math.inf], [-math.inf]),
+    ("patience", [1.0, 2.0, math.inf], [0.0, 2.5]),
+    ("max_prob", [0.0, 1.0, math.inf], [1.5, -math.inf]),
+    ("entropy", [0.0, 1.0, -math.inf], [1.5, math.inf]),
+])
+def test_threshold_ranges_of_the_loop_and_exit_gates(kind: str, accepted: list[float], refused: list[float]) -> None:
+    assert all(_runtime_accepts(kind, v) for v in accepted)
+    assert not any(_runtime_accepts(kind, v) for v in refused)
 
 
 @pytest.mark.parametrize("bad", [True, {"a": 1}, object(), [[0.5]], ["sometimes"], [0.5, 0.5, 0.5]])
