@@ -437,16 +437,18 @@ def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | N
 @click.option("--reference-model", type=click.Path(path_type=Path), default=None,
               help="The unsplit .onnx to time as the baseline (a source model outside the bundle is not opened "
                    "because the manifest names it).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Loop bundles: the number of loop steps to time (default: the bundle's loop.steps).")
 @_public_key_option
 @_user_errors
 def bench(bundle: Path, data: Path, batch: int, backend: str, repeats: int, as_json: bool,
-          reference_model: Path | None, public_key: Path | None) -> None:
+          reference_model: Path | None, steps: int | None, public_key: Path | None) -> None:
     """Latency percentiles, throughput, exit histogram and speedup against the unsplit model."""
     from eecompile.benchmark import bench_bundle, print_report
 
     _check_signature(bundle, public_key)
     report = bench_bundle(bundle, data, batch_size=batch, backend=backend, repeats=repeats,
-                          reference_model=reference_model)
+                          reference_model=reference_model, steps=steps)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

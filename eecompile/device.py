@@ -5,7 +5,7 @@ see docs/install.md). The same library calls as ``eecompile run``, ``eecompile b
 (:mod:`eecompile.runtimes` and :mod:`eecompile.calibrate`), printing plain text.
 
     eecompile-device run model.eebundle --data in.npz -o out.npz [--policy compact] [--thresholds 0.9,never]
-    eecompile-device bench model.eebundle --data in.npz [--batch 1] [--repeats 20] [--json]
+    eecompile-device bench model.eebundle --data in.npz [--batch 1] [--repeats 20] [--json] [--steps N]
     eecompile-device calibrate model.eebundle --data cal.npz --max-drop 0.01 [--method search]
 
 Exit status: 0 on success, 1 with one line on stderr for a user error (an :class:`EECompileError`), 2 for bad
@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=20, help="timed rounds (default 20)")
     b.add_argument("--reference-model", default=None, help="the unsplit .onnx (default: beside the bundle)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.add_argument("--steps", type=int, default=None, help="loop bundles: the number of loop steps to time")
 
     c = sub.add_parser("calibrate", help="choose thresholds for an accuracy budget from latencies measured here")
     common(c, 1)
@@ -76,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from eecompile.runtimes.bench import bench_bundle
 
             report = bench_bundle(args.bundle, args.data, batch_size=args.batch, backend=args.backend,
-                                  repeats=args.repeats, threads=args.threads, reference_model=args.reference_model)
+                                  repeats=args.repeats, threads=args.threads, reference_model=args.reference_model,
+                                  steps=args.steps)
             print(json.dumps(report.to_json(), indent=2) if args.json else "\n".join(report.lines()))
         else:
             from eecompile.calibrate import calibrate_bundle

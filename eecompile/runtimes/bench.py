@@ -230,14 +230,16 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
                  backend: str = "onnxruntime", repeats: int = 20, threads: int | None = None,
                  reference_model: str | Path | None = None, max_batches: int = 64,
                  thresholds: Any = None, warmup: int = 1,
-                 prepare_reference: Callable[[Path, Path], Path] | None = None) -> BenchReport:
+                 prepare_reference: Callable[[Path, Path], Path] | None = None,
+                 steps: int | None = None) -> BenchReport:
     """Benchmark a bundle on the inputs in ``data`` (an .npz with the model inputs; see the module docstring).
 
     One round runs up to ``max_batches`` batches of ``batch_size`` through the chain (``thresholds``: the bundle's
     by default; policy compact), then through each reference; ``repeats`` rounds after ``warmup`` rounds.
     ``prepare_reference(source, scratch_dir) -> path``: makes the unsplit model batch-dynamic (the compiler's
     :func:`eecompile.benchmark.dynamic_reference`). Returns a :class:`BenchReport` (times in ms, throughput in
-    samples/s). Raises :class:`DataError` (data, batch, repeats) and what the runner raises."""
+    samples/s). ``steps``: loop bundles only, the loop's step count (default: the bundle's ``loop.steps``). Raises
+    :class:`DataError` (data, batch, repeats; ``steps`` on a bundle without a loop) and what the runner raises."""
     from eecompile.runtimes.data import batch_size_of, load_npz
 
     if batch_size < 1:
@@ -250,7 +252,10 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
         from eecompile.runtimes.loop_bench import bench_loop
 
         return bench_loop(b, data, batch_size=batch_size, backend=backend, repeats=repeats, threads=threads,
-                          max_batches=max_batches, thresholds=thresholds, warmup=warmup)
+                          max_batches=max_batches, thresholds=thresholds, warmup=warmup, steps=steps)
+    if steps is not None:
+        raise DataError(f"{b.path}: --steps is for loop bundles (compiled from a spec with 'loop:'); this bundle runs "
+                        f"its chain once")
     n_threads = threads or default_threads()
     options: dict[str, Any] = {"threads": n_threads} if backend == "onnxruntime" else {}
     runner = _load_runner(b, backend, options)

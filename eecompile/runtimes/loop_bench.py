@@ -2,8 +2,8 @@
 same loop run for all N steps, with the method of :mod:`eecompile.runtimes.bench` (warmed-up blocks, the functions
 taking turns every round, per-round paired ratios).
 
-References, each the same :class:`~eecompile.runtimes.loop.LoopRunner` on the same batches at N = the bundle's
-``loop.steps``:
+References, each the same :class:`~eecompile.runtimes.loop.LoopRunner` on the same batches at the same N (``steps``,
+default the bundle's ``loop.steps``; ``eecompile bench --steps N``):
 
 * ``gates-never``: every sample runs all N steps and no gate fires, the loop gate nor the layer exits inside the
   step (the sampler as written, without early exit); the headline;
@@ -36,14 +36,14 @@ __all__ = ["bench_loop"]
 
 def bench_loop(bundle: Bundle, data: str | Path, *, batch_size: int = 1, backend: str = "onnxruntime",
                repeats: int = 20, threads: int | None = None, max_batches: int = 64, thresholds: Any = None,
-               warmup: int = 1) -> BenchReport:
+               warmup: int = 1, steps: int | None = None) -> BenchReport:
     """Benchmark loop bundle ``bundle`` on the loop inputs in ``data`` (an .npz; see the module docstring).
 
     One round runs up to ``max_batches`` batches of ``batch_size`` through the loop (the bundle's loop gate and,
     ``thresholds`` None, its layer exits' thresholds; policy compact), then through each reference; ``repeats``
-    rounds after ``warmup``. Returns a :class:`~eecompile.runtimes.bench.BenchReport` (ms per batch, samples/s;
+    rounds after ``warmup``; every run takes ``steps`` steps at most (None: the bundle's ``loop.steps``). Returns a :class:`~eecompile.runtimes.bench.BenchReport` (ms per batch, samples/s;
     ``speedup``: the time of ``gates-never`` over the loop's, per round). Raises :class:`DataError` (data, batch,
-    repeats; an array named after a per-step input) and what the runner raises."""
+    repeats, steps; an array named after a per-step input) and what the runner raises."""
     if batch_size < 1:
         raise DataError(f"--batch must be >= 1, got {batch_size}")
     if repeats < 1:
@@ -52,7 +52,7 @@ def bench_loop(bundle: Bundle, data: str | Path, *, batch_size: int = 1, backend
     options: dict[str, Any] = {"threads": n_threads} if backend == "onnxruntime" else {}
     notes = ["unsplit model not timed: it is one step of the loop; the references run the loop for all steps"]
     with LoopRunner(bundle, backend=backend, **options) as runner:
-        n_steps = runner.default_steps
+        n_steps = runner._steps(steps)
         with open_loop_data(runner, data) as dataset:
             batches: list[dict[str, np.ndarray]] = []
             for f in dataset.batches(batch_size):
@@ -65,7 +65,7 @@ def bench_loop(bundle: Bundle, data: str | Path, *, batch_size: int = 1, backend
         exit_hist = np.zeros(k_all, np.int64)
         n = 0
         for f in batches:
-            r = runner.run(f, thresholds=thresholds)
+            r = runner.run(f, steps=n_steps, thresholds=thresholds)
             step_hist += r.step_counts
             exit_hist += r.exit_counts.sum(axis=0)
             n += r.n_samples
@@ -79,13 +79,13 @@ def bench_loop(bundle: Bundle, data: str | Path, *, batch_size: int = 1, backend
         def loop_pass() -> None:
             for f in batches:
                 t0 = time.perf_counter()
-                runner.run(f, thresholds=thresholds)
+                runner.run(f, steps=n_steps, thresholds=thresholds)
                 loop_samples.append(time.perf_counter() - t0)
 
         def over_batches(**kw: Any) -> Callable[[], object]:
             def one_pass() -> None:
                 for f in batches:
-                    runner.run(f, **kw)
+                    runner.run(f, steps=n_steps, **kw)
             return one_pass
 
         fns: dict[str, Callable[[], object]] = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eecompile.errors import BackendError, SpecError
+from eecompile.errors import BackendError, DataError, SpecError
 from tests.bad_inputs.util import expect_error, expect_usage, snapshot
 
 
@@ -73,6 +73,14 @@ def test_sampling_options_without_sample_are_a_usage_error(ws: Path, extra: list
     """`generate --temperature T` without --sample used to decode greedily without a word."""
     expect_usage(["generate", ws / "b.eebundle", "--prompt", "hi", "--max-new-tokens", "3", *extra], named,
                  "add --sample", workspace=ws)
+
+
+@pytest.mark.parametrize("command", [["run", "-o", "{o}"], ["bench"]])
+def test_steps_on_a_bundle_without_a_loop(ws: Path, command: list[str]) -> None:
+    """--steps is a loop bundle's: on a chain run once it is refused, not ignored."""
+    argv = [command[0], ws / "b.eebundle", "--data", ws / "data.npz",
+            *[a.format(o=ws / "o.npz") for a in command[1:]], "--steps", "3"]
+    expect_error(argv, DataError, "--steps", "for loop bundles", "runs its chain once", workspace=ws)
 
 
 def test_build_with_an_impossible_batch_range(ws: Path) -> None:

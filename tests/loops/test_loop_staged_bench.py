@@ -124,6 +124,15 @@ def test_bench_times_the_loop_against_all_steps(loops: dict) -> None:
     assert [x["name"] for x in got["references"]] == ["gates-never"]  # no layer exits: the loop gate is every gate
     r = CliRunner().invoke(cli, ["bench", str(loops["prophet"]), "--data", str(d / "tok.npz"), "--repeats", "1"])
     assert r.exit_code == 0 and "of 5 steps on average" in r.output and "(staged)" in r.output, r.output
+    # --steps times the loop at another step count (it used to time the bundle's loop.steps whatever was asked).
+    r = CliRunner().invoke(cli, ["bench", str(loops["prophet"]), "--data", str(d / "tok.npz"), "--batch", "8",
+                                 "--repeats", "1", "--steps", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)["loop"]
+    assert got["steps"] == 3
+    assert got["step_histogram"] == LoopRunner(loops["prophet"]).run({"tokens": loops["tokens"]}, steps=3
+                                                                      ).step_counts.tolist()
+    assert "all 3 steps" in json.loads(r.output)["references"][0]["description"]
 
 
 def test_a_per_step_input_given_with_the_data_is_refused(loops: dict, tmp_path: Path) -> None:
