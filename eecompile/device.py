@@ -7,6 +7,7 @@ see docs/install.md). The same library calls as ``eecompile run``, ``eecompile b
     eecompile-device run model.eebundle --data in.npz -o out.npz [--policy compact] [--thresholds 0.9,never]
     eecompile-device bench model.eebundle --data in.npz [--batch 1] [--repeats 20] [--json] [--steps N]
     eecompile-device calibrate model.eebundle --data cal.npz --max-drop 0.01 [--method search]
+        [--steps N] [--stages 7.5,5,2.5]                      # loop bundles: the loop gate
 
 Exit status: 0 on success, 1 with one line on stderr for a user error (an :class:`EECompileError`), 2 for bad
 arguments (argparse).
@@ -60,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--error-budget", type=float, default=None,
                    help="regression bundles: the relative L2 error to the final output a sample may have where it "
                         "exits (e.g. 0.05); --max-drop bounds the share of samples over it")
+    c.add_argument("--steps", type=int, default=None,
+                   help="loop bundles: the step count to calibrate the loop gate for (written as the bundle's default)")
+    c.add_argument("--stages", default=None,
+                   help="loop bundles: a staged profile (e.g. 7.5,5,2.5) whose scale is searched (default: the bundle's)")
     return p
 
 
@@ -82,15 +87,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(report.to_json(), indent=2) if args.json else "\n".join(report.lines()))
         else:
             from eecompile.calibrate import calibrate_bundle
+            from eecompile.calibrate.loop import LoopCalibrationReport
+            from eecompile.runtimes.loop import parse_loop_threshold
 
             cal = calibrate_bundle(args.bundle, args.data, max_drop=args.max_drop, method=args.method,
                                    delta=args.delta, backend=args.backend, batch_size=args.batch,
                                    repeats=args.repeats, threads=args.threads,
                                    reference_model=args.reference_model, quiet=True,
-                                   error_budget=args.error_budget)
+                                   error_budget=args.error_budget, steps=args.steps,
+                                   stages=parse_loop_threshold(args.stages, "--stages", staged=True))
             if not cal.deployed:  # nothing met the budget: the bundle was left as it was
                 print("\n".join(cal.summary_lines()), file=sys.stderr)
                 return 1
+            if isinstance(cal, LoopCalibrationReport):  # one loop threshold (its rows are steps, not exits)
+                first, *rest = cal.summary_lines()  # notes included
+                print("\n".join([f"{args.bundle}: {first}", *rest]))
+                return 0
             thresholds = ", ".join(f"{e['threshold']:g}" for e in cal.exits if e.get("threshold") is not None)
             print(f"{args.bundle}: thresholds {thresholds}; accuracy drop {cal.drop:+.4f} (budget {cal.max_drop}); "
                   f"expected speedup {cal.expected_speedup:.2f}x against the {cal.baseline}")

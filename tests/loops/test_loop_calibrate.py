@@ -131,6 +131,25 @@ def test_calibrate_cli_measures_the_loop_and_writes_the_step_count(built: dict, 
     assert r.exit_code == 0 and "(staged)" in r.output, r.output
 
 
+def test_device_calibrate_takes_steps_and_prints_the_loop_summary(built: dict, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """eecompile-device calibrate on a loop bundle: --steps and --stages as `eecompile calibrate` has them, and its
+    summary (the loop gate's threshold, the mean steps; it used to print the table's per-step thresholds)."""
+    from eecompile.device import main as device
+
+    bundle, d = _copy(built, "prophet", tmp_path), built["dir"]
+    assert device(["calibrate", str(bundle), "--data", str(d / "tok_cal.npz"), "--max-drop", "0.2", "--steps", "4",
+                   "--stages", "3,1", "--repeats", "5", "--threads", "1"]) == 0
+    first, *rest = capsys.readouterr().out.splitlines()
+    m = Bundle.load(bundle).manifest
+    assert m.loop is not None and m.loop["steps"] == 4 and m.calibration["profile"] == [3.0, 1.0]
+    shown = ", ".join(f"{v:.4g}" for v in m.loop["gate"]["threshold"])
+    assert first.startswith(f"{bundle}: loop gate logit_gap: threshold [{shown}] (staged: "), first
+    assert first.endswith(f"{m.calibration['mean_steps']:.2f} of 4 steps on average"), first
+    assert any(line.startswith("expected ") and "speedup" in line for line in rest), rest
+    assert not any(line.startswith(f"{bundle}: thresholds") for line in [first, *rest])
+
+
 def test_a_budget_the_data_cannot_bound_leaves_the_bundle_as_it_was(built: dict, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
