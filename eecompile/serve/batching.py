@@ -4,7 +4,9 @@ request its rows back as soon as its last sample has exited.
 The runner reports rows as they leave (``on_exit(k, rows, outputs)``, rows in the stacked batch's order), so a
 request whose samples all left at exit 0 is answered while the deeper segments still run for the others.
 Where the runner cannot report rows (a backend without ``on_exit``), every request is answered when the call
-returns. Numpy only (no Ray): the Ray Serve deployment and Triton's Python model both use it.
+returns. A loop bundle's requests (:class:`~eecompile.runtimes.loop.LoopRunner`, grouped by steps and loop
+threshold too) are answered when their call returns, with the steps each sample ran. Numpy only (no Ray): the Ray
+Serve deployment and Triton's Python model both use it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ class Answer:
     jump exits ``jumped``: int64 [n], the jump exit each sample took (-1 for none), else None."""
 
     outputs: dict[str, np.ndarray]
-    exit_index: np.ndarray  # int64 [n]
+    exit_index: np.ndarray | None  # int64 [n]; None for a loop's answer (each step has its own exits)
     present: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
     jumped: np.ndarray | None = None
+    steps: np.ndarray | None = None  # loops: int64 [n], the steps each sample ran
 
 
 @dataclass
@@ -115,8 +118,11 @@ def reports_rows(runner: Any) -> bool:
 def run_group(runner: Any, requests: Sequence[PredictRequest], done: Callable[[int, Answer], None]) -> Any:
     """Run requests that share thresholds in one call; ``done(i, answer)`` for each as it completes.
 
-    Returns the runner's RunResult (its ``exit_counts`` and ``timings`` feed the metrics)."""
+    Returns the runner's RunResult (its ``exit_counts`` and ``timings`` feed the metrics; a LoopResult for a loop).
+    """
     m = runner.manifest
+    if getattr(m, "loop", None) is not None:
+        return run_loop_group(runner, requests, done)
     out_axes = {t.name: (t.batch_axis or 0) for t in m.outputs}
     end_only = {t.name: (tuple(d if isinstance(d, int) else 0 for i, d in enumerate(t.shape) if i != out_axes[t.name]),
                          np.dtype(t.dtype)) for t in m.outputs if t.name in set(getattr(m, "end_only", ()))}
@@ -132,6 +138,24 @@ def run_group(runner: Any, requests: Sequence[PredictRequest], done: Callable[[i
         collector.on_exit(k, rows, {name: np.moveaxis(a, out_axes[name], 0)[rows]
                                     for name, a in result.outputs.items()
                                     if name not in end_only or k == len(m.segments) - 1})
+    return result
+
+
+def run_loop_group(runner: Any, requests: Sequence[PredictRequest], done: Callable[[int, Answer], None]) -> Any:
+    """A loop bundle's requests that share steps and thresholds in one :meth:`LoopRunner.run` call; each gets its
+    rows of the loop's results (on their batch axes) and its samples' steps. Returns the LoopResult."""
+    r = requests[0]
+    result = runner.run(stack_feeds(requests, runner.inputs), steps=r.steps,
+                        thresholds=list(r.thresholds) if r.thresholds is not None else None,
+                        loop_threshold=list(r.loop_threshold) if isinstance(r.loop_threshold, tuple)
+                        else r.loop_threshold, policy="compact")
+    axes = {t.name: (t.batch_axis or 0) for t in runner.results}
+    start = 0
+    for i, req in enumerate(requests):
+        rows = np.arange(start, start + req.n)
+        outs = {name: np.take(a, rows, axis=axes[name]) for name, a in result.outputs.items()}
+        done(i, Answer(outs, None, steps=result.steps[rows]))
+        start += req.n
     return result
 
 

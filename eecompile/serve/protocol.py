@@ -10,6 +10,12 @@ final output and ``exit_index`` (int64) when the request was an ``.npz``. A bund
 (``manifest.end_only``) have no row for samples that left early: JSON gives ``null`` in their place and
 ``"present": {NAME: [bool, ...]}``; the ``.npz`` has NaN (0 for integers) there and ``present.NAME``.
 
+A loop bundle (``manifest.loop``) takes ``"steps"`` (a positive integer, default the bundle's ``loop.steps``) and
+``"loop_threshold"`` (a number, a list of stage numbers, "never" or "always"; default the bundle's) beside
+``thresholds`` (its layer exits'), in the ``.npz`` as arrays of those names; it answers with the loop's results
+(``loop.results``: the fed-back outputs, and the commit output) in ``outputs`` and ``"steps"`` (the steps each
+sample ran) in place of ``exit_index``.
+
 Arrays are checked exactly as ``eecompile run`` checks an ``.npz`` (:func:`eecompile.runtimes.data.check_array`), so a
 wrong name, dtype or shape gets the same one-line message; JSON numbers have no dtype, so integers are accepted
 for float inputs. Numpy only: this module runs inside Triton's Python backend too.
@@ -49,34 +55,75 @@ class PredictRequest:
     n: int
     thresholds: tuple[float | str, ...] | None
     as_npz: bool
+    steps: int | None = None  # loop bundles: the loop's step count (None: the bundle's)
+    loop_threshold: float | str | tuple[float, ...] | None = None  # loop bundles (None: the bundle's)
 
     def group_key(self, inputs: Sequence[TensorInfo]) -> tuple[Any, ...]:
-        """Requests with equal keys can share one runner call: same thresholds, same batch-free inputs."""
+        """Requests with equal keys can share one runner call: same thresholds, same batch-free inputs, and for a
+        loop the same steps and loop threshold (one call runs every row for the same N: a per-step input's value
+        at step i depends on N)."""
         fixed = tuple((t.name, self.feeds[t.name].tobytes()) for t in inputs if t.batch_axis is None)
-        return (self.thresholds, fixed)
+        return (self.thresholds, fixed, self.steps, self.loop_threshold)
 
 
 def parse_request(body: bytes, content_type: str | None, inputs: Sequence[TensorInfo], n_early_exits: int,
-                  max_samples: int | None = None) -> PredictRequest:
-    """Parse and check a request body against the model ``inputs``.
+                  max_samples: int | None = None, loop: bool = False) -> PredictRequest:
+    """Parse and check a request body against the model ``inputs``; ``loop``: the bundle is a loop bundle (the
+    request may give ``steps`` and ``loop_threshold``).
 
     Raises :class:`~eecompile.errors.DataError` (HTTP 400) for anything that does not fit the model, with the
-    message ``eecompile run`` gives for the same arrays in a file; :class:`RequestTooLarge` (413) when the
-    request holds more than ``max_samples`` samples; SpecError (400) for a bad threshold list."""
+    message ``eecompile run`` gives for the same arrays in a file, and for ``steps``/``loop_threshold`` that are
+    malformed or sent to a bundle without a loop; :class:`RequestTooLarge` (413) when the request holds more than
+    ``max_samples`` samples; SpecError (400) for a bad threshold list. The loop threshold's range is checked
+    by the runner (:class:`~eecompile.runtimes.loop.LoopRunner`), per gate kind."""
     kind = (content_type or JSON).split(";")[0].strip().lower()
     if kind == NPZ:
-        raw, thresholds = _read_npz(body)
+        raw, options = _read_npz(body)
         as_npz = True
     elif kind in (JSON, "text/json", ""):
-        raw, thresholds = _read_json(body)
+        raw, options = _read_json(body)
         as_npz = False
     else:
         raise DataError(f"{WHERE}: content type '{kind}' is not supported; send {JSON} or an .npz as {NPZ}")
+    steps, loop_threshold = _loop_options(options, loop)
     feeds, n = check_arrays(raw, inputs, from_json=not as_npz)
     if max_samples is not None and n > max_samples:
         raise RequestTooLarge(f"{WHERE}: {n} samples; this endpoint takes at most {max_samples} per request "
                               f"(--max-batch-size); split the request")
-    return PredictRequest(feeds, n, _thresholds(thresholds, n_early_exits), as_npz)
+    return PredictRequest(feeds, n, _thresholds(options.get("thresholds"), n_early_exits), as_npz, steps,
+                          loop_threshold)
+
+
+LOOP_FIELDS = ("steps", "loop_threshold")
+
+
+def _loop_options(options: dict[str, Any], loop: bool) -> tuple[int | None, float | str | tuple[float, ...] | None]:
+    """``steps`` and ``loop_threshold`` of a request, checked for form (DataError naming the field)."""
+    given = [k for k in LOOP_FIELDS if options.get(k) is not None]
+    if given and not loop:
+        raise DataError(f"{WHERE}: {' and '.join(given)} {'is' if len(given) == 1 else 'are'} for loop bundles "
+                        f"(compiled from a spec with 'loop:'); this bundle runs its chain once: leave "
+                        f"{'it' if len(given) == 1 else 'them'} out")
+    steps = options.get("steps")
+    if isinstance(steps, np.ndarray) and steps.size == 1 and steps.dtype.kind in "iu":  # an .npz's np.savez(steps=5)
+        steps = int(steps.reshape(()))
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise DataError(f"{WHERE}: steps is {_plain(steps)!r}; expected a positive integer (the loop's step count)")
+    t = options.get("loop_threshold")
+    if isinstance(t, np.ndarray):  # an .npz: a number, a word or the stage values
+        t = [_number_or_word(str(v)) for v in np.atleast_1d(t).tolist()]
+        t = t[0] if len(t) == 1 else t
+    if t is None or (isinstance(t, str) and t in ("never", "always")):
+        return steps, t
+    values = t if isinstance(t, list) else [t]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise DataError(f"{WHERE}: loop_threshold is {_plain(t)!r}; expected a number, a list of stage numbers "
+                        f"(e.g. [7.5, 5, 2.5]), 'never' or 'always'")
+    return steps, (tuple(float(v) for v in values) if isinstance(t, list) else float(t))
+
+
+def _plain(v: Any) -> Any:
+    return v.tolist() if isinstance(v, np.ndarray) else v
 
 
 def check_arrays(raw: dict[str, Any], inputs: Sequence[TensorInfo], from_json: bool = False
@@ -97,7 +144,7 @@ def check_arrays(raw: dict[str, Any], inputs: Sequence[TensorInfo], from_json: b
     return feeds, batch_size_of(feeds, inputs, WHERE)
 
 
-def _read_json(body: bytes) -> tuple[dict[str, Any], Any]:
+def _read_json(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
@@ -106,22 +153,23 @@ def _read_json(body: bytes) -> tuple[dict[str, Any], Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
         raise DataError(f'{WHERE}: expected a JSON object {{"inputs": {{NAME: nested lists}}, "thresholds": '
                         f"optional list}}")
-    unknown = sorted(set(doc) - {"inputs", "thresholds"})
+    unknown = sorted(set(doc) - {"inputs", "thresholds", *LOOP_FIELDS})
     if unknown:
-        raise DataError(f"{WHERE}: unknown fields {unknown}; a request has 'inputs' and optional 'thresholds'")
-    return doc["inputs"], doc.get("thresholds")
+        raise DataError(f"{WHERE}: unknown fields {unknown}; a request has 'inputs' and optional 'thresholds' (and "
+                        f"for a loop bundle 'steps' and 'loop_threshold')")
+    return doc["inputs"], {k: doc[k] for k in ("thresholds", *LOOP_FIELDS) if k in doc}
 
 
-def _read_npz(body: bytes) -> tuple[dict[str, Any], Any]:
+def _read_npz(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
             raw = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError) as e:
         raise DataError(f"{WHERE}: cannot read the body as an .npz ({e}); save inputs with np.savez") from e
-    thresholds = raw.pop("thresholds", None)
-    if thresholds is not None:
-        thresholds = [_number_or_word(str(v)) for v in np.atleast_1d(thresholds).tolist()]
-    return raw, thresholds
+    options = {k: raw.pop(k) for k in ("thresholds", *LOOP_FIELDS) if k in raw}
+    if "thresholds" in options:
+        options["thresholds"] = [_number_or_word(str(v)) for v in np.atleast_1d(options["thresholds"]).tolist()]
+    return raw, options
 
 
 def _number_or_word(text: str) -> float | str:
@@ -185,23 +233,24 @@ def _thresholds(value: Any, n_early_exits: int) -> tuple[float | str, ...] | Non
     return tuple(out)
 
 
-def encode_response(outputs: dict[str, np.ndarray], exit_index: np.ndarray, as_npz: bool,
+def encode_response(outputs: dict[str, np.ndarray], exit_index: np.ndarray | None, as_npz: bool,
                     present: dict[str, tuple[np.ndarray, int]] | None = None,
-                    jumped: np.ndarray | None = None) -> tuple[bytes, str]:
+                    jumped: np.ndarray | None = None, steps: np.ndarray | None = None) -> tuple[bytes, str]:
     """The response body and its content type. ``present``: end-only outputs, name -> (bool [n] mask of the
     samples that have a row, batch axis): the .npz carries ``present.<name>`` beside NaN rows; JSON gives
     ``null`` for each absent sample's row and ``"present": {name: [bool, ...]}``. ``jumped`` (bundles with jump
-    exits): each sample's jump exit, -1 for none, as ``jumped`` beside ``exit_index``."""
+    exits): each sample's jump exit, -1 for none, as ``jumped`` beside ``exit_index``. A loop's answer has
+    ``steps`` (int [n], the steps each sample ran) and no ``exit_index`` (None)."""
     present = present or {}
-    extra = {} if jumped is None else {"jumped": np.asarray(jumped, np.int64)}
+    counts = {k: np.asarray(v).astype(np.int64) for k, v in
+              (("exit_index", exit_index), ("jumped", jumped), ("steps", steps)) if v is not None}
     if as_npz:
         buf = io.BytesIO()
         masks = {f"present.{k}": m for k, (m, _) in present.items()}
-        np.savez(buf, **outputs, **masks, exit_index=exit_index.astype(np.int64), **extra)  # type: ignore[arg-type]
+        np.savez(buf, **outputs, **masks, **counts)  # type: ignore[arg-type]
         return buf.getvalue(), NPZ
     doc: dict[str, object] = {"outputs": {k: _rows_or_null(v, present.get(k)) for k, v in outputs.items()},
-                              "exit_index": exit_index.astype(int).tolist(),
-                              **{k: v.astype(int).tolist() for k, v in extra.items()}}
+                              **{k: v.tolist() for k, v in counts.items()}}
     if present:
         doc["present"] = {k: m.astype(bool).tolist() for k, (m, _) in present.items()}
     return json.dumps(doc).encode(), JSON

@@ -193,7 +193,8 @@ class EarlyExitDeployment:
         try:
             body = await self._read_body(request)
             req = parse_request(body, request.headers.get("content-type"), self.runner.inputs,
-                                self.n_thresholds, max_samples=self._cfg.max_batch_size)
+                                self.n_thresholds, max_samples=self._cfg.max_batch_size,
+                                loop=self.runner.manifest.loop is not None)
             holder = await self.predict(req)
             answer: Answer = await holder[0]
         except RequestTooLarge as e:
@@ -201,8 +202,9 @@ class EarlyExitDeployment:
         except EECompileError as e:
             return self._error(400, str(e), t0)
         content, media = encode_response(answer.outputs, answer.exit_index, req.as_npz, answer.present,
-                                         answer.jumped)
-        for k, c in enumerate(np.bincount(answer.exit_index, minlength=self.n_early_exits + 1)):
+                                         answer.jumped, answer.steps)
+        for k, c in enumerate(np.bincount(answer.exit_index if answer.exit_index is not None else [],
+                                          minlength=self.n_early_exits + 1)):
             if c:
                 self._exits.inc(int(c), tags={"exit": str(k)})
         self._done(200, t0)

@@ -128,6 +128,7 @@ class TritonPythonModel:
                 responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(errors[i] or "no answer")))
                 continue
             a = answers[i]
+            assert a.exit_index is not None  # only a loop's answer has none (export triton refuses loop bundles)
             tensors = [pb.Tensor(name, np.ascontiguousarray(a.outputs[name])) for name in self.outputs]
             tensors.append(pb.Tensor(EXIT_INDEX, a.exit_index.reshape(-1, 1).astype(np.int64)))
             for name in self.end_only:  # BOOL [n, 1]: True where the sample reached the final exit (else NaN rows)

@@ -1,15 +1,20 @@
-"""The generate request's checks (``POST /v1/generate`` and the Triton decoder model read requests through them)."""
+"""The request checks: ``POST /v1/generate``'s (the Triton decoder model reads requests through them too) and a loop
+bundle's ``steps`` and ``loop_threshold`` on ``POST /v1/predict``."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from eecompile.bundle import TensorInfo
 from eecompile.errors import DataError
-from eecompile.serve.protocol import generate_request, parse_generate
+from eecompile.serve.batching import group_requests
+from eecompile.serve.protocol import PredictRequest, generate_request, parse_generate, parse_request
 
 GREEDY_TEMPERATURE = ('request: temperature only applies to sampling: add "sample": true (without it decoding is '
                       'greedy and it would be ignored).')
@@ -43,3 +48,45 @@ def test_the_endpoint_and_the_cli_say_the_same(tmp_path: Path) -> None:
     said = " ".join(res.output.split())
     http = GREEDY_TEMPERATURE.removeprefix("request: ").replace("temperature", "--temperature", 1)
     assert http.replace('"sample": true', "--sample") in said, said
+
+
+# ------------------------------------------------------------------------------------------- loop bundles
+
+X = [TensorInfo("x", "float32", ["batch", 4])]
+
+
+def _predict(doc: dict, loop: bool = True) -> PredictRequest:
+    return parse_request(json.dumps(doc).encode(), "application/json", X, 0, loop=loop)
+
+
+def test_loop_requests_take_steps_and_a_loop_threshold_and_group_by_them() -> None:
+    """A loop call runs every row for one N (a per-step input's value at step i depends on N): requests share a
+    call only with the same steps and loop threshold."""
+    x = {"x": [[1.0, 2.0, 3.0, 4.0]]}
+    reqs = [_predict({"inputs": x}), _predict({"inputs": x, "steps": 5}), _predict({"inputs": x}),
+            _predict({"inputs": x, "steps": 5, "loop_threshold": [3, 1.5]}), _predict({"inputs": x, "steps": 5}),
+            _predict({"inputs": x, "loop_threshold": "never"})]
+    assert [(r.steps, r.loop_threshold) for r in reqs[:4]] == [(None, None), (5, None), (None, None), (5, (3.0, 1.5))]
+    assert group_requests(reqs, X) == [[0, 2], [1, 4], [3], [5]]
+    buf = io.BytesIO()
+    np.savez(buf, x=np.ones((2, 4), np.float32), steps=np.array(7), loop_threshold=np.array([0.5]))
+    r = parse_request(buf.getvalue(), "application/octet-stream", X, 0, loop=True)
+    assert (r.n, r.steps, r.loop_threshold) == (2, 7, 0.5)
+
+
+@pytest.mark.parametrize(("fields", "loop", "message"), [
+    ({"steps": 3}, False, "request: steps is for loop bundles (compiled from a spec with 'loop:'); this bundle runs "
+                          "its chain once"),
+    ({"steps": 3, "loop_threshold": 0.5}, False, "request: steps and loop_threshold are for loop bundles"),
+    ({"steps": 0}, True, "request: steps is 0; expected a positive integer"),
+    ({"steps": 2.5}, True, "request: steps is 2.5; expected a positive integer"),
+    ({"steps": True}, True, "request: steps is True; expected a positive integer"),
+    ({"loop_threshold": "sometimes"}, True, "request: loop_threshold is 'sometimes'; expected a number, a list"),
+    ({"loop_threshold": []}, True, "request: loop_threshold is []; expected a number, a list"),
+    ({"loop_threshold": [1, "x"]}, True, "request: loop_threshold is [1, 'x']"),
+    ({"loops": 3}, True, "request: unknown fields ['loops']"),
+])
+def test_bad_loop_fields_are_one_clear_error(fields: dict, loop: bool, message: str) -> None:
+    with pytest.raises(DataError) as e:
+        _predict({"inputs": {"x": [[1, 2, 3, 4]]}, **fields}, loop=loop)
+    assert str(e.value).startswith(message), str(e.value)
