@@ -291,18 +291,69 @@ def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: boo
     report.print()
 
 
+class _ManyValues(click.Option):
+    """A ``multiple`` option that also takes several values after one flag: ``--batch 1 4 8`` as well as
+    ``--batch 1 --batch 4``. The values after the flag are taken while they look like numbers, so a
+    positional argument or another option after them is left alone."""
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for opt in self.opts:
+            found = getattr(parser, "_long_opt", {}).get(opt) or getattr(parser, "_short_opt", {}).get(opt)
+            if found is None or not hasattr(found, "process"):  # another click: repeated flags still work
+                continue
+            process = found.process
+
+            def more(value: Any, state: Any, process: Any = process) -> None:
+                process(value, state)
+                while state.rargs and _is_number(state.rargs[0]):
+                    process(state.rargs.pop(0), state)
+
+            found.process = more
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` (parameter names) given on the command line, by their last spelling
+    (``--max-disagreement`` for ``--max-drop``: the name decoder calibration documents)."""
+    params = {p.name: p for p in ctx.command.params}
+    return [params[n].opts[-1] for n in names if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{text}': give comma-separated numbers, e.g. 0.3,0.5,0.7",
+                                 param_hint=option) from None
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="Calibration .npz.")
-@click.option("--max-drop", type=float, required=True, help="Accuracy drop allowed, in (0, 1).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Calibration .npz (decoder bundles: not used, see --prompts).")
+@click.option("--max-drop", "--max-disagreement", "max_drop", type=float, default=None,
+              help="Accuracy drop allowed, in (0, 1). Decoder bundles, --mode exit: the share of generated tokens "
+                   "allowed to differ from the full model's (token disagreement).")
 @click.option("--method", type=click.Choice(["search", "ltt"]), default="search", show_default=True,
               help="search: cheapest thresholds whose upper confidence bound on the drop is within budget; "
-                   "ltt: Learn-then-Test, a guarantee on new data.")
+                   "ltt: Learn-then-Test, a guarantee on new data (decoder exit mode: always ltt).")
 @click.option("--confidence", type=float, default=None,
               help="Confidence of the bound (search) or of the guarantee (ltt), in (0, 1)  [default: 0.95]")
 @click.option("--delta", type=float, default=None, help="Allowed failure probability, 1 - confidence.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Backend to measure latency on.")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size for latency measurement.")
+@click.option("--batch", "batches", cls=_ManyValues, multiple=True, type=click.IntRange(min=1),
+              help="Batch size for latency measurement  [default: 1]. Decoder bundles, --mode speculative: the "
+                   "batch sizes to choose for, e.g. --batch 1 4 8  [default: 1 4 8].")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the accuracy-speedup plot.")
 @click.option("--reference-model", type=click.Path(path_type=Path), default=None,
               help="The unsplit .onnx to time as the baseline (a source model outside the bundle is not opened "
@@ -314,21 +365,64 @@ def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: boo
               help="Loop bundles: the step count to calibrate the loop gate for (written as the bundle's default).")
 @click.option("--stages", default=None,
               help="Loop bundles: a staged profile (e.g. 7.5,5,2.5) whose scale is searched (default: the bundle's).")
+@click.option("--mode", type=click.Choice(["speculative", "exit"]), default=None,
+              help="Decoder bundles: speculative (draft-stop threshold and k for the highest measured tokens/s "
+                   "at each --batch, drafting off where it does not pay) or exit (thresholds for a "
+                   "--max-disagreement budget, Learn-then-Test)  [default: exit with --max-disagreement, "
+                   "else speculative]")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="Decoder bundles: a text file, one prompt per line  [default: built-in prompts and openings "
+                   "of the pydoc topics that ship with Python]")
+@click.option("--tokens", type=click.IntRange(min=1), default=None,
+              help="Decoder bundles: new tokens per prompt  [default: 32 speculative, 64 exit]")
+@click.option("--thresholds", "grid_thresholds", default=None,
+              help="Decoder bundles, speculative: draft-stop max-prob thresholds to try  [default: 0.3,0.5,0.7]")
+@click.option("--draft-tokens", "grid_ks", default=None,
+              help="Decoder bundles, speculative: values of k (most tokens drafted per verification) to try  "
+                   "[default: 2,4,6]")
+@click.option("--min-speedup", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Decoder bundles, speculative: the speedup drafting must reach at a batch size, else it is off.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @_user_errors
-def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence: float | None,
-              delta: float | None, backend: str, batch: int, plot: Path | None,
-              reference_model: Path | None, error_budget: float | None, steps: int | None,
-              stages: str | None) -> None:
+def calibrate(bundle: Path, data: Path | None, max_drop: float | None, method: str, confidence: float | None,
+              delta: float | None, backend: str, batches: tuple[int, ...], plot: Path | None,
+              reference_model: Path | None, error_budget: float | None, mode: str | None, prompts_file: Path | None,
+              tokens: int | None, grid_thresholds: str | None, grid_ks: str | None, min_speedup: float,
+              threads: int | None, steps: int | None, stages: str | None) -> None:
     """Choose thresholds for an accuracy budget, from latencies measured on the backend.
 
     Exits with status 1, leaving the bundle as it was, when no setting meets the budget at the confidence
-    asked for; the report then says how many calibration samples the budget needs."""
+    asked for; the report then says how many calibration samples the budget needs.
+
+    Decoder bundles (calibrated on prompts, not --data): --mode speculative measures plain decoding and a grid
+    of (threshold, k) at each --batch and keeps the fastest, or switches drafting off there; --mode exit sets the
+    exit thresholds for a --max-disagreement budget with the Learn-then-Test guarantee."""
+    from eecompile.bundle import Bundle
+
+    ctx = click.get_current_context()
+    if Bundle.load(bundle, verify=False).manifest.decoder:
+        _calibrate_decoder(ctx, bundle, mode=mode, max_drop=max_drop, confidence=confidence, delta=delta,
+                           batches=batches, prompts_file=prompts_file, tokens=tokens,
+                           grid_thresholds=grid_thresholds, grid_ks=grid_ks, min_speedup=min_speedup,
+                           threads=threads)
+        return
+    decoder_only = _given(ctx, ("mode", "prompts_file", "tokens", "grid_thresholds", "grid_ks", "min_speedup",
+                                "threads"))
+    if decoder_only:
+        raise click.UsageError(f"{', '.join(decoder_only)}: only for decoder bundles (compiled from a 'kind: "
+                               f"decoder' spec); {bundle} is a single-pass bundle, calibrated on --data.")
+    if data is None or max_drop is None:
+        raise click.UsageError("Missing option '--data' (a calibration .npz) or '--max-drop' (the accuracy "
+                               "drop allowed).")
+    if len(batches) > 1:
+        raise click.UsageError(f"--batch: one batch size for a single-pass bundle's latency measurement, got "
+                               f"{' '.join(map(str, batches))}")
     from eecompile.calibrate import calibrate_bundle
     from eecompile.runtimes.loop import parse_loop_threshold
 
     report = calibrate_bundle(bundle, data, max_drop=max_drop, method=method, confidence=confidence, delta=delta,
-                              backend=backend, batch_size=batch, plot=plot, reference_model=reference_model,
-                              error_budget=error_budget, steps=steps,
+                              backend=backend, batch_size=batches[0] if batches else 1, plot=plot,
+                              reference_model=reference_model, error_budget=error_budget, steps=steps,
                               stages=parse_loop_threshold(stages, "--stages", staged=True))
     report.print()
     if not report.deployed:
@@ -341,6 +435,55 @@ def calibrate(bundle: Path, data: Path, max_drop: float, method: str, confidence
         click.echo(f"error: no thresholds meet drop <= {max_drop:g} at confidence {report.confidence:g} with "
                    f"{report.n_samples} calibration samples; the bundle is unchanged. {fix}", err=True)
         sys.exit(1)
+
+
+def _calibrate_decoder(ctx: click.Context, bundle: Path, *, mode: str | None, max_drop: float | None,
+                       confidence: float | None, delta: float | None, batches: tuple[int, ...],
+                       prompts_file: Path | None, tokens: int | None, grid_thresholds: str | None,
+                       grid_ks: str | None, min_speedup: float, threads: int | None) -> None:
+    """``calibrate`` on a decoder bundle: speculative (per batch size) or exit mode (LTT)."""
+    from eecompile.decoder import calibrate as dcal
+
+    given = _given(ctx, ("data", "plot", "reference_model", "error_budget", "method", "backend", "steps", "stages"))
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: not used for a "
+                               f"decoder bundle; it is calibrated on prompts (--prompts FILE, or the built-in "
+                               f"ones) with ONNX Runtime")
+    mode = mode or ("exit" if max_drop is not None else "speculative")
+    prompts = dcal.read_prompts(prompts_file) if prompts_file is not None else None
+    if mode == "exit":
+        wrong = _given(ctx, ("batches", "grid_thresholds", "grid_ks", "min_speedup"))
+        if wrong:
+            raise click.UsageError(f"{', '.join(wrong)}: only for --mode speculative")
+        if max_drop is None:
+            raise click.UsageError("Missing option '--max-disagreement' (the share of tokens allowed to differ "
+                                   "from the full model's, e.g. 0.05) for --mode exit.")
+        from eecompile.calibrate import resolve_confidence
+
+        conf = resolve_confidence(confidence, delta)
+        rec = dcal.calibrate_exit(bundle, max_disagreement=max_drop, delta=1.0 - conf, tokens=tokens or 64,
+                                  prompts=prompts, threads=threads, require_certified=True)
+        from eecompile.bundle import Bundle
+
+        after = [int(e["after_layer"]) for e in Bundle.load(bundle).manifest.decoder["exits"]]  # type: ignore[index]
+        click.echo("\n".join(dcal.exit_report(rec, after)))
+        click.echo(f"wrote the exit-mode thresholds into {bundle}; `eecompile generate --mode exit` uses them")
+        return
+    wrong = _given(ctx, ("max_drop", "confidence", "delta"))
+    if wrong:
+        raise click.UsageError(f"{', '.join(wrong)}: only for --mode exit (speculative decoding is lossless)")
+    kw: dict[str, Any] = {}
+    for name, text, option in (("thresholds", grid_thresholds, "--thresholds"), ("ks", grid_ks, "--draft-tokens")):
+        vals = _floats(text, option)
+        if vals is not None:
+            if name == "ks" and any(v != int(v) for v in vals):
+                raise click.BadParameter(f"'{text}': k is a whole number of tokens", param_hint=option)
+            kw[name] = tuple(int(v) for v in vals) if name == "ks" else vals
+    table = dcal.calibrate_speculative(bundle, batches=batches or (1, 4, 8), tokens=tokens or 32, prompts=prompts,
+                                       min_speedup=min_speedup, threads=threads, **kw)
+    click.echo("\n".join(dcal.speculative_report(table)))
+    click.echo(f"wrote the speculative choice per batch size into {bundle}; `eecompile generate --mode "
+               f"speculative` uses the entry for its --batch")
 
 
 @cli.command()

@@ -22,16 +22,56 @@ from pathlib import Path
 from typing import Any
 
 from eecompile.bundle import update_bundle
-from eecompile.errors import CalibrationError
+from eecompile.errors import CalibrationError, DataError
 from eecompile.runtimes.lm import choice_for_batch
 
-__all__ = ["calibrate_exit", "calibrate_speculative", "choice_for_batch", "exit_table"]
+__all__ = ["calibrate_exit", "calibrate_speculative", "choice_for_batch", "default_prompts", "exit_report",
+           "exit_table", "read_prompts", "speculative_report"]
 
 log = logging.getLogger(__name__)
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary colors are",
            "Once upon a time, in a small village,", "To make a cup of tea, first", "import numpy as np\n",
            "The theory of relativity says that", "Water boils at a temperature of"]
+DEFAULT_EXIT_PROMPTS = 24  # exit mode: 24 prompts x 64 tokens = 1536 positions (LTT at 5%, delta 0.05 needs 59 test ones)
+
+
+def default_prompts(n: int = len(PROMPTS)) -> list[str]:
+    """``n`` calibration prompts available offline: ``PROMPTS``, then the opening words (8) of the pydoc topics
+    that ship with Python, taken from the topics ``eecompile.decoder.train.default_corpus`` does not train on
+    (the last in sorted order), so calibration text is not the draft heads' training text."""
+    from pydoc_data.topics import topics
+
+    from eecompile.decoder.train import default_corpus
+
+    out = list(PROMPTS[:n])
+    held_out = sorted(topics)[len(default_corpus()):]
+    for key in reversed(held_out):
+        if len(out) >= n:
+            break
+        para = next((q for q in topics[key].strip().split("\n\n")  # prose, not a title, grammar rule or table
+                     if q[:1].isupper() and len(q.split()) >= 8 and "::=" not in q and "***" not in q
+                     and "+--" not in q), None)
+        if para is not None:
+            out.append(" ".join(para.split()[:8]))
+    return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file, one per non-blank line (``\\n`` in a line stands for a newline).
+
+    Raises ``DataError`` naming the file when it cannot be read or holds no prompt."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: prompts file not found; give a text file with one prompt per line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the prompts ({e}); give a UTF-8 text file, one prompt per line") from e
+    prompts = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"{path}: no prompts (every line is blank); give one prompt per line")
+    return prompts
 
 
 def measure_costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, float]:
@@ -100,9 +140,14 @@ def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] =
                           thresholds: tuple[float, ...] = (0.3, 0.5, 0.7), ks: tuple[int, ...] = (2, 4, 6),
                           tokens: int = 32, prompts: list[Any] | None = None,
                           min_speedup: float = 1.0, threads: int | None = None) -> dict[str, Any]:
-    """Measure the grid at each batch size, write the choice into the bundle, and return it.
+    """Measure the grid at each batch size, write the choice into the bundle (atomically), and return it.
 
-    Raises ``CalibrationError`` when the bundle has no exits or a grid is empty.
+    ``batches``: batch sizes (rows decoded together); ``thresholds`` and ``ks``: the grid of draft-stop max-prob
+    thresholds and most tokens drafted per verification (k); ``tokens``: new tokens per prompt; ``prompts``: text
+    or token ids (default ``PROMPTS``), cycled to ``max(batch, 2)`` rows. Each entry of the returned
+    ``{str(batch): entry}`` holds the choice (``threshold`` and ``draft_tokens``, or ``off``), its ``speedup``
+    (tokens/s over plain decoding's), ``acceptance_rate``, ``plain_tokens_per_s``, r and g, and the whole
+    ``grid`` measured. Raises ``CalibrationError`` when the bundle has no exits or a grid is empty or invalid.
     """
     from eecompile.runtimes.lm import DecoderRunner
 
@@ -111,6 +156,12 @@ def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] =
         raise CalibrationError(f"{bundle_path}: the decoder bundle has no exits to calibrate")
     if not thresholds or not ks or not batches:
         raise CalibrationError("calibrate: give at least one batch size, threshold and k")
+    bad = ([f"batch {b}" for b in batches if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+           + [f"threshold {t}" for t in thresholds if not 0.0 <= t <= 1.0]
+           + [f"k {k}" for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1])
+    if bad:
+        raise CalibrationError(f"calibrate: {', '.join(bad)}: batch sizes and k are integers >= 1, thresholds "
+                               f"max-probs in [0, 1]")
     rows_all: list[Any] = list(prompts) if prompts is not None else list(PROMPTS)
     table: dict[str, Any] = {}
     for b in batches:
@@ -121,27 +172,33 @@ def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] =
             return runner.generate(rows, tokens, mode="none", batch=b).tokens_per_s  # noqa: B023
 
         before = plain()
+        plains = [before]
         best: dict[str, Any] | None = None
         tried = []
         for t in thresholds:
             for k in ks:
-                got = runner.generate(rows, tokens, mode="speculative", thresholds=t, draft_tokens=k, batch=b,
+                thr = [t if j == 0 else "never" for j in range(len(runner.exits))]  # exit 0 drafts
+                got = runner.generate(rows, tokens, mode="speculative", thresholds=thr, draft_tokens=k, batch=b,
                                       calibrated=False)
                 after = plain()
+                plains.append(after)
                 speedup = got.tokens_per_s / ((before + after) / 2)
                 before = after
-                tried.append({"threshold": t, "draft_tokens": k, "speedup": speedup,
-                              "acceptance_rate": got.acceptance_rate})
+                tried.append({"threshold": float(t), "draft_tokens": int(k), "speedup": speedup,
+                              "tokens_per_s": got.tokens_per_s, "acceptance_rate": got.acceptance_rate,
+                              "mean_accepted_length": got.mean_accepted_length})
                 if best is None or speedup > best["speedup"]:
                     best = tried[-1]
         assert best is not None
         costs = measure_costs(runner, b, int(best["draft_tokens"]), reps=3)
-        rg = {"r": costs["r"], "g": costs["g"]}  # for the runtime's per-row drafting switch
+        common = {"speedup": best["speedup"], "acceptance_rate": best["acceptance_rate"],
+                  "plain_tokens_per_s": sorted(plains)[len(plains) // 2],
+                  "r": costs["r"], "g": costs["g"],  # for the runtime's per-row drafting switch
+                  "grid": tried}
         if best["speedup"] >= min_speedup:
-            table[str(b)] = {"threshold": best["threshold"], "draft_tokens": best["draft_tokens"],
-                             "speedup": best["speedup"], **rg}
+            table[str(b)] = {"threshold": best["threshold"], "draft_tokens": best["draft_tokens"], **common}
         else:
-            table[str(b)] = {"off": True, "speedup": best["speedup"], **rg}
+            table[str(b)] = {"off": True, **common}
         log.info("batch %d: %s (grid %s)", b, table[str(b)], tried)
 
     _write_calibration(bundle_path, "speculative", table)
@@ -190,7 +247,7 @@ def exit_table(runner: Any, prompts: list[Any], tokens: int) -> Any:
 
 def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, delta: float = 0.1,
                    tokens: int = 64, prompts: list[Any] | None = None, threads: int | None = None,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, require_certified: bool = False) -> dict[str, Any]:
     """Exit-mode thresholds by Learn-then-Test (``eecompile.calibrate.ltt``), written into the bundle.
 
     The loss of a position is "the token emitted (at the first exit whose gate fires, else the final head)
@@ -198,7 +255,9 @@ def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, d
     P(loss rate on new positions <= ``max_disagreement``) >= 1 - ``delta``, choosing the cheapest certified one
     (cost: layers run). Caveats, in the record: the samples are positions of a few continuations, which are
     not independent, and the guarantee is per token given the full model's prefix (in exit mode, once a token
-    differs, the continuation itself differs from mode none). Nothing certified: every exit set to "never".
+    differs, the continuation itself differs from mode none). Nothing certified: every exit set to "never", or,
+    with ``require_certified``, ``CalibrationError`` and the bundle left as it was. ``prompts``: text or token
+    ids (default: ``default_prompts(DEFAULT_EXIT_PROMPTS)``); ``tokens``: the continuation's length.
 
     Writes ``decoder.calibration.exit``: ``{thresholds, certified, max_disagreement, delta, positions,
     test_disagreement, exit_shares, calibration_disagreement, expected_cost}`` (shares, disagreement and cost on
@@ -214,7 +273,7 @@ def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, d
     runner = DecoderRunner(bundle_path, threads=threads)
     if not runner.exits:
         raise CalibrationError(f"{bundle_path}: the decoder bundle has no exits to calibrate")
-    rows: list[Any] = list(prompts) if prompts is not None else list(PROMPTS)
+    rows: list[Any] = list(prompts) if prompts is not None else default_prompts(DEFAULT_EXIT_PROMPTS)
     table = exit_table(runner, rows, tokens)
     n_layers = int(runner.dec["layers"])
     costs = [(ex["after_layer"] + 1) / n_layers for ex in runner.exits] + [1.0]
@@ -226,9 +285,49 @@ def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, d
               "exit_shares": [float(x) for x in ev.shares], "calibration_disagreement": float(ev.loss),
               "expected_cost": float(ev.expected_cost)}
     log.info("exit calibration: %s", record)
+    if require_certified and not res.certified:
+        raise CalibrationError(
+            f"{bundle_path}: no exit thresholds certify a token disagreement <= {max_disagreement:g} at confidence "
+            f"{1 - delta:g} on {table.n_samples} positions (the exits disagree with the final layer on "
+            f"{1 - float(table.correct[0].mean()):.0%} of them); the bundle is unchanged. Train the draft heads "
+            f"(eecompile train-heads), allow a larger --max-disagreement, or give more prompts or tokens")
 
     _write_calibration(bundle_path, "exit", record)
     return record
+
+
+def speculative_report(table: dict[str, Any]) -> list[str]:
+    """The lines of ``calibrate_speculative``'s table: one row per batch size, the choice and what it measured."""
+    out = ["batch  drafting       speedup  acceptance  tokens/verif.  plain tok/s      r      g",
+           "-----  -------------  -------  ----------  -------------  -----------  -----  -----"]
+    for b, e in sorted(table.items(), key=lambda kv: int(kv[0])):
+        best = max(e["grid"], key=lambda x: x["speedup"]) if e.get("grid") else {}
+        what = "off" if e.get("off") else f"t={e['threshold']:g} k={e['draft_tokens']}"
+        acc = e.get("acceptance_rate")
+        mal = best.get("mean_accepted_length")
+        out.append(f"{int(b):>5}  {what:<13}  {e['speedup']:>6.2f}x  {'-' if acc is None else f'{acc:.1%}':>10}  "
+                   f"{'-' if mal is None else f'{mal:.2f}':>13}  {e.get('plain_tokens_per_s', float('nan')):>11.1f}  "
+                   f"{e['r']:>5.2f}  {e['g']:>5.2f}")
+    out.append("(off: no (threshold, k) reached the minimum speedup, so speculative mode decodes plainly at that "
+               "batch size; speedup and acceptance are the best measured)")
+    return out
+
+
+def exit_report(record: dict[str, Any], after_layers: list[int]) -> list[str]:
+    """The lines of ``calibrate_exit``'s record: per exit its threshold and share of tokens, then the budget."""
+    out = ["exit            threshold  tokens", "--------------  ---------  ------"]
+    for k, (t, share) in enumerate(zip(record["thresholds"], record["exit_shares"], strict=False)):
+        out.append(f"{'after layer ' + str(after_layers[k]):<14}  {t if isinstance(t, str) else f'{t:.4f}':>9}  "
+                   f"{share:>6.1%}")
+    out.append(f"{'final':<14}  {'':>9}  {record['exit_shares'][-1]:>6.1%}")
+    state = "certified" if record["certified"] else "NOT certified (every exit set to never)"
+    test = record.get("test_disagreement")
+    out.append(f"{state}: token disagreement <= {record['max_disagreement']:g} with probability >= "
+               f"{1 - record['delta']:g} (Learn-then-Test on {record['positions']} positions; disagreement "
+               f"{record['calibration_disagreement']:.1%} on all of them"
+               + ("" if test is None else f", {test:.1%} on the test split") + "; expected cost "
+               f"{record['expected_cost']:.2f} of the full model's layers)")
+    return out
 
 
 def _write_calibration(bundle_path: str | Path, mode: str, record: dict[str, Any]) -> None:
