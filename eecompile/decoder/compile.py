@@ -286,6 +286,7 @@ def decoder_section(spec: DecoderSpec, segments: list[Any], n_layers: int, vocab
     """The manifest's ``decoder`` section for ``segments`` (``segment{k}.onnx``) and the shared ``head.onnx``;
     ``extra`` entries (the cache layout) are added as given. Raises ``SpecError`` for a missing tokenizer file
     or an ``eos_token_id`` outside the vocabulary."""
+    from eecompile.decoder.acceptance import SAMPLING_INPUTS
     from eecompile.decoder.cut import HIDDEN
 
     decoder: dict[str, Any] = {
@@ -295,7 +296,7 @@ def decoder_section(spec: DecoderSpec, segments: list[Any], n_layers: int, vocab
                       "hidden_in": HIDDEN if s.hidden_in else None, "hidden_out": HIDDEN + "_out",
                       "inputs": s.model_inputs} for s in segments],
         "head": {"file": "head.onnx", "input": HIDDEN, "threshold_input": "threshold",
-                 "acceptance_inputs": ["drafts", "n_fed"],
+                 "acceptance_inputs": ["drafts", "n_fed"], "sampling_inputs": SAMPLING_INPUTS,
                  "outputs": ["logits", "token", "max_prob", "gate", "accepted", "next_token"]},
         "exits": [{"after_layer": segments[k].last - 1, "at": e.at, "segment": k,
                    "gate": {"kind": "max_prob", "threshold": e.threshold}, "draft_tokens": e.draft_tokens}

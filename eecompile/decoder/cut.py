@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from eecompile.decoder.acceptance import add_acceptance
 from eecompile.errors import GraphError, SpecError
 from eecompile.passes.extract_segments import extract_subgraph
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 HIDDEN = "hidden"  # the head's input name
 THRESHOLD = "threshold"  # the head's gate threshold input (float32 scalar)
-DRAFTS = "drafts"  # the head's draft tokens input (int64 [B, S], -1 where none), for in-graph acceptance
-N_FED = "n_fed"  # the head's positions-fed input (int64 [B])
 
 
 @dataclass
@@ -260,10 +259,10 @@ def _const(name: str, array: np.ndarray) -> ir.Value:
 
 
 def cut_head(dg: DecoderGraph, final_hidden: str, embedding: ir.Value | None) -> ir.Graph:
-    """The shared head: ``hidden`` [B, S, D] float32, ``threshold`` [] float32, ``drafts`` [B, S] int64 (-1 where
-    none), ``n_fed`` [B] int64 -> ``logits`` [B, S, V], ``token`` [B, S] int64, ``max_prob`` [B, S] float32,
-    ``gate`` [B, S] bool, ``accepted`` [B] int64 (leading drafts equal to ``token``) and ``next_token`` [B] int64
-    (``token[b, accepted[b]]`` if ``accepted[b] < n_fed[b]``, else -1): a greedy verification's outcome.
+    """The shared head: ``hidden`` [B, S, D] float32, ``threshold`` [] float32 and the acceptance inputs of
+    ``eecompile.decoder.acceptance`` -> ``logits`` [B, S, V], ``token`` [B, S] int64, ``max_prob`` [B, S] float32,
+    ``gate`` [B, S] bool, ``accepted`` [B] int64 (drafts kept) and ``next_token`` [B] int64 (the token after
+    them, -1 when none): a verification's outcome, greedy or by speculative rejection sampling.
 
     ``embedding`` (the embedding matrix [V, D]) replaces a LM head weight equal to its transpose.
     """
@@ -286,35 +285,17 @@ def cut_head(dg: DecoderGraph, final_hidden: str, embedding: ir.Value | None) ->
     max_prob = tape.op("ReduceMax", [probs, axes], attributes={"keepdims": 0})
     token = tape.op("ArgMax", [out], attributes={"axis": -1, "keepdims": 0})
     gate = tape.op("GreaterOrEqual", [max_prob, thr])
-    # acceptance of a greedy verification, in the graph: drafts[b, j] is the draft fed after position j (-1 where
-    # row b has none), n_fed[b] the positions the row fed; accepted = the longest prefix of drafts equal to the
-    # verifier's tokens, next_token = the verifier's token after it (-1 when every fed position was accepted)
-    drafts = ir.Value(name=DRAFTS, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "seq"]))
-    n_fed = ir.Value(name=N_FED, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch"]))
-    one = tape.initializer(ir.tensor(np.array(1, dtype=np.int64), name="head.one"))
-    zero = tape.initializer(ir.tensor(np.array(0, dtype=np.int64), name="head.zero"))
-    miss = tape.op("Cast", [tape.op("Not", [tape.op("Equal", [token, drafts])])], attributes={"to": ir.DataType.INT64})
-    prefix = tape.op("Equal", [tape.op("CumSum", [miss, one]), zero])
-    accepted = tape.op("ReduceSum", [tape.op("Cast", [prefix], attributes={"to": ir.DataType.INT64}), axes],
-                       attributes={"keepdims": 0})
-    last = tape.op("Sub", [tape.op("Shape", [token], attributes={"start": 1, "end": 2}), one])
-    at = tape.op("Unsqueeze", [tape.op("Min", [accepted, last]), axes])
-    after = tape.op("Squeeze", [tape.op("GatherElements", [token, at], attributes={"axis": 1}), axes])
-    minus = tape.initializer(ir.tensor(np.array(-1, dtype=np.int64), name="head.minus_one"))
-    next_token = tape.op("Where", [tape.op("Less", [accepted, n_fed]), after, minus])
-    for v, n in ((max_prob, "max_prob"), (token, "token"), (gate, "gate"), (accepted, "accepted"),
-                 (next_token, "next_token")):
+    for v, n in ((max_prob, "max_prob"), (token, "token"), (gate, "gate")):
         v.name = n
     for node in tape.nodes:
         head.append(node)
     for init in tape.initializers:
         head.register_initializer(init)
-    head.inputs.extend([thr, drafts, n_fed])
+    head.inputs.append(thr)
     max_prob.dtype, max_prob.shape = ir.DataType.FLOAT, ir.Shape(["batch", "seq"])
     token.dtype, token.shape = ir.DataType.INT64, ir.Shape(["batch", "seq"])
     gate.dtype, gate.shape = ir.DataType.BOOL, ir.Shape(["batch", "seq"])
-    for v in (accepted, next_token):
-        v.dtype, v.shape = ir.DataType.INT64, ir.Shape(["batch"])
+    accepted, next_token = add_acceptance(head, out, token, dg.vocab)  # a verification's outcome, in the graph
     head.outputs.extend([token, max_prob, gate, accepted, next_token])
     head.name = "head"
     return head

@@ -57,6 +57,8 @@ _NEVER = 2.0  # a max-prob threshold no row reaches
 RIDER_POSITIONS = 16  # in-place calls: most positions computed for rows riding along in a slot range
 IN_PLACE = "tensor_scatter"  # decoder.segments[].kv_update of a segment whose cache is written in place
 _ALWAYS = 0.0
+# the head's inputs for speculative rejection sampling in the graph (eecompile.decoder.acceptance)
+HEAD_SAMPLING_INPUTS = ("temperature", "draft_probs", "u_accept", "u_sample")
 
 
 @dataclass
@@ -209,8 +211,12 @@ class DecoderRunner:
                     "threshold": np.array(0.0, np.float32)})[0]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self._sessions]
         # heads compiled with acceptance in the graph (greedy verification reads back 2 ints per row)
-        self._head_accepts = {"drafts", "n_fed"} <= {i.name for i in self._head.get_inputs()}
+        head_inputs = {i.name for i in self._head.get_inputs()}
+        self._head_accepts = {"drafts", "n_fed"} <= head_inputs
         self.in_graph_acceptance = self._head_accepts
+        # heads that also apply speculative rejection sampling (draws from the host's generators as inputs)
+        self._head_samples = self._head_accepts and set(HEAD_SAMPLING_INPUTS) <= head_inputs
+        self.in_graph_sampling = self._head_samples
         self._kv_names = [_kv("past_key_values", s["layers"]) for s in self.segments]
         self._present = [_kv("present", s["layers"]) for s in self.segments]
         self._tokenizer = tokenizer
@@ -392,10 +398,13 @@ class DecoderRunner:
         return res
 
     def _run_head(self, h: np.ndarray, threshold: float, logits: bool, *, drafts: np.ndarray | None = None,
-                  n_fed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  n_fed: np.ndarray | None = None, sampling: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The shared head on hidden states [B, S, D]: token [B, S] int64, max_prob and gate [B, S] (and logits
         [B, S, V] when asked). With ``drafts`` [B, S] int64 (-1 where none) and ``n_fed`` [B] on a head that
-        computes acceptance in the graph (``in_graph_acceptance``): only accepted [B] and next_token [B]."""
+        computes acceptance in the graph (``in_graph_acceptance``): only accepted [B] and next_token [B] —
+        greedy, or with ``sampling`` (``temperature`` [B] (<= 0: a greedy row), ``draft_probs`` [B, S, V],
+        ``u_accept`` [B, S], ``u_sample`` [B], all float32; needs ``in_graph_sampling``) by speculative rejection
+        sampling (``eecompile.decoder.acceptance``)."""
         accept = drafts is not None and self.in_graph_acceptance
         names = ["accepted", "next_token"] if accept else ["token", "max_prob", "gate"] + (["logits"] if logits else [])
         feeds: dict[str, np.ndarray] = {self.dec["head"]["input"]: np.ascontiguousarray(h, np.float32),
@@ -403,6 +412,10 @@ class DecoderRunner:
         if self._head_accepts:
             feeds["drafts"] = drafts if accept else np.full((1, 1), -1, np.int64)  # type: ignore[assignment]
             feeds["n_fed"] = n_fed if accept else np.zeros(1, np.int64)  # type: ignore[assignment]
+        if self._head_samples:  # a greedy call: temperature 0 takes the If's greedy branch; the rest is not read
+            feeds.update(sampling if accept and sampling is not None else {
+                "temperature": np.zeros(1, np.float32), "draft_probs": np.zeros((1, 1, self.vocab), np.float32),
+                "u_accept": np.zeros((1, 1), np.float32), "u_sample": np.zeros(1, np.float32)})
         try:
             out = self._head.run(names, feeds)
         except Exception as e:
@@ -672,16 +685,23 @@ class DecoderRunner:
             return
         outs = self._stack(verify, last_draft + 1, len(self.segments) - 1)
         hidden = np.stack(pad_positions(outs))
-        in_graph = self.in_graph_acceptance and not _sampling(verify)
+        sampling = _sampling(verify)
+        # per sampled row, one uniform per draft (accept?) and one for the token after them, drawn up front from
+        # the row's generator: the graph and the host rule use the same draws
+        draws = [r.rng.random(len(r.seq) - r.n_confirmed + 1) if r.sample and r.rng is not None else None
+                 for r in verify]
+        in_graph = self.in_graph_acceptance and (not sampling or self.in_graph_sampling)
         if in_graph:
             d = np.full(hidden.shape[:2], -1, np.int64)
             for i, r in enumerate(verify):
                 drafts = r.seq[r.n_confirmed:]
                 d[i, :len(drafts)] = drafts
             fed = np.array([len(o) for o in outs], np.int64)
-            head = self._run_head(hidden, _NEVER, False, drafts=d, n_fed=fed)
+            head = self._run_head(hidden, _NEVER, False, drafts=d, n_fed=fed,
+                                  sampling=_sampling_feeds(verify, draws, hidden.shape[1], self.vocab) if sampling
+                                  else None)
         else:
-            head = self._run_head(hidden, _NEVER, _sampling(verify))
+            head = self._run_head(hidden, _NEVER, sampling)
         for i, r in enumerate(verify):
             drafts = r.seq[r.n_confirmed:]
             n_fed = len(outs[i])  # verified positions: the last confirmed token and the drafts fed
@@ -689,7 +709,7 @@ class DecoderRunner:
                 m, nxt = int(head["accepted"][i]), int(head["next_token"][i])
                 emitted = drafts[:m] + ([nxt] if nxt >= 0 else [])
             else:
-                emitted = self._accept(head, i, drafts, n_fed, r)
+                emitted = self._accept(head, i, drafts, n_fed, r, draws[i])
             ctx.stats["drafted"] += len(drafts)
             ctx.stats["accepted"] += _n_accepted(drafts, emitted)
             ctx.stats["rounds"] += 1
@@ -698,27 +718,42 @@ class DecoderRunner:
             if ctx.costs is not None:
                 _judge(r, len(emitted), n_fed, ctx)
 
-    def _accept(self, head: dict[str, np.ndarray], i: int, drafts: list[int], n_fed: int, r: _Row) -> list[int]:
-        """The tokens a verification emits: the longest accepted prefix of ``drafts`` plus the verifier's token
-        (none when every draft was accepted and the last one was not fed)."""
+    def _accept(self, head: dict[str, np.ndarray], i: int, drafts: list[int], n_fed: int, r: _Row,
+                draws: np.ndarray | None) -> list[int]:
+        """The tokens a verification emits, on the host (heads without acceptance in the graph): the longest
+        accepted prefix of ``drafts`` plus the verifier's token (none when every draft was accepted and the last
+        one was not fed). Sampled rows: ``sampled_verification`` with the row's ``draws``."""
         if not r.sample:
             v = [int(t) for t in head["token"][i, :n_fed]]
             m = 0
             while m < len(drafts) and m < n_fed and drafts[m] == v[m]:
                 m += 1
             return drafts[:m] + ([v[m]] if m < n_fed else [])
-        assert r.rng is not None
-        out: list[int] = []
-        for j, d in enumerate(drafts):
-            p = softmax(head["logits"][i, j], r.temperature)
-            tok, ok = speculative_accept(p, r.q[j], d, r.rng)
-            out.append(tok)
-            if not ok:
-                return out
-        if len(drafts) < n_fed:
-            p = softmax(head["logits"][i, len(drafts)], r.temperature)
-            out.append(int(r.rng.choice(len(p), p=p)))
-        return out
+        assert draws is not None
+        p = np.stack([softmax(head["logits"][i, j], r.temperature) for j in range(n_fed)])
+        q = np.stack(r.q) if r.q else np.zeros((0, self.vocab))
+        m, nxt = sampled_verification(p, q, drafts, draws[:-1], float(draws[-1]))
+        return drafts[:m] + ([nxt] if nxt >= 0 else [])
+
+
+def _sampling_feeds(rows: list[_Row], draws: list[np.ndarray | None], n: int, vocab: int) -> dict[str, np.ndarray]:
+    """The head's sampling inputs for a verification of ``rows`` over ``n`` positions (greedy rows: temperature 0)."""
+    b = len(rows)
+    feeds = {"temperature": np.zeros(b, np.float32), "draft_probs": np.zeros((b, n, vocab), np.float32),
+             "u_accept": np.zeros((b, n), np.float32), "u_sample": np.zeros(b, np.float32)}
+    for i, (r, u) in enumerate(zip(rows, draws, strict=True)):
+        if u is None:
+            continue
+        feeds["temperature"][i] = r.temperature
+        if r.q:
+            feeds["draft_probs"][i, :len(r.q)] = np.stack(r.q)
+        u32 = np.minimum(u.astype(np.float32), _BELOW_ONE)  # float32 rounding must not reach 1 (a 0-probability token)
+        feeds["u_accept"][i, :len(u) - 1] = u32[:-1]
+        feeds["u_sample"][i] = u32[-1]
+    return feeds
+
+
+_BELOW_ONE = np.nextafter(np.float32(1.0), np.float32(0.0))
 
 
 @dataclass
@@ -1056,18 +1091,44 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return z / z.sum()
 
 
+def sample_index(dist: np.ndarray, u: float) -> int:
+    """Inverse-CDF draw from ``dist`` [V] (non-negative, not necessarily normalised) with the uniform ``u``: the
+    count of normalised cumulative probabilities <= u, as ``numpy.random.Generator.choice(len(dist), p=...)``
+    computes it from one ``random()`` draw."""
+    cdf = np.cumsum(dist)
+    cdf /= cdf[-1]
+    return int(min(np.searchsorted(cdf, u, side="right"), len(dist) - 1))
+
+
+def sampled_verification(p: np.ndarray, q: np.ndarray, drafts: Sequence[int], u_accept: np.ndarray,
+                         u_sample: float) -> tuple[int, int]:
+    """Speculative rejection sampling of one verification (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023)
+    with explicit uniform draws: what the head's graph computes (``eecompile.decoder.acceptance``), on the host.
+
+    ``p`` [n_fed, V]: the verifier's distributions at the fed positions; ``q`` [n_drafts, V]: the distribution
+    each draft was drawn from; ``u_accept`` [n_drafts] and ``u_sample`` in [0, 1). Draft j is kept when
+    q_j(x_j) <= 0, u_accept[j] < p_j(x_j) / q_j(x_j) (probability min(1, p/q)), or max(0, p_j - q_j) sums to 0;
+    at the first rejection m the next token is ``sample_index(max(0, p_m - q_m), u_sample)``; when every draft
+    is kept, it is ``sample_index(p[n_drafts], u_sample)`` if that position was fed, else -1 (none). Returns
+    (drafts kept, next token); the emitted tokens follow p exactly.
+    """
+    for j, d in enumerate(drafts):
+        residual = np.maximum(p[j] - q[j], 0.0)
+        if q[j, d] <= 0 or u_accept[j] < p[j, d] / q[j, d] or residual.sum() <= 0:
+            continue
+        return j, sample_index(residual, u_sample)
+    m = len(drafts)
+    return m, (sample_index(p[m], u_sample) if m < len(p) else -1)
+
+
 def speculative_accept(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[int, bool]:
     """Speculative rejection sampling for one draft token (Leviathan et al. 2023, Algorithm 1).
 
     ``p``, ``q``: the verifier's and the draft's distributions [V] (float64, sum 1); ``draft`` was drawn from q.
     Keeps it with probability min(1, p[draft] / q[draft]) (returns ``(draft, True)``), else draws from
-    max(0, p - q) normalised (returns ``(token, False)``). The emitted token is distributed as p.
+    max(0, p - q) normalised (returns ``(token, False)``). The emitted token is distributed as p. Two draws
+    from ``rng`` (the test, then the resample's): ``sampled_verification`` of one draft.
     """
     u = rng.random()
-    if q[draft] <= 0 or u < min(1.0, p[draft] / q[draft]):
-        return draft, True
-    residual = np.maximum(p - q, 0.0)
-    total = residual.sum()
-    if total <= 0:  # p == q: never rejected in exact arithmetic; rounding can get here
-        return draft, True
-    return int(rng.choice(len(p), p=residual / total)), False
+    m, token = sampled_verification(p[None], q[None], [draft], np.array([u]), rng.random())
+    return (draft, True) if m == 1 else (token, False)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from scipy import stats
 
 from eecompile.cli import cli
-from eecompile.runtimes.lm import DecoderRunner, softmax, speculative_accept
+from eecompile.runtimes.lm import DecoderRunner, sampled_verification, softmax, speculative_accept
 
 PROMPTS = [[5, 17, 33], [90, 2, 41, 7, 7, 63, 12], [11], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
 N_NEW = 16
@@ -195,3 +195,56 @@ def test_greedy_acceptance_is_computed_in_the_head(lm_bundle: Path, runner: Deco
     host.in_graph_acceptance = False  # the host comparison gives the same tokens
     res = host.generate(PROMPTS, N_NEW, mode="speculative", thresholds="always", draft_tokens=4)
     assert [r["token_ids"] for r in res.results] == plain
+
+
+def test_sampled_acceptance_in_the_head_is_the_host_rule(runner: DecoderRunner) -> None:
+    """With fixed draws, the head's graph (speculative rejection sampling, eecompile.decoder.acceptance) gives the
+    accepted length and next token of the host formula, row by row, greedy rows included."""
+    assert runner.in_graph_sampling
+    rng = np.random.default_rng(0)
+    b, n, v = 6, 5, runner.vocab
+    temperature = np.array([0.7, 1.0, 1.5, 1.0, 0.0, 2.0], np.float32)  # row 4 is greedy
+    n_fed = np.array([5, 5, 3, 5, 5, 1], np.int64)
+    n_drafts = [4, 5, 2, 0, 3, 0]  # row 1: the last draft was not fed (no token after it when all are kept)
+    seen = {"rejected": 0, "all kept + next": 0, "all kept, none after": 0}
+    for _ in range(40):
+        h = (rng.normal(size=(b, n, runner.hidden_size)) * 3).astype(np.float32)
+        logits = runner._run_head(h, 2.0, True)["logits"].astype(np.float64)
+        drafts = np.full((b, n), -1, np.int64)
+        q = np.zeros((b, n, v), np.float32)
+        for i in range(b):
+            t = temperature[i] if temperature[i] > 0 else 1.0
+            for j in range(n_drafts[i]):
+                mix = rng.uniform(0.0, 1.0)  # from q = p (always kept) to an unrelated q (often rejected)
+                q[i, j] = (1 - mix) * softmax(logits[i, j], t) + mix * rng.dirichlet(np.full(v, 0.3))
+                drafts[i, j] = rng.choice(v, p=q[i, j] / q[i, j].sum())
+        u_accept = rng.random((b, n)).astype(np.float32)
+        u_sample = rng.random(b).astype(np.float32)
+        feeds = {"temperature": temperature, "draft_probs": q, "u_accept": u_accept, "u_sample": u_sample}
+        out = runner._run_head(h, 2.0, False, drafts=drafts, n_fed=n_fed, sampling=feeds)
+        greedy = runner._run_head(h, 2.0, False, drafts=drafts, n_fed=n_fed)
+        for i in range(b):
+            got = (int(out["accepted"][i]), int(out["next_token"][i]))
+            if temperature[i] <= 0:
+                assert got == (int(greedy["accepted"][i]), int(greedy["next_token"][i]))
+                continue
+            p = np.stack([softmax(logits[i, j], temperature[i]) for j in range(n_fed[i])])
+            want = sampled_verification(p, q[i, :n_drafts[i]].astype(np.float64), list(drafts[i, :n_drafts[i]]),
+                                        u_accept[i, :n_drafts[i]].astype(np.float64), float(u_sample[i]))
+            assert got == want, (i, got, want)
+            seen["rejected" if want[0] < n_drafts[i] else
+                 "all kept + next" if want[1] >= 0 else "all kept, none after"] += 1
+    assert all(c > 0 for c in seen.values()), seen  # every branch of the rule was compared
+
+
+def test_sampled_verification_in_the_graph_and_on_the_host_give_the_same_tokens(lm_bundle: Path,
+                                                                                runner: DecoderRunner) -> None:
+    # the same seeded draws feed both: a bundle whose head lacks the sampling inputs decodes to the same tokens
+    host = DecoderRunner(lm_bundle, threads=1)
+    host.in_graph_sampling = False
+    kw = {"mode": "speculative", "thresholds": "always", "draft_tokens": 3, "sample": True, "temperature": 1.2,
+          "seed": 7}
+    a = runner.generate(PROMPTS, 12, **kw)  # type: ignore[arg-type]
+    b = host.generate(PROMPTS, 12, **kw)  # type: ignore[arg-type]
+    assert [r["token_ids"] for r in a.results] == [r["token_ids"] for r in b.results]
+    assert 0.0 < a.acceptance_rate < 1.0 and a.acceptance_rate == b.acceptance_rate  # type: ignore[operator]
