@@ -263,10 +263,13 @@ def auto(model: Path, train: Path, calib: Path, max_drop: float, output: Path, c
               help="score: halting heads (PALBERT): weight of the KL to the geometric prior (a loss scale, nats).")
 @click.option("--halting-prior", type=float, default=0.5, show_default=True,
               help="score: halting heads (PALBERT): the geometric prior's halting probability per exit.")
+@click.option("--adapter", type=click.Choice(["mlp", "attention"]), default="mlp", show_default=True,
+              help="Decoder bundles: the draft head's adapter, a residual MLP or Kangaroo's attention layer + norms "
+                   "(with its own key/value cache).")
 @_user_errors
 def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: bool, head_files: bool,
                 temperature: float, lr: float, batch: int, seed: int, texts: tuple[Path, ...], draft_vocab: int,
-                max_tokens: int, halting_beta: float, halting_prior: float) -> None:
+                max_tokens: int, halting_beta: float, halting_prior: float, adapter: str) -> None:
     """Train the bundle's exit heads on frozen features and splice them in.
 
     Decoder bundles: each exit gets a draft head (adapter + sub-vocabulary LM head) distilled from the model's
@@ -278,8 +281,10 @@ def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: boo
 
         text = [t.read_text() for t in texts] if texts else None
         train_draft_heads(bundle, texts=text, vocab=draft_vocab, epochs=epochs or 8, max_tokens=max_tokens,
-                          seed=seed).print()
+                          seed=seed, adapter=adapter).print()
         return
+    if click.get_current_context().get_parameter_source("adapter") is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--adapter: only for decoder bundles (draft heads)")
     if data is None:
         raise click.UsageError("Missing option '--data' (an .npz with the model inputs).")
     epochs = 30 if epochs is None else epochs

@@ -93,7 +93,8 @@ def measure_costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, f
         rs = runner._new_rows([list(rng.integers(0, runner.vocab, 48 + n_new)) for _ in range(batch)])
         for r in rs:
             r.seq = r.seq[:48]
-        runner._stack(rs, 0, last)
+        out = runner._stack(rs, 0, last)
+        runner._adapt(0, rs, out)  # an attention adapter's cache holds the 48 positions too
         for r, full in zip(rs, [list(rng.integers(0, runner.vocab, 48 + n_new)) for _ in rs], strict=True):
             r.seq = r.seq + full[48:]
         return rs
@@ -112,7 +113,7 @@ def measure_costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, f
         runner._run_head(np.stack([o[-1:] for o in out]), 2.0, False)
 
     def draft(rs: list[Any]) -> None:
-        out = runner._stack(rs, 0, ex["segment"])
+        out = runner._adapt(0, rs, runner._stack(rs, 0, ex["segment"]))
         runner._exit_head(0, np.stack([o[-1:] for o in out]), 2.0, False)
 
     def verify(rs: list[Any]) -> None:
@@ -228,9 +229,10 @@ def exit_table(runner: Any, prompts: list[Any], tokens: int) -> Any:
         row = runner._new_row(0, ids)
         hs = []
         first = 0
-        for ex in runner.exits:
+        for e, ex in enumerate(runner.exits):
             runner._stack([row], first, ex["segment"])
-            hs.append(np.stack(row.pending[ex["segment"] + 1]))  # the exit's hidden states, every position
+            # the exit's hidden states at every position (after its attention adapter, when it has one)
+            hs.append(runner._adapt(e, [row], [np.stack(row.pending[ex["segment"] + 1])])[0])
             first = ex["segment"] + 1
         out = runner._stack([row], first, last)[0]
         final = runner._run_head(out[None, where], 2.0, False)["token"][0]

@@ -1,8 +1,16 @@
 """Train a decoder bundle's draft heads by self-distillation (no labels): an adapter + a sub-vocabulary head.
 
 An exit's draft head is ``adapter -> final norm -> LM head restricted to a frequent-token sub-vocabulary ->
-max-prob gate`` (``draft{k}.onnx``). The adapter is a residual MLP, ``h + W2 silu(W1 rmsnorm(h))`` (W2 starts at
-zero, so training starts from the plain shared head). The sub-vocabulary (SpecEE's idea) is the N tokens the
+max-prob gate`` (``draft{k}.onnx``). Two adapter kinds (``adapter=``):
+
+- ``mlp`` (default): a residual MLP, ``h + W2 silu(W1 rmsnorm(h))`` (W2 starts at zero, so training starts from
+  the plain shared head), inside ``draft{k}.onnx``, with the model's final norm.
+- ``attention``: Kangaroo's adapter, one attention layer and two norms (``eecompile.decoder.adapter``); the
+  attention reads its own key/value cache of the row's earlier positions, so it is a separate cache-owning graph
+  ``adapter{k}.onnx`` that the runner drives like a segment, and ``draft{k}.onnx`` holds its second norm and the
+  head. It trains on whole chunks (causal attention over each), 10% of the chunks held out.
+
+The sub-vocabulary (SpecEE's idea) is the N tokens the
 model itself predicts most often on the training text: the full LM head is ~21% of SmolLM2-135M's per-token
 compute, N = 4096 of 49 152 rows costs ~2% (the draft then can only propose those tokens; the verifier still
 emits any token).
@@ -29,6 +37,7 @@ from eecompile.errors import DataError, SpecError
 
 log = logging.getLogger(__name__)
 
+ADAPTERS = ("mlp", "attention")
 PROMPTS = [
     "The history of the city begins", "Here is a Python function that", "In mathematics, a prime number is",
     "The recipe calls for", "Dear team, I am writing to", "The main causes of the war were",
@@ -75,8 +84,8 @@ def _chunks(runner: Any, texts: list[str], chunk: int, max_tokens: int) -> list[
     return [ids[i:i + chunk] for i in range(0, len(ids) - 1, chunk) if len(ids[i:i + chunk]) > 1]
 
 
-def collect(runner: Any, chunks: list[list[int]], exit_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exit hidden states [T, D] and the final head's logits [T, V] for every position of every chunk."""
+def collect(runner: Any, chunks: list[list[int]], exit_index: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per chunk: the exit's hidden states [T_i, D] and the final head's logits [T_i, V] at every position."""
     seg = runner.exits[exit_index]["segment"]
     hs, logits = [], []
     for ids in chunks:
@@ -86,23 +95,27 @@ def collect(runner: Any, chunks: list[list[int]], exit_index: int) -> tuple[np.n
         out = runner._stack([row], seg + 1, len(runner.segments) - 1)[0]
         logits.append(runner._run_head(out[None], 2.0, True)["logits"][0])
         hs.append(h)
-    return np.concatenate(hs), np.concatenate(logits)
+    return hs, logits
 
 
 def train_draft_heads(bundle_path: str | Path, *, texts: list[str] | None = None, vocab: int = 4096,
                       hidden: int = 1024, epochs: int = 8, lr: float = 2e-3, max_tokens: int = 6000,
                       chunk: int = 128, generate_tokens: int = 32, seed: int = 0, threads: int | None = None,
-                      exits: list[int] | None = None) -> DraftTrainReport:
-    """Train a draft head (adapter + ``vocab``-token head) for each exit and write ``draft{k}.onnx`` into the bundle.
+                      exits: list[int] | None = None, adapter: str = "mlp") -> DraftTrainReport:
+    """Train a draft head (adapter + ``vocab``-token head) for each exit and write ``draft{k}.onnx`` (and, for the
+    attention adapter, ``adapter{k}.onnx``) into the bundle, atomically.
 
     ``texts``: training text (default: ``default_corpus()``); ``generate_tokens``: also distil on the model's own
     greedy continuation of ``PROMPTS`` (0: none). ``max_tokens``: positions used (10% held out to report the
-    agreement). Raises ``SpecError`` for a bundle without exits, ``DataError`` when the text is too short.
+    agreement). ``adapter``: ``mlp`` or ``attention`` (module docstring); ``hidden`` is the MLP's width. Raises
+    ``SpecError`` for a bundle without exits or an unknown adapter kind, ``DataError`` when the text is too short.
     """
     import torch
 
     from eecompile.runtimes.lm import DecoderRunner
 
+    if adapter not in ADAPTERS:
+        raise SpecError(f"adapter: '{adapter}' is not one of {list(ADAPTERS)}")
     t0 = time.perf_counter()
     runner = DecoderRunner(bundle_path, threads=threads)
     if not runner.exits:
@@ -118,17 +131,29 @@ def train_draft_heads(bundle_path: str | Path, *, texts: list[str] | None = None
         raise DataError(f"training text: {n_pos} tokens; give at least 200 tokens of text")
     torch.manual_seed(seed)
     report = DraftTrainReport(tokens=n_pos)
-    drafts: dict[int, tuple[Any, dict[str, Any]]] = {}
+    drafts: dict[int, tuple[Any, dict[str, Any], Any]] = {}
     for k in (exits if exits is not None else range(len(runner.exits))):
-        proto, info = _train_exit(runner, chunks, k, vocab=vocab, hidden=hidden, epochs=epochs, lr=lr)
-        drafts[k] = (proto, info)
+        train = _train_attention_exit if adapter == "attention" else _train_exit
+        proto, info, module = train(runner, chunks, k, vocab=vocab, hidden=hidden, epochs=epochs, lr=lr)
+        drafts[k] = (proto, info, module)
         report.exits.append({"after_layer": runner.exits[k]["after_layer"], **info})
 
     def change(tmp: Path, manifest: Any) -> None:
         import onnx
 
-        for k, (proto, info) in drafts.items():
+        from eecompile.decoder.adapter import check_adapter, export_adapter
+
+        for k, (proto, info, module) in drafts.items():
             onnx.save(proto, str(tmp / info["file"]))
+            old = tmp / f"adapter{k}.onnx"
+            if old.exists():  # an attention adapter an earlier train-heads wrote
+                old.unlink()
+            if module is not None:
+                layer = int(runner.dec["layers"]) + k  # a layer index no segment uses: the adapter's cache names
+                update = export_adapter(module, old, layer, in_place=runner.in_place)
+                info["adapter_check"] = check_adapter(old, module, layer, in_place=runner.in_place)
+                info["adapter_segment"] = {"file": old.name, "layers": [layer, layer + 1], "hidden_in": "hidden",
+                                           "hidden_out": "hidden_out", "kv_update": update}
             manifest.decoder["exits"][k]["draft_head"] = info
         manifest.notes = [n for n in manifest.notes if "draft heads untrained" not in n]
 
@@ -138,11 +163,13 @@ def train_draft_heads(bundle_path: str | Path, *, texts: list[str] | None = None
 
 
 def _train_exit(runner: Any, chunks: list[list[int]], k: int, *, vocab: int, hidden: int, epochs: int,
-                lr: float) -> tuple[Any, dict[str, Any]]:
-    """Distil exit ``k``'s draft head; return its ONNX model and its manifest entry."""
+                lr: float) -> tuple[Any, dict[str, Any], None]:
+    """Distil exit ``k``'s draft head with the MLP adapter; return its ONNX model and its manifest entry."""
     import torch
 
-    h, logits = collect(runner, chunks, k)
+    hs, logit_list = collect(runner, chunks, k)
+    h, logits = np.concatenate(hs), np.concatenate(logit_list)
+    del hs, logit_list
     final_top = logits.argmax(-1)
     n_val = max(len(h) // 10, 1)
     perm = torch.randperm(len(h))
@@ -174,19 +201,83 @@ def _train_exit(runner: Any, chunks: list[list[int]], k: int, *, vocab: int, hid
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     for _ in range(epochs):
         for b in tr[torch.randperm(len(tr))].split(256):
-            z = _rms(adapter(x[b]), norm, eps) @ head_w.T
-            loss = torch.nn.functional.kl_div(torch.log_softmax(z, -1), target[b], reduction="batchmean")
-            # the verifier accepts on top-1: weight the final layer's own choice a little more
-            if bool((in_sub[b] >= 0).any()):
-                loss = loss + 0.5 * torch.nn.functional.cross_entropy(z, in_sub[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            _distil_step(opt, sched, _rms(adapter(x[b]), norm, eps) @ head_w.T, target[b], in_sub[b])
     after = agreement(val)
-    info = {"file": f"draft{k}.onnx", "vocab": int(len(ids)), "adapter_hidden": hidden,
+    info = {"file": f"draft{k}.onnx", "vocab": int(len(ids)), "adapter": "mlp", "adapter_hidden": hidden,
             "coverage": coverage, "agreement_before": before, "agreement": after, "positions": int(len(x))}
-    return _draft_graph(runner, adapter, ids, emb, norm_w, eps), info
+    return _draft_graph(runner, adapter, ids, emb, norm_w, eps), info, None
+
+
+def _train_attention_exit(runner: Any, chunks: list[list[int]], k: int, *, vocab: int, hidden: int, epochs: int,
+                          lr: float) -> tuple[Any, dict[str, Any], Any]:
+    """Distil exit ``k``'s draft head with Kangaroo's attention adapter over whole chunks (causal); return the
+    head's ONNX model (second norm + sub-vocabulary head), its manifest entry and the trained adapter module."""
+    import torch
+
+    from eecompile.decoder.adapter import AttentionAdapter
+
+    del hidden  # the attention adapter's width is the model's
+    hs, logit_list = collect(runner, chunks, k)
+    n_val = max(len(hs) // 10, 1) if len(hs) > 1 else 0
+    order = torch.randperm(len(hs)).tolist()
+    val, tr = order[:n_val], order[n_val:] or order
+    tops = [z.argmax(-1) for z in logit_list]
+    counts = np.bincount(np.concatenate([tops[i] for i in tr]), minlength=runner.vocab)
+    ids = np.sort(np.argsort(-counts, kind="stable")[:min(vocab, runner.vocab)]).astype(np.int64)
+    held = np.concatenate([tops[i] for i in val]) if val else np.concatenate(tops)
+    coverage = float(np.isin(held, ids).mean())
+    emb, norm_w, eps = _head_weights(runner)
+    head_w = torch.from_numpy(emb[ids])
+    module = AttentionAdapter(runner.hidden_size, runner.kv_heads, runner.head_dim, np.array(norm_w))
+    xs = [torch.from_numpy(h)[None] for h in hs]
+    targets = [torch.softmax(torch.from_numpy(z[:, ids]), -1) for z in logit_list]
+    del logit_list
+    sub = [torch.from_numpy(np.where(np.isin(t, ids), np.searchsorted(ids, t).clip(0, len(ids) - 1), -100))
+           for t in tops]
+
+    def logits_of(i: int) -> torch.Tensor:
+        pos = torch.arange(xs[i].shape[1])[None]
+        a, _, _ = module(xs[i], pos)
+        return module.out_norm(a)[0] @ head_w.T
+
+    def agreement(idx: list[int]) -> float:
+        with torch.no_grad():
+            hits = [(torch.from_numpy(ids)[logits_of(i).argmax(-1)] == torch.from_numpy(tops[i])).float() for i in idx]
+        return float(torch.cat(hits).mean())
+
+    held_idx = val or tr
+    with torch.no_grad():  # before training: the exit state through the final norm and the sub-vocabulary head
+        before = float(torch.cat([(torch.from_numpy(ids)[(_rms(xs[i][0], torch.from_numpy(np.array(norm_w)), eps)
+                                                          @ head_w.T).argmax(-1)] == torch.from_numpy(tops[i])).float()
+                                  for i in held_idx]).mean())
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * len(tr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    for _ in range(epochs):
+        for i in torch.randperm(len(tr)).tolist():
+            _distil_step(opt, sched, logits_of(tr[i]), targets[tr[i]], sub[tr[i]])
+    module.eval()
+    after = agreement(held_idx)
+    info = {"file": f"draft{k}.onnx", "vocab": int(len(ids)), "adapter": "attention",
+            "adapter_heads": int(module.q.out_features // runner.head_dim), "coverage": coverage,
+            "agreement_before": before, "agreement": after, "positions": int(sum(len(h) for h in hs))}
+    norm_out = module.norm_out.detach().numpy().astype(np.float32)
+    return _draft_graph(runner, None, ids, emb, norm_out, 1e-5), info, module
+
+
+def _distil_step(opt: Any, sched: Any, z: Any, target: Any, top: Any) -> None:
+    """One optimiser step on draft logits ``z`` [N, V_sub]: KL(target || softmax(z)) plus half a cross-entropy on
+    the final layer's own choice ``top`` [N] (index in the sub-vocabulary, -100 outside it), since the verifier
+    accepts on top-1."""
+    import torch
+
+    loss = torch.nn.functional.kl_div(torch.log_softmax(z, -1), target, reduction="batchmean")
+    if bool((top >= 0).any()):
+        loss = loss + 0.5 * torch.nn.functional.cross_entropy(z, top)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
 
 
 def _rms(x: Any, w: Any, eps: float) -> Any:
@@ -248,19 +339,22 @@ def _constant(v: Any) -> np.ndarray | None:
 def _draft_graph(runner: Any, adapter: Any, ids: np.ndarray, emb: np.ndarray, norm_w: np.ndarray,
                  eps: float) -> Any:
     """``draft{k}.onnx``: hidden [B, S, D], threshold [] -> token [B, S] int64 (full-vocabulary ids), max_prob and
-    gate [B, S], logits [B, S, N] (over the sub-vocabulary), vocab_ids [N] int64."""
+    gate [B, S], logits [B, S, N] (over the sub-vocabulary), vocab_ids [N] int64. ``adapter``: the MLP adapter,
+    or None (the input is already adapted: the attention adapter's output), then the norm ``norm_w``."""
     from onnx import TensorProto, helper, numpy_helper
 
     d = runner.hidden_size
-    a = {n: p.detach().numpy().astype(np.float32) for n, p in adapter.named_parameters()}
 
     def init(name: str, arr: np.ndarray) -> Any:
         return numpy_helper.from_array(np.ascontiguousarray(arr), name)
 
-    inits = [init("adapter.norm", a["norm"]), init("adapter.up", a["up.weight"].T), init("adapter.down", a["down.weight"].T),
-             init("final.norm", norm_w), init("draft.embT", emb[ids].T), init("vocab_ids", ids),
+    inits = [init("final.norm", norm_w), init("draft.embT", emb[ids].T), init("vocab_ids", ids),
              init("eps_a", np.array(1e-5, np.float32)), init("eps", np.array(eps, np.float32)),
              init("two", np.array(2.0, np.float32)), init("axes", np.array([-1], np.int64))]
+    if adapter is not None:
+        a = {n: p.detach().numpy().astype(np.float32) for n, p in adapter.named_parameters()}
+        inits += [init("adapter.norm", a["norm"]), init("adapter.up", a["up.weight"].T),
+                  init("adapter.down", a["down.weight"].T)]
     n = helper.make_node
     nodes = []
 
@@ -270,10 +364,13 @@ def _draft_graph(runner: Any, adapter: Any, ids: np.ndarray, emb: np.ndarray, no
             n("Add", [f"{out}.ms", e], [f"{out}.mse"]), n("Sqrt", [f"{out}.mse"], [f"{out}.rms"]),
             n("Div", [x, f"{out}.rms"], [f"{out}.n"]), n("Mul", [f"{out}.n", w], [out])])
 
-    rms("hidden", "adapter.norm", "eps_a", "a.normed")
-    nodes += [n("MatMul", ["a.normed", "adapter.up"], ["a.up"]), n("Sigmoid", ["a.up"], ["a.sig"]),
-              n("Mul", ["a.up", "a.sig"], ["a.act"]), n("MatMul", ["a.act", "adapter.down"], ["a.down"]),
-              n("Add", ["hidden", "a.down"], ["adapted"])]
+    if adapter is not None:
+        rms("hidden", "adapter.norm", "eps_a", "a.normed")
+        nodes += [n("MatMul", ["a.normed", "adapter.up"], ["a.up"]), n("Sigmoid", ["a.up"], ["a.sig"]),
+                  n("Mul", ["a.up", "a.sig"], ["a.act"]), n("MatMul", ["a.act", "adapter.down"], ["a.down"]),
+                  n("Add", ["hidden", "a.down"], ["adapted"])]
+    else:
+        nodes.append(n("Identity", ["hidden"], ["adapted"]))
     rms("adapted", "final.norm", "eps", "h.normed")
     nodes += [n("MatMul", ["h.normed", "draft.embT"], ["logits"]),
               n("Softmax", ["logits"], ["probs"], axis=-1),

@@ -199,13 +199,26 @@ class DecoderRunner:
             raise BackendError(f"{bundle.path}: onnxruntime could not load the decoder ({e})") from e
         self._drafts: dict[int, Any] = {}  # exit -> trained draft head (adapter + sub-vocabulary head)
         self._draft_ids: dict[int, np.ndarray] = {}
+        # graphs that own a key/value cache: the segments, then the exits' attention adapters (Kangaroo's, from
+        # train-heads --adapter attention), which the runner drives like segments (eecompile.decoder.adapter)
+        self._owners: list[dict[str, Any]] = list(self.segments)
+        self._adapter_of: dict[int, int] = {}  # exit -> its adapter's index in _owners
+        self._adapters_after: dict[int, list[int]] = {}  # segment -> the adapters reading its output
         for k, ex in enumerate(self.exits):
             d = ex.get("draft_head")
             if d:
                 try:
                     self._drafts[k] = ort.InferenceSession(str(bundle.file(d["file"])), so, providers=prov)
+                    a = d.get("adapter_segment")
+                    if a:
+                        self._sessions.append(ort.InferenceSession(str(bundle.file(a["file"])), so, providers=prov))
                 except Exception as err:
-                    raise BackendError(f"{bundle.path}: onnxruntime could not load {d['file']} ({err})") from err
+                    raise BackendError(f"{bundle.path}: onnxruntime could not load the draft head of exit {k} "
+                                       f"({err})") from err
+                if a:
+                    self._adapter_of[k] = len(self._owners)
+                    self._adapters_after.setdefault(int(ex["segment"]), []).append(len(self._owners))
+                    self._owners.append(a)
                 self._draft_ids[k] = self._drafts[k].run(["vocab_ids_out"], {
                     "hidden": np.zeros((1, 1, self.hidden_size), np.float32),
                     "threshold": np.array(0.0, np.float32)})[0]
@@ -217,17 +230,17 @@ class DecoderRunner:
         # heads that also apply speculative rejection sampling (draws from the host's generators as inputs)
         self._head_samples = self._head_accepts and set(HEAD_SAMPLING_INPUTS) <= head_inputs
         self.in_graph_sampling = self._head_samples
-        self._kv_names = [_kv("past_key_values", s["layers"]) for s in self.segments]
-        self._present = [_kv("present", s["layers"]) for s in self.segments]
+        self._kv_names = [_kv("past_key_values", s["layers"]) for s in self._owners]
+        self._present = [_kv("present", s["layers"]) for s in self._owners]
         self._tokenizer = tokenizer
-        self._in_place = [s.get("kv_update") == IN_PLACE for s in self.segments]
+        self._in_place = [s.get("kv_update") == IN_PLACE for s in self._owners]
         if any(self._in_place) and not all(self._in_place):
-            raise BundleError(f"{bundle.path}: some segments write their cache in place and some do not; "
-                              f"recompile the bundle")
+            raise BundleError(f"{bundle.path}: some segments or adapters write their cache in place and some do "
+                              f"not; recompile the bundle (and train the heads again)")
         self.in_place = all(self._in_place) and bool(self.segments)
-        # session runs, and key/value bytes: written (new positions) and copied (positions already cached,
-        # moved again: the stock Concat graph's present, stacking rows into one past), for benchmarks
-        self.calls: dict[str, Any] = {"segments": [0] * len(self.segments), "head": 0, "kv_bytes_written": 0,
+        # session runs (per segment, then per adapter), and key/value bytes: written (new positions) and copied
+        # (positions already cached, moved again: the stock Concat graph's present, stacking rows into one past)
+        self.calls: dict[str, Any] = {"segments": [0] * len(self._owners), "head": 0, "kv_bytes_written": 0,
                                       "kv_bytes_copied": 0}
 
     # ------------------------------------------------------------------------------------------ tokenizer
@@ -269,9 +282,10 @@ class DecoderRunner:
     # ------------------------------------------------------------------------------------------ graph calls
 
     def _run_segment(self, s: int, rows: list[_Row], xs: list[np.ndarray] | None) -> list[np.ndarray]:
-        """Run segment ``s`` on each row's pending positions: ``rows[i].seq[lengths[s]:lengths[s] + n_i]``
-        (token ids) with input hidden states ``xs[i]`` [n_i, D] (None for segment 0). Updates the rows'
-        caches and lengths; returns the output hidden states per row, [n_i, D] float32."""
+        """Run segment ``s`` (or the adapter at ``_owners[s]``) on each row's pending positions:
+        ``rows[i].seq[lengths[s]:lengths[s] + n_i]`` (token ids) with input hidden states ``xs[i]`` [n_i, D] (None
+        for segment 0). Updates the rows' caches and lengths; returns the output hidden states per row, [n_i, D]
+        float32."""
         if self.in_place:
             return self._run_segment_in_place(s, rows, xs)
         starts = [r.lengths[s] for r in rows]
@@ -299,12 +313,12 @@ class DecoderRunner:
             h = np.zeros((b, n, self.hidden_size), np.float32)
             for i, x in enumerate(xs):
                 h[i, :ns[i]] = x
-            feeds[self.segments[s]["hidden_in"]] = h
-        names = [self.segments[s]["hidden_out"], *self._present[s]]
+            feeds[self._owners[s]["hidden_in"]] = h
+        names = [self._owners[s]["hidden_out"], *self._present[s]]
         try:
             out = self._sessions[s].run(names, feeds)
         except Exception as e:  # onnxruntime's own error types
-            raise BackendError(f"segment {s} ({self.segments[s]['file']}) failed: {e}") from e
+            raise BackendError(f"segment {s} ({self._owners[s]['file']}) failed: {e}") from e
         self.calls["segments"][s] += 1
         item = 4 * self.kv_heads * self.head_dim
         self.calls["kv_bytes_copied"] += len(self._kv_names[s]) * item * (
@@ -378,8 +392,8 @@ class DecoderRunner:
             h = np.zeros((width, n, self.hidden_size), np.float32)
             for i, (r, x) in enumerate(zip(rows, xs, strict=True)):
                 h[r.slot - lo, :ns[i]] = x
-            io.bind_cpu_input(self.segments[s]["hidden_in"], h)
-        io.bind_output(self.segments[s]["hidden_out"], "cpu")  # first: get_outputs() keeps the binding order
+            io.bind_cpu_input(self._owners[s]["hidden_in"], h)
+        io.bind_output(self._owners[s]["hidden_out"], "cpu")  # first: get_outputs() keeps the binding order
         for j, (past, present) in enumerate(zip(self._kv_names[s], self._present[s], strict=True)):
             ov = self._ort.OrtValue.ortvalue_from_numpy(pool.buffers[s][j][lo:hi])
             io.bind_ortvalue_input(past, ov)
@@ -387,7 +401,7 @@ class DecoderRunner:
         try:
             sess.run_with_iobinding(io)
         except Exception as e:  # onnxruntime's own error types
-            raise BackendError(f"segment {s} ({self.segments[s]['file']}) failed: {e}") from e
+            raise BackendError(f"segment {s} ({self._owners[s]['file']}) failed: {e}") from e
         hidden = io.get_outputs()[0].numpy()
         self.calls["segments"][s] += 1
         self.calls["kv_bytes_written"] += len(self._kv_names[s]) * 4 * self.kv_heads * self.head_dim * width * n
@@ -456,7 +470,33 @@ class DecoderRunner:
                     r.pending[s] = []
                 if s + 1 < len(self.segments):
                     r.pending[s + 1].extend(o)
+                for a in self._adapters_after.get(s, ()):  # an exit's attention adapter reads these states too
+                    r.pending[a].extend(o)
         return outs
+
+    def _adapt(self, k: int, rows: list[_Row], outs: list[np.ndarray]) -> list[np.ndarray]:
+        """The draft head's input at exit ``k`` for the positions of ``outs`` (each row's exit states, [n_i, D]):
+        ``outs`` itself, or with an attention adapter its output after running it over the row's pending exit
+        states (which end with those positions), filling its key/value cache."""
+        a = self._adapter_of.get(k)
+        if a is None:
+            return outs
+        got = self._run_segment(a, rows, [np.stack(r.pending[a]) for r in rows])
+        for r in rows:
+            r.pending[a] = []
+        return [g[len(g) - len(o):] for g, o in zip(got, outs, strict=True)]
+
+    def has_attention_adapter(self, k: int) -> bool:
+        """Exit ``k``'s draft head starts with an attention adapter (which owns a key/value cache)."""
+        return k in self._adapter_of
+
+    def _drop_adapter_states(self, rows: list[_Row], keep: int | None) -> None:
+        """Forget pending exit states of adapters the mode does not read (all but exit ``keep``'s), which
+        would otherwise pile up."""
+        for k, a in self._adapter_of.items():
+            if k != keep:
+                for r in rows:
+                    r.pending[a] = []
 
 
     # ------------------------------------------------------------------------------------------ generate
@@ -558,7 +598,7 @@ class DecoderRunner:
         return self._tokenizer is not None or self.dec.get("tokenizer") is not None
 
     def _new_row(self, index: int, ids: list[int], **kw: Any) -> _Row:
-        n_seg = len(self.segments)
+        n_seg = len(self._owners)
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
         return _Row(index=index, seq=list(ids), n_prompt=len(ids), n_confirmed=len(ids),
                     caches=[[empty] * len(self._kv_names[s]) for s in range(n_seg)], lengths=[0] * n_seg,
@@ -607,8 +647,9 @@ class DecoderRunner:
             r.done, r.finish_reason = True, "length"
 
     def _rewind(self, r: _Row, common: int) -> None:
-        """Forget what the segments computed past the first ``common`` positions (rejected drafts)."""
-        for s in range(len(self.segments)):  # lower the row's length (a narrower view)
+        """Forget what the segments (and attention adapters) computed past the first ``common`` positions
+        (rejected drafts)."""
+        for s in range(len(self._owners)):  # lower the row's length (a narrower view)
             if r.lengths[s] > common:
                 r.lengths[s] = common
                 if r.pool is None:
@@ -642,7 +683,7 @@ class DecoderRunner:
         going = rows
         for e, ex in enumerate(self.exits):
             first = 0 if e == 0 else self.exits[e - 1]["segment"] + 1
-            outs = self._stack(going, first, ex["segment"])
+            outs = self._adapt(e, going, self._stack(going, first, ex["segment"]))
             head = self._exit_head(e, np.stack([o[-1:] for o in outs]), ctx.thr[e], _sampling(going))
             deeper = []
             for i, r in enumerate(going):
@@ -667,7 +708,7 @@ class DecoderRunner:
         """One draft step for rows drafting, then one verification for rows whose drafting stopped."""
         e = self.exits[ctx.exit]
         last_draft = e["segment"]
-        outs = self._stack(rows, 0, last_draft)
+        outs = self._adapt(ctx.exit, rows, self._stack(rows, 0, last_draft))
         head = self._exit_head(ctx.exit, np.stack([o[-1:] for o in outs]), ctx.thr[ctx.exit], _sampling(rows))
         verify = []
         for i, r in enumerate(rows):
@@ -950,6 +991,9 @@ class DecodeBatch:
         except BackendError:
             self.close()
             raise
+        if self.runner._adapter_of and self.mode != "exit":  # exit mode reads every exit's adapter
+            self.runner._drop_adapter_states(self._active, None if self._step == self.runner._step_none
+                                             else self._ctx.exit)
         events = []
         for r in self._active:
             new = r.seq[r.n_prompt + r.reported:r.n_confirmed]
