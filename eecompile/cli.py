@@ -753,11 +753,14 @@ def _echo_decoder(output: Path, dec: dict[str, Any]) -> None:
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="tokenizer.json (default: the bundle's).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--exit-fill", type=click.Choice(["later", "propagate"]), default="later", show_default=True,
+              help="--mode exit: the skipped layers' keys/values of an exited token: computed from its exit state "
+                   "with the next token that goes deep, or propagated from it at once (CALM).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_user_errors
 def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: str, batch: int | None,
              thresholds: str | None, draft_tokens: int | None, sample: bool, temperature: float, seed: int | None,
-             tokenizer: Path | None, threads: int | None, as_json: bool) -> None:
+             tokenizer: Path | None, threads: int | None, exit_fill: str, as_json: bool) -> None:
     """Generate text with a decoder bundle: plain, self-speculative (lossless) or per-token exits."""
     from eecompile.runtimes.lm import SAMPLING_OPTIONS, DecoderRunner, unused_sampling_options
 
@@ -773,7 +776,7 @@ def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: 
 
         thr = parse_thresholds(thresholds, len(runner.exits))
     res = runner.generate(list(prompts), max_new_tokens, mode=mode, thresholds=thr, draft_tokens=draft_tokens,
-                          sample=sample, temperature=temperature, seed=seed, batch=batch)
+                          sample=sample, temperature=temperature, seed=seed, batch=batch, exit_fill=exit_fill)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
         return

@@ -243,11 +243,21 @@ def compile_decoder(spec: DecoderSpec | str | Path, output: str | Path, *, force
         updates.append(UPDATE if done else "concat")
     opsets = dict(model.opset_imports)
     graphs = {f"segment{s.index}.onnx": s.graph for s in segments}
+    from eecompile.decoder.cut import HIDDEN
+    from eecompile.decoder.propagate import propagation_graph
+
+    for s in segments[1:]:  # exit mode's CALM state propagation into the layers after an exit (opt-in at runtime)
+        g = propagation_graph(s.graph, s.first, s.last, HIDDEN)
+        if g is not None:
+            g.opset_imports.update(s.graph.opset_imports)
+            graphs[f"propagate{s.index}.onnx"] = g
     graphs["head.onnx"] = head
     decoder = decoder_section(spec, segments, dg.n_layers, dg.vocab, hidden_size,
                               kv={"heads": dg.kv_heads, "head_dim": dg.head_dim, "dtype": "float32"})
-    for seg, u in zip(decoder["segments"], updates, strict=True):
+    for k, (seg, u) in enumerate(zip(decoder["segments"], updates, strict=True)):
         seg["kv_update"] = u
+        if f"propagate{k}.onnx" in graphs:
+            seg["propagate"] = f"propagate{k}.onnx"
     if spec.kv_cache == "in_place" and "concat" in updates:
         log.warning("the key/value cache of segments %s stays the exported Concat (a copy per call): their "
                     "attention does not have the shape the in-place rewrite needs",

@@ -53,6 +53,7 @@ from eecompile.errors import BackendError, BundleError, DataError
 log = logging.getLogger(__name__)
 
 MODES = ("none", "speculative", "exit")
+EXIT_FILLS = ("later", "propagate")  # exit mode: skipped layers' keys/values run later from the exit state, or CALM's
 _NEVER = 2.0  # a max-prob threshold no row reaches
 RIDER_POSITIONS = 16  # in-place calls: most positions computed for rows riding along in a slot range
 IN_PLACE = "tensor_scatter"  # decoder.segments[].kv_update of a segment whose cache is written in place
@@ -223,6 +224,15 @@ class DecoderRunner:
                     "hidden": np.zeros((1, 1, self.hidden_size), np.float32),
                     "threshold": np.array(0.0, np.float32)})[0]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self._sessions]
+        # exit mode's CALM state propagation: per segment after the first, its layers' keys/values from a state
+        self._propagate: dict[int, Any] = {}
+        for s, seg in enumerate(self.segments):
+            if seg.get("propagate"):
+                try:
+                    self._propagate[s] = ort.InferenceSession(str(bundle.file(seg["propagate"])), so, providers=prov)
+                except Exception as err:
+                    raise BackendError(f"{bundle.path}: onnxruntime could not load {seg['propagate']} ({err})") from err
+        self._propagate_inputs = {s: {i.name for i in p.get_inputs()} for s, p in self._propagate.items()}
         # heads compiled with acceptance in the graph (greedy verification reads back 2 ints per row)
         head_inputs = {i.name for i in self._head.get_inputs()}
         self._head_accepts = {"drafts", "n_fed"} <= head_inputs
@@ -240,8 +250,8 @@ class DecoderRunner:
         self.in_place = all(self._in_place) and bool(self.segments)
         # session runs (per segment, then per adapter), and key/value bytes: written (new positions) and copied
         # (positions already cached, moved again: the stock Concat graph's present, stacking rows into one past)
-        self.calls: dict[str, Any] = {"segments": [0] * len(self._owners), "head": 0, "kv_bytes_written": 0,
-                                      "kv_bytes_copied": 0}
+        self.calls: dict[str, Any] = {"segments": [0] * len(self._owners), "propagate": [0] * len(self.segments),
+                                      "head": 0, "kv_bytes_written": 0, "kv_bytes_copied": 0}
 
     # ------------------------------------------------------------------------------------------ tokenizer
 
@@ -281,13 +291,15 @@ class DecoderRunner:
 
     # ------------------------------------------------------------------------------------------ graph calls
 
-    def _run_segment(self, s: int, rows: list[_Row], xs: list[np.ndarray] | None) -> list[np.ndarray]:
+    def _run_segment(self, s: int, rows: list[_Row], xs: list[np.ndarray] | None, *,
+                     propagate: bool = False) -> list[np.ndarray]:
         """Run segment ``s`` (or the adapter at ``_owners[s]``) on each row's pending positions:
         ``rows[i].seq[lengths[s]:lengths[s] + n_i]`` (token ids) with input hidden states ``xs[i]`` [n_i, D] (None
         for segment 0). Updates the rows' caches and lengths; returns the output hidden states per row, [n_i, D]
-        float32."""
+        float32. ``propagate``: run the segment's state-propagation graph instead (its layers' keys/values from
+        ``xs`` alone, ``eecompile.decoder.propagate``); returns empty arrays."""
         if self.in_place:
-            return self._run_segment_in_place(s, rows, xs)
+            return self._run_segment_in_place(s, rows, xs, propagate)
         starts = [r.lengths[s] for r in rows]
         ns = [len(x) for x in xs] if xs is not None else [len(r.seq) - r.lengths[s] for r in rows]
         b, n, t = len(rows), max(ns), max(starts)
@@ -299,7 +311,8 @@ class DecoderRunner:
             pos[i] = starts[i] + np.arange(n)
             mask[i, t - starts[i]:t + ns[i]] = 1
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-        feeds = {k: v for k, v in feeds.items() if k in self._inputs[s]}
+        sess, inputs = self._session(s, propagate)
+        feeds = {k: v for k, v in feeds.items() if k in inputs}
         for j, name in enumerate(self._kv_names[s]):
             if b == 1:
                 feeds[name] = rows[0].caches[s][j]
@@ -314,23 +327,30 @@ class DecoderRunner:
             for i, x in enumerate(xs):
                 h[i, :ns[i]] = x
             feeds[self._owners[s]["hidden_in"]] = h
-        names = [self._owners[s]["hidden_out"], *self._present[s]]
+        names = ([] if propagate else [self._owners[s]["hidden_out"]]) + self._present[s]
         try:
-            out = self._sessions[s].run(names, feeds)
+            out = sess.run(names, feeds)
         except Exception as e:  # onnxruntime's own error types
             raise BackendError(f"segment {s} ({self._owners[s]['file']}) failed: {e}") from e
-        self.calls["segments"][s] += 1
+        self.calls["propagate" if propagate else "segments"][s] += 1
         item = 4 * self.kv_heads * self.head_dim
         self.calls["kv_bytes_copied"] += len(self._kv_names[s]) * item * (
             b * t + (sum(starts) if b > 1 else 0))  # Concat copies the past; b > 1 stacked it first
         self.calls["kv_bytes_written"] += len(self._kv_names[s]) * item * b * n
         for i, r in enumerate(rows):
             lo, hi = t - starts[i], t + ns[i]
-            r.caches[s] = [p[i:i + 1, :, lo:hi] for p in out[1:]]
+            r.caches[s] = [p[i:i + 1, :, lo:hi] for p in out[0 if propagate else 1:]]
             r.lengths[s] = starts[i] + ns[i]
-        return [out[0][i, :ns[i]] for i in range(b)]
+        return [np.empty((0, self.hidden_size), np.float32) if propagate else out[0][i, :ns[i]] for i in range(b)]
 
-    def _run_segment_in_place(self, s: int, rows: list[_Row], xs: list[np.ndarray] | None) -> list[np.ndarray]:
+    def _session(self, s: int, propagate: bool) -> tuple[Any, set[str]]:
+        """The session of segment ``s`` (or of its state-propagation graph) and its input names."""
+        if not propagate:
+            return self._sessions[s], self._inputs[s]
+        return self._propagate[s], self._propagate_inputs[s]
+
+    def _run_segment_in_place(self, s: int, rows: list[_Row], xs: list[np.ndarray] | None,
+                              propagate: bool = False) -> list[np.ndarray]:
         """``_run_segment`` for segments whose cache is a preallocated buffer written in place (TensorScatter).
 
         Rows are grouped by pool and split into runs of nearby slots; one call covers a run's contiguous slots
@@ -358,12 +378,13 @@ class DecoderRunner:
                     runs[-1].append(i)
             for run in runs:
                 got = self._call_in_place(s, [rows[i] for i in run], [ns[i] for i in run],
-                                          None if xs is None else [xs[i] for i in run])
+                                          None if xs is None else [xs[i] for i in run], propagate)
                 for i, o in zip(run, got, strict=True):
                     out[i] = o
         return out
 
-    def _call_in_place(self, s: int, rows: list[_Row], ns: list[int], xs: list[np.ndarray] | None) -> list[np.ndarray]:
+    def _call_in_place(self, s: int, rows: list[_Row], ns: list[int], xs: list[np.ndarray] | None,
+                       propagate: bool = False) -> list[np.ndarray]:
         """One session call over the slots ``rows[0].slot .. rows[-1].slot`` of their pool (rows sorted by slot)."""
         pool = rows[0].pool
         assert pool is not None
@@ -373,7 +394,7 @@ class DecoderRunner:
         write = np.array([o.lengths[s] if o is not None else 0 for o in pool.rows[lo:hi]], np.int64)
         if not pool.ensure(int(write.max()) + n):
             if len(rows) > 1:  # a rider or a padded row would run past the buffer: one call per row
-                return [self._call_in_place(s, [r], [m], None if xs is None else [xs[i]])[0]
+                return [self._call_in_place(s, [r], [m], None if xs is None else [xs[i]], propagate)[0]
                         for i, (r, m) in enumerate(zip(rows, ns, strict=True))]
             raise DataError(f"a row needs {int(write.max()) + n} cache positions; the cache holds {pool.length}")
         ids = np.zeros((width, n), np.int64)
@@ -381,19 +402,20 @@ class DecoderRunner:
         for i, r in enumerate(rows):
             start = r.lengths[s]
             ids[r.slot - lo, :ns[i]] = r.seq[start:start + ns[i]]
-        sess = self._sessions[s]
+        sess, inputs = self._session(s, propagate)
         io = sess.io_binding()
         for k, v in (("input_ids", ids), ("position_ids", pos)):
-            if k in self._inputs[s]:
+            if k in inputs:
                 io.bind_cpu_input(k, v)
-        if "attention_mask" in self._inputs[s]:
+        if "attention_mask" in inputs:
             io.bind_cpu_input("attention_mask", np.ones((width, pool.length), np.int64))
         if xs is not None:
             h = np.zeros((width, n, self.hidden_size), np.float32)
             for i, (r, x) in enumerate(zip(rows, xs, strict=True)):
                 h[r.slot - lo, :ns[i]] = x
             io.bind_cpu_input(self._owners[s]["hidden_in"], h)
-        io.bind_output(self._owners[s]["hidden_out"], "cpu")  # first: get_outputs() keeps the binding order
+        if not propagate:
+            io.bind_output(self._owners[s]["hidden_out"], "cpu")  # first: get_outputs() keeps the binding order
         for j, (past, present) in enumerate(zip(self._kv_names[s], self._present[s], strict=True)):
             ov = self._ort.OrtValue.ortvalue_from_numpy(pool.buffers[s][j][lo:hi])
             io.bind_ortvalue_input(past, ov)
@@ -402,13 +424,13 @@ class DecoderRunner:
             sess.run_with_iobinding(io)
         except Exception as e:  # onnxruntime's own error types
             raise BackendError(f"segment {s} ({self._owners[s]['file']}) failed: {e}") from e
-        hidden = io.get_outputs()[0].numpy()
-        self.calls["segments"][s] += 1
+        hidden = None if propagate else io.get_outputs()[0].numpy()
+        self.calls["propagate" if propagate else "segments"][s] += 1
         self.calls["kv_bytes_written"] += len(self._kv_names[s]) * 4 * self.kv_heads * self.head_dim * width * n
         res = []
         for i, r in enumerate(rows):
             r.lengths[s] += ns[i]
-            res.append(hidden[r.slot - lo, :ns[i]])
+            res.append(np.empty((0, self.hidden_size), np.float32) if hidden is None else hidden[r.slot - lo, :ns[i]])
         return res
 
     def _run_head(self, h: np.ndarray, threshold: float, logits: bool, *, drafts: np.ndarray | None = None,
@@ -525,7 +547,7 @@ class DecoderRunner:
 
     def open_batch(self, mode: str = "none", max_batch: int | None = None, thresholds: Any = None,
                    draft_tokens: int | None = None, exit: int = 0, *, calibrated: bool = True,
-                   drafting_costs: tuple[float, float] | None = None) -> DecodeBatch:
+                   drafting_costs: tuple[float, float] | None = None, exit_fill: str = "later") -> DecodeBatch:
         """An iteration-level decoding batch: rows join (``add``) and leave between ``step()`` calls.
 
         ``mode``, ``thresholds``, ``draft_tokens``, ``exit`` and ``calibrated`` as for ``generate``; they hold
@@ -534,16 +556,19 @@ class DecoderRunner:
         cost over a plain step (default: the calibration's for this batch size, when it has them); with them a
         speculative row whose predicted speedup, tokens / (draft steps * r + g) per round over running means,
         falls below 1 decodes plainly for ``PAUSE_STEPS`` steps, then drafts again (the tokens do not change).
-        Raises ``DataError`` for a bad mode, exit, threshold or k.
+        ``exit_fill`` (exit mode): how the layers a token skipped get its keys/values, "later" (its exit state
+        goes through them with the next token that goes deep: what the full model computes from it) or
+        "propagate" (CALM: each skipped layer's own key/value projections of the exit state, at once).
+        Raises ``DataError`` for a bad mode, exit, threshold, k or exit_fill.
         """
         return DecodeBatch(self, mode=mode, max_batch=max_batch, thresholds=thresholds, draft_tokens=draft_tokens,
-                           exit=exit, calibrated=calibrated, drafting_costs=drafting_costs)
+                           exit=exit, calibrated=calibrated, drafting_costs=drafting_costs, exit_fill=exit_fill)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_new_tokens: int, *,
                  mode: str = "none", thresholds: Any = None, draft_tokens: int | None = None, exit: int = 0,
                  sample: bool = False, temperature: float = 1.0, seed: int | None = None,
                  eos_token_id: int | None = None, batch: int | None = None,
-                 calibrated: bool = True) -> GenerateResult:
+                 calibrated: bool = True, exit_fill: str = "later") -> GenerateResult:
         """Continue each prompt (text, or a list of token ids) by up to ``max_new_tokens`` tokens.
 
         ``mode``: "none" | "speculative" | "exit" (see the module docstring). ``thresholds``: per exit, a
@@ -556,7 +581,8 @@ class DecoderRunner:
         mode without explicit thresholds and k, use the bundle's calibration for this batch size
         (``eecompile.decoder.calibrate``), which may switch drafting off where it did not pay (plain decoding;
         the same tokens); in exit mode without thresholds, use the bundle's Learn-then-Test exit thresholds
-        (``eecompile.decoder.calibrate.calibrate_exit``) when it has them. This is a loop over ``open_batch(...).step()``.
+        (``eecompile.decoder.calibrate.calibrate_exit``) when it has them. ``exit_fill``: as for ``open_batch``.
+        This is a loop over ``open_batch(...).step()``.
 
         Raises ``DataError`` for a bad mode, ``max_new_tokens`` < 1, a seed that is not a non-negative integer, an
         empty prompt, a token id outside the
@@ -567,7 +593,7 @@ class DecoderRunner:
         if batch is not None and batch < 1:
             raise DataError(f"batch: {batch}; give a positive number of rows")
         db = self.open_batch(mode, max_batch=batch or max(len(prompts), 1), thresholds=thresholds,
-                             draft_tokens=draft_tokens, exit=exit, calibrated=calibrated)
+                             draft_tokens=draft_tokens, exit=exit, calibrated=calibrated, exit_fill=exit_fill)
         seeds = np.random.SeedSequence(_seed(seed)).spawn(len(prompts)) if seed is not None else [None] * len(prompts)
         t0 = time.perf_counter()
         for i, p in enumerate(prompts):
@@ -685,14 +711,17 @@ class DecoderRunner:
             first = 0 if e == 0 else self.exits[e - 1]["segment"] + 1
             outs = self._adapt(e, going, self._stack(going, first, ex["segment"]))
             head = self._exit_head(e, np.stack([o[-1:] for o in outs]), ctx.thr[e], _sampling(going))
-            deeper = []
+            deeper, left = [], []
             for i, r in enumerate(going):
                 if head["gate"][i, 0]:
                     t, _ = self._pick(head, i, 0, r)
                     ctx.stats["exit_counts"][e] += 1
                     self._emit(r, [t])
+                    left.append(r)
                 else:
                     deeper.append(r)
+            if left and ctx.exit_fill == "propagate":
+                self._propagate_state(left, ex["segment"])
             going = deeper
             if not going:
                 return
@@ -703,6 +732,15 @@ class DecoderRunner:
             t, _ = self._pick(head, i, 0, r)
             ctx.stats["exit_counts"][-1] += 1
             self._emit(r, [t])
+
+    def _propagate_state(self, rows: list[_Row], seg: int) -> None:
+        """CALM's state propagation: the segments after ``seg`` write the keys/values of each row's pending
+        position from its exit state alone (``eecompile.decoder.propagate``), so nothing stays pending."""
+        xs = [np.stack(r.pending[seg + 1]) for r in rows]
+        for s in range(seg + 1, len(self.segments)):
+            self._run_segment(s, rows, xs, propagate=True)
+            for r in rows:
+                r.pending[s] = []
 
     def _step_speculative(self, rows: list[_Row], ctx: _Ctx) -> None:
         """One draft step for rows drafting, then one verification for rows whose drafting stopped."""
@@ -804,6 +842,7 @@ class _Ctx:
     exit: int
     stats: dict[str, Any]
     costs: tuple[float, float] | None = None  # (r, g): a row whose predicted speedup falls below 1 pauses drafting
+    exit_fill: str = "later"  # exit mode: how skipped layers get an exited position's keys/values (EXIT_FILLS)
 
 
 SWITCH_WEIGHT = 0.3  # running means of a row's speculative rounds: weight of the newest round
@@ -850,9 +889,20 @@ class DecodeBatch:
 
     def __init__(self, runner: DecoderRunner, *, mode: str, max_batch: int | None, thresholds: Any,
                  draft_tokens: int | None, exit: int, calibrated: bool,
-                 drafting_costs: tuple[float, float] | None = None) -> None:
+                 drafting_costs: tuple[float, float] | None = None, exit_fill: str = "later") -> None:
         if mode not in MODES:
             raise DataError(f"mode: '{mode}' is not one of {list(MODES)}")
+        if exit_fill not in EXIT_FILLS:
+            raise DataError(f"exit_fill: '{exit_fill}' is not one of {list(EXIT_FILLS)}")
+        if exit_fill == "propagate":
+            if mode != "exit":
+                raise DataError(f"exit_fill 'propagate' applies to mode 'exit', not '{mode}'")
+            deep = range(int(runner.exits[0]["segment"]) + 1 if runner.exits else 0, len(runner.segments))
+            missing = [s for s in deep if s not in runner._propagate]
+            if missing:
+                raise DataError(f"{runner.bundle.path}: segments {missing} have no state-propagation graph (the bundle "
+                                f"was compiled before them, or its layer outputs are not named layers.N.output); "
+                                f"recompile it, or use exit_fill 'later'")
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise DataError(f"max_batch: {max_batch!r}; give a positive number of rows (or None: no limit)")
         if mode != "none" and not runner.exits:
@@ -885,7 +935,7 @@ class DecodeBatch:
                                       "exit_counts": [0] * (len(runner.exits) + 1)}
         if self.drafting_off:
             self.stats["drafting_off"] = True
-        self._ctx = _Ctx(thr=thr, k=k, exit=exit, stats=self.stats, costs=costs)
+        self._ctx = _Ctx(thr=thr, k=k, exit=exit, stats=self.stats, costs=costs, exit_fill=exit_fill)
         step = {"none": runner._step_none, "speculative": runner._step_speculative, "exit": runner._step_exit}
         self._step = runner._step_none if self.drafting_off else step[mode]
         self._waiting: deque[_Row] = deque()
