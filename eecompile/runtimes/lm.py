@@ -13,11 +13,11 @@ serves every exit and the final output. ``DecoderRunner.generate`` drives them:
   sampling (Leviathan et al. 2023, Chen et al. 2023): a draft token x drawn from q is kept with probability
   min(1, p(x)/q(x)), else a token is drawn from max(0, p - q) normalised, so tokens follow p exactly.
 - ``mode="exit"`` (lossy; CALM/SpecEE): a token whose gate fires at an exit is emitted there. The skipped
-  layers' cache for that position is filled later: the exit hidden states of pending positions go through the
-  deeper segments together with the next token that goes deep. We take this over CALM's state propagation
-  (copying the exit state into the deeper layers' KV projections) because it needs no new graph (it is the
-  verification call of speculative mode) and the deep layers' keys/values are then exactly what they compute
-  from the exit states, not an approximation of them.
+  layers' cache for that position is filled later by default (``exit_fill="later"``): the exit hidden states of
+  pending positions go through the deeper segments together with the next token that goes deep (no graph of
+  its own: the verification call of speculative mode; the deep keys/values are exactly what the deep layers
+  compute from the exit states). ``exit_fill="propagate"``: CALM's state propagation, each skipped layer's
+  key/value projections of the exit state, written at once by the bundle's ``propagate{s}.onnx`` graphs.
 
 Batches: every row keeps its own lengths (per segment), positions and cache; one call to a segment takes
 only the rows that need it (rows drafting, rows verifying and rows going deep are separate sub-batches), so
