@@ -68,7 +68,8 @@ def AttentionAdapter(d: int, kv_heads: int, head_dim: int, norm_out: Any) -> Any
             return rms(a, self.norm_out)
 
         def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            ang = pos[:, None, :, None].to(torch.float32) * self.inv_freq  # [B, 1, S, D_h/2]
+            inv: torch.Tensor = self.inv_freq  # type: ignore[assignment]  # a registered buffer
+            ang = pos[:, None, :, None].to(torch.float32) * inv  # [B, 1, S, D_h/2]
             emb = torch.cat([ang, ang], -1)
             half = x.shape[-1] // 2
             rot = torch.cat([-x[..., half:], x[..., :half]], -1)

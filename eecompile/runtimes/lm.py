@@ -1191,7 +1191,7 @@ def sample_index(dist: np.ndarray, u: float) -> int:
     computes it from one ``random()`` draw."""
     cdf = np.cumsum(dist)
     cdf /= cdf[-1]
-    return int(min(np.searchsorted(cdf, u, side="right"), len(dist) - 1))
+    return min(int(np.searchsorted(cdf, u, side="right")), len(dist) - 1)
 
 
 def sampled_verification(p: np.ndarray, q: np.ndarray, drafts: Sequence[int], u_accept: np.ndarray,
