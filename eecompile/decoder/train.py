@@ -120,6 +120,9 @@ def train_draft_heads(bundle_path: str | Path, *, texts: list[str] | None = None
     runner = DecoderRunner(bundle_path, threads=threads)
     if not runner.exits:
         raise SpecError(f"{bundle_path}: the decoder bundle has no exits to train")
+    if adapter == "attention" and runner.dec.get("state"):
+        raise SpecError(f"{bundle_path}: the attention adapter keeps a key/value cache, which a recurrent-state "
+                        f"decoder's runner does not; use the MLP adapter (--adapter mlp)")
     texts = list(texts) if texts is not None else default_corpus()
     chunks = _chunks(runner, texts, chunk, max_tokens)
     if generate_tokens > 0:

@@ -261,3 +261,11 @@ def test_state_output_without_matching_input_is_refused(root: Path) -> None:
     onnx.save(proto, str(root / "extra.onnx"))
     with pytest.raises(GraphError, match=r"'present_state\.4\.ssm' has no matching input 'past_state\.4\.ssm'"):
         _compile(root, "extra.onnx", "extra.eebundle")
+
+
+def test_the_attention_adapter_is_refused_for_a_recurrent_decoder(root: Path) -> None:
+    from eecompile.decoder.train import train_draft_heads
+    from eecompile.errors import SpecError
+
+    with pytest.raises(SpecError, match="attention adapter keeps a key/value cache.*--adapter mlp"):
+        train_draft_heads(root / "mamba.eebundle", adapter="attention", max_tokens=300, generate_tokens=0)
