@@ -30,7 +30,13 @@ as both past and present, so ONNX Runtime writes only the new positions; rejecte
 length. Bundles with the exported ``Concat`` cache: each row's cache is a view into the ``present`` of the last
 call it took part in; a call stacks the rows' caches into one past (left-padded with masked slots) and ONNX
 Runtime writes a new present, a copy of the cache per call. ``calls["kv_bytes_copied"]`` counts the bytes of
-cached positions moved again.
+cached positions moved again. An exit's attention adapter (Kangaroo's, ``eecompile.decoder.adapter``) owns a
+cache too and is driven like a segment: ``_owners`` lists the segments, then the adapters, and rows, pools and
+rewinds cover them all.
+
+Acceptance is computed in the verifying head's graph when the bundle has it (``eecompile.decoder.acceptance``):
+greedy, and speculative rejection sampling with the rows' own seeded uniform draws as inputs; the host rule
+(``sampled_verification``) on the same draws serves bundles compiled before it.
 
 Imports: numpy, pyyaml (via the bundle), onnxruntime; ``tokenizers`` only when text is given.
 """
