@@ -110,7 +110,8 @@ def _describe_decoder(bundle: Bundle, dec: dict[str, Any]) -> dict[str, Any]:
                          "hidden_in": seg.get("hidden_in"), "hidden_out": seg.get("hidden_out"),
                          "inputs": list(seg.get("inputs") or []), "kv_inputs": kv_in, "kv_outputs": kv_out,
                          "kv_cache": "in-place" if seg.get("kv_update") == IN_PLACE else
-                         "recurrent" if seg.get("kv_update") == "recurrent" else "concat"})
+                         "recurrent" if seg.get("kv_update") == "recurrent" else "concat",
+                         "propagate": seg.get("propagate")})
     exits = [{"index": k, "after_layer": e.get("after_layer"), "at": e.get("at"), "segment": e.get("segment"),
               "gate": dict(e.get("gate") or {}), "draft_tokens": e.get("draft_tokens"),
               "draft_head": e.get("draft_head")} for k, e in enumerate(dec.get("exits") or [])]
@@ -245,10 +246,15 @@ def _print_decoder(console: Any, dec: dict[str, Any]) -> None:
                        str(gate.get("kind", "-")), f"{thr:.4g}" if isinstance(thr, (int, float)) else "-",
                        str(e["draft_tokens"] or "-"),
                        "untrained (the shared head drafts)" if not dh else
-                       f"{dh.get('file')}: {dh.get('vocab')} tokens, agreement {dh.get('agreement', 0):.1%}")
+                       f"{dh.get('file')}: {dh.get('vocab')} tokens, agreement {dh.get('agreement', 0):.1%}"
+                       + (f"\nattention adapter {dh['adapter_segment'].get('file')} (own KV cache)"
+                          if dh.get("adapter_segment") else ""))
         console.print(ex)
     else:
         console.print("exits: none (the full model only)")
+    propagate = [s["propagate"] for s in dec["segments"] if s.get("propagate")]
+    if propagate:
+        console.print(f"exit mode state propagation (--exit-fill propagate): {', '.join(propagate)}")
     if dec["calibration"]:
         console.print("decoder calibration: " + ", ".join(dec["calibration"]))
 

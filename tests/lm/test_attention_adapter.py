@@ -46,6 +46,8 @@ def test_the_adapter_is_a_cache_owning_graph_in_the_bundle(kangaroo: Path) -> No
     assert ops.count("TensorScatter") == 2 and ops.count("Attention") == 1
     r = DecoderRunner(kangaroo, threads=1)
     assert r.has_attention_adapter(0) and r.in_place
+    shown = CliRunner().invoke(cli, ["inspect", str(kangaroo)])
+    assert shown.exit_code == 0 and "attention adapter adapter0.onnx (own KV cache)" in shown.output
 
 
 @pytest.mark.parametrize("batch", [1, 4])

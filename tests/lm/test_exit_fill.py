@@ -80,3 +80,12 @@ def test_cli_generate_exit_fill(lm_bundle: Path) -> None:
                                    "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["exit_shares"] == [1.0, 0.0]
+
+
+def test_inspect_lists_the_propagation_graphs(lm_bundle: Path) -> None:
+    res = CliRunner().invoke(cli, ["inspect", str(lm_bundle)])
+    assert res.exit_code == 0, res.output
+    assert "state propagation (--exit-fill propagate): propagate1.onnx" in res.output
+    res = CliRunner().invoke(cli, ["inspect", "--json", str(lm_bundle)])
+    segs = json.loads(res.stdout)["decoder"]["segments"]
+    assert [s["propagate"] for s in segs] == [None, "propagate1.onnx"]
