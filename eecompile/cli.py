@@ -557,16 +557,21 @@ def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> 
 @click.option("--loop-threshold", default=None,
               help="Loop bundles: the loop gate's threshold, comma-separated stage thresholds (e.g. 7.5,5,2.5), "
                    "'never' (run every step) or 'always'.")
+@click.option("--no-prepack", "no_prepack", is_flag=True,
+              help="ONNX Runtime: weight prepacking off, so each weight is held once in memory (shared-weight "
+                   "models: ~1x the model instead of ~3x) at a CPU cost (benchmarks/README.md, Shared weights).")
 @_public_key_option
 @_user_errors
 def run(bundle: Path, data: Path, output: Path, policy: str, thresholds: str | None, batch: int, backend: str,
         threads: int | None, device: str, max_input_bytes: int | None, steps: int | None,
-        loop_threshold: str | None, public_key: Path | None) -> None:
+        loop_threshold: str | None, no_prepack: bool, public_key: Path | None) -> None:
     """Run BUNDLE on the inputs in --data and write the outputs and each sample's exit."""
     from eecompile.io import run_file
 
     _check_signature(bundle, public_key)
     options: dict[str, Any] = {"device": device} if device != "cpu" else {}
+    if no_prepack:
+        options["prepack"] = False
     if steps is not None or loop_threshold is not None:
         options = {**options, "steps": steps, "loop_threshold": loop_threshold}
     summary = run_file(bundle, data, output, policy=policy, thresholds=thresholds, batch_size=batch,
@@ -704,11 +709,13 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads per replica.")
 @click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="Ray CPUs each replica holds.")
 @click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto) instead of starting one.")
+@click.option("--no-prepack", "no_prepack", is_flag=True,
+              help="ONNX Runtime: weight prepacking off in each replica (each weight held once; see run --help).")
 @_public_key_option
 @_user_errors
 def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | None, max_batch_size: int,
           batch_wait_ms: float, max_body_mb: float, backend: str, threads: int | None, cpus_per_replica: float,
-          address: str | None, public_key: Path | None) -> None:
+          address: str | None, no_prepack: bool, public_key: Path | None) -> None:
     """Serve BUNDLE over HTTP with Ray Serve: POST /v1/predict (decoder bundles: POST /v1/generate), GET
     /v1/health (until Ctrl-C)."""
     try:
@@ -717,7 +724,8 @@ def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | No
         raise click.ClickException(f"Ray Serve is not installed ({e}); `pip install 'eecompile[serve]'`") from e
 
     options = ServeOptions(bundle=str(bundle.resolve()), backend=backend,
-                           backend_options={} if threads is None else {"threads": threads},
+                           backend_options={**({} if threads is None else {"threads": threads}),
+                                            **({"prepack": False} if no_prepack else {})},
                            max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                            max_body_bytes=int(max_body_mb * (1 << 20)),
                            public_key=None if public_key is None else str(public_key.resolve()))

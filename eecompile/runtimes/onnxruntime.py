@@ -236,7 +236,10 @@ class OnnxRuntimeBackend(SegmentBackend):
       ``engines``: run the bundle's ORT CPU engines when they were built for this machine (default True; CPU only,
       and only with the disabled optimizers they were built with); ``engines=False`` runs the portable segments;
       ``expose``: ``{segment index: [tensor names]}``, intermediate tensors each segment returns as extra outputs
-      (see :meth:`expose`).
+      (see :meth:`expose`);
+      ``prepack``: MLAS weight prepacking (default True); ``prepack=False`` holds each weight once, as stored, for
+      memory-bound deployments (a shared-weight model's runner: 0.94x the unsplit model's memory instead of 3.06x)
+      at a CPU cost (1.2-1.9x on that model; :func:`~eecompile.runtimes.sessions.session_options`).
 
     Raises :class:`BackendError` for a bad option or a missing onnxruntime, :class:`BundleError` for a segment or
     engine file ONNX Runtime cannot load or whose inputs disagree with the manifest.
@@ -248,14 +251,14 @@ class OnnxRuntimeBackend(SegmentBackend):
                  device: str = "cpu", device_id: int = 0, tensorrt: bool = False,
                  trt_cache_dir: str | Path | None = None, fp16: bool = False,
                  disabled_optimizers: tuple[str, ...] | list[str] | None = None, engines: bool = True,
-                 expose: Mapping[int, Sequence[str]] | None = None, **options: Any) -> None:
+                 expose: Mapping[int, Sequence[str]] | None = None, prepack: bool = True, **options: Any) -> None:
         super().__init__(bundle, **options)
         if ort is None:
             raise BackendError("onnxruntime is not installed; `pip install onnxruntime` (or onnxruntime-gpu)")
         if options:
             raise BackendError(f"onnxruntime backend: unknown option(s) {', '.join(sorted(options))}; known: "
                                "threads, thread_pool, device, device_id, tensorrt, trt_cache_dir, fp16, "
-                               "disabled_optimizers, engines, expose")
+                               "disabled_optimizers, engines, expose, prepack")
         if device not in DEVICES:
             raise BackendError(f"onnxruntime backend: device '{device}' is not one of {', '.join(DEVICES)}")
         if thread_pool not in THREAD_POOLS:
@@ -271,6 +274,7 @@ class OnnxRuntimeBackend(SegmentBackend):
         if disabled_optimizers is None:
             disabled_optimizers = DEFAULT_CPU_DISABLED_OPTIMIZERS if device == "cpu" else ()
         self.disabled_optimizers = tuple(disabled_optimizers)
+        self.prepack = bool(prepack)
         self.providers = self._providers(tensorrt, trt_cache_dir, fp16)
         if thread_pool == "shared":
             _use_shared_pool(self.threads)
@@ -400,7 +404,7 @@ class OnnxRuntimeBackend(SegmentBackend):
         # Shared: one pool serves every session of the chain (and of the process). It spins between runs (the
         # Python API cannot turn that off for global pools), but with one pool nobody else fights it.
         return session_options(self.threads, shared_pool=shared, disabled_optimizers=self.disabled_optimizers,
-                               log_severity=2, external_data_dir=external_data_dir)
+                               log_severity=2, external_data_dir=external_data_dir, prepack=self.prepack)
 
     def _engine_records(self) -> list[dict[str, Any]] | None:
         """This machine's ORT CPU engine records, one per segment, or None (portable segments, with a warning

@@ -51,7 +51,7 @@ def default_threads() -> int:
 
 def session_options(threads: int | None = None, *, optimization: str | int = "all", shared_pool: bool = False,
                     disabled_optimizers: Sequence[str] = (), log_severity: int = 3,
-                    external_data_dir: str | None = None) -> Any:
+                    external_data_dir: str | None = None, prepack: bool = True) -> Any:
     """An ``onnxruntime.SessionOptions``.
 
     ``threads``: intra-op threads (default: the cores this process may use; ``0`` leaves ORT's own default),
@@ -60,7 +60,11 @@ def session_options(threads: int | None = None, *, optimization: str | int = "al
     ``optimization``: ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"`` (ORT's graph optimisation level; the
     enum names such as ``"ORT_DISABLE_ALL"`` work too), or a ``GraphOptimizationLevel``. ``disabled_optimizers``: ORT rewrites to skip by name.
     ``log_severity``: 0 verbose .. 4 fatal. ``external_data_dir``: where weights stored outside a model loaded
-    from bytes live. Raises :class:`BackendError` when onnxruntime is missing or an argument is invalid."""
+    from bytes live. ``prepack=False`` turns MLAS weight prepacking off (``session.disable_prepacking``): each
+    MatMul/Conv weight is then held once, as stored, instead of beside a packed copy made per node and per session
+    (what makes a runner of a shared-weight model hold ~3x the model's weights), at a CPU cost measured in
+    ``benchmarks/README.md`` ("Shared weights"). Raises :class:`BackendError` when onnxruntime is missing or an
+    argument is invalid."""
     ort = import_onnxruntime()
     so = ort.SessionOptions()
     if isinstance(optimization, str):
@@ -88,4 +92,6 @@ def session_options(threads: int | None = None, *, optimization: str | int = "al
         so.add_session_config_entry("optimization.disable_specified_optimizers", ",".join(disabled_optimizers))
     if external_data_dir:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
