@@ -65,3 +65,34 @@ def write_spec(directory: Path, model: Path, exits: list[dict], final: dict | No
     path = directory / name
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    """One local Ray instance (2 CPUs, no dashboard) with Serve's proxy on a free loopback port, for this test
+    process; at the end Serve and Ray shut down and none of the processes they started is left. Defined here, once
+    for every test package: a second definition (a module importing it) is a second session fixture, and its
+    ``ray.init`` fails in a worker that already ran the first."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
+    import time
+
+    from ray import serve
+
+    from tests.serve.client import own_descendants
+    from tests.serve.conftest import free_ports
+
+    before = set(own_descendants())
+    metrics_port, port = free_ports(2)
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 500})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield {"port": port, "metrics_port": metrics_port}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    deadline = time.time() + 20
+    while time.time() < deadline and set(own_descendants()) - before:
+        time.sleep(0.25)
+    assert not set(own_descendants()) - before, "Ray left processes behind"

@@ -14,7 +14,6 @@ import eecompile
 from eecompile.errors import BundleError, SpecError
 from eecompile.runtimes.jumps import JumpRunner
 from tests.loops.models import SEQ, VOCAB, export_encoder_decoder
-from tests.serve.conftest import ray_serve  # noqa: F401 - the Ray Serve fixture
 
 
 def mue_spec(d: Path, model: Path, names: dict, name: str = "spec.yaml", **first: object) -> Path:
@@ -316,7 +315,7 @@ def test_bench_reports_a_jump_bundle_against_the_unsplit_model(mue: dict, tmp_pa
 
 
 @pytest.mark.slow
-def test_serve_answers_predict_with_each_samples_jump(mue: dict, ray_serve) -> None:  # noqa: F811
+def test_serve_answers_predict_with_each_samples_jump(mue: dict, ray_serve) -> None:
     from ray import serve
 
     from eecompile.serve.ray_app import ServeOptions, run_app

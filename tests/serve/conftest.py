@@ -30,34 +30,6 @@ def free_ports(n: int) -> tuple[int, ...]:
             s.close()
 
 
-@pytest.fixture(scope="session")
-def ray_serve():
-    """One local Ray instance (2 CPUs, no dashboard) with Serve's proxy on a free loopback port, for this test
-    process; at the end Serve and Ray shut down and none of the processes they started is left."""
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.serve")
-    import time
-
-    from ray import serve
-
-    from tests.serve.client import own_descendants
-
-    before = set(own_descendants())
-    metrics_port, port = free_ports(2)
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 500})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield {"port": port, "metrics_port": metrics_port}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    deadline = time.time() + 20
-    while time.time() < deadline and set(own_descendants()) - before:
-        time.sleep(0.25)
-    assert not set(own_descendants()) - before, "Ray left processes behind"
-
-
 def mixed_inputs(n: int, seed: int = 0) -> np.ndarray:
     """Images of mixed difficulty: plain noise and noise scaled up (the heads are surer of large inputs)."""
     rng = np.random.default_rng(seed)
