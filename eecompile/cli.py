@@ -357,8 +357,9 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 @click.option("--delta", type=float, default=None, help="Allowed failure probability, 1 - confidence.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="Backend to measure latency on.")
 @click.option("--batch", "batches", cls=_ManyValues, multiple=True, type=click.IntRange(min=1),
-              help="Batch size for latency measurement  [default: 1]. Decoder bundles, --mode speculative: the "
-                   "batch sizes to choose for, e.g. --batch 1 4 8  [default: 1 4 8].")
+              help="Batch size for latency measurement  [default: 1]. Decoder bundles: the batch sizes to choose "
+                   "for (speculative: threshold and k or off; exit: exits on or off), e.g. --batch 1 4 8  "
+                   "[default: 1 4 8].")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the accuracy-speedup plot.")
 @click.option("--reference-model", type=click.Path(path_type=Path), default=None,
               help="The unsplit .onnx to time as the baseline (a source model outside the bundle is not opened "
@@ -386,14 +387,19 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
               help="Decoder bundles, speculative: values of k (most tokens drafted per verification) to try  "
                    "[default: 2,4,6]")
 @click.option("--min-speedup", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Decoder bundles, speculative: the speedup drafting must reach at a batch size, else it is off.")
+              help="Decoder bundles: the median speedup over plain decoding that drafting (speculative) or exiting "
+                   "(exit) must reach at a batch size, with the lower quartile of the rounds >= min(1, this); "
+                   "else it is off there.")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="Decoder bundles: paired rounds (the mode against plain decoding, interleaved) timed per batch "
+                   "size for the on/off decision  [default: 5]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @_user_errors
 def calibrate(bundle: Path, data: Path | None, max_drop: float | None, method: str, confidence: float | None,
               delta: float | None, backend: str, batches: tuple[int, ...], plot: Path | None,
               reference_model: Path | None, error_budget: float | None, mode: str | None, prompts_file: Path | None,
               tokens: int | None, grid_thresholds: str | None, grid_ks: str | None, min_speedup: float,
-              threads: int | None, steps: int | None, stages: str | None) -> None:
+              rounds: int | None, threads: int | None, steps: int | None, stages: str | None) -> None:
     """Choose thresholds for an accuracy budget, from latencies measured on the backend.
 
     Exits with status 1, leaving the bundle as it was, when no setting meets the budget at the confidence
@@ -401,7 +407,8 @@ def calibrate(bundle: Path, data: Path | None, max_drop: float | None, method: s
 
     Decoder bundles (calibrated on prompts, not --data): --mode speculative measures plain decoding and a grid
     of (threshold, k) at each --batch and keeps the fastest, or switches drafting off there; --mode exit sets the
-    exit thresholds for a --max-disagreement budget with the Learn-then-Test guarantee."""
+    exit thresholds for a --max-disagreement budget with the Learn-then-Test guarantee, then switches exits off
+    at each --batch where they do not pay."""
     from eecompile.bundle import Bundle
 
     ctx = click.get_current_context()
@@ -409,10 +416,10 @@ def calibrate(bundle: Path, data: Path | None, max_drop: float | None, method: s
         _calibrate_decoder(ctx, bundle, mode=mode, max_drop=max_drop, confidence=confidence, delta=delta,
                            batches=batches, prompts_file=prompts_file, tokens=tokens,
                            grid_thresholds=grid_thresholds, grid_ks=grid_ks, min_speedup=min_speedup,
-                           threads=threads)
+                           rounds=rounds, threads=threads)
         return
     decoder_only = _given(ctx, ("mode", "prompts_file", "tokens", "grid_thresholds", "grid_ks", "min_speedup",
-                                "threads"))
+                                "rounds", "threads"))
     if decoder_only:
         raise click.UsageError(f"{', '.join(decoder_only)}: only for decoder bundles (compiled from a 'kind: "
                                f"decoder' spec); {bundle} is a single-pass bundle, calibrated on --data.")
@@ -445,7 +452,7 @@ def calibrate(bundle: Path, data: Path | None, max_drop: float | None, method: s
 def _calibrate_decoder(ctx: click.Context, bundle: Path, *, mode: str | None, max_drop: float | None,
                        confidence: float | None, delta: float | None, batches: tuple[int, ...],
                        prompts_file: Path | None, tokens: int | None, grid_thresholds: str | None,
-                       grid_ks: str | None, min_speedup: float, threads: int | None) -> None:
+                       grid_ks: str | None, min_speedup: float, rounds: int | None, threads: int | None) -> None:
     """``calibrate`` on a decoder bundle: speculative (per batch size) or exit mode (LTT)."""
     from eecompile.decoder import calibrate as dcal
 
@@ -457,7 +464,7 @@ def _calibrate_decoder(ctx: click.Context, bundle: Path, *, mode: str | None, ma
     mode = mode or ("exit" if max_drop is not None else "speculative")
     prompts = dcal.read_prompts(prompts_file) if prompts_file is not None else None
     if mode == "exit":
-        wrong = _given(ctx, ("batches", "grid_thresholds", "grid_ks", "min_speedup"))
+        wrong = _given(ctx, ("grid_thresholds", "grid_ks"))
         if wrong:
             raise click.UsageError(f"{', '.join(wrong)}: only for --mode speculative")
         if max_drop is None:
@@ -467,12 +474,15 @@ def _calibrate_decoder(ctx: click.Context, bundle: Path, *, mode: str | None, ma
 
         conf = resolve_confidence(confidence, delta)
         rec = dcal.calibrate_exit(bundle, max_disagreement=max_drop, delta=1.0 - conf, tokens=tokens or 64,
-                                  prompts=prompts, threads=threads, require_certified=True)
+                                  prompts=prompts, threads=threads, require_certified=True,
+                                  batches=batches or (1, 4, 8), min_speedup=min_speedup,
+                                  rounds=rounds or dcal.ROUNDS)
         from eecompile.bundle import Bundle
 
         after = [int(e["after_layer"]) for e in Bundle.load(bundle).manifest.decoder["exits"]]  # type: ignore[index]
         click.echo("\n".join(dcal.exit_report(rec, after)))
-        click.echo(f"wrote the exit-mode thresholds into {bundle}; `eecompile generate --mode exit` uses them")
+        click.echo(f"wrote the exit-mode thresholds into {bundle}; `eecompile generate --mode exit` uses them "
+                   f"(plain decoding at a --batch where exits are off)")
         return
     wrong = _given(ctx, ("max_drop", "confidence", "delta"))
     if wrong:
@@ -485,7 +495,8 @@ def _calibrate_decoder(ctx: click.Context, bundle: Path, *, mode: str | None, ma
                 raise click.BadParameter(f"'{text}': k is a whole number of tokens", param_hint=option)
             kw[name] = tuple(int(v) for v in vals) if name == "ks" else vals
     table = dcal.calibrate_speculative(bundle, batches=batches or (1, 4, 8), tokens=tokens or 32, prompts=prompts,
-                                       min_speedup=min_speedup, threads=threads, **kw)
+                                       min_speedup=min_speedup, threads=threads, rounds=rounds or dcal.ROUNDS,
+                                       **kw)
     click.echo("\n".join(dcal.speculative_report(table)))
     click.echo(f"wrote the speculative choice per batch size into {bundle}; `eecompile generate --mode "
                f"speculative` uses the entry for its --batch")

@@ -1,23 +1,33 @@
-"""Calibrate speculative decoding per batch size: the draft-stop threshold and k with the highest measured tokens/s.
+"""Calibrate LM decoding per batch size: speculative mode's draft-stop threshold and k with the highest measured
+tokens/s, exit mode's thresholds for a token-disagreement budget; either switched off where it does not pay.
 
-For each batch size, plain decoding and every (threshold, k) of a small grid generate the same continuations of
-the same prompts; each configuration's speedup is its tokens/s over the plain tokens/s measured right before and
-after it (their mean), so a drift in machine load is shared. The best configuration is kept if its speedup is at
-least ``min_speedup``; otherwise that batch size is recorded as ``off`` and ``generate(mode="speculative")``
-decodes plainly there (the output is the same token for token; only the speed differs).
+Speed is measured in interleaved paired rounds (``interleaved``): plain decoding and the mode generate the same
+continuations of the same prompts, as plain, mode, plain, mode, ..., plain; each mode run's ratio is its tokens/s
+over the mean of the plain runs right before and after it, so a drift in machine load is shared. The decision
+(``speed_decision``) takes the median of ``rounds`` such ratios as the speedup and keeps the mode on only if that
+median reaches ``min_speedup`` and the lower quartile of the ratios reaches ``min(1, min_speedup)``: one lucky
+round cannot switch it on.
+
+Speculative: for each batch size every (threshold, k) of a small grid is screened with one paired round, then the
+best is measured in ``rounds`` paired rounds and decided on; ``off`` makes ``generate(mode="speculative")``
+decode plainly there (the output is the same token for token; only the speed differs).
 
 ``calibrate_exit`` sets exit-mode thresholds for a token-disagreement budget with the Learn-then-Test guarantee
-of the single-pass calibration (``eecompile.calibrate.ltt``).
+of the single-pass calibration (``eecompile.calibrate.ltt``), then measures exit mode at those thresholds
+against plain decoding at each batch size in the same way; ``off`` makes ``generate(mode="exit")`` decode
+plainly there (closer to the full model, so the guarantee still holds).
 
-Results go to the bundle's ``decoder.calibration.speculative``: ``{batch: {threshold, draft_tokens, speedup, r, g}}``
-or ``{batch: {off: true, speedup, r, g}}`` (r, g: ``measure_costs``, which the runtime's per-row drafting switch
-uses); the runtime uses the entry of the largest calibrated batch size not above
-the batch it runs (the smallest one when it runs below all of them).
+Results go to the bundle's ``decoder.calibration.speculative``: ``{batch: {threshold, draft_tokens, speedup, r, g,
+...}}`` or ``{batch: {off: true, speedup, r, g, ...}}`` (r, g: ``measure_costs``, which the runtime's per-row
+drafting switch uses), and ``decoder.calibration.exit``: ``{thresholds, certified, ..., batches: {batch:
+{speedup, ...} or {off: true, speedup, ...}}}``; the runtime uses the entry of the largest calibrated batch size
+not above the batch it runs (the smallest one when it runs below all of them; ``choice_for_batch``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +36,7 @@ from eecompile.errors import CalibrationError, DataError
 from eecompile.runtimes.lm import choice_for_batch
 
 __all__ = ["calibrate_exit", "calibrate_speculative", "choice_for_batch", "default_prompts", "exit_report",
-           "exit_table", "read_prompts", "speculative_report"]
+           "exit_table", "interleaved", "read_prompts", "speculative_report", "speed_decision"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary c
            "Once upon a time, in a small village,", "To make a cup of tea, first", "import numpy as np\n",
            "The theory of relativity says that", "Water boils at a temperature of"]
 DEFAULT_EXIT_PROMPTS = 24  # exit mode: 24 prompts x 64 tokens = 1536 positions (LTT at 5%, delta 0.05 needs 59 test ones)
+ROUNDS = 5  # paired rounds of the speed decision (per batch size)
+SPEED_TOKENS = 32  # exit mode: new tokens per row in its speed rounds
 
 
 def default_prompts(n: int = len(PROMPTS)) -> list[str]:
@@ -72,6 +84,44 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise DataError(f"{path}: no prompts (every line is blank); give one prompt per line")
     return prompts
+
+
+def interleaved(plain: Callable[[], float], runs: Sequence[Callable[[], float]]) -> dict[str, list[float]]:
+    """Time ``runs`` interleaved with plain decoding: plain, run 0, plain, run 1, ..., plain.
+
+    Each callable decodes and returns its tokens/s. ``ratios[i]``: run i's tokens/s over the mean of the plain
+    tokens/s right before and after it (a paired comparison: a drift in machine load is shared). Returns
+    ``{"ratios", "tokens_per_s" (the runs'), "plain" (the len(runs) + 1 plain runs')}``."""
+    before = plain()
+    out: dict[str, list[float]] = {"ratios": [], "tokens_per_s": [], "plain": [before]}
+    for run in runs:
+        got = run()
+        after = plain()
+        out["ratios"].append(got / ((before + after) / 2))
+        out["tokens_per_s"].append(got)
+        out["plain"].append(after)
+        before = after
+    return out
+
+
+def speed_decision(ratios: Sequence[float], min_speedup: float) -> dict[str, Any]:
+    """Whether a mode pays, from its paired-round speed ratios (``interleaved``).
+
+    ``speedup``: the median ratio; ``speedup_q1``: the lower quartile (``numpy.percentile`` 25, linear); ``on``:
+    median >= ``min_speedup`` and lower quartile >= min(1, ``min_speedup``) (with 5 rounds: 4 of them at least
+    as fast as plain decoding). Raises ``CalibrationError`` for no ratios."""
+    import numpy as np
+
+    if not ratios:
+        raise CalibrationError("calibrate: no timed rounds; give rounds >= 1")
+    med = float(np.median(ratios))
+    q1 = float(np.percentile(ratios, 25))
+    return {"on": med >= min_speedup and q1 >= min(1.0, min_speedup), "speedup": med, "speedup_q1": q1,
+            "speedup_rounds": [float(x) for x in ratios]}
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(sorted(xs)[len(xs) // 2])
 
 
 def measure_costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, float]:
@@ -140,15 +190,18 @@ def measure_costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, f
 def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] = (1, 4, 8),
                           thresholds: tuple[float, ...] = (0.3, 0.5, 0.7), ks: tuple[int, ...] = (2, 4, 6),
                           tokens: int = 32, prompts: list[Any] | None = None,
-                          min_speedup: float = 1.0, threads: int | None = None) -> dict[str, Any]:
+                          min_speedup: float = 1.0, threads: int | None = None, rounds: int = ROUNDS) -> dict[str, Any]:
     """Measure the grid at each batch size, write the choice into the bundle (atomically), and return it.
 
     ``batches``: batch sizes (rows decoded together); ``thresholds`` and ``ks``: the grid of draft-stop max-prob
     thresholds and most tokens drafted per verification (k); ``tokens``: new tokens per prompt; ``prompts``: text
-    or token ids (default ``PROMPTS``), cycled to ``max(batch, 2)`` rows. Each entry of the returned
-    ``{str(batch): entry}`` holds the choice (``threshold`` and ``draft_tokens``, or ``off``), its ``speedup``
-    (tokens/s over plain decoding's), ``acceptance_rate``, ``plain_tokens_per_s``, r and g, and the whole
-    ``grid`` measured. Raises ``CalibrationError`` when the bundle has no exits or a grid is empty or invalid.
+    or token ids (default ``PROMPTS``), cycled to ``max(batch, 2)`` rows. Every grid point is screened in one
+    paired round, the best one is timed in ``rounds`` more and kept by ``speed_decision`` (median speedup >=
+    ``min_speedup``, lower quartile >= min(1, ``min_speedup``)), else the batch size is ``off``. Each entry of the
+    returned ``{str(batch): entry}`` holds the choice (``threshold`` and ``draft_tokens``, or ``off``), its
+    ``speedup`` (median tokens/s over plain decoding's), ``speedup_q1`` and ``speedup_rounds``,
+    ``acceptance_rate``, ``plain_tokens_per_s``, r and g, and the screening ``grid``. Raises
+    ``CalibrationError`` when the bundle has no exits, a grid is empty or invalid, or ``rounds`` < 1.
     """
     from eecompile.runtimes.lm import DecoderRunner
 
@@ -159,52 +212,89 @@ def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] =
         raise CalibrationError("calibrate: give at least one batch size, threshold and k")
     bad = ([f"batch {b}" for b in batches if isinstance(b, bool) or not isinstance(b, int) or b < 1]
            + [f"threshold {t}" for t in thresholds if not 0.0 <= t <= 1.0]
-           + [f"k {k}" for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1])
+           + [f"k {k}" for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+           + ([f"rounds {rounds}"] if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1 else []))
     if bad:
-        raise CalibrationError(f"calibrate: {', '.join(bad)}: batch sizes and k are integers >= 1, thresholds "
-                               f"max-probs in [0, 1]")
+        raise CalibrationError(f"calibrate: {', '.join(bad)}: batch sizes, k and rounds are integers >= 1, "
+                               f"thresholds max-probs in [0, 1]")
     rows_all: list[Any] = list(prompts) if prompts is not None else list(PROMPTS)
     table: dict[str, Any] = {}
     for b in batches:
-        rows: list[Any] = [rows_all[i % len(rows_all)] for i in range(max(b, 2))]
-        runner.generate(rows[:b], 2, mode="none", batch=b)  # warm-up
+        plain, rows = _plain_runs(runner, rows_all, b, tokens)
+        grid = [(float(t), int(k)) for t in thresholds for k in ks]
+        found: dict[tuple[float, int], Any] = {}
 
-        def plain() -> float:
-            return runner.generate(rows, tokens, mode="none", batch=b).tokens_per_s  # noqa: B023
+        def run(t: float, k: int, rows: list[Any] = rows, b: int = b,
+                found: dict[tuple[float, int], Any] = found) -> Callable[[], float]:
+            thr = [t if j == 0 else "never" for j in range(len(runner.exits))]  # exit 0 drafts
 
-        before = plain()
-        plains = [before]
-        best: dict[str, Any] | None = None
-        tried = []
-        for t in thresholds:
-            for k in ks:
-                thr = [t if j == 0 else "never" for j in range(len(runner.exits))]  # exit 0 drafts
+            def go() -> float:
                 got = runner.generate(rows, tokens, mode="speculative", thresholds=thr, draft_tokens=k, batch=b,
                                       calibrated=False)
-                after = plain()
-                plains.append(after)
-                speedup = got.tokens_per_s / ((before + after) / 2)
-                before = after
-                tried.append({"threshold": float(t), "draft_tokens": int(k), "speedup": speedup,
-                              "tokens_per_s": got.tokens_per_s, "acceptance_rate": got.acceptance_rate,
-                              "mean_accepted_length": got.mean_accepted_length})
-                if best is None or speedup > best["speedup"]:
-                    best = tried[-1]
-        assert best is not None
+                found[(t, k)] = got
+                return float(got.tokens_per_s)
+            return go
+
+        screen = interleaved(plain, [run(t, k) for t, k in grid])
+        tried = [{"threshold": t, "draft_tokens": k, "speedup": ratio, "tokens_per_s": tps,
+                  "acceptance_rate": found[(t, k)].acceptance_rate,
+                  "mean_accepted_length": found[(t, k)].mean_accepted_length}
+                 for (t, k), ratio, tps in zip(grid, screen["ratios"], screen["tokens_per_s"], strict=True)]
+        best = max(tried, key=lambda x: x["speedup"])
+        timed = interleaved(plain, [run(best["threshold"], best["draft_tokens"])] * rounds)
+        decision = speed_decision(timed["ratios"], min_speedup)
         costs = measure_costs(runner, b, int(best["draft_tokens"]), reps=3)
-        common = {"speedup": best["speedup"], "acceptance_rate": best["acceptance_rate"],
-                  "plain_tokens_per_s": sorted(plains)[len(plains) // 2],
+        common = {"speedup": decision["speedup"], "speedup_q1": decision["speedup_q1"],
+                  "speedup_rounds": decision["speedup_rounds"], "acceptance_rate": best["acceptance_rate"],
+                  "plain_tokens_per_s": _median(screen["plain"] + timed["plain"]),
                   "r": costs["r"], "g": costs["g"],  # for the runtime's per-row drafting switch
                   "grid": tried}
-        if best["speedup"] >= min_speedup:
+        if decision["on"]:
             table[str(b)] = {"threshold": best["threshold"], "draft_tokens": best["draft_tokens"], **common}
         else:
-            table[str(b)] = {"off": True, **common}
-        log.info("batch %d: %s (grid %s)", b, table[str(b)], tried)
+            table[str(b)] = {"off": True, "threshold_tried": best["threshold"],
+                             "draft_tokens_tried": best["draft_tokens"], **common}
+        log.info("batch %d: %s", b, table[str(b)])
 
     _write_calibration(bundle_path, "speculative", table)
     return table
 
+
+def _plain_runs(runner: Any, rows_all: list[Any], b: int, tokens: int) -> tuple[Callable[[], float], list[Any]]:
+    """The rows of batch size ``b`` (``rows_all`` cycled to ``max(b, 2)``, so rows also join as others finish)
+    and a callable decoding them plainly (tokens/s), after one warm-up call."""
+    rows = [rows_all[i % len(rows_all)] for i in range(max(b, 2))]
+    runner.generate(rows[:b], 2, mode="none", batch=b)  # warm-up
+
+    def plain() -> float:
+        return float(runner.generate(rows, tokens, mode="none", batch=b).tokens_per_s)
+    return plain, rows
+
+
+def exit_speed(runner: Any, thresholds: list[Any], *, batches: Sequence[int], prompts: list[Any],
+               tokens: int = SPEED_TOKENS, rounds: int = ROUNDS, min_speedup: float = 1.0) -> dict[str, Any]:
+    """Exit mode at ``thresholds`` against plain decoding at each batch size: ``rounds`` interleaved paired
+    rounds of ``tokens`` new tokens per row (``prompts`` cycled to ``max(batch, 2)`` rows), decided by
+    ``speed_decision``. Returns ``{str(batch): {speedup, speedup_q1, speedup_rounds, plain_tokens_per_s,
+    exit_shares}}``, with ``off: true`` where exit mode does not pay."""
+    out: dict[str, Any] = {}
+    for b in batches:
+        plain, rows = _plain_runs(runner, prompts, b, tokens)
+        shares: list[Any] = []
+
+        def run(rows: list[Any] = rows, b: int = b, shares: list[Any] = shares) -> float:
+            got = runner.generate(rows, tokens, mode="exit", thresholds=thresholds, batch=b, calibrated=False)
+            shares.append(got.exit_shares)
+            return float(got.tokens_per_s)
+
+        timed = interleaved(plain, [run] * rounds)
+        decision = speed_decision(timed["ratios"], min_speedup)
+        entry = {"speedup": decision["speedup"], "speedup_q1": decision["speedup_q1"],
+                 "speedup_rounds": decision["speedup_rounds"], "plain_tokens_per_s": _median(timed["plain"]),
+                 "exit_shares": [float(x) for x in shares[-1]]}
+        out[str(b)] = entry if decision["on"] else {"off": True, **entry}
+        log.info("exit mode, batch %d: %s", b, out[str(b)])
+    return out
 
 
 def exit_table(runner: Any, prompts: list[Any], tokens: int) -> Any:
@@ -249,7 +339,8 @@ def exit_table(runner: Any, prompts: list[Any], tokens: int) -> Any:
 
 def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, delta: float = 0.1,
                    tokens: int = 64, prompts: list[Any] | None = None, threads: int | None = None,
-                   seed: int = 0, require_certified: bool = False) -> dict[str, Any]:
+                   seed: int = 0, require_certified: bool = False, batches: Sequence[int] = (1, 4, 8),
+                   min_speedup: float = 1.0, rounds: int = ROUNDS) -> dict[str, Any]:
     """Exit-mode thresholds by Learn-then-Test (``eecompile.calibrate.ltt``), written into the bundle.
 
     The loss of a position is "the token emitted (at the first exit whose gate fires, else the final head)
@@ -261,10 +352,16 @@ def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, d
     with ``require_certified``, ``CalibrationError`` and the bundle left as it was. ``prompts``: text or token
     ids (default: ``default_prompts(DEFAULT_EXIT_PROMPTS)``); ``tokens``: the continuation's length.
 
+    Then, when some exit can fire, exit mode at the certified thresholds is timed against plain decoding at each
+    of ``batches`` (``exit_speed``: ``rounds`` paired rounds of ``SPEED_TOKENS`` tokens per row on the same
+    prompts) and switched ``off`` at a batch size where it does not reach ``min_speedup`` (``speed_decision``);
+    off decodes plainly, so the disagreement guarantee still holds there.
+
     Writes ``decoder.calibration.exit``: ``{thresholds, certified, max_disagreement, delta, positions,
-    test_disagreement, exit_shares, calibration_disagreement, expected_cost}`` (shares, disagreement and cost on
-    all calibration positions); ``generate(mode="exit")`` without thresholds uses it. Raises
-    ``CalibrationError`` (no exits; too few positions for the budget; see ``ltt_thresholds``).
+    test_disagreement, exit_shares, calibration_disagreement, expected_cost, batches}`` (shares, disagreement and
+    cost on all calibration positions; ``batches``: ``exit_speed``'s entries, absent when nothing can exit);
+    ``generate(mode="exit")`` without thresholds uses it. Raises ``CalibrationError`` (no exits; too few
+    positions for the budget; see ``ltt_thresholds``; a bad batch size or ``rounds``).
     """
     import numpy as np
 
@@ -275,6 +372,11 @@ def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, d
     runner = DecoderRunner(bundle_path, threads=threads)
     if not runner.exits:
         raise CalibrationError(f"{bundle_path}: the decoder bundle has no exits to calibrate")
+    bad = ([f"batch {b}" for b in batches if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+           + ([f"rounds {rounds}"] if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1 else []))
+    if bad or not batches:
+        raise CalibrationError(f"calibrate: {', '.join(bad) or 'no batch size'}: give batch sizes and rounds, "
+                               f"integers >= 1")
     rows: list[Any] = list(prompts) if prompts is not None else default_prompts(DEFAULT_EXIT_PROMPTS)
     table = exit_table(runner, rows, tokens)
     n_layers = int(runner.dec["layers"])
@@ -287,6 +389,9 @@ def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, d
               "exit_shares": [float(x) for x in ev.shares], "calibration_disagreement": float(ev.loss),
               "expected_cost": float(ev.expected_cost)}
     log.info("exit calibration: %s", record)
+    if res.certified and any(t != "never" for t in thr):
+        record["batches"] = exit_speed(runner, thr, batches=batches, prompts=rows, rounds=rounds,
+                                       min_speedup=min_speedup)
     if require_certified and not res.certified:
         raise CalibrationError(
             f"{bundle_path}: no exit thresholds certify a token disagreement <= {max_disagreement:g} at confidence "
@@ -298,25 +403,34 @@ def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, d
     return record
 
 
+def _speed_cells(e: dict[str, Any]) -> str:
+    """A per-batch entry's median speedup and lower quartile over its paired rounds (entries written before the
+    paired rounds have no quartile: '-')."""
+    q1 = e.get("speedup_q1")
+    return f"{e['speedup']:>6.2f}x  {'-' if q1 is None else f'{q1:.2f}x':>6}"
+
+
 def speculative_report(table: dict[str, Any]) -> list[str]:
     """The lines of ``calibrate_speculative``'s table: one row per batch size, the choice and what it measured."""
-    out = ["batch  drafting       speedup  acceptance  tokens/verif.  plain tok/s      r      g",
-           "-----  -------------  -------  ----------  -------------  -----------  -----  -----"]
+    out = ["batch  drafting       speedup      q1  acceptance  tokens/verif.  plain tok/s      r      g",
+           "-----  -------------  -------  ------  ----------  -------------  -----------  -----  -----"]
     for b, e in sorted(table.items(), key=lambda kv: int(kv[0])):
         best = max(e["grid"], key=lambda x: x["speedup"]) if e.get("grid") else {}
         what = "off" if e.get("off") else f"t={e['threshold']:g} k={e['draft_tokens']}"
         acc = e.get("acceptance_rate")
         mal = best.get("mean_accepted_length")
-        out.append(f"{int(b):>5}  {what:<13}  {e['speedup']:>6.2f}x  {'-' if acc is None else f'{acc:.1%}':>10}  "
+        out.append(f"{int(b):>5}  {what:<13}  {_speed_cells(e)}  {'-' if acc is None else f'{acc:.1%}':>10}  "
                    f"{'-' if mal is None else f'{mal:.2f}':>13}  {e.get('plain_tokens_per_s', float('nan')):>11.1f}  "
                    f"{e['r']:>5.2f}  {e['g']:>5.2f}")
-    out.append("(off: no (threshold, k) reached the minimum speedup, so speculative mode decodes plainly at that "
-               "batch size; speedup and acceptance are the best measured)")
+    out.append("(speedup: the median over paired rounds against plain decoding of the best (threshold, k) of the "
+               "grid, q1 their lower quartile; off: the median did not reach the minimum speedup or the lower "
+               "quartile was below min(1, minimum), so speculative mode decodes plainly at that batch size)")
     return out
 
 
 def exit_report(record: dict[str, Any], after_layers: list[int]) -> list[str]:
-    """The lines of ``calibrate_exit``'s record: per exit its threshold and share of tokens, then the budget."""
+    """The lines of ``calibrate_exit``'s record: per exit its threshold and share of tokens, the budget, then per
+    batch size whether exits are on and the speedup measured."""
     out = ["exit            threshold  tokens", "--------------  ---------  ------"]
     for k, (t, share) in enumerate(zip(record["thresholds"], record["exit_shares"], strict=False)):
         out.append(f"{'after layer ' + str(after_layers[k]):<14}  {t if isinstance(t, str) else f'{t:.4f}':>9}  "
@@ -329,6 +443,16 @@ def exit_report(record: dict[str, Any], after_layers: list[int]) -> list[str]:
                f"{record['calibration_disagreement']:.1%} on all of them"
                + ("" if test is None else f", {test:.1%} on the test split") + "; expected cost "
                f"{record['expected_cost']:.2f} of the full model's layers)")
+    batches = record.get("batches") or {}
+    if batches:
+        out += ["", "batch  exits     speedup      q1  exited  plain tok/s",
+                "-----  --------  -------  ------  ------  -----------"]
+        for b, e in sorted(batches.items(), key=lambda kv: int(kv[0])):
+            exited = 1.0 - e["exit_shares"][-1] if e.get("exit_shares") else float("nan")
+            out.append(f"{int(b):>5}  {'off' if e.get('off') else 'exits on':<8}  {_speed_cells(e)}  "
+                       f"{exited:>6.1%}  {e['plain_tokens_per_s']:>11.1f}")
+        out.append("(speedup: exit mode at these thresholds over plain decoding, the median over paired rounds, q1 "
+                   "their lower quartile; off: exit mode decodes plainly at that batch size, as it did not pay)")
     return out
 
 

@@ -587,7 +587,8 @@ class DecoderRunner:
         mode without explicit thresholds and k, use the bundle's calibration for this batch size
         (``eecompile.decoder.calibrate``), which may switch drafting off where it did not pay (plain decoding;
         the same tokens); in exit mode without thresholds, use the bundle's Learn-then-Test exit thresholds
-        (``eecompile.decoder.calibrate.calibrate_exit``) when it has them. ``exit_fill``: as for ``open_batch``.
+        (``eecompile.decoder.calibrate.calibrate_exit``) when it has them, and decode plainly at a batch size
+        its speed measurement switched exits off (the tokens of mode none). ``exit_fill``: as for ``open_batch``.
         This is a loop over ``open_batch(...).step()``.
 
         Raises ``DataError`` for a bad mode, ``max_new_tokens`` < 1, a seed that is not a non-negative integer, an
@@ -622,6 +623,8 @@ class DecoderRunner:
             res.acceptance_rate = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
             res.mean_accepted_length = stats["emitted"] / stats["rounds"] if stats["rounds"] else 0.0
         if mode == "exit":
+            if stats.get("exits_off"):  # decoded plainly: every token from the final head
+                stats["exit_counts"][-1] = n_gen
             total = sum(stats["exit_counts"]) or 1
             res.exit_shares = [c / total for c in stats["exit_counts"]]
         return res
@@ -930,8 +933,11 @@ class DecodeBatch:
                 thresholds = [choice["threshold"] if j == exit else "never" for j in range(len(runner.exits))]
                 draft_tokens = int(choice["draft_tokens"])
         cal_exit = (runner.dec.get("calibration") or {}).get("exit")
+        self.exits_off = False
         if mode == "exit" and calibrated and thresholds is None and cal_exit:
             thresholds = list(cal_exit["thresholds"])  # Learn-then-Test (eecompile.decoder.calibrate)
+            exit_choice = choice_for_batch(runner.dec.get("calibration"), max_batch or 1, mode="exit")
+            self.exits_off = bool(exit_choice and exit_choice.get("off"))  # exiting did not pay at this size
         thr = runner._thresholds(thresholds, mode)
         k = int(draft_tokens if draft_tokens is not None else
                 (runner.exits[exit].get("draft_tokens", 6) if runner.exits else 1))
@@ -941,9 +947,11 @@ class DecodeBatch:
                                       "exit_counts": [0] * (len(runner.exits) + 1)}
         if self.drafting_off:
             self.stats["drafting_off"] = True
+        if self.exits_off:
+            self.stats["exits_off"] = True
         self._ctx = _Ctx(thr=thr, k=k, exit=exit, stats=self.stats, costs=costs, exit_fill=exit_fill)
         step = {"none": runner._step_none, "speculative": runner._step_speculative, "exit": runner._step_exit}
-        self._step = runner._step_none if self.drafting_off else step[mode]
+        self._step = runner._step_none if self.drafting_off or self.exits_off else step[mode]
         self._waiting: deque[_Row] = deque()
         self._active: list[_Row] = []
         # in-place caches: one pool for the batch, a slot per active row (grows by doubling past max_batch)
@@ -1139,10 +1147,13 @@ class KVPool:
             self.rows[row.slot] = None
 
 
-def choice_for_batch(calibration: dict[str, Any] | None, batch: int) -> dict[str, Any] | None:
-    """The calibrated speculative entry for ``batch`` rows: the entry of the largest calibrated batch size not
-    above ``batch`` (the smallest one below all of them), or None when the bundle is not calibrated."""
-    table = (calibration or {}).get("speculative") or {}
+def choice_for_batch(calibration: dict[str, Any] | None, batch: int, mode: str = "speculative") -> dict[str, Any] | None:
+    """The calibrated entry of ``mode`` ("speculative": ``calibration.speculative``; "exit": the per-batch
+    entries ``calibration.exit.batches``) for ``batch`` rows: the entry of the largest calibrated batch size not
+    above ``batch`` (the smallest one below all of them), or None when there are none (not calibrated, or
+    calibrated before exit mode measured its speed)."""
+    cal = calibration or {}
+    table = (cal.get("speculative") if mode == "speculative" else (cal.get("exit") or {}).get("batches")) or {}
     if not table:
         return None
     sizes = sorted(int(b) for b in table)

@@ -78,13 +78,20 @@ def test_speculative_falls_back_to_plain_decoding_where_drafting_does_not_pay(bu
 
 
 def test_exit_mode_certifies_a_token_disagreement_budget(bundle: Path) -> None:
-    code, out = _calibrate(str(bundle), "--max-disagreement", "0.2", "--delta", "0.1", "--tokens", "12")
+    code, out = _calibrate(str(bundle), "--max-disagreement", "0.2", "--delta", "0.1", "--tokens", "12",
+                           "--batch", "1", "3", "--rounds", "2", "--min-speedup", "0")
     assert code == 0, out
     assert "certified: token disagreement <= 0.2 with probability >= 0.9" in out
     assert "after layer 1" in out
     rec = Bundle.load(bundle).manifest.decoder["calibration"]["exit"]  # type: ignore[index]
     assert rec["certified"] and rec["positions"] == len(default_prompts(24)) * 12
     assert rec["test_disagreement"] <= 0.2
+    # per batch size: exits on (a minimum speedup of 0), two paired rounds each, shown in the report's table
+    assert set(rec["batches"]) == {"1", "3"}
+    assert all("off" not in e and len(e["speedup_rounds"]) == 2 for e in rec["batches"].values())
+    lines = out.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["batch", "exits"])
+    assert [ln.split()[:3] for ln in lines[head + 2:head + 4]] == [["1", "exits", "on"], ["3", "exits", "on"]]
 
 
 def test_uncertified_budget_leaves_the_bundle_unchanged(bundle: Path) -> None:
@@ -101,7 +108,7 @@ def test_uncertified_budget_leaves_the_bundle_unchanged(bundle: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--data", "x.npz"], "--data: not used for a decoder bundle"),
     (["--mode", "exit"], "Missing option '--max-disagreement'"),
-    (["--max-disagreement", "0.1", "--batch", "2"], "--batch: only for --mode speculative"),
+    (["--max-disagreement", "0.1", "--thresholds", "0.3"], "--thresholds: only for --mode speculative"),
     (["--mode", "speculative", "--delta", "0.1"], "--delta: only for --mode exit"),
     (["--thresholds", "0.3,x"], "give comma-separated numbers"),
     (["--draft-tokens", "2.5"], "k is a whole number"),
