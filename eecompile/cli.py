@@ -244,7 +244,7 @@ def auto(model: Path, train: Path, calib: Path, max_drop: float, output: Path, c
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help=".npz with the model inputs (decoder bundles: not used, see --text).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 30 (decoder bundles: 8).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 30 (decoder bundles: 24 with the MLP adapter, 8 with the attention adapter).")
 @click.option("--labels/--no-labels", default=True, help="Use `labels` from the data when present.")
 @click.option("--head-files/--no-head-files", default=True, show_default=True,
               help="Also train heads given as ONNX files (their weights, in place); off: keep them as they are.")
@@ -280,7 +280,7 @@ def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: boo
         from eecompile.decoder.train import train_draft_heads
 
         text = [t.read_text() for t in texts] if texts else None
-        train_draft_heads(bundle, texts=text, vocab=draft_vocab, epochs=epochs or 8, max_tokens=max_tokens,
+        train_draft_heads(bundle, texts=text, vocab=draft_vocab, epochs=epochs, max_tokens=max_tokens,
                           seed=seed, adapter=adapter).print()
         return
     if click.get_current_context().get_parameter_source("adapter") is click.core.ParameterSource.COMMANDLINE:
