@@ -11,6 +11,7 @@ from typing import Any
 
 from eecompile.bundle import Bundle, TensorInfo
 from eecompile.errors import BundleError
+from eecompile.runtimes.base import FIRES_BELOW
 
 
 def _tensor(t: TensorInfo) -> dict[str, Any]:
@@ -282,9 +283,10 @@ def _print_segments(console: Any, d: dict[str, Any]) -> None:
 
 
 def _threshold(value: float, kind: str) -> str:
-    """Thresholds of +-inf are how calibration writes "this exit never fires"."""
+    """Thresholds of +-inf are how calibration writes "this exit never fires": +inf for gates that fire at or above
+    the threshold, -inf for those that fire at or below it (entropy, change)."""
     if value in (float("inf"), float("-inf")):
-        fires_above = kind != "entropy"
+        fires_above = kind not in FIRES_BELOW
         return "never" if (value > 0) == fires_above else "always"
     return f"{value:.4g}"
 

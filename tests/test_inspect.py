@@ -117,3 +117,18 @@ def test_a_decoder_bundle_shows_its_segments_caches_and_exits(lm_bundle: Path, l
 
 def test_a_chain_bundle_has_no_decoder_section(tmp_path: Path) -> None:
     assert describe_bundle(make_bundle(tmp_path / "b.eebundle").path)["decoder"] is None
+
+
+@pytest.mark.parametrize("kind, value, shown", [
+    ("max_prob", float("inf"), "never"), ("max_prob", float("-inf"), "always"),
+    ("entropy", float("-inf"), "never"), ("entropy", float("inf"), "always"),
+    ("change", float("-inf"), "never"), ("change", float("inf"), "always"),  # change fires when score <= t
+    ("logit_gap", float("inf"), "never"), ("score", 0.25, "0.25"),
+])
+def test_infinite_thresholds_read_never_or_always_by_the_gates_direction(kind: str, value: float, shown: str) -> None:
+    """Calibration writes "never exit here" as +inf, or -inf for gates firing below their threshold (entropy and
+    change, exit and loop gates alike); a change gate at -inf used to read "always"."""
+    from eecompile.inspect import _loop_threshold, _threshold
+
+    assert _threshold(value, kind) == shown
+    assert _loop_threshold({"kind": kind, "threshold": [value, value]}) == f"[{shown}, {shown}] (staged)"
