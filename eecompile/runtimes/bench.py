@@ -239,7 +239,8 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
     ``prepare_reference(source, scratch_dir) -> path``: makes the unsplit model batch-dynamic (the compiler's
     :func:`eecompile.benchmark.dynamic_reference`). Returns a :class:`BenchReport` (times in ms, throughput in
     samples/s). ``steps``: loop bundles only, the loop's step count (default: the bundle's ``loop.steps``). Raises
-    :class:`DataError` (data, batch, repeats; ``steps`` on a bundle without a loop) and what the runner raises."""
+    :class:`DataError` (data, batch, repeats; ``steps`` on a bundle without a loop, ``reference_model`` on a bundle
+    with one) and what the runner raises."""
     from eecompile.runtimes.data import batch_size_of, load_npz
 
     if batch_size < 1:
@@ -250,6 +251,10 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
     m = b.manifest
     if m.loop is not None:  # the loop with its gate against all N steps (eecompile.runtimes.loop_bench)
         from eecompile.runtimes.loop_bench import bench_loop
+
+        if reference_model is not None:  # refused as calibrate refuses it, rather than timed or ignored
+            raise DataError(f"--reference-model {reference_model}: a loop bundle is timed against its own loop run for "
+                            f"all N steps (the unsplit model is one step of it); leave the option out")
 
         return bench_loop(b, data, batch_size=batch_size, backend=backend, repeats=repeats, threads=threads,
                           max_batches=max_batches, thresholds=thresholds, warmup=warmup, steps=steps)

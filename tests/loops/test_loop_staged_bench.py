@@ -18,6 +18,7 @@ from tests.loops.models import (
     VOCAB,
     export_ddim_step,
     export_denoiser,
+    export_halve,
     export_masked_lm,
     export_unmask_step,
 )
@@ -153,3 +154,20 @@ def test_a_per_step_input_given_with_the_data_is_refused(loops: dict, tmp_path: 
     runner = LoopRunner(loops["sampler"])
     with pytest.raises(DataError, match=r"feeds: " + message):
         runner.run({"x": x, "t": np.full(4, 0.5, np.float32)})
+
+
+def test_bench_refuses_a_reference_model_on_a_loop_bundle(tmp_path: Path) -> None:
+    """The unsplit model is one step of the loop: `bench --reference-model` on a loop bundle is refused, naming the
+    option (as `calibrate` refuses it), instead of being ignored while the report times the loop against itself."""
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+
+    model = export_halve(tmp_path / "halve.onnx")
+    (tmp_path / "l.yaml").write_text(f"model: {model}\nloop: {{steps: 4, feedback: {{y: x}}, gate: {{kind: change, "
+                                     f"of: y, threshold: 0.01}}}}\n")
+    bundle = eecompile.compile_model(tmp_path / "l.yaml", tmp_path / "l.eebundle", engines=False).path
+    np.savez(tmp_path / "x.npz", x=np.ones((3, 4), np.float32))
+    res = CliRunner().invoke(cli, ["bench", str(bundle), "--data", str(tmp_path / "x.npz"), "--repeats", "1",
+                                   "--reference-model", str(model)])
+    assert res.exit_code == 1 and "--reference-model" in res.output and "leave the option out" in res.output, res.output
