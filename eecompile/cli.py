@@ -193,14 +193,23 @@ def compile_cmd(spec: Path, output: Path, force: bool, no_verify: bool, dims: tu
     if m.decoder:
         _echo_decoder(output, m.decoder)
         return
-    click.echo(f"wrote {output}: {len(m.segments)} segments, {m.n_early_exits} early exits, batch {m.batch_mode}")
+    click.echo("\n".join(compile_summary(output, m)))
+
+
+def compile_summary(output: Path, m: Any) -> list[str]:
+    """``compile``'s lines for a single-pass bundle's manifest ``m``: the segments, each one's exit, what it carries.
+
+    The early exits counted are the gated ones, one per threshold that ``run --thresholds`` takes; a segment that
+    ends at the boundary before a jump target (MuE) has no exit and says so."""
+    final = len(m.segments) - 1
+    lines = [f"wrote {output}: {len(m.segments)} segments, {len(m.thresholds)} early exits, batch {m.batch_mode}"]
     for seg in m.segments:
         gate = seg.exit.gate
-        what = f"exit {seg.index}: {seg.exit.head}, {gate.kind} {gate.threshold:g}" if gate else "final exit"
+        what = (f"exit {seg.index}: {seg.exit.head}, {gate.kind} {gate.threshold:g}" if gate else "final exit"
+                if seg.index == final else "no exit (the boundary before a jump target)")
         carried = ", ".join(seg.carried_out) or "-"
-        click.echo(f"  segment {seg.index}: {seg.flops_fraction:6.1%} of the FLOPs; {what}; carries {carried}")
-    for note in m.notes:
-        click.echo(f"  {note}")
+        lines.append(f"  segment {seg.index}: {seg.flops_fraction:6.1%} of the FLOPs; {what}; carries {carried}")
+    return lines + [f"  {note}" for note in m.notes]
 
 
 @cli.command()

@@ -358,3 +358,13 @@ def test_errors_after_the_jump_boundary_name_the_spec_exit(mue: dict, tmp_path: 
     spec.write_text(yaml.safe_dump(doc))
     with pytest.raises(SpecError, match=r"^exits\[2\]\.head: the head gives"):
         eecompile.compile_model(spec, tmp_path / "b.eebundle")
+
+
+def test_compile_summary_counts_the_gated_exits_and_names_the_jump_boundary(mue: dict) -> None:
+    """`eecompile compile` said "5 segments, 4 early exits" and "segment 2: ... final exit" for this bundle, whose
+    `run --thresholds` takes 3 values (the boundary before the jump target has no gate)."""
+    from eecompile.cli import compile_summary
+
+    lines = compile_summary(mue["bundle"].path, mue["bundle"].manifest)
+    assert "5 segments, 3 early exits" in lines[0], lines
+    assert "no exit (the boundary before a jump target)" in lines[3] and "final exit" in lines[5], lines
