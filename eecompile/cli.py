@@ -756,13 +756,23 @@ def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | No
 
 
 def _echo_decoder(output: Path, dec: dict[str, Any]) -> None:
+    click.echo("\n".join(decoder_summary(output, dec)))
+
+
+def decoder_summary(output: Path, dec: dict[str, Any]) -> list[str]:
+    """``compile``'s lines for a decoder bundle (``manifest.decoder``): its segments and what each owns, the
+    key/value cache of its layers or, for a recurrent (Mamba-style) decoder, their recurrent state."""
     exits = ", ".join(f"after layer {e['after_layer']} (max_prob {e['gate']['threshold']:g}, k {e['draft_tokens']})"
                       for e in dec["exits"])
-    click.echo(f"wrote {output}: decoder, {dec['layers']} layers in {len(dec['segments'])} segments, "
-               f"vocabulary {dec['vocab']}, cache {dec['max_length']} positions; exits {exits}")
-    for k, seg in enumerate(dec["segments"]):
-        click.echo(f"  segment {k}: layers {seg['layers'][0]}..{seg['layers'][1] - 1} with their key/value cache")
-    click.echo(f"  head: final norm + LM head + max-prob gate, shared by every exit ({dec['head']['file']})")
+    state = dec.get("state")
+    memory = (f"a recurrent state per layer (no cache), at most {dec['max_length']} positions" if state
+              else f"cache {dec['max_length']} positions")
+    owns = "recurrent state" if state else "key/value cache"
+    return [f"wrote {output}: decoder, {dec['layers']} layers in {len(dec['segments'])} segments, vocabulary "
+            f"{dec['vocab']}, {memory}; exits {exits}",
+            *(f"  segment {k}: layers {seg['layers'][0]}..{seg['layers'][1] - 1} with their {owns}"
+              for k, seg in enumerate(dec["segments"])),
+            f"  head: final norm + LM head + max-prob gate, shared by every exit ({dec['head']['file']})"]
 
 
 @cli.command()

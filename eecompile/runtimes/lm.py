@@ -906,6 +906,10 @@ class DecodeBatch:
         if exit_fill == "propagate":
             if mode != "exit":
                 raise DataError(f"exit_fill 'propagate' applies to mode 'exit', not '{mode}'")
+            if runner.dec.get("state"):
+                raise DataError(f"{runner.bundle.path}: exit_fill 'propagate' writes a skipped layer's key/value at the "
+                                f"exited position; a recurrent-state decoder has no cache to write into (each layer's "
+                                f"state runs over every position in order): use exit_fill 'later'")
             deep = range(int(runner.exits[0]["segment"]) + 1 if runner.exits else 0, len(runner.segments))
             missing = [s for s in deep if s not in runner._propagate]
             if missing:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from eecompile.cli import cli
 from eecompile.decoder.compile import compile_decoder
-from eecompile.errors import GraphError, SpecError
+from eecompile.errors import DataError, GraphError, SpecError
 from eecompile.models.lm import char_tokenizer
 from eecompile.models.mamba import export_mamba, tiny_mamba
 from eecompile.runtimes.lm import DecoderRunner
@@ -269,3 +269,19 @@ def test_the_attention_adapter_is_refused_for_a_recurrent_decoder(root: Path) ->
 
     with pytest.raises(SpecError, match="attention adapter keeps a key/value cache.*--adapter mlp"):
         train_draft_heads(root / "mamba.eebundle", adapter="attention", max_tokens=300, generate_tokens=0)
+
+
+def test_compile_summary_and_exit_fill_propagate_speak_of_the_recurrent_state(root: Path,
+                                                                              runner: DecoderRunner) -> None:
+    """`compile` described a recurrent decoder's segments as owning "their key/value cache", and `generate --mode exit
+    --exit-fill propagate` said to recompile the bundle, which cannot help: a recurrent state has no cache that
+    CALM's propagation could write."""
+    from eecompile.cli import decoder_summary
+
+    dec = runner.bundle.manifest.decoder
+    assert dec is not None
+    lines = decoder_summary(root / "mamba.eebundle", dec)
+    assert "recurrent state per layer (no cache)" in lines[0] and "key/value" not in "\n".join(lines), lines
+    assert lines[1].endswith("with their recurrent state"), lines
+    with pytest.raises(DataError, match="recurrent-state decoder has no cache.*use exit_fill 'later'"):
+        runner.generate([PROMPTS[0]], 4, mode="exit", exit_fill="propagate")
