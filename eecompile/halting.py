@@ -37,10 +37,15 @@ _EPS = 1e-6
 
 
 def check_halting(beta: float, hazard: float) -> None:
-    """Raise :class:`EECompileError` unless ``beta`` > 0 and ``hazard`` is in (0, 1)."""
-    if not (math.isfinite(beta) and beta > 0) or not 0.0 < hazard < 1.0:
-        raise EECompileError(f"train-heads: the halting prior's KL weight beta ({beta}) must be > 0 and its hazard "
-                             f"lambda_p ({hazard}) in (0, 1)")
+    """Raise :class:`EECompileError` naming the option (``--halting-beta``, ``--halting-prior``) unless ``beta`` is
+    finite and > 0 and ``hazard`` is in (0, 1)."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise EECompileError(f"train-heads --halting-beta {beta}: the KL weight of PALBERT's objective (a loss scale, "
+                             f"nats) must be a positive number; give e.g. {DEFAULT_BETA} (the default)")
+    if not 0.0 < hazard < 1.0:
+        raise EECompileError(f"train-heads --halting-prior {hazard}: the geometric prior's halting probability per "
+                             f"exit (lambda_p) must lie strictly between 0 and 1; give e.g. {DEFAULT_HAZARD} (the "
+                             f"default)")
 
 
 def geometric_prior(hazard: float, n_early: int) -> np.ndarray:

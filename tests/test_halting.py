@@ -41,7 +41,10 @@ def test_the_loss_is_minimised_by_the_gibbs_distribution() -> None:
     np.testing.assert_allclose(got, gibbs / gibbs.sum(1, keepdims=True), atol=2e-3)
 
 
-@pytest.mark.parametrize(("beta", "hazard"), [(0.0, 0.5), (0.1, 1.0), (float("nan"), 0.5)])
-def test_bad_halting_settings_are_refused(beta: float, hazard: float) -> None:
-    with pytest.raises(EECompileError, match=r"train-heads: the halting prior's KL weight beta .* must be > 0"):
+@pytest.mark.parametrize(("beta", "hazard", "option"), [(0.0, 0.5, "--halting-beta 0.0"),
+                                                          (0.1, 1.0, "--halting-prior 1.0"),
+                                                          (float("nan"), 0.5, "--halting-beta nan"),
+                                                          (0.1, -0.2, "--halting-prior -0.2")])
+def test_bad_halting_settings_are_refused_naming_the_option(beta: float, hazard: float, option: str) -> None:
+    with pytest.raises(EECompileError, match=rf"train-heads {option}: .* give e\.g\. 0\.(1|5) \(the default\)"):
         check_halting(beta, hazard)
