@@ -27,7 +27,7 @@ import io
 import json
 import math
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +67,13 @@ class PredictRequest:
 
 
 def parse_request(body: bytes, content_type: str | None, inputs: Sequence[TensorInfo], n_early_exits: int,
-                  max_samples: int | None = None, loop: bool = False) -> PredictRequest:
+                  max_samples: int | None = None, loop: bool = False,
+                  refuse_names: Callable[[Sequence[str], str], None] | None = None) -> PredictRequest:
     """Parse and check a request body against the model ``inputs``; ``loop``: the bundle is a loop bundle (the
-    request may give ``steps`` and ``loop_threshold``).
+    request may give ``steps`` and ``loop_threshold``). ``refuse_names(names, where)``: called with the request's
+    array names before they are checked against ``inputs`` (a loop's
+    :meth:`~eecompile.runtimes.loop.LoopRunner.refuse_step_inputs`: a per-step input gets ``eecompile run``'s message,
+    not "not a model input").
 
     Raises :class:`~eecompile.errors.DataError` (HTTP 400) for anything that does not fit the model, with the
     message ``eecompile run`` gives for the same arrays in a file, and for ``steps``/``loop_threshold`` that are
@@ -86,6 +90,8 @@ def parse_request(body: bytes, content_type: str | None, inputs: Sequence[Tensor
     else:
         raise DataError(f"{WHERE}: content type '{kind}' is not supported; send {JSON} or an .npz as {NPZ}")
     steps, loop_threshold = _loop_options(options, loop)
+    if refuse_names is not None:
+        refuse_names(list(raw), WHERE)
     feeds, n = check_arrays(raw, inputs, from_json=not as_npz)
     if max_samples is not None and n > max_samples:
         raise RequestTooLarge(f"{WHERE}: {n} samples; this endpoint takes at most {max_samples} per request "

@@ -194,7 +194,8 @@ class EarlyExitDeployment:
             body = await self._read_body(request)
             req = parse_request(body, request.headers.get("content-type"), self.runner.inputs,
                                 self.n_thresholds, max_samples=self._cfg.max_batch_size,
-                                loop=self.runner.manifest.loop is not None)
+                                loop=self.runner.manifest.loop is not None,
+                                refuse_names=getattr(self.runner, "refuse_step_inputs", None))
             holder = await self.predict(req)
             answer: Answer = await holder[0]
         except RequestTooLarge as e:

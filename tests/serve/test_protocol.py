@@ -90,3 +90,35 @@ def test_bad_loop_fields_are_one_clear_error(fields: dict, loop: bool, message: 
     with pytest.raises(DataError) as e:
         _predict({"inputs": {"x": [[1, 2, 3, 4]]}, **fields}, loop=loop)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_per_step_input_in_a_request_gets_the_message_run_gives(tmp_path: Path) -> None:
+    """`t`, fed by the loop at every step, is a model input: a request giving it was answered "arrays 't' are not
+    model inputs; the model's inputs are ['x']"; it now gets `eecompile run`'s message for the same array."""
+    import onnx
+    import yaml
+
+    import eecompile
+    from eecompile.runtimes.loop import LoopRunner
+
+    onnx.save(onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        shift (float[N, 4] x, float[N] t) => (float[N, 4] y) <float[4, 4] w = {0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5,
+                                                                              0, 0, 0, 0, 0.5},
+                                                                 int64[1] one = {1}> {
+            h = MatMul(x, w)
+            tt = Unsqueeze(t, one)
+            y = Add(h, tt)
+        }"""), tmp_path / "shift.onnx")
+    (tmp_path / "l.yaml").write_text(yaml.safe_dump({"model": "shift.onnx", "loop": {
+        "steps": 3, "feedback": {"y": "x"}, "inputs": {"t": {"source": "linspace", "start": 1.0, "end": 0.0}}}}))
+    bundle = eecompile.compile_model(tmp_path / "l.yaml", tmp_path / "l.eebundle", engines=False)
+    with LoopRunner(bundle) as runner:
+        body = json.dumps({"inputs": {"x": [[1.0, 2.0, 3.0, 4.0]], "t": [0.5]}}).encode()
+        with pytest.raises(DataError) as e:
+            parse_request(body, "application/json", runner.inputs, 0, loop=True, refuse_names=runner.refuse_step_inputs)
+        assert str(e.value).startswith("request: 't' is a per-step input of the loop (loop.inputs.t, source "
+                                       "'linspace')"), e.value
+        ok = parse_request(json.dumps({"inputs": {"x": [[1.0, 2.0, 3.0, 4.0]]}}).encode(), "application/json",
+                           runner.inputs, 0, loop=True, refuse_names=runner.refuse_step_inputs)
+        assert ok.n == 1
