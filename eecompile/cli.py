@@ -821,7 +821,10 @@ def generate(bundle: Path, prompts: tuple[str, ...], max_new_tokens: int, mode: 
     for r in res.results:
         click.echo(f"{r['prompt']}{r['text']}")
     extra = ""
-    if res.acceptance_rate is not None:
+    if res.acceptance_rate is not None and not res.stats.get("drafted"):  # nothing drafted: not a 0% acceptance
+        extra = ("; no token drafted (drafting is off at this batch size in the bundle's calibration, or no draft "
+                 "reached the threshold): decoded plainly")
+    elif res.acceptance_rate is not None:
         extra = f"; acceptance {res.acceptance_rate:.1%}, {res.mean_accepted_length:.2f} tokens per verification"
     if res.exit_shares is not None:
         extra = "; exit shares " + " ".join(f"{s:.1%}" for s in res.exit_shares)

@@ -248,3 +248,15 @@ def test_sampled_verification_in_the_graph_and_on_the_host_give_the_same_tokens(
     b = host.generate(PROMPTS, 12, **kw)  # type: ignore[arg-type]
     assert [r["token_ids"] for r in a.results] == [r["token_ids"] for r in b.results]
     assert 0.0 < a.acceptance_rate < 1.0 and a.acceptance_rate == b.acceptance_rate  # type: ignore[operator]
+
+
+def test_cli_says_when_speculative_mode_drafted_nothing(lm_bundle: Path) -> None:
+    """With no draft (threshold never reached, or drafting off at this batch size after calibration) the summary
+    line said "acceptance 0.0%, 0.00 tokens per verification", as if drafts had been rejected."""
+    args = ["generate", str(lm_bundle), "--prompt", "Hello", "--max-new-tokens", "4", "--mode", "speculative",
+            "--threads", "1", "--thresholds"]
+    res = CliRunner().invoke(cli, [*args, "never"])
+    assert res.exit_code == 0, res.output
+    assert "no token drafted" in res.stderr and "acceptance" not in res.stderr, res.stderr
+    res = CliRunner().invoke(cli, [*args, "always"])
+    assert res.exit_code == 0 and "tokens per verification" in res.stderr, res.stderr
