@@ -30,21 +30,35 @@ def measure_segments(bundle: Bundle, data: str | Path | None = None, batch: int 
     """Median seconds per segment step over ``repeats`` runs of every segment (policy "never") at ``batch``.
 
     Inputs come from ``data`` (an .npz named after the model inputs), else random values when every non-batch
-    dimension is fixed; None when neither is possible. Raises DataError for a bad .npz or batch."""
+    dimension is fixed; None when neither is possible. A loop bundle's segments are those of one step (its
+    per-step inputs random, the others from ``data``). Raises DataError for a bad .npz or batch."""
     from eecompile import load
     from eecompile.runtimes.data import batch_size_of, load_npz
 
     if batch < 1 or repeats < 1:
         raise DataError(f"--batch and --repeats must be >= 1, got {batch} and {repeats}")
     m = bundle.manifest
+    # A loop bundle: the segments of one step, its per-step inputs (filled by the loop at run time) random.
+    per_step = {s["input"] for s in (m.loop or {}).get("step_inputs") or []}
+    given = [t for t in m.inputs if t.name not in per_step]
     if data is not None:
-        feeds = load_npz(data, m.inputs).slice(0, batch)
+        feeds = load_npz(data, given).slice(0, batch)
+        n = batch_size_of(feeds, given, str(data)) if feeds else batch
+        filled = _random_feeds([t for t in m.inputs if t.name in per_step], n)
     else:
-        random = _random_feeds(m.inputs, batch)
-        if random is None:
-            return None
-        feeds = random
-    with load(bundle.path, backend=backend) as runner:
+        feeds, filled = _random_feeds(given, batch), _random_feeds([t for t in m.inputs if t.name in per_step], batch)
+    if feeds is None or filled is None:
+        return None
+    feeds = {**feeds, **filled}
+    if m.loop is not None:
+        from dataclasses import replace
+
+        from eecompile.runtimes.chain import EarlyExitRunner
+
+        opened: Any = EarlyExitRunner(Bundle(bundle.path, replace(m, loop=None)), backend=backend)
+    else:
+        opened = load(bundle.path, backend=backend)
+    with opened as runner:
         runner.run(feeds, policy="never")  # warm-up: first runs allocate
         runs = [runner.run(feeds, policy="never").timings for _ in range(repeats)]
     per_segment = [statistics.median(float(r[k]) for r in runs) for k in range(len(m.segments))]
@@ -112,8 +126,10 @@ def render(bundle: Bundle, latency: dict[str, Any] | None) -> str:
                         "<code>eecompile calibrate BUNDLE --data CAL.npz --max-drop 0.01</code>.</p></section>")
     if cal and cal.get("exits"):
         shares = [float(e.get("share", 0.0)) for e in cal["exits"]]
-        sections.append(_figure("exits", "Where samples exit (calibration set)",
-                                _bars(names[:len(shares)], shares, "share of samples", percent=True)))
+        rows = [str(e.get("name") or names[min(i, len(names) - 1)]) for i, e in enumerate(cal["exits"])]
+        title = "After which step samples stop" if m.loop else "Where samples exit"  # a loop's rows are its steps
+        sections.append(_figure("exits", f"{title} (calibration set)",
+                                _bars(rows, shares, "share of samples", percent=True)))
     if latency is not None:
         ms = [1000.0 * s for s in latency["seconds"]]
         note = (f"Median of {latency['repeats']} runs on {_e(latency['backend'])}, batch {latency['batch']}, "

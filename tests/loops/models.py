@@ -5,7 +5,8 @@
   :func:`export_ddim_step`: the deterministic DDIM update (Song et al. 2021, eta = 0) on a cosine schedule
   (alpha_bar(t) = cos(pi t / 2)^2, Nichol & Dhariwal 2021), ``x_next, x0 = step(x, eps, t, t_next)``.
 - :func:`export_halve`: ``y = 0.5 x + 1`` in ONNX text, a loop on the chain's own output;
-  :func:`export_scale_shift`: the same with element-wise ops only.
+  :func:`export_scale_shift`: the same with element-wise ops only; :func:`export_shift`: ``y = 0.5 x + t`` with a
+  per-step input ``t`` (:func:`shift_loop_spec`).
 - :func:`export_masked_lm`: a bidirectional transformer over tokens ``[B, T]`` giving ``logits [B, T, V]`` (a
   masked diffusion LM's denoiser), and :func:`export_unmask_step`: one step of its sampler (the ``per_step``
   most confident masked positions take their argmax; ``committed`` fills every masked position at once,
@@ -125,6 +126,32 @@ def export_halve(path: Path) -> Path:
         }""")
     onnx.save(model, path)
     return path
+
+
+def export_shift(path: Path) -> Path:
+    """x[N, 4], t[N] -> y = 0.5 x + t (ONNX text): a loop with a per-step input ``t`` the runtime fills."""
+    import onnx
+
+    onnx.save(onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        shift (float[N, 4] x, float[N] t) => (float[N, 4] y) <float[4, 4] w = {0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5,
+                                                                              0, 0, 0, 0, 0.5},
+                                                                 int64[1] one = {1}> {
+            h = MatMul(x, w)
+            tt = Unsqueeze(t, one)
+            y = Add(h, tt)
+        }"""), path)
+    return path
+
+
+def shift_loop_spec(d: Path, model: Path) -> Path:
+    """A 3-step loop of :func:`export_shift` with ``t`` from a linspace and a change gate."""
+    import yaml
+
+    (d / "shift.yaml").write_text(yaml.safe_dump({"model": str(model), "loop": {
+        "steps": 3, "feedback": {"y": "x"}, "inputs": {"t": {"source": "linspace", "start": 1.0, "end": 0.0}},
+        "gate": {"kind": "change", "of": "y", "threshold": 0.01}}}))
+    return d / "shift.yaml"
 
 
 def export_scale_shift(path: Path) -> Path:

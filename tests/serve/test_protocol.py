@@ -95,24 +95,12 @@ def test_bad_loop_fields_are_one_clear_error(fields: dict, loop: bool, message: 
 def test_a_per_step_input_in_a_request_gets_the_message_run_gives(tmp_path: Path) -> None:
     """`t`, fed by the loop at every step, is a model input: a request giving it was answered "arrays 't' are not
     model inputs; the model's inputs are ['x']"; it now gets `eecompile run`'s message for the same array."""
-    import onnx
-    import yaml
-
     import eecompile
     from eecompile.runtimes.loop import LoopRunner
+    from tests.loops.models import export_shift, shift_loop_spec
 
-    onnx.save(onnx.parser.parse_model("""
-        <ir_version: 8, opset_import: ["" : 17]>
-        shift (float[N, 4] x, float[N] t) => (float[N, 4] y) <float[4, 4] w = {0.5, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.5,
-                                                                              0, 0, 0, 0, 0.5},
-                                                                 int64[1] one = {1}> {
-            h = MatMul(x, w)
-            tt = Unsqueeze(t, one)
-            y = Add(h, tt)
-        }"""), tmp_path / "shift.onnx")
-    (tmp_path / "l.yaml").write_text(yaml.safe_dump({"model": "shift.onnx", "loop": {
-        "steps": 3, "feedback": {"y": "x"}, "inputs": {"t": {"source": "linspace", "start": 1.0, "end": 0.0}}}}))
-    bundle = eecompile.compile_model(tmp_path / "l.yaml", tmp_path / "l.eebundle", engines=False)
+    spec = shift_loop_spec(tmp_path, export_shift(tmp_path / "shift.onnx"))
+    bundle = eecompile.compile_model(spec, tmp_path / "l.eebundle", engines=False)
     with LoopRunner(bundle) as runner:
         body = json.dumps({"inputs": {"x": [[1.0, 2.0, 3.0, 4.0]], "t": [0.5]}}).encode()
         with pytest.raises(DataError) as e:

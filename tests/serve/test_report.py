@@ -99,3 +99,27 @@ def test_decoder_bundle_report(lm_bundle, tmp_path) -> None:  # noqa: F811
     assert "id='decoder'" in text and f"after layer {dec['exits'][0]['after_layer']}" in text
     for seg in dec["segments"]:
         assert seg["file"] in text
+
+
+def test_loop_bundle_report_times_one_step_and_labels_the_steps(tmp_path: Path) -> None:
+    """`eecompile report` on a loop bundle failed with "feeds: 't' is a per-step input of the loop ... leave it
+    out", about feeds the user never gave (the report made random ones for every model input). It now times one
+    step's segments (per-step inputs random, the others from --data or random) and labels the calibration's rows
+    by step."""
+    import eecompile
+    from eecompile.calibrate import calibrate_bundle
+    from eecompile.cli import cli
+    from tests.loops.models import export_shift, shift_loop_spec
+
+    spec = shift_loop_spec(tmp_path, export_shift(tmp_path / "shift.onnx"))
+    bundle = eecompile.compile_model(spec, tmp_path / "l.eebundle", engines=False).path
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    calibrate_bundle(bundle, tmp_path / "x.npz", max_drop=0.3, error_budget=0.5, costs=[1e-3] * 3, quiet=True)
+    for extra in ([], ["--data", str(tmp_path / "x.npz")]):
+        page = tmp_path / "r.html"
+        result = CliRunner().invoke(cli, ["report", str(bundle), "-o", str(page), "--repeats", "2", *extra])
+        assert result.exit_code == 0, result.output
+        html = page.read_text()
+        assert "Measured latency per segment" in html and "Not measured" not in html
+        assert "After which step samples stop" in html and ">step 1<" in html, html[-3000:]
