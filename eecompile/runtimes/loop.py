@@ -43,6 +43,7 @@ from eecompile.runtimes.base import (
     check_feeds,
     check_policy,
     check_threshold,
+    resolve_thresholds,
 )
 from eecompile.runtimes.chain import EarlyExitRunner, SegmentBackend
 
@@ -394,8 +395,8 @@ def run_loop_npz(bundle: Bundle, data: str | Path, output: str | Path, policy: s
 
     output = Path(output)
     with LoopRunner(bundle, backend=backend, **options) as runner:
-        thr = runner.chain.resolve(None) if thresholds is None else runner.chain.resolve(
-            parse_threshold_list(thresholds))
+        thr = runner.chain.resolve(None) if thresholds is None else resolve_thresholds(
+            runner.manifest.exits, parse_threshold_list(thresholds), where="--thresholds")  # as run_npz names it
         n_steps = runner._steps(steps)
         setting = parse_loop_threshold(loop_threshold)
         with open_loop_data(runner, data, max_input_bytes) as dataset:

@@ -269,3 +269,19 @@ def test_a_loop_without_a_step_graph_or_a_gate(tmp_path: Path, export: Callable[
     with pytest.raises(DataError, match=r"loop_threshold: this loop has no gate"):
         eecompile.load(bundle.path).run({"x": x}, loop_threshold=0.5)
 
+
+
+def test_run_names_the_thresholds_option_on_a_loop_bundle(tmp_path: Path) -> None:
+    """`run --thresholds` with the wrong count said "thresholds: got 2 values ..." on a loop bundle and
+    "--thresholds: ..." on any other bundle."""
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+    from tests.loops.models import export_shift, shift_loop_spec
+
+    bundle = eecompile.compile_model(shift_loop_spec(tmp_path, export_shift(tmp_path / "shift.onnx")),
+                                     tmp_path / "l.eebundle", engines=False).path
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 4), np.float32))
+    r = CliRunner().invoke(cli, ["run", str(bundle), "--data", str(tmp_path / "in.npz"), "-o", str(tmp_path / "o.npz"),
+                                 "--thresholds", "0.5,0.5"])
+    assert r.exit_code == 1 and "error: --thresholds: got 2 values for 0 early exits" in r.output, r.output
