@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -254,8 +254,10 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     extra = {k: names for k, names in extra.items() if names}
     from eecompile.runtimes.chain import EarlyExitRunner
 
-    # The runner itself, with every exit recorded (policy never) and the cut tensors exposed as extra outputs.
-    runner = EarlyExitRunner(b, expose=extra)
+    # The runner itself, with every exit recorded (policy never) and the cut tensors exposed as extra outputs. A loop
+    # bundle's heads are trained on one step's chain: the data holds its inputs, per-step ones included (x and t).
+    chain = b if m.loop is None else Bundle(b.path, replace(m, loop=None))
+    runner = EarlyExitRunner(chain, expose=extra)
     collect_batch = 256
     with tempfile.TemporaryDirectory(prefix="eecompile-features-") as tmp:
         cache = _Cache(n, Path(tmp))

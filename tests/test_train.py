@@ -214,3 +214,31 @@ def test_small_data_reports_no_held_out_figures(tmp_path: Path, capsys: pytest.C
     # Holding out every sample leaves nothing to train on: one clear error, not heads fitted to nothing.
     with pytest.raises(EECompileError, match="val_fraction 0.99 holds out all 40 samples"):
         train_heads(bundle, save_data(tmp_path / "e.npz", 40, seed=2), epochs=1, quiet=True, val_fraction=0.99)
+
+
+def test_train_heads_on_a_loop_bundle_trains_one_steps_chain(tmp_path: Path) -> None:
+    """A loop spec with a trained head compiled into a bundle whose heads could not be trained: train-heads ran the
+    chain through the segment runner, which refuses loop bundles. The heads train on one step's chain, the data
+    holding its inputs, the per-step ones included; the bundle keeps its loop."""
+    import yaml
+
+    from eecompile.train import train_heads
+    from tests.loops.models import export_shift
+
+    model = export_shift(tmp_path / "shift.onnx")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "model": str(model), "final": {"output": "y", "task": "regression"},
+        "exits": [{"at": "h", "head": {"kind": "linear"}, "gate": {"kind": "change", "threshold": 0.1}}],
+        "loop": {"steps": 3, "feedback": {"y": "x"}, "inputs": {"t": {"source": "linspace", "start": 1.0, "end": 0.0}}}}))
+    bundle = eecompile.compile_model(tmp_path / "s.yaml", tmp_path / "s.eebundle", engines=False).path
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.normal(size=(64, 4)).astype(np.float32),
+             t=rng.uniform(0, 1, 64).astype(np.float32))
+    report = train_heads(bundle, tmp_path / "train.npz", epochs=30, seed=0)
+    first = report.heads[0]
+    assert first.error_after is not None and first.error_before is not None, first
+    assert first.error_after < first.error_before, first
+    loaded = Bundle.load(bundle)
+    assert loaded.manifest.loop is not None and loaded.manifest.loop["steps"] == 3
+    res = eecompile.load(bundle).run({"x": np.ones((2, 4), np.float32)}, steps=2)
+    assert res.steps.tolist() == [2, 2]
