@@ -304,8 +304,12 @@ def _print_calibration(console: Any, cal: dict[str, Any]) -> None:
 
     table = Table(title=f"calibration ({cal.get('method', '?')}, max drop {cal.get('max_drop')}, "
                         f"{cal.get('n_samples', '?')} samples, {cal.get('backend', '?')} batch {cal.get('batch_size', '?')})")
-    for col in ("exit", "gate", "threshold", "share exiting", "accuracy of those exiting", "cumulative ms"):
-        table.add_column(col, justify="left" if col in ("exit", "gate") else "right")
+    loop = "mean_steps" in cal  # a loop gate's calibration (eecompile.calibrate.loop): its rows are steps
+    within = "within error budget" if cal.get("error_budget") is not None else "agreement w/ all steps"
+    cols = (("stop after", "gate", "threshold", "share stopping", f"{within} of those stopping", "cumulative ms")
+            if loop else ("exit", "gate", "threshold", "share exiting", "accuracy of those exiting", "cumulative ms"))
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("exit", "stop after", "gate") else "right")
     for e in cal.get("exits") or []:
         thr = e.get("threshold")
         table.add_row(str(e.get("name") or e.get("index")), str(e.get("gate") or "final"),
@@ -315,7 +319,10 @@ def _print_calibration(console: Any, cal: dict[str, Any]) -> None:
                       f"{e['cumulative_ms']:.4f}" if isinstance(e.get("cumulative_ms"), (int, float)) else "-")
     console.print(table)
     parts = []
-    if isinstance(cal.get("full_accuracy"), (int, float)) and isinstance(cal.get("accuracy"), (int, float)):
+    if loop and isinstance(cal.get("accuracy"), (int, float)):
+        parts.append(f"{cal.get('mean_steps', 0):.2f} of {cal.get('steps')} steps on average; {within} "
+                     f"{cal['accuracy']:.4f}")
+    elif isinstance(cal.get("full_accuracy"), (int, float)) and isinstance(cal.get("accuracy"), (int, float)):
         parts.append(f"accuracy {cal['full_accuracy']:.4f} -> {cal['accuracy']:.4f} (drop {cal.get('drop', 0):+.4f}, "
                      f"against {cal.get('reference', '?')})")
     if isinstance(cal.get("expected_speedup"), (int, float)):

@@ -132,3 +132,23 @@ def test_infinite_thresholds_read_never_or_always_by_the_gates_direction(kind: s
 
     assert _threshold(value, kind) == shown
     assert _loop_threshold({"kind": kind, "threshold": [value, value]}) == f"[{shown}, {shown}] (staged)"
+
+
+def test_a_calibrated_loop_bundle_shows_its_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A loop gate's calibration rows are steps: the table said "exit", "share exiting", "accuracy of those
+    exiting" and the summary "accuracy 1.0000 -> ..." for them."""
+    import numpy as np
+
+    import eecompile
+    from eecompile.calibrate import calibrate_bundle
+    from tests.loops.models import export_shift, shift_loop_spec
+
+    bundle = eecompile.compile_model(shift_loop_spec(tmp_path, export_shift(tmp_path / "shift.onnx")),
+                                     tmp_path / "l.eebundle", engines=False).path
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32))
+    calibrate_bundle(bundle, tmp_path / "x.npz", max_drop=0.3, error_budget=0.5, costs=[1e-3] * 3, quiet=True)
+    capsys.readouterr()
+    print_bundle(bundle)
+    out = capsys.readouterr().out
+    assert "stop after" in out and "within error budget of those stopping" in out and "step 1" in out, out
+    assert "of 3 steps on average" in out and "accuracy" not in out, out
