@@ -720,6 +720,14 @@ def _check_head_scores(exits: tuple[ExitSpec, ...], nodes: list[_Node], task: st
                             f"confidence)")
         if score is not None and e.head.score_output is not None:
             raise SpecError(f"{where}: the head makes its own score; remove score_output or the score option")
+    # PALBERT's lambdas share one halting distribution, over one run of Q-exits (the survival product does not
+    # cross an exit of another kind): train-heads refused the gap only after the compile.
+    halting = [i for i, e in enumerate(exits) if e.head.kind and e.head.options.get("score") == "halting"]
+    gap = next((i for i in range(halting[0], halting[-1] + 1) if i not in halting), None) if halting else None
+    if gap is not None:
+        raise SpecError(f"{_at(f'exits[{gap}]', nodes[gap])}: this exit lies between exits with score: halting "
+                        f"({halting}) and has none; PALBERT's lambdas are trained over one run of exits: give it a "
+                        f"built-in head with options {{score: halting}} and a q_exit gate, or move it")
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -60,6 +60,11 @@ def test_contract_example_parses(tmp_path: Path) -> None:
      ["final.class_axis", "integer"]),
     ("model: m.onnx\nexits:\n  - {at: x, head: h.onnx, gate: {kind: patience, threshold: 0}}\n",
      ["threshold 0 is outside [1, inf]"]),
+    ("model: m.onnx\nexits:\n"
+     "  - {at: a, head: {kind: linear, options: {score: halting}}, gate: {kind: q_exit, threshold: 0.5}}\n"
+     "  - {at: b, head: {kind: linear}, gate: {kind: max_prob, threshold: 0.5}}\n"
+     "  - {at: c, head: {kind: linear, options: {score: halting}}, gate: {kind: q_exit, threshold: 0.5}}\n",
+     ["exits[1] (line 4)", "between exits with score: halting ([0, 2])", "one run of exits"]),  # was train-heads'
 ])
 def test_bad_specs_name_the_path(text: str, expect: list[str]) -> None:
     with pytest.raises(SpecError) as e:
