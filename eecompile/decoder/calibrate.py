@@ -35,8 +35,8 @@ from eecompile.bundle import update_bundle
 from eecompile.errors import CalibrationError, DataError
 from eecompile.runtimes.lm import choice_for_batch
 
-__all__ = ["calibrate_exit", "calibrate_speculative", "choice_for_batch", "default_prompts", "exit_report",
-           "exit_table", "interleaved", "read_prompts", "speculative_report", "speed_decision"]
+__all__ = ["calibrate_exit", "calibrate_speculative", "check_prompts_fit", "choice_for_batch", "default_prompts",
+           "exit_report", "exit_table", "interleaved", "read_prompts", "speculative_report", "speed_decision"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,21 @@ def measure_costs(runner: Any, batch: int, k: int, reps: int = 5) -> dict[str, f
             "k": k}
 
 
+def check_prompts_fit(runner: Any, prompts: list[Any], tokens: int, what: str | None = None) -> None:
+    """Raise ``CalibrationError`` naming the prompt (its number and opening words) and ``what`` (default
+    ``--tokens N``) when a calibration prompt with ``tokens`` new tokens does not fit the bundle's cache
+    (``max_length`` positions); checked before anything is measured (``generate`` would name ``max_new_tokens``,
+    and a warm-up call's count)."""
+    what = what or f"--tokens {tokens}"
+    for i, p in enumerate(prompts):
+        n = len(runner._encode(p) if isinstance(p, str) else list(p))
+        if n + tokens > runner.max_length:
+            shown = repr(p[:40] + ("..." if len(p) > 40 else "")) if isinstance(p, str) else f"{n} token ids"
+            raise CalibrationError(f"calibration prompt {i + 1} ({shown}): {n} tokens + {what} exceed the cache "
+                                   f"({runner.max_length} positions); lower --tokens, give shorter prompts "
+                                   f"(--prompts FILE), or recompile with a larger max_length")
+
+
 def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] = (1, 4, 8),
                           thresholds: tuple[float, ...] = (0.3, 0.5, 0.7), ks: tuple[int, ...] = (2, 4, 6),
                           tokens: int = 32, prompts: list[Any] | None = None,
@@ -218,6 +233,7 @@ def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] =
         raise CalibrationError(f"calibrate: {', '.join(bad)}: batch sizes, k and rounds are integers >= 1, "
                                f"thresholds max-probs in [0, 1]")
     rows_all: list[Any] = list(prompts) if prompts is not None else list(PROMPTS)
+    check_prompts_fit(runner, rows_all, tokens)
     table: dict[str, Any] = {}
     for b in batches:
         plain, rows = _plain_runs(runner, rows_all, b, tokens)
@@ -378,6 +394,8 @@ def calibrate_exit(bundle_path: str | Path, *, max_disagreement: float = 0.05, d
         raise CalibrationError(f"calibrate: {', '.join(bad) or 'no batch size'}: give batch sizes and rounds, "
                                f"integers >= 1")
     rows: list[Any] = list(prompts) if prompts is not None else default_prompts(DEFAULT_EXIT_PROMPTS)
+    check_prompts_fit(runner, rows, tokens)
+    check_prompts_fit(runner, rows, SPEED_TOKENS, f"the {SPEED_TOKENS} new tokens of the speed rounds")
     table = exit_table(runner, rows, tokens)
     n_layers = int(runner.dec["layers"])
     costs = [(ex["after_layer"] + 1) / n_layers for ex in runner.exits] + [1.0]

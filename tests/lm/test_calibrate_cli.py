@@ -151,3 +151,17 @@ def test_default_prompts_are_offline_and_not_the_training_text() -> None:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("mode", [["--batch", "1", "--thresholds", "0.5", "--draft-tokens", "2"],
+                                  ["--max-disagreement", "0.3"]])
+def test_a_prompt_that_does_not_fit_names_it_and_tokens(bundle: Path, tmp_path: Path, mode: list[str]) -> None:
+    """A prompt too long for the cache (96 positions) was refused as "prompts[0]: 120 tokens + max_new_tokens 2
+    exceed the cache" in speculative mode: neither the option (--tokens) nor its value (8; 2 was a warm-up's)."""
+    before = (bundle / "manifest.yaml").read_bytes()
+    code, out = _calibrate(str(bundle), *mode, "--tokens", "8", "--prompts",
+                           str(_write(tmp_path / "p.txt", "short one\n" + "x" * 120)))
+    said = " ".join(out.split())
+    assert code == 1 and "calibration prompt 2 ('xxxxxxxx" in said and "120 tokens + --tokens 8 exceed the cache" \
+        " (96 positions)" in said, out
+    assert (bundle / "manifest.yaml").read_bytes() == before
