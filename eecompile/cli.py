@@ -563,7 +563,8 @@ def verify(bundle: Path, backend: str, data: Path | None, batch: int | None) -> 
 @click.option("--policy", type=click.Choice(["compact", "wait-all", "never"]), default="compact", show_default=True,
               help="compact: exited samples leave the batch; wait-all: every sample runs to the end and keeps its "
                    "first exit's output; never: no early exit fires.")
-@click.option("--thresholds", default=None, help="Per early exit: a number, 'never' or 'always' (e.g. 0.9,never).")
+@click.option("--thresholds", default=None, help="Per early exit: a number, 'never' or 'always' (e.g. 0.9,never); "
+                                                  "one value sets every exit.")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per call.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")

@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     common(r, 32)
     r.add_argument("-o", "--output", required=True, help="output .npz")
     r.add_argument("--policy", choices=POLICIES, default="compact")
-    r.add_argument("--thresholds", default=None, help="per early exit: a number, 'never' or 'always' (0.9,never)")
+    r.add_argument("--thresholds", default=None, help="per early exit: a number, 'never' or 'always' (0.9,never); one value sets every exit")
     r.add_argument("--steps", type=int, default=None, help="loop bundles: the number of loop steps")
     r.add_argument("--loop-threshold", default=None, help="loop bundles: the loop gate's threshold (comma-separated: staged), 'never' or 'always'")
 

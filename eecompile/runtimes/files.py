@@ -116,9 +116,12 @@ def _nothing() -> None:
     return None
 
 
-def parse_threshold_list(text: str) -> list[str]:
-    """``"0.9, never,always"`` -> ``["0.9", "never", "always"]`` (checked later, per gate kind)."""
-    return [p.strip() for p in text.split(",") if p.strip()]
+def parse_threshold_list(text: str) -> list[str] | str:
+    """``"0.9, never,always"`` -> ``["0.9", "never", "always"]`` (checked later, per gate kind); one value without a
+    comma (``"never"``, ``"0.9"``) is returned as it is, for every exit, as the runner takes it (and as the
+    wrong-count message says)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 and "," not in text else parts
 
 
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
