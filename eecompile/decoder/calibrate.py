@@ -192,14 +192,14 @@ def check_prompts_fit(runner: Any, prompts: list[Any], tokens: int, what: str | 
     ``--tokens N``) when a calibration prompt with ``tokens`` new tokens does not fit the bundle's cache
     (``max_length`` positions); checked before anything is measured (``generate`` would name ``max_new_tokens``,
     and a warm-up call's count)."""
+    fix = "give shorter prompts (--prompts FILE)" if what else "lower --tokens, give shorter prompts (--prompts FILE)"
     what = what or f"--tokens {tokens}"
     for i, p in enumerate(prompts):
         n = len(runner._encode(p) if isinstance(p, str) else list(p))
         if n + tokens > runner.max_length:
             shown = repr(p[:40] + ("..." if len(p) > 40 else "")) if isinstance(p, str) else f"{n} token ids"
             raise CalibrationError(f"calibration prompt {i + 1} ({shown}): {n} tokens + {what} exceed the cache "
-                                   f"({runner.max_length} positions); lower --tokens, give shorter prompts "
-                                   f"(--prompts FILE), or recompile with a larger max_length")
+                                   f"({runner.max_length} positions); {fix}, or recompile with a larger max_length")
 
 
 def calibrate_speculative(bundle_path: str | Path, *, batches: tuple[int, ...] = (1, 4, 8),
