@@ -38,8 +38,9 @@ def test_unknown_policy_is_a_usage_error(ws: Path) -> None:
 
 
 def test_thresholds_of_the_wrong_count(ws: Path) -> None:
-    expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", ws / "o.npz", "--thresholds", "0.9"],
-                 SpecError, "--thresholds", "1 values for 2 early exits", "one per exit", workspace=ws)
+    # One value sets every exit (as the runner takes it); three for two exits is the wrong count.
+    expect_error(["run", ws / "b.eebundle", "--data", ws / "data.npz", "-o", ws / "o.npz", "--thresholds",
+                  "0.9,0.8,0.7"], SpecError, "--thresholds", "3 values for 2 early exits", "one per exit", workspace=ws)
 
 
 def test_thresholds_that_are_not_numbers(ws: Path) -> None:
