@@ -135,13 +135,8 @@ def cut_segments(dg: DecoderGraph, cuts: list[str], final_hidden: str) -> list[S
         graph = extract_subgraph(g, [*model_inputs, *past.values()] + ([hidden_in] if hidden_in is not None else []),
                          outs, where)
         _own_past_length(graph, first, last)
-        stray = sorted(i for i in _past_layers(graph) if not first <= i < last)
-        if stray:
-            prev = f"'{bounds[k - 1]}'" if k else "the model input"
-            raise SpecError(
-                f"{where}: layers {first}..{last - 1} between {prev} and '{name}' also need the cache of layer(s) "
-                f"{stray}: the cut {prev if k else repr(name)} is inside a decoder layer; cut at a layer's output "
-                f"(the residual sum that the next layer's norm reads, 'layers.N.output' in eecompile's export)")
+        check_own_layers(_past_layers(graph), first, last, where, bounds, k, held="cache", layer="decoder layer",
+                         reads="the residual sum that the next layer's norm reads")
         if hidden_in is not None:
             _shape_from_hidden(graph, hidden_in.name or "")
         if hidden_in is not None and not any(v.name == hidden_in.name for v in graph.inputs):
@@ -157,6 +152,21 @@ def cut_segments(dg: DecoderGraph, cuts: list[str], final_hidden: str) -> list[S
         raise SpecError(f"final.hidden: '{final_hidden}' is the output of layer {first - 1}, not of the last layer "
                         f"({dg.n_layers - 1}); name the final norm's input")
     return segments
+
+
+def check_own_layers(read: set[int], first: int, last: int, where: str, bounds: list[str], k: int, *, held: str,
+                     layer: str, reads: str) -> None:
+    """Raise :class:`SpecError` (at ``where``) when segment ``k``, which owns layers ``first..last-1`` between
+    ``bounds[k-1]`` (or the model input) and ``bounds[k]``, reads the ``held`` state (cache, recurrent state) of a
+    layer in ``read`` it does not own: one of its cuts lies inside a layer."""
+    stray = sorted(i for i in read if not first <= i < last)
+    if stray:
+        name = bounds[k]
+        prev = f"'{bounds[k - 1]}'" if k else "the model input"
+        raise SpecError(
+            f"{where}: layers {first}..{last - 1} between {prev} and '{name}' also need the {held} of layer(s) "
+            f"{stray}: the cut {prev if k else repr(name)} is inside a {layer}; cut at a layer's output "
+            f"({reads}, 'layers.N.output' in eecompile's export)")
 
 
 def check_cuts(values: dict[str, ir.Value], cuts: list[str], final_hidden: str) -> list[str]:

@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from eecompile.bundle import Bundle
 from eecompile.decoder.compile import DecoderSpec, decoder_section, name_hidden, write_decoder_bundle
-from eecompile.decoder.cut import DecoderGraph, Segment, check_cuts, cut_head, embedding_of
+from eecompile.decoder.cut import DecoderGraph, Segment, check_cuts, check_own_layers, cut_head, embedding_of
 from eecompile.errors import GraphError, SpecError
 from eecompile.passes.extract_segments import extract_subgraph
 
@@ -147,13 +147,8 @@ def cut_recurrent_segments(rg: RecurrentGraph, cuts: list[str], final_hidden: st
                             f"list the exits in layer order, each after a later layer")
         outs = [values[name]] + [present[n] for n in rg.names("present_state", first, last)]
         graph = extract_subgraph(g, sources, outs, where)
-        stray = sorted(i for i in _state_layers(graph) if not first <= i < last)
-        if stray:
-            prev = f"'{bounds[k - 1]}'" if k else "the model input"
-            raise SpecError(
-                f"{where}: layers {first}..{last - 1} between {prev} and '{name}' also need the state of layer(s) "
-                f"{stray}: the cut {prev if k else repr(name)} is inside a layer; cut at a layer's output "
-                f"(the residual sum the next layer reads, 'layers.N.output' in eecompile's export)")
+        check_own_layers(_state_layers(graph), first, last, where, bounds, k, held="state", layer="layer",
+                         reads="the residual sum the next layer reads")
         if hidden_in is not None and not any(v.name == hidden_in.name for v in graph.inputs):
             raise SpecError(f"{where}: the layers after '{hidden_in.name}' do not read it; it is not a layer output")
         graph.name = f"segment{k}"
