@@ -419,6 +419,58 @@ def test_calibrate_bundle_budget_outside(trained_dir: Path, budget: float) -> No
                          max_drop=budget, quiet=True)
 
 
+def test_calibrate_times_the_chosen_thresholds_on_the_data(trained_dir: Path, tmp_path: Path) -> None:
+    """The speedup calibrate reports is the chosen thresholds timed on the calibration data against the unsplit
+    model, as `eecompile bench` times a bundle; the cost model's figure is kept beside it."""
+    import shutil
+
+    from eecompile.bundle import Bundle
+    from eecompile.calibrate import calibrate_bundle
+
+    bundle = tmp_path / "b.eebundle"
+    shutil.copytree(trained_dir / "max_prob" / "model.eebundle", bundle)
+    report = calibrate_bundle(bundle, trained_dir / "max_prob" / "cal.npz", max_drop=0.05, repeats=10,
+                              reference_model=trained_dir / "max_prob" / "model.onnx", quiet=True)
+    assert report.deployed and report.measured is not None
+    m = report.measured
+    assert m["speedup"]["rounds"] >= 5 and m["n_batches"] >= 16
+    assert report.expected_speedup == m["speedup"]["median"]
+    assert m["speedup"]["min"] <= report.expected_speedup <= m["speedup"]["max"]
+    assert report.model_speedup and report.model_speedup > 0 and m["chain_ms"] > 0 and m["unsplit_ms"] > 0
+    text = "\n".join(report.summary_lines())
+    assert "measured on the calibration data" in text and "cost model" in text
+    assert Bundle.load(bundle).manifest.calibration["measured"]["speedup"]["median"] == report.expected_speedup
+
+
+def test_calibrate_sets_never_when_the_chosen_thresholds_measure_slower(trained_dir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thresholds within budget whose measured run is slower than never exiting are not deployed as they are:
+    every gate is set to never, and the report says why with both figures."""
+    import shutil
+
+    import eecompile.calibrate as cal
+    from eecompile.bundle import Bundle
+    from eecompile.calibrate.latency import StreamTiming
+
+    slow = StreamTiming(chain_ms=2.0, never_ms=1.0, unsplit_ms=1.0, speedup={"median": 0.5, "min": 0.4, "max": 0.6,
+                        "rounds": 5}, never_speedup={"median": 0.5, "min": 0.4, "max": 0.6, "rounds": 5},
+                        n_batches=16, rounds=5)
+    seen: list[list[float]] = []
+    monkeypatch.setattr(cal, "time_chosen", lambda b, inputs, thresholds, **kw: seen.append(list(thresholds)) or slow)
+    bundle = tmp_path / "b.eebundle"
+    shutil.copytree(trained_dir / "max_prob" / "model.eebundle", bundle)
+    report = cal.calibrate_bundle(bundle, trained_dir / "max_prob" / "cal.npz", max_drop=0.05,
+                                  costs=[1.0, 1.0, 4.0], quiet=True)
+    assert not seen  # given costs (a replayed measurement): nothing is timed
+    report = cal.calibrate_bundle(bundle, trained_dir / "max_prob" / "cal.npz", max_drop=0.05, repeats=5,
+                                  reference_model=trained_dir / "max_prob" / "model.onnx", quiet=True)
+    assert seen and report.deployed and report.measured is None
+    assert all(e["share"] == 0 for e in report.exits[:-1])
+    assert any("so every gate is set to never" in n and "0.50x" in n for n in report.notes)
+    gates = [s.exit.gate for s in Bundle.load(bundle).manifest.segments if s.exit.gate is not None]
+    assert gates and all(float(g.threshold) == math.inf for g in gates)  # max_prob: +inf never fires
+
+
 def test_source_model_is_used_only_inside_the_bundle(trained_dir: Path, tmp_path: Path) -> None:
     """A manifest's source_model is opened only when it lies inside the bundle (no '..', absolute path or link)."""
     import dataclasses
@@ -505,7 +557,7 @@ def test_time_interleaved_rounds_take_turns() -> None:
 
     order: list[int] = []
     calls = [lambda i=i: order.append(i) for i in range(3)]
-    med = time_interleaved(calls, rounds=9, warmup=1, min_block_s=0.0)
+    med = time_interleaved(calls, rounds=9, warmup=1, min_block_s=0.0, warm_per_block=0)
     assert len(med) == 3 and all(m > 0 for m in med)
     timed = order[3 * 2:]  # after each call's warm-up and single timing
     assert len(timed) == 27
@@ -514,6 +566,27 @@ def test_time_interleaved_rounds_take_turns() -> None:
     assert sorted(timed[:3]) == [0, 1, 2]
     paired = time_interleaved(calls, rounds=7, warmup=1, reference=2)
     assert len(paired) == 3 and all(m > 0 for m in paired)
+    # By default every block starts with an untimed call: the block times the callable warm, not the first call
+    # after another one evicted its data from the caches.
+    order.clear()
+    time_interleaved(calls, rounds=4, warmup=1, min_block_s=0.0)
+    blocks = order[3 * 2:]
+    assert len(blocks) == 4 * 3 * 2 and all(blocks[i] == blocks[i + 1] for i in range(0, len(blocks), 2))
+
+
+def test_stratified_rows_keep_the_exit_mix() -> None:
+    """The pass that times chosen thresholds (calibrate) or a bundle (bench) has the whole data's exit shares,
+    every exit taken keeps a row, and the rows are distinct and seeded."""
+    from eecompile.runtimes.bench import stratified_rows
+
+    exits = np.array([0] * 770 + [1] * 140 + [2] * 50 + [3] * 40)
+    rows = stratified_rows(exits, 100, seed=3)
+    assert rows.size == 100 and np.unique(rows).size == 100
+    assert np.bincount(exits[rows], minlength=4).tolist() == [77, 14, 5, 4]
+    assert rows.tolist() == stratified_rows(exits, 100, seed=3).tolist()
+    rare = np.array([0] * 999 + [3])
+    assert 3 in rare[stratified_rows(rare, 10)]  # a rare deep exit keeps one row
+    assert sorted(stratified_rows(exits[:50], 80).tolist()) == list(range(50))  # fewer rows than asked: all
 
 
 def test_exit_table_of_a_time_major_model(tmp_path: Path) -> None:

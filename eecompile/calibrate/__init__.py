@@ -42,7 +42,14 @@ from eecompile.calibrate.collect import (
     predictions,
 )
 from eecompile.calibrate.jumps import JumpTable, collect_jump_table, end_settings, jump_exit_rows
-from eecompile.calibrate.latency import find_source_model, measure_latency, session_options, time_interleaved
+from eecompile.calibrate.latency import (
+    StreamTiming,
+    find_source_model,
+    measure_latency,
+    session_options,
+    time_chosen,
+    time_interleaved,
+)
 from eecompile.calibrate.ltt import LTTResult, ltt_thresholds
 from eecompile.calibrate.plot import check_plot_path, plot_report
 from eecompile.calibrate.report import CalibrationReport
@@ -76,6 +83,7 @@ from eecompile.calibrate.stats import (
 )
 from eecompile.errors import CalibrationError, DataError
 from eecompile.runtimes.base import check_classifier_bundle
+from eecompile.runtimes.bench import stratified_rows
 from eecompile.runtimes.data import batch_size_of
 
 __all__ = [
@@ -94,6 +102,8 @@ log = logging.getLogger(__name__)
 METHODS = ("search", "ltt")
 DEFAULT_CONFIDENCE = 0.95
 LTT_LEARN_FRACTION = 0.3
+# Batches in the pass that times the chosen thresholds (rows drawn with the calibration data's exit mix).
+STREAM_ROWS = 128
 
 
 def resolve_confidence(confidence: float | None, delta: float | None) -> float:
@@ -258,6 +268,20 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
                          f"are left as they were"
                          + (f"; about {need_best} calibration samples would certify the next setting"
                             if need_best else ""))
+    stream: StreamTiming | None = None
+    if deployed and costs is None and jumps is None and list(thresholds) != never:
+        # The chosen thresholds on the calibration data, timed as `eecompile bench` times a bundle: the cost model
+        # above times each exit's path alone, warm; in use a deep sample follows shallow ones and finds the deep
+        # segments' weights out of the CPU caches (digits at batch 1: the final exit's path 1.5x its warm cost).
+        rows = stratified_rows(evaluate(table, thresholds, cum).exit_index, STREAM_ROWS * batch_size, seed)
+        stream = time_chosen(b, inputs, thresholds, backend=backend, batch_size=batch_size, threads=threads,
+                             reference_model=reference_model, rows=rows, max_batches=STREAM_ROWS)
+        if stream.never_speedup["median"] < 1.0:
+            notes.append(f"measured on the calibration data, the chosen thresholds run at "
+                         f"{stream.never_speedup['median']:.2f}x the speed of never exiting at batch {batch_size} "
+                         f"(every gate never: {stream.never_ms:.4f} ms, chosen: {stream.chain_ms:.4f} ms per call), "
+                         f"so every gate is set to never (consider fewer or earlier exits)")
+            thresholds = never
     shown = thresholds if deployed or uncertified is None else uncertified
     ev = evaluate(table, shown, cum)
     lo, hi = clopper_pearson_interval(ev.errors, n, conf)
@@ -277,7 +301,13 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
             "accuracy": float(table.correct[k, here].mean()) if here.any() else None,
             "cumulative_ms": float(cum[k]),
         })
-    speedup = baseline_ms / ev.expected_cost
+    model_speedup = baseline_ms / ev.expected_cost
+    speedup = model_speedup
+    if stream is not None and list(thresholds) != never:
+        if stream.speedup is not None:
+            speedup = float(stream.speedup["median"])
+        else:  # no unsplit model: against the chain run to the end, as the cost model's baseline is
+            speedup = float(stream.never_speedup["median"])
     if deployed and speedup < 1.0:
         notes.append(f"the chosen thresholds are expected to run at {speedup:.2f}x the {baseline} (slower): the "
                      f"exits save less than the split costs at batch {batch_size}; consider fewer exits")
@@ -285,7 +315,8 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
         method=method, max_drop=max_drop, delta=dlt if method == "ltt" else None, reference=ref, n_samples=n,
         backend=backend, batch_size=batch_size, exits=exits, full_accuracy=ev.full_accuracy, accuracy=ev.accuracy,
         drop=ev.drop, expected_ms=ev.expected_cost, baseline_ms=baseline_ms, baseline=baseline,
-        expected_speedup=speedup, oracle_speedup=baseline_ms / float(cum[oracle].mean()),
+        expected_speedup=speedup, oracle_speedup=baseline_ms / float(cum[oracle].mean()), model_speedup=model_speedup,
+        measured=None if stream is None or list(thresholds) == never else stream.to_dict(),
         certified=ltt.certified if ltt else None,
         ltt=None if ltt is None else {"n_learn": ltt.n_learn, "n_test": ltt.n_test, "candidates": ltt.n_candidates,
                                       "certified_candidates": ltt.n_certified, "p_value": ltt.p_value,

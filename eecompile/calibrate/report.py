@@ -56,6 +56,8 @@ class CalibrationReport:
     samples_needed: int | None = None
     samples_needed_best: int | None = None
     error_budget: float | None = None  # regression: the relative L2 error to the final output a sample may have
+    model_speedup: float | None = None  # the cost model's: baseline_ms / expected_ms
+    measured: dict[str, Any] | None = None  # StreamTiming.to_dict(): the chosen thresholds timed on the data
 
     @property
     def what(self) -> str:
@@ -86,9 +88,22 @@ class CalibrationReport:
                        f"); drop <= {self.drop_upper:.4f} at {self.confidence:.0%} confidence (Clopper-Pearson)"
                        + (f"; a budget of {self.max_drop:g} needs >= {self.samples_needed} samples even with zero "
                           f"errors" if self.samples_needed else ""))
-        out.append(f"expected {self.expected_ms:.4f} ms vs {self.baseline} {self.baseline_ms:.4f} ms on "
-                   f"{self.backend} at batch {self.batch_size}: speedup {self.expected_speedup:.2f}x "
-                   f"(oracle {self.oracle_speedup:.2f}x)")
+        m = self.measured
+        if m:
+            ref = (f"unsplit model {m['unsplit_ms']:.4f} ms" if m.get("unsplit_ms") is not None else
+                   f"never exiting {m['never_ms']:.4f} ms")
+            sp = m.get("speedup") or m["never_speedup"]
+            out.append(f"measured on the calibration data, {self.backend} at batch {self.batch_size}: "
+                       f"{m['chain_ms']:.4f} ms vs {ref} per call: speedup {self.expected_speedup:.2f}x "
+                       f"({sp['min']:.2f}-{sp['max']:.2f}x over {sp['rounds']} paired rounds of {m['n_batches']} "
+                       f"batches, timed as `eecompile bench` times it)")
+            out.append(f"cost model (each exit's path timed alone): expected {self.expected_ms:.4f} ms vs "
+                       f"{self.baseline} {self.baseline_ms:.4f} ms: {self.model_speedup or 0:.2f}x "
+                       f"(oracle {self.oracle_speedup:.2f}x)")
+        else:
+            out.append(f"expected {self.expected_ms:.4f} ms vs {self.baseline} {self.baseline_ms:.4f} ms on "
+                       f"{self.backend} at batch {self.batch_size}: speedup {self.expected_speedup:.2f}x "
+                       f"(oracle {self.oracle_speedup:.2f}x)")
         if self.method == "ltt" and self.ltt is not None and self.certified:
             out.append(f"certified by Learn-then-Test: {'share over the error budget' if self.error_budget else 'drop'} <= {self.max_drop:g} on new data with probability "
                        f">= {1 - (self.delta or 0):.0%} ({self.ltt['certified_candidates']} of "

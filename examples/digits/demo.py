@@ -196,8 +196,9 @@ def main() -> int:
           f"budget {args.max_drop})")
     print("  share exiting: " + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, shares, strict=True)))
     print(f"  time per sample: unsplit model {t_full * 1e6:.1f} us, early-exit chain {t_ee * 1e6:.1f} us")
-    print(f"  measured speedup: {t_full / t_ee:.2f}x (calibration estimate {report.expected_speedup:.2f}x, "
-          f"oracle {oracle:.2f}x)")
+    model = f", its cost model {report.model_speedup:.2f}x" if report.measured else ""
+    print(f"  measured speedup: {t_full / t_ee:.2f}x (calibration measured {report.expected_speedup:.2f}x on its own "
+          f"split{model}; oracle {oracle:.2f}x)")
     print(f"  plot: {plot}")
     return 0
 
