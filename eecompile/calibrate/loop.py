@@ -254,8 +254,11 @@ def calibrate_loop(bundle: Bundle, data: str | Path, *, max_drop: float, confide
         allowed = sr.allowed_errors
         if not deployed:
             uncertified = sr.best_unbounded if sr.best_unbounded != never else None
-            notes.append(f"no loop threshold that stops samples early has at most {allowed} samples off in {n}, "
-                         f"which the budget allows at confidence {conf:g}; the bundle's threshold is left as it was")
+            why = (f"{n} samples cannot bound the share of samples off below {max_drop} at confidence {conf:g} "
+                   f"(even zero samples off need {need} samples)" if allowed < 0 else
+                   f"no loop threshold that stops samples early has at most {allowed} samples off in {n}, "
+                   f"which the budget allows at confidence {conf:g}")
+            notes.append(f"{why}; the bundle's threshold is left as it was")
     else:
         allowed = None
         ltt = ltt_thresholds(table, cum, max_drop, dlt, seed=seed, learn_fraction=LEARN_FRACTION)

@@ -162,6 +162,19 @@ def test_a_budget_the_data_cannot_bound_leaves_the_bundle_as_it_was(built: dict,
     assert (bundle / "manifest.yaml").read_text() == before
 
 
+def test_too_few_samples_for_the_budget_says_how_many_zero_errors_need(built: dict, tmp_path: Path) -> None:
+    """8 samples cannot bound a share of 0.1 even with none off: the note says so in words and gives the count
+    needed (it used to read 'has at most -1 samples off in 8')."""
+    bundle = _copy(built, "prophet", tmp_path)
+    np.savez(tmp_path / "few.npz", tokens=built["tokens"][:8])
+    report = calibrate_bundle(bundle, tmp_path / "few.npz", max_drop=0.1, costs=[1e-3] * 5)
+    assert not report.deployed and report.allowed_errors == -1
+    text = "\n".join(report.summary_lines())
+    assert "-1" not in text, text
+    assert (f"8 samples cannot bound the share of samples off below 0.1 at confidence 0.95 (even zero samples off "
+            f"need {report.samples_needed} samples)") in text, text
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
