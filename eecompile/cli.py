@@ -726,6 +726,9 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
               help="How long a batch waits for more requests after its first.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Larger request bodies get HTTP 413.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Loop bundles: most steps a request may ask for (more: HTTP 400) [default: 4 x the bundle's "
+                   "loop.steps].")
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads per replica.")
 @click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="Ray CPUs each replica holds.")
@@ -735,8 +738,8 @@ def _parse_autoscale(value: str | None) -> tuple[int, int] | None:
 @_public_key_option
 @_user_errors
 def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | None, max_batch_size: int,
-          batch_wait_ms: float, max_body_mb: float, backend: str, threads: int | None, cpus_per_replica: float,
-          address: str | None, no_prepack: bool, public_key: Path | None) -> None:
+          batch_wait_ms: float, max_body_mb: float, max_steps: int | None, backend: str, threads: int | None,
+          cpus_per_replica: float, address: str | None, no_prepack: bool, public_key: Path | None) -> None:
     """Serve BUNDLE over HTTP with Ray Serve: POST /v1/predict (decoder bundles: POST /v1/generate), GET
     /v1/health (until Ctrl-C)."""
     try:
@@ -748,7 +751,7 @@ def serve(bundle: Path, host: str, port: int, replicas: int, autoscale: str | No
                            backend_options={**({} if threads is None else {"threads": threads}),
                                             **({"prepack": False} if no_prepack else {})},
                            max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                           max_body_bytes=int(max_body_mb * (1 << 20)),
+                           max_body_bytes=int(max_body_mb * (1 << 20)), max_steps=max_steps,
                            public_key=None if public_key is None else str(public_key.resolve()))
     serve_bundle(options, host=host, port=port, replicas=replicas, autoscaling=_parse_autoscale(autoscale),
                  cpus_per_replica=cpus_per_replica, address=address,

@@ -68,18 +68,19 @@ class PredictRequest:
 
 def parse_request(body: bytes, content_type: str | None, inputs: Sequence[TensorInfo], n_early_exits: int,
                   max_samples: int | None = None, loop: bool = False,
-                  refuse_names: Callable[[Sequence[str], str], None] | None = None) -> PredictRequest:
+                  refuse_names: Callable[[Sequence[str], str], None] | None = None,
+                  max_steps: int | None = None) -> PredictRequest:
     """Parse and check a request body against the model ``inputs``; ``loop``: the bundle is a loop bundle (the
-    request may give ``steps`` and ``loop_threshold``). ``refuse_names(names, where)``: called with the request's
-    array names before they are checked against ``inputs`` (a loop's
+    request may give ``steps``, at most ``max_steps``, and ``loop_threshold``). ``refuse_names(names, where)``:
+    called with the request's array names before they are checked against ``inputs`` (a loop's
     :meth:`~eecompile.runtimes.loop.LoopRunner.refuse_step_inputs`: a per-step input gets ``eecompile run``'s message,
     not "not a model input").
 
     Raises :class:`~eecompile.errors.DataError` (HTTP 400) for anything that does not fit the model, with the
     message ``eecompile run`` gives for the same arrays in a file, and for ``steps``/``loop_threshold`` that are
-    malformed or sent to a bundle without a loop; :class:`RequestTooLarge` (413) when the request holds more than
-    ``max_samples`` samples; SpecError (400) for a bad threshold list. The loop threshold's range is checked
-    by the runner (:class:`~eecompile.runtimes.loop.LoopRunner`), per gate kind."""
+    malformed, over ``max_steps`` or sent to a bundle without a loop; :class:`RequestTooLarge` (413) when the request
+    holds more than ``max_samples`` samples; SpecError (400) for a bad threshold list. The loop threshold's range is
+    checked by the runner (:class:`~eecompile.runtimes.loop.LoopRunner`), per gate kind."""
     kind = (content_type or JSON).split(";")[0].strip().lower()
     if kind == NPZ:
         raw, options = _read_npz(body)
@@ -89,7 +90,7 @@ def parse_request(body: bytes, content_type: str | None, inputs: Sequence[Tensor
         as_npz = False
     else:
         raise DataError(f"{WHERE}: content type '{kind}' is not supported; send {JSON} or an .npz as {NPZ}")
-    steps, loop_threshold = _loop_options(options, loop)
+    steps, loop_threshold = _loop_options(options, loop, max_steps)
     if refuse_names is not None:
         refuse_names(list(raw), WHERE)
     feeds, n = check_arrays(raw, inputs, from_json=not as_npz)
@@ -103,8 +104,10 @@ def parse_request(body: bytes, content_type: str | None, inputs: Sequence[Tensor
 LOOP_FIELDS = ("steps", "loop_threshold")
 
 
-def _loop_options(options: dict[str, Any], loop: bool) -> tuple[int | None, float | str | tuple[float, ...] | None]:
-    """``steps`` and ``loop_threshold`` of a request, checked for form (DataError naming the field)."""
+def _loop_options(options: dict[str, Any], loop: bool, max_steps: int | None = None
+                  ) -> tuple[int | None, float | str | tuple[float, ...] | None]:
+    """``steps`` (at most ``max_steps``) and ``loop_threshold`` of a request, checked for form (DataError naming
+    the field)."""
     given = [k for k in LOOP_FIELDS if options.get(k) is not None]
     if given and not loop:
         raise DataError(f"{WHERE}: {' and '.join(given)} {'is' if len(given) == 1 else 'are'} for loop bundles "
@@ -115,6 +118,9 @@ def _loop_options(options: dict[str, Any], loop: bool) -> tuple[int | None, floa
         steps = int(steps.reshape(()))
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise DataError(f"{WHERE}: steps is {_plain(steps)!r}; expected a positive integer (the loop's step count)")
+    if steps is not None and max_steps is not None and steps > max_steps:
+        raise DataError(f"{WHERE}: steps is {steps}; this endpoint runs at most {max_steps} steps per request "
+                        f"(serve --max-steps); ask for fewer")
     t = options.get("loop_threshold")
     if isinstance(t, np.ndarray):  # an .npz: a number, a word or the stage values
         t = [_number_or_word(str(v)) for v in np.atleast_1d(t).tolist()]

@@ -44,7 +44,7 @@ from ray.serve import metrics
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from eecompile.errors import BackendError, EECompileError
+from eecompile.errors import BackendError, EECompileError, SpecError
 from eecompile.serve.batching import Answer, group_requests, run_group
 from eecompile.serve.decoding import Busy, DecodeScheduler, RowSink, StepFigures
 from eecompile.serve.protocol import (
@@ -63,6 +63,10 @@ ROUTE_PREFIX = "/v1"
 LATENCY_BOUNDARIES_MS = [1.0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 BATCH_BOUNDARIES = [1.0, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 SSE = "text/event-stream"
+# A loop request's steps hold the replica for their whole run: by default a request may ask for up to this many times
+# the bundle's loop.steps (room for a finer schedule than the default, while one request costs at most this many
+# default requests).
+MAX_STEPS_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class ServeOptions:
     max_body_bytes: int = 64 << 20
     public_key: str | None = None  # PEM: every replica refuses a bundle not signed by its owner
     max_waiting: int = 256  # decoder bundles: requests waiting for a row beyond the running batch (then 503)
+    max_steps: int | None = None  # loop bundles: most steps a request may ask for (None: MAX_STEPS_FACTOR x loop.steps)
 
 
 def load_runner(options: ServeOptions) -> Any:
@@ -95,6 +100,25 @@ def load_runner(options: ServeOptions) -> Any:
                 **options.backend_options)
 
 
+def max_steps_of(options: ServeOptions, runner: Any) -> int | None:
+    """The most steps a request to a loop bundle may ask for (None for a bundle without a loop). Raises SpecError
+    for ``max_steps`` on a bundle without a loop, or below its ``loop.steps`` (a request that gives no steps runs
+    that many)."""
+    loop = None if _is_decoder(runner) else runner.manifest.loop
+    if loop is None:
+        if options.max_steps is not None:
+            raise SpecError(f"--max-steps {options.max_steps}: only for loop bundles (compiled from a spec with "
+                            f"'loop:'); {Path(options.bundle).name} runs its chain once: leave it out")
+        return None
+    default = int(loop["steps"])
+    if options.max_steps is None:
+        return MAX_STEPS_FACTOR * default
+    if options.max_steps < default:
+        raise SpecError(f"--max-steps {options.max_steps} is below the bundle's loop.steps ({default}), which a "
+                        f"request that gives no steps runs; give --max-steps {default} or more")
+    return options.max_steps
+
+
 def _is_decoder(runner: Any) -> bool:
     return hasattr(runner, "generate") and not hasattr(runner, "run")
 
@@ -111,6 +135,7 @@ class EarlyExitDeployment:
         self._cfg = options
         self.runner = load_runner(options)
         self.decoder = _is_decoder(self.runner)
+        self.max_steps = max_steps_of(options, self.runner)
         self.n_early_exits = len(self.runner.exits) if self.decoder else self.runner.manifest.n_early_exits
         # Thresholds a request gives: one per gate (a bundle with jump exits has a boundary segment without one).
         self.n_thresholds = self.n_early_exits if self.decoder else len(self.runner.manifest.thresholds)
@@ -179,7 +204,8 @@ class EarlyExitDeployment:
             inputs = ["prompt", "token_ids"] if self.decoder else [t.name for t in self.runner.inputs]
             return self._json(200, {"status": "ok", "bundle": Path(self._cfg.bundle).name, "route": route,
                                     "exits": self.n_early_exits + 1, "inputs": inputs, "pid": os.getpid(),
-                                    "replica": _replica_id()})
+                                    "replica": _replica_id(),
+                                    **({} if self.max_steps is None else {"max_steps": self.max_steps})})
         other = "predict" if self.decoder else "generate"
         if path.endswith(f"/{other}") and request.method == "POST":
             return self._error(400, self._wrong_kind(other), t0)
@@ -195,7 +221,8 @@ class EarlyExitDeployment:
             req = parse_request(body, request.headers.get("content-type"), self.runner.inputs,
                                 self.n_thresholds, max_samples=self._cfg.max_batch_size,
                                 loop=self.runner.manifest.loop is not None,
-                                refuse_names=getattr(self.runner, "refuse_step_inputs", None))
+                                refuse_names=getattr(self.runner, "refuse_step_inputs", None),
+                                max_steps=self.max_steps)
             holder = await self.predict(req)
             answer: Answer = await holder[0]
         except RequestTooLarge as e:
@@ -433,6 +460,7 @@ def serve_bundle(options: ServeOptions, host: str = "127.0.0.1", port: int = 800
     route = "generate" if _is_decoder(runner) else "predict"
     if hasattr(runner, "close"):
         runner.close()
+    max_steps_of(options, runner)  # and with a --max-steps that does not fit the bundle
     import ray
 
     started_here = address is None

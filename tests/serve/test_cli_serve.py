@@ -54,6 +54,14 @@ def test_missing_bundle(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "nope.eebundle" in err and "Traceback" not in err
 
 
+def test_max_steps_on_a_bundle_without_a_loop_ends_serve(served_bundle: Path) -> None:
+    proc = _serve(str(served_bundle), "--max-steps", "8", "--port", str(free_port()))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1] == (f"error: --max-steps 8: only for loop bundles (compiled from a spec with "
+                                            f"'loop:'); {served_bundle.name} runs its chain once: leave it out")
+
+
 @pytest.mark.slow
 def test_serve_until_sigint(served_bundle: Path) -> None:
     import eecompile

@@ -92,6 +92,17 @@ def test_bad_loop_fields_are_one_clear_error(fields: dict, loop: bool, message: 
     assert str(e.value).startswith(message), str(e.value)
 
 
+def test_steps_over_the_endpoints_limit_are_refused_naming_it_and_the_option() -> None:
+    x = {"x": [[1, 2, 3, 4]]}
+    body = json.dumps({"inputs": x, "steps": 9}).encode()
+    with pytest.raises(DataError) as e:
+        parse_request(body, "application/json", X, 0, loop=True, max_steps=8)
+    assert str(e.value) == ("request: steps is 9; this endpoint runs at most 8 steps per request (serve --max-steps); "
+                            "ask for fewer")
+    assert parse_request(json.dumps({"inputs": x, "steps": 8}).encode(), "application/json", X, 0, loop=True,
+                         max_steps=8).steps == 8
+
+
 def test_a_per_step_input_in_a_request_gets_the_message_run_gives(tmp_path: Path) -> None:
     """`t`, fed by the loop at every step, is a model input: a request giving it was answered "arrays 't' are not
     model inputs; the model's inputs are ['x']"; it now gets `eecompile run`'s message for the same array."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,18 +23,24 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def loop_endpoint(tmp_path_factory: pytest.TempPathFactory, ray_serve: dict) -> Any:
-    from ray import serve
-
+def loop_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import eecompile
-    from eecompile.runtimes.loop import LoopRunner
-    from eecompile.serve.ray_app import ServeOptions, run_app
     from tests.loops.models import export_ddim_step, export_denoiser
     from tests.loops.test_denoiser_loop import loop_spec
 
     d = tmp_path_factory.mktemp("served_loop")
-    bundle = eecompile.compile_model(loop_spec(d, export_denoiser(d / "denoiser.onnx"),
-                                               export_ddim_step(d / "ddim.onnx")), d / "ddim.eebundle").path
+    return eecompile.compile_model(loop_spec(d, export_denoiser(d / "denoiser.onnx"),
+                                             export_ddim_step(d / "ddim.onnx")), d / "ddim.eebundle").path
+
+
+@pytest.fixture(scope="module")
+def loop_endpoint(loop_bundle: Path, ray_serve: dict) -> Any:
+    from ray import serve
+
+    from eecompile.runtimes.loop import LoopRunner
+    from eecompile.serve.ray_app import ServeOptions, run_app
+
+    bundle = loop_bundle
     port = ray_serve["port"]
     run_app(ServeOptions(bundle=str(bundle), max_batch_size=16, batch_wait_ms=50), port=port, name="loop",
             route_prefix="/loop/v1")
@@ -100,3 +107,23 @@ def test_loop_npz_request_and_bad_loop_requests(loop_endpoint: Any) -> None:
     status, body, _ = post(f"{url}/predict", json.dumps({"inputs": {"x": x.tolist(), "t": [0.5] * 3}}).encode(),
                            "application/json")
     assert status == 400 and "'t'" in json.loads(body)["error"], body
+
+
+def test_steps_are_bounded_by_max_steps(loop_endpoint: Any, loop_bundle: Path) -> None:
+    """One request cannot hold a replica for an unbounded number of steps: by default at most 4 x the bundle's
+    loop.steps (GET /v1/health says how many), more is a 400 naming the limit and the option that sets it."""
+    url, _ = loop_endpoint
+    status, body = get(f"{url}/health")
+    assert status == 200 and json.loads(body)["max_steps"] == 4 * STEPS
+    status, doc = _post(url, _noise(1, seed=3), steps=4 * STEPS + 1)
+    assert status == 400 and doc["error"] == (f"request: steps is {4 * STEPS + 1}; this endpoint runs at most "
+                                              f"{4 * STEPS} steps per request (serve --max-steps); ask for fewer"), doc
+    # A limit below the bundle's own loop.steps (what a request without steps runs) ends `serve` before it starts.
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+
+    r = CliRunner().invoke(cli, ["serve", str(loop_bundle), "--max-steps", str(STEPS - 1)])
+    assert r.exit_code == 1 and (f"--max-steps {STEPS - 1} is below the bundle's loop.steps ({STEPS}), which a "
+                                 f"request that gives no steps runs; give --max-steps {STEPS} or more") in r.output, \
+        r.output
