@@ -130,8 +130,16 @@ def _loop_options(options: dict[str, Any], loop: bool, max_steps: int | None = N
     values = t if isinstance(t, list) else [t]
     if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         raise DataError(f"{WHERE}: loop_threshold is {_plain(t)!r}; expected a number, a list of stage numbers "
-                        f"(e.g. [7.5, 5, 2.5]), 'never' or 'always'")
+                        f"(e.g. [7.5, 5, 2.5]), 'never' or 'always'{_quoted_numbers(values)}")
     return steps, (tuple(float(v) for v in values) if isinstance(t, list) else float(t))
+
+
+def _quoted_numbers(values: Sequence[Any]) -> str:
+    """A hint for numbers sent as JSON strings ("0.5"): every numeric field of a JSON request takes JSON numbers
+    only (an .npz carries words and numbers as string arrays, and those are read as numbers where they parse)."""
+    quoted = [v for v in values if isinstance(v, str) and isinstance(_number_or_word(v), float)
+              and math.isfinite(float(v))]
+    return f" ({quoted[0]!r} is a JSON string: send the number unquoted, {float(quoted[0]):g})" if quoted else ""
 
 
 def _plain(v: Any) -> Any:
@@ -241,7 +249,8 @@ def _thresholds(value: Any, n_early_exits: int) -> tuple[float | str, ...] | Non
         elif isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
             out.append(float(t))
         else:
-            raise SpecError(f"{WHERE}: thresholds[{i}]: {t!r} is neither a finite number nor 'never'/'always'")
+            raise SpecError(f"{WHERE}: thresholds[{i}]: {t!r} is neither a finite number nor 'never'/'always'"
+                            f"{_quoted_numbers([t])}")
     return tuple(out)
 
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from eecompile.bundle import TensorInfo
-from eecompile.errors import DataError
+from eecompile.errors import DataError, SpecError
 from eecompile.serve.batching import group_requests
 from eecompile.serve.protocol import PredictRequest, generate_request, parse_generate, parse_request
 
@@ -90,6 +90,27 @@ def test_bad_loop_fields_are_one_clear_error(fields: dict, loop: bool, message: 
     with pytest.raises(DataError) as e:
         _predict({"inputs": {"x": [[1, 2, 3, 4]]}, **fields}, loop=loop)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_number_sent_as_a_json_string_is_refused_naming_the_field_and_its_forms() -> None:
+    """JSON's numeric fields take JSON numbers only: a quoted loop_threshold is refused as a quoted threshold or
+    steps is (the message says what was sent and how to send it); an .npz's string array is read as a number."""
+    x = {"x": [[1, 2, 3, 4]]}
+    with pytest.raises(DataError) as e:
+        _predict({"inputs": x, "loop_threshold": "0.5"})
+    assert str(e.value) == ("request: loop_threshold is '0.5'; expected a number, a list of stage numbers (e.g. "
+                            "[7.5, 5, 2.5]), 'never' or 'always' ('0.5' is a JSON string: send the number unquoted, "
+                            "0.5)")
+    with pytest.raises(DataError, match=r"loop_threshold is \[3, '1\.5'\];.*'1\.5' is a JSON string"):
+        _predict({"inputs": x, "loop_threshold": [3, "1.5"]})
+    with pytest.raises(SpecError, match=r"^request: thresholds\[0\]: '0\.9' is neither a finite number nor "
+                                        r"'never'/'always' \('0\.9' is a JSON string: send the number unquoted"):
+        parse_request(json.dumps({"inputs": x, "thresholds": ["0.9"]}).encode(), "application/json", X, 1)
+    with pytest.raises(DataError, match=r"^request: steps is '5'; expected a positive integer"):
+        _predict({"inputs": x, "steps": "5"})
+    buf = io.BytesIO()
+    np.savez(buf, x=np.ones((1, 4), np.float32), loop_threshold=np.array("0.5"))
+    assert parse_request(buf.getvalue(), "application/octet-stream", X, 0, loop=True).loop_threshold == 0.5
 
 
 def test_steps_over_the_endpoints_limit_are_refused_naming_it_and_the_option() -> None:
