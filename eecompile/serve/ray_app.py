@@ -137,7 +137,8 @@ class EarlyExitDeployment:
         self.decoder = _is_decoder(self.runner)
         self.max_steps = max_steps_of(options, self.runner)
         self.n_early_exits = len(self.runner.exits) if self.decoder else self.runner.manifest.n_early_exits
-        # Thresholds a request gives: one per gate (a bundle with jump exits has a boundary segment without one).
+        # Thresholds a request gives: one per gate (a bundle with jump exits has a boundary segment without one);
+        # the exits /health counts are these and the final one (the boundary is no exit, as `inspect` shows it).
         self.n_thresholds = self.n_early_exits if self.decoder else len(self.runner.manifest.thresholds)
         batcher: Any = self.predict  # @serve.batch's wrapper
         batcher.set_max_batch_size(options.max_batch_size)
@@ -203,7 +204,7 @@ class EarlyExitDeployment:
         if path.endswith("/health") and request.method in ("GET", "HEAD"):
             inputs = ["prompt", "token_ids"] if self.decoder else [t.name for t in self.runner.inputs]
             return self._json(200, {"status": "ok", "bundle": Path(self._cfg.bundle).name, "route": route,
-                                    "exits": self.n_early_exits + 1, "inputs": inputs, "pid": os.getpid(),
+                                    "exits": self.n_thresholds + 1, "inputs": inputs, "pid": os.getpid(),
                                     "replica": _replica_id(),
                                     **({} if self.max_steps is None else {"max_steps": self.max_steps})})
         other = "predict" if self.decoder else "generate"
