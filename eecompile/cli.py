@@ -268,17 +268,19 @@ def auto(model: Path, train: Path, calib: Path, max_drop: float, output: Path, c
               help="Decoder bundles: tokens in the draft head's sub-vocabulary.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=6000, show_default=True,
               help="Decoder bundles: text positions to distil on.")
-@click.option("--halting-beta", type=float, default=0.1, show_default=True,
-              help="score: halting heads (PALBERT): weight of the KL to the geometric prior (a loss scale, nats).")
-@click.option("--halting-prior", type=float, default=0.5, show_default=True,
-              help="score: halting heads (PALBERT): the geometric prior's halting probability per exit.")
+@click.option("--halting-beta", type=float, default=None,
+              help="score: halting heads (PALBERT): weight of the KL to the geometric prior (a loss scale, nats). "
+                   "Default: 0.1. Refused for a bundle without halting heads.")
+@click.option("--halting-prior", type=float, default=None,
+              help="score: halting heads (PALBERT): the geometric prior's halting probability per exit. Default: 0.5. "
+                   "Refused for a bundle without halting heads.")
 @click.option("--adapter", type=click.Choice(["mlp", "attention"]), default="mlp", show_default=True,
               help="Decoder bundles: the draft head's adapter, a residual MLP or Kangaroo's attention layer + norms "
                    "(with its own key/value cache).")
 @_user_errors
 def train_heads(bundle: Path, data: Path | None, epochs: int | None, labels: bool, head_files: bool,
                 temperature: float, lr: float, batch: int, seed: int, texts: tuple[Path, ...], draft_vocab: int,
-                max_tokens: int, halting_beta: float, halting_prior: float, adapter: str) -> None:
+                max_tokens: int, halting_beta: float | None, halting_prior: float | None, adapter: str) -> None:
     """Train the bundle's exit heads on frozen features and splice them in.
 
     Decoder bundles: each exit gets a draft head (adapter + sub-vocabulary LM head) distilled from the model's

@@ -162,8 +162,8 @@ def _class_last(x: np.ndarray, class_axis: int, n_classes: int) -> np.ndarray:
 def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 30, use_labels: bool = True,
                 temperature: float = 2.0, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
                 val_fraction: float = 0.1, weight_decay: float = 1e-4, quiet: bool = False,
-                head_files: bool = True, halting_beta: float = DEFAULT_BETA,
-                halting_prior: float = DEFAULT_HAZARD) -> TrainReport:
+                head_files: bool = True, halting_beta: float | None = None,
+                halting_prior: float | None = None) -> TrainReport:
     """Train every exit head the spec asked eecompile to make (``head: {kind: ...}``) and, with ``head_files``,
     every head given as an ONNX file (``head: FILE``: its float initializers trained in place, the graph run in
     torch by :mod:`eecompile.onnx_torch`), and splice them in. In-model heads (``head: {output: ...}``) are the
@@ -184,13 +184,15 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
     relative L2 error. A template's ``score`` option is fitted afterwards with the head frozen (see
     :func:`_fit_score`), except ``score: halting`` (PALBERT's lambda on q_exit gates): the lambdas of all such exits
     are trained together, in one optimiser, with PALBERT's objective (expected exit loss under the halting
-    distribution plus ``halting_beta`` times its KL to a geometric prior of hazard ``halting_prior``;
+    distribution plus ``halting_beta`` (None: 0.1) times its KL to a geometric prior of hazard ``halting_prior``
+    (None: 0.5);
     :mod:`eecompile.halting`), each exit's loss being its trained head's distillation (+ label) loss and the final
     exit's its cross-entropy with the labels (0 without). A head file with two outputs trains the one shaped like
     the exit output (the other is its score, left as it is).
 
     Returns a :class:`TrainReport`. Raises EECompileError for non-positive settings, a ``val_fraction`` that
-    leaves no sample to train on, or when torch is missing,
+    leaves no sample to train on, ``halting_beta``/``halting_prior`` given for a bundle without halting heads, or
+    when torch is missing,
     BundleError when no exit has a head eecompile makes or an exit's cut does not list the tensors its head
     reads, DataError for unusable data, and EECompileError for labels that do not match the predictions.
     """
@@ -199,7 +201,9 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
                              f"({temperature}) must be positive")
     if not 0.0 <= val_fraction < 1.0:
         raise EECompileError(f"train-heads: val_fraction must be in [0, 1), got {val_fraction}")
-    check_halting(halting_beta, halting_prior)
+    beta = DEFAULT_BETA if halting_beta is None else halting_beta
+    hazard = DEFAULT_HAZARD if halting_prior is None else halting_prior
+    check_halting(beta, hazard)
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     m = b.manifest
     trainable = [s for s in m.segments[:-1] if s.exit.head_spec and s.exit.head_spec.get("kind")]
@@ -217,6 +221,13 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
             f"{b.path}: no exit has a head to train; in the spec, give an exit `head: {{kind: linear}}` "
             f"(or mlp|conv|token|local|global) or a head file, and recompile"
         )
+    halting_options = [f"--halting-{name} {v:g}" for name, v in (("beta", halting_beta), ("prior", halting_prior))
+                       if v is not None]
+    if halting_options and not _halting_exits(trainable):
+        raise EECompileError(f"train-heads {' and '.join(halting_options)}: only for halting heads (PALBERT's lambda: "
+                             f"an exit `head: {{kind: linear, options: {{score: halting}}}}` on a q_exit gate); "
+                             f"{b.path} has none, so nothing would use {'it' if len(halting_options) == 1 else 'them'}: "
+                             f"leave {'it' if len(halting_options) == 1 else 'them'} out")
     torch = _import_torch()
     inputs, labels = load_data(data, m)
     if not use_labels:
@@ -350,7 +361,7 @@ def train_heads(bundle: str | Path | Bundle, data: str | Path, *, epochs: int = 
         if halting:
             losses = np.stack([h[2] for h in halting] + [target.sample_losses(None)], axis=1)
             held, baseline = _fit_halting(torch, [(h[0], h[1]) for h in halting], losses, tr, val,
-                                          beta=halting_beta, hazard=halting_prior, epochs=epochs,
+                                          beta=beta, hazard=hazard, epochs=epochs,
                                           batch_size=batch_size, lr=lr, seed=seed)
             for h in halting:
                 h[3].score_loss, h[3].score_baseline = held, baseline
@@ -631,10 +642,15 @@ def _on_rows(torch: Any, fn: Any, feats: list[np.ndarray], rows: np.ndarray) -> 
                                for i in range(0, len(rows), 1024)])
 
 
+def _halting_exits(trainable: list[Any]) -> list[int]:
+    """The indices of the exits among ``trainable`` whose built-in head has ``score: halting``."""
+    return [s.index for s in trainable if ((s.exit.head_spec or {}).get("options") or {}).get("score") == "halting"]
+
+
 def _check_halting_run(bundle: Bundle, trainable: list[Any]) -> None:
     """The exits with ``score: halting`` must be one run of q_exit exits (the gate's survival product runs over
     consecutive Q-exits only), all of them trained here: their lambdas share one halting distribution."""
-    idx = [s.index for s in trainable if ((s.exit.head_spec or {}).get("options") or {}).get("score") == "halting"]
+    idx = _halting_exits(trainable)
     if not idx:
         return
     for s in bundle.manifest.segments[idx[0]:idx[-1] + 1]:

@@ -121,6 +121,32 @@ def test_no_trainable_head_is_a_clear_error(tmp_path: Path) -> None:
         train_heads(bundle, save_data(tmp_path / "d.npz", 50, seed=0), epochs=1, quiet=True, head_files=False)
 
 
+def test_halting_options_on_a_bundle_without_halting_heads_are_refused(tmp_path: Path) -> None:
+    """--halting-beta/--halting-prior only shape PALBERT's lambdas: on a bundle without a ``score: halting`` head
+    they used to be ignored without a word; now they are refused (the defaults, not given, still train)."""
+    from click.testing import CliRunner
+
+    from eecompile.cli import cli
+
+    bundle = make_bundle(tmp_path)
+    data = save_data(tmp_path / "d.npz", 50, seed=0)
+    before = (bundle / "manifest.yaml").read_text()
+    r = CliRunner().invoke(cli, ["train-heads", str(bundle), "--data", str(data), "--epochs", "1",
+                                 "--halting-beta", "0.3"])
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"error: train-heads --halting-beta 0.3: only for halting heads (PALBERT's lambda: an exit `head: {{kind: "
+        f"linear, options: {{score: halting}}}}` on a q_exit gate); {bundle} has none, so nothing would use it: "
+        f"leave it out"), r.output
+    from eecompile.train import train_heads
+
+    with pytest.raises(EECompileError, match=r"^train-heads --halting-beta 0\.2 and --halting-prior 0\.4: only for "
+                                             r"halting heads .*leave them out$"):
+        train_heads(bundle, data, epochs=1, quiet=True, halting_beta=0.2, halting_prior=0.4)
+    assert (bundle / "manifest.yaml").read_text() == before
+    r = CliRunner().invoke(cli, ["train-heads", str(bundle), "--data", str(data), "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+
+
 def test_head_files_are_trained_in_place(tmp_path: Path) -> None:
     """Heads given as ONNX files: their weights are trained (the graph run in torch), the file's nodes kept."""
     import onnx
