@@ -441,15 +441,16 @@ def calibrate(bundle: Path, data: Path | None, max_drop: float | None, method: s
         raise click.UsageError(f"--batch: one batch size for a single-pass bundle's latency measurement, got "
                                f"{' '.join(map(str, batches))}")
     from eecompile.calibrate import calibrate_bundle
-    from eecompile.runtimes.loop import parse_loop_threshold
+    from eecompile.runtimes.loop import parse_stages
 
     report = calibrate_bundle(bundle, data, max_drop=max_drop, method=method, confidence=confidence, delta=delta,
                               backend=backend, batch_size=batches[0] if batches else 1, plot=plot,
                               reference_model=reference_model, error_budget=error_budget, steps=steps,
-                              stages=parse_loop_threshold(stages, "--stages", staged=True))
+                              stages=parse_stages(stages))
     report.print()
     if not report.deployed:
         need = report.samples_needed_best or report.samples_needed
+        assert need is not None  # a calibration that deployed nothing says how many samples it needs
         if need > report.n_samples:
             fix = (f"Give more data (about {need} samples), a larger --max-drop or a lower --confidence")
         else:  # more samples would not help: the exits disagree with the final exit too often

@@ -169,7 +169,7 @@ def plan_bundle(spec: Spec, dims: dict[str, int] | None = None, verify: bool = T
     jump_records = check_jump_reads(pm, plans, exits, jumps)
     final_shape = pm.shape_of(final.name)
     if pm.batch_mode != "dynamic":  # a static export's batch of one need not be axis 0 ([T, 1, C] is time-major):
-        b = pm.probe.facts[final.name].batch_axis  # heads and gates find the batch by the symbol, as when dynamic
+        b = pm.probe.facts[final.name or ""].batch_axis  # heads and gates find the batch by the symbol, as when dynamic
         if b:
             final_shape = [*final_shape[:b], "batch", *final_shape[b + 1:]]
     axis = class_axis(spec, final_shape)

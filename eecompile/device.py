@@ -88,14 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from eecompile.calibrate import calibrate_bundle
             from eecompile.calibrate.loop import LoopCalibrationReport
-            from eecompile.runtimes.loop import parse_loop_threshold
+            from eecompile.runtimes.loop import parse_stages
 
             cal = calibrate_bundle(args.bundle, args.data, max_drop=args.max_drop, method=args.method,
                                    delta=args.delta, backend=args.backend, batch_size=args.batch,
                                    repeats=args.repeats, threads=args.threads,
                                    reference_model=args.reference_model, quiet=True,
                                    error_budget=args.error_budget, steps=args.steps,
-                                   stages=parse_loop_threshold(args.stages, "--stages", staged=True))
+                                   stages=parse_stages(args.stages))
             if not cal.deployed:  # nothing met the budget: the bundle was left as it was
                 print("\n".join(cal.summary_lines()), file=sys.stderr)
                 return 1

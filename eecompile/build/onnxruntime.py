@@ -70,9 +70,9 @@ def build_onnxruntime_cache(path: Path, max_batch: int) -> BuildReport:
         records = [r.to_dict() for r in report.records]
         (out / "engines").mkdir(parents=True)
         for d in records:
-            for rel in (d["file"], (d["flags"].get("no_exit") or {}).get("file")):
-                if rel:
-                    os.replace(stage / rel, out / rel)
+            for built in (d["file"], (d["flags"].get("no_exit") or {}).get("file")):
+                if built:
+                    os.replace(stage / built, out / built)
         index = {"format": 1, "target": report.target, "bundle": str(b.path),
                  "segments": {s.file: b.manifest.files.get(s.file) for s in m.segments}, "records": records}
         (out / ENGINE_CACHE_INDEX).write_text(json.dumps(index, indent=1))

@@ -210,7 +210,7 @@ def resolve_thresholds(exits: Sequence[ExitInfo | GateInfo | None],
     gates = _gates(exits)
     n = len(gates)
     if thresholds is None or isinstance(thresholds, (str, numbers.Real, np.number)):
-        per: Sequence[Threshold | None] = [thresholds] * n  # type: ignore[list-item]
+        per: Sequence[Threshold | None] = [thresholds] * n
     elif isinstance(thresholds, (Sequence, np.ndarray)):
         per = list(thresholds)
         if len(per) != n:

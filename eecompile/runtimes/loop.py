@@ -47,7 +47,8 @@ from eecompile.runtimes.base import (
 )
 from eecompile.runtimes.chain import EarlyExitRunner, SegmentBackend
 
-__all__ = ["LoopResult", "LoopRunner", "parse_loop_threshold", "run_loop_npz", "stage_of", "step_value"]
+__all__ = ["LoopResult", "LoopRunner", "parse_loop_threshold", "parse_stages", "run_loop_npz", "stage_of",
+           "step_value"]
 
 LoopThreshold = Threshold | Sequence[float]
 """A loop gate setting: a number, ``"never"``, ``"always"``, or a staged threshold (one number per stage)."""
@@ -104,13 +105,20 @@ def stage_of(i: int, n: int, stages: int) -> int:
     return min(stages - 1, i * stages // n)
 
 
-def parse_loop_threshold(text: str | None, option: str = "--loop-threshold", staged: bool = False
-                         ) -> LoopThreshold | None:
+def parse_loop_threshold(text: str | None, option: str = "--loop-threshold") -> LoopThreshold | None:
     """``--loop-threshold`` as text: ``"never"``, ``"always"``, a number, or comma-separated numbers (a staged
-    threshold, ``"7.5,5,2.5"``; always a list with ``staged``). Values are checked later, per gate kind; raises
-    :class:`DataError` naming ``option`` for a list holding something other than numbers."""
-    if text is None or ("," not in text and not staged):
+    threshold, ``"7.5,5,2.5"``). Values are checked later, per gate kind; raises :class:`DataError` naming
+    ``option`` for a list holding something other than numbers."""
+    if text is None or "," not in text:
         return text
+    return parse_stages(text, option)
+
+
+def parse_stages(text: str | None, option: str = "--stages") -> list[float] | None:
+    """Comma-separated stage values as text (``"7.5,5,2.5"``; one value is a list of one), None when not given;
+    raises :class:`DataError` naming ``option`` for something other than numbers."""
+    if text is None:
+        return None
     try:
         return [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
