@@ -18,6 +18,10 @@ emits any token).
 Training data, all offline: text chunks (by default the pydoc topics that ship with Python, plus the model's
 own greedy continuations of a few prompts) run through the bundle's own segments; the target is the model's
 final-layer distribution renormalised over the sub-vocabulary, the loss KL(target || draft) at temperature 1.
+Collecting keeps per position only the exit's and the final layer's hidden states and the final top-1 token
+(``collect``); once the sub-vocabulary is chosen from those tokens, the shared head runs again over the final
+hidden states, one chunk at a time, for the targets (``sub_targets``). Memory grows with positions x (2D + N),
+not with the full vocabulary V: the head's cost is paid twice per position instead of V floats held for each.
 
 torch is imported lazily (training only); the runtime reads ``draft{k}.onnx`` with onnxruntime alone.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,18 +92,50 @@ def _chunks(runner: Any, texts: list[str], chunk: int, max_tokens: int) -> list[
     return [ids[i:i + chunk] for i in range(0, len(ids) - 1, chunk) if len(ids[i:i + chunk]) > 1]
 
 
-def collect(runner: Any, chunks: list[list[int]], exit_index: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per chunk: the exit's hidden states [T_i, D] and the final head's logits [T_i, V] at every position."""
+@dataclass
+class Collected:
+    """What distillation keeps per training position, all of width D or less (never the vocabulary's V), one
+    array per chunk: the exit's hidden states ``exit_states`` [T_i, D], the hidden states the shared head reads
+    ``final_states`` [T_i, D] (to compute the sub-vocabulary targets once the sub-vocabulary is chosen,
+    ``sub_targets``) and the final layer's top-1 token ``top`` [T_i] int64."""
+
+    exit_states: list[np.ndarray]
+    final_states: list[np.ndarray]
+    top: list[np.ndarray]
+
+
+def collect(runner: Any, chunks: list[list[int]], exit_index: int) -> Collected:
+    """Run each chunk through the bundle's segments and keep, per position, the exit's hidden state, the final
+    layer's hidden state and the final head's top-1 token (``Collected``): 4 x 2D + 8 bytes a position, where
+    the full-vocabulary logits would be 4 x V (7.9 GB at 40 000 positions for SmolLM2's 49 152 tokens)."""
     seg = runner.exits[exit_index]["segment"]
-    hs, logits = [], []
+    got = Collected([], [], [])
     for ids in chunks:
         row = runner._new_row(0, ids)
         runner._stack([row], 0, seg)
-        h = np.stack(row.pending[seg + 1])
+        got.exit_states.append(np.stack(row.pending[seg + 1]))
         out = runner._stack([row], seg + 1, len(runner.segments) - 1)[0]
-        logits.append(runner._run_head(out[None], 2.0, True)["logits"][0])
-        hs.append(h)
-    return hs, logits
+        got.final_states.append(out)
+        got.top.append(runner._run_head(out[None], 2.0, False)["token"][0])
+    return got
+
+
+def sub_vocabulary(top: np.ndarray, size: int, vocab: int) -> np.ndarray:
+    """The ``size`` tokens (of ``vocab``) the final layer chose most often in ``top``, ties to the lower id,
+    sorted: the draft head's sub-vocabulary ``ids`` [N] int64."""
+    counts = np.bincount(top, minlength=vocab)
+    return np.sort(np.argsort(-counts, kind="stable")[:min(size, vocab)]).astype(np.int64)
+
+
+def sub_targets(runner: Any, final_states: list[np.ndarray], ids: np.ndarray) -> Iterator[Any]:
+    """Per chunk of ``final_states`` [T_i, D]: the distillation target, the final head's distribution
+    renormalised over the sub-vocabulary ``ids``, softmax(logits[:, ids]) [T_i, N] (a torch tensor), from the
+    shared head run again over the stored final hidden states; only one chunk's full logits exist at a time."""
+    import torch
+
+    for f in final_states:
+        z = runner._run_head(f[None], 2.0, True)["logits"][0]
+        yield torch.softmax(torch.from_numpy(z[:, ids]), -1)
 
 
 def train_draft_heads(bundle_path: str | Path, *, texts: list[str] | None = None, vocab: int = 4096,
@@ -176,19 +213,18 @@ def _train_exit(runner: Any, chunks: list[list[int]], k: int, *, vocab: int, hid
     """Distil exit ``k``'s draft head with the MLP adapter; return its ONNX model and its manifest entry."""
     import torch
 
-    hs, logit_list = collect(runner, chunks, k)
-    h, logits = np.concatenate(hs), np.concatenate(logit_list)
-    del hs, logit_list
-    final_top = logits.argmax(-1)
+    got = collect(runner, chunks, k)
+    h, final_top = np.concatenate(got.exit_states), np.concatenate(got.top)
     n_val = max(len(h) // 10, 1)
     perm = torch.randperm(len(h))
     val, tr = perm[:n_val], perm[n_val:]
     # the sub-vocabulary: the final layer's most frequent choices on the training positions (not the held-out)
-    counts = np.bincount(final_top[tr.numpy()], minlength=runner.vocab)
-    ids = np.sort(np.argsort(-counts, kind="stable")[:min(vocab, runner.vocab)]).astype(np.int64)
+    ids = sub_vocabulary(final_top[tr.numpy()], vocab, runner.vocab)
     coverage = float(np.isin(final_top[val.numpy()], ids).mean())
-    target = torch.softmax(torch.from_numpy(logits[:, ids]), -1)
-    del logits
+    target, at = torch.empty(len(h), len(ids)), 0  # filled chunk by chunk: one [T, N] array at a time
+    for t in sub_targets(runner, got.final_states, ids):
+        target[at:at + len(t)], at = t, at + len(t)
+    del got
     emb, norm_w, eps = _head_weights(runner)
     norm_w = np.array(norm_w)  # writable: torch.from_numpy shares it
     adapter = _Adapter(h.shape[1], hidden)
@@ -226,21 +262,20 @@ def _train_attention_exit(runner: Any, chunks: list[list[int]], k: int, *, vocab
     from eecompile.decoder.adapter import AttentionAdapter
 
     del hidden  # the attention adapter's width is the model's
-    hs, logit_list = collect(runner, chunks, k)
+    got = collect(runner, chunks, k)
+    hs, tops = got.exit_states, got.top
     n_val = max(len(hs) // 10, 1) if len(hs) > 1 else 0
     order = torch.randperm(len(hs)).tolist()
     val, tr = order[:n_val], order[n_val:] or order
-    tops = [z.argmax(-1) for z in logit_list]
-    counts = np.bincount(np.concatenate([tops[i] for i in tr]), minlength=runner.vocab)
-    ids = np.sort(np.argsort(-counts, kind="stable")[:min(vocab, runner.vocab)]).astype(np.int64)
+    ids = sub_vocabulary(np.concatenate([tops[i] for i in tr]), vocab, runner.vocab)
     held = np.concatenate([tops[i] for i in val]) if val else np.concatenate(tops)
     coverage = float(np.isin(held, ids).mean())
     emb, norm_w, eps = _head_weights(runner)
     head_w = torch.from_numpy(emb[ids])
     module = AttentionAdapter(runner.hidden_size, runner.kv_heads, runner.head_dim, np.array(norm_w))
     xs = [torch.from_numpy(h)[None] for h in hs]
-    targets = [torch.softmax(torch.from_numpy(z[:, ids]), -1) for z in logit_list]
-    del logit_list
+    targets = list(sub_targets(runner, got.final_states, ids))
+    del got
     sub = [torch.from_numpy(np.where(np.isin(t, ids), np.searchsorted(ids, t).clip(0, len(ids) - 1), -100))
            for t in tops]
 
