@@ -48,7 +48,12 @@ def plot_report(report: CalibrationReport, path: str | Path) -> Path:
     xs = [p["speedup"] for p in report.curve]
     ys = [p["accuracy"] for p in report.curve]
     ax1.plot(xs, ys, "o-", label="cheapest thresholds per budget")
-    ax1.plot([report.expected_speedup], [report.accuracy], "r*", markersize=14, label="chosen")
+    # The curve is the cost model's; so is the chosen point on it. The measured speedup is marked beside it.
+    model = report.model_speedup if report.model_speedup is not None else report.expected_speedup
+    ax1.plot([model], [report.accuracy], "r*", markersize=14, label="chosen")
+    if report.measured:
+        ax1.plot([report.expected_speedup], [report.accuracy], "kx", markersize=10,
+                 label="chosen, measured on the data")
     ax1.axhline(report.full_accuracy - report.max_drop, color="gray", ls="--", lw=1,
                 label="max share over the error budget" if report.error_budget is not None else "budget")
     ax1.axvline(report.oracle_speedup, color="green", ls=":", lw=1, label="oracle speedup")
