@@ -465,6 +465,7 @@ def test_calibrate_sets_never_when_the_chosen_thresholds_measure_slower(trained_
     report = cal.calibrate_bundle(bundle, trained_dir / "max_prob" / "cal.npz", max_drop=0.05, repeats=5,
                                   reference_model=trained_dir / "max_prob" / "model.onnx", quiet=True)
     assert seen and report.deployed and report.measured is None
+    assert report.expected_speedup == 1.0  # what runs now: the never path timed (1.0 ms) against the unsplit (1.0)
     assert all(e["share"] == 0 for e in report.exits[:-1])
     assert any("so every gate is set to never" in n and "0.50x" in n for n in report.notes)
     gates = [s.exit.gate for s in Bundle.load(bundle).manifest.segments if s.exit.gate is not None]

@@ -308,6 +308,10 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
             speedup = float(stream.speedup["median"])
         else:  # no unsplit model: against the chain run to the end, as the cost model's baseline is
             speedup = float(stream.never_speedup["median"])
+    elif stream is not None and stream.unsplit_ms is not None:
+        # Switched to never: what runs is the never path just timed (the no-exit engine where there is one), not
+        # the segments the cost model sums.
+        speedup = stream.unsplit_ms / stream.never_ms
     if deployed and speedup < 1.0:
         notes.append(f"the chosen thresholds are expected to run at {speedup:.2f}x the {baseline} (slower): the "
                      f"exits save less than the split costs at batch {batch_size}; consider fewer exits")
