@@ -442,6 +442,29 @@ def test_calibrate_times_the_chosen_thresholds_on_the_data(trained_dir: Path, tm
     assert Bundle.load(bundle).manifest.calibration["measured"]["speedup"]["median"] == report.expected_speedup
 
 
+def test_stream_timing_sizes_its_pass_by_the_model(trained_dir: Path) -> None:
+    """A pass is about pass_s of the unsplit model: all the rows asked for when calls are cheap, one batch when a
+    single call already costs more than 4 x pass_s (a heavy model at a large batch)."""
+    import onnxruntime as ort
+
+    from eecompile.calibrate.latency import measure_stream
+    from eecompile.runtimes.chain import EarlyExitRunner
+
+    d = trained_dir / "max_prob"
+    with np.load(d / "cal.npz") as z:
+        inputs = {"x": z["x"]}
+    unsplit = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+    runner = EarlyExitRunner(d / "model.eebundle")
+    try:
+        wide = measure_stream(runner, inputs, [0.9, 0.9], unsplit=unsplit, budget_s=0.0, pass_s=10.0, max_batches=40)
+        tiny = measure_stream(runner, inputs, [0.9, 0.9], unsplit=unsplit, budget_s=0.0, pass_s=1e-9)
+    finally:
+        runner.close()
+    assert wide.n_batches == 40 and tiny.n_batches == 1
+    assert wide.rounds == tiny.rounds == 5  # min_rounds when the budget is spent
+    assert wide.speedup is not None and wide.speedup["rounds"] == 5 and wide.unsplit_ms and wide.never_ms > 0
+
+
 def test_calibrate_sets_never_when_the_chosen_thresholds_measure_slower(trained_dir: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Thresholds within budget whose measured run is slower than never exiting are not deployed as they are:

@@ -187,9 +187,11 @@ def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], th
     (:func:`eecompile.runtimes.bench.paired_blocks`, the method of ``eecompile bench``).
 
     Batches: as many of ``batch_size`` rows as make one pass of the unsplit model (or of the never path) last
-    about ``pass_s`` seconds, within [``min_batches``, ``max_batches``] and the data, made of the samples ``rows``
-    in that order (default: in data order; :func:`~eecompile.runtimes.bench.stratified_rows` keeps the exit mix of the whole data); rounds:
-    as many as fit ``budget_s``, within [``min_rounds``, ``max_rounds``]."""
+    about ``pass_s`` seconds, at least ``min_batches`` while a pass stays within ``4 * pass_s`` (so a model taking
+    a second per batch is timed on one batch, not sixteen), at most ``max_batches`` and the data; made of the
+    samples ``rows`` in that order (default: in data order; :func:`~eecompile.runtimes.bench.stratified_rows` keeps
+    the exit mix of the whole data). Rounds: as many as fit ``budget_s``, within [``min_rounds``, ``max_rounds``].
+    Returns a :class:`StreamTiming`; raises what the runner raises."""
     from eecompile.runtimes.bench import paired_blocks, ratio_stats
 
     axes = {t.name: t.batch_axis for t in runner.bundle.manifest.inputs}
@@ -222,7 +224,8 @@ def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], th
     t0 = time.perf_counter()
     probe()
     one = max(time.perf_counter() - t0, 1e-7)
-    k = int(min(len(cut), max(min_batches, min(max_batches, round(pass_s / one)))))
+    # At least min_batches where that keeps a pass within 4 x pass_s (a heavy model at a large batch: fewer, down to 1).
+    k = int(min(len(cut), max_batches, max(1, round(pass_s / one), min(min_batches, round(4 * pass_s / one)))))
     batches = cut[:k]
     fns: dict[str, Callable[[], None]] = {"chain": over(chain, batches), "never": over(never, batches)}
     if unsplit is not None:
