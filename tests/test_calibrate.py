@@ -598,6 +598,21 @@ def test_time_interleaved_rounds_take_turns() -> None:
     assert len(blocks) == 4 * 3 * 2 and all(blocks[i] == blocks[i + 1] for i in range(0, len(blocks), 2))
 
 
+def test_paired_blocks_warm_each_block_untimed() -> None:
+    """before_block runs before each of its function's blocks, outside the timed span (bench and calibrate's
+    measured pass use it so a block does not pay for the other functions having flushed the caches)."""
+    import time as _time
+
+    from eecompile.runtimes.bench import paired_blocks
+
+    order: list[str] = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    slow = {"a": lambda: (order.append("warm-a"), _time.sleep(0.02))}
+    out = paired_blocks(fns, calls=2, rounds=3, warmup=0, before_block=slow)
+    assert order == ["warm-a", "a", "a", "b", "b", "b", "b", "warm-a", "a", "a", "warm-a", "a", "a", "b", "b"]
+    assert max(out["a"].wall) < 0.01  # the 20 ms warm-up is not in the block's time
+
+
 def test_stratified_rows_keep_the_exit_mix() -> None:
     """The pass that times chosen thresholds (calibrate) or a bundle (bench) has the whole data's exit shares,
     every exit taken keeps a row, and the rows are distinct and seeded."""

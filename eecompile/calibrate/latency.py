@@ -192,7 +192,7 @@ def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], th
     samples ``rows`` in that order (default: in data order; :func:`~eecompile.runtimes.bench.stratified_rows` keeps
     the exit mix of the whole data). Rounds: as many as fit ``budget_s``, within [``min_rounds``, ``max_rounds``].
     Returns a :class:`StreamTiming`; raises what the runner raises."""
-    from eecompile.runtimes.bench import paired_blocks, ratio_stats
+    from eecompile.runtimes.bench import WARM_BATCHES, paired_blocks, ratio_stats
 
     axes = {t.name: t.batch_axis for t in runner.bundle.manifest.inputs}
     n = batch_size_of(dict(inputs), runner.bundle.manifest.inputs, "calibration data")
@@ -237,7 +237,9 @@ def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], th
         f()
     per_round = max(time.perf_counter() - t0, 1e-7)
     rounds = int(min(max_rounds, max(min_rounds, budget_s // per_round)))
-    timed = paired_blocks(fns, calls=1, rounds=rounds, warmup=0)
+    head = batches[:WARM_BATCHES]
+    warm = {"chain": over(chain, head), "never": over(never, head), "unsplit": over(whole, head)}
+    timed = paired_blocks(fns, calls=1, rounds=rounds, warmup=0, before_block=warm)
     ms = {name: statistics.median(b.wall) * 1e3 / len(batches) for name, b in timed.items()}
     c = timed["chain"].wall
     return StreamTiming(

@@ -75,6 +75,8 @@ def block_calls(fn: Callable[[], object], target_s: float, max_calls: int = 1000
 
 # Batches run once for the exit histogram (and to choose the timed ones from).
 HISTOGRAM_BATCHES = 1024
+# Batches run untimed before each timed block (paired_blocks' before_block).
+WARM_BATCHES = 8
 
 
 def stratified_rows(exit_index: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -101,11 +103,15 @@ def stratified_rows(exit_index: np.ndarray, k: int, seed: int = 0) -> np.ndarray
 
 
 def paired_blocks(fns: Mapping[str, Callable[[], object]], *, calls: int | Mapping[str, int], rounds: int,
-                  warmup: int = 2, keep_samples: bool = False) -> dict[str, Blocks]:
+                  warmup: int = 2, keep_samples: bool = False,
+                  before_block: Mapping[str, Callable[[], object]] | None = None) -> dict[str, Blocks]:
     """Time each function in warmed-up blocks of ``calls`` calls, the functions taking turns every round.
 
     ``calls`` may differ per function (a ratio is per call, so blocks need not be equally long). With
-    ``keep_samples`` every single call's wall time is kept too (for percentiles)."""
+    ``keep_samples`` every single call's wall time is kept too (for percentiles). ``before_block[name]`` runs,
+    untimed, before each of that function's blocks: a short pass that brings its weights back into the CPU
+    caches after the other functions' blocks evicted them, so a block times the function as it runs alone in a
+    deployment (digits at batch 1: a 20 ms block of the chain right after the unsplit model's read 10-40% slow)."""
     names = list(fns)
     per = {n: (calls[n] if isinstance(calls, Mapping) else calls) for n in names}
     for n in names:
@@ -115,6 +121,8 @@ def paired_blocks(fns: Mapping[str, Callable[[], object]], *, calls: int | Mappi
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
             fn, k, b = fns[n], per[n], out[n]
+            if before_block is not None and n in before_block:
+                before_block[n]()
             c0, t0 = time.process_time(), time.perf_counter()
             if keep_samples:
                 last = t0
@@ -373,7 +381,12 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
             for fn in fns.values():
                 fn()
         chain_samples.clear()
-        timed = paired_blocks(fns, calls=1, rounds=repeats, warmup=0)
+        head = batches[:WARM_BATCHES]
+        warm = {"chain": lambda: [runner.run(f, thresholds=thresholds) for f in head],
+                "gates-never": lambda: [runner.run(f, thresholds=never) for f in head],
+                **({"unsplit-model": lambda: [sess.run(None, {k: f[k] for k in in_names}) for f in head]}
+                   if "unsplit-model" in fns else {})}
+        timed = paired_blocks(fns, calls=1, rounds=repeats, warmup=0, before_block=warm)
     finally:
         runner.close()
 
