@@ -175,7 +175,7 @@ class StreamTiming:
         """Plain types (``manifest.calibration.measured``)."""
         from dataclasses import asdict
 
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in asdict(self).items()}
+        return asdict(self)
 
 
 def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], thresholds: Sequence[float], *,
@@ -192,7 +192,7 @@ def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], th
     samples ``rows`` in that order (default: in data order; :func:`~eecompile.runtimes.bench.stratified_rows` keeps
     the exit mix of the whole data). Rounds: as many as fit ``budget_s``, within [``min_rounds``, ``max_rounds``].
     Returns a :class:`StreamTiming`; raises what the runner raises."""
-    from eecompile.runtimes.bench import WARM_BATCHES, paired_blocks, ratio_stats
+    from eecompile.runtimes.bench import WARM_BATCHES, over_batches, paired_blocks, ratio_stats
 
     axes = {t.name: t.batch_axis for t in runner.bundle.manifest.inputs}
     n = batch_size_of(dict(inputs), runner.bundle.manifest.inputs, "calibration data")
@@ -203,13 +203,6 @@ def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], th
     thr = list(thresholds)
     in_names = [i.name for i in unsplit.get_inputs()] if unsplit is not None else []
 
-    def over(call: Callable[[Mapping[str, np.ndarray]], Any],
-             fs: Sequence[Mapping[str, np.ndarray]]) -> Callable[[], None]:
-        def one_pass() -> None:
-            for f in fs:
-                call(f)
-        return one_pass
-
     def chain(f: Mapping[str, np.ndarray]) -> Any:
         return runner.run(f, thresholds=thr)
 
@@ -219,7 +212,7 @@ def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], th
     def whole(f: Mapping[str, np.ndarray]) -> Any:
         return unsplit.run(None, {k: f[k] for k in in_names})
 
-    probe = over(whole if unsplit is not None else never, cut[:1])
+    probe = over_batches(whole if unsplit is not None else never, cut[:1])
     probe()
     t0 = time.perf_counter()
     probe()
@@ -227,9 +220,10 @@ def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], th
     # At least min_batches where that keeps a pass within 4 x pass_s (a heavy model at a large batch: fewer, down to 1).
     k = int(min(len(cut), max_batches, max(1, round(pass_s / one), min(min_batches, round(4 * pass_s / one)))))
     batches = cut[:k]
-    fns: dict[str, Callable[[], None]] = {"chain": over(chain, batches), "never": over(never, batches)}
+    calls: dict[str, Callable[[Mapping[str, np.ndarray]], Any]] = {"chain": chain, "never": never}
     if unsplit is not None:
-        fns["unsplit"] = over(whole, batches)
+        calls["unsplit"] = whole
+    fns = {name: over_batches(call, batches) for name, call in calls.items()}
     for f in fns.values():  # warm-up, and the length of one round
         f()
     t0 = time.perf_counter()
@@ -237,8 +231,7 @@ def measure_stream(runner: EarlyExitRunner, inputs: Mapping[str, np.ndarray], th
         f()
     per_round = max(time.perf_counter() - t0, 1e-7)
     rounds = int(min(max_rounds, max(min_rounds, budget_s // per_round)))
-    head = batches[:WARM_BATCHES]
-    warm = {"chain": over(chain, head), "never": over(never, head), "unsplit": over(whole, head)}
+    warm = {name: over_batches(call, batches[:WARM_BATCHES]) for name, call in calls.items()}
     timed = paired_blocks(fns, calls=1, rounds=rounds, warmup=0, before_block=warm)
     ms = {name: statistics.median(b.wall) * 1e3 / len(batches) for name, b in timed.items()}
     c = timed["chain"].wall

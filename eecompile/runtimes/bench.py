@@ -91,7 +91,8 @@ def stratified_rows(exit_index: np.ndarray, k: int, seed: int = 0) -> np.ndarray
     exits, counts = np.unique(idx, return_counts=True)
     want = counts * k / n
     take = np.floor(want).astype(np.int64)
-    take[(take == 0) & (counts > 0)] = 1 if len(exits) <= k else 0
+    if len(exits) <= k:  # every exit taken keeps a row
+        take[take == 0] = 1
     while take.sum() > k:
         take[np.argmax(take)] -= 1
     for j in np.argsort(-(want - take))[: max(0, k - int(take.sum()))]:
@@ -100,6 +101,14 @@ def stratified_rows(exit_index: np.ndarray, k: int, seed: int = 0) -> np.ndarray
     rows = np.concatenate([rng.choice(np.flatnonzero(idx == e), int(t), replace=False)
                            for e, t in zip(exits, take, strict=True)])
     return rng.permutation(rows)
+
+
+def over_batches(call: Callable[[Any], object], batches: Sequence[Any]) -> Callable[[], None]:
+    """A function that makes ``call(batch)`` for each of ``batches`` in turn (one timed block of a pass)."""
+    def one_pass() -> None:
+        for f in batches:
+            call(f)
+    return one_pass
 
 
 def paired_blocks(fns: Mapping[str, Callable[[], object]], *, calls: int | Mapping[str, int], rounds: int,
@@ -334,12 +343,6 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
                          f"the exit of each batch's deepest row)")
             batches = [batches[i] for i in stratified_rows(deepest, max_batches)]
 
-        def over_batches(call: Callable[[dict[str, np.ndarray]], object]) -> Callable[[], object]:
-            def one_pass() -> None:
-                for f in batches:
-                    call(f)
-            return one_pass
-
         chain_samples: list[float] = []
 
         def chain_pass() -> None:
@@ -349,9 +352,11 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
                 chain_samples.append(time.perf_counter() - t0)
 
         never = "never"  # every gate (a jump bundle has fewer gates than early segments)
-        fns: dict[str, Callable[[], object]] = {
-            "chain": chain_pass,
-            "gates-never": over_batches(lambda f: runner.run(f, thresholds=never)),
+        # One call per batch for each function; a timed block is a pass over `batches`, its warm-up one over the
+        # first WARM_BATCHES (the chain's pass also records each call's time, for percentiles).
+        calls: dict[str, Callable[[dict[str, np.ndarray]], object]] = {
+            "chain": lambda f: runner.run(f, thresholds=thresholds),
+            "gates-never": lambda f: runner.run(f, thresholds=never),
         }
         descriptions = {"gates-never": "the same runner with every gate overridden to 'never' (its no-exit engine "
                                        "when the bundle has one for this machine, else every segment)"}
@@ -374,18 +379,16 @@ def bench_bundle(bundle: str | Path | Bundle, data: str | Path, *, batch_size: i
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); run `eecompile bench` "
                              f"with the full install to make it batch-dynamic")
             else:
-                fns["unsplit-model"] = over_batches(lambda f: sess.run(None, {k: f[k] for k in in_names}))
+                calls["unsplit-model"] = lambda f: sess.run(None, {k: f[k] for k in in_names})
                 descriptions["unsplit-model"] = f"ONNX Runtime session on {src.name}, same threads"
 
+        fns: dict[str, Callable[[], object]] = {name: chain_pass if name == "chain" else over_batches(call, batches)
+                                                for name, call in calls.items()}
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
         chain_samples.clear()
-        head = batches[:WARM_BATCHES]
-        warm = {"chain": lambda: [runner.run(f, thresholds=thresholds) for f in head],
-                "gates-never": lambda: [runner.run(f, thresholds=never) for f in head],
-                **({"unsplit-model": lambda: [sess.run(None, {k: f[k] for k in in_names}) for f in head]}
-                   if "unsplit-model" in fns else {})}
+        warm = {name: over_batches(call, batches[:WARM_BATCHES]) for name, call in calls.items()}
         timed = paired_blocks(fns, calls=1, rounds=repeats, warmup=0, before_block=warm)
     finally:
         runner.close()

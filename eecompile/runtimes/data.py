@@ -131,7 +131,7 @@ def take_samples(a: np.ndarray, rows: slice | np.ndarray, axis: int | None) -> n
     (``None``: a flag, a table) is returned as given."""
     if axis is None:
         return a
-    index: list[slice] = [slice(None)] * a.ndim
+    index: list[slice | np.ndarray] = [slice(None)] * a.ndim
     index[axis] = rows
     return a[tuple(index)]
 
