@@ -127,7 +127,8 @@ def batch_size_of(arrays: dict[str, np.ndarray], inputs: Sequence[TensorInfo], w
 
 
 def take_samples(a: np.ndarray, rows: slice | np.ndarray, axis: int | None) -> np.ndarray:
-    """Samples ``rows`` of one input array along its batch ``axis`` (a view); an input without a batch axis
+    """Samples ``rows`` of one input array along its batch ``axis`` (a view for a slice, a copy for an index array);
+    an input without a batch axis
     (``None``: a flag, a table) is returned as given."""
     if axis is None:
         return a
