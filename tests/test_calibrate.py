@@ -431,7 +431,7 @@ def test_calibrate_times_the_chosen_thresholds_on_the_data(trained_dir: Path, tm
     shutil.copytree(trained_dir / "max_prob" / "model.eebundle", bundle)
     report = calibrate_bundle(bundle, trained_dir / "max_prob" / "cal.npz", max_drop=0.05, repeats=10,
                               reference_model=trained_dir / "max_prob" / "model.onnx", quiet=True)
-    assert report.deployed and report.measured is not None
+    assert report.deployed and report.measured is not None and not report.measured["never_deployed"]
     m = report.measured
     assert m["speedup"]["rounds"] >= 5 and m["n_batches"] >= 16
     assert report.expected_speedup == m["speedup"]["median"]
@@ -487,7 +487,8 @@ def test_calibrate_sets_never_when_the_chosen_thresholds_measure_slower(trained_
     assert not seen  # given costs (a replayed measurement): nothing is timed
     report = cal.calibrate_bundle(bundle, trained_dir / "max_prob" / "cal.npz", max_drop=0.05, repeats=5,
                                   reference_model=trained_dir / "max_prob" / "model.onnx", quiet=True)
-    assert seen and report.deployed and report.measured is None
+    assert seen and report.deployed and report.measured is not None and report.measured["never_deployed"]
+    assert "every gate never" in "\n".join(report.summary_lines())
     assert report.expected_speedup == 1.0  # what runs now: the never path timed (1.0 ms) against the unsplit (1.0)
     assert all(e["share"] == 0 for e in report.exits[:-1])
     assert any("so every gate is set to never" in n and "0.50x" in n for n in report.notes)

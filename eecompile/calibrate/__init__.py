@@ -226,6 +226,9 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
     finally:
         runner.close()
     notes: list[str] = []
+    if batch_size > n:
+        notes.append(f"--batch {batch_size} is more than the {n} calibration samples: latency was measured on batches "
+                     f"of {n}; give more data to time batch {batch_size}")
     cum = np.asarray(cum_s, np.float64) * 1e3  # ms to leave at exit k
     if full_s is not None:
         baseline_ms, baseline = full_s * 1e3, "unsplit model"
@@ -320,7 +323,7 @@ def calibrate_bundle(bundle: str | Path | Bundle, data: str | Path, *, max_drop:
         backend=backend, batch_size=batch_size, exits=exits, full_accuracy=ev.full_accuracy, accuracy=ev.accuracy,
         drop=ev.drop, expected_ms=ev.expected_cost, baseline_ms=baseline_ms, baseline=baseline,
         expected_speedup=speedup, oracle_speedup=baseline_ms / float(cum[oracle].mean()), model_speedup=model_speedup,
-        measured=None if stream is None or list(thresholds) == never else stream.to_dict(),
+        measured=None if stream is None else {**stream.to_dict(), "never_deployed": list(thresholds) == never},
         certified=ltt.certified if ltt else None,
         ltt=None if ltt is None else {"n_learn": ltt.n_learn, "n_test": ltt.n_test, "candidates": ltt.n_candidates,
                                       "certified_candidates": ltt.n_certified, "p_value": ltt.p_value,

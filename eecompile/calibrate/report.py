@@ -89,13 +89,21 @@ class CalibrationReport:
                        + (f"; a budget of {self.max_drop:g} needs >= {self.samples_needed} samples even with zero "
                           f"errors" if self.samples_needed else ""))
         m = self.measured
-        if m:
+        if m and m.get("never_deployed"):
+            ref = (f"unsplit model {m['unsplit_ms']:.4f} ms" if m.get("unsplit_ms") is not None else
+                   "the segments run to the end")
+            out.append(f"measured on the calibration data, {self.backend} at batch {self.batch_size}: every gate "
+                       f"never (the chosen thresholds ran at {m['never_speedup']['median']:.2f}x its speed): "
+                       f"{m['never_ms']:.4f} ms vs {ref} per call: speedup {self.expected_speedup:.2f}x")
+            out.append(f"cost model (each exit's path timed alone, every segment to the end): {self.expected_ms:.4f} "
+                       f"ms vs {self.baseline} {self.baseline_ms:.4f} ms: {self.model_speedup or 0:.2f}x")
+        elif m:
             ref = (f"unsplit model {m['unsplit_ms']:.4f} ms" if m.get("unsplit_ms") is not None else
                    f"never exiting {m['never_ms']:.4f} ms")
             sp = m.get("speedup") or m["never_speedup"]
             out.append(f"measured on the calibration data, {self.backend} at batch {self.batch_size}: "
                        f"{m['chain_ms']:.4f} ms vs {ref} per call: speedup {self.expected_speedup:.2f}x "
-                       f"({sp['min']:.2f}-{sp['max']:.2f}x over {sp['rounds']} paired rounds of {m['n_batches']} "
+                       f"(the median of per-round ratios, {sp['min']:.2f}-{sp['max']:.2f}x over {sp['rounds']} paired rounds of {m['n_batches']} "
                        f"batches, timed as `eecompile bench` times it)")
             out.append(f"cost model (each exit's path timed alone): expected {self.expected_ms:.4f} ms vs "
                        f"{self.baseline} {self.baseline_ms:.4f} ms: {self.model_speedup or 0:.2f}x "
